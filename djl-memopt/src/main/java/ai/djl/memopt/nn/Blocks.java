@@ -1,0 +1,220 @@
+package ai.djl.memopt.nn;
+
+import ai.djl.nn.AbstractBlock;
+import ai.djl.nn.Block;
+import ai.djl.nn.BlockList;
+import ai.djl.nn.Parameter;
+import ai.djl.util.Pair;
+import ai.djl.util.PairList;
+import com.google.common.base.Preconditions;
+import java.lang.reflect.Field;
+import java.lang.reflect.Modifier;
+import java.util.Collections;
+import java.util.LinkedHashMap;
+import java.util.Map;
+import java.util.function.Function;
+import java.util.ArrayList;
+import java.util.HashSet;
+import java.util.List;
+import java.util.Locale;
+import java.util.Set;
+
+/**
+ * Utilities over a DJL block tree, addressed by Hugging Face-style dotted paths.
+ *
+ * <p>DJL's {@link AbstractBlock#getChildren()} names each child {@code "%02d" + name} ({@code 01embed_tokens}); the
+ * paths here strip that prefix, so the DeepSeek model's parameters read exactly as the tensors of a Hugging Face
+ * checkpoint ({@code model.layers.0.self_attn.q_a_proj.weight}).
+ *
+ * <p>Decorators (checkpointing, mixed precision, quantization, LoRA) wrap blocks of a model the user already built:
+ * {@link #replaceChild} swaps a child in place, both in the parent's children list (which {@code SequentialBlock} and
+ * friends iterate in {@code forward}) and in every field of the parent that held the old child (which hand-written
+ * blocks call directly).
+ *
+ * <pre>{@code
+ * Blocks.replace(model, "model.layers.0.self_attn.q_a_proj", linear -> new MyDecorator(linear));
+ * }</pre>
+ */
+public final class Blocks {
+
+    private static final Field CHILDREN_FIELD;
+
+    static {
+        try {
+            CHILDREN_FIELD = AbstractBlock.class.getDeclaredField("children");
+            CHILDREN_FIELD.setAccessible(true);
+        } catch (NoSuchFieldException e) {
+            throw new ExceptionInInitializerError(e);
+        }
+    }
+
+    private Blocks() {}
+
+    /**
+     * The names of a block's direct children, in order, as paths use them: DJL's {@code "%02d"} ordering prefix removed
+     * ({@code "01q_a_proj"} -> {@code "q_a_proj"}); where that leaves siblings with the same name (a
+     * {@code SequentialBlock} names children by class), the position ({@code "0"}, {@code "1"}, ...) as PyTorch's
+     * {@code nn.Sequential} does.
+     */
+    public static List<String> childNames(Block block) {
+        List<String> names = new ArrayList<>();
+        int i = 0;
+        for (Pair<String, Block> child : block.getChildren()) {
+            String prefix = String.format(Locale.ROOT, "%02d", i + 1);
+            String key = child.getKey();
+            names.add(key.startsWith(prefix) && key.length() > prefix.length() ? key.substring(prefix.length()) : key);
+            i++;
+        }
+        Set<String> unique = new HashSet<>(names);
+        if (unique.size() != names.size()) {
+            for (int j = 0; j < names.size(); j++) {
+                names.set(j, Integer.toString(j));
+            }
+        }
+        return names;
+    }
+
+    /**
+     * Every block of the tree in depth-first pre-order, keyed by its dotted path ({@code ""} is the root).
+     *
+     * @param root the root block
+     * @return an unmodifiable, ordered map of path to block
+     */
+    public static Map<String, Block> walk(Block root) {
+        Map<String, Block> out = new LinkedHashMap<>();
+        walk(root, "", out);
+        return Collections.unmodifiableMap(out);
+    }
+
+    private static void walk(Block block, String path, Map<String, Block> out) {
+        out.put(path, block);
+        List<String> names = childNames(block);
+        List<Block> children = block.getChildren().values();
+        for (int i = 0; i < names.size(); i++) {
+            walk(children.get(i), join(path, names.get(i)), out);
+        }
+    }
+
+    /**
+     * Every parameter of the tree keyed by its dotted path ({@code model.layers.0.mlp.gate_proj.weight}).
+     *
+     * @param root the root block
+     * @return an unmodifiable, ordered map of path to parameter
+     */
+    public static Map<String, Parameter> parameters(Block root) {
+        Map<String, Parameter> out = new LinkedHashMap<>();
+        for (Map.Entry<String, Block> e : walk(root).entrySet()) {
+            for (Pair<String, Parameter> p : e.getValue().getDirectParameters()) {
+                out.put(join(e.getKey(), p.getKey()), p.getValue());
+            }
+        }
+        return Collections.unmodifiableMap(out);
+    }
+
+    /**
+     * Finds the block at a dotted path.
+     *
+     * @throws IllegalArgumentException naming the first path element that does not exist
+     */
+    public static Block get(Block root, String path) {
+        Block current = root;
+        if (path.isEmpty()) {
+            return current;
+        }
+        StringBuilder seen = new StringBuilder();
+        for (String part : path.split("\\.")) {
+            int index = childNames(current).indexOf(part);
+            Block next = index < 0 ? null : current.getChildren().valueAt(index);
+            if (next == null) {
+                throw new IllegalArgumentException(
+                        "No block '" + part + "' under '" + seen + "' (looking for '" + path + "'); children are "
+                                + childNames(current));
+            }
+            if (seen.length() > 0) {
+                seen.append('.');
+            }
+            seen.append(part);
+            current = next;
+        }
+        return current;
+    }
+
+    /**
+     * Replaces the block at {@code path} by {@code wrap.apply(old)}.
+     *
+     * @return the replacement
+     */
+    public static Block replace(Block root, String path, Function<Block, Block> wrap) {
+        Preconditions.checkArgument(!path.isEmpty(), "cannot replace the root block itself");
+        int dot = path.lastIndexOf('.');
+        Block parent = dot < 0 ? root : get(root, path.substring(0, dot));
+        String name = dot < 0 ? path : path.substring(dot + 1);
+        Block old = get(parent, name);
+        Block replacement = wrap.apply(old);
+        replaceChild(parent, name, replacement);
+        return replacement;
+    }
+
+    /**
+     * Replaces the direct child {@code name} of {@code parent}, keeping its position (and so its DJL key and saved form).
+     *
+     * @throws IllegalArgumentException if the parent is not an {@link AbstractBlock} or has no such child
+     */
+    public static void replaceChild(Block parent, String name, Block replacement) {
+        Preconditions.checkNotNull(replacement, "replacement");
+        Preconditions.checkArgument(
+                parent instanceof AbstractBlock,
+                "cannot replace children of %s: only AbstractBlock subclasses keep a replaceable children list",
+                parent.getClass().getName());
+        PairList<String, Block> children = childrenOf((AbstractBlock) parent);
+        int index = childNames(parent).indexOf(name);
+        Preconditions.checkArgument(
+                index >= 0, "%s has no child '%s'; children are %s", parent.getClass().getSimpleName(), name,
+                childNames(parent));
+        String key = children.keyAt(index);
+        Block old = children.valueAt(index);
+        children.remove(index);
+        children.add(index, key, replacement);
+        replaceFieldReferences(parent, old, replacement);
+    }
+
+    private static void replaceFieldReferences(Block parent, Block old, Block replacement) {
+        for (Class<?> c = parent.getClass(); c != null && c != AbstractBlock.class; c = c.getSuperclass()) {
+            for (Field f : c.getDeclaredFields()) {
+                if (Modifier.isStatic(f.getModifiers()) || !Block.class.isAssignableFrom(f.getType())) {
+                    continue;
+                }
+                try {
+                    f.setAccessible(true);
+                    if (f.get(parent) == old) {
+                        Preconditions.checkArgument(
+                                f.getType().isInstance(replacement),
+                                "%s.%s has type %s and cannot hold a %s: declare the field as Block to allow decorators",
+                                c.getSimpleName(), f.getName(), f.getType().getSimpleName(),
+                                replacement.getClass().getSimpleName());
+                        f.set(parent, replacement);
+                    }
+                } catch (IllegalAccessException | RuntimeException e) {
+                    if (e instanceof IllegalArgumentException) {
+                        throw (IllegalArgumentException) e;
+                    }
+                    throw new IllegalStateException(
+                            "cannot update field " + c.getName() + "." + f.getName() + " to the replacement block", e);
+                }
+            }
+        }
+    }
+
+    @SuppressWarnings("unchecked")
+    private static PairList<String, Block> childrenOf(AbstractBlock parent) {
+        try {
+            return (BlockList) CHILDREN_FIELD.get(parent);
+        } catch (IllegalAccessException e) {
+            throw new IllegalStateException("cannot read AbstractBlock.children", e);
+        }
+    }
+
+    private static String join(String path, String name) {
+        return path.isEmpty() ? name : path + "." + name;
+    }
+}
