@@ -30,23 +30,22 @@ public final class CausalLmLoss {
 
     /** Mean over the targets the mask keeps ({@code mask} may be null). */
     public static NDArray mean(NDArray logits, NDArray inputIds, NDArray mask) {
-        NDList parts = perToken(logits, inputIds, mask);
-        try {
-            NDArray nll = parts.get(0);
-            NDArray keep = parts.get(1);
-            return nll.sum().div(keep.sum().maximum(1f));
-        } finally {
-            parts.close();
-        }
+        return Scoped.run(() -> {
+            NDList parts = perToken(logits, inputIds, mask);
+            return new NDList(parts.get(0).sum().div(parts.get(1).sum().maximum(1f)));
+        }).head();
     }
 
     /** Summed loss and number of predicted tokens (for averaging over several windows). */
     public static Sum sum(NDArray logits, NDArray inputIds, NDArray mask) {
-        NDList parts = perToken(logits, inputIds, mask);
-        try (NDArray total = parts.get(0).sum(); NDArray count = parts.get(1).sum()) {
-            return new Sum(total.toType(DataType.FLOAT64, false).getDouble(), (long) count.getFloat());
+        NDList totals = Scoped.run(() -> {
+            NDList parts = perToken(logits, inputIds, mask);
+            return new NDList(parts.get(0).sum(), parts.get(1).sum());
+        });
+        try {
+            return new Sum(totals.get(0).toType(DataType.FLOAT64, false).getDouble(), (long) totals.get(1).getFloat());
         } finally {
-            parts.close();
+            totals.close();
         }
     }
 
