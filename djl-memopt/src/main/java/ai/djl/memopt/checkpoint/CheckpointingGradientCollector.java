@@ -138,6 +138,11 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             return;
         }
         closed = true;
+        for (ThreadState st : states.values()) {
+            for (Segment seg : st.segments) {
+                seg.close();
+            }
+        }
         states.clear();
         ACTIVE.compareAndSet(this, null);
         delegate.close();
@@ -222,33 +227,61 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             if (!x.getDataType().isFloating()) {
                 continue;
             }
+            Boolean ours = st.leaves.get(x);
             if (x.hasGradient()) {
                 inputGrad = true;
-            } else if (!st.leaves.containsKey(x)) {
+            } else if (ours != null) {
+                inputGrad |= ours; // an earlier segment's output: a view of its leaf, no graph beyond it
+            } else {
                 inputGrad = true;
                 inputHasGraph = true;
             }
         }
         boolean needsGrad = inputGrad || anyParameterRequiresGrad(blocks);
         Fingerprint fingerprint = verify && needsGrad ? Fingerprint.of(out) : null;
+        // The segment keeps its own handles (graph-connected aliases) on its inputs and output leaves: callers close
+        // their handles freely (the DeepSeek model closes every intermediate of its forward), the recomputation and
+        // the upstream gradient still find theirs.
         NDList leaves = new NDList(out.size());
+        NDList returned = new NDList(out.size());
         for (NDArray o : out) {
             NDArray leaf = o.stopGradient();
+            NDScope.unregister(leaf);
             leaf.setName(o.getName());
             if (needsGrad && o.getDataType().isFloating()) {
                 leaf.setRequiresGradient(true);
             }
             leaves.add(leaf);
-            st.leaves.put(leaf, Boolean.TRUE);
+            NDArray view = alias(leaf);
+            view.setName(o.getName());
+            returned.add(view);
+            st.leaves.put(view, leaf.hasGradient());
             if (!containsSame(inputs, o)) {
                 o.close();
             }
         }
-        if (needsGrad) {
-            st.segments.addLast(
-                    new Segment(name, blocks, ps, new NDList(inputs), params, leaves, fingerprint, inputHasGraph));
+        if (!needsGrad) {
+            leaves.close();
+            return returned;
         }
-        return leaves;
+        NDList kept = new NDList(inputs.size());
+        for (NDArray x : inputs) {
+            NDArray a = alias(x);
+            NDScope.unregister(a);
+            kept.add(a);
+        }
+        st.segments.addLast(new Segment(name, blocks, ps, kept, params, leaves, fingerprint, inputHasGraph));
+        return returned;
+    }
+
+    /** A new handle on the same data, connected to {@code x}'s autograd graph (a full-slice view). */
+    private static NDArray alias(NDArray x) {
+        long[] shape = x.getShape().getShape();
+        long[] min = new long[shape.length];
+        long[] step = new long[shape.length];
+        java.util.Arrays.fill(step, 1);
+        PtNDArray px = (PtNDArray) x;
+        return JniUtils.index(px, min, shape, step, px.getManager());
     }
 
     private void backward(ThreadState st, Segment s, boolean retain) {
@@ -256,7 +289,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         boolean any = false;
         for (NDArray leaf : s.outputs) {
             NDArray g = null;
-            if (!leaf.isReleased() && leaf.hasGradient()) {
+            if (leaf.hasGradient()) {
                 g = JniUtils.getGradient((PtNDArray) leaf);
             }
             grads.add(g);
@@ -269,8 +302,8 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             for (NDArray x : s.inputs) {
                 if (x.isReleased()) {
                     throw new IllegalStateException(
-                            "the input of checkpointed block '" + s.name + "' was closed before backward; keep the"
-                                    + " arrays of a training step open until the gradients are computed");
+                            "the input of checkpointed block '" + s.name + "' was freed before backward: its NDManager"
+                                    + " was closed; keep the step's manager open until the gradients are computed");
                 }
             }
             st.recomputing = true;
@@ -308,6 +341,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                     g.close();
                 }
             }
+            s.close();
         }
     }
 
@@ -403,6 +437,12 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             this.outputs = outputs;
             this.fingerprint = fingerprint;
             this.inputHasGraph = inputHasGraph;
+        }
+
+        /** Frees the segment's own handles (its input aliases and output leaves). */
+        void close() {
+            inputs.forEach(NDArray::close);
+            outputs.forEach(NDArray::close);
         }
     }
 }

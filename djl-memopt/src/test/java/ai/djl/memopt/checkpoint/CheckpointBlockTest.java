@@ -170,21 +170,35 @@ class CheckpointBlockTest {
     }
 
     @Test
-    void segmentsAreRecordedAndActivationsFreed() {
-        Shape shape = new Shape(5, 7);
-        SequentialBlock mlp = (SequentialBlock) init(CheckpointTestModels.mlp(), shape, 11);
-        Checkpointing.wrapChildren(mlp, CheckpointPolicy.all());
+    void segmentsKeepOnlyTheirBoundariesAndReleaseThemAfterBackward() {
+        Shape shape = new Shape(5, CheckpointTestModels.WIDTH);
+        Block stack = init(new CheckpointTestModels.ResidualStack(4), shape, 11);
+        int plainArrays;
+        try (NDManager step = manager.newSubManager()) {
+            NDArray x = step.randomNormal(shape);
+            int before = step.getManagedArrays().size();
+            stack.forward(new ParameterStore(step, false), new NDList(x), true);
+            plainArrays = step.getManagedArrays().size() - before;
+        }
+        Checkpointing.wrapChildren(stack, CheckpointPolicy.all());
         try (NDManager step = manager.newSubManager()) {
             NDArray x = step.randomNormal(shape);
             ParameterStore ps = new ParameterStore(step, false);
             try (CheckpointingGradientCollector gc = CheckpointingGradientCollector.open(manager)) {
                 int before = step.getManagedArrays().size();
-                NDArray out = mlp.forward(ps, new NDList(x), true).head();
-                // one kept output per child; no intermediate activation of the children stays alive
-                assertEquals(before + 9, step.getManagedArrays().size());
-                assertEquals(9, gc.pendingSegments());
-                gc.backward(out.sum());
+                NDArray out = stack.forward(ps, new NDList(x), true).head();
+                // per layer: the residual sum (the caller's) and 3 handles of the segment (its output leaf, the view
+                // returned to the caller, an alias of its input) that share the storage of one output and one input;
+                // none of the layer's 3 internal activations (linear, tanh, linear) survives
+                int checkpointed = step.getManagedArrays().size() - before;
+                assertEquals(4 * 4, checkpointed);
+                assertEquals(4 * 4, plainArrays, "plain: 3 internal activations + the residual sum per layer");
+                assertEquals(4, gc.pendingSegments());
+                NDArray loss = out.sum();
+                gc.backward(loss);
                 assertEquals(0, gc.pendingSegments());
+                // the segments released their handles; what is left belongs to the caller (sums, views, loss)
+                assertEquals(before + 4 * 2 + 1, step.getManagedArrays().size());
             }
         }
     }
