@@ -113,7 +113,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock {
 
     /** The data type of the weights (the embedding table's). */
     public DataType dataType() {
-        return ((TokenEmbedding) model.embedTokens()).weight().getArray().getDataType();
+        return model.tokenEmbedding().weight().getArray().getDataType();
     }
 
     @Override
@@ -140,7 +140,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock {
             if (lmHead != null) {
                 out = Projections.call(lmHead, ps, hidden, training);
             } else {
-                NDArray table = ps.getValue(((TokenEmbedding) model.embedTokens()).weight(), hidden.getDevice(),
+                NDArray table = ps.getValue(model.tokenEmbedding().weight(), hidden.getDevice(),
                         training);
                 out = hidden.matMul(table.transpose()); // (B, T, V)
             }

@@ -291,4 +291,56 @@ class DeepSeekBlocksTest {
             assertTrue(last < first - 0.1, "loss " + first + " -> " + last);
         }
     }
+
+    /** Wraps a block and counts calls; output unchanged unless {@code scale != 1}. */
+    static final class Counting extends ai.djl.nn.AbstractBlock {
+        final ai.djl.nn.Block inner;
+        final float scale;
+        int calls;
+
+        Counting(ai.djl.nn.Block inner, float scale) {
+            super((byte) 1);
+            this.inner = addChildBlock("inner", inner);
+            this.scale = scale;
+        }
+
+        @Override
+        protected NDList forwardInternal(ParameterStore ps, NDList inputs, boolean training,
+                ai.djl.util.PairList<String, Object> params) {
+            calls++;
+            NDArray out = inner.forward(ps, inputs, training).head();
+            return new NDList(scale == 1f ? out : out.mul(scale));
+        }
+
+        @Override
+        public Shape[] getOutputShapes(Shape[] inputShapes) {
+            return inputShapes;
+        }
+    }
+
+    @Test
+    void decoratorsPutInPlaceByBlocksReplaceAreCalled() throws Exception {
+        try (NDManager m = NDManager.newBaseManager();
+                SafetensorsFile ref = SafetensorsFile.open(Fixtures.V3.resolve("reference.safetensors"))) {
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(Fixtures.V3, m, DataType.FLOAT32);
+            ParameterStore ps = new ParameterStore(m, false);
+            NDArray ids = ref.load(m, "input_ids");
+            NDArray base = lm.forward(ps, new NDList(ids), false).head();
+            String[] paths = {"model.layers.1.self_attn.q_a_proj", "model.layers.1.self_attn.kv_b_proj",
+                "model.layers.1.mlp.experts.2.up_proj", "model.layers.1.mlp.shared_experts.down_proj",
+                "model.layers.0.mlp.gate_proj", "model.layers.2", "lm_head", "model.norm"};
+            java.util.List<Counting> wrappers = new java.util.ArrayList<>();
+            for (String p : paths) {
+                wrappers.add((Counting) Blocks.replace(lm, p, b -> new Counting(b, 1f)));
+            }
+            NDArray same = lm.forward(ps, new NDList(ids), false).head();
+            assertTrue(Fixtures.maxAbsDiff(base, same) == 0f);
+            for (int i = 0; i < paths.length; i++) {
+                assertTrue(wrappers.get(i).calls > 0, paths[i] + " decorator was not called");
+            }
+            Blocks.replace(lm, "model.layers.1.self_attn.o_proj", b -> new Counting(b, 2f));
+            NDArray changed = lm.forward(ps, new NDList(ids), false).head();
+            assertTrue(Fixtures.maxAbsDiff(base, changed) > 1e-3);
+        }
+    }
 }

@@ -247,4 +247,35 @@ class DeepSeekLoaderTest {
                     .toFloatArray(), 0f);
         }
     }
+
+    @Test
+    void shardedCheckpointLoadsLikeTheSingleFile() throws Exception {
+        Path dir = tmp.resolve("sharded");
+        Files.createDirectories(dir);
+        Files.copy(Fixtures.V3.resolve("config.json"), dir.resolve("config.json"));
+        SafetensorsWriter a = new SafetensorsWriter();
+        SafetensorsWriter b = new SafetensorsWriter();
+        StringBuilder map = new StringBuilder();
+        try (SafetensorsFile f = SafetensorsFile.open(Fixtures.V3.resolve("model.safetensors"))) {
+            int i = 0;
+            for (String t : f.names()) {
+                boolean first = i++ % 2 == 0;
+                (first ? a : b).add(t, SafetensorsDType.F32, f.info(t).shape(), f32(f.readFloats(t)));
+                map.append(map.length() == 0 ? "" : ", ").append('"').append(t).append("\": \"")
+                        .append(first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors")
+                        .append('"');
+            }
+        }
+        a.write(dir.resolve("model-00001-of-00002.safetensors"));
+        b.write(dir.resolve("model-00002-of-00002.safetensors"));
+        Files.writeString(dir.resolve("model.safetensors.index.json"),
+                "{\"metadata\": {}, \"weight_map\": {" + map + "}}");
+        try (NDManager m = NDManager.newBaseManager()) {
+            Map<String, Parameter> one = Blocks.parameters(DeepSeekLoader.load(Fixtures.V3, m, DataType.FLOAT32));
+            Map<String, Parameter> two = Blocks.parameters(DeepSeekLoader.load(dir, m, DataType.FLOAT32));
+            for (String k : one.keySet()) {
+                assertArrayEquals(one.get(k).getArray().toFloatArray(), two.get(k).getArray().toFloatArray(), 0f, k);
+            }
+        }
+    }
 }
