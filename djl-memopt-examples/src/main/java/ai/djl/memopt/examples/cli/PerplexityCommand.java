@@ -132,12 +132,11 @@ public final class PerplexityCommand implements Callable<Integer> {
      * (quantized, adapters) plug in here.
      */
     static Scorer openModel(Path dir, Device device, DataType dtype) throws IOException {
-        DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(dir, device, dtype);
-        DeepSeekForCausalLM lm = loaded.model();
+        DeepSeekForCausalLM lm = DeepSeekLoader.load(dir, device, dtype);
         return new Scorer() {
             @Override
             public CausalLmLoss.Sum score(long[] ids) {
-                try (NDManager m = loaded.manager().newSubManager()) {
+                try (NDManager m = lm.manager().newSubManager()) {
                     NDArray input = m.create(ids, new Shape(1, ids.length));
                     NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(input), false).head();
                     return CausalLmLoss.sum(logits, input, null);
@@ -146,17 +145,17 @@ public final class PerplexityCommand implements Callable<Integer> {
 
             @Override
             public int vocabSize() {
-                return loaded.config().vocabSize();
+                return lm.config().vocabSize();
             }
 
             @Override
             public int maxPositions() {
-                return loaded.config().maxPositionEmbeddings();
+                return lm.config().maxPositionEmbeddings();
             }
 
             @Override
             public void close() {
-                loaded.close();
+                lm.close();
             }
         };
     }

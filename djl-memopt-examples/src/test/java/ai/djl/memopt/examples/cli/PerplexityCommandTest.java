@@ -138,9 +138,8 @@ class PerplexityCommandTest {
         assertEquals(3, json.get("windows").getAsInt()); // 16 tokens: 6 + 6 + 4
         assertEquals(5 + 5 + 3, json.get("predicted").getAsInt());
         double nll = 0;
-        try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(dir, ai.djl.Device.cpu(), DataType.FLOAT32);
-                NDManager m = loaded.manager().newSubManager()) {
-            DeepSeekForCausalLM lm = loaded.model();
+        try (DeepSeekForCausalLM lm = DeepSeekLoader.load(dir, ai.djl.Device.cpu(), DataType.FLOAT32);
+                NDManager m = lm.manager().newSubManager()) {
             for (int s = 0; s < ids.length; s += 6) {
                 long[] w = Arrays.copyOfRange(ids, s, Math.min(ids.length, s + 6));
                 NDArray in = m.create(w, new Shape(1, w.length));

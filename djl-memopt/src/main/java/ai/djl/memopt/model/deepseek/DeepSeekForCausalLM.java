@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.Device;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -35,13 +36,15 @@ import java.util.function.Function;
  * }
  * }</pre>
  */
-public final class DeepSeekForCausalLM extends AbstractBlock {
+public final class DeepSeekForCausalLM extends AbstractBlock implements AutoCloseable {
 
     private static final byte VERSION = 1;
 
     private final DeepSeekConfig config;
     private final DeepSeekModel model;
     private Block lmHead;
+    private NDManager manager;
+    private boolean ownsManager;
 
     /** An uninitialised model; use {@link #random}, {@link DeepSeekLoader#load} or {@link #initializeWith}. */
     public DeepSeekForCausalLM(DeepSeekConfig config) {
@@ -74,6 +77,23 @@ public final class DeepSeekForCausalLM extends AbstractBlock {
         return lm;
     }
 
+    /**
+     * {@link #random(DeepSeekConfig, long, NDManager, DataType)} with the weights in a new manager on {@code device},
+     * owned by the model ({@link #close()} frees them).
+     */
+    public static DeepSeekForCausalLM random(DeepSeekConfig config, long seed, Device device, DataType dtype) {
+        checkDType(dtype);
+        NDManager owned = NDManager.newBaseManager(device);
+        try {
+            DeepSeekForCausalLM lm = random(config, seed, owned, dtype);
+            lm.ownManager();
+            return lm;
+        } catch (RuntimeException e) {
+            owned.close();
+            throw e;
+        }
+    }
+
     static void checkDType(DataType dtype) {
         if (dtype == DataType.BFLOAT16) {
             throw new IllegalArgumentException(
@@ -95,6 +115,24 @@ public final class DeepSeekForCausalLM extends AbstractBlock {
             e.getValue().setInitializer(init.apply(e.getKey()));
         }
         initialize(manager, dtype, new Shape(1, 1));
+        this.manager = manager;
+    }
+
+    void ownManager() {
+        ownsManager = true;
+    }
+
+    /** The manager the weights were allocated on (create inputs in it or a sub-manager of it). */
+    public NDManager manager() {
+        return manager;
+    }
+
+    /** Frees the weights if this model owns its manager (loaded or created with a {@code Device}); else a no-op. */
+    @Override
+    public void close() {
+        if (ownsManager && manager != null) {
+            manager.close();
+        }
     }
 
     public DeepSeekConfig config() {

@@ -141,8 +141,8 @@ class DeepSeekLoaderTest {
         }
         Path mtp = copyFixture("mtp", false, (n, v) -> v, "model.layers.3.eh_proj.weight",
                 "model.layers.3.enorm.weight");
-        try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(mtp, Device.cpu(), DataType.FLOAT32)) {
-            assertEquals(3, loaded.model().model().layers().size());
+        try (DeepSeekForCausalLM loaded = DeepSeekLoader.load(mtp, Device.cpu(), DataType.FLOAT32)) {
+            assertEquals(3, loaded.model().layers().size());
         }
     }
 
@@ -205,10 +205,9 @@ class DeepSeekLoaderTest {
 
     @Test
     void fp16LoadStaysCloseToTransformers() throws Exception {
-        try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(Fixtures.V3, Device.cpu(), DataType.FLOAT16);
+        try (DeepSeekForCausalLM lm = DeepSeekLoader.load(Fixtures.V3, Device.cpu(), DataType.FLOAT16);
                 SafetensorsFile ref = SafetensorsFile.open(Fixtures.V3.resolve("reference.safetensors"));
-                NDManager m = loaded.manager().newSubManager()) {
-            DeepSeekForCausalLM lm = loaded.model();
+                NDManager m = lm.manager().newSubManager()) {
             assertEquals(DataType.FLOAT16, lm.dataType());
             NDArray ids = ref.load(m, "input_ids");
             NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), false).head();
