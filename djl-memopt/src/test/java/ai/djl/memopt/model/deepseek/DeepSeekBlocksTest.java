@@ -89,6 +89,22 @@ class DeepSeekBlocksTest {
         float[] inv = new RotaryEmbedding(c).inverseFrequencies();
         float[] expected = {1f, 0.5f * (0.1f / 4) + 0.5f * 0.1f, 0.01f / 4, 0.001f / 4};
         assertArrayEquals(expected, inv, 1e-7f);
+        // transformers uses max_position_embeddings / original_max_position_embeddings as the factor when both exist
+        com.google.gson.JsonObject o = com.google.gson.JsonParser.parseString(
+                java.nio.file.Files.readString(Fixtures.V2.resolve("config.json"))).getAsJsonObject();
+        o.addProperty("max_position_embeddings", 512);
+        float[] eight = new RotaryEmbedding(DeepSeekConfig.fromJsonString(o.toString())).inverseFrequencies();
+        assertEquals(0.001f / 8, eight[3], 1e-9f);
+        assertEquals(1f, eight[0], 0f);
+        // truncate false: the ramp runs over the unrounded correction range [0, 1.008...]
+        o.addProperty("max_position_embeddings", 256);
+        o.getAsJsonObject("rope_parameters").addProperty("truncate", false);
+        DeepSeekConfig untruncated = DeepSeekConfig.fromJsonString(o.toString());
+        double high = 8 * Math.log(64 / (2 * Math.PI)) / (2 * Math.log(10000));
+        double ramp = 1 / high;
+        float[] un = new RotaryEmbedding(untruncated).inverseFrequencies();
+        assertEquals((float) (0.025 * ramp + 0.1 * (1 - ramp)), un[1], 1e-7f);
+        assertEquals(untruncated, DeepSeekConfig.fromJsonString(untruncated.toJson()));
         DeepSeekConfig lite = DeepSeekConfig.preset("deepseek-v2-lite");
         double m = 0.1 * 0.707 * Math.log(40) + 1;
         assertEquals(Math.pow(192, -0.5) * m * m, lite.softmaxScale(), 1e-12);
