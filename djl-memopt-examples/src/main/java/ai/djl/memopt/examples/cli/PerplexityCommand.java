@@ -107,7 +107,7 @@ public final class PerplexityCommand implements Callable<Integer> {
             out.addProperty("seq", window);
             out.addProperty("loss", loss);
             out.addProperty("perplexity", Math.exp(loss));
-            out.addProperty("device", dev.toString());
+            out.addProperty("device", dev.isGpu() ? "gpu" + dev.getDeviceId() : "cpu");
             out.addProperty("dtype", type.toString().toLowerCase(Locale.ROOT));
             System.out.println(out);
         }

@@ -104,6 +104,7 @@ class PerplexityCommandTest {
         assertEquals(11, json.get("predicted").getAsInt());
         assertEquals(expected, json.get("loss").getAsDouble(), 1e-5 * expected);
         assertEquals(Math.exp(json.get("loss").getAsDouble()), json.get("perplexity").getAsDouble(), 1e-9);
+        assertEquals("cpu", json.get("device").getAsString());
     }
 
     @Test
