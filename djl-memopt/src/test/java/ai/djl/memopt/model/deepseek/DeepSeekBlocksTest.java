@@ -359,4 +359,64 @@ class DeepSeekBlocksTest {
             assertTrue(Fixtures.maxAbsDiff(base, changed) > 1e-3);
         }
     }
+
+    @Test
+    void v2GroupLimitedGreedyRouterMatchesHandComputation() {
+        DeepSeekConfig c = tiny(DeepSeekConfig.DEEPSEEK_V2).topkMethod("group_limited_greedy").nGroup(4).topkGroup(2)
+                .numExpertsPerTok(3).normTopkProb(true).routedScalingFactor(1.5).build();
+        try (NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(c, 9, m, DataType.FLOAT32);
+            MoeGate gate = (MoeGate) ((DeepSeekMoE) ((DeepSeekDecoderLayer) lm.model().layers().get(1)).mlp()).gate();
+            int n = 12;
+            int h = c.hiddenSize();
+            Random r = new Random(4);
+            float[] xs = new float[n * h];
+            for (int i = 0; i < xs.length; i++) {
+                xs[i] = (float) r.nextGaussian() * 20; // large inputs so the softmax is far from uniform
+            }
+            NDList route = gate.forward(new ParameterStore(m, false), new NDList(m.create(xs, new Shape(n, h))),
+                    false);
+            long[] idx = route.get(0).toLongArray();
+            float[] w = route.get(1).toFloatArray();
+            float[] gw = gate.weight().getArray().toFloatArray();
+            for (int t = 0; t < n; t++) {
+                double[] logit = new double[8];
+                double max = Double.NEGATIVE_INFINITY;
+                for (int e = 0; e < 8; e++) {
+                    for (int j = 0; j < h; j++) {
+                        logit[e] += xs[t * h + j] * gw[e * h + j];
+                    }
+                    max = Math.max(max, logit[e]);
+                }
+                double z = 0;
+                double[] p = new double[8];
+                for (int e = 0; e < 8; e++) {
+                    p[e] = Math.exp(logit[e] - max);
+                    z += p[e];
+                }
+                for (int e = 0; e < 8; e++) {
+                    p[e] /= z;
+                }
+                Integer[] groups = {0, 1, 2, 3};
+                Arrays.sort(groups, (a, b) -> Double.compare(Math.max(p[2 * b], p[2 * b + 1]),
+                        Math.max(p[2 * a], p[2 * a + 1])));
+                double[] masked = new double[8];
+                for (int k = 0; k < 2; k++) {
+                    masked[2 * groups[k]] = p[2 * groups[k]];
+                    masked[2 * groups[k] + 1] = p[2 * groups[k] + 1];
+                }
+                Integer[] order = {0, 1, 2, 3, 4, 5, 6, 7};
+                Arrays.sort(order, (a, b) -> Double.compare(masked[b], masked[a]));
+                long[] want = {order[0], order[1], order[2]};
+                long[] got = Arrays.copyOfRange(idx, 3 * t, 3 * t + 3);
+                double sum = p[(int) got[0]] + p[(int) got[1]] + p[(int) got[2]];
+                for (int k = 0; k < 3; k++) {
+                    assertEquals(p[(int) got[k]] / sum * 1.5, w[3 * t + k], 1e-5, "token " + t);
+                }
+                Arrays.sort(want);
+                Arrays.sort(got);
+                assertArrayEquals(want, got, "token " + t);
+            }
+        }
+    }
 }
