@@ -357,6 +357,10 @@ class DeepSeekBlocksTest {
             Blocks.replace(lm, "model.layers.1.self_attn.o_proj", b -> new Counting(b, 2f));
             NDArray changed = lm.forward(ps, new NDList(ids), false).head();
             assertTrue(Fixtures.maxAbsDiff(base, changed) > 1e-3);
+            IllegalArgumentException e = org.junit.jupiter.api.Assertions.assertThrows(IllegalArgumentException.class,
+                    () -> DeepSeekCheckpointWriter.save(lm, lm.config(), tmp.resolve("decorated")));
+            assertTrue(e.getMessage().contains("decorator"), e.getMessage());
+            assertFalse(java.nio.file.Files.exists(tmp.resolve("decorated").resolve("model.safetensors")));
         }
     }
 
