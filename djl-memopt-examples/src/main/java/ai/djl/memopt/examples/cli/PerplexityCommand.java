@@ -59,6 +59,10 @@ public final class PerplexityCommand implements Callable<Integer> {
             description = "Weight type (default float32).")
     String dtype;
 
+    @Option(names = "--json", description = "Accepted for consistency with the other commands: the result is always "
+            + "one JSON line.")
+    boolean json;
+
     @Override
     public Integer call() throws Exception {
         if ((tokenIds == null) == (text == null)) {

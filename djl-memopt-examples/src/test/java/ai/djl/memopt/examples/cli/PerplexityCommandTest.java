@@ -94,7 +94,7 @@ class PerplexityCommandTest {
     @Test
     void tokenIdsGiveTheTransformersLoss() throws Exception {
         long[] row = fixtureRow();
-        String[] r = run("perplexity", "--model", FIXTURE.toString(), "--token-ids", csv(row));
+        String[] r = run("perplexity", "--model", FIXTURE.toString(), "--token-ids", csv(row), "--json");
         assertEquals("0", r[0], r[2]);
         String[] lines = r[1].trim().split("\n");
         assertEquals(1, lines.length, r[1]);
