@@ -17,6 +17,7 @@ import com.google.common.base.Preconditions;
 import java.util.Map;
 import java.util.SplittableRandom;
 import java.util.function.Function;
+import java.util.stream.IntStream;
 
 /**
  * DeepSeek-V3/V2 causal language model (Hugging Face {@code DeepseekV3ForCausalLM}/{@code DeepseekV2ForCausalLM}):
@@ -193,6 +194,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
 
     /** {@code N(0, std)} values drawn in Java from a per-tensor stream (seed, name). */
     static final class SeededNormal implements Initializer {
+        private static final int CHUNK = 1 << 20;
         private final long seed;
         private final String name;
         private final float std;
@@ -207,11 +209,17 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
         public NDArray initialize(NDManager manager, Shape shape, DataType dataType) {
             long n = shape.size();
             Preconditions.checkArgument(n <= Integer.MAX_VALUE, "tensor %s too large for random init: %s", name, shape);
-            SplittableRandom random = new SplittableRandom(seed * 0x9E3779B97F4A7C15L ^ name.hashCode());
             float[] values = new float[(int) n];
-            for (int i = 0; i < values.length; i++) {
-                values[i] = (float) random.nextGaussian() * std;
-            }
+            long base = seed * 0x9E3779B97F4A7C15L ^ name.hashCode();
+            int chunks = (int) ((n + CHUNK - 1) / CHUNK);
+            // fixed-size chunks with their own streams: the values do not depend on the number of threads
+            IntStream.range(0, chunks).parallel().forEach(c -> {
+                SplittableRandom random = new SplittableRandom(base + 0xBF58476D1CE4E5B9L * (c + 1));
+                int end = (int) Math.min(n, (long) (c + 1) * CHUNK);
+                for (int i = c * CHUNK; i < end; i++) {
+                    values[i] = (float) random.nextGaussian() * std;
+                }
+            });
             NDArray created = manager.create(values, shape);
             if (dataType == DataType.FLOAT32) {
                 return created;

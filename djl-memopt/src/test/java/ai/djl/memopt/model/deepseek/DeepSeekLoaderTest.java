@@ -244,6 +244,13 @@ class DeepSeekLoaderTest {
                     .toFloatArray(), 2), 0f);
             assertArrayEquals(new float[8], a.get("model.layers.1.mlp.gate.e_score_correction_bias").getArray()
                     .toFloatArray(), 0f);
+            // large tensors are drawn in parallel chunks; the values must not depend on the scheduling
+            DeepSeekForCausalLM.SeededNormal big = new DeepSeekForCausalLM.SeededNormal(7, "big", 0.02f);
+            ai.djl.ndarray.types.Shape shape = new ai.djl.ndarray.types.Shape(3, 1 << 20);
+            float[] x = big.initialize(m, shape, DataType.FLOAT32).toFloatArray();
+            float[] y = big.initialize(m, shape, DataType.FLOAT32).toFloatArray();
+            assertArrayEquals(x, y, 0f);
+            assertNotEquals(x[0], x[1 << 20]); // chunks use different streams
         }
     }
 
