@@ -5,6 +5,7 @@ import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.AbstractBlock;
@@ -116,6 +117,10 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
             e.getValue().setInitializer(init.apply(e.getKey()));
         }
         initialize(manager, dtype, new Shape(1, 1));
+        // weights live as long as their manager, even when loaded inside a caller's NDScope
+        for (Parameter p : Blocks.parameters(this).values()) {
+            NDScope.unregister(p.getArray());
+        }
         this.manager = manager;
     }
 
