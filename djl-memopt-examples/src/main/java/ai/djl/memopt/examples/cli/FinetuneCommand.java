@@ -140,10 +140,7 @@ public final class FinetuneCommand implements Callable<Integer> {
             Block trained = lm;
             DynamicLossScaler scaler;
             if (compute == DataType.FLOAT16) {
-                mp = MixedPrecisionBlock.wrap(lm, PrecisionPolicy.builder()
-                        .optKeepFp32((path, b) -> path.endsWith("self_attn") || path.equals("lm_head")
-                                || b.getClass().getSimpleName().equals("DeepSeekMoE"))
-                        .build());
+                mp = MixedPrecisionBlock.wrap(lm, deepSeekFp16Policy());
                 trained = mp;
                 scaler = DynamicLossScaler.create();
             } else {
@@ -264,6 +261,17 @@ public final class FinetuneCommand implements Callable<Integer> {
             default:
                 throw new IllegalArgumentException("unknown --optimizer '" + optimizer + "': expected adamw, adam or sgd");
         }
+    }
+
+    /**
+     * The FP16 policy for the DeepSeek model: the defaults (norms, router) plus attention, MoE blocks and the LM head in
+     * FP32, because the model casts with DJL's non-differentiable {@code toType} inside them (see the class doc).
+     */
+    static PrecisionPolicy deepSeekFp16Policy() {
+        return PrecisionPolicy.builder()
+                .optKeepFp32((path, b) -> path.endsWith("self_attn") || path.equals("lm_head")
+                        || b.getClass().getSimpleName().equals("DeepSeekMoE"))
+                .build();
     }
 
     /** {@code none} -> null; {@code all}, {@code every:N}. */
