@@ -1,0 +1,92 @@
+package ai.djl.memopt.quantize;
+
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDArrays;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
+import ai.djl.nn.AbstractBlock;
+import ai.djl.nn.Block;
+import ai.djl.training.ParameterStore;
+import ai.djl.util.PairList;
+
+/**
+ * Temporary decorator that records the inputs of a Linear during calibration: the per-channel sum of {@code |x|}
+ * over every row and the first {@code maxRows} rows (FP32), then calls the Linear unchanged.
+ */
+final class ActivationRecorder extends AbstractBlock {
+
+    private final Block inner;
+    private final long in;
+    private final int maxRows;
+    private final NDManager manager;
+    private NDArray sumAbs; // (in)
+    private NDArray rows; // (n, in)
+    private long count;
+
+    ActivationRecorder(Block inner, long in, int maxRows, NDManager parent) {
+        super((byte) 1);
+        this.inner = inner;
+        this.in = in;
+        this.maxRows = maxRows;
+        this.manager = parent.newSubManager();
+    }
+
+    Block inner() {
+        return inner;
+    }
+
+    @Override
+    protected NDList forwardInternal(ParameterStore parameterStore, NDList inputs, boolean training,
+            PairList<String, Object> params) {
+        NDArray x = inputs.head(); // (..., in)
+        try (NDManager tmp = manager.newSubManager()) {
+            NDArray flat = x.reshape(-1, in).toType(DataType.FLOAT32, true); // (n, in)
+            flat.attach(tmp);
+            NDArray abs = flat.abs().sum(new int[] {0}); // (in)
+            NDArray old = sumAbs;
+            sumAbs = old == null ? abs : old.add(abs);
+            sumAbs.attach(manager);
+            if (old != null) {
+                old.close();
+            }
+            count += flat.getShape().get(0);
+            long have = rows == null ? 0 : rows.getShape().get(0);
+            if (have < maxRows) {
+                long take = Math.min(maxRows - have, flat.getShape().get(0));
+                NDArray part = flat.get("0:" + take);
+                NDArray oldRows = rows;
+                rows = oldRows == null ? part : NDArrays.concat(new NDList(oldRows, part), 0);
+                rows.attach(manager);
+                if (oldRows != null) {
+                    oldRows.close();
+                }
+            }
+        }
+        return inner.forward(parameterStore, inputs, training, params);
+    }
+
+    /** Mean {@code |x|} per input channel (in), attached to the recorder's manager. */
+    NDArray meanAbs() {
+        if (sumAbs == null) {
+            throw new IllegalStateException("no calibration activation reached this layer");
+        }
+        return sumAbs.div((float) count);
+    }
+
+    /** The recorded rows (n, in). */
+    NDArray rows() {
+        return rows;
+    }
+
+    /** Frees the recordings. */
+    void close() {
+        manager.close();
+    }
+
+    @Override
+    public Shape[] getOutputShapes(Shape[] inputShapes) {
+        return inner.getOutputShapes(inputShapes);
+    }
+}
