@@ -47,7 +47,10 @@ public final class ExportOptions {
         return sourceFiles;
     }
 
-    /** Architecture name recorded in the metadata ({@code "generic"} by default). */
+    /**
+     * Architecture name recorded in the metadata, or null for the default: {@code "deepseek"} for a
+     * {@code DeepSeekForCausalLM}, otherwise {@code "generic"}.
+     */
     public String architecture() {
         return architecture;
     }
@@ -66,7 +69,7 @@ public final class ExportOptions {
     public static final class Builder {
         private Path configJson;
         private final List<Path> sourceFiles = new ArrayList<>();
-        private String architecture = "generic";
+        private String architecture;
         private final Set<String> sparse24Layers = new LinkedHashSet<>();
         private String extraJson;
 
@@ -76,6 +79,22 @@ public final class ExportOptions {
         public Builder optConfigJson(Path configJson) {
             Preconditions.checkArgument(Files.isRegularFile(configJson), "config.json not found: %s", configJson);
             this.configJson = configJson;
+            return this;
+        }
+
+        /**
+         * The Hugging Face model directory the model was loaded from: copies its {@code config.json} and records the
+         * sha256 of its {@code *.safetensors} files and shard index.
+         */
+        public Builder optSourceModel(Path modelDir) throws java.io.IOException {
+            Preconditions.checkArgument(Files.isDirectory(modelDir), "not a directory: %s", modelDir);
+            optConfigJson(modelDir.resolve("config.json"));
+            try (java.util.stream.Stream<Path> files = Files.list(modelDir)) {
+                files.filter(p -> {
+                    String n = p.getFileName().toString();
+                    return n.endsWith(".safetensors") || n.equals("model.safetensors.index.json");
+                }).sorted().forEach(sourceFiles::add);
+            }
             return this;
         }
 

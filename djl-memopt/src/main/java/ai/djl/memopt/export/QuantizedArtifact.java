@@ -1,5 +1,7 @@
 package ai.djl.memopt.export;
 
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.quantize.Int4Packing;
 import ai.djl.memopt.quantize.QuantScheme;
@@ -17,6 +19,7 @@ import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
 import ai.djl.nn.core.Linear;
+import ai.djl.training.initializer.Initializer;
 import com.google.gson.GsonBuilder;
 import com.google.gson.JsonArray;
 import com.google.gson.JsonElement;
@@ -81,6 +84,8 @@ public final class QuantizedArtifact {
     public static final String METADATA = "quantization.json";
     /** Model config file name. */
     public static final String CONFIG = "config.json";
+    /** Architecture name of artifacts of {@link DeepSeekForCausalLM}. */
+    public static final String DEEPSEEK = "deepseek";
 
     static final String INT4_PACKING = "uint8, row-major over (out, in): element 2i in the low nibble, element 2i+1"
             + " in the high nibble; byte = v[2i] + 16 * v[2i+1]; dequant w = (q - zero) * scale per group of"
@@ -171,7 +176,13 @@ public final class QuantizedArtifact {
         if (options.configJson() != null) {
             copyAtomically(options.configJson(), dir.resolve(CONFIG));
             files.addProperty(CONFIG, sha256(dir.resolve(CONFIG)));
+        } else if (root instanceof DeepSeekForCausalLM) {
+            writeAtomically(dir.resolve(CONFIG),
+                    ((DeepSeekForCausalLM) root).config().toJson().getBytes(StandardCharsets.UTF_8));
+            files.addProperty(CONFIG, sha256(dir.resolve(CONFIG)));
         }
+        String architecture = options.architecture() != null ? options.architecture()
+                : root instanceof DeepSeekForCausalLM ? DEEPSEEK : "generic";
         JsonObject sources = new JsonObject();
         for (Path f : options.sourceFiles()) {
             sources.addProperty(f.getFileName().toString(), sha256(f));
@@ -181,7 +192,7 @@ public final class QuantizedArtifact {
         meta.addProperty("format_version", FORMAT_VERSION);
         meta.addProperty("library", "djl-memopt");
         meta.addProperty("library_version", LIBRARY_VERSION);
-        meta.addProperty("architecture", options.architecture());
+        meta.addProperty("architecture", architecture);
         meta.addProperty("weights", WEIGHTS);
         JsonObject packing = new JsonObject();
         packing.addProperty("int4", INT4_PACKING);
@@ -250,13 +261,60 @@ public final class QuantizedArtifact {
      */
     public static ArtifactManifest load(Path dir, Block block) throws IOException {
         ArtifactManifest manifest = verify(dir);
+        load(dir, block, manifest);
+        return manifest;
+    }
+
+    /**
+     * Loads a DeepSeek artifact on its own: the model is built from the artifact's {@code config.json}, the weights of
+     * its quantized layers are never allocated in float (1-element placeholders until replaced), every other
+     * parameter is read from the artifact.
+     *
+     * @param dtype FLOAT32 or FLOAT16, the type of the unquantized weights
+     * @throws QuantizedArtifactException for an artifact of another architecture or any corruption (see {@link #load})
+     */
+    public static DeepSeekForCausalLM loadDeepSeek(Path dir, NDManager manager, DataType dtype) throws IOException {
+        ArtifactManifest manifest = verify(dir);
+        if (!DEEPSEEK.equals(manifest.architecture())) {
+            throw new QuantizedArtifactException(dir + ": artifact architecture is '" + manifest.architecture()
+                    + "', not '" + DEEPSEEK + "'");
+        }
+        if (!manifest.files().containsKey(CONFIG)) {
+            throw new QuantizedArtifactException(dir + ": a DeepSeek artifact needs config.json (not listed in "
+                    + METADATA + ")");
+        }
+        DeepSeekConfig config;
+        try {
+            config = DeepSeekConfig.fromJson(dir.resolve(CONFIG));
+        } catch (IllegalArgumentException e) {
+            throw new QuantizedArtifactException(dir.resolve(CONFIG) + ": " + e.getMessage(), e);
+        }
+        DeepSeekForCausalLM lm = new DeepSeekForCausalLM(config);
+        Set<String> placeholders = new HashSet<>();
+        manifest.layers().keySet().forEach(p -> placeholders.add(join(p, "weight")));
+        Initializer placeholder = (m, shape, type) -> m.zeros(new Shape(1), type);
+        lm.initializeWith(manager, dtype, name -> placeholders.contains(name) ? placeholder : Initializer.ZEROS);
+        try {
+            load(dir, lm, manifest);
+        } catch (IOException | RuntimeException e) {
+            for (Parameter p : Blocks.parameters(lm).values()) {
+                p.close();
+            }
+            Blocks.walk(lm).values().stream().filter(b -> b instanceof QuantizedLinear)
+                    .forEach(b -> ((QuantizedLinear) b).close());
+            throw e;
+        }
+        return lm;
+    }
+
+    private static void load(Path dir, Block block, ArtifactManifest manifest) throws IOException {
         Map<String, Parameter> params = Blocks.parameters(block);
         try (SafetensorsFile st = SafetensorsFile.open(dir.resolve(WEIGHTS))) {
             for (Map.Entry<String, ArtifactManifest.LayerEntry> e : manifest.layers().entrySet()) {
                 String path = e.getKey();
                 ArtifactManifest.LayerEntry l = e.getValue();
                 Linear linear = linearAt(block, path, "quantized layer");
-                Shape wShape = linear.getParameters().get("weight").getArray().getShape();
+                Shape wShape = linear.getParameters().get("weight").getShape();
                 if (!wShape.equals(l.shape())) {
                     throw new QuantizedArtifactException("layer '" + path + "': artifact weight shape " + l.shape()
                             + " but the block's Linear has " + wShape);
@@ -291,7 +349,7 @@ public final class QuantizedArtifact {
             for (Map.Entry<String, Shape> e : manifest.sparse24().entrySet()) {
                 String path = e.getKey();
                 Linear linear = linearAt(block, path, "2:4 layer");
-                Shape wShape = linear.getParameters().get("weight").getArray().getShape();
+                Shape wShape = linear.getParameters().get("weight").getShape();
                 if (!wShape.equals(e.getValue())) {
                     throw new QuantizedArtifactException("2:4 layer '" + path + "': artifact shape " + e.getValue()
                             + " but the block's Linear has " + wShape);
@@ -317,7 +375,7 @@ public final class QuantizedArtifact {
                         || (manifest.sparse24().containsKey(owner) && p.getKey().endsWith(".weight"))) {
                     continue; // replaced by the quantized layer, or filled from the compact 2:4 form
                 }
-                expectFloatOrSame(st, p.getKey(), p.getValue().getArray());
+                expectFloatOrSame(st, p.getKey(), p.getValue());
                 used.add(p.getKey());
             }
             Set<String> unexpected = new TreeSet<>(st.names());
@@ -378,7 +436,6 @@ public final class QuantizedArtifact {
                 }
             }
         }
-        return manifest;
     }
 
     private static Linear linearAt(Block block, String path, String what) throws QuantizedArtifactException {
@@ -412,14 +469,14 @@ public final class QuantizedArtifact {
         }
     }
 
-    private static void expectFloatOrSame(SafetensorsFile st, String name, NDArray param)
+    private static void expectFloatOrSame(SafetensorsFile st, String name, Parameter param)
             throws QuantizedArtifactException {
         TensorInfo info = info(st, name);
-        boolean typeOk = param.getDataType().isFloating() ? info.dtype().isFloating()
-                : info.dtype().loadedAs() == param.getDataType();
+        DataType type = param.getArray().getDataType();
+        boolean typeOk = type.isFloating() ? info.dtype().isFloating() : info.dtype().loadedAs() == type;
         if (!typeOk || !info.djlShape().equals(param.getShape())) {
-            throw new QuantizedArtifactException("tensor '" + name + "': the block expects " + param.getDataType()
-                    + " " + param.getShape() + ", the artifact has " + info.dtype() + " " + info.djlShape());
+            throw new QuantizedArtifactException("tensor '" + name + "': the block expects " + type + " "
+                    + param.getShape() + ", the artifact has " + info.dtype() + " " + info.djlShape());
         }
     }
 

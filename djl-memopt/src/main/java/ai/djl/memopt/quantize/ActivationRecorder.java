@@ -4,6 +4,7 @@ import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.AbstractBlock;
@@ -48,6 +49,8 @@ final class ActivationRecorder extends AbstractBlock {
             NDArray old = sumAbs;
             sumAbs = old == null ? abs : old.add(abs);
             sumAbs.attach(manager);
+            // the model's forward may run inside an NDScope that closes every array created in it
+            NDScope.unregister(sumAbs);
             if (old != null) {
                 old.close();
             }
@@ -59,12 +62,18 @@ final class ActivationRecorder extends AbstractBlock {
                 NDArray oldRows = rows;
                 rows = oldRows == null ? part : NDArrays.concat(new NDList(oldRows, part), 0);
                 rows.attach(manager);
+                NDScope.unregister(rows);
                 if (oldRows != null) {
                     oldRows.close();
                 }
             }
         }
         return inner.forward(parameterStore, inputs, training, params);
+    }
+
+    /** Whether any calibration row reached the layer (a routed expert may receive none). */
+    boolean hasActivations() {
+        return count > 0;
     }
 
     /** Mean {@code |x|} per input channel (in), attached to the recorder's manager. */

@@ -23,9 +23,10 @@ public final class QuantizationReport {
         private final long bytesAfter;
         private final double sqnrDb;
         private final Double awqAlpha;
+        private final String note;
 
         Layer(String path, QuantScheme scheme, QuantMethod method, int groupSize, long bytesBefore, long bytesAfter,
-                double sqnrDb, Double awqAlpha) {
+                double sqnrDb, Double awqAlpha, String note) {
             this.path = path;
             this.scheme = scheme;
             this.method = method;
@@ -34,6 +35,12 @@ public final class QuantizationReport {
             this.bytesAfter = bytesAfter;
             this.sqnrDb = sqnrDb;
             this.awqAlpha = awqAlpha;
+            this.note = note;
+        }
+
+        /** A remark, e.g. why AWQ fell back to RTN for this layer; empty if none. */
+        public String note() {
+            return note == null ? "" : note;
         }
 
         /** Dotted block path. */
@@ -46,7 +53,7 @@ public final class QuantizationReport {
             return scheme;
         }
 
-        /** Method actually used (AWQ falls back to RTN when alpha 0 wins). */
+        /** Method actually used (RTN when AWQ had no calibration activation for this layer, see {@link #note()}). */
         public QuantMethod method() {
             return method;
         }
@@ -130,6 +137,9 @@ public final class QuantizationReport {
             j.addProperty("sqnr_db", Double.isFinite(l.sqnrDb) ? l.sqnrDb : 999.0);
             if (l.awqAlpha != null) {
                 j.addProperty("awq_alpha", l.awqAlpha);
+            }
+            if (l.note != null) {
+                j.addProperty("note", l.note);
             }
             arr.add(j);
         }

@@ -177,7 +177,13 @@ public final class Quantizer {
         QuantizedTensor q;
         Double alpha = null;
         QuantMethod method = config.method();
-        if (config.method() == QuantMethod.AWQ) {
+        String note = null;
+        if (method == QuantMethod.AWQ && !recorder.hasActivations()) {
+            // e.g. a routed expert that no calibration token was sent to: nothing to weigh the channels by
+            method = QuantMethod.RTN;
+            note = "AWQ: no calibration activation reached this layer, quantized with RTN";
+        }
+        if (method == QuantMethod.AWQ) {
             try (NDArray meanAbs = recorder.meanAbs()) {
                 AwqSearch.Result r = AwqSearch.search(weight, recorder.rows(), meanAbs, config.scheme(), groupSize,
                         config.awqGridSize());
@@ -205,7 +211,8 @@ public final class Quantizer {
         if (biasParam != null && !kept.contains(biasParam)) {
             biasParam.close();
         }
-        return new QuantizationReport.Layer(path, config.scheme(), method, groupSize, before, after, sqnr, alpha);
+        return new QuantizationReport.Layer(path, config.scheme(), method, groupSize, before, after, sqnr, alpha,
+                note);
     }
 
     /** {@code 10 log10(|W|^2 / |W - dequant(q)|^2)}; +Infinity if exact. */
