@@ -44,38 +44,42 @@ final class AwqSearch {
             NDArray m = meanAbs.toType(DataType.FLOAT32, true).maximum(1e-4f); // (in)
             m.attach(tmp);
             NDArray yRef = x.matMul(w.transpose()); // (n, out)
-            QuantizedTensor best = null;
+            SchemeHandler handler = SchemeHandler.of(scheme);
             double bestAlpha = 0;
             double bestMse = Double.POSITIVE_INFINITY;
             for (int i = 0; i < grid; i++) {
                 double alpha = (double) i / grid;
-                QuantizedTensor candidate;
+                // candidates are fake-quantized in float (no packing); only the winner is really quantized
                 try (NDManager iter = tmp.newSubManager()) {
+                    NDArray weff;
                     if (i == 0) {
-                        candidate = SchemeHandler.of(scheme).quantize(w, groupSize, null);
+                        weff = handler.fakeQuantize(w, groupSize); // (out, in)
                     } else {
                         NDArray s = m.pow((float) alpha); // (in)
                         s.attach(iter);
                         float norm = (float) Math.sqrt(s.max().getFloat() * s.min().getFloat());
                         NDArray sn = s.div(norm);
-                        candidate = SchemeHandler.of(scheme).quantize(w, groupSize, sn);
+                        NDArray ws = w.mul(sn); // (out, in)
+                        ws.attach(iter);
+                        weff = handler.fakeQuantize(ws, groupSize).div(sn); // (out, in)
                     }
-                    NDArray weff = candidate.dequantize(iter, DataType.FLOAT32); // (out, in)
+                    weff.attach(iter);
                     NDArray y = x.matMul(weff.transpose()); // (n, out), created in x's manager
                     y.attach(iter);
-                    NDArray diff = y.sub(yRef); // (n, out)
-                    double mse = diff.square().mean().getFloat();
+                    double mse = y.sub(yRef).square().mean().getFloat();
                     if (mse < bestMse) {
-                        if (best != null) {
-                            best.close();
-                        }
-                        best = candidate;
                         bestMse = mse;
                         bestAlpha = alpha;
-                    } else {
-                        candidate.close();
                     }
                 }
+            }
+            QuantizedTensor best;
+            if (bestAlpha == 0) {
+                best = handler.quantize(w, groupSize, null);
+            } else {
+                NDArray s = m.pow((float) bestAlpha); // (in)
+                float norm = (float) Math.sqrt(s.max().getFloat() * s.min().getFloat());
+                best = handler.quantize(w, groupSize, s.div(norm));
             }
             best.attach(target);
             return new Result(best, bestAlpha, bestMse);

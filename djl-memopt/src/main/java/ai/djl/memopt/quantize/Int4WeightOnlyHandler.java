@@ -64,6 +64,19 @@ final class Int4WeightOnlyHandler implements SchemeHandler {
     }
 
     @Override
+    public NDArray fakeQuantize(NDArray w, int groupSize) {
+        long out = w.getShape().get(0);
+        long in = w.getShape().get(1);
+        checkGroupSize(groupSize, in);
+        NDArray g = w.reshape(out, in / groupSize, groupSize); // (out, G, g)
+        NDArray min = g.min(new int[] {2}, true).minimum(0f); // (out, G, 1)
+        NDArray max = g.max(new int[] {2}, true).maximum(0f); // (out, G, 1)
+        NDArray scale = max.sub(min).div(15f).maximum(1e-12f); // (out, G, 1)
+        NDArray zero = min.neg().div(scale).round().clip(0, 15); // (out, G, 1)
+        return g.div(scale).round().add(zero).clip(0, 15).sub(zero).mul(scale).reshape(out, in); // (out, in)
+    }
+
+    @Override
     public NDArray dequantize(QuantizedTensor t, NDManager manager) {
         long out = t.shape().get(0);
         long in = t.shape().get(1);

@@ -41,6 +41,12 @@ final class Int8WeightOnlyHandler implements SchemeHandler {
     }
 
     @Override
+    public NDArray fakeQuantize(NDArray w, int groupSize) {
+        NDArray scale = w.abs().max(new int[] {1}, true).div(127f).maximum(1e-12f); // (out, 1)
+        return w.div(scale).round().clip(-127, 127).mul(scale); // (out, in)
+    }
+
+    @Override
     public NDArray dequantize(QuantizedTensor t, NDManager manager) {
         NDArray q = t.data().toType(DataType.FLOAT32, true);
         q.attach(manager);

@@ -12,6 +12,12 @@ interface SchemeHandler {
      */
     QuantizedTensor quantize(NDArray weight, int groupSize, NDArray inputScales);
 
+    /**
+     * Quantize-then-dequantize of an FP32 {@code (out, in)} weight in float, without packing: what {@link #quantize}
+     * followed by {@link #dequantize} gives, for searches that try many candidates. Attached to {@code w}'s manager.
+     */
+    NDArray fakeQuantize(NDArray w, int groupSize);
+
     /** FP32 {@code (out, in)} without the AWQ input scales, attached to {@code manager}. */
     NDArray dequantize(QuantizedTensor tensor, NDManager manager);
 
