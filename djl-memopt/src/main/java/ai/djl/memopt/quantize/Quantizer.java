@@ -109,7 +109,10 @@ public final class Quantizer {
                     continue;
                 }
             }
-            long in = block.getParameters().get("weight").getArray().getShape().get(1);
+            Parameter weight = block.getParameters().get("weight");
+            Preconditions.checkArgument(weight.isInitialized(),
+                    "Linear '%s' is not initialized: initialize or load the model before quantizing it", path);
+            long in = weight.getArray().getShape().get(1);
             if (effective.scheme() == QuantScheme.INT4_WEIGHT_ONLY && in % effective.groupSize() != 0) {
                 skipped.put(path, String.format(Locale.ROOT,
                         "input dimension %d is not a multiple of the int4 group size %d", in, effective.groupSize()));

@@ -278,6 +278,18 @@ class QuantizedArtifactTest {
             assertTrue(scheme.contains("layer '4'") && scheme.contains("unknown quantization scheme 'int3'"), scheme);
             restore(pristine, dir);
 
+            // truncated metadata
+            Files.writeString(dir.resolve("quantization.json"),
+                    Files.readString(pristine.resolve("quantization.json")).substring(0, 200));
+            String bad = loadError(dir, mlp(m, 1, 256));
+            assertTrue(bad.contains("quantization.json: invalid JSON"), bad);
+            restore(pristine, dir);
+
+            // another format
+            editJson(dir, o -> o.addProperty("format", "gguf"));
+            assertTrue(loadError(dir, mlp(m, 1, 256)).contains("format is 'gguf', expected 'djl-memopt-quantized'"));
+            restore(pristine, dir);
+
             // wrong format version
             editJson(dir, o -> o.addProperty("format_version", 2));
             assertTrue(loadError(dir, mlp(m, 1, 256)).contains("unsupported format_version 2"));

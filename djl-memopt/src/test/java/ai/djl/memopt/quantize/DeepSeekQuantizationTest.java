@@ -116,6 +116,25 @@ class DeepSeekQuantizationTest {
         quantizedError(V2, Int4WeightOnlyConfig.builder().optGroupSize(32).build(), DataType.FLOAT32, 0.12);
     }
 
+    private static long arrayBytes(NDManager m) {
+        return m.getManagedArrays().stream().filter(a -> !a.isReleased())
+                .mapToLong(a -> a.size() * a.getDataType().getNumOfBytes()).sum();
+    }
+
+    /** The float weights of quantized layers are freed: the model's arrays shrink by exactly what the report says. */
+    @Test
+    void quantizingFreesTheFloatWeights() throws IOException {
+        try (NDManager m = manager.newSubManager()) {
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT32);
+            long before = arrayBytes(m);
+            QuantizationReport r = Quantizer.quantize(lm, Int4WeightOnlyConfig.builder().optGroupSize(32).build());
+            long after = arrayBytes(m);
+            System.out.printf("V3 fixture arrays: %d -> %d bytes (quantized layers %d -> %d)%n", before, after,
+                    r.bytesBefore(), r.bytesAfter());
+            assertEquals(before - r.bytesBefore() + r.bytesAfter(), after);
+        }
+    }
+
     @Test
     void fp16ModelInt8() throws IOException {
         quantizedError(V3, Int8WeightOnlyConfig.builder().build(), DataType.FLOAT16, 0.02);

@@ -133,6 +133,36 @@ class QuantizerTest {
         }
     }
 
+    /** QLoRA-style training needs gradients through the frozen quantized layer: dL/dx of sum(x W^T) = column sums. */
+    @Test
+    void gradientsFlowToTheInput() {
+        try (NDManager m = manager.newSubManager()) {
+            SequentialBlock b = new SequentialBlock().add(Linear.builder().setUnits(32).optBias(false).build());
+            b.initialize(m, DataType.FLOAT32, new Shape(1, 64));
+            Quantizer.quantize(b, Int4WeightOnlyConfig.builder().optGroupSize(32).build());
+            NDArray w = ((QuantizedLinear) Blocks.get(b, "0")).weight(m); // (32, 64)
+            NDArray x = m.randomNormal(new Shape(3, 64));
+            x.setRequiresGradient(true);
+            try (ai.djl.training.GradientCollector gc = m.getEngine().newGradientCollector()) {
+                NDArray y = b.forward(new ParameterStore(m, true), new NDList(x), true).singletonOrThrow();
+                gc.backward(y.sum());
+            }
+            float[] expected = w.sum(new int[] {0}).toFloatArray(); // (64)
+            float[] grad = x.getGradient().toFloatArray(); // (3, 64)
+            for (int i = 0; i < grad.length; i++) {
+                assertEquals(expected[i % 64], grad[i], 1e-5f, "grad " + i);
+            }
+        }
+    }
+
+    @Test
+    void uninitializedBlocksAreRejected() {
+        SequentialBlock b = new SequentialBlock().add(Linear.builder().setUnits(32).build());
+        IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
+                () -> Quantizer.quantize(b, Int8WeightOnlyConfig.builder().build()));
+        assertTrue(e.getMessage().contains("Linear '0' is not initialized"), e.getMessage());
+    }
+
     @Test
     void filterOverridesAndSkipReasons() {
         try (NDManager m = manager.newSubManager()) {
