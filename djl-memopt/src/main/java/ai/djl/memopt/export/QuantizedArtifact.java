@@ -207,7 +207,7 @@ public final class QuantizedArtifact {
             meta.add("reports", JsonParser.parseString(options.extraJson()));
         }
         writeAtomically(dir.resolve(METADATA),
-                new GsonBuilder().setPrettyPrinting().create().toJson(meta).getBytes(StandardCharsets.UTF_8));
+                new GsonBuilder().setPrettyPrinting().disableHtmlEscaping().create().toJson(meta).getBytes(StandardCharsets.UTF_8));
         return parse(dir, meta);
     }
 
@@ -237,6 +237,10 @@ public final class QuantizedArtifact {
             throw new QuantizedArtifactException(metaFile + ": 'files' does not list " + WEIGHTS);
         }
         for (Map.Entry<String, String> f : manifest.files().entrySet()) {
+            if (f.getKey().contains("/") || f.getKey().contains("\\") || f.getKey().startsWith(".")) {
+                throw new QuantizedArtifactException(metaFile + ": file name '" + f.getKey()
+                        + "' must be a plain name inside the artifact directory");
+            }
             Path p = dir.resolve(f.getKey());
             if (!Files.isRegularFile(p)) {
                 throw new QuantizedArtifactException(dir + ": missing file " + f.getKey() + " listed in " + METADATA);

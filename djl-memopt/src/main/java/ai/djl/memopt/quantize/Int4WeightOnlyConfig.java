@@ -14,10 +14,21 @@ import com.google.common.base.Preconditions;
 public final class Int4WeightOnlyConfig extends QuantizationConfig {
 
     private final int groupSize;
+    private final boolean groupSizeFallback;
 
     private Int4WeightOnlyConfig(Builder b) {
         super(b);
         this.groupSize = b.groupSize;
+        this.groupSizeFallback = b.groupSizeFallback;
+    }
+
+    /**
+     * Whether a layer whose input dimension is not a multiple of the group size uses the largest smaller group size
+     * (64, then 32) that divides it, instead of being skipped (default true; the report notes it). DeepSeek-V2-Lite
+     * needs it at g128: its dense MLP reads 10944 = 171 x 64 inputs.
+     */
+    public boolean groupSizeFallback() {
+        return groupSizeFallback;
     }
 
     /** A builder. */
@@ -38,8 +49,15 @@ public final class Int4WeightOnlyConfig extends QuantizationConfig {
     /** Builder for {@link Int4WeightOnlyConfig}. */
     public static final class Builder extends BaseBuilder<Builder> {
         private int groupSize = 128;
+        private boolean groupSizeFallback = true;
 
         private Builder() {}
+
+        /** Use a smaller group size (64, 32) for layers the group size does not divide (default true). */
+        public Builder optGroupSizeFallback(boolean fallback) {
+            this.groupSizeFallback = fallback;
+            return this;
+        }
 
         @Override
         protected Builder self() {

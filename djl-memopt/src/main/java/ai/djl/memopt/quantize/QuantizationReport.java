@@ -164,12 +164,14 @@ public final class QuantizationReport {
         }
         b.append(String.format(Locale.ROOT, "total %d -> %d bytes (%.2fx) over %d layers%n", bytesBefore(),
                 bytesAfter(), bytesAfter() == 0 ? 0.0 : (double) bytesBefore() / bytesAfter(), layers.size()));
+        layers.stream().filter(l -> l.note != null)
+                .forEach(l -> b.append("note ").append(l.path).append(": ").append(l.note).append('\n'));
         skipped.forEach((k, v) -> b.append("skipped ").append(k).append(": ").append(v).append('\n'));
         return b.toString();
     }
 
     /** Pretty JSON. */
     public String toJsonString() {
-        return new GsonBuilder().setPrettyPrinting().create().toJson(toJson());
+        return new GsonBuilder().setPrettyPrinting().disableHtmlEscaping().create().toJson(toJson());
     }
 }

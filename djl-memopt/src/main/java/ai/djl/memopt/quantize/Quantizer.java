@@ -49,12 +49,12 @@ public final class Quantizer {
         Preconditions.checkArgument(!(root instanceof Linear),
                 "the root block is itself a Linear: wrap it in a parent block (e.g. SequentialBlock) to quantize it");
         Map<String, Block> blocks = Blocks.walk(root);
-        Map<String, QuantizationConfig> targets = new LinkedHashMap<>();
+        Map<String, Target> targets = new LinkedHashMap<>();
         Map<String, String> skipped = new LinkedHashMap<>();
         plan(blocks, config, targets, skipped);
 
         Map<String, ActivationRecorder> recorders = Collections.emptyMap();
-        boolean awq = targets.values().stream().anyMatch(c -> c.method() == QuantMethod.AWQ);
+        boolean awq = targets.values().stream().anyMatch(t -> t.config.method() == QuantMethod.AWQ);
         if (awq) {
             Calibration calibration = config.calibration().orElseThrow(() -> new IllegalArgumentException(
                     "AWQ needs calibration inputs: set optCalibration(Calibration.of(batches)) on the root config"));
@@ -68,7 +68,7 @@ public final class Quantizer {
                 }
             }
             List<QuantizationReport.Layer> layers = new ArrayList<>();
-            for (Map.Entry<String, QuantizationConfig> t : targets.entrySet()) {
+            for (Map.Entry<String, Target> t : targets.entrySet()) {
                 layers.add(quantizeLayer(root, t.getKey(), (Linear) blocks.get(t.getKey()), t.getValue(),
                         recorders.get(t.getKey()), kept));
             }
@@ -79,7 +79,7 @@ public final class Quantizer {
     }
 
     private static void plan(Map<String, Block> blocks, QuantizationConfig config,
-            Map<String, QuantizationConfig> targets, Map<String, String> skipped) {
+            Map<String, Target> targets, Map<String, String> skipped) {
         for (Map.Entry<String, Block> e : blocks.entrySet()) {
             String path = e.getKey();
             Block block = e.getValue();
@@ -113,12 +113,40 @@ public final class Quantizer {
             Preconditions.checkArgument(weight.isInitialized(),
                     "Linear '%s' is not initialized: initialize or load the model before quantizing it", path);
             long in = weight.getArray().getShape().get(1);
-            if (effective.scheme() == QuantScheme.INT4_WEIGHT_ONLY && in % effective.groupSize() != 0) {
-                skipped.put(path, String.format(Locale.ROOT,
-                        "input dimension %d is not a multiple of the int4 group size %d", in, effective.groupSize()));
-                continue;
+            int group = effective.groupSize();
+            String note = null;
+            if (effective.scheme() == QuantScheme.INT4_WEIGHT_ONLY && in % group != 0) {
+                int fallback = 0;
+                boolean allowed = ((Int4WeightOnlyConfig) effective).groupSizeFallback();
+                if (allowed) {
+                    for (int g = group / 2; g >= 32 && fallback == 0; g /= 2) {
+                        fallback = in % g == 0 ? g : 0;
+                    }
+                }
+                if (fallback == 0) {
+                    skipped.put(path, String.format(Locale.ROOT,
+                            "input dimension %d is not a multiple of the int4 group size %d%s", in, group,
+                            allowed && group > 32 ? " or of a smaller one" : ""));
+                    continue;
+                }
+                note = String.format(Locale.ROOT, "group size %d: input dimension %d is not a multiple of %d",
+                        fallback, in, group);
+                group = fallback;
             }
-            targets.put(path, effective);
+            targets.put(path, new Target(effective, group, note));
+        }
+    }
+
+    /** A layer to quantize: its config, the group size actually used and why it differs. */
+    private static final class Target {
+        final QuantizationConfig config;
+        final int groupSize;
+        final String note;
+
+        Target(QuantizationConfig config, int groupSize, String note) {
+            this.config = config;
+            this.groupSize = groupSize;
+            this.note = note;
         }
     }
 
@@ -136,12 +164,12 @@ public final class Quantizer {
         return "not a Linear layer (" + block.getClass().getSimpleName() + ")";
     }
 
-    private static Map<String, ActivationRecorder> capture(Block root, Map<String, QuantizationConfig> targets,
+    private static Map<String, ActivationRecorder> capture(Block root, Map<String, Target> targets,
             Calibration calibration) {
         Map<String, ActivationRecorder> recorders = new LinkedHashMap<>();
         try {
-            for (Map.Entry<String, QuantizationConfig> t : targets.entrySet()) {
-                if (t.getValue().method() != QuantMethod.AWQ) {
+            for (Map.Entry<String, Target> t : targets.entrySet()) {
+                if (t.getValue().config.method() != QuantMethod.AWQ) {
                     continue;
                 }
                 NDArray w = Blocks.get(root, t.getKey()).getParameters().get("weight").getArray();
@@ -170,21 +198,23 @@ public final class Quantizer {
         return recorders;
     }
 
-    private static QuantizationReport.Layer quantizeLayer(Block root, String path, Linear linear,
-            QuantizationConfig config, ActivationRecorder recorder, Set<Parameter> kept) {
+    private static QuantizationReport.Layer quantizeLayer(Block root, String path, Linear linear, Target target,
+            ActivationRecorder recorder, Set<Parameter> kept) {
+        QuantizationConfig config = target.config;
         Parameter weightParam = linear.getParameters().get("weight");
         Parameter biasParam = linear.getParameters().contains("bias") ? linear.getParameters().get("bias") : null;
         NDArray weight = weightParam.getArray(); // (out, in)
         long in = weight.getShape().get(1);
-        int groupSize = config.scheme() == QuantScheme.INT8_WEIGHT_ONLY ? (int) in : config.groupSize();
+        int groupSize = config.scheme() == QuantScheme.INT8_WEIGHT_ONLY ? (int) in : target.groupSize;
         QuantizedTensor q;
         Double alpha = null;
         QuantMethod method = config.method();
-        String note = null;
+        String note = target.note;
         if (method == QuantMethod.AWQ && !recorder.hasActivations()) {
             // e.g. a routed expert that no calibration token was sent to: nothing to weigh the channels by
             method = QuantMethod.RTN;
-            note = "AWQ: no calibration activation reached this layer, quantized with RTN";
+            String rtn = "AWQ: no calibration activation reached this layer, quantized with RTN";
+            note = note == null ? rtn : note + "; " + rtn;
         }
         if (method == QuantMethod.AWQ) {
             try (NDArray meanAbs = recorder.meanAbs()) {

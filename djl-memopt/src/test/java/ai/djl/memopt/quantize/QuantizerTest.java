@@ -204,6 +204,25 @@ class QuantizerTest {
     }
 
     @Test
+    void int4FallsBackToASmallerGroupThatDividesTheWidth() {
+        try (NDManager m = manager.newSubManager()) {
+            SequentialBlock b = new SequentialBlock().add(Linear.builder().setUnits(8).build());
+            b.initialize(m, DataType.FLOAT32, new Shape(1, 96));
+            QuantizationReport r = Quantizer.quantize(b, Int4WeightOnlyConfig.builder().optGroupSize(128).build());
+            assertEquals(32, r.layer("0").groupSize());
+            assertEquals("group size 32: input dimension 96 is not a multiple of 128", r.layer("0").note());
+            assertEquals(32, ((QuantizedLinear) Blocks.get(b, "0")).quantizedWeight().groupSize());
+            assertTrue(r.toString().contains("note 0: group size 32"), r.toString());
+
+            SequentialBlock strict = new SequentialBlock().add(Linear.builder().setUnits(8).build());
+            strict.initialize(m, DataType.FLOAT32, new Shape(1, 96));
+            QuantizationReport s = Quantizer.quantize(strict, Int4WeightOnlyConfig.builder().optGroupSize(64)
+                    .optGroupSizeFallback(false).build());
+            assertEquals("input dimension 96 is not a multiple of the int4 group size 64", s.skipped().get("0"));
+        }
+    }
+
+    @Test
     void int4SkipsLayersWhoseWidthIsNotAGroupMultiple() {
         try (NDManager m = manager.newSubManager()) {
             SequentialBlock b = new SequentialBlock().add(Linear.builder().setUnits(8).build());

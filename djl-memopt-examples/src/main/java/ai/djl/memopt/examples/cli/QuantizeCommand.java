@@ -160,9 +160,10 @@ public final class QuantizeCommand implements Callable<Integer> {
             }
             ExportOptions.Builder options = ExportOptions.builder().optSourceModel(model)
                     .optArchitecture(QuantizedArtifact.DEEPSEEK).optReportsJson(reports.toString());
-            if (!quantize && pruning.pattern() == PruningConfig.Pattern.SEMI_STRUCTURED_2_4) {
+            if (pruning != null && pruning.pattern() == PruningConfig.Pattern.SEMI_STRUCTURED_2_4) {
+                // 2:4 layers left in float (not quantized, e.g. skipped for their width) are stored compactly
                 options.optSparse24Layers(pruned.layers().stream().map(PruningReport.Layer::path)
-                        .filter(p -> in8(loaded.model(), p))
+                        .filter(p -> compactable(loaded.model(), p))
                         .collect(Collectors.toList()));
             }
             ArtifactManifest manifest = QuantizedArtifact.export(loaded.model(), out, options.build());
@@ -307,9 +308,11 @@ public final class QuantizeCommand implements Callable<Integer> {
         return batches;
     }
 
-    /** Compact 2:4 storage needs the input width to be a multiple of 8; others stay dense in the artifact. */
-    private static boolean in8(ai.djl.nn.Block root, String path) {
-        return ai.djl.memopt.nn.Blocks.get(root, path).getParameters().get("weight").getShape().get(1) % 8 == 0;
+    /** A still-float Linear whose input width is a multiple of 8 (what compact 2:4 storage needs). */
+    private static boolean compactable(ai.djl.nn.Block root, String path) {
+        ai.djl.nn.Block b = ai.djl.memopt.nn.Blocks.get(root, path);
+        return b instanceof ai.djl.nn.core.Linear
+                && b.getParameters().get("weight").getShape().get(1) % 8 == 0;
     }
 
     private static List<Path> listSafetensors(Path dir) throws IOException {

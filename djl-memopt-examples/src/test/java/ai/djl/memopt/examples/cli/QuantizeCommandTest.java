@@ -118,6 +118,29 @@ class QuantizeCommandTest {
     }
 
     @Test
+    void pruneAndQuantizeStoresSkippedPrunedLayersCompactly() throws Exception {
+        Path out = tmp.resolve("p24q4");
+        assertEquals(0, run("quantize", "--model", V3.toString(), "--scheme", "int4", "--group-size", "32",
+                "--prune", "2:4", "--out", out.toString()), lastOut[1]);
+        ArtifactManifest manifest = QuantizedArtifact.verify(out);
+        // kv_b_proj reads the 16-wide latent: too narrow for int4 g32, so it stays float, pruned and compact
+        assertTrue(manifest.sparse24().containsKey("model.layers.0.self_attn.kv_b_proj"));
+        assertTrue(manifest.layers().containsKey("model.layers.0.self_attn.o_proj"));
+        try (NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM lm = QuantizedArtifact.loadDeepSeek(out, m, DataType.FLOAT32);
+            float[] w = ((ai.djl.memopt.quantize.QuantizedLinear) ai.djl.memopt.nn.Blocks.get(lm,
+                    "model.layers.0.self_attn.o_proj")).weight(m).toFloatArray();
+            for (int g = 0; g < w.length / 4; g++) {
+                int zeros = 0;
+                for (int j = 4 * g; j < 4 * g + 4; j++) {
+                    zeros += w[j] == 0 ? 1 : 0;
+                }
+                assertTrue(zeros >= 2, "2:4 pattern survives int4 quantization, group " + g);
+            }
+        }
+    }
+
+    @Test
     void badInputGivesClearErrors() {
         String model = V3.toString();
         String out = tmp.resolve("x").toString();
