@@ -86,10 +86,17 @@ public final class QuantizationReport {
 
     private final List<Layer> layers;
     private final Map<String, String> skipped;
+    private final int calibrationPasses;
 
-    QuantizationReport(List<Layer> layers, Map<String, String> skipped) {
+    QuantizationReport(List<Layer> layers, Map<String, String> skipped, int calibrationPasses) {
         this.layers = ImmutableList.copyOf(layers);
         this.skipped = ImmutableMap.copyOf(skipped);
+        this.calibrationPasses = calibrationPasses;
+    }
+
+    /** How many times the calibration batches were run through the model (0 without AWQ). */
+    public int calibrationPasses() {
+        return calibrationPasses;
     }
 
     /** Quantized layers in tree order. */
@@ -147,6 +154,7 @@ public final class QuantizationReport {
         JsonObject s = new JsonObject();
         skipped.forEach(s::addProperty);
         o.add("skipped", s);
+        o.addProperty("calibration_passes", calibrationPasses);
         o.addProperty("bytes_before", bytesBefore());
         o.addProperty("bytes_after", bytesAfter());
         return o;

@@ -4,6 +4,7 @@ import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
@@ -53,29 +54,60 @@ public final class Quantizer {
         Map<String, String> skipped = new LinkedHashMap<>();
         plan(blocks, config, targets, skipped);
 
-        Map<String, ActivationRecorder> recorders = Collections.emptyMap();
         boolean awq = targets.values().stream().anyMatch(t -> t.config.method() == QuantMethod.AWQ);
+        Calibration calibration = null;
         if (awq) {
-            Calibration calibration = config.calibration().orElseThrow(() -> new IllegalArgumentException(
+            calibration = config.calibration().orElseThrow(() -> new IllegalArgumentException(
                     "AWQ needs calibration inputs: set optCalibration(Calibration.of(batches)) on the root config"));
-            recorders = capture(root, targets, calibration);
         }
-        try {
-            Set<Parameter> kept = Collections.newSetFromMap(new IdentityHashMap<>());
-            for (Map.Entry<String, Block> e : blocks.entrySet()) {
-                if (!targets.containsKey(e.getKey())) {
-                    e.getValue().getDirectParameters().values().forEach(kept::add);
+        Set<Parameter> kept = Collections.newSetFromMap(new IdentityHashMap<>());
+        for (Map.Entry<String, Block> e : blocks.entrySet()) {
+            if (!targets.containsKey(e.getKey())) {
+                e.getValue().getDirectParameters().values().forEach(kept::add);
+            }
+        }
+        List<QuantizationReport.Layer> layers = new ArrayList<>();
+        List<String> order = new ArrayList<>(targets.keySet());
+        int passes = 0;
+        int next = 0;
+        while (next < order.size()) {
+            // one calibration pass records the inputs of as many AWQ layers (in tree order) as fit in the budget;
+            // layers quantized in earlier passes are already quantized when later ones are recorded, as in AWQ's
+            // layer-by-layer procedure, and recordings never exceed the budget at once
+            Map<String, Target> chunk = new LinkedHashMap<>();
+            long bytes = 0;
+            while (next < order.size()) {
+                String path = order.get(next);
+                Target t = targets.get(path);
+                long need = t.config.method() == QuantMethod.AWQ
+                        ? recordingBytes((Linear) blocks.get(path), calibration) : 0;
+                if (need > 0 && bytes > 0 && bytes + need > calibration.maxBytesPerPass()) {
+                    break;
                 }
+                bytes += need;
+                chunk.put(path, t);
+                next++;
             }
-            List<QuantizationReport.Layer> layers = new ArrayList<>();
-            for (Map.Entry<String, Target> t : targets.entrySet()) {
-                layers.add(quantizeLayer(root, t.getKey(), (Linear) blocks.get(t.getKey()), t.getValue(),
-                        recorders.get(t.getKey()), kept));
+            Map<String, ActivationRecorder> recorders = Collections.emptyMap();
+            if (bytes > 0) {
+                recorders = capture(root, chunk, calibration);
+                passes++;
             }
-            return new QuantizationReport(layers, skipped);
-        } finally {
-            recorders.values().forEach(ActivationRecorder::close);
+            try {
+                for (Map.Entry<String, Target> t : chunk.entrySet()) {
+                    layers.add(quantizeLayer(root, t.getKey(), (Linear) blocks.get(t.getKey()), t.getValue(),
+                            recorders.get(t.getKey()), kept));
+                }
+            } finally {
+                recorders.values().forEach(ActivationRecorder::close);
+            }
         }
+        return new QuantizationReport(layers, skipped, passes);
+    }
+
+    private static long recordingBytes(Linear linear, Calibration calibration) {
+        long in = linear.getParameters().get("weight").getShape().get(1);
+        return (calibration.maxRowsPerLayer() + 1L) * in * 4;
     }
 
     private static void plan(Map<String, Block> blocks, QuantizationConfig config,
@@ -182,7 +214,10 @@ public final class Quantizer {
             }
             for (NDList batch : calibration.batches()) {
                 NDManager manager = batch.head().getManager();
-                try (NDManager scope = manager.newSubManager()) {
+                // NDScope frees every intermediate of the forward (a generic block leaves them in the input's manager);
+                // the recorders unregister what they keep
+                try (NDManager scope = manager.newSubManager(); NDScope arrays = new NDScope()) {
+                    arrays.suppressNotUsedWarning();
                     NDList out = root.forward(new ParameterStore(scope, false), batch, false);
                     out.attach(scope);
                 }

@@ -311,6 +311,31 @@ class QuantizerTest {
         }
     }
 
+    /** A small recording budget calibrates layer by layer (one pass each) in bounded memory; a large one at once. */
+    @Test
+    void awqCalibrationPassesRespectTheBudget() {
+        for (long budget : new long[] {70_000, 1L << 30}) {
+            try (NDManager m = manager.newSubManager()) {
+                SequentialBlock b = mlp(m, 13);
+                NDArray x = m.randomNormal(0f, 1f, new Shape(64, 128), DataType.FLOAT32);
+                NDArray ref = run(b, x);
+                int arrays = m.getManagedArrays().size();
+                // recordings per layer: (64 + 1) * in * 4 bytes = 33 KB (in 128) or 67 KB (in 256)
+                QuantizationReport r = Quantizer.quantize(b, Int4WeightOnlyConfig.builder().optGroupSize(32)
+                        .optMethod(QuantMethod.AWQ).optAwqGridSize(8)
+                        .optCalibration(Calibration.of(List.of(new NDList(x)), 64, budget)).build());
+                assertEquals(budget < 100_000 ? 3 : 1, r.calibrationPasses());
+                assertTrue(r.layers().stream().allMatch(l -> l.awqAlpha().isPresent()));
+                // recordings and calibration intermediates are freed: 3 weights and 3 biases (closed) became at most
+                // 3 x (data, scales, zeros, input scales, bias copy)
+                int after = m.getManagedArrays().size();
+                assertTrue(after <= arrays - 6 + 15, after + " arrays vs " + arrays + " before");
+                double err = relErr(run(b, x), ref);
+                assertTrue(err < 0.16, "AWQ MLP error " + err);
+            }
+        }
+    }
+
     @Test
     void awqWithoutCalibrationIsRejected() {
         try (NDManager m = manager.newSubManager()) {
