@@ -15,17 +15,17 @@ public final class ArtifactManifest {
         private final String method;
         private final Shape shape;
         private final String weightDtype;
-        private final boolean awq;
+        private final boolean inputScales;
         private final boolean bias;
 
-        LayerEntry(QuantScheme scheme, int groupSize, String method, Shape shape, String weightDtype, boolean awq,
+        LayerEntry(QuantScheme scheme, int groupSize, String method, Shape shape, String weightDtype, boolean inputScales,
                 boolean bias) {
             this.scheme = scheme;
             this.groupSize = groupSize;
             this.method = method;
             this.shape = shape;
             this.weightDtype = weightDtype;
-            this.awq = awq;
+            this.inputScales = inputScales;
             this.bias = bias;
         }
 
@@ -39,7 +39,7 @@ public final class ArtifactManifest {
             return groupSize;
         }
 
-        /** {@code rtn} or {@code awq}. */
+        /** {@code rtn}, {@code awq} or {@code gptq}. */
         public String method() {
             return method;
         }
@@ -54,9 +54,9 @@ public final class ArtifactManifest {
             return weightDtype;
         }
 
-        /** Whether AWQ input scales are stored. */
-        public boolean awq() {
-            return awq;
+        /** Whether AWQ input-channel scales are stored ({@code <path>.input_scales}). */
+        public boolean inputScales() {
+            return inputScales;
         }
 
         /** Whether a bias is stored. */

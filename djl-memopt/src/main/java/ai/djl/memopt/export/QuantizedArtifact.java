@@ -4,6 +4,7 @@ import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.quantize.Int4Packing;
+import ai.djl.memopt.quantize.QuantMethod;
 import ai.djl.memopt.quantize.QuantScheme;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
@@ -156,7 +157,8 @@ public final class QuantizedArtifact {
                 JsonObject l = new JsonObject();
                 l.addProperty("scheme", q.scheme().id());
                 l.addProperty("group_size", q.groupSize());
-                l.addProperty("method", q.inputScales().isPresent() ? "awq" : "rtn");
+                l.addProperty("method", ql.method().id());
+                l.addProperty("input_scales", q.inputScales().isPresent());
                 l.add("shape", shapeJson(q.shape()));
                 l.addProperty("weight_dtype", dtypeName(ql.weightType()));
                 l.addProperty("bias", ql.bias().isPresent());
@@ -338,7 +340,7 @@ public final class QuantizedArtifact {
                     expect(st, join(path, "scales"), SafetensorsDType.F32, new Shape(out, groups));
                     expect(st, join(path, "zeros"), SafetensorsDType.U8, new Shape(out, groups));
                 }
-                if (l.awq()) {
+                if (l.inputScales()) {
                     expect(st, join(path, "input_scales"), SafetensorsDType.F32, new Shape(in));
                 }
                 boolean blockHasBias = linear.getParameters().contains("bias");
@@ -399,7 +401,7 @@ public final class QuantizedArtifact {
                 NDArray data = st.load(m, join(path, "qweight"));
                 NDArray scales = st.load(m, join(path, "scales"));
                 NDArray zeros = l.scheme() == QuantScheme.INT4_WEIGHT_ONLY ? st.load(m, join(path, "zeros")) : null;
-                NDArray inputScales = l.awq() ? st.load(m, join(path, "input_scales")) : null;
+                NDArray inputScales = l.inputScales() ? st.load(m, join(path, "input_scales")) : null;
                 QuantizedTensor q;
                 try {
                     q = QuantizedTensor.of(l.scheme(), l.groupSize(), l.shape(), data, scales, zeros, inputScales);
@@ -414,7 +416,7 @@ public final class QuantizedArtifact {
                     b.close();
                 }
                 w.close();
-                QuantizedLinear replacement = QuantizedLinear.of(q, bias, weightType);
+                QuantizedLinear replacement = QuantizedLinear.of(q, bias, weightType, QuantMethod.fromId(l.method()));
                 Blocks.replace(block, path, old -> replacement);
             }
             for (String path : manifest.sparse24().keySet()) {
@@ -522,15 +524,18 @@ public final class QuantizedArtifact {
                 throw new QuantizedArtifactException(lw + ": bad group_size " + group);
             }
             String method = string(l, "method", lw);
-            if (!method.equals("rtn") && !method.equals("awq")) {
-                throw new QuantizedArtifactException(lw + ": unknown method '" + method + "'");
+            QuantMethod quantMethod;
+            try {
+                quantMethod = QuantMethod.fromId(method);
+            } catch (IllegalArgumentException ex) {
+                throw new QuantizedArtifactException(lw + ": " + ex.getMessage(), ex);
             }
             String dtype = string(l, "weight_dtype", lw);
             if (!dtype.equals("float32") && !dtype.equals("float16")) {
                 throw new QuantizedArtifactException(lw + ": weight_dtype must be float32 or float16, got " + dtype);
             }
             layers.put(e.getKey(), new ArtifactManifest.LayerEntry(scheme, group, method, shape, dtype,
-                    method.equals("awq"), bool(l, "bias", lw)));
+                    bool(l, "input_scales", lw), bool(l, "bias", lw)));
         }
         Map<String, Shape> sparse = new LinkedHashMap<>();
         if (meta.has("sparse24")) {

@@ -24,14 +24,25 @@ final class ActivationRecorder extends AbstractBlock {
     private final NDManager manager;
     private NDArray sumAbs; // (in)
     private NDArray rows; // (n, in)
+    private NDArray xtx; // (in, in), GPTQ only
+    private final boolean hessian;
     private long count;
 
-    ActivationRecorder(Block inner, long in, int maxRows, NDManager parent) {
+    /**
+     * @param hessian accumulate {@code X^T X} over every row (GPTQ) instead of keeping rows (AWQ)
+     */
+    ActivationRecorder(Block inner, long in, int maxRows, boolean hessian, NDManager parent) {
         super((byte) 1);
         this.inner = inner;
         this.in = in;
-        this.maxRows = maxRows;
+        this.maxRows = hessian ? 0 : maxRows;
+        this.hessian = hessian;
         this.manager = parent.newSubManager();
+    }
+
+    /** Bytes this recorder holds at most: kept rows and statistics, or the Hessian. */
+    static long bytesNeeded(long in, int maxRows, boolean hessian) {
+        return hessian ? (in * in + in) * 4 : (maxRows + 1L) * in * 4;
     }
 
     Block inner() {
@@ -43,8 +54,7 @@ final class ActivationRecorder extends AbstractBlock {
             PairList<String, Object> params) {
         NDArray x = inputs.head(); // (..., in)
         try (NDManager tmp = manager.newSubManager()) {
-            NDArray flat = x.reshape(-1, in).toType(DataType.FLOAT32, true); // (n, in)
-            flat.attach(tmp);
+            NDArray flat = Temps.copy(x, tmp, DataType.FLOAT32).reshape(-1, in); // (n, in)
             NDArray abs = flat.abs().sum(new int[] {0}); // (in)
             NDArray old = sumAbs;
             sumAbs = old == null ? abs : old.add(abs);
@@ -55,6 +65,16 @@ final class ActivationRecorder extends AbstractBlock {
                 old.close();
             }
             count += flat.getShape().get(0);
+            if (hessian) {
+                NDArray oldH = xtx;
+                NDArray part = flat.transpose().matMul(flat); // (in, in)
+                xtx = oldH == null ? part : oldH.add(part);
+                xtx.attach(manager);
+                NDScope.unregister(xtx);
+                if (oldH != null) {
+                    oldH.close();
+                }
+            }
             long have = rows == null ? 0 : rows.getShape().get(0);
             if (have < maxRows) {
                 long take = Math.min(maxRows - have, flat.getShape().get(0));
@@ -82,6 +102,16 @@ final class ActivationRecorder extends AbstractBlock {
             throw new IllegalStateException("no calibration activation reached this layer");
         }
         return sumAbs.div((float) count);
+    }
+
+    /** Sum of {@code x^T x} over every row (in, in), GPTQ recorders only. */
+    NDArray xtx() {
+        return xtx;
+    }
+
+    /** Rows seen. */
+    long count() {
+        return count;
     }
 
     /** The recorded rows (n, in). */

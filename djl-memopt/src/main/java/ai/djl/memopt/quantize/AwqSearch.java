@@ -37,12 +37,9 @@ final class AwqSearch {
     static Result search(NDArray weight, NDArray rows, NDArray meanAbs, QuantScheme scheme, int groupSize, int grid) {
         NDManager target = weight.getManager();
         try (NDManager tmp = target.newSubManager(weight.getDevice())) {
-            NDArray w = weight.toType(DataType.FLOAT32, true); // (out, in)
-            w.attach(tmp);
-            NDArray x = rows.toType(DataType.FLOAT32, true); // (n, in)
-            x.attach(tmp);
-            NDArray m = meanAbs.toType(DataType.FLOAT32, true).maximum(1e-4f); // (in)
-            m.attach(tmp);
+            NDArray w = Temps.copy(weight, tmp, DataType.FLOAT32); // (out, in)
+            NDArray x = Temps.copy(rows, tmp, DataType.FLOAT32); // (n, in)
+            NDArray m = Temps.copy(meanAbs, tmp, DataType.FLOAT32).maximum(1e-4f); // (in)
             NDArray yRef = x.matMul(w.transpose()); // (n, out)
             SchemeHandler handler = SchemeHandler.of(scheme);
             double bestAlpha = 0;

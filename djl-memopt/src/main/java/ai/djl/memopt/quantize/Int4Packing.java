@@ -3,6 +3,7 @@ package ai.djl.memopt.quantize;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
@@ -37,24 +38,21 @@ public final class Int4Packing {
         long n = shape.get(shape.dimension() - 1);
         Preconditions.checkArgument(n > 0 && n % 2 == 0,
                 "int4 packing needs an even, non-zero last dimension (two values per byte), got shape %s", shape);
-        try (NDArray f = values.toType(DataType.FLOAT32, true)) {
+        try (NDManager tmp = values.getManager().newSubManager(values.getDevice())) {
+            NDArray f = Temps.copy(values, tmp, DataType.FLOAT32);
             float min = f.min().getFloat();
             float max = f.max().getFloat();
-            boolean integral;
-            try (NDArray diff = f.sub(f.round()).abs().max()) {
-                integral = diff.getFloat() == 0f;
-            }
+            boolean integral = f.sub(f.round()).abs().max().getFloat() == 0f;
             Preconditions.checkArgument(min >= 0 && max <= 15 && integral,
                     "int4 packing needs integers in [0, 15], got values in [%s, %s]%s", min, max,
                     integral ? "" : " with fractions");
             Shape pairs = shape.slice(0, shape.dimension() - 1).add(n / 2, 2);
-            try (NDArray p = f.reshape(pairs); // (..., n/2, 2)
-                    NDArray low = p.get(new NDIndex("..., 0"));
-                    NDArray high = p.get(new NDIndex("..., 1"));
-                    NDArray high16 = high.mul(16f);
-                    NDArray sum = low.add(high16)) {
-                return sum.toType(DataType.UINT8, false); // (..., n/2)
-            }
+            NDArray p = f.reshape(pairs); // (..., n/2, 2)
+            NDArray low = p.get(new NDIndex("..., 0"));
+            NDArray high = p.get(new NDIndex("..., 1"));
+            NDArray packed = low.add(high.mul(16f)).toType(DataType.UINT8, false); // (..., n/2)
+            packed.attach(values.getManager());
+            return packed;
         }
     }
 

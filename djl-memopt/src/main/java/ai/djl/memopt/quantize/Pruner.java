@@ -105,8 +105,7 @@ public final class Pruner {
     private static void prune24(NDArray w) {
         Shape shape = w.getShape();
         try (NDManager tmp = w.getManager().newSubManager(w.getDevice())) {
-            NDArray a = w.toType(DataType.FLOAT32, true).abs().reshape(shape.get(0), shape.get(1) / 4, 4);
-            a.attach(tmp);
+            NDArray a = Temps.copy(w, tmp, DataType.FLOAT32).abs().reshape(shape.get(0), shape.get(1) / 4, 4);
             NDArray keep = topTwoOfFour(a).reshape(shape).toType(w.getDataType(), false); // (out, in)
             w.muli(keep);
         }
@@ -115,8 +114,7 @@ public final class Pruner {
     private static void pruneUnstructured(NDArray w, double sparsity) {
         long k = Math.round(sparsity * w.size());
         try (NDManager tmp = w.getManager().newSubManager(w.getDevice())) {
-            NDArray a = w.toType(DataType.FLOAT32, true).abs().flatten();
-            a.attach(tmp);
+            NDArray a = Temps.copy(w, tmp, DataType.FLOAT32).abs().flatten();
             NDArray ranks = a.argSort().argSort(); // rank of each weight, 0 = smallest
             w.muli(ranks.gte(k).reshape(w.getShape()).toType(w.getDataType(), false));
         }
@@ -128,8 +126,7 @@ public final class Pruner {
             NDList flat = new NDList();
             long total = 0;
             for (Linear l : layers) {
-                NDArray a = weight(l).toType(DataType.FLOAT32, true).abs().flatten();
-                a.attach(tmp);
+                NDArray a = Temps.copy(weight(l), tmp, DataType.FLOAT32).abs().flatten();
                 flat.add(a);
                 total += a.size();
             }

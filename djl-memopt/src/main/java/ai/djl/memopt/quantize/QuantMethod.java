@@ -13,7 +13,13 @@ public enum QuantMethod {
      * are searched on calibration activations so the layer output error is smallest; {@code Q(W diag(s)) diag(s)^-1}
      * is used instead of {@code Q(W)}. {@code alpha = 0} is RTN, so on the calibration data it is never worse.
      */
-    AWQ("awq");
+    AWQ("awq"),
+    /**
+     * GPTQ (Frantar et al. 2022): columns are quantized one by one and each rounding error is compensated on the
+     * remaining columns through the inverse Hessian {@code 2 X^T X / n} of calibration activations, minimising the
+     * layer output error. See {@link GptqSolver}.
+     */
+    GPTQ("gptq");
 
     private final String id;
 

@@ -40,12 +40,14 @@ public final class QuantizedLinear extends AbstractBlock implements LinearWeight
     private final QuantizedTensor weight;
     private final NDArray bias;
     private final DataType weightType;
+    private final QuantMethod method;
 
-    private QuantizedLinear(QuantizedTensor weight, NDArray bias, DataType weightType) {
+    private QuantizedLinear(QuantizedTensor weight, NDArray bias, DataType weightType, QuantMethod method) {
         super(VERSION);
         this.weight = weight;
         this.bias = bias;
         this.weightType = weightType;
+        this.method = method;
     }
 
     /**
@@ -55,14 +57,30 @@ public final class QuantizedLinear extends AbstractBlock implements LinearWeight
      * @param weightType the type of the original weight, which {@link #weight(NDManager)} returns
      */
     public static QuantizedLinear of(QuantizedTensor weight, NDArray bias, DataType weightType) {
+        return of(weight, bias, weightType, weight.inputScales().isPresent() ? QuantMethod.AWQ : QuantMethod.RTN);
+    }
+
+    /**
+     * Wraps a quantized weight, recording how its values were chosen (metadata for reports and artifacts).
+     *
+     * @param bias {@code (out)} or null; kept in full precision
+     * @param weightType the type of the original weight, which {@link #weight(NDManager)} returns
+     */
+    public static QuantizedLinear of(QuantizedTensor weight, NDArray bias, DataType weightType, QuantMethod method) {
         Preconditions.checkNotNull(weight, "weight");
+        Preconditions.checkNotNull(method, "method");
         if (bias != null) {
             Preconditions.checkArgument(bias.getShape().equals(new Shape(weight.shape().get(0))),
                     "bias must have shape (%s), got %s", weight.shape().get(0), bias.getShape());
         }
         Preconditions.checkArgument(weightType == DataType.FLOAT32 || weightType == DataType.FLOAT16,
                 "weight type must be FLOAT32 or FLOAT16, got %s", weightType);
-        return new QuantizedLinear(weight, bias, weightType);
+        return new QuantizedLinear(weight, bias, weightType, method);
+    }
+
+    /** How the quantized values were chosen. */
+    public QuantMethod method() {
+        return method;
     }
 
     /** The quantized weight. */
@@ -138,6 +156,6 @@ public final class QuantizedLinear extends AbstractBlock implements LinearWeight
     public String toString() {
         return "QuantizedLinear(" + inFeatures() + " -> " + outFeatures() + ", " + weight.scheme().id()
                 + (weight.scheme() == QuantScheme.INT4_WEIGHT_ONLY ? ", g" + weight.groupSize() : "")
-                + (weight.inputScales().isPresent() ? ", awq" : "") + ")";
+                + ", " + method.id() + ")";
     }
 }

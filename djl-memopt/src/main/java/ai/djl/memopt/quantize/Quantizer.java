@@ -54,11 +54,12 @@ public final class Quantizer {
         Map<String, String> skipped = new LinkedHashMap<>();
         plan(blocks, config, targets, skipped);
 
-        boolean awq = targets.values().stream().anyMatch(t -> t.config.method() == QuantMethod.AWQ);
+        boolean calibrated = targets.values().stream().anyMatch(t -> t.config.method() != QuantMethod.RTN);
         Calibration calibration = null;
-        if (awq) {
+        if (calibrated) {
             calibration = config.calibration().orElseThrow(() -> new IllegalArgumentException(
-                    "AWQ needs calibration inputs: set optCalibration(Calibration.of(batches)) on the root config"));
+                    "AWQ and GPTQ need calibration inputs: set optCalibration(Calibration.of(batches)) on the root"
+                            + " config"));
         }
         Set<Parameter> kept = Collections.newSetFromMap(new IdentityHashMap<>());
         for (Map.Entry<String, Block> e : blocks.entrySet()) {
@@ -79,8 +80,10 @@ public final class Quantizer {
             while (next < order.size()) {
                 String path = order.get(next);
                 Target t = targets.get(path);
-                long need = t.config.method() == QuantMethod.AWQ
-                        ? recordingBytes((Linear) blocks.get(path), calibration) : 0;
+                long need = t.config.method() == QuantMethod.RTN ? 0
+                        : ActivationRecorder.bytesNeeded(
+                                ((Linear) blocks.get(path)).getParameters().get("weight").getShape().get(1),
+                                calibration.maxRowsPerLayer(), t.config.method() == QuantMethod.GPTQ);
                 if (need > 0 && bytes > 0 && bytes + need > calibration.maxBytesPerPass()) {
                     break;
                 }
@@ -103,11 +106,6 @@ public final class Quantizer {
             }
         }
         return new QuantizationReport(layers, skipped, passes);
-    }
-
-    private static long recordingBytes(Linear linear, Calibration calibration) {
-        long in = linear.getParameters().get("weight").getShape().get(1);
-        return (calibration.maxRowsPerLayer() + 1L) * in * 4;
     }
 
     private static void plan(Map<String, Block> blocks, QuantizationConfig config,
@@ -201,13 +199,14 @@ public final class Quantizer {
         Map<String, ActivationRecorder> recorders = new LinkedHashMap<>();
         try {
             for (Map.Entry<String, Target> t : targets.entrySet()) {
-                if (t.getValue().config.method() != QuantMethod.AWQ) {
+                QuantMethod method = t.getValue().config.method();
+                if (method == QuantMethod.RTN) {
                     continue;
                 }
                 NDArray w = Blocks.get(root, t.getKey()).getParameters().get("weight").getArray();
                 Blocks.replace(root, t.getKey(), linear -> {
                     ActivationRecorder r = new ActivationRecorder(linear, w.getShape().get(1),
-                            calibration.maxRowsPerLayer(), w.getManager());
+                            calibration.maxRowsPerLayer(), method == QuantMethod.GPTQ, w.getManager());
                     recorders.put(t.getKey(), r);
                     return r;
                 });
@@ -245,13 +244,16 @@ public final class Quantizer {
         Double alpha = null;
         QuantMethod method = config.method();
         String note = target.note;
-        if (method == QuantMethod.AWQ && !recorder.hasActivations()) {
+        if (method != QuantMethod.RTN && !recorder.hasActivations()) {
             // e.g. a routed expert that no calibration token was sent to: nothing to weigh the channels by
+            String rtn = method.id().toUpperCase(Locale.ROOT)
+                    + ": no calibration activation reached this layer, quantized with RTN";
             method = QuantMethod.RTN;
-            String rtn = "AWQ: no calibration activation reached this layer, quantized with RTN";
             note = note == null ? rtn : note + "; " + rtn;
         }
-        if (method == QuantMethod.AWQ) {
+        if (method == QuantMethod.GPTQ) {
+            q = GptqSolver.quantize(weight, recorder.xtx(), recorder.count(), config.scheme(), groupSize);
+        } else if (method == QuantMethod.AWQ) {
             try (NDArray meanAbs = recorder.meanAbs()) {
                 AwqSearch.Result r = AwqSearch.search(weight, recorder.rows(), meanAbs, config.scheme(), groupSize,
                         config.awqGridSize());
@@ -271,7 +273,7 @@ public final class Quantizer {
             before += bytes(b);
             after += bytes(b);
         }
-        QuantizedLinear replacement = QuantizedLinear.of(q, bias, weight.getDataType());
+        QuantizedLinear replacement = QuantizedLinear.of(q, bias, weight.getDataType(), method);
         Blocks.replace(root, path, old -> replacement);
         if (!kept.contains(weightParam)) {
             weightParam.close();

@@ -49,8 +49,7 @@ public final class Sparse24 {
         Preconditions.checkArgument(in % 8 == 0, "2:4 compact storage needs in % 8 == 0, got in=%s", in);
         NDManager target = weight.getManager();
         try (NDManager tmp = target.newSubManager(weight.getDevice())) {
-            NDArray w = weight.toType(DataType.FLOAT32, true).reshape(out, in / 4, 4); // (out, G, 4)
-            w.attach(tmp);
+            NDArray w = Temps.copy(weight, tmp, DataType.FLOAT32).reshape(out, in / 4, 4); // (out, G, 4)
             NDArray keep = Pruner.topTwoOfFour(w.abs()); // (out, G, 4) boolean, exactly 2 per group
             NDArray dropped = w.mul(keep.logicalNot().toType(DataType.FLOAT32, false)).abs().max();
             Preconditions.checkArgument(dropped.getFloat() == 0f,
@@ -99,12 +98,12 @@ public final class Sparse24 {
         long out = shape.get(0);
         long in = shape.get(1);
         try (NDManager tmp = manager.newSubManager(values.getDevice())) {
-            NDArray nib = Int4Packing.unpack(indices).reshape(out, in / 4, 1); // (out, G, 1)
-            nib.attach(tmp);
+            NDArray unpacked = Int4Packing.unpack(indices); // (out, G) in the indices' manager
+            unpacked.attach(tmp);
+            NDArray nib = unpacked.reshape(out, in / 4, 1); // (out, G, 1)
             NDArray p1 = nib.div(4f).floor(); // (out, G, 1)
             NDArray p0 = nib.sub(p1.mul(4f)); // (out, G, 1)
-            NDArray v = values.toType(DataType.FLOAT32, true).reshape(out, in / 4, 2); // (out, G, 2)
-            v.attach(tmp);
+            NDArray v = Temps.copy(values, tmp, DataType.FLOAT32).reshape(out, in / 4, 2); // (out, G, 2)
             NDArray pos = tmp.arange(0f, 4f).reshape(1, 1, 4); // (1, 1, 4)
             NDArray dense = v.get(":, :, 0:1").mul(pos.eq(p0).toType(DataType.FLOAT32, false))
                     .add(v.get(":, :, 1:2").mul(pos.eq(p1).toType(DataType.FLOAT32, false))) // (out, G, 4)

@@ -116,6 +116,24 @@ class DeepSeekQuantizationTest {
         quantizedError(V2, Int4WeightOnlyConfig.builder().optGroupSize(32).build(), DataType.FLOAT32, 0.12);
     }
 
+    @Test
+    void gptqCalibratesThroughTheModel() throws IOException {
+        try (NDManager m = manager.newSubManager()) {
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT32);
+            NDArray ids = ids(m, V3); // (2, 12)
+            NDArray ref = logits(lm, ids);
+            m.getEngine().setRandomSeed(4);
+            NDArray calib = m.randomInteger(0, 512, new ai.djl.ndarray.types.Shape(4, 16), DataType.INT64);
+            QuantizationReport r = Quantizer.quantize(lm, Int8WeightOnlyConfig.builder().optMethod(QuantMethod.GPTQ)
+                    .optCalibration(Calibration.of(List.of(new NDList(calib)))).build());
+            double err = relErr(logits(lm, ids), ref);
+            long gptq = r.layers().stream().filter(l -> l.method() == QuantMethod.GPTQ).count();
+            System.out.printf("V3 int8 GPTQ: logits rel err %.4f, %d/%d layers GPTQ%n", err, gptq, r.layers().size());
+            assertTrue(gptq > r.layers().size() / 2, gptq + " of " + r.layers().size());
+            assertTrue(err < 0.01, "GPTQ int8 logits error " + err);
+        }
+    }
+
     private static long arrayBytes(NDManager m) {
         return m.getManagedArrays().stream().filter(a -> !a.isReleased())
                 .mapToLong(a -> a.size() * a.getDataType().getNumOfBytes()).sum();

@@ -68,11 +68,11 @@ public final class QuantizeCommand implements Callable<Integer> {
     int groupSize;
 
     @Option(names = "--method", defaultValue = "rtn", paramLabel = "rtn|awq|gptq",
-            description = "Rounding method (default ${DEFAULT-VALUE}); awq needs --calibration.")
+            description = "Rounding method (default ${DEFAULT-VALUE}); awq and gptq need --calibration.")
     String method;
 
     @Option(names = "--calibration", paramLabel = "FILE",
-            description = "AWQ calibration data: UTF-8 text (tokenized with the model's tokenizer.json), or a .ids "
+            description = "AWQ/GPTQ calibration data: UTF-8 text (tokenized with the model's tokenizer.json), or a .ids "
                     + "file of whitespace-separated token ids, one sequence per line.")
     Path calibration;
 
@@ -83,6 +83,10 @@ public final class QuantizeCommand implements Callable<Integer> {
     @Option(names = "--calibration-seq-len", defaultValue = "128",
             description = "Text calibration: tokens per sequence (default ${DEFAULT-VALUE}).")
     int calibrationSeqLen;
+
+    @Option(names = "--awq-grid", defaultValue = "20",
+            description = "AWQ: number of scale exponents tried per layer (default ${DEFAULT-VALUE}).")
+    int awqGrid;
 
     @Option(names = "--prune", paramLabel = "2:4|SPARSITY",
             description = "Magnitude-prune first: '2:4' or an unstructured per-layer sparsity such as 0.5.")
@@ -117,14 +121,18 @@ public final class QuantizeCommand implements Callable<Integer> {
             throw new ParameterException(spec.commandLine(), "--scheme must be int8, int4 or none, got '" + scheme
                     + "'");
         }
+        if (awqGrid < 1 || awqGrid > 1000) {
+            throw new ParameterException(spec.commandLine(), "--awq-grid must be in [1, 1000], got " + awqGrid);
+        }
         if (groupSize != 32 && groupSize != 64 && groupSize != 128) {
             throw new ParameterException(spec.commandLine(), "--group-size must be 32, 64 or 128, got " + groupSize);
         }
-        if (quantMethod == QuantMethod.AWQ && calibration == null) {
-            throw new ParameterException(spec.commandLine(), "--method awq needs --calibration FILE");
+        if (quantMethod != QuantMethod.RTN && calibration == null) {
+            throw new ParameterException(spec.commandLine(), "--method " + quantMethod.id()
+                    + " needs --calibration FILE");
         }
-        if (quantMethod != QuantMethod.AWQ && calibration != null) {
-            throw new ParameterException(spec.commandLine(), "--calibration is only used by --method awq");
+        if (quantMethod == QuantMethod.RTN && calibration != null) {
+            throw new ParameterException(spec.commandLine(), "--calibration is only used by --method awq or gptq");
         }
         PruningConfig pruning = prune == null ? null
                 : PruningConfig.parse(prune).withFilter(LayerFilter.defaults(includeLmHead));
@@ -138,11 +146,11 @@ public final class QuantizeCommand implements Callable<Integer> {
             QuantizationReport report = null;
             if (quantize) {
                 try (NDManager calibManager = manager.newSubManager()) {
-                    List<NDList> batches = quantMethod == QuantMethod.AWQ
+                    List<NDList> batches = quantMethod != QuantMethod.RTN
                             ? calibrationBatches(calibManager, loaded.config().vocabSize()) : List.of();
                     QuantizationConfig.BaseBuilder<?> b = scheme.equalsIgnoreCase("int8")
                             ? Int8WeightOnlyConfig.builder() : Int4WeightOnlyConfig.builder().optGroupSize(groupSize);
-                    b.optMethod(quantMethod).optIncludeLmHead(includeLmHead);
+                    b.optMethod(quantMethod).optIncludeLmHead(includeLmHead).optAwqGridSize(awqGrid);
                     if (!batches.isEmpty()) {
                         b.optCalibration(Calibration.of(batches));
                     }
@@ -207,10 +215,6 @@ public final class QuantizeCommand implements Callable<Integer> {
     }
 
     private QuantMethod parseMethod() {
-        if ("gptq".equalsIgnoreCase(method)) {
-            throw new ParameterException(spec.commandLine(),
-                    "--method gptq is not implemented in this build; use --method awq (calibrated) or rtn");
-        }
         try {
             return QuantMethod.fromId(method);
         } catch (IllegalArgumentException e) {

@@ -84,13 +84,30 @@ class QuantizeCommandTest {
         Files.writeString(calib, "1 5 9 13 100 200 300 400 17 18 19 20\n2 3 4 5 6 7 8 9 10 11 12 13 14 15 16\n");
         Path out = tmp.resolve("q4");
         assertEquals(0, run("quantize", "--model", V3.toString(), "--scheme", "int4", "--group-size", "32",
-                "--method", "awq", "--calibration", calib.toString(), "--include-lm-head", "--out", out.toString()),
+                "--method", "awq", "--awq-grid", "4", "--calibration", calib.toString(), "--include-lm-head", "--out",
+                out.toString()),
                 lastOut[1]);
         assertTrue(lastOut[0].contains("lm_head") && lastOut[0].contains(" awq "), lastOut[0]);
         assertTrue(lastOut[0].contains("wrote " + out), lastOut[0]);
         ArtifactManifest manifest = QuantizedArtifact.verify(out);
         assertEquals(32, manifest.layers().get("lm_head").groupSize());
         assertEquals("awq", manifest.layers().get("model.layers.0.self_attn.q_a_proj").method());
+    }
+
+    @Test
+    void int8GptqArtifactRecordsTheMethodAndLoads() throws Exception {
+        Path calib = tmp.resolve("calib.ids");
+        Files.writeString(calib, "1 5 9 13 100 200 300 400 17 18 19 20 21 22 23 24\n");
+        Path out = tmp.resolve("g8");
+        assertEquals(0, run("quantize", "--model", V3.toString(), "--scheme", "int8", "--method", "gptq",
+                "--calibration", calib.toString(), "--out", out.toString(), "--json"), lastOut[1]);
+        ArtifactManifest manifest = QuantizedArtifact.verify(out);
+        assertEquals("gptq", manifest.layers().get("model.layers.0.self_attn.q_a_proj").method());
+        try (NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM lm = QuantizedArtifact.loadDeepSeek(out, m, DataType.FLOAT32);
+            assertEquals(ai.djl.memopt.quantize.QuantMethod.GPTQ, ((ai.djl.memopt.quantize.QuantizedLinear)
+                    ai.djl.memopt.nn.Blocks.get(lm, "model.layers.0.self_attn.q_a_proj")).method());
+        }
     }
 
     @Test
@@ -146,8 +163,10 @@ class QuantizeCommandTest {
         String out = tmp.resolve("x").toString();
         assertNotEquals(0, run("quantize", "--model", model, "--scheme", "int3", "--out", out));
         assertTrue(lastOut[1].contains("--scheme must be int8, int4 or none, got 'int3'"), lastOut[1]);
+        assertNotEquals(0, run("quantize", "--model", model, "--scheme", "int4", "--method", "hqq", "--out", out));
+        assertTrue(lastOut[1].contains("unknown quantization method 'hqq'; known: rtn, awq, gptq"), lastOut[1]);
         assertNotEquals(0, run("quantize", "--model", model, "--scheme", "int4", "--method", "gptq", "--out", out));
-        assertTrue(lastOut[1].contains("gptq is not implemented"), lastOut[1]);
+        assertTrue(lastOut[1].contains("--method gptq needs --calibration"), lastOut[1]);
         assertNotEquals(0, run("quantize", "--model", model, "--scheme", "int4", "--method", "awq", "--out", out));
         assertTrue(lastOut[1].contains("--method awq needs --calibration"), lastOut[1]);
         assertNotEquals(0, run("quantize", "--model", model, "--scheme", "int4", "--group-size", "48", "--out", out));
