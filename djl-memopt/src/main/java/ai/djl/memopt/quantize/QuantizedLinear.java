@@ -4,6 +4,7 @@ import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.AbstractBlock;
@@ -75,6 +76,13 @@ public final class QuantizedLinear extends AbstractBlock implements LinearWeight
         }
         Preconditions.checkArgument(weightType == DataType.FLOAT32 || weightType == DataType.FLOAT16,
                 "weight type must be FLOAT32 or FLOAT16, got %s", weightType);
+        // the layer's arrays live as long as their manager, even when created inside a caller's NDScope
+        NDScope.unregister(weight.data(), weight.scales());
+        weight.zeros().ifPresent(NDScope::unregister);
+        weight.inputScales().ifPresent(NDScope::unregister);
+        if (bias != null) {
+            NDScope.unregister(bias);
+        }
         return new QuantizedLinear(weight, bias, weightType, method);
     }
 

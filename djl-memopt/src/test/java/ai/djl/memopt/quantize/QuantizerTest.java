@@ -156,6 +156,20 @@ class QuantizerTest {
     }
 
     @Test
+    void quantizedLayersOutliveACallersNdScope() {
+        try (NDManager m = manager.newSubManager()) {
+            SequentialBlock b = mlp(m, 9);
+            NDArray x = m.randomNormal(0f, 1f, new Shape(4, 128), DataType.FLOAT32);
+            NDArray ref = run(b, x);
+            try (ai.djl.ndarray.NDScope scope = new ai.djl.ndarray.NDScope()) {
+                scope.suppressNotUsedWarning();
+                Quantizer.quantize(b, Int8WeightOnlyConfig.builder().build());
+            }
+            assertTrue(relErr(run(b, x), ref) < 0.02, "quantized arrays must survive the scope");
+        }
+    }
+
+    @Test
     void uninitializedBlocksAreRejected() {
         SequentialBlock b = new SequentialBlock().add(Linear.builder().setUnits(32).build());
         IllegalArgumentException e = assertThrows(IllegalArgumentException.class,

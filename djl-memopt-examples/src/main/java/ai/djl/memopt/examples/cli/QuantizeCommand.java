@@ -6,6 +6,7 @@ import ai.djl.huggingface.tokenizers.HuggingFaceTokenizer;
 import ai.djl.memopt.export.ArtifactManifest;
 import ai.djl.memopt.export.ExportOptions;
 import ai.djl.memopt.export.QuantizedArtifact;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.quantize.Calibration;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
@@ -140,14 +141,14 @@ public final class QuantizeCommand implements Callable<Integer> {
             throw new IOException("--model " + model + ": not a directory");
         }
 
-        try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(model, dev, type)) {
-            NDManager manager = loaded.manager();
-            PruningReport pruned = pruning == null ? null : Pruner.prune(loaded.model(), pruning);
+        try (DeepSeekForCausalLM lm = DeepSeekLoader.load(model, dev, type)) {
+            NDManager manager = lm.manager();
+            PruningReport pruned = pruning == null ? null : Pruner.prune(lm, pruning);
             QuantizationReport report = null;
             if (quantize) {
                 try (NDManager calibManager = manager.newSubManager()) {
                     List<NDList> batches = quantMethod != QuantMethod.RTN
-                            ? calibrationBatches(calibManager, loaded.config().vocabSize()) : List.of();
+                            ? calibrationBatches(calibManager, lm.config().vocabSize()) : List.of();
                     QuantizationConfig.BaseBuilder<?> b = scheme.equalsIgnoreCase("int8")
                             ? Int8WeightOnlyConfig.builder() : Int4WeightOnlyConfig.builder().optGroupSize(groupSize);
                     b.optMethod(quantMethod).optIncludeLmHead(includeLmHead).optAwqGridSize(awqGrid);
@@ -156,7 +157,7 @@ public final class QuantizeCommand implements Callable<Integer> {
                     }
                     QuantizationConfig config = b instanceof Int8WeightOnlyConfig.Builder
                             ? ((Int8WeightOnlyConfig.Builder) b).build() : ((Int4WeightOnlyConfig.Builder) b).build();
-                    report = Quantizer.quantize(loaded.model(), config);
+                    report = Quantizer.quantize(lm, config);
                 }
             }
             JsonObject reports = new JsonObject();
@@ -171,10 +172,10 @@ public final class QuantizeCommand implements Callable<Integer> {
             if (pruning != null && pruning.pattern() == PruningConfig.Pattern.SEMI_STRUCTURED_2_4) {
                 // 2:4 layers left in float (not quantized, e.g. skipped for their width) are stored compactly
                 options.optSparse24Layers(pruned.layers().stream().map(PruningReport.Layer::path)
-                        .filter(p -> compactable(loaded.model(), p))
+                        .filter(p -> compactable(lm, p))
                         .collect(Collectors.toList()));
             }
-            ArtifactManifest manifest = QuantizedArtifact.export(loaded.model(), out, options.build());
+            ArtifactManifest manifest = QuantizedArtifact.export(lm, out, options.build());
             long sourceBytes = 0;
             for (Path f : listSafetensors(model)) {
                 sourceBytes += Files.size(f);
