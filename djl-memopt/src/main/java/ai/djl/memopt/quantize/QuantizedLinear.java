@@ -20,6 +20,10 @@ import java.util.Optional;
  * {@code W} dequantized just in time at every forward, inside a sub-manager that is closed before returning, so only
  * one layer's dequantized weight exists at a time. The computation runs in the input's type (FP32 or FP16).
  *
+ * <p>Under a gradient collector, autograd keeps each layer's dequantized weight until backward (it needs {@code W}
+ * for {@code dL/dx}; DJL cannot register a custom backward that would re-dequantize), so the one-layer bound holds
+ * for inference; in training, combine with activation checkpointing to bound it.
+ *
  * <p>Shapes: input {@code (..., in)}, output {@code (..., out)}. The packed data, scales and bias are plain arrays,
  * not {@link ai.djl.nn.Parameter}s: they are never trained (adapters such as LoRA wrap this block instead) and a
  * gradient collector never sees them.

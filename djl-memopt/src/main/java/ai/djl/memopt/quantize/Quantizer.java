@@ -33,6 +33,12 @@ import java.util.Set;
  *
  * <p>The block must be initialized. Layers are quantized one at a time, so peak memory grows by one layer's
  * temporaries. A weight {@link Parameter} shared with a block that stays (tied embeddings) is not freed.
+ *
+ * <p>AWQ and GPTQ layers are calibrated by running the config's {@link Calibration} batches through {@code root}
+ * with temporary recording decorators on those layers: as many layers (in tree order) as fit the calibration's
+ * recording budget per pass, quantized right after their pass, so later passes see the earlier layers quantized, as
+ * in the methods' layer-by-layer procedures. A layer that no calibration row reaches (an unused routed expert) is
+ * quantized with RTN and the report says so.
  */
 public final class Quantizer {
 
