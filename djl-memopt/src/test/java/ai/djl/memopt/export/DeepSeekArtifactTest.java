@@ -52,6 +52,26 @@ class DeepSeekArtifactTest {
     }
 
     @Test
+    void fp16ModelRoundTripsExactly() throws IOException {
+        try (NDManager m = manager.newSubManager()) {
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT16);
+            NDArray ids = m.create(new long[] {3, 14, 15, 92, 65, 35}, new ai.djl.ndarray.types.Shape(1, 6));
+            Quantizer.quantize(lm, Int4WeightOnlyConfig.builder().optGroupSize(64).build());
+            float[] expected = logits(lm, ids);
+            Path dir = tmp.resolve("fp16");
+            QuantizedArtifact.export(lm, dir, ExportOptions.builder().optSourceModel(V3).build());
+            try (SafetensorsFile st = SafetensorsFile.open(dir.resolve("model.safetensors"))) {
+                assertEquals(ai.djl.memopt.safetensors.SafetensorsDType.F16,
+                        st.info("model.embed_tokens.weight").dtype());
+            }
+            assertEquals("float16", QuantizedArtifact.verify(dir).layers()
+                    .get("model.layers.0.self_attn.o_proj").weightDtype());
+            DeepSeekForCausalLM loaded = QuantizedArtifact.loadDeepSeek(dir, m, DataType.FLOAT16);
+            assertArrayEquals(expected, logits(loaded, ids));
+        }
+    }
+
+    @Test
     void exportAndLoadDeepSeekGivesIdenticalLogits() throws IOException {
         try (NDManager m = manager.newSubManager()) {
             DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT32);
