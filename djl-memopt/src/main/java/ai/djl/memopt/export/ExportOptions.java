@@ -23,8 +23,10 @@ public final class ExportOptions {
     private final String architecture;
     private final Set<String> sparse24Layers;
     private final String extraJson;
+    private final long maxShardBytes;
 
     private ExportOptions(Builder b) {
+        this.maxShardBytes = b.maxShardBytes;
         this.configJson = b.configJson;
         this.sourceFiles = ImmutableList.copyOf(b.sourceFiles);
         this.architecture = b.architecture;
@@ -65,6 +67,11 @@ public final class ExportOptions {
         return extraJson;
     }
 
+    /** Weight bytes per safetensors file before the export is sharded (default 5 GiB, as transformers). */
+    public long maxShardBytes() {
+        return maxShardBytes;
+    }
+
     /** Builder for {@link ExportOptions}. */
     public static final class Builder {
         private Path configJson;
@@ -72,8 +79,16 @@ public final class ExportOptions {
         private String architecture;
         private final Set<String> sparse24Layers = new LinkedHashSet<>();
         private String extraJson;
+        private long maxShardBytes = 5L << 30;
 
         private Builder() {}
+
+        /** Shard the weights past this many bytes per file (Hugging Face index layout). */
+        public Builder optMaxShardBytes(long bytes) {
+            Preconditions.checkArgument(bytes > 0, "max shard bytes must be positive, got %s", bytes);
+            this.maxShardBytes = bytes;
+            return this;
+        }
 
         /** Copies this {@code config.json} into the artifact. */
         public Builder optConfigJson(Path configJson) {

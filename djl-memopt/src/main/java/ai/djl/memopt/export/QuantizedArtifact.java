@@ -10,8 +10,7 @@ import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
 import ai.djl.memopt.quantize.Sparse24;
 import ai.djl.memopt.safetensors.SafetensorsDType;
-import ai.djl.memopt.safetensors.SafetensorsFile;
-import ai.djl.memopt.safetensors.SafetensorsWriter;
+import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.memopt.safetensors.TensorInfo;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
@@ -48,7 +47,8 @@ import java.util.TreeSet;
  * A self-contained directory holding a quantized (and/or 2:4-pruned) model:
  *
  * <ul>
- *   <li>{@code model.safetensors}: for every {@link QuantizedLinear} at block path {@code p}: {@code p.qweight}
+ *   <li>{@code model.safetensors} (or, past {@link ExportOptions#maxShardBytes()}, Hugging Face shards
+ *       {@code model-0000i-of-0000n.safetensors} with {@code model.safetensors.index.json}): for every {@link QuantizedLinear} at block path {@code p}: {@code p.qweight}
  *       (INT8 {@code (out, in)} or packed UINT8 {@code (out, in/2)}, {@link Int4Packing} order), {@code p.scales}
  *       (F32 {@code (out, in/g)}), {@code p.zeros} (int4: U8 {@code (out, in/g)}), {@code p.input_scales} (AWQ: F32
  *       {@code (in)}), {@code p.bias}; for every 2:4 layer {@code p.sparse24_values} and {@code p.sparse24_indices}
@@ -109,7 +109,8 @@ public final class QuantizedArtifact {
         Files.createDirectories(dir);
         Files.deleteIfExists(dir.resolve(METADATA));
         Map<String, Block> blocks = Blocks.walk(root);
-        SafetensorsWriter writer = new SafetensorsWriter();
+        ShardedWriter writer = new ShardedWriter();
+        List<String> weightFiles;
         JsonObject layers = new JsonObject();
         JsonObject sparse = new JsonObject();
         Set<String> sparseWeights = new HashSet<>();
@@ -164,9 +165,7 @@ public final class QuantizedArtifact {
                 l.addProperty("bias", ql.bias().isPresent());
                 layers.add(path, l);
             }
-            writer.putMetadata("format", "pt");
-            writer.putMetadata("quantization", FORMAT);
-            writer.write(dir.resolve(WEIGHTS));
+            weightFiles = writer.write(dir, options.maxShardBytes(), FORMAT);
         } finally {
             for (Sparse24 s : compressed) {
                 s.values().close();
@@ -174,7 +173,9 @@ public final class QuantizedArtifact {
             }
         }
         JsonObject files = new JsonObject();
-        files.addProperty(WEIGHTS, sha256(dir.resolve(WEIGHTS)));
+        for (String f : weightFiles) {
+            files.addProperty(f, sha256(dir.resolve(f)));
+        }
         if (options.configJson() != null) {
             copyAtomically(options.configJson(), dir.resolve(CONFIG));
             files.addProperty(CONFIG, sha256(dir.resolve(CONFIG)));
@@ -195,7 +196,7 @@ public final class QuantizedArtifact {
         meta.addProperty("library", "djl-memopt");
         meta.addProperty("library_version", LIBRARY_VERSION);
         meta.addProperty("architecture", architecture);
-        meta.addProperty("weights", WEIGHTS);
+        meta.addProperty("weights", weightFiles.size() == 1 ? WEIGHTS : HfCheckpoint.INDEX_FILE);
         JsonObject packing = new JsonObject();
         packing.addProperty("int4", INT4_PACKING);
         packing.addProperty("int8", INT8_LAYOUT);
@@ -235,8 +236,9 @@ public final class QuantizedArtifact {
             throw new QuantizedArtifactException(metaFile + ": invalid JSON: " + e.getMessage(), e);
         }
         ArtifactManifest manifest = parse(dir, meta);
-        if (!manifest.files().containsKey(WEIGHTS)) {
-            throw new QuantizedArtifactException(metaFile + ": 'files' does not list " + WEIGHTS);
+        if (!manifest.files().containsKey(WEIGHTS) && !manifest.files().containsKey(HfCheckpoint.INDEX_FILE)) {
+            throw new QuantizedArtifactException(metaFile + ": 'files' lists neither " + WEIGHTS + " nor "
+                    + HfCheckpoint.INDEX_FILE);
         }
         for (Map.Entry<String, String> f : manifest.files().entrySet()) {
             if (f.getKey().contains("/") || f.getKey().contains("\\") || f.getKey().startsWith(".")) {
@@ -315,7 +317,7 @@ public final class QuantizedArtifact {
 
     private static void load(Path dir, Block block, ArtifactManifest manifest) throws IOException {
         Map<String, Parameter> params = Blocks.parameters(block);
-        try (SafetensorsFile st = SafetensorsFile.open(dir.resolve(WEIGHTS))) {
+        try (HfCheckpoint st = HfCheckpoint.open(dir)) {
             for (Map.Entry<String, ArtifactManifest.LayerEntry> e : manifest.layers().entrySet()) {
                 String path = e.getKey();
                 ArtifactManifest.LayerEntry l = e.getValue();
@@ -387,7 +389,7 @@ public final class QuantizedArtifact {
             Set<String> unexpected = new TreeSet<>(st.names());
             unexpected.removeAll(used);
             if (!unexpected.isEmpty()) {
-                throw new QuantizedArtifactException(dir.resolve(WEIGHTS) + ": tensors the block has no place for: "
+                throw new QuantizedArtifactException(dir + ": tensors the block has no place for: "
                         + abbreviate(unexpected) + " (artifact of a different architecture?)");
             }
 
@@ -458,7 +460,7 @@ public final class QuantizedArtifact {
         return (Linear) b;
     }
 
-    private static void expect(SafetensorsFile st, String name, SafetensorsDType dtype, Shape shape)
+    private static void expect(HfCheckpoint st, String name, SafetensorsDType dtype, Shape shape)
             throws QuantizedArtifactException {
         TensorInfo info = info(st, name);
         if (info.dtype() != dtype || !info.djlShape().equals(shape)) {
@@ -467,7 +469,7 @@ public final class QuantizedArtifact {
         }
     }
 
-    private static void expectFloat(SafetensorsFile st, String name, Shape shape) throws QuantizedArtifactException {
+    private static void expectFloat(HfCheckpoint st, String name, Shape shape) throws QuantizedArtifactException {
         TensorInfo info = info(st, name);
         if (!info.dtype().isFloating() || !info.djlShape().equals(shape)) {
             throw new QuantizedArtifactException("tensor '" + name + "': expected a floating tensor " + shape
@@ -475,7 +477,7 @@ public final class QuantizedArtifact {
         }
     }
 
-    private static void expectFloatOrSame(SafetensorsFile st, String name, Parameter param)
+    private static void expectFloatOrSame(HfCheckpoint st, String name, Parameter param)
             throws QuantizedArtifactException {
         TensorInfo info = info(st, name);
         DataType type = param.getArray().getDataType();
@@ -486,9 +488,9 @@ public final class QuantizedArtifact {
         }
     }
 
-    private static TensorInfo info(SafetensorsFile st, String name) throws QuantizedArtifactException {
+    private static TensorInfo info(HfCheckpoint st, String name) throws QuantizedArtifactException {
         if (!st.contains(name)) {
-            throw new QuantizedArtifactException(st.path() + ": tensor '" + name + "' is missing");
+            throw new QuantizedArtifactException(st.directory() + ": tensor '" + name + "' is missing");
         }
         return st.info(name);
     }
@@ -671,7 +673,7 @@ public final class QuantizedArtifact {
         return b.toString();
     }
 
-    private static void writeAtomically(Path target, byte[] bytes) throws IOException {
+    static void writeAtomically(Path target, byte[] bytes) throws IOException {
         Path tmp = Files.createTempFile(target.toAbsolutePath().getParent(), "." + target.getFileName() + ".", ".tmp");
         try {
             Files.write(tmp, bytes);

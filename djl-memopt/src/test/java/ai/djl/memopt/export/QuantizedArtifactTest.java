@@ -150,6 +150,36 @@ class QuantizedArtifactTest {
     }
 
     @Test
+    void largeArtifactsAreShardedAndReloadExactly() throws IOException {
+        try (NDManager m = manager.newSubManager()) {
+            SequentialBlock b = mlp(m, 51, 256);
+            Quantizer.quantize(b, Int8WeightOnlyConfig.builder().build());
+            NDArray x = m.randomNormal(0f, 1f, new Shape(4, 128), DataType.FLOAT32);
+            float[] expected = run(b, x);
+            Path dir = tmp.resolve("sharded");
+            // int8 layers: 32 KB, 64 KB and 16 KB of data: three shards of at most 70 KB
+            ArtifactManifest man = QuantizedArtifact.export(b, dir, ExportOptions.builder().optMaxShardBytes(70_000)
+                    .build());
+            assertTrue(man.files().containsKey("model.safetensors.index.json"), man.files().toString());
+            assertTrue(man.files().containsKey("model-00001-of-00003.safetensors"), man.files().toString());
+            assertTrue(!Files.exists(dir.resolve("model.safetensors")));
+            SequentialBlock fresh = mlp(m, 3, 256);
+            QuantizedArtifact.load(dir, fresh);
+            assertArrayEquals(expected, run(fresh, x));
+            // re-exporting unsharded into the same directory removes the shards and the index
+            QuantizedArtifact.export(b, dir, ExportOptions.builder().build());
+            try (var files = Files.list(dir)) {
+                assertEquals(List.of("model.safetensors", "quantization.json"),
+                        files.map(p -> p.getFileName().toString()).sorted().collect(java.util.stream.Collectors.toList()));
+            }
+            QuantizedArtifact.export(b, dir, ExportOptions.builder().optMaxShardBytes(70_000).build());
+            Files.delete(dir.resolve("model-00002-of-00003.safetensors"));
+            String e = loadError(dir, mlp(m, 4, 256));
+            assertTrue(e.contains("missing file model-00002-of-00003.safetensors"), e);
+        }
+    }
+
+    @Test
     void prunedTwoFourLayersAreStoredCompactlyAndReloadExactly() throws IOException {
         try (NDManager m = manager.newSubManager()) {
             SequentialBlock b = mlp(m, 41, 256);
