@@ -102,11 +102,18 @@ public final class QuantizedArtifact {
      * Writes the artifact of {@code root} (quantized and/or pruned in memory) to {@code dir}.
      *
      * @return the manifest written
-     * @throws IOException if writing fails (nothing that looks complete is left behind)
+     * @throws IOException if writing fails (nothing that looks complete is left behind), or {@code dir} holds model
+     *     weights that are not an artifact (a source checkpoint is never overwritten)
      * @throws IllegalArgumentException if a 2:4 layer named in the options is not a 2:4-sparse Linear
      */
     public static ArtifactManifest export(Block root, Path dir, ExportOptions options) throws IOException {
         Files.createDirectories(dir);
+        boolean hasWeights = Files.exists(dir.resolve(WEIGHTS)) || Files.exists(dir.resolve(HfCheckpoint.INDEX_FILE));
+        if (hasWeights && !Files.exists(dir.resolve(METADATA))) {
+            // never replace a model's own checkpoint (e.g. --out pointing at the source directory)
+            throw new IOException(dir + " holds model weights that are not a quantized artifact (no " + METADATA
+                    + "); refusing to overwrite them: export to another directory");
+        }
         Files.deleteIfExists(dir.resolve(METADATA));
         Map<String, Block> blocks = Blocks.walk(root);
         ShardedWriter writer = new ShardedWriter();

@@ -180,6 +180,20 @@ class QuantizedArtifactTest {
     }
 
     @Test
+    void neverOverwritesASourceCheckpoint() throws IOException {
+        try (NDManager m = manager.newSubManager()) {
+            Path model = tmp.resolve("hf-model");
+            Files.createDirectories(model);
+            Files.writeString(model.resolve("model.safetensors"), "original weights");
+            SequentialBlock b = mlp(m, 1, 256);
+            IOException e = assertThrows(IOException.class,
+                    () -> QuantizedArtifact.export(b, model, ExportOptions.builder().build()));
+            assertTrue(e.getMessage().contains("refusing to overwrite"), e.getMessage());
+            assertEquals("original weights", Files.readString(model.resolve("model.safetensors")));
+        }
+    }
+
+    @Test
     void prunedTwoFourLayersAreStoredCompactlyAndReloadExactly() throws IOException {
         try (NDManager m = manager.newSubManager()) {
             SequentialBlock b = mlp(m, 41, 256);

@@ -179,6 +179,19 @@ class QuantizeCommandTest {
     }
 
     @Test
+    void refusesToWriteOverTheSourceModel() throws Exception {
+        Path copy = tmp.resolve("model-copy");
+        Files.createDirectories(copy);
+        for (String f : new String[] {"config.json", "model.safetensors"}) {
+            Files.copy(V3.resolve(f), copy.resolve(f));
+        }
+        String sha = QuantizedArtifact.sha256(copy.resolve("model.safetensors"));
+        assertEquals(1, run("quantize", "--model", copy.toString(), "--scheme", "int8", "--out", copy.toString()));
+        assertTrue(lastOut[1].contains("refusing to overwrite"), lastOut[1]);
+        assertEquals(sha, QuantizedArtifact.sha256(copy.resolve("model.safetensors")));
+    }
+
+    @Test
     void calibrationIdsOutsideTheVocabularyAreRejected() throws Exception {
         Path calib = tmp.resolve("bad.ids");
         Files.writeString(calib, "1 2 3\n4 99999 5\n");
