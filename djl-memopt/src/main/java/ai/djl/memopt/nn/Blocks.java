@@ -3,7 +3,9 @@ package ai.djl.memopt.nn;
 import ai.djl.nn.AbstractBlock;
 import ai.djl.nn.Block;
 import ai.djl.nn.BlockList;
+import ai.djl.nn.ParallelBlock;
 import ai.djl.nn.Parameter;
+import ai.djl.nn.SequentialBlock;
 import ai.djl.util.Pair;
 import ai.djl.util.PairList;
 import com.google.common.base.Preconditions;
@@ -52,9 +54,9 @@ public final class Blocks {
 
     /**
      * The names of a block's direct children, in order, as paths use them: DJL's {@code "%02d"} ordering prefix removed
-     * ({@code "01q_a_proj"} -> {@code "q_a_proj"}); where that leaves siblings with the same name (a
-     * {@code SequentialBlock} names children by class), the position ({@code "0"}, {@code "1"}, ...) as PyTorch's
-     * {@code nn.Sequential} does.
+     * ({@code "01q_a_proj"} -> {@code "q_a_proj"}). Children of a {@code SequentialBlock} or {@code ParallelBlock}
+     * (which DJL names after their class), and siblings that would share a name, are named by position ({@code "0"},
+     * {@code "1"}, ...) as in PyTorch's {@code nn.Sequential}.
      */
     public static List<String> childNames(Block block) {
         List<String> names = new ArrayList<>();
@@ -66,7 +68,7 @@ public final class Blocks {
             i++;
         }
         Set<String> unique = new HashSet<>(names);
-        if (unique.size() != names.size()) {
+        if (unique.size() != names.size() || block instanceof SequentialBlock || block instanceof ParallelBlock) {
             for (int j = 0; j < names.size(); j++) {
                 names.set(j, Integer.toString(j));
             }

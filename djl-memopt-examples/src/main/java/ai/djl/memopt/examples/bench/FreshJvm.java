@@ -1,0 +1,76 @@
+package ai.djl.memopt.examples.bench;
+
+import com.google.common.base.Preconditions;
+import java.io.BufferedReader;
+import java.io.IOException;
+import java.io.InputStreamReader;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.concurrent.TimeUnit;
+
+/**
+ * Runs a main class in a new JVM with this process's class path, so that each benchmark configuration starts with a
+ * clean heap, a clean native allocator and its own peak-RSS counter ({@code VmHWM} cannot be reset in-process).
+ */
+public final class FreshJvm {
+
+    private FreshJvm() {}
+
+    /**
+     * Runs {@code mainClass args...} in a fresh JVM, forwarding its stderr, and returns its stdout lines.
+     *
+     * @param heap the child's -Xmx (e.g. "4g")
+     * @param timeoutSeconds the child is killed after this long
+     * @throws IOException if the child fails, times out, or cannot be started
+     */
+    public static List<String> run(String heap, long timeoutSeconds, Class<?> mainClass, List<String> args)
+            throws IOException {
+        Preconditions.checkArgument(timeoutSeconds > 0, "timeoutSeconds %s", timeoutSeconds);
+        String java = Path.of(System.getProperty("java.home"), "bin", "java").toString();
+        List<String> command = new ArrayList<>();
+        command.add(java);
+        command.add("-Xmx" + heap);
+        command.add("-Dai.djl.offline=" + System.getProperty("ai.djl.offline", "true"));
+        command.add("-cp");
+        command.add(System.getProperty("java.class.path"));
+        command.add(mainClass.getName());
+        command.addAll(args);
+        Process process = new ProcessBuilder(command).redirectError(ProcessBuilder.Redirect.INHERIT).start();
+        List<String> lines = new ArrayList<>();
+        Thread reader = new Thread(() -> {
+            try (BufferedReader r = new BufferedReader(
+                    new InputStreamReader(process.getInputStream(), StandardCharsets.UTF_8))) {
+                String line;
+                while ((line = r.readLine()) != null) {
+                    synchronized (lines) {
+                        lines.add(line);
+                    }
+                }
+            } catch (IOException ignored) {
+                // the process died: its exit code says so below
+            }
+        }, "fresh-jvm-stdout");
+        reader.start();
+        try {
+            if (!process.waitFor(timeoutSeconds, TimeUnit.SECONDS)) {
+                process.destroyForcibly();
+                throw new IOException(mainClass.getSimpleName() + " " + args + " timed out after "
+                        + timeoutSeconds + " s");
+            }
+            reader.join(10_000);
+        } catch (InterruptedException e) {
+            process.destroyForcibly();
+            Thread.currentThread().interrupt();
+            throw new IOException("interrupted while waiting for " + mainClass.getSimpleName(), e);
+        }
+        if (process.exitValue() != 0) {
+            throw new IOException(mainClass.getSimpleName() + " " + args + " exited with code "
+                    + process.exitValue());
+        }
+        synchronized (lines) {
+            return List.copyOf(lines);
+        }
+    }
+}

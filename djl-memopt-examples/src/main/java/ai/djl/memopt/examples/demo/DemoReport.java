@@ -1,0 +1,164 @@
+package ai.djl.memopt.examples.demo;
+
+import com.google.common.collect.ImmutableList;
+import com.google.common.html.HtmlEscapers;
+import java.awt.Color;
+import java.awt.image.BufferedImage;
+import java.io.ByteArrayOutputStream;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.nio.file.StandardCopyOption;
+import java.util.Base64;
+import java.util.List;
+import java.util.Locale;
+import javax.imageio.ImageIO;
+import org.jfree.chart.ChartFactory;
+import org.jfree.chart.JFreeChart;
+import org.jfree.chart.plot.PlotOrientation;
+import org.jfree.data.category.DefaultCategoryDataset;
+import org.jfree.data.xy.XYSeries;
+import org.jfree.data.xy.XYSeriesCollection;
+
+/**
+ * The demo's closing table and its HTML report with charts (loss curve, memory by variant, perplexity by variant),
+ * drawn with JFreeChart and embedded in the page as PNG data, so the report is one self-contained file.
+ */
+public final class DemoReport {
+
+    private final List<VariantResult> variants;
+    private final List<double[]> lossCurve;
+    private final String settings;
+
+    /**
+     * @param variants the measured variants, in the order to show them
+     * @param lossCurve training loss as {step, loss} pairs
+     * @param settings one line describing the run (model, steps, device)
+     */
+    public DemoReport(List<VariantResult> variants, List<double[]> lossCurve, String settings) {
+        this.variants = ImmutableList.copyOf(variants);
+        this.lossCurve = ImmutableList.copyOf(lossCurve);
+        this.settings = settings;
+    }
+
+    /** A fixed-width table, one row per variant. */
+    public String table() {
+        StringBuilder sb = new StringBuilder();
+        String header = String.format(Locale.ROOT, "%-10s %14s %14s %12s %12s", "variant", "peak memory",
+                "weight bytes", "perplexity", "tokens/s");
+        sb.append(header).append('\n').append("-".repeat(header.length())).append('\n');
+        for (VariantResult v : variants) {
+            sb.append(String.format(Locale.ROOT, "%-10s %14s %14s %12.3f %12.1f%n", v.name(),
+                    humanBytes(v.peakMemoryBytes()), humanBytes(v.weightBytes()), v.perplexity(),
+                    v.tokensPerSecond()));
+        }
+        return sb.toString();
+    }
+
+    /** Writes the HTML report atomically. */
+    public void writeHtml(Path file) throws IOException {
+        StringBuilder html = new StringBuilder();
+        html.append("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>memopt demo</title>")
+                .append("<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:")
+                .append("collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,")
+                .append("th:first-child{text-align:left}pre{white-space:pre-wrap;background:#f6f6f6;padding:8px}")
+                .append("</style></head><body>\n<h1>memopt demo</h1>\n<p>").append(esc(settings)).append("</p>\n");
+        html.append("<h2>Variants</h2>\n<table><tr><th>variant</th><th>peak memory</th><th>weight bytes</th>")
+                .append("<th>held-out perplexity</th><th>tokens/s</th></tr>\n");
+        for (VariantResult v : variants) {
+            html.append(String.format(Locale.ROOT,
+                    "<tr><td>%s</td><td>%s</td><td>%s</td><td>%.3f</td><td>%.1f</td></tr>%n", esc(v.name()),
+                    humanBytes(v.peakMemoryBytes()), humanBytes(v.weightBytes()), v.perplexity(),
+                    v.tokensPerSecond()));
+        }
+        html.append("</table>\n<h2>Charts</h2>\n");
+        try {
+            html.append(img("Training loss", lossChart()));
+            html.append(img("Peak memory by variant", barChart("Peak memory by variant", "MiB", true)));
+            html.append(img("Weight bytes by variant", barChart("Weight bytes by variant", "MiB", false)));
+            html.append(img("Held-out perplexity by variant", perplexityChart()));
+        } catch (RuntimeException | Error e) {
+            // charts need AWT fonts; a machine without them still gets the tables
+            html.append("<p>(charts could not be drawn on this machine: ").append(esc(String.valueOf(e)))
+                    .append(")</p>\n");
+        }
+        html.append("<h2>Samples</h2>\n");
+        for (VariantResult v : variants) {
+            html.append("<h3>").append(esc(v.name())).append("</h3><pre>").append(esc(v.sample())).append("</pre>\n");
+        }
+        html.append("</body></html>\n");
+        Path dir = file.toAbsolutePath().getParent();
+        Files.createDirectories(dir);
+        Path tmp = Files.createTempFile(dir, "." + file.getFileName(), ".tmp");
+        try {
+            Files.writeString(tmp, html, StandardCharsets.UTF_8);
+            Files.move(tmp, file, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
+        } finally {
+            Files.deleteIfExists(tmp);
+        }
+    }
+
+    private JFreeChart lossChart() {
+        XYSeries series = new XYSeries("training loss");
+        for (double[] p : lossCurve) {
+            series.add(p[0], p[1]);
+        }
+        JFreeChart chart = ChartFactory.createXYLineChart("Training loss", "step", "loss (nats)",
+                new XYSeriesCollection(series), PlotOrientation.VERTICAL, false, false, false);
+        chart.setBackgroundPaint(Color.WHITE);
+        return chart;
+    }
+
+    private JFreeChart barChart(String title, String unit, boolean peak) {
+        DefaultCategoryDataset data = new DefaultCategoryDataset();
+        for (VariantResult v : variants) {
+            data.addValue((peak ? v.peakMemoryBytes() : v.weightBytes()) / (1024.0 * 1024.0), unit, v.name());
+        }
+        JFreeChart chart = ChartFactory.createBarChart(title, "variant", unit, data, PlotOrientation.VERTICAL,
+                false, false, false);
+        chart.setBackgroundPaint(Color.WHITE);
+        return chart;
+    }
+
+    private JFreeChart perplexityChart() {
+        DefaultCategoryDataset data = new DefaultCategoryDataset();
+        for (VariantResult v : variants) {
+            data.addValue(v.perplexity(), "perplexity", v.name());
+        }
+        JFreeChart chart = ChartFactory.createBarChart("Held-out perplexity by variant", "variant", "perplexity",
+                data, PlotOrientation.VERTICAL, false, false, false);
+        chart.setBackgroundPaint(Color.WHITE);
+        return chart;
+    }
+
+    private static String img(String alt, JFreeChart chart) {
+        System.setProperty("java.awt.headless", "true");
+        BufferedImage image = chart.createBufferedImage(720, 360);
+        ByteArrayOutputStream png = new ByteArrayOutputStream();
+        try {
+            ImageIO.write(image, "png", png);
+        } catch (IOException e) {
+            throw new IllegalStateException("PNG encoding failed", e);
+        }
+        return "<p><img alt=\"" + esc(alt) + "\" src=\"data:image/png;base64,"
+                + Base64.getEncoder().encodeToString(png.toByteArray()) + "\"></p>\n";
+    }
+
+    static String humanBytes(long bytes) {
+        if (bytes < 0) {
+            return "n/a";
+        }
+        if (bytes < 1024 * 1024) {
+            return String.format(Locale.ROOT, "%.1f KiB", bytes / 1024.0);
+        }
+        if (bytes < 1024L * 1024 * 1024) {
+            return String.format(Locale.ROOT, "%.1f MiB", bytes / (1024.0 * 1024));
+        }
+        return String.format(Locale.ROOT, "%.2f GiB", bytes / (1024.0 * 1024 * 1024));
+    }
+
+    private static String esc(String s) {
+        return HtmlEscapers.htmlEscaper().escape(s == null ? "" : s);
+    }
+}
