@@ -4,6 +4,7 @@ import ai.djl.Device;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
@@ -14,7 +15,8 @@ import com.google.common.base.Preconditions;
 /**
  * Decoding without a cache: every step runs the block over the whole sequence so far. Works with any block that
  * follows the causal-LM contract {@code NDList(input_ids (B, T) INT64, attention_mask (B, T) INT64) -> NDList(logits
- * (B, T, V))}; the block derives positions from the mask itself. The reference the cached decoder is checked against,
+ * (B, T, V))}, optionally with {@code position_ids (B, T)} as a third input (DeepSeek's blocks take it, which makes
+ * left-padded batches exact); otherwise the block derives positions itself. The reference the cached decoder is checked against,
  * and the fallback for models without a cache implementation. Cost grows quadratically with the length.
  *
  * <pre>{@code
@@ -26,8 +28,18 @@ public final class RecomputingLanguageModel implements LanguageModel {
     private final Block block;
     private final int vocabSize;
     private final Device device;
+    private final boolean passPositionIds;
 
+    /** A model whose block takes {@code (input_ids, attention_mask)}. */
     public RecomputingLanguageModel(Block block, int vocabSize, Device device) {
+        this(block, vocabSize, device, false);
+    }
+
+    /**
+     * @param passPositionIds whether the block takes {@code position_ids} as a third input
+     */
+    public RecomputingLanguageModel(Block block, int vocabSize, Device device, boolean passPositionIds) {
+        this.passPositionIds = passPositionIds;
         this.block = Preconditions.checkNotNull(block, "block");
         Preconditions.checkArgument(vocabSize > 0, "vocabSize must be > 0, got %s", vocabSize);
         this.vocabSize = vocabSize;
@@ -52,6 +64,7 @@ public final class RecomputingLanguageModel implements LanguageModel {
     private final class Session implements DecodingSession {
         private final NDManager manager;
         private final NDArray ids; // (B, maxLength) INT64, preallocated
+        private final NDArray positions; // (B, maxLength) INT64, preallocated
         private final int batch;
         private final int maxLength;
         private int length;
@@ -61,6 +74,7 @@ public final class RecomputingLanguageModel implements LanguageModel {
             this.batch = batch;
             this.maxLength = maxLength;
             this.ids = manager.zeros(new Shape(batch, maxLength), DataType.INT64);
+            this.positions = manager.zeros(new Shape(batch, maxLength), DataType.INT64);
         }
 
         @Override
@@ -71,14 +85,31 @@ public final class RecomputingLanguageModel implements LanguageModel {
             Preconditions.checkArgument(
                     attentionMask.getShape().get(1) == length + t, "attention mask %s must cover %s tokens", attentionMask.getShape(), length + t);
             ids.set(new NDIndex(":, {}:{}", length, length + t), inputIds);
+            positions.set(new NDIndex(":, {}:{}", length, length + t), positionIds);
             length += t;
             NDManager out = inputIds.getManager();
             NDArray prefix = ids.get(new NDIndex(":, :{}", length)); // (B, length)
             prefix.attach(out);
-            NDList result = block.forward(new ParameterStore(out, false), new NDList(prefix, attentionMask), false);
-            NDArray logits = result.singletonOrThrow(); // (B, length, V)
-            NDArray last = logits.get(new NDIndex(":, -1, :")); // (B, V)
-            return last.getDataType() == DataType.FLOAT32 ? last : last.toType(DataType.FLOAT32, false);
+            NDList in = new NDList(prefix, attentionMask);
+            if (passPositionIds) {
+                NDArray pos = positions.get(new NDIndex(":, :{}", length)); // (B, length)
+                pos.attach(out);
+                in.add(pos);
+            }
+            NDArray last;
+            // results of ops on weights land in the weights' manager: the scope frees every temporary of the step
+            try (NDScope scope = new NDScope()) {
+                scope.suppressNotUsedWarning();
+                NDList result = block.forward(new ParameterStore(out, false), in, false);
+                NDArray logits = result.singletonOrThrow(); // (B, length, V)
+                last = logits.get(new NDIndex(":, -1, :")); // (B, V)
+                if (last.getDataType() != DataType.FLOAT32) {
+                    last = last.toType(DataType.FLOAT32, false);
+                }
+                NDScope.unregister(last);
+            }
+            last.attach(out);
+            return last;
         }
 
         @Override

@@ -190,8 +190,12 @@ public final class TextTokenizer implements AutoCloseable {
         return ids[0];
     }
 
-    /** {@code eos_token_id} from generation_config.json, else config.json; empty if neither has it. */
-    static List<Long> readEosIds(Path modelDir) throws IOException {
+    /**
+     * {@code eos_token_id} of a model directory: from generation_config.json, else config.json; empty if neither has it.
+     *
+     * @throws IOException if a file is unreadable or the field malformed
+     */
+    public static List<Long> readEosIds(Path modelDir) throws IOException {
         for (String name : new String[] {"generation_config.json", "config.json"}) {
             Path file = modelDir.resolve(name);
             JsonObject o = readJson(file);

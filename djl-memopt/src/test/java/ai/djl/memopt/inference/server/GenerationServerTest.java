@@ -328,6 +328,7 @@ class GenerationServerTest {
             gated.permits.release(3); // the running request makes 3 tokens, then shutdown cancels it
             CompletableFuture<Void> closing = CompletableFuture.runAsync(s::close);
             waitFor(() -> unchecked(() -> post(s, "/v1/completions", body)).statusCode() == 503);
+            Thread.sleep(1000); // past the 200 ms grace: the cancel flags are set while the worker still waits
             gated.permits.release(1000);
             closing.get(30, TimeUnit.SECONDS);
 
