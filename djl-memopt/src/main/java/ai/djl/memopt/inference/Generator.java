@@ -33,14 +33,25 @@ public final class Generator {
 
     private final LanguageModel model;
     private final TextTokenizer tokenizer;
+    private final List<Long> defaultEosIds;
 
     /**
      * @param model the model
      * @param tokenizer for text output, stop strings and default EOS ids; may be {@code null}
      */
     public Generator(LanguageModel model, TextTokenizer tokenizer) {
+        this(model, tokenizer, null);
+    }
+
+    /**
+     * @param model the model
+     * @param tokenizer for text output and stop strings; may be {@code null}
+     * @param defaultEosIds the EOS ids used when the params name none (instead of the tokenizer's); may be {@code null}
+     */
+    public Generator(LanguageModel model, TextTokenizer tokenizer, List<Long> defaultEosIds) {
         this.model = Preconditions.checkNotNull(model, "model");
         this.tokenizer = tokenizer;
+        this.defaultEosIds = defaultEosIds == null ? null : ImmutableList.copyOf(defaultEosIds);
     }
 
     public LanguageModel model() {
@@ -79,7 +90,13 @@ public final class Generator {
         Preconditions.checkArgument(stops.isEmpty() || tokenizer != null, "stop strings need a tokenizer");
         Set<Long> eos = new HashSet<>();
         if (!params.ignoreEos()) {
-            eos.addAll(params.eosTokenIds() != null ? params.eosTokenIds() : tokenizer != null ? tokenizer.eosIds() : List.of());
+            if (params.eosTokenIds() != null) {
+                eos.addAll(params.eosTokenIds());
+            } else if (defaultEosIds != null) {
+                eos.addAll(defaultEosIds);
+            } else if (tokenizer != null) {
+                eos.addAll(tokenizer.eosIds());
+            }
         }
         long padId = eos.isEmpty() ? 0 : eos.iterator().next();
 
