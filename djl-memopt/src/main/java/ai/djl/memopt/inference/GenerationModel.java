@@ -2,7 +2,9 @@ package ai.djl.memopt.inference;
 
 import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import com.google.common.base.Preconditions;
 import java.io.IOException;
@@ -24,13 +26,16 @@ import java.util.Optional;
  */
 public final class GenerationModel implements AutoCloseable {
 
-    private final DeepSeekLoader.Loaded loaded;
+    private final NDManager weights;
+    private final DeepSeekForCausalLM model;
     private final MlaCachedDecoder decoder;
     private final TextTokenizer tokenizer;
     private final List<Long> eosIds;
 
-    private GenerationModel(DeepSeekLoader.Loaded loaded, MlaCachedDecoder decoder, TextTokenizer tokenizer, List<Long> eosIds) {
-        this.loaded = loaded;
+    private GenerationModel(
+            NDManager weights, DeepSeekForCausalLM model, MlaCachedDecoder decoder, TextTokenizer tokenizer, List<Long> eosIds) {
+        this.weights = weights;
+        this.model = model;
         this.decoder = decoder;
         this.tokenizer = tokenizer;
         this.eosIds = eosIds;
@@ -47,25 +52,30 @@ public final class GenerationModel implements AutoCloseable {
         if (!Files.isDirectory(dir)) {
             throw new IOException(dir + ": not a directory");
         }
-        DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(dir, device, dtype);
+        NDManager weights = NDManager.newBaseManager(device);
         TextTokenizer tokenizer = null;
         try {
+            DeepSeekForCausalLM model = DeepSeekLoader.load(dir, weights, dtype);
             if (Files.isRegularFile(dir.resolve("tokenizer.json"))) {
                 tokenizer = TextTokenizer.fromModelDir(dir);
             }
             List<Long> eos = tokenizer != null ? tokenizer.eosIds() : TextTokenizer.readEosIds(dir);
-            return new GenerationModel(loaded, new MlaCachedDecoder(loaded.model(), device), tokenizer, List.copyOf(eos));
+            return new GenerationModel(weights, model, new MlaCachedDecoder(model, device), tokenizer, List.copyOf(eos));
         } catch (IOException | RuntimeException e) {
             if (tokenizer != null) {
                 tokenizer.close();
             }
-            loaded.close();
+            weights.close();
             throw e;
         }
     }
 
     public DeepSeekConfig config() {
-        return loaded.config();
+        return model.config();
+    }
+
+    public DeepSeekForCausalLM model() {
+        return model;
     }
 
     public MlaCachedDecoder decoder() {
@@ -91,6 +101,6 @@ public final class GenerationModel implements AutoCloseable {
         if (tokenizer != null) {
             tokenizer.close();
         }
-        loaded.close();
+        weights.close();
     }
 }

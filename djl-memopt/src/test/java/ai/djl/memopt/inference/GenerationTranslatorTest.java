@@ -49,6 +49,25 @@ class GenerationTranslatorTest {
     }
 
     @Test
+    void predictorOverTheDeepSeekBlockUsesTheCachedDecoder() throws IOException, TranslateException {
+        java.nio.file.Path dir = MlaCachedDecoderTest.fixture("tiny-deepseek-v3");
+        long[] prompt = {451, 340, 497, 361, 133, 474};
+        long[] greedy = {198, 191, 59, 261, 76, 152, 157, 372, 445, 269, 301, 152, 157, 372, 445, 269}; // transformers
+        try (TestModel loaded =
+                        TestModel.load(dir, ai.djl.ndarray.types.DataType.FLOAT32);
+                Model model = Model.newInstance("tiny-deepseek-v3", Device.cpu())) {
+            model.setBlock(loaded.model());
+            try (Predictor<GenerationRequest, GenerationResult> p = model.newPredictor(new GenerationTranslator(null))) {
+                SamplingParams params =
+                        SamplingParams.builder().setMaxNewTokens(16).optEosTokenIds(TextTokenizer.readEosIds(dir)).build();
+                GenerationResult r = p.predict(GenerationRequest.builder().optPromptIds(prompt).setParams(params).build());
+                assertArrayEquals(greedy, r.outputIds());
+                assertEquals(null, r.text());
+            }
+        }
+    }
+
+    @Test
     void requestValidation() {
         SamplingParams params = SamplingParams.greedy(2);
         assertThrows(IllegalArgumentException.class, () -> GenerationRequest.builder().setParams(params).build());

@@ -6,14 +6,15 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
 import ai.djl.memopt.memory.MemoryStats;
+import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
+import ai.djl.nn.core.Linear;
 import java.io.IOException;
 import java.net.URISyntaxException;
 import java.nio.ByteBuffer;
@@ -52,7 +53,7 @@ class MlaCachedDecoderTest {
         long[] prompt = longs(dir, "greedy_prompt");
         long[] full = longs(dir, "greedy_output");
         long[] expected = Arrays.copyOfRange(full, prompt.length, full.length);
-        try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(dir, Device.cpu(), DataType.FLOAT32)) {
+        try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
             MlaCachedDecoder lm = new MlaCachedDecoder(loaded.model(), Device.cpu());
             SamplingParams params =
                     SamplingParams.builder()
@@ -125,7 +126,7 @@ class MlaCachedDecoderTest {
     @ValueSource(strings = {"tiny-deepseek-v3", "tiny-deepseek-v2"})
     void absorbedCacheLogitsEqualFullRecomputationAtEveryStep(String name) throws IOException {
         Path dir = fixture(name);
-        try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(dir, Device.cpu(), DataType.FLOAT32)) {
+        try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
             LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu());
             LanguageModel full = LanguageModels.recomputing(loaded.model());
             // a left-padded batch of two prompts, then 12 teacher-forced tokens each
@@ -144,9 +145,44 @@ class MlaCachedDecoderTest {
     }
 
     @Test
+    void decoratedKvBProjIsAbsorbedThroughItsEffectiveWeight() throws IOException {
+        Path dir = fixture("tiny-deepseek-v3");
+        long[][] prompts = {{451, 340, 497, 361}};
+        long[][] next = {{7, 300, 12, 99, 5, 8}};
+        try (TestModel plain = TestModel.load(dir, DataType.FLOAT32);
+                TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
+            for (int i = 0; i < loaded.config().numHiddenLayers(); i++) {
+                Blocks.replace(loaded.model(), "model.layers." + i + ".self_attn.kv_b_proj", b -> new RoundedLinear((Linear) b));
+            }
+            LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu());
+            for (float d : stepDifferences(cached, LanguageModels.recomputing(loaded.model()), prompts, next)) {
+                assertTrue(d < 1e-4f, "cached vs recomputed with the decorator: " + d);
+            }
+            // the rounding matters: against the undecorated model the logits move
+            float moved = stepDifferences(cached, LanguageModels.recomputing(plain.model()), prompts, next).get(0);
+            assertTrue(moved > 1e-3f, "rounded kv_b_proj changed the logits by only " + moved);
+        }
+    }
+
+    @Test
+    void fp16WeightsDecodeLikeFp16Recomputation() throws IOException {
+        Path dir = fixture("tiny-deepseek-v3");
+        try (TestModel loaded = TestModel.load(dir, DataType.FLOAT16)) {
+            MlaCachedDecoder cached = new MlaCachedDecoder(loaded.model(), Device.cpu());
+            assertEquals(3L * 24 * 2, cached.cacheBytesPerToken());
+            long[][] prompts = {{451, 340, 497, 361, 133, 474}};
+            long[][] next = {{198, 191, 59, 261, 76, 152}};
+            List<Float> diffs = stepDifferences(cached, LanguageModels.recomputing(loaded.model()), prompts, next);
+            for (float d : diffs) {
+                assertTrue(d < 5e-3f, "fp16 cached vs recomputed: " + diffs);
+            }
+        }
+    }
+
+    @Test
     void leftPaddedBatchEqualsOneByOneOnTheRealModel() throws IOException {
         Path dir = fixture("tiny-deepseek-v3");
-        try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(dir, Device.cpu(), DataType.FLOAT32);
+        try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32);
                 NDManager m = NDManager.newBaseManager()) {
             Generator g = new Generator(new MlaCachedDecoder(loaded.model(), Device.cpu()), null);
             List<long[]> prompts = List.of(new long[] {451, 340, 497, 361, 133, 474}, new long[] {5, 17}, new long[] {300, 2, 44, 9});
@@ -170,7 +206,7 @@ class MlaCachedDecoderTest {
                         .build();
         assertEquals(576, MlaCachedDecoder.cacheValuesPerTokenPerLayer(v3));
         assertEquals(40960, MlaCachedDecoder.perHeadCacheValuesPerTokenPerLayer(v3));
-        try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(fixture("tiny-deepseek-v3"), Device.cpu(), DataType.FLOAT32);
+        try (TestModel loaded = TestModel.load(fixture("tiny-deepseek-v3"), DataType.FLOAT32);
                 NDManager m = NDManager.newBaseManager()) {
             MlaCachedDecoder lm = new MlaCachedDecoder(loaded.model(), Device.cpu());
             assertEquals(3L * 24 * 4, lm.cacheBytesPerToken());
