@@ -218,6 +218,19 @@ class MlaCachedDecoderTest {
 
     @Test
     void thousandTokensWithFlatNativeMemory() throws IOException {
+        // one intra-op thread for this test: with the 2 cores shared, OpenMP's spinning threads make small ops 10-50x
+        // slower (measured); restored afterwards
+        ai.djl.engine.Engine.getInstance();
+        int threads = ai.djl.pytorch.jni.JniUtils.getNumThreads();
+        ai.djl.pytorch.jni.JniUtils.setNumThreads(1);
+        try {
+            generateThousandTokens();
+        } finally {
+            ai.djl.pytorch.jni.JniUtils.setNumThreads(threads);
+        }
+    }
+
+    private void generateThousandTokens() throws IOException {
         // the fixture's attention with room for 1,003 positions, one (dense) layer to keep the test fast; random weights
         DeepSeekConfig config =
                 DeepSeekConfig.fromJson(fixture("tiny-deepseek-v3").resolve("config.json")).toBuilder()

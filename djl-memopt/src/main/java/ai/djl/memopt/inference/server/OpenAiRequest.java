@@ -66,6 +66,12 @@ final class OpenAiRequest {
         if (n != null && n != 1) {
             throw ApiException.badRequest("n", "only n = 1 is supported, got " + n);
         }
+        JsonElement logprobs = o.get("logprobs");
+        if (logprobs != null && !logprobs.isJsonNull()
+                && !(logprobs.isJsonPrimitive() && (logprobs.getAsJsonPrimitive().isBoolean() ? !logprobs.getAsBoolean()
+                        : logprobs.getAsJsonPrimitive().isNumber() && logprobs.getAsDouble() == 0))) {
+            throw ApiException.badRequest("logprobs", "logprobs are not supported");
+        }
         if (!chat && o.has("echo") && bool(o, "echo")) {
             throw ApiException.badRequest("echo", "echo is not supported");
         }

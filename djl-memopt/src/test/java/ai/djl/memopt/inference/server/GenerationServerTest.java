@@ -243,6 +243,8 @@ class GenerationServerTest {
         assertError(post(server, "/v1/completions", "{\"prompt\":\"Q\",\"top_p\":0}"), 400, "top_p");
         assertError(post(server, "/v1/completions", "{\"prompt\":\"Q\",\"top_k\":-2}"), 400, "top_k");
         assertError(post(server, "/v1/completions", "{\"prompt\":\"Q\",\"n\":2}"), 400, "n");
+        assertError(post(server, "/v1/completions", "{\"prompt\":\"Q\",\"logprobs\":3}"), 400, "logprobs");
+        assertEquals(200, post(server, "/v1/completions", "{\"prompt\":\"Q\",\"max_tokens\":1,\"logprobs\":null}").statusCode());
         assertError(post(server, "/v1/completions", "{\"prompt\":\"Q\",\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}"), 400, "stop");
         assertError(post(server, "/v1/completions", "{\"prompt\":\"Q\",\"stream\":\"yes\"}"), 400, "stream");
         assertError(post(server, "/v1/completions", "{\"prompt\":[1, 999999999]}"), 400, "prompt");
@@ -263,6 +265,7 @@ class GenerationServerTest {
     static final class GatedLm implements LanguageModel {
         final LanguageModel inner;
         final Semaphore permits = new Semaphore(0);
+        final java.util.concurrent.atomic.AtomicInteger steps = new java.util.concurrent.atomic.AtomicInteger();
 
         GatedLm(LanguageModel inner) {
             this.inner = inner;
@@ -285,6 +288,7 @@ class GenerationServerTest {
                 @Override
                 public NDArray next(NDArray inputIds, NDArray positionIds, NDArray attentionMask) {
                     permits.acquireUninterruptibly();
+                    steps.incrementAndGet();
                     return s.next(inputIds, positionIds, attentionMask);
                 }
 
@@ -344,6 +348,30 @@ class GenerationServerTest {
         } finally {
             gated.permits.release(10000);
             s.close();
+        }
+    }
+
+    @Test
+    void aStreamingClientThatGoesAwayCancelsItsGeneration() throws Exception {
+        GatedLm gated = new GatedLm(lm);
+        try (GenerationServer s = GenerationServer.builder().setGenerator(new Generator(gated, tok)).optTokenizer(tok).optPort(0).build().start()) {
+            HttpRequest req =
+                    HttpRequest.newBuilder(URI.create("http://127.0.0.1:" + s.port() + "/v1/chat/completions"))
+                            .POST(HttpRequest.BodyPublishers.ofString(
+                                    "{\"messages\":[{\"role\":\"user\",\"content\":\"Q\"}],\"max_tokens\":60,\"temperature\":0,\"stream\":true}"))
+                            .build();
+            HttpResponse<java.io.InputStream> r = http.send(req, HttpResponse.BodyHandlers.ofInputStream());
+            java.io.InputStream body = r.body();
+            byte[] first = new byte[6];
+            assertEquals(6, body.readNBytes(first, 0, 6)); // "data: " of the role chunk, sent before any token
+            body.close();
+            gated.permits.release(1000);
+            waitFor(() -> s.pending() == 0);
+            assertTrue(gated.steps.get() < 60, "generation went on for " + gated.steps.get() + " steps after the client left");
+            // the worker is free again
+            assertEquals(200, post(s, "/v1/completions", "{\"prompt\":[5],\"max_tokens\":2}").statusCode());
+        } finally {
+            gated.permits.release(10000);
         }
     }
 
