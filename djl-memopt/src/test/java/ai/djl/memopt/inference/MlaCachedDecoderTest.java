@@ -5,6 +5,7 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
+import ai.djl.engine.Engine;
 import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
@@ -15,6 +16,7 @@ import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.core.Linear;
+import ai.djl.pytorch.jni.JniUtils;
 import java.io.IOException;
 import java.net.URISyntaxException;
 import java.nio.ByteBuffer;
@@ -23,11 +25,31 @@ import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
+import org.junit.jupiter.api.AfterAll;
+import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.params.ParameterizedTest;
 import org.junit.jupiter.params.provider.ValueSource;
 
 class MlaCachedDecoderTest {
+
+    private static int threads;
+
+    /**
+     * One intra-op thread for these tests: with the 2 cores shared by several builds, OpenMP's spinning worker threads
+     * make the many small ops of a decode step 10-50x slower (measured). Restored afterwards.
+     */
+    @BeforeAll
+    static void oneThread() {
+        Engine.getInstance();
+        threads = JniUtils.getNumThreads();
+        JniUtils.setNumThreads(1);
+    }
+
+    @AfterAll
+    static void restoreThreads() {
+        JniUtils.setNumThreads(threads);
+    }
 
     static Path fixture(String name) {
         try {
@@ -218,19 +240,6 @@ class MlaCachedDecoderTest {
 
     @Test
     void thousandTokensWithFlatNativeMemory() throws IOException {
-        // one intra-op thread for this test: with the 2 cores shared, OpenMP's spinning threads make small ops 10-50x
-        // slower (measured); restored afterwards
-        ai.djl.engine.Engine.getInstance();
-        int threads = ai.djl.pytorch.jni.JniUtils.getNumThreads();
-        ai.djl.pytorch.jni.JniUtils.setNumThreads(1);
-        try {
-            generateThousandTokens();
-        } finally {
-            ai.djl.pytorch.jni.JniUtils.setNumThreads(threads);
-        }
-    }
-
-    private void generateThousandTokens() throws IOException {
         // the fixture's attention with room for 1,003 positions, one (dense) layer to keep the test fast; random weights
         DeepSeekConfig config =
                 DeepSeekConfig.fromJson(fixture("tiny-deepseek-v3").resolve("config.json")).toBuilder()
