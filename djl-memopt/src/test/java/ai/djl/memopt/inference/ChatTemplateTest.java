@@ -64,6 +64,28 @@ class ChatTemplateTest {
     }
 
     @Test
+    void spacesBeforeATagInsideALineAreKeptAsJinja2Does() {
+        // Jinjava's own lstrip_blocks would drop the space before {% endfor %}; Jinja2 (python, 3.1.6) gives this:
+        ChatTemplate t =
+                ChatTemplate.of(
+                        "{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                                + "{% if add_generation_prompt %}assistant{% endif %}",
+                        "<s>",
+                        "</s>");
+        assertEquals("<s>user w7 assistant", t.render(List.of(ChatMessage.user("w7")), true));
+    }
+
+    @Test
+    void whitespaceRulesOnTheSource() {
+        assertEquals("{% if x %}a{% endif %}", ChatTemplate.jinja2Whitespace("{% if x %}\na{% endif %}\n"));
+        assertEquals("x{% if y %}", ChatTemplate.jinja2Whitespace("x\n  {% if y %}\n").replace("\n", ""));
+        assertEquals("a\n{% if y %}b", ChatTemplate.jinja2Whitespace("a\n  \t{% if y %}\nb"));
+        assertEquals("a  {% if y %}\nb", ChatTemplate.jinja2Whitespace("a  {%+ if y +%}\nb"));
+        assertEquals("{%- if y -%}\nb", ChatTemplate.jinja2Whitespace("{%- if y -%}\nb")); // Jinjava handles '-'
+        assertEquals("{# c #}b", ChatTemplate.jinja2Whitespace("  {# c #}\nb"));
+    }
+
+    @Test
     void brokenTemplateIsAClearError() {
         ChatTemplate t = ChatTemplate.of("{% for m in messages %}{{ m.content }}", "", "");
         assertThrows(IllegalArgumentException.class, () -> t.render(List.of(ChatMessage.user("a")), false));

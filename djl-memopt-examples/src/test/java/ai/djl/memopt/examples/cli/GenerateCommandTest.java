@@ -8,7 +8,9 @@ import com.google.gson.JsonArray;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import java.util.Arrays;
+import java.nio.file.Path;
 import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.io.TempDir;
 
 class GenerateCommandTest {
 
@@ -58,6 +60,29 @@ class GenerateCommandTest {
         assertEquals(lastJsonLine(a.out).get("output_ids"), lastJsonLine(b.out).get("output_ids"));
         CliRun greedy = CliRun.run("generate", "--model", V3, "--prompt-ids", "5,17,3", "--max-new-tokens", "12", "--json");
         assertNotEquals(lastJsonLine(a.out).get("output_ids"), lastJsonLine(greedy.out).get("output_ids"));
+    }
+
+    @Test
+    void textAndChatPromptsEndToEnd(@TempDir Path tmp) throws Exception {
+        String dir = CliRun.v3WithTokenizer(tmp).toString();
+        CliRun text = CliRun.run("generate", "--model", dir, "--prompt", "w451 w340 w497", "--max-new-tokens", "8", "--json");
+        assertEquals(0, text.exitCode, text.err);
+        JsonObject o = lastJsonLine(text.out);
+        assertEquals("[1, 451, 340, 497]", Arrays.toString(ids(o.getAsJsonArray("prompt_ids")))); // BOS from add_bos_token
+        CliRun byIds = CliRun.run("generate", "--model", dir, "--prompt-ids", "1,451,340,497", "--max-new-tokens", "8", "--json");
+        JsonObject p = lastJsonLine(byIds.out);
+        assertEquals(p.get("output_ids"), o.get("output_ids"));
+        long[] out = ids(o.getAsJsonArray("output_ids"));
+        assertEquals(CliRun.wordLevelText(out), o.get("text").getAsString());
+
+        // plain mode streams the text
+        CliRun plain = CliRun.run("generate", "--model", dir, "--prompt", "w451 w340 w497", "--max-new-tokens", "8");
+        assertEquals(CliRun.wordLevelText(out), plain.out.strip());
+
+        CliRun chat = CliRun.run("generate", "--model", dir, "--chat", "--prompt", "w7", "--max-new-tokens", "4", "--json");
+        assertEquals(0, chat.exitCode, chat.err);
+        // "<s>user w7 assistant" from the template
+        assertEquals("[1, 3, 7, 4]", Arrays.toString(ids(lastJsonLine(chat.out).getAsJsonArray("prompt_ids"))));
     }
 
     @Test

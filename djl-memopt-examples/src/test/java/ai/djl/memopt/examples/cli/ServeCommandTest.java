@@ -69,6 +69,55 @@ class ServeCommandTest {
     }
 
     @Test
+    void chatOverTheFixtureWithATokenizer(@org.junit.jupiter.api.io.TempDir java.nio.file.Path tmp) throws Exception {
+        int port;
+        try (ServerSocket s = new ServerSocket(0)) {
+            port = s.getLocalPort();
+        }
+        String dir = CliRun.v3WithTokenizer(tmp).toString();
+        CompletableFuture<Integer> exit =
+                CompletableFuture.supplyAsync(() -> MemoptCli.execute("serve", "--model", dir, "--port", String.valueOf(port)));
+        HttpClient http = HttpClient.newBuilder().connectTimeout(Duration.ofSeconds(2)).build();
+        URI base = URI.create("http://127.0.0.1:" + port);
+        awaitHealthy(http, base, exit);
+        HttpResponse<String> r =
+                http.send(
+                        HttpRequest.newBuilder(base.resolve("/v1/chat/completions"))
+                                .POST(HttpRequest.BodyPublishers.ofString(
+                                        "{\"messages\":[{\"role\":\"user\",\"content\":\"w7\"}],\"max_tokens\":5,\"temperature\":0}"))
+                                .build(),
+                        HttpResponse.BodyHandlers.ofString());
+        assertEquals(200, r.statusCode(), r.body());
+        JsonObject o = JsonParser.parseString(r.body()).getAsJsonObject();
+        assertEquals(4, o.getAsJsonObject("usage").get("prompt_tokens").getAsInt()); // <s> user w7 assistant
+        JsonArray ids = o.getAsJsonObject("usage").getAsJsonArray("completion_token_ids");
+        long[] out = new long[ids.size()];
+        for (int i = 0; i < out.length; i++) {
+            out[i] = ids.get(i).getAsLong();
+        }
+        String content = o.getAsJsonArray("choices").get(0).getAsJsonObject().getAsJsonObject("message").get("content").getAsString();
+        assertEquals(CliRun.wordLevelText(out), content);
+        ServeCommand.running.close();
+        assertEquals(0, exit.get(30, TimeUnit.SECONDS));
+    }
+
+    static void awaitHealthy(HttpClient http, URI base, CompletableFuture<Integer> exit) throws InterruptedException {
+        long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(60);
+        while (true) {
+            assertTrue(System.nanoTime() < deadline, "server did not come up");
+            assertTrue(!exit.isDone(), () -> "serve exited early with " + exit.join());
+            try {
+                HttpResponse<String> h = http.send(HttpRequest.newBuilder(base.resolve("/health")).build(), HttpResponse.BodyHandlers.ofString());
+                if (h.statusCode() == 200 && ServeCommand.running != null) {
+                    return;
+                }
+            } catch (IOException e) {
+                Thread.sleep(100);
+            }
+        }
+    }
+
+    @Test
     void badModelDirExitsWithAnError() {
         CliRun r = CliRun.run("serve", "--model", "/nonexistent/model", "--port", "0");
         assertEquals(1, r.exitCode);
