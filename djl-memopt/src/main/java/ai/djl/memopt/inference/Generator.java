@@ -31,9 +31,13 @@ import java.util.function.BooleanSupplier;
  */
 public final class Generator {
 
+    /** Prompt tokens fed per prefill call by default. */
+    public static final int DEFAULT_PREFILL_CHUNK = 512;
+
     private final LanguageModel model;
     private final TextTokenizer tokenizer;
     private final List<Long> defaultEosIds;
+    private final int prefillChunk;
 
     /**
      * @param model the model
@@ -49,9 +53,23 @@ public final class Generator {
      * @param defaultEosIds the EOS ids used when the params name none (instead of the tokenizer's); may be {@code null}
      */
     public Generator(LanguageModel model, TextTokenizer tokenizer, List<Long> defaultEosIds) {
+        this(model, tokenizer, defaultEosIds, DEFAULT_PREFILL_CHUNK);
+    }
+
+    private Generator(LanguageModel model, TextTokenizer tokenizer, List<Long> defaultEosIds, int prefillChunk) {
         this.model = Preconditions.checkNotNull(model, "model");
         this.tokenizer = tokenizer;
         this.defaultEosIds = defaultEosIds == null ? null : ImmutableList.copyOf(defaultEosIds);
+        Preconditions.checkArgument(prefillChunk >= 1, "prefill chunk must be >= 1, got %s", prefillChunk);
+        this.prefillChunk = prefillChunk;
+    }
+
+    /**
+     * The same generator feeding prompts in chunks of at most {@code tokens} (default {@value #DEFAULT_PREFILL_CHUNK}):
+     * smaller chunks bound the prefill's activation memory (attention scores are (B, heads, chunk, length)).
+     */
+    public Generator withPrefillChunk(int tokens) {
+        return new Generator(model, tokenizer, defaultEosIds, tokens);
     }
 
     public LanguageModel model() {
@@ -138,6 +156,26 @@ public final class Generator {
         int t = promptLen;
         try (NDManager sessionManager = manager.newSubManager(model.device());
                 DecodingSession session = model.newSession(sessionManager, b, maxLen)) {
+            // long prompts go in chunks: the attention scores of a chunk are (B, H, chunk, S), not (B, H, T, T)
+            int fed = 0;
+            while (promptLen - fed > prefillChunk) {
+                if (cancelled.getAsBoolean()) {
+                    break;
+                }
+                try (NDManager chunkManager = sessionManager.newSubManager()) {
+                    int end = fed + prefillChunk;
+                    session.next(
+                            chunkManager.create(columns(ids, fed, end, promptLen, b), new Shape(b, prefillChunk)), // (B, C)
+                            chunkManager.create(columns(pos, fed, end, promptLen, b), new Shape(b, prefillChunk)),
+                            chunkManager.create(columns(mask, b, maxLen, end), new Shape(b, end))); // (B, end)
+                }
+                fed += prefillChunk;
+            }
+            if (fed > 0) {
+                ids = columns(ids, fed, promptLen, promptLen, b);
+                pos = columns(pos, fed, promptLen, promptLen, b);
+                t = promptLen - fed;
+            }
             for (int step = 0; step < maxNew; step++) {
                 if (cancelled.getAsBoolean()) {
                     for (int i = 0; i < b; i++) {
@@ -219,6 +257,15 @@ public final class Generator {
             results.add(new GenerationResult(decoded, prompts.get(i).clone(), generated, r));
         }
         return ImmutableList.copyOf(results);
+    }
+
+    /** Columns [from, to) of a row-major (B, width) array. */
+    private static long[] columns(long[] a, int from, int to, int width, int b) {
+        long[] out = new long[b * (to - from)];
+        for (int i = 0; i < b; i++) {
+            System.arraycopy(a, i * width + from, out, i * (to - from), to - from);
+        }
+        return out;
     }
 
     private static long[] columns(long[] mask, int b, int stride, int length) {

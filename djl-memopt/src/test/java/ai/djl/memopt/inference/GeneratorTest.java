@@ -68,6 +68,23 @@ class GeneratorTest {
     }
 
     @Test
+    void chunkedPrefillOfALeftPaddedBatch() {
+        Generator g = new Generator(lm, null);
+        List<long[]> prompts = List.of(P3, P1, P2);
+        SamplingParams params = SamplingParams.greedy(6);
+        for (int chunk : new int[] {1, 2, 4}) {
+            List<GenerationResult> r;
+            try (NDManager m = NDManager.newBaseManager()) {
+                r = g.withPrefillChunk(chunk).generate(m, prompts, params, null, () -> false);
+            }
+            for (int i = 0; i < prompts.size(); i++) {
+                assertArrayEquals(FakeCausalLm.greedyReference(prompts.get(i), 6, VOCAB), r.get(i).outputIds(), "chunk " + chunk);
+            }
+        }
+        assertThrows(IllegalArgumentException.class, () -> g.withPrefillChunk(0));
+    }
+
+    @Test
     void sameSeedSameTokensOtherSeedOtherTokens() {
         Generator g = new Generator(lm, null);
         SamplingParams.Builder b = SamplingParams.builder().setMaxNewTokens(24).optTemperature(2f);

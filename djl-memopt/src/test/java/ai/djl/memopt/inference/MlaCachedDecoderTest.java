@@ -217,6 +217,30 @@ class MlaCachedDecoderTest {
     }
 
     @Test
+    void chunkedPrefillGivesTheSameTokens() throws IOException {
+        Path dir = fixture("tiny-deepseek-v3");
+        try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32);
+                NDManager m = NDManager.newBaseManager()) {
+            Generator whole = new Generator(new MlaCachedDecoder(loaded.model(), Device.cpu()), null);
+            List<long[]> prompts = List.of(new long[] {451, 340, 497, 361, 133, 474, 9}, new long[] {5, 17});
+            SamplingParams params = SamplingParams.builder().setMaxNewTokens(8).optIgnoreEos(true).build();
+            List<GenerationResult> expected = whole.generate(m, prompts, params, null, () -> false);
+            for (int chunk : new int[] {1, 2, 3, 6}) {
+                List<GenerationResult> r = whole.withPrefillChunk(chunk).generate(m, prompts, params, null, () -> false);
+                for (int i = 0; i < prompts.size(); i++) {
+                    assertArrayEquals(expected.get(i).outputIds(), r.get(i).outputIds(), "chunk " + chunk + " row " + i);
+                }
+            }
+            // the transformers reference, with the prompt fed 4 + 2 tokens
+            long[] prompt = longs(dir, "greedy_prompt");
+            long[] full = longs(dir, "greedy_output");
+            assertArrayEquals(
+                    Arrays.copyOfRange(full, prompt.length, full.length),
+                    whole.withPrefillChunk(4).generate(prompt, SamplingParams.builder().setMaxNewTokens(16).optIgnoreEos(true).build()).outputIds());
+        }
+    }
+
+    @Test
     void cacheSizePerToken() throws IOException {
         DeepSeekConfig tiny = DeepSeekConfig.fromJson(fixture("tiny-deepseek-v3").resolve("config.json"));
         assertEquals(16 + 8, MlaCachedDecoder.cacheValuesPerTokenPerLayer(tiny));
