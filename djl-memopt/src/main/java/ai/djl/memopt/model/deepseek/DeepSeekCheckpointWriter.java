@@ -1,0 +1,55 @@
+package ai.djl.memopt.model.deepseek;
+
+import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.safetensors.SafetensorsWriter;
+import ai.djl.nn.Parameter;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.nio.file.StandardCopyOption;
+import java.util.Map;
+
+/**
+ * Saves a {@link DeepSeekForCausalLM} as a Hugging Face model directory: {@code config.json} and a single
+ * {@code model.safetensors} with the Hugging Face tensor names, each written atomically (temporary file in the same
+ * directory, then an atomic move), so {@link DeepSeekLoader} (or transformers) loads it back equal.
+ *
+ * <pre>{@code
+ * DeepSeekCheckpointWriter.save(model, model.config(), outDir);
+ * }</pre>
+ */
+public final class DeepSeekCheckpointWriter {
+
+    private DeepSeekCheckpointWriter() {}
+
+    /**
+     * Writes {@code config.json} and {@code model.safetensors} into {@code dir} (created if needed).
+     *
+     * @throws IllegalArgumentException if {@code config} is not the model's config or a parameter is uninitialised
+     * @throws IOException if writing fails (existing files are then left as they were)
+     */
+    public static void save(DeepSeekForCausalLM model, DeepSeekConfig config, Path dir) throws IOException {
+        if (!config.equals(model.config())) {
+            throw new IllegalArgumentException("config " + config + " differs from the model's " + model.config());
+        }
+        Files.createDirectories(dir);
+        SafetensorsWriter writer = new SafetensorsWriter();
+        writer.putMetadata("format", "pt");
+        for (Map.Entry<String, Parameter> e : Blocks.parameters(model).entrySet()) {
+            if (!e.getValue().isInitialized()) {
+                throw new IllegalArgumentException("parameter " + e.getKey() + " is not initialised");
+            }
+            writer.add(e.getKey(), e.getValue().getArray());
+        }
+        writer.write(dir.resolve("model.safetensors"));
+        Path tmp = Files.createTempFile(dir, ".config.json.", ".tmp");
+        try {
+            Files.writeString(tmp, config.toJson() + "\n", StandardCharsets.UTF_8);
+            Files.move(tmp, dir.resolve("config.json"), StandardCopyOption.ATOMIC_MOVE,
+                    StandardCopyOption.REPLACE_EXISTING);
+        } finally {
+            Files.deleteIfExists(tmp);
+        }
+    }
+}

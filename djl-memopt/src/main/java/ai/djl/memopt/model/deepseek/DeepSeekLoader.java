@@ -1,0 +1,206 @@
+package ai.djl.memopt.model.deepseek;
+
+import ai.djl.Device;
+import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.safetensors.HfCheckpoint;
+import ai.djl.memopt.safetensors.TensorInfo;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
+import ai.djl.nn.Parameter;
+import ai.djl.training.initializer.Initializer;
+import java.io.IOException;
+import java.io.UncheckedIOException;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Map;
+import java.util.Set;
+import java.util.TreeSet;
+import java.util.regex.Pattern;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+/**
+ * Loads a Hugging Face DeepSeek-V3/V2 model directory ({@code config.json} + {@code model.safetensors} or a sharded
+ * index) into a {@link DeepSeekForCausalLM}, tensor by tensor, each converted to the requested type (BF16 checkpoint
+ * tensors are converted in Java by the safetensors reader).
+ *
+ * <p>Every checkpoint tensor must match a model parameter by name and shape and every parameter must be present; the
+ * multi-token-prediction layers {@code model.layers.<num_hidden_layers>+.*} are skipped (logged once), as is
+ * {@code lm_head.weight} when the embeddings are tied. Errors name the file and tensor.
+ *
+ * <pre>{@code
+ * try (NDManager manager = NDManager.newBaseManager()) {
+ *     DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(dir, manager, DataType.FLOAT32);
+ * }
+ * // or, owning its manager:
+ * try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(dir, Device.cpu(), DataType.FLOAT16)) {
+ *     loaded.model() ...
+ * }
+ * }</pre>
+ */
+public final class DeepSeekLoader {
+
+    private static final Logger LOG = LoggerFactory.getLogger(DeepSeekLoader.class);
+    private static final Pattern LAYER = Pattern.compile("^model\\.layers\\.(\\d+)\\..*");
+
+    private DeepSeekLoader() {}
+
+    /** A loaded model with the manager that owns its weights; closing it frees them. */
+    public static final class Loaded implements AutoCloseable {
+        private final DeepSeekForCausalLM model;
+        private final DeepSeekConfig config;
+        private final NDManager manager;
+
+        Loaded(DeepSeekForCausalLM model, NDManager manager) {
+            this.model = model;
+            this.config = model.config();
+            this.manager = manager;
+        }
+
+        public DeepSeekForCausalLM model() {
+            return model;
+        }
+
+        public DeepSeekConfig config() {
+            return config;
+        }
+
+        /** The manager holding the weights (use it, or a sub-manager, for inputs). */
+        public NDManager manager() {
+            return manager;
+        }
+
+        @Override
+        public void close() {
+            manager.close();
+        }
+    }
+
+    /**
+     * Loads into a new manager on {@code device} that the returned {@link Loaded} owns.
+     *
+     * @param dtype {@link DataType#FLOAT32} or {@link DataType#FLOAT16}
+     * @throws IllegalArgumentException for BF16 (or another type), an invalid config, a missing, unexpected or
+     *     wrongly shaped tensor (naming file and tensor)
+     * @throws IOException if the files cannot be read or are corrupt
+     */
+    public static Loaded load(Path dir, Device device, DataType dtype) throws IOException {
+        DeepSeekForCausalLM.checkDType(dtype);
+        NDManager manager = NDManager.newBaseManager(device);
+        try {
+            return new Loaded(load(dir, manager, dtype), manager);
+        } catch (IOException | RuntimeException e) {
+            manager.close();
+            throw e;
+        }
+    }
+
+    /**
+     * Loads with weights allocated on {@code manager} (the caller owns it).
+     *
+     * @see #load(Path, Device, DataType)
+     */
+    public static DeepSeekForCausalLM load(Path dir, NDManager manager, DataType dtype) throws IOException {
+        DeepSeekForCausalLM.checkDType(dtype);
+        if (!Files.isDirectory(dir)) {
+            throw new IOException(dir + ": not a directory");
+        }
+        Path configFile = dir.resolve("config.json");
+        if (!Files.isRegularFile(configFile)) {
+            throw new IOException(dir + ": no config.json");
+        }
+        DeepSeekConfig config = DeepSeekConfig.fromJson(configFile);
+        try (HfCheckpoint ckpt = HfCheckpoint.open(dir)) {
+            return load(config, ckpt, manager, dtype);
+        }
+    }
+
+    /** Loads an already opened checkpoint for a given config. */
+    public static DeepSeekForCausalLM load(DeepSeekConfig config, HfCheckpoint ckpt, NDManager manager, DataType dtype)
+            throws IOException {
+        DeepSeekForCausalLM.checkDType(dtype);
+        DeepSeekForCausalLM lm = new DeepSeekForCausalLM(config);
+        Map<String, Parameter> params = Blocks.parameters(lm);
+
+        List<String> skippedMtp = new ArrayList<>();
+        Set<String> unexpected = new TreeSet<>();
+        for (String name : ckpt.names()) {
+            if (params.containsKey(name)) {
+                continue;
+            }
+            java.util.regex.Matcher m = LAYER.matcher(name);
+            if (m.matches() && Long.parseLong(m.group(1)) >= config.numHiddenLayers()) {
+                skippedMtp.add(name);
+            } else if (config.tieWordEmbeddings() && "lm_head.weight".equals(name)) {
+                LOG.info("{}: tie_word_embeddings is true; ignoring lm_head.weight", ckpt.directory());
+            } else {
+                unexpected.add(name);
+            }
+        }
+        if (!unexpected.isEmpty()) {
+            String first = unexpected.iterator().next();
+            throw new IllegalArgumentException(where(ckpt, first) + ": unexpected tensor '" + first
+                    + "' (no such parameter in a " + config.modelType() + " model of this config)"
+                    + (unexpected.size() > 1 ? "; " + (unexpected.size() - 1) + " more: " + unexpected : ""));
+        }
+        Set<String> missing = new TreeSet<>();
+        for (String name : params.keySet()) {
+            if (!ckpt.contains(name)) {
+                missing.add(name);
+            }
+        }
+        if (!missing.isEmpty()) {
+            throw new IllegalArgumentException(ckpt.directory() + ": missing tensor '" + missing.iterator().next()
+                    + "' in " + ckpt.files() + (missing.size() > 1 ? " (" + missing.size() + " missing: " + missing
+                            + ")" : ""));
+        }
+        if (!skippedMtp.isEmpty()) {
+            LOG.info("{}: skipping {} multi-token-prediction tensors (model.layers.{}.* and later)",
+                    ckpt.directory(), skippedMtp.size(), config.numHiddenLayers());
+        }
+        try {
+            lm.initializeWith(manager, dtype, name -> new FromCheckpoint(ckpt, name));
+        } catch (UncheckedIOException e) {
+            lm.getParameters().forEach(p -> p.getValue().close());
+            throw e.getCause();
+        } catch (RuntimeException e) {
+            lm.getParameters().forEach(p -> p.getValue().close());
+            throw e;
+        }
+        return lm;
+    }
+
+    private static String where(HfCheckpoint ckpt, String name) {
+        return ckpt.fileOf(name) == null ? ckpt.directory().toString() : ckpt.fileOf(name).path().toString();
+    }
+
+    /** Reads one tensor when DJL allocates its parameter, checking the shape first. */
+    private static final class FromCheckpoint implements Initializer {
+        private final HfCheckpoint ckpt;
+        private final String name;
+
+        FromCheckpoint(HfCheckpoint ckpt, String name) {
+            this.ckpt = ckpt;
+            this.name = name;
+        }
+
+        @Override
+        public NDArray initialize(NDManager manager, Shape shape, DataType dataType) {
+            TensorInfo info = ckpt.info(name);
+            if (!info.djlShape().equals(shape)) {
+                throw new IllegalArgumentException(where(ckpt, name) + ": tensor '" + name + "' has shape "
+                        + info.djlShape() + ", the model expects " + shape);
+            }
+            try {
+                return ckpt.load(manager, name, dataType);
+            } catch (IOException e) {
+                throw new UncheckedIOException(new IOException(where(ckpt, name) + ": cannot read tensor '" + name
+                        + "': " + e.getMessage(), e));
+            }
+        }
+    }
+}
