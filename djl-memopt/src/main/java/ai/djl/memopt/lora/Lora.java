@@ -3,12 +3,14 @@ package ai.djl.memopt.lora;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
 import ai.djl.nn.core.Linear;
+import ai.djl.training.ParameterStore;
 import com.google.common.collect.ImmutableList;
 import com.google.common.collect.ImmutableMap;
 import java.io.IOException;
@@ -134,20 +136,17 @@ public final class Lora {
      */
     static Map<String, Block> peftModules(Block root) {
         Map<String, Block> out = new LinkedHashMap<>();
-        collect(root, "", out);
+        String inside = null;
+        // Blocks.walk is pre-order: an adapter's own children follow it directly
+        for (Map.Entry<String, Block> e : Blocks.walk(root).entrySet()) {
+            String path = e.getKey();
+            if (inside != null && path.startsWith(inside)) {
+                continue;
+            }
+            inside = e.getValue() instanceof LoraLinear ? (path.isEmpty() ? "" : path + ".") : null;
+            out.put(path, e.getValue());
+        }
         return out;
-    }
-
-    private static void collect(Block block, String path, Map<String, Block> out) {
-        out.put(path, block);
-        if (block instanceof LoraLinear) {
-            return;
-        }
-        List<String> names = Blocks.childNames(block);
-        List<Block> children = block.getChildren().values();
-        for (int i = 0; i < names.size(); i++) {
-            collect(children.get(i), path.isEmpty() ? names.get(i) : path + "." + names.get(i), out);
-        }
     }
 
     /** Every adapter of the tree by module path, in model order. */
@@ -185,8 +184,10 @@ public final class Lora {
     /**
      * Folds every adapter into its base and removes it: a {@link Linear} base gets {@code W + scale * B A} (summed in
      * FLOAT32, stored in W's type, bias kept) and takes the adapter's place; any other {@link LinearWeightSource}
-     * (a quantized base) is replaced by a plain FLOAT32 {@code Linear} holding the merged full-precision weight,
-     * ready to be quantized again, and its arrays are released ({@link Block#clear()}). Adapter arrays are closed.
+     * (a quantized base) is replaced by a plain FLOAT32 {@code Linear} holding the merged full-precision weight (and
+     * the base's bias, read as its output for a zero input), ready to be quantized again; the base's arrays are
+     * released (its {@code close()} if it is {@link AutoCloseable}, else {@link Block#clear()}). Adapter arrays are
+     * closed.
      * The merged weights keep the base's frozen state.
      *
      * @return the merged module paths
@@ -210,13 +211,17 @@ public final class Lora {
                 } else {
                     NDArray w = LoraLinear.baseWeight(base, scope); // (out, in)
                     NDArray merged = lora.merged(w, scope).stopGradient(); // (out, in) FLOAT32
+                    NDArray bias = affineOffset(base, lora.inFeatures(), w.getDataType(), scope); // (out) or null
+                    Linear linear = Linear.builder().setUnits(lora.outFeatures()).optBias(bias != null).build();
                     merged.attach(owner);
-                    Linear linear = Linear.builder().setUnits(lora.outFeatures()).optBias(false).build();
-                    Parameter wp = linear.getParameters().get("weight");
-                    wp.setArray(merged);
+                    linear.getParameters().get("weight").setArray(merged);
+                    if (bias != null) {
+                        bias.attach(owner);
+                        linear.getParameters().get("bias").setArray(bias);
+                    }
                     linear.initialize(owner, DataType.FLOAT32, new Shape(lora.inFeatures()));
-                    wp.freeze(true);
-                    base.clear();
+                    linear.freezeParameters(true);
+                    release(base);
                     replacement = linear;
                 }
             }
@@ -225,6 +230,35 @@ public final class Lora {
             lora.loraB().close();
         }
         return ImmutableList.copyOf(adapters.keySet());
+    }
+
+    /**
+     * The bias of a projection known only as a {@link LinearWeightSource} (whose interface has no bias): its output
+     * for a zero input, FLOAT32 {@code (out)}, or null if that is zero. Attached to {@code scope}.
+     */
+    private static NDArray affineOffset(Block base, long in, DataType type, NDManager scope) {
+        NDArray zero = scope.zeros(new Shape(1, in), type); // (1, in)
+        NDArray y = base.forward(new ParameterStore(scope, false), new NDList(zero), false).singletonOrThrow();
+        y.attach(scope);
+        NDArray offset = y.reshape(-1).toType(DataType.FLOAT32, true); // (out)
+        offset.attach(scope);
+        if (offset.abs().max().getFloat() == 0f) {
+            return null;
+        }
+        return offset;
+    }
+
+    /** Frees a replaced projection's arrays: its own {@code close()} if it has one, else its parameters. */
+    private static void release(Block base) {
+        if (base instanceof AutoCloseable) {
+            try {
+                ((AutoCloseable) base).close();
+            } catch (Exception e) {
+                throw new IllegalStateException("cannot close the merged base block " + base, e);
+            }
+        } else {
+            base.clear();
+        }
     }
 
     /**

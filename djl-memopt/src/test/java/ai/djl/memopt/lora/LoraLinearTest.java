@@ -237,8 +237,9 @@ class LoraLinearTest {
     void stacksOnANonLinearWeightSourceAndMergesToFullPrecision() {
         try (NDManager m = NDManager.newBaseManager()) {
             Engine.getInstance().setRandomSeed(6);
-            SequentialBlock root = new SequentialBlock()
-                    .add(new ToyBlocks.Int8Linear(ToyBlocks.linear(m, 24, 10, DataType.FLOAT32)));
+            ToyBlocks.Int8Linear quantized = new ToyBlocks.Int8Linear(ToyBlocks.linear(m, 24, 10, DataType.FLOAT32),
+                    m.randomNormal(new Shape(10)));
+            SequentialBlock root = new SequentialBlock().add(quantized);
             // the model's other arrays (none here) would own the adapters: give the manager explicitly
             Lora.apply(root, LoraConfig.builder().setRank(4).optTargetModules("0").build(), m);
             randomizeB(root, m, 0.3f);
@@ -260,6 +261,8 @@ class LoraLinearTest {
             Block merged = Blocks.get(root, "0");
             assertTrue(merged instanceof Linear, "full-precision Linear, ready to be quantized again");
             assertEquals(DataType.FLOAT32, merged.getParameters().get("weight").getArray().getDataType());
+            assertTrue(merged.getParameters().get("bias").isInitialized(), "the base's bias is carried over");
+            assertTrue(quantized.released, "the quantized arrays are freed");
             float diff = maxAbsDiff(y, forward(root, m, x, false));
             assertTrue(diff < 1e-5f, "merged vs adapted " + diff);
         }

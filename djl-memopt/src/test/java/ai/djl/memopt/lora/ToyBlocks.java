@@ -118,8 +118,11 @@ final class ToyBlocks {
     static final class Int8Linear extends AbstractBlock implements LinearWeightSource {
         private final NDArray q; // (out, in) INT8
         private final NDArray scales; // (out, 1) FLOAT32
+        private final NDArray bias; // (out) or null
+        boolean released;
 
-        Int8Linear(Linear source) {
+        Int8Linear(Linear source, NDArray bias) {
+            this.bias = bias;
             NDArray w = source.getParameters().get("weight").getArray(); // (out, in)
             NDManager m = w.getManager();
             scales = w.abs().max(new int[] {1}, true).div(127f); // (out, 1)
@@ -140,7 +143,7 @@ final class ToyBlocks {
             NDArray x = in.singletonOrThrow();
             try (NDManager scope = x.getManager().newSubManager()) {
                 NDArray w = weight(scope);
-                NDArray y = Linear.linear(x, w).singletonOrThrow();
+                NDArray y = Linear.linear(x, w, bias).singletonOrThrow();
                 y.attach(x.getManager());
                 return new NDList(y);
             }
@@ -156,6 +159,7 @@ final class ToyBlocks {
         public void clear() {
             q.close();
             scales.close();
+            released = true;
         }
     }
 }
