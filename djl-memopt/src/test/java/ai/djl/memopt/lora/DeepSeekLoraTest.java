@@ -180,4 +180,51 @@ class DeepSeekLoraTest {
             assertEquals(2 * report.wrappedPaths().size(), changed, "every A and B trained");
         }
     }
+
+    /**
+     * With B = 0 the adapted model computes what the base computes, and dL/dB = scale * dL/dW A^T, where dL/dW is the
+     * base weight's gradient: transformers' own gradients for layer 1 and lm_head check every adapter's gradient there.
+     */
+    @Test
+    void adapterGradientsMatchTransformersWeightGradients() throws Exception {
+        try (NDManager m = NDManager.newBaseManager();
+                SafetensorsFile ref = SafetensorsFile.open(MODEL.resolve("reference.safetensors"))) {
+            Engine.getInstance().setRandomSeed(22);
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(MODEL, m, DataType.FLOAT32);
+            Lora.apply(lm, LoraConfig.builder().setRank(4).optAlpha(8).optRoutedExperts(true)
+                    .optTargetModules("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                            "gate_proj", "up_proj", "down_proj", "lm_head")
+                    .build());
+            NDArray ids = ref.load(m, "input_ids");
+            try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
+                NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), true).head();
+                NDArray loss = CausalLmLoss.mean(logits, ids);
+                assertEquals(ref.load(m, "loss").getFloat(), loss.getFloat(), 1e-5f, "B = 0: the base model's loss");
+                gc.backward(loss);
+            }
+            int checked = 0;
+            float worst = 0;
+            for (Map.Entry<String, LoraLinear> e : Lora.adapters(lm).entrySet()) {
+                String gradName = "grad." + e.getKey() + ".weight";
+                LoraLinear l = e.getValue();
+                assertEquals(0f, l.loraA().getArray().getGradient().abs().max().getFloat(), e.getKey());
+                if (!ref.contains(gradName)) {
+                    continue;
+                }
+                NDArray expected = ref.load(m, gradName).matMul(l.loraA().getArray().transpose()).mul(l.scale());
+                float[] want = expected.toFloatArray();
+                float[] got = l.loraB().getArray().getGradient().toFloatArray();
+                for (int i = 0; i < want.length; i++) {
+                    float d = Math.abs(want[i] - got[i]);
+                    assertTrue(d <= 1e-5 || d <= 1e-3 * Math.abs(want[i]),
+                            e.getKey() + " lora_B grad[" + i + "] " + got[i] + " vs " + want[i]);
+                    worst = Math.max(worst, d);
+                }
+                checked++;
+            }
+            System.out.printf("LoRA gradients: %d adapters checked against transformers, max abs diff %.3g%n",
+                    checked, worst);
+            assertEquals(5 + 3 * 8 + 3 + 1, checked, "layer 1 attention, routed and shared experts, lm_head");
+        }
+    }
 }
