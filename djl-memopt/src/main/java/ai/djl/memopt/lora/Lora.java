@@ -40,7 +40,7 @@ public final class Lora {
 
     /**
      * Wraps every projection the config targets in a {@link LoraLinear}, in place, and freezes every other parameter
-     * of the tree, so only adapter weights receive gradients (DJL's optimizers skip parameters that do not require
+     * of the tree (adapters added by an earlier call stay trainable), so only adapter weights receive gradients (DJL's optimizers skip parameters that do not require
      * gradients). Adapter weights live with the base weights (same manager and device).
      *
      * @throws IllegalArgumentException if nothing matches, a match is not a projection or already has an adapter
@@ -62,6 +62,11 @@ public final class Lora {
                     .optConfig(config)
                     .optManager(manager != null ? manager : defaultManager(base, root))
                     .build());
+        }
+        // adapters from an earlier apply stay trainable: the freeze above covered them too
+        for (LoraLinear l : adapters(root).values()) {
+            l.loraA().freeze(false);
+            l.loraB().freeze(false);
         }
         return report(root, targets);
     }

@@ -102,6 +102,11 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
         return useRslora;
     }
 
+    /** Dropout on the adapter input while training. */
+    public float dropout() {
+        return dropout;
+    }
+
     /** The multiplier of the adapter output. */
     public float scale() {
         return scale;
@@ -285,7 +290,8 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
     @Override
     public String toString() {
         return "LoraLinear(" + inFeatures + " -> " + outFeatures + ", r=" + rank + ", alpha=" + alpha
-                + (useRslora ? ", rslora" : "") + ", base=" + base.getClass().getSimpleName() + ")";
+                + (useRslora ? ", rslora" : "") + (dropout > 0 ? ", dropout=" + dropout : "") + ", base="
+                + base.getClass().getSimpleName() + ")";
     }
 
     /**

@@ -93,7 +93,7 @@ public final class PeftAdapters {
         for (Map.Entry<String, LoraLinear> e : adapters.entrySet()) {
             LoraLinear l = e.getValue();
             if (l.rank() != first.rank() || Float.compare(l.alpha(), first.alpha()) != 0
-                    || l.useRslora() != first.useRslora()) {
+                    || l.useRslora() != first.useRslora() || Float.compare(l.dropout(), first.dropout()) != 0) {
                 throw new IllegalArgumentException("adapters differ: '" + firstPath + "' has " + first + " but '"
                         + e.getKey() + "' has " + l + "; PEFT rank_pattern/alpha_pattern are not written");
             }
@@ -130,7 +130,7 @@ public final class PeftAdapters {
         c.add("loftq_config", new JsonObject());
         c.add("lora_alpha", number(adapter.alpha()));
         c.addProperty("lora_bias", false);
-        c.add("lora_dropout", number(0f));
+        c.add("lora_dropout", number(adapter.dropout()));
         c.add("megatron_config", JsonNull.INSTANCE);
         c.addProperty("megatron_core", "megatron.core");
         c.add("modules_to_save", JsonNull.INSTANCE);

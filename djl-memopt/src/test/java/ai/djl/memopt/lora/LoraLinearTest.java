@@ -330,4 +330,21 @@ class LoraLinearTest {
         assertFalse(regex.matches("model.layers.1.self_attn.o_proj"), "excluded");
         assertFalse(regex.matches("layers.1.self_attn.q_b_proj.extra"), "regex must match the whole path");
     }
+
+    @Test
+    void aSecondApplyKeepsEarlierAdaptersTrainable() {
+        try (NDManager m = NDManager.newBaseManager()) {
+            SequentialBlock mlp = ToyBlocks.mlp(m, 4, 8, 2, DataType.FLOAT32);
+            Lora.apply(mlp, LoraConfig.builder().setRank(2).optTargetModules("0").build());
+            LoraReport second = Lora.apply(mlp, LoraConfig.builder().setRank(3).optDropout(0.1f)
+                    .optTargetModules("2").build());
+            assertEquals(List.of("2"), second.wrappedPaths());
+            assertEquals(2 * 4 + 8 * 2 + 3 * 8 + 2 * 3, second.trainableParameters());
+            for (Map.Entry<String, Parameter> e : Blocks.parameters(mlp).entrySet()) {
+                assertEquals(e.getKey().contains(".lora_"), e.getValue().requiresGradient(), e.getKey());
+            }
+            assertEquals("LoraLinear(8 -> 2, r=3, alpha=8.0, dropout=0.1, base=Linear)",
+                    Blocks.get(mlp, "2").toString());
+        }
+    }
 }
