@@ -1,15 +1,20 @@
 package ai.djl.memopt.examples.cli;
 
-import java.util.concurrent.Callable;
+import picocli.CommandLine;
 import picocli.CommandLine.Command;
 
-/** {@code memopt bench}: not part of this build yet (its issue is open); it exits with an error rather than pretend. */
-@Command(name = "bench", mixinStandardHelpOptions = true, description = "(not available in this build yet)")
-public final class BenchCommand implements Callable<Integer> {
+/** {@code memopt bench}: benchmarks, each configuration in a fresh JVM; results are printed as JSON lines. */
+@Command(
+        name = "bench",
+        mixinStandardHelpOptions = true,
+        description = "Benchmarks (memory, speed, quality); each configuration runs in a fresh JVM.",
+        subcommands = {BenchTrainCommand.class, BenchGenerateCommand.class, BenchQuantCommand.class})
+public final class BenchCommand implements Runnable {
+
+    @CommandLine.Spec CommandLine.Model.CommandSpec spec;
 
     @Override
-    public Integer call() {
-        System.err.println("memopt bench: not available in this build yet");
-        return 2;
+    public void run() {
+        spec.commandLine().usage(System.out);
     }
 }

@@ -1,15 +1,225 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.Device;
+import ai.djl.engine.Engine;
+import ai.djl.huggingface.tokenizers.HuggingFaceTokenizer;
+import ai.djl.memopt.model.deepseek.CausalLmLoss;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
+import ai.djl.training.ParameterStore;
+import com.google.gson.JsonObject;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.HashMap;
+import java.util.Locale;
+import java.util.Map;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Option;
 
-/** {@code memopt perplexity}: not part of this build yet (its issue is open); it exits with an error rather than pretend. */
-@Command(name = "perplexity", mixinStandardHelpOptions = true, description = "(not available in this build yet)")
+/**
+ * {@code memopt perplexity}: mean next-token cross-entropy (nats) and perplexity of a model on token ids or a text file,
+ * printed as one JSON line. Long inputs are cut into consecutive windows of {@code --seq} tokens; the loss is averaged
+ * over every predicted token of every window.
+ *
+ * <pre>
+ * memopt perplexity --model DIR --token-ids 5,17,3,9
+ * memopt perplexity --model DIR --text speech.txt --seq 512
+ * </pre>
+ */
+@Command(name = "perplexity", mixinStandardHelpOptions = true,
+        description = "Mean next-token cross-entropy and perplexity of a model on token ids or a text file.")
 public final class PerplexityCommand implements Callable<Integer> {
 
+    @Option(names = "--model", required = true, paramLabel = "DIR",
+            description = "Hugging Face model directory (config.json + safetensors; tokenizer.json for --text).")
+    Path model;
+
+    @Option(names = "--token-ids", paramLabel = "IDS", description = "Comma-separated token ids, e.g. 5,17,3.")
+    String tokenIds;
+
+    @Option(names = "--text", paramLabel = "FILE", description = "UTF-8 text file, tokenized with DIR/tokenizer.json.")
+    Path text;
+
+    @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
+    String device;
+
+    @Option(names = "--seq", paramLabel = "N",
+            description = "Window length in tokens (default: min(max_position_embeddings, 1024)).")
+    Integer seq;
+
+    @Option(names = "--dtype", defaultValue = "float32", paramLabel = "float32|float16",
+            description = "Weight type (default float32).")
+    String dtype;
+
+    @Option(names = "--json", description = "Accepted for consistency with the other commands: the result is always "
+            + "one JSON line.")
+    boolean json;
+
     @Override
-    public Integer call() {
-        System.err.println("memopt perplexity: not available in this build yet");
-        return 2;
+    public Integer call() throws Exception {
+        if ((tokenIds == null) == (text == null)) {
+            throw new IllegalArgumentException("give exactly one of --token-ids or --text");
+        }
+        if (!Files.isDirectory(model)) {
+            throw new IllegalArgumentException("model directory " + model + " does not exist");
+        }
+        Device dev = parseDevice(device);
+        DataType type = parseDType(dtype);
+        long[] ids = tokenIds != null ? parseIds(tokenIds) : tokenize(model, text);
+        try (Scorer scorer = openModel(model, dev, type)) {
+            int window = seq != null ? seq : Math.min(scorer.maxPositions(), 1024);
+            if (window < 2) {
+                throw new IllegalArgumentException("--seq must be at least 2, got " + window);
+            }
+            for (long id : ids) {
+                if (id < 0 || id >= scorer.vocabSize()) {
+                    throw new IllegalArgumentException(
+                            "token id " + id + " is outside the model's vocabulary [0, " + scorer.vocabSize() + ")");
+                }
+            }
+            if (ids.length < 2) {
+                throw new IllegalArgumentException("need at least 2 tokens to predict one, got " + ids.length);
+            }
+            double nll = 0;
+            long predicted = 0;
+            int windows = 0;
+            for (int start = 0; start < ids.length; start += window) {
+                int end = Math.min(ids.length, start + window);
+                if (end - start < 2) {
+                    break; // a lone trailing token predicts nothing
+                }
+                long[] chunk = java.util.Arrays.copyOfRange(ids, start, end);
+                CausalLmLoss.Sum s = scorer.score(chunk);
+                nll += s.nll();
+                predicted += s.tokens();
+                windows++;
+            }
+            double loss = nll / predicted;
+            JsonObject out = new JsonObject();
+            out.addProperty("model", model.toString());
+            out.addProperty("tokens", ids.length);
+            out.addProperty("predicted", predicted);
+            out.addProperty("windows", windows);
+            out.addProperty("seq", window);
+            out.addProperty("loss", loss);
+            out.addProperty("perplexity", Math.exp(loss));
+            out.addProperty("device", dev.isGpu() ? "gpu" + dev.getDeviceId() : "cpu");
+            out.addProperty("dtype", type.toString().toLowerCase(Locale.ROOT));
+            System.out.println(out);
+        }
+        return 0;
+    }
+
+    /** Something that scores token windows; what {@link #openModel} returns. */
+    interface Scorer extends AutoCloseable {
+        /** Summed next-token NLL of one window of ids and the number of tokens predicted. */
+        CausalLmLoss.Sum score(long[] ids);
+
+        int vocabSize();
+
+        int maxPositions();
+
+        @Override
+        void close();
+    }
+
+    /**
+     * Opens a model directory for scoring. The one place that decides how a directory is loaded: other directory kinds
+     * (quantized, adapters) plug in here.
+     */
+    static Scorer openModel(Path dir, Device device, DataType dtype) throws IOException {
+        DeepSeekForCausalLM lm = DeepSeekLoader.load(dir, device, dtype);
+        return new Scorer() {
+            @Override
+            public CausalLmLoss.Sum score(long[] ids) {
+                try (NDManager m = lm.manager().newSubManager()) {
+                    NDArray input = m.create(ids, new Shape(1, ids.length));
+                    NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(input), false).head();
+                    return CausalLmLoss.sum(logits, input, null);
+                }
+            }
+
+            @Override
+            public int vocabSize() {
+                return lm.config().vocabSize();
+            }
+
+            @Override
+            public int maxPositions() {
+                return lm.config().maxPositionEmbeddings();
+            }
+
+            @Override
+            public void close() {
+                lm.close();
+            }
+        };
+    }
+
+    static long[] parseIds(String csv) {
+        String[] parts = csv.split(",");
+        long[] ids = new long[parts.length];
+        for (int i = 0; i < parts.length; i++) {
+            String p = parts[i].trim();
+            try {
+                ids[i] = Long.parseLong(p);
+            } catch (NumberFormatException e) {
+                throw new IllegalArgumentException("bad --token-ids: '" + p + "' (item " + (i + 1)
+                        + ") is not an integer");
+            }
+        }
+        return ids;
+    }
+
+    static long[] tokenize(Path modelDir, Path textFile) throws IOException {
+        if (!Files.isRegularFile(textFile)) {
+            throw new IllegalArgumentException("text file " + textFile + " does not exist");
+        }
+        Path tokenizerJson = modelDir.resolve("tokenizer.json");
+        if (!Files.isRegularFile(tokenizerJson)) {
+            throw new IllegalArgumentException(modelDir + " has no tokenizer.json (needed for --text)");
+        }
+        String content = Files.readString(textFile, StandardCharsets.UTF_8);
+        Map<String, String> options = new HashMap<>();
+        options.put("truncation", "false"); // windows are cut here, not by the tokenizer
+        options.put("padding", "false");
+        try (HuggingFaceTokenizer tokenizer = HuggingFaceTokenizer.newInstance(tokenizerJson, options)) {
+            return tokenizer.encode(content).getIds();
+        }
+    }
+
+    static Device parseDevice(String name) {
+        switch (name.toLowerCase(Locale.ROOT)) {
+            case "cpu":
+                return Device.cpu();
+            case "gpu":
+                if (Engine.getInstance().getGpuCount() == 0) {
+                    throw new IllegalArgumentException("--device gpu: no GPU is visible to the engine");
+                }
+                return Device.gpu();
+            default:
+                throw new IllegalArgumentException("--device must be cpu or gpu, got '" + name + "'");
+        }
+    }
+
+    static DataType parseDType(String name) {
+        switch (name.toLowerCase(Locale.ROOT)) {
+            case "float32":
+            case "fp32":
+                return DataType.FLOAT32;
+            case "float16":
+            case "fp16":
+                return DataType.FLOAT16;
+            default:
+                throw new IllegalArgumentException("--dtype must be float32 or float16, got '" + name + "'");
+        }
     }
 }

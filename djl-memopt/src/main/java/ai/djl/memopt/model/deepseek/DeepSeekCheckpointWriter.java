@@ -33,10 +33,24 @@ public final class DeepSeekCheckpointWriter {
         if (!config.equals(model.config())) {
             throw new IllegalArgumentException("config " + config + " differs from the model's " + model.config());
         }
+        Map<String, Parameter> params = Blocks.parameters(model);
+        java.util.Set<String> expected = Blocks.parameters(new DeepSeekForCausalLM(config)).keySet();
+        for (String name : params.keySet()) {
+            if (!expected.contains(name)) {
+                throw new IllegalArgumentException("parameter '" + name + "' is not a Hugging Face tensor of this "
+                        + "model (a decorator is in place?): merge or remove decorators before saving");
+            }
+        }
+        for (String name : expected) {
+            if (!params.containsKey(name)) {
+                throw new IllegalArgumentException("the model has no parameter '" + name
+                        + "' (a decorator replaced its block?): merge or remove decorators before saving");
+            }
+        }
         Files.createDirectories(dir);
         SafetensorsWriter writer = new SafetensorsWriter();
         writer.putMetadata("format", "pt");
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(model).entrySet()) {
+        for (Map.Entry<String, Parameter> e : params.entrySet()) {
             if (!e.getValue().isInitialized()) {
                 throw new IllegalArgumentException("parameter " + e.getKey() + " is not initialised");
             }

@@ -60,7 +60,8 @@ public final class DeepSeekConfig {
     private final double ropeTheta;
     private final String ropeType;
     private final double ropeFactor;
-    private final int originalMaxPositionEmbeddings;
+    private final Integer originalMaxPositionEmbeddings;
+    private final boolean ropeTruncate;
     private final double betaFast;
     private final double betaSlow;
     private final double mscale;
@@ -99,6 +100,7 @@ public final class DeepSeekConfig {
         this.ropeType = b.ropeType;
         this.ropeFactor = b.ropeFactor;
         this.originalMaxPositionEmbeddings = b.originalMaxPositionEmbeddings;
+        this.ropeTruncate = b.ropeTruncate;
         this.betaFast = b.betaFast;
         this.betaSlow = b.betaSlow;
         this.mscale = b.mscale;
@@ -312,8 +314,7 @@ public final class DeepSeekConfig {
                 if (factor == null) {
                     throw new IllegalArgumentException("rope type yarn needs a factor");
                 }
-                Integer orig = optInt(rope, "original_max_position_embeddings");
-                int original = orig != null ? orig : b.maxPositionEmbeddings;
+                Integer original = optInt(rope, "original_max_position_embeddings");
                 Double bf = optDouble(rope, "beta_fast");
                 Double bs = optDouble(rope, "beta_slow");
                 Double ms = optDouble(rope, "mscale");
@@ -321,6 +322,8 @@ public final class DeepSeekConfig {
                 b.yarn(factor, original, bf == null ? 32 : bf, bs == null ? 1 : bs, ms == null ? 0 : ms,
                         msa == null ? 0 : msa);
                 b.attentionFactor(optDouble(rope, "attention_factor"));
+                Boolean truncate = optBool(rope, "truncate");
+                b.ropeTruncate(truncate == null || truncate);
             } else if (!"default".equals(rt)) {
                 throw new IllegalArgumentException(
                         "rope type '" + rt + "' is not supported (supported: default, yarn)");
@@ -435,7 +438,12 @@ public final class DeepSeekConfig {
         if (isYarn()) {
             rope.addProperty("type", ropeType);
             rope.addProperty("factor", ropeFactor);
-            rope.addProperty("original_max_position_embeddings", originalMaxPositionEmbeddings);
+            if (originalMaxPositionEmbeddings != null) {
+                rope.addProperty("original_max_position_embeddings", originalMaxPositionEmbeddings);
+            }
+            if (!ropeTruncate) {
+                rope.addProperty("truncate", false);
+            }
             rope.addProperty("beta_fast", betaFast);
             rope.addProperty("beta_slow", betaSlow);
             rope.addProperty("mscale", mscale);
@@ -497,15 +505,36 @@ public final class DeepSeekConfig {
             return attentionFactor;
         }
         if (mscale != 0 && mscaleAllDim != 0) {
-            return yarnGetMscale(ropeFactor, mscale) / yarnGetMscale(ropeFactor, mscaleAllDim);
+            return yarnGetMscale(yarnFactor(), mscale) / yarnGetMscale(yarnFactor(), mscaleAllDim);
         }
-        return yarnGetMscale(ropeFactor, 1.0);
+        return yarnGetMscale(yarnFactor(), 1.0);
+    }
+
+    /**
+     * The scaling factor transformers' {@code _compute_yarn_parameters} actually uses for the frequencies and the
+     * attention factor: {@code max_position_embeddings / original_max_position_embeddings} when the latter is given,
+     * else {@code factor}.
+     */
+    public double yarnFactor() {
+        return originalMaxPositionEmbeddings != null
+                ? (double) maxPositionEmbeddings / originalMaxPositionEmbeddings
+                : ropeFactor;
+    }
+
+    /** The context YaRN's correction range is computed for (the original one, else {@code max_position_embeddings}). */
+    public int yarnOriginalContext() {
+        return originalMaxPositionEmbeddings != null ? originalMaxPositionEmbeddings : maxPositionEmbeddings;
+    }
+
+    /** YaRN's {@code truncate} (floor/ceil the correction range; default true). */
+    public boolean ropeTruncate() {
+        return ropeTruncate;
     }
 
     /**
      * The attention softmax scale: {@code qk_head_dim^-0.5}, times {@code mscale(factor, mscale_all_dim)^2} under YaRN
-     * with a non-zero {@code mscale_all_dim}. Transformers applies that correction in both DeepSeek-V3 and (as the
-     * original DeepSeek-V2 code does) V2; the V2 fixture proves it.
+     * with a non-zero {@code mscale_all_dim} ({@code factor} as configured). Transformers 5.17 applies that correction
+     * in DeepSeek-V3 and in V2 (as DeepSeek's own V2 code does); the V2 fixture fails without it (logits off by 2e-3).
      */
     public double softmaxScale() {
         double scale = Math.pow(qkHeadDim(), -0.5);
@@ -643,8 +672,9 @@ public final class DeepSeekConfig {
         return ropeFactor;
     }
 
+    /** YaRN's {@code original_max_position_embeddings}, or 0 when not given. */
     public int originalMaxPositionEmbeddings() {
-        return originalMaxPositionEmbeddings;
+        return originalMaxPositionEmbeddings == null ? 0 : originalMaxPositionEmbeddings;
     }
 
     public double betaFast() {
@@ -739,7 +769,8 @@ public final class DeepSeekConfig {
         private double ropeTheta = 10000;
         private String ropeType = "default";
         private double ropeFactor = 1;
-        private int originalMaxPositionEmbeddings;
+        private Integer originalMaxPositionEmbeddings;
+        private boolean ropeTruncate = true;
         private double betaFast = 32;
         private double betaSlow = 1;
         private double mscale;
@@ -835,7 +866,7 @@ public final class DeepSeekConfig {
         public Builder initializerRange(double v) { initializerRange = v; return this; }
 
         /** YaRN rope scaling. */
-        public Builder yarn(double factor, int originalMaxPositions, double betaFast, double betaSlow, double mscale,
+        public Builder yarn(double factor, Integer originalMaxPositions, double betaFast, double betaSlow, double mscale,
                 double mscaleAllDim) {
             this.ropeType = "yarn";
             this.ropeFactor = factor;
@@ -847,6 +878,9 @@ public final class DeepSeekConfig {
             return this;
         }
 
+        /** YaRN's {@code truncate}. */
+        public Builder ropeTruncate(boolean v) { ropeTruncate = v; return this; }
+
         /** YaRN's explicit {@code attention_factor} (null: derived from mscale). */
         public Builder attentionFactor(Double v) { attentionFactor = v; return this; }
 
@@ -854,7 +888,8 @@ public final class DeepSeekConfig {
         public Builder defaultRope() {
             ropeType = "default";
             ropeFactor = 1;
-            originalMaxPositionEmbeddings = 0;
+            originalMaxPositionEmbeddings = null;
+            ropeTruncate = true;
             mscale = 0;
             mscaleAllDim = 0;
             attentionFactor = null;
@@ -917,7 +952,9 @@ public final class DeepSeekConfig {
             }
             if ("yarn".equals(ropeType)) {
                 check(ropeFactor > 0, "rope factor", ropeFactor, "must be > 0");
-                positive("original_max_position_embeddings", originalMaxPositionEmbeddings);
+                if (originalMaxPositionEmbeddings != null) {
+                    positive("original_max_position_embeddings", originalMaxPositionEmbeddings);
+                }
                 check(betaFast > betaSlow, "beta_fast", betaFast, "must exceed beta_slow " + betaSlow);
             }
             positive("max_position_embeddings", maxPositionEmbeddings);

@@ -1,9 +1,11 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.Device;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.AbstractBlock;
@@ -16,6 +18,7 @@ import com.google.common.base.Preconditions;
 import java.util.Map;
 import java.util.SplittableRandom;
 import java.util.function.Function;
+import java.util.stream.IntStream;
 
 /**
  * DeepSeek-V3/V2 causal language model (Hugging Face {@code DeepseekV3ForCausalLM}/{@code DeepseekV2ForCausalLM}):
@@ -35,13 +38,15 @@ import java.util.function.Function;
  * }
  * }</pre>
  */
-public final class DeepSeekForCausalLM extends AbstractBlock {
+public final class DeepSeekForCausalLM extends AbstractBlock implements AutoCloseable {
 
     private static final byte VERSION = 1;
 
     private final DeepSeekConfig config;
     private final DeepSeekModel model;
     private Block lmHead;
+    private NDManager manager;
+    private boolean ownsManager;
 
     /** An uninitialised model; use {@link #random}, {@link DeepSeekLoader#load} or {@link #initializeWith}. */
     public DeepSeekForCausalLM(DeepSeekConfig config) {
@@ -74,6 +79,23 @@ public final class DeepSeekForCausalLM extends AbstractBlock {
         return lm;
     }
 
+    /**
+     * {@link #random(DeepSeekConfig, long, NDManager, DataType)} with the weights in a new manager on {@code device},
+     * owned by the model ({@link #close()} frees them).
+     */
+    public static DeepSeekForCausalLM random(DeepSeekConfig config, long seed, Device device, DataType dtype) {
+        checkDType(dtype);
+        NDManager owned = NDManager.newBaseManager(device);
+        try {
+            DeepSeekForCausalLM lm = random(config, seed, owned, dtype);
+            lm.ownManager();
+            return lm;
+        } catch (RuntimeException e) {
+            owned.close();
+            throw e;
+        }
+    }
+
     static void checkDType(DataType dtype) {
         if (dtype == DataType.BFLOAT16) {
             throw new IllegalArgumentException(
@@ -95,6 +117,28 @@ public final class DeepSeekForCausalLM extends AbstractBlock {
             e.getValue().setInitializer(init.apply(e.getKey()));
         }
         initialize(manager, dtype, new Shape(1, 1));
+        // weights live as long as their manager, even when loaded inside a caller's NDScope
+        for (Parameter p : Blocks.parameters(this).values()) {
+            NDScope.unregister(p.getArray());
+        }
+        this.manager = manager;
+    }
+
+    void ownManager() {
+        ownsManager = true;
+    }
+
+    /** The manager the weights were allocated on (create inputs in it or a sub-manager of it). */
+    public NDManager manager() {
+        return manager;
+    }
+
+    /** Frees the weights if this model owns its manager (loaded or created with a {@code Device}); else a no-op. */
+    @Override
+    public void close() {
+        if (ownsManager && manager != null) {
+            manager.close();
+        }
     }
 
     public DeepSeekConfig config() {
@@ -113,7 +157,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock {
 
     /** The data type of the weights (the embedding table's). */
     public DataType dataType() {
-        return ((TokenEmbedding) model.embedTokens()).weight().getArray().getDataType();
+        return model.tokenEmbedding().weight().getArray().getDataType();
     }
 
     @Override
@@ -140,7 +184,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock {
             if (lmHead != null) {
                 out = Projections.call(lmHead, ps, hidden, training);
             } else {
-                NDArray table = ps.getValue(((TokenEmbedding) model.embedTokens()).weight(), hidden.getDevice(),
+                NDArray table = ps.getValue(model.tokenEmbedding().weight(), hidden.getDevice(),
                         training);
                 out = hidden.matMul(table.transpose()); // (B, T, V)
             }
@@ -155,6 +199,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock {
 
     /** {@code N(0, std)} values drawn in Java from a per-tensor stream (seed, name). */
     static final class SeededNormal implements Initializer {
+        private static final int CHUNK = 1 << 20;
         private final long seed;
         private final String name;
         private final float std;
@@ -169,11 +214,17 @@ public final class DeepSeekForCausalLM extends AbstractBlock {
         public NDArray initialize(NDManager manager, Shape shape, DataType dataType) {
             long n = shape.size();
             Preconditions.checkArgument(n <= Integer.MAX_VALUE, "tensor %s too large for random init: %s", name, shape);
-            SplittableRandom random = new SplittableRandom(seed * 0x9E3779B97F4A7C15L ^ name.hashCode());
             float[] values = new float[(int) n];
-            for (int i = 0; i < values.length; i++) {
-                values[i] = (float) random.nextGaussian() * std;
-            }
+            long base = seed * 0x9E3779B97F4A7C15L ^ name.hashCode();
+            int chunks = (int) ((n + CHUNK - 1) / CHUNK);
+            // fixed-size chunks with their own streams: the values do not depend on the number of threads
+            IntStream.range(0, chunks).parallel().forEach(c -> {
+                SplittableRandom random = new SplittableRandom(base + 0xBF58476D1CE4E5B9L * (c + 1));
+                int end = (int) Math.min(n, (long) (c + 1) * CHUNK);
+                for (int i = c * CHUNK; i < end; i++) {
+                    values[i] = (float) random.nextGaussian() * std;
+                }
+            });
             NDArray created = manager.create(values, shape);
             if (dataType == DataType.FLOAT32) {
                 return created;

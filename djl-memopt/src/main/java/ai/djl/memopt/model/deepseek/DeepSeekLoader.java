@@ -34,11 +34,11 @@ import org.slf4j.LoggerFactory;
  *
  * <pre>{@code
  * try (NDManager manager = NDManager.newBaseManager()) {
- *     DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(dir, manager, DataType.FLOAT32);
+ *     DeepSeekForCausalLM lm = DeepSeekLoader.load(dir, manager, DataType.FLOAT32);
  * }
  * // or, owning its manager:
- * try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(dir, Device.cpu(), DataType.FLOAT16)) {
- *     loaded.model() ...
+ * try (DeepSeekForCausalLM lm = DeepSeekLoader.load(dir, Device.cpu(), DataType.FLOAT16)) {
+ *     NDArray ids = lm.manager().create(...);
  * }
  * }</pre>
  */
@@ -49,50 +49,22 @@ public final class DeepSeekLoader {
 
     private DeepSeekLoader() {}
 
-    /** A loaded model with the manager that owns its weights; closing it frees them. */
-    public static final class Loaded implements AutoCloseable {
-        private final DeepSeekForCausalLM model;
-        private final DeepSeekConfig config;
-        private final NDManager manager;
-
-        Loaded(DeepSeekForCausalLM model, NDManager manager) {
-            this.model = model;
-            this.config = model.config();
-            this.manager = manager;
-        }
-
-        public DeepSeekForCausalLM model() {
-            return model;
-        }
-
-        public DeepSeekConfig config() {
-            return config;
-        }
-
-        /** The manager holding the weights (use it, or a sub-manager, for inputs). */
-        public NDManager manager() {
-            return manager;
-        }
-
-        @Override
-        public void close() {
-            manager.close();
-        }
-    }
-
     /**
-     * Loads into a new manager on {@code device} that the returned {@link Loaded} owns.
+     * Loads into a new manager on {@code device} that the returned model owns ({@link DeepSeekForCausalLM#close()} frees
+     * the weights).
      *
      * @param dtype {@link DataType#FLOAT32} or {@link DataType#FLOAT16}
      * @throws IllegalArgumentException for BF16 (or another type), an invalid config, a missing, unexpected or
      *     wrongly shaped tensor (naming file and tensor)
      * @throws IOException if the files cannot be read or are corrupt
      */
-    public static Loaded load(Path dir, Device device, DataType dtype) throws IOException {
+    public static DeepSeekForCausalLM load(Path dir, Device device, DataType dtype) throws IOException {
         DeepSeekForCausalLM.checkDType(dtype);
         NDManager manager = NDManager.newBaseManager(device);
         try {
-            return new Loaded(load(dir, manager, dtype), manager);
+            DeepSeekForCausalLM lm = load(dir, manager, dtype);
+            lm.ownManager();
+            return lm;
         } catch (IOException | RuntimeException e) {
             manager.close();
             throw e;

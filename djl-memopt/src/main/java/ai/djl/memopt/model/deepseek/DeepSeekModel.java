@@ -27,6 +27,7 @@ public final class DeepSeekModel extends AbstractBlock {
 
     private final DeepSeekConfig config;
     private Block embedTokens;
+    private final TokenEmbedding tokenEmbedding;
     private final ModuleList layers;
     private Block norm;
     private final RotaryEmbedding rotaryEmb;
@@ -39,7 +40,8 @@ public final class DeepSeekModel extends AbstractBlock {
         for (int i = 0; i < config.numHiddenLayers(); i++) {
             list.add(new DeepSeekDecoderLayer(config, i, rotary));
         }
-        embedTokens = addChildBlock("embed_tokens", new TokenEmbedding(config.vocabSize(), config.hiddenSize()));
+        tokenEmbedding = new TokenEmbedding(config.vocabSize(), config.hiddenSize());
+        embedTokens = addChildBlock("embed_tokens", tokenEmbedding);
         layers = addChildBlock("layers", new ModuleList(list, new Shape(1, 1, config.hiddenSize())));
         norm = addChildBlock("norm", new RmsNorm(config.hiddenSize(), config.rmsNormEps()));
         rotaryEmb = addChildBlock("rotary_emb", rotary);
@@ -52,6 +54,11 @@ public final class DeepSeekModel extends AbstractBlock {
     /** The token embedding ({@link TokenEmbedding} unless replaced). */
     public Block embedTokens() {
         return embedTokens;
+    }
+
+    /** The embedding table created with the model (its {@code weight} is the tied output matrix), even if decorated. */
+    public TokenEmbedding tokenEmbedding() {
+        return tokenEmbedding;
     }
 
     /** The decoder layers; {@code layers().get(i)} is layer {@code i} (a {@link DeepSeekDecoderLayer} or decorator). */

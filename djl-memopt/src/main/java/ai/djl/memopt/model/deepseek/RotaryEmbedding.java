@@ -71,10 +71,14 @@ public final class RotaryEmbedding extends AbstractBlock {
             }
             return inv;
         }
-        double factor = config.ropeFactor();
-        int original = config.originalMaxPositionEmbeddings();
-        double low = Math.floor(correctionDim(config.betaFast(), dim, base, original));
-        double high = Math.ceil(correctionDim(config.betaSlow(), dim, base, original));
+        double factor = config.yarnFactor();
+        int original = config.yarnOriginalContext();
+        double low = correctionDim(config.betaFast(), dim, base, original);
+        double high = correctionDim(config.betaSlow(), dim, base, original);
+        if (config.ropeTruncate()) {
+            low = Math.floor(low);
+            high = Math.ceil(high);
+        }
         low = Math.max(low, 0);
         high = Math.min(high, dim - 1);
         if (low == high) {

@@ -89,6 +89,22 @@ class DeepSeekBlocksTest {
         float[] inv = new RotaryEmbedding(c).inverseFrequencies();
         float[] expected = {1f, 0.5f * (0.1f / 4) + 0.5f * 0.1f, 0.01f / 4, 0.001f / 4};
         assertArrayEquals(expected, inv, 1e-7f);
+        // transformers uses max_position_embeddings / original_max_position_embeddings as the factor when both exist
+        com.google.gson.JsonObject o = com.google.gson.JsonParser.parseString(
+                java.nio.file.Files.readString(Fixtures.V2.resolve("config.json"))).getAsJsonObject();
+        o.addProperty("max_position_embeddings", 512);
+        float[] eight = new RotaryEmbedding(DeepSeekConfig.fromJsonString(o.toString())).inverseFrequencies();
+        assertEquals(0.001f / 8, eight[3], 1e-9f);
+        assertEquals(1f, eight[0], 0f);
+        // truncate false: the ramp runs over the unrounded correction range [0, 1.008...]
+        o.addProperty("max_position_embeddings", 256);
+        o.getAsJsonObject("rope_parameters").addProperty("truncate", false);
+        DeepSeekConfig untruncated = DeepSeekConfig.fromJsonString(o.toString());
+        double high = 8 * Math.log(64 / (2 * Math.PI)) / (2 * Math.log(10000));
+        double ramp = 1 / high;
+        float[] un = new RotaryEmbedding(untruncated).inverseFrequencies();
+        assertEquals((float) (0.025 * ramp + 0.1 * (1 - ramp)), un[1], 1e-7f);
+        assertEquals(untruncated, DeepSeekConfig.fromJsonString(untruncated.toJson()));
         DeepSeekConfig lite = DeepSeekConfig.preset("deepseek-v2-lite");
         double m = 0.1 * 0.707 * Math.log(40) + 1;
         assertEquals(Math.pow(192, -0.5) * m * m, lite.softmaxScale(), 1e-12);
@@ -289,6 +305,122 @@ class DeepSeekBlocksTest {
                 }
             }
             assertTrue(last < first - 0.1, "loss " + first + " -> " + last);
+        }
+    }
+
+    /** Wraps a block and counts calls; output unchanged unless {@code scale != 1}. */
+    static final class Counting extends ai.djl.nn.AbstractBlock {
+        final ai.djl.nn.Block inner;
+        final float scale;
+        int calls;
+
+        Counting(ai.djl.nn.Block inner, float scale) {
+            super((byte) 1);
+            this.inner = addChildBlock("inner", inner);
+            this.scale = scale;
+        }
+
+        @Override
+        protected NDList forwardInternal(ParameterStore ps, NDList inputs, boolean training,
+                ai.djl.util.PairList<String, Object> params) {
+            calls++;
+            NDArray out = inner.forward(ps, inputs, training).head();
+            return new NDList(scale == 1f ? out : out.mul(scale));
+        }
+
+        @Override
+        public Shape[] getOutputShapes(Shape[] inputShapes) {
+            return inputShapes;
+        }
+    }
+
+    @Test
+    void decoratorsPutInPlaceByBlocksReplaceAreCalled() throws Exception {
+        try (NDManager m = NDManager.newBaseManager();
+                SafetensorsFile ref = SafetensorsFile.open(Fixtures.V3.resolve("reference.safetensors"))) {
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(Fixtures.V3, m, DataType.FLOAT32);
+            ParameterStore ps = new ParameterStore(m, false);
+            NDArray ids = ref.load(m, "input_ids");
+            NDArray base = lm.forward(ps, new NDList(ids), false).head();
+            String[] paths = {"model.layers.1.self_attn.q_a_proj", "model.layers.1.self_attn.kv_b_proj",
+                "model.layers.1.mlp.experts.2.up_proj", "model.layers.1.mlp.shared_experts.down_proj",
+                "model.layers.0.mlp.gate_proj", "model.layers.2", "lm_head", "model.norm"};
+            java.util.List<Counting> wrappers = new java.util.ArrayList<>();
+            for (String p : paths) {
+                wrappers.add((Counting) Blocks.replace(lm, p, b -> new Counting(b, 1f)));
+            }
+            NDArray same = lm.forward(ps, new NDList(ids), false).head();
+            assertTrue(Fixtures.maxAbsDiff(base, same) == 0f);
+            for (int i = 0; i < paths.length; i++) {
+                assertTrue(wrappers.get(i).calls > 0, paths[i] + " decorator was not called");
+            }
+            Blocks.replace(lm, "model.layers.1.self_attn.o_proj", b -> new Counting(b, 2f));
+            NDArray changed = lm.forward(ps, new NDList(ids), false).head();
+            assertTrue(Fixtures.maxAbsDiff(base, changed) > 1e-3);
+            IllegalArgumentException e = org.junit.jupiter.api.Assertions.assertThrows(IllegalArgumentException.class,
+                    () -> DeepSeekCheckpointWriter.save(lm, lm.config(), tmp.resolve("decorated")));
+            assertTrue(e.getMessage().contains("decorator"), e.getMessage());
+            assertFalse(java.nio.file.Files.exists(tmp.resolve("decorated").resolve("model.safetensors")));
+        }
+    }
+
+    @Test
+    void v2GroupLimitedGreedyRouterMatchesHandComputation() {
+        DeepSeekConfig c = tiny(DeepSeekConfig.DEEPSEEK_V2).topkMethod("group_limited_greedy").nGroup(4).topkGroup(2)
+                .numExpertsPerTok(3).normTopkProb(true).routedScalingFactor(1.5).build();
+        try (NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(c, 9, m, DataType.FLOAT32);
+            MoeGate gate = (MoeGate) ((DeepSeekMoE) ((DeepSeekDecoderLayer) lm.model().layers().get(1)).mlp()).gate();
+            int n = 12;
+            int h = c.hiddenSize();
+            Random r = new Random(4);
+            float[] xs = new float[n * h];
+            for (int i = 0; i < xs.length; i++) {
+                xs[i] = (float) r.nextGaussian() * 20; // large inputs so the softmax is far from uniform
+            }
+            NDList route = gate.forward(new ParameterStore(m, false), new NDList(m.create(xs, new Shape(n, h))),
+                    false);
+            long[] idx = route.get(0).toLongArray();
+            float[] w = route.get(1).toFloatArray();
+            float[] gw = gate.weight().getArray().toFloatArray();
+            for (int t = 0; t < n; t++) {
+                double[] logit = new double[8];
+                double max = Double.NEGATIVE_INFINITY;
+                for (int e = 0; e < 8; e++) {
+                    for (int j = 0; j < h; j++) {
+                        logit[e] += xs[t * h + j] * gw[e * h + j];
+                    }
+                    max = Math.max(max, logit[e]);
+                }
+                double z = 0;
+                double[] p = new double[8];
+                for (int e = 0; e < 8; e++) {
+                    p[e] = Math.exp(logit[e] - max);
+                    z += p[e];
+                }
+                for (int e = 0; e < 8; e++) {
+                    p[e] /= z;
+                }
+                Integer[] groups = {0, 1, 2, 3};
+                Arrays.sort(groups, (a, b) -> Double.compare(Math.max(p[2 * b], p[2 * b + 1]),
+                        Math.max(p[2 * a], p[2 * a + 1])));
+                double[] masked = new double[8];
+                for (int k = 0; k < 2; k++) {
+                    masked[2 * groups[k]] = p[2 * groups[k]];
+                    masked[2 * groups[k] + 1] = p[2 * groups[k] + 1];
+                }
+                Integer[] order = {0, 1, 2, 3, 4, 5, 6, 7};
+                Arrays.sort(order, (a, b) -> Double.compare(masked[b], masked[a]));
+                long[] want = {order[0], order[1], order[2]};
+                long[] got = Arrays.copyOfRange(idx, 3 * t, 3 * t + 3);
+                double sum = p[(int) got[0]] + p[(int) got[1]] + p[(int) got[2]];
+                for (int k = 0; k < 3; k++) {
+                    assertEquals(p[(int) got[k]] / sum * 1.5, w[3 * t + k], 1e-5, "token " + t);
+                }
+                Arrays.sort(want);
+                Arrays.sort(got);
+                assertArrayEquals(want, got, "token " + t);
+            }
         }
     }
 }

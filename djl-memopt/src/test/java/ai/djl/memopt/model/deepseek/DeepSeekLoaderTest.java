@@ -141,8 +141,8 @@ class DeepSeekLoaderTest {
         }
         Path mtp = copyFixture("mtp", false, (n, v) -> v, "model.layers.3.eh_proj.weight",
                 "model.layers.3.enorm.weight");
-        try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(mtp, Device.cpu(), DataType.FLOAT32)) {
-            assertEquals(3, loaded.model().model().layers().size());
+        try (DeepSeekForCausalLM loaded = DeepSeekLoader.load(mtp, Device.cpu(), DataType.FLOAT32)) {
+            assertEquals(3, loaded.model().layers().size());
         }
     }
 
@@ -205,10 +205,9 @@ class DeepSeekLoaderTest {
 
     @Test
     void fp16LoadStaysCloseToTransformers() throws Exception {
-        try (DeepSeekLoader.Loaded loaded = DeepSeekLoader.load(Fixtures.V3, Device.cpu(), DataType.FLOAT16);
+        try (DeepSeekForCausalLM lm = DeepSeekLoader.load(Fixtures.V3, Device.cpu(), DataType.FLOAT16);
                 SafetensorsFile ref = SafetensorsFile.open(Fixtures.V3.resolve("reference.safetensors"));
-                NDManager m = loaded.manager().newSubManager()) {
-            DeepSeekForCausalLM lm = loaded.model();
+                NDManager m = lm.manager().newSubManager()) {
             assertEquals(DataType.FLOAT16, lm.dataType());
             NDArray ids = ref.load(m, "input_ids");
             NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), false).head();
@@ -245,6 +244,44 @@ class DeepSeekLoaderTest {
                     .toFloatArray(), 2), 0f);
             assertArrayEquals(new float[8], a.get("model.layers.1.mlp.gate.e_score_correction_bias").getArray()
                     .toFloatArray(), 0f);
+            // large tensors are drawn in parallel chunks; the values must not depend on the scheduling
+            DeepSeekForCausalLM.SeededNormal big = new DeepSeekForCausalLM.SeededNormal(7, "big", 0.02f);
+            ai.djl.ndarray.types.Shape shape = new ai.djl.ndarray.types.Shape(3, 1 << 20);
+            float[] x = big.initialize(m, shape, DataType.FLOAT32).toFloatArray();
+            float[] y = big.initialize(m, shape, DataType.FLOAT32).toFloatArray();
+            assertArrayEquals(x, y, 0f);
+            assertNotEquals(x[0], x[1 << 20]); // chunks use different streams
+        }
+    }
+
+    @Test
+    void shardedCheckpointLoadsLikeTheSingleFile() throws Exception {
+        Path dir = tmp.resolve("sharded");
+        Files.createDirectories(dir);
+        Files.copy(Fixtures.V3.resolve("config.json"), dir.resolve("config.json"));
+        SafetensorsWriter a = new SafetensorsWriter();
+        SafetensorsWriter b = new SafetensorsWriter();
+        StringBuilder map = new StringBuilder();
+        try (SafetensorsFile f = SafetensorsFile.open(Fixtures.V3.resolve("model.safetensors"))) {
+            int i = 0;
+            for (String t : f.names()) {
+                boolean first = i++ % 2 == 0;
+                (first ? a : b).add(t, SafetensorsDType.F32, f.info(t).shape(), f32(f.readFloats(t)));
+                map.append(map.length() == 0 ? "" : ", ").append('"').append(t).append("\": \"")
+                        .append(first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors")
+                        .append('"');
+            }
+        }
+        a.write(dir.resolve("model-00001-of-00002.safetensors"));
+        b.write(dir.resolve("model-00002-of-00002.safetensors"));
+        Files.writeString(dir.resolve("model.safetensors.index.json"),
+                "{\"metadata\": {}, \"weight_map\": {" + map + "}}");
+        try (NDManager m = NDManager.newBaseManager()) {
+            Map<String, Parameter> one = Blocks.parameters(DeepSeekLoader.load(Fixtures.V3, m, DataType.FLOAT32));
+            Map<String, Parameter> two = Blocks.parameters(DeepSeekLoader.load(dir, m, DataType.FLOAT32));
+            for (String k : one.keySet()) {
+                assertArrayEquals(one.get(k).getArray().toFloatArray(), two.get(k).getArray().toFloatArray(), 0f, k);
+            }
         }
     }
 }
