@@ -293,6 +293,16 @@ public final class Lora {
     }
 
     /**
+     * As {@link #save(Block, Path)}, recording {@code base_model_name_or_path} (a Hugging Face model id or directory)
+     * for PEFT's {@code from_pretrained}.
+     *
+     * @throws IOException if writing fails
+     */
+    public static void save(Block root, Path directory, String baseModelNameOrPath) throws IOException {
+        PeftAdapters.save(root, directory, baseModelNameOrPath);
+    }
+
+    /**
      * Loads a PEFT adapter directory onto the model ({@link PeftAdapters#load}).
      *
      * @throws IOException if a file cannot be read

@@ -125,7 +125,7 @@ class PeftAdaptersTest {
             Block model = ToyBlocks.deepSeekLike(m, 3);
             Lora.load(model, FIXTURE);
             Path out = tmp.resolve("resaved");
-            PeftAdapters.save(model, out, "base");
+            Lora.save(model, out, "base");
             try (SafetensorsFile ours = SafetensorsFile.open(out.resolve(PeftAdapters.WEIGHTS_FILE));
                     SafetensorsFile peft = SafetensorsFile.open(FIXTURE.resolve(PeftAdapters.WEIGHTS_FILE))) {
                 assertEquals(peft.names(), ours.names());
