@@ -311,4 +311,35 @@ class PeftAdaptersTest {
             assertThrows(IllegalStateException.class, () -> Lora.save(ToyBlocks.deepSeekLike(m, 1), dir));
         }
     }
+
+    /** PEFT adapters trained in bfloat16 are saved as BF16: read through Java's conversion (DJL aborts on BF16). */
+    @Test
+    void bf16AdapterFileLoads() throws IOException {
+        Path dir = fixtureWithConfig("bf16", c -> { });
+        SafetensorsWriter writer = new SafetensorsWriter().putMetadata("format", "pt");
+        try (SafetensorsFile f32 = SafetensorsFile.open(FIXTURE.resolve(PeftAdapters.WEIGHTS_FILE))) {
+            for (String name : f32.names()) {
+                float[] v = f32.readFloats(name);
+                ByteBuffer bytes = ByteBuffer.allocate(2 * v.length).order(java.nio.ByteOrder.LITTLE_ENDIAN);
+                for (float x : v) {
+                    bytes.putShort(ai.djl.memopt.safetensors.Halfs.floatToBf16(x));
+                }
+                writer.add(name, ai.djl.memopt.safetensors.SafetensorsDType.BF16, f32.info(name).shape(),
+                        bytes.flip());
+            }
+        }
+        writer.write(dir.resolve(PeftAdapters.WEIGHTS_FILE));
+        try (NDManager m = NDManager.newBaseManager();
+                SafetensorsFile f32 = SafetensorsFile.open(FIXTURE.resolve(PeftAdapters.WEIGHTS_FILE))) {
+            Block model = ToyBlocks.deepSeekLike(m, 3);
+            Lora.load(model, dir);
+            LoraLinear l = Lora.adapters(model).get("model.layers.2.self_attn.o_proj");
+            assertEquals(DataType.FLOAT32, l.loraB().getArray().getDataType());
+            float[] want = f32.readFloats(PeftAdapters.PREFIX + "model.layers.2.self_attn.o_proj.lora_B.weight");
+            float[] got = l.loraB().getArray().toFloatArray();
+            for (int i = 0; i < want.length; i++) {
+                assertEquals(want[i], got[i], Math.abs(want[i]) / 128, "bf16 keeps 8 significant bits");
+            }
+        }
+    }
 }
