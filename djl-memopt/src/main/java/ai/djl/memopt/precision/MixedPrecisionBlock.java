@@ -98,8 +98,10 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
             }
         }
         for (String path : islands) {
-            if (!(Blocks.get(block, path) instanceof Fp32Block)) {
-                Blocks.replace(block, path, b -> new Fp32Block(b, policy.computeType()));
+            Block b = Blocks.get(block, path);
+            if (!(b instanceof Fp32Block)) {
+                DataType out = policy.islandKeepsFp32Output(path, b) ? DataType.FLOAT32 : policy.computeType();
+                Blocks.replace(block, path, old -> new Fp32Block(old, out));
             }
         }
         return ImmutableList.copyOf(islands);

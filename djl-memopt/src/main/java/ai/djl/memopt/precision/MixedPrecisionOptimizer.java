@@ -3,6 +3,9 @@ package ai.djl.memopt.precision;
 import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDArrays;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
@@ -90,28 +93,24 @@ public final class MixedPrecisionOptimizer {
      */
     public boolean step() {
         float scale = scaler.getScale();
-        List<NDArray> temporaries = new ArrayList<>();
         NDArray[] grads = new NDArray[entries.size()];
         try {
-            NDArray bad = null;
-            for (int i = 0; i < entries.size(); i++) {
-                NDArray w = entries.get(i).parameter.getArray();
-                NDArray g = w.getGradient();
-                temporaries.add(g);
-                NDArray g32 = g.toType(DataType.FLOAT32, true);
-                temporaries.add(g32);
-                g32.divi(scale); // unscale in FP32: the scaled FP16 value may not be representable unscaled
-                grads[i] = g32;
-                NDArray nonFinite = g32.isInfinite().logicalOr(g32.isNaN()).toType(DataType.INT64, false).sum();
-                temporaries.add(nonFinite);
-                if (bad == null) {
-                    bad = nonFinite;
-                } else {
-                    bad = bad.add(nonFinite);
-                    temporaries.add(bad);
+            boolean overflow;
+            // every temporary of the unscale-and-check pass is closed by the scope; only the FP32 gradients survive
+            try (NDScope scope = new NDScope()) {
+                scope.suppressNotUsedWarning();
+                NDList bad = new NDList(entries.size());
+                for (int i = 0; i < entries.size(); i++) {
+                    NDArray w = entries.get(i).parameter.getArray();
+                    NDArray g = w.getGradient();
+                    // unscale in FP32: the scaled FP16 value may not be representable unscaled
+                    NDArray g32 = g.toType(DataType.FLOAT32, true).divi(scale);
+                    NDScope.unregister(g32);
+                    grads[i] = g32;
+                    bad.add(g32.isInfinite().logicalOr(g32.isNaN()).toType(DataType.INT64, false).sum());
                 }
+                overflow = NDArrays.stack(bad).sum().getLong() > 0; // one device sync per step
             }
-            boolean overflow = bad != null && bad.getLong() > 0;
             if (!scaler.update(overflow)) {
                 zeroGradients();
                 return false;
@@ -138,8 +137,10 @@ public final class MixedPrecisionOptimizer {
             }
             return true;
         } finally {
-            for (NDArray t : temporaries) {
-                t.close();
+            for (NDArray g : grads) {
+                if (g != null) {
+                    g.close();
+                }
             }
         }
     }

@@ -31,11 +31,13 @@ public final class PrecisionPolicy {
     private final DataType computeType;
     private final BiPredicate<String, Block> keepFp32;
     private final boolean fp32Outputs;
+    private final BiPredicate<String, Block> islandKeepsFp32Output;
 
     private PrecisionPolicy(Builder b) {
         this.computeType = b.computeType;
         this.keepFp32 = b.keepFp32;
         this.fp32Outputs = b.fp32Outputs;
+        this.islandKeepsFp32Output = b.islandKeepsFp32Output;
     }
 
     /** FP16 compute, default FP32 islands, FP32 outputs. */
@@ -62,6 +64,15 @@ public final class PrecisionPolicy {
         return fp32Outputs;
     }
 
+    /**
+     * Whether the FP32 island at {@code path} hands its output on in FP32 instead of casting it back to FP16: for
+     * islands whose consumers want FP32 (the LM head, whose logits feed an FP32 softmax/loss). Default: paths ending in
+     * {@code lm_head}.
+     */
+    public boolean islandKeepsFp32Output(String path, Block block) {
+        return islandKeepsFp32Output.test(path, block);
+    }
+
     /** The default test: norms, softmax blocks and routers named {@code gate}. */
     public static boolean isPrecisionSensitive(String path, Block block) {
         String cls = block.getClass().getSimpleName();
@@ -81,8 +92,16 @@ public final class PrecisionPolicy {
         private DataType computeType = DataType.FLOAT16;
         private BiPredicate<String, Block> keepFp32 = DEFAULT_FP32;
         private boolean fp32Outputs = true;
+        private BiPredicate<String, Block> islandKeepsFp32Output = (path, block) -> path.endsWith("lm_head");
 
         private Builder() {}
+
+        /** Which FP32 islands keep their output in FP32 (default: paths ending in {@code lm_head}). */
+        public Builder optIslandKeepsFp32Output(BiPredicate<String, Block> predicate) {
+            Preconditions.checkNotNull(predicate, "predicate");
+            this.islandKeepsFp32Output = predicate;
+            return this;
+        }
 
         /**
          * The compute type; only {@link DataType#FLOAT16} is meaningful.

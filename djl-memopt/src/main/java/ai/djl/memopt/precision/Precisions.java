@@ -1,5 +1,6 @@
 package ai.djl.memopt.precision;
 
+import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.types.DataType;
 import java.util.Locale;
 
@@ -35,6 +36,20 @@ public final class Precisions {
             default:
                 throw new IllegalArgumentException("unknown precision '" + name + "': expected fp16 or fp32");
         }
+    }
+
+    /**
+     * Casts an array so that autograd differentiates through the cast. DJL 0.36's {@code NDArray.toType} runs
+     * {@code Tensor.to} under a {@code NoGradGuard}: its result has no {@code grad_fn}, so a {@code toType} inside a
+     * training forward silently cuts the graph (nothing before it gets a gradient). Use this for every floating cast
+     * on a training path (FP16 activations into FP32 norms/softmax/logits and back). With grad mode off it is
+     * {@code toType}; otherwise a copy into a fresh array of the target type ({@code copy_}, whose backward casts the
+     * gradient back).
+     *
+     * @throws UnsupportedOperationException for BF16
+     */
+    public static NDArray cast(NDArray array, DataType type) {
+        return Casts.cast(array, type);
     }
 
     /**

@@ -62,6 +62,10 @@ class MixedPrecisionTest {
 
     /** y = sin(x . a) + 0.5 * (x . b) + 0.1 * noise, fixed: the loss floors near the noise variance 0.01. */
     static NDList task(int n, int d) {
+        return task(manager, n, d);
+    }
+
+    static NDList task(NDManager manager, int n, int d) {
         Engine.getInstance().setRandomSeed(99);
         NDArray x = manager.randomNormal(new Shape(n, d));
         NDArray a = manager.randomNormal(new Shape(d, 1)).mul(0.5f);
