@@ -1,297 +1,229 @@
 package ai.djl.memopt.examples.cli;
 
-import ai.djl.Device;
-import ai.djl.memopt.checkpoint.CheckpointPolicy;
-import ai.djl.memopt.checkpoint.Checkpointing;
-import ai.djl.memopt.checkpoint.CheckpointingGradientCollector;
-import ai.djl.memopt.memory.MemoryStats;
-import ai.djl.memopt.model.deepseek.CausalLmLoss;
+import ai.djl.memopt.examples.bench.FreshJvm;
+import ai.djl.memopt.examples.bench.TrainBenchWorker;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
-import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
-import ai.djl.memopt.precision.DynamicLossScaler;
-import ai.djl.memopt.precision.MixedPrecisionBlock;
-import ai.djl.memopt.precision.MixedPrecisionOptimizer;
-import ai.djl.memopt.precision.Precisions;
-import ai.djl.ndarray.NDArray;
-import ai.djl.ndarray.NDList;
-import ai.djl.ndarray.NDManager;
-import ai.djl.ndarray.types.DataType;
-import ai.djl.ndarray.types.Shape;
-import ai.djl.nn.Block;
-import ai.djl.training.GradientCollector;
-import ai.djl.training.ParameterStore;
-import ai.djl.training.optimizer.Optimizer;
-import ai.djl.training.tracker.Tracker;
 import com.google.gson.JsonObject;
-import java.io.BufferedReader;
-import java.io.InputStreamReader;
-import java.lang.management.ManagementFactory;
+import com.google.gson.JsonParser;
+import java.io.IOException;
 import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
 import java.nio.file.Path;
+import java.nio.file.StandardCopyOption;
+import java.time.LocalDate;
+import java.time.ZoneOffset;
 import java.util.ArrayList;
+import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Locale;
-import java.util.Random;
+import java.util.Map;
 import java.util.concurrent.Callable;
-import java.util.concurrent.TimeUnit;
 import picocli.CommandLine.Command;
 import picocli.CommandLine.Option;
 
 /**
- * {@code memopt bench train}: memory and time of DeepSeek training steps for each combination of
- * {@code --checkpointing} and {@code --precision}, each in a fresh JVM (the peak resident set, {@code VmHWM}, cannot be
- * reset within a process). One JSON line per configuration.
+ * {@code memopt bench train}: training memory and step time of a preset (seeded random weights, random token batches)
+ * in up to four modes, each in a fresh JVM running {@link TrainBenchWorker}; one JSON line per mode.
+ *
+ * <p>Fields: {@code peak_memory_bytes} (CPU: the process's peak RSS, {@code VmHWM}; GPU: device memory in use, sampled),
+ * {@code idle_memory_bytes} (the same right before the first step, with model and optimizer built),
+ * {@code state_bytes} (weights, FP32 masters, gradients and optimizer moments summed from the arrays),
+ * {@code activation_bytes} (peak - idle - the state allocated lazily by the first step), {@code median_step_seconds},
+ * and the configuration. {@code --out FILE} keeps a markdown table of all results in FILE (rows of the same
+ * configuration are replaced), between {@code <!-- bench-train:begin -->} and {@code <!-- bench-train:end -->}.
  *
  * <pre>
- * memopt bench train --preset bench-tiny --batch 4 --seq 256 --steps 3 --checkpointing none,all --precision fp32,fp16
+ * memopt bench train --preset bench-small --batch 1 --seq 512 --steps 3 --out docs/benchmarks.md
  * </pre>
- *
- * <p>Figures per configuration: {@code model_rss_mb} (after building the model and optimizer), {@code peak_rss_mb}
- * ({@code VmHWM} at the end), {@code step_peak_over_model_mb} (their difference: activations, gradients, optimizer
- * state and temporaries), {@code forward_rss_mb} (largest RSS growth across a training forward, i.e. what the forward
- * keeps for backward) and {@code ms_per_step} after {@code --warmup} steps. On a GPU device the RSS figures describe
- * host memory only.
  */
 @Command(name = "train", mixinStandardHelpOptions = true,
-        description = "Peak memory and time of training steps per checkpointing/precision setting (fresh JVM each).")
+        description = "Training memory and step time per mode (fp32, checkpoint, fp16, fp16+checkpoint), each in a"
+                + " fresh JVM.")
 public final class BenchTrainCommand implements Callable<Integer> {
 
-    @Option(names = "--preset", paramLabel = "NAME", description = "Random model of a preset (default bench-tiny).")
+    static final List<String> MODES = List.of("fp32", "checkpoint", "fp16", "fp16+checkpoint");
+    static final String BEGIN = "<!-- bench-train:begin -->";
+    static final String END = "<!-- bench-train:end -->";
+
+    @Option(names = "--preset", defaultValue = "bench-tiny", paramLabel = "NAME",
+            description = "Model preset (default bench-tiny).")
     String preset;
 
-    @Option(names = "--model", paramLabel = "DIR", description = "Hugging Face model directory instead of a preset.")
-    Path model;
+    @Option(names = "--mode", split = ",", paramLabel = "MODE",
+            description = "fp32, checkpoint, fp16, fp16+checkpoint (repeatable or comma list; default all four).")
+    List<String> modes;
 
-    @Option(names = "--batch", defaultValue = "4", paramLabel = "N", description = "Sequences per step (default 4).")
+    @Option(names = "--batch", defaultValue = "1", paramLabel = "B", description = "Sequences per step (default 1).")
     int batch;
 
-    @Option(names = "--seq", defaultValue = "128", paramLabel = "N", description = "Tokens per sequence (default 128).")
+    @Option(names = "--seq", defaultValue = "128", paramLabel = "T", description = "Tokens per sequence (default 128).")
     int seq;
 
-    @Option(names = "--steps", defaultValue = "3", paramLabel = "N", description = "Measured steps (default 3).")
+    @Option(names = "--steps", defaultValue = "3", paramLabel = "N", description = "Training steps (default 3).")
     int steps;
-
-    @Option(names = "--warmup", defaultValue = "1", paramLabel = "N", description = "Unmeasured steps (default 1).")
-    int warmup;
-
-    @Option(names = "--checkpointing", defaultValue = "none,all", paramLabel = "LIST",
-            description = "Comma-separated settings among none, all, every:N (default none,all).")
-    String checkpointing;
-
-    @Option(names = "--precision", defaultValue = "fp32", paramLabel = "LIST",
-            description = "Comma-separated settings among fp32, fp16 (default fp32).")
-    String precision;
 
     @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
     String device;
 
-    @Option(names = "--seed", defaultValue = "0", paramLabel = "N", description = "Seed of weights and tokens.")
+    @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and data seed.")
     long seed;
 
-    @Option(names = "--timeout", defaultValue = "900", paramLabel = "SECONDS",
-            description = "Per-configuration time limit (default 900).")
+    @Option(names = "--heap", defaultValue = "3g", paramLabel = "SIZE", description = "Worker -Xmx (default 3g).")
+    String heap;
+
+    @Option(names = "--timeout", defaultValue = "3600", paramLabel = "SECONDS",
+            description = "Per-mode time limit (default 3600).")
     long timeout;
 
-    @Option(names = "--in-process", description = "Run exactly one configuration in this JVM (used by the children).")
-    boolean inProcess;
+    @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
+    Path out;
 
-    @Option(names = "--json", description = "Accepted for consistency: output is always JSON lines.")
+    @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
     boolean json;
 
     @Override
     public Integer call() throws Exception {
-        if ((preset == null) == (model == null)) {
-            if (preset == null) {
-                preset = "bench-tiny";
-            } else {
-                throw new IllegalArgumentException("give --preset or --model, not both");
-            }
-        }
-        if (batch < 1 || seq < 2 || steps < 1 || warmup < 0 || timeout < 1) {
+        List<String> selected = modes == null || modes.isEmpty() ? MODES : normalise(modes);
+        DeepSeekConfig.preset(preset); // unknown preset: a clear error before any JVM starts
+        if (batch < 1 || seq < 2 || steps < 1) {
             throw new IllegalArgumentException(String.format(Locale.ROOT,
-                    "need --batch >= 1, --seq >= 2, --steps >= 1, --warmup >= 0, --timeout >= 1; got %d, %d, %d, %d,"
-                            + " %d", batch, seq, steps, warmup, timeout));
+                    "need --batch >= 1, --seq >= 2, --steps >= 1; got %d, %d, %d", batch, seq, steps));
         }
-        String[] ckpts = checkpointing.split(",");
-        String[] precs = precision.split(",");
-        for (String c : ckpts) {
-            FinetuneCommand.parsePolicy(c); // fail before spawning anything
+        String dev = device.toLowerCase(Locale.ROOT);
+        if (!dev.equals("cpu") && !dev.equals("gpu")) {
+            throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
         }
-        for (String p : precs) {
-            Precisions.parse(p);
-        }
-        if (inProcess) {
-            if (ckpts.length != 1 || precs.length != 1) {
-                throw new IllegalArgumentException("--in-process runs one configuration: give one --checkpointing and"
-                        + " one --precision");
-            }
-            System.out.println(runOne(ckpts[0].trim(), precs[0].trim()));
-            return 0;
-        }
-        int failures = 0;
-        for (String p : precs) {
-            for (String c : ckpts) {
-                failures += spawn(c.trim(), p.trim()) ? 0 : 1;
-            }
-        }
-        return failures == 0 ? 0 : 1;
-    }
-
-    /** Runs one configuration in a child JVM and forwards its JSON line; false if it failed. */
-    private boolean spawn(String ckpt, String prec) throws Exception {
-        List<String> cmd = new ArrayList<>();
-        cmd.add(ProcessHandle.current().info().command().orElse("java"));
-        for (String arg : ManagementFactory.getRuntimeMXBean().getInputArguments()) {
-            if (arg.startsWith("-X") || arg.startsWith("-Dai.djl") || arg.startsWith("-Dmemopt")) {
-                cmd.add(arg);
-            }
-        }
-        cmd.add("-cp");
-        cmd.add(System.getProperty("java.class.path"));
-        cmd.add(MemoptCli.class.getName());
-        cmd.add("bench");
-        cmd.add("train");
-        cmd.add("--in-process");
-        if (model != null) {
-            cmd.add("--model");
-            cmd.add(model.toString());
-        } else {
-            cmd.add("--preset");
-            cmd.add(preset);
-        }
-        for (String[] kv : new String[][] {{"--batch", "" + batch}, {"--seq", "" + seq}, {"--steps", "" + steps},
-            {"--warmup", "" + warmup}, {"--checkpointing", ckpt}, {"--precision", prec}, {"--device", device},
-            {"--seed", "" + seed}}) {
-            cmd.add(kv[0]);
-            cmd.add(kv[1]);
-        }
-        Process child = new ProcessBuilder(cmd).redirectErrorStream(false).start();
-        StringBuilder err = new StringBuilder();
-        Thread drain = new Thread(() -> {
-            try (BufferedReader r = new BufferedReader(
-                    new InputStreamReader(child.getErrorStream(), StandardCharsets.UTF_8))) {
-                String line;
-                while ((line = r.readLine()) != null) {
-                    if (!line.contains(" WARN ") && !line.contains(" INFO ")) {
-                        err.append(line).append('\n');
-                    }
-                }
-            } catch (java.io.IOException ignored) {
-                // the child is gone
-            }
-        });
-        drain.start();
-        String result = null;
-        try (BufferedReader r = new BufferedReader(
-                new InputStreamReader(child.getInputStream(), StandardCharsets.UTF_8))) {
-            String line;
-            while ((line = r.readLine()) != null) {
+        List<JsonObject> results = new ArrayList<>();
+        for (String mode : selected) {
+            List<String> lines = FreshJvm.run(heap, timeout, TrainBenchWorker.class, List.of(preset, mode,
+                    Integer.toString(batch), Integer.toString(seq), Integer.toString(steps), dev,
+                    Long.toString(seed)));
+            JsonObject result = null;
+            for (String line : lines) {
                 if (line.startsWith("{")) {
-                    result = line;
+                    result = JsonParser.parseString(line).getAsJsonObject();
                 }
             }
+            if (result == null) {
+                throw new IOException("the " + mode + " worker printed no result; its output: " + lines);
+            }
+            System.out.println(result);
+            System.out.flush();
+            results.add(result);
         }
-        if (!child.waitFor(timeout, TimeUnit.SECONDS)) {
-            child.destroyForcibly();
-            System.err.println("memopt bench train: " + ckpt + "/" + prec + " timed out after " + timeout + " s");
-            return false;
+        if (out != null) {
+            updateTable(out, results);
         }
-        drain.join();
-        if (child.exitValue() != 0 || result == null) {
-            System.err.println("memopt bench train: " + ckpt + "/" + prec + " failed (exit " + child.exitValue()
-                    + "): " + err.toString().trim());
-            return false;
-        }
-        System.out.println(result);
-        return true;
+        return 0;
     }
 
-    private String runOne(String ckpt, String prec) throws Exception {
-        CheckpointPolicy policy = FinetuneCommand.parsePolicy(ckpt);
-        DataType compute = Precisions.parse(prec);
-        Device dev = PerplexityCommand.parseDevice(device);
-        try (DeepSeekForCausalLM lm = model != null
-                ? DeepSeekLoader.load(model, dev, DataType.FLOAT32)
-                : DeepSeekForCausalLM.random(DeepSeekConfig.preset(preset), seed, dev, DataType.FLOAT32)) {
-            DeepSeekConfig config = lm.config();
-            long params = 0;
-            for (ai.djl.nn.Parameter p : Blocks.parameters(lm).values()) {
-                params += p.getArray().size();
+    private static List<String> normalise(List<String> modes) {
+        List<String> out = new ArrayList<>();
+        for (String m : modes) {
+            String n = m.trim().toLowerCase(Locale.ROOT);
+            if (!MODES.contains(n)) {
+                throw new IllegalArgumentException("unknown --mode '" + m + "': expected one of " + MODES);
             }
-            if (policy != null) {
-                Checkpointing.wrapChildren(Blocks.get(lm, "model.layers"), policy);
+            if (!out.contains(n)) {
+                out.add(n);
             }
-            Block trained = lm;
-            DynamicLossScaler scaler = DynamicLossScaler.builder().optInitialScale(1).optMinScale(1).optMaxScale(1)
-                    .build();
-            if (compute == DataType.FLOAT16) {
-                trained = MixedPrecisionBlock.wrap(lm, FinetuneCommand.deepSeekFp16Policy());
-                scaler = DynamicLossScaler.create();
-            }
-            MixedPrecisionOptimizer opt = MixedPrecisionOptimizer.builder().setBlock(trained)
-                    .setOptimizer(Optimizer.adamW().optLearningRateTracker(Tracker.fixed(1e-4f)).build())
-                    .optLossScaler(scaler).build();
-            Random random = new Random(seed);
-            long modelRss = -1;
-            long forwardRss = 0;
-            long measuredNanos = 0;
-            float firstLoss = Float.NaN;
-            float lastLoss = Float.NaN;
-            for (int step = 0; step < warmup + steps; step++) {
-                long[] ids = new long[batch * seq];
-                for (int i = 0; i < ids.length; i++) {
-                    ids[i] = random.nextInt(config.vocabSize());
-                }
-                if (step == 0) {
-                    // optimizer state is created lazily by the first update: count it in the baseline from step 1
-                    modelRss = MemoryStats.residentBytes();
-                }
-                long start = System.nanoTime();
-                float loss;
-                try (NDManager m = lm.manager().newSubManager();
-                        GradientCollector gc = policy != null
-                                ? CheckpointingGradientCollector.open(m)
-                                : m.getEngine().newGradientCollector()) {
-                    NDArray input = m.create(ids, new Shape(batch, seq)).toDevice(dev, false); // (B, T)
-                    long before = MemoryStats.residentBytes();
-                    NDArray logits = trained.forward(new ParameterStore(m, false), new NDList(input), true).head();
-                    NDArray l = CausalLmLoss.mean(logits, input);
-                    loss = l.getFloat();
-                    forwardRss = Math.max(forwardRss, MemoryStats.residentBytes() - before);
-                    gc.backward(opt.scaleLoss(l));
-                }
-                opt.step();
-                if (step >= warmup) {
-                    measuredNanos += System.nanoTime() - start;
-                }
-                if (step == 0) {
-                    firstLoss = loss;
-                }
-                lastLoss = loss;
-            }
-            long peak = MemoryStats.peakResidentBytes();
-            JsonObject o = new JsonObject();
-            o.addProperty("bench", "train");
-            o.addProperty("model", model != null ? model.toString() : preset);
-            o.addProperty("parameters", params);
-            o.addProperty("layers", config.numHiddenLayers());
-            o.addProperty("batch", batch);
-            o.addProperty("seq", seq);
-            o.addProperty("checkpointing", ckpt);
-            o.addProperty("precision", prec);
-            o.addProperty("device", dev.isGpu() ? "gpu" + dev.getDeviceId() : "cpu");
-            o.addProperty("steps", steps);
-            o.addProperty("ms_per_step", measuredNanos / 1e6 / steps);
-            o.addProperty("model_rss_mb", modelRss / 1e6);
-            o.addProperty("peak_rss_mb", peak / 1e6);
-            o.addProperty("step_peak_over_model_mb", (peak - modelRss) / 1e6);
-            o.addProperty("forward_rss_mb", forwardRss / 1e6);
-            o.addProperty("first_loss", firstLoss);
-            o.addProperty("last_loss", lastLoss);
-            o.addProperty("skipped_steps", scaler.getSkippedSteps());
-            return o.toString();
         }
+        return out;
+    }
+
+    /** Rewrites the results table in {@code file} (created if absent) with {@code results} merged in, atomically. */
+    static void updateTable(Path file, List<JsonObject> results) throws IOException {
+        String text = Files.isRegularFile(file) ? Files.readString(file, StandardCharsets.UTF_8) : "";
+        Map<String, String[]> rows = new LinkedHashMap<>();
+        int begin = text.indexOf(BEGIN);
+        int end = text.indexOf(END);
+        String before = text;
+        String after = "";
+        if (begin >= 0 && end > begin) {
+            for (String line : text.substring(begin + BEGIN.length(), end).split("\n")) {
+                String[] cells = cells(line);
+                if (cells != null && cells.length == HEADER.length && !cells[0].equals(HEADER[0])
+                        && !cells[0].startsWith("---")) {
+                    rows.put(key(cells), cells);
+                }
+            }
+            before = text.substring(0, begin);
+            after = text.substring(end + END.length());
+        } else if (!text.isEmpty() && !text.endsWith("\n")) {
+            before = text + "\n";
+        }
+        String date = LocalDate.now(ZoneOffset.UTC).toString();
+        for (JsonObject r : results) {
+            String[] cells = {
+                r.get("preset").getAsString(), r.get("mode").getAsString(), r.get("batch").getAsString(),
+                r.get("seq").getAsString(), r.get("steps").getAsString(), r.get("device").getAsString(),
+                mb(r, "peak_memory_bytes"), mb(r, "idle_memory_bytes"), mb(r, "state_bytes"),
+                mb(r, "activation_bytes"), "", String.format(Locale.ROOT, "%.2f",
+                        r.get("median_step_seconds").getAsDouble()), "", date
+            };
+            rows.put(key(cells), cells);
+        }
+        // ratios against the fp32 row of the same configuration
+        for (String[] c : rows.values()) {
+            String[] base = rows.get(String.join("|", c[0], "fp32", c[2], c[3], c[4], c[5]));
+            c[10] = base == null ? "" : ratio(c[9], base[9]);
+            c[12] = base == null ? "" : ratio(c[11], base[11]);
+        }
+        StringBuilder sb = new StringBuilder(before).append(BEGIN).append('\n');
+        sb.append(row(HEADER)).append(row(SEPARATOR));
+        for (String[] c : rows.values()) {
+            sb.append(row(c));
+        }
+        sb.append(END).append(after.isEmpty() ? "\n" : after);
+        Path dir = file.toAbsolutePath().getParent();
+        Files.createDirectories(dir);
+        Path tmp = Files.createTempFile(dir, "." + file.getFileName() + ".", ".tmp");
+        try {
+            Files.writeString(tmp, sb.toString(), StandardCharsets.UTF_8);
+            Files.move(tmp, file, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
+        } finally {
+            Files.deleteIfExists(tmp);
+        }
+    }
+
+    static final String[] HEADER = {
+        "preset", "mode", "batch", "seq", "steps", "device", "peak MB", "idle MB", "state MB", "activation MB",
+        "activation vs fp32", "median step s", "step time vs fp32", "date"
+    };
+    private static final String[] SEPARATOR = {
+        "---", "---", "---:", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---"
+    };
+
+    private static String key(String[] c) {
+        return String.join("|", c[0], c[1], c[2], c[3], c[4], c[5]);
+    }
+
+    private static String mb(JsonObject r, String field) {
+        return String.format(Locale.ROOT, "%.1f", r.get(field).getAsLong() / 1e6);
+    }
+
+    private static String ratio(String value, String base) {
+        try {
+            double b = Double.parseDouble(base);
+            return b <= 0 ? "" : String.format(Locale.ROOT, "%.2f", Double.parseDouble(value) / b);
+        } catch (NumberFormatException e) {
+            return "";
+        }
+    }
+
+    private static String row(String[] cells) {
+        return "| " + String.join(" | ", cells) + " |\n";
+    }
+
+    private static String[] cells(String line) {
+        String t = line.trim();
+        if (!t.startsWith("|") || !t.endsWith("|") || t.length() < 2) {
+            return null;
+        }
+        String[] parts = t.substring(1, t.length() - 1).split("\\|", -1);
+        for (int i = 0; i < parts.length; i++) {
+            parts[i] = parts[i].trim();
+        }
+        return parts;
     }
 }

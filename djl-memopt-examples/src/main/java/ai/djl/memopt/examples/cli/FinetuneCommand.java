@@ -1,317 +1,390 @@
 package ai.djl.memopt.examples.cli;
 
 import ai.djl.Device;
-import ai.djl.memopt.checkpoint.CheckpointPolicy;
-import ai.djl.memopt.checkpoint.Checkpointing;
-import ai.djl.memopt.checkpoint.CheckpointingGradientCollector;
+import ai.djl.memopt.finetune.FineTuner;
+import ai.djl.memopt.finetune.LearningRateSchedule;
+import ai.djl.memopt.finetune.StatefulOptimizer;
+import ai.djl.memopt.finetune.StepResult;
+import ai.djl.memopt.finetune.TextCorpus;
+import ai.djl.memopt.finetune.TokenBatch;
+import ai.djl.memopt.finetune.TokenDataset;
 import ai.djl.memopt.memory.MemoryStats;
-import ai.djl.memopt.model.deepseek.CausalLmLoss;
-import ai.djl.memopt.model.deepseek.DeepSeekCheckpointWriter;
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
-import ai.djl.memopt.precision.DynamicLossScaler;
-import ai.djl.memopt.precision.MixedPrecisionBlock;
-import ai.djl.memopt.precision.MixedPrecisionOptimizer;
-import ai.djl.memopt.precision.PrecisionPolicy;
-import ai.djl.memopt.precision.Precisions;
-import ai.djl.ndarray.NDArray;
-import ai.djl.ndarray.NDList;
-import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
-import ai.djl.ndarray.types.Shape;
-import ai.djl.nn.Block;
-import ai.djl.training.GradientCollector;
-import ai.djl.training.ParameterStore;
-import ai.djl.training.optimizer.Optimizer;
-import ai.djl.training.tracker.Tracker;
 import com.google.gson.JsonObject;
-import java.nio.charset.StandardCharsets;
+import java.io.IOException;
+import java.io.PrintStream;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.nio.file.StandardCopyOption;
+import java.util.ArrayList;
+import java.util.Comparator;
+import java.util.List;
 import java.util.Locale;
-import java.util.Random;
 import java.util.concurrent.Callable;
+import java.util.stream.Collectors;
+import java.util.stream.Stream;
+import picocli.CommandLine.ArgGroup;
 import picocli.CommandLine.Command;
 import picocli.CommandLine.Option;
 
 /**
- * {@code memopt finetune}: full fine-tuning of a DeepSeek model directory on token ids or a text file, with activation
- * checkpointing of the decoder layers and optional FP16 mixed precision, saved as a Hugging Face model directory.
+ * {@code memopt finetune}: trains a DeepSeek model on plain text with activation checkpointing and/or FP16 mixed
+ * precision, writing resumable training checkpoints and a Hugging Face model directory.
  *
- * <p>Each step draws {@code --batch} random windows of {@code --seq} tokens (seeded) and minimises the mean
- * next-token cross-entropy with AdamW (or Adam/SGD); one JSON line per {@code --log-every} steps and a summary line
- * are printed. {@code --out} receives {@code config.json}, {@code model.safetensors} (FP32 weights: the masters under
- * FP16), the tokenizer files if the model had them, and {@code finetune.json} (options, losses, loss-scaler state).
+ * <p>Layout of {@code --save DIR}: the final model ({@code config.json}, {@code model.safetensors} with FP32 weights,
+ * {@code tokenizer.json} and {@code tokenizer_config.json} copied), and {@code DIR/checkpoints/step-NNNNNNNN/} training
+ * checkpoints (every {@code --checkpoint-every} steps and at the end; the newest {@code --keep-checkpoints} are kept),
+ * each written to a temporary directory and renamed into place. {@code --resume} takes one checkpoint directory or a
+ * directory holding them (the newest is used); {@code --steps} is the total step count, so a resumed run continues to
+ * it.
  *
  * <pre>
- * memopt finetune --model DIR --text speech.txt --out tuned --steps 200 --seq 256 --batch 4 --lr 1e-4 \
- *     --checkpointing all --precision fp16
+ * memopt finetune --model DIR --data speeches/ --steps 200 --batch 4 --seq 256 --checkpoint all --precision fp16 \
+ *     --lr 1e-4 --grad-accum 2 --save out/ --checkpoint-every 50
+ * memopt finetune --model DIR --data speeches/ --steps 300 ... --save out/ --resume out/checkpoints
  * </pre>
- *
- * <p>FP16 keeps attention, the MoE blocks and the LM head in FP32: the model casts with DJL's {@code toType} there,
- * which is not differentiable in DJL 0.36, so in FP16 it would cut the gradient; the embedding, dense MLPs and the
- * code around the norms run in FP16.
  */
 @Command(name = "finetune", mixinStandardHelpOptions = true,
-        description = "Fine-tune a DeepSeek model with activation checkpointing and optional FP16 mixed precision.")
+        description = "Fine-tune a DeepSeek model on plain text (activation checkpointing, FP16, resumable).")
 public final class FinetuneCommand implements Callable<Integer> {
 
-    @Option(names = "--model", required = true, paramLabel = "DIR", description = "Hugging Face model directory.")
-    Path model;
+    static final class Source {
+        @Option(names = "--model", paramLabel = "DIR",
+                description = "Hugging Face model directory (config.json, safetensors, tokenizer.json).")
+        Path model;
 
-    @Option(names = "--text", paramLabel = "FILE", description = "UTF-8 training text, tokenized with DIR/tokenizer.json.")
-    Path text;
+        @Option(names = "--preset", paramLabel = "NAME",
+                description = "Random weights of a preset (bench-tiny, bench-small, deepseek-v2-lite); needs --tokenizer.")
+        String preset;
+    }
 
-    @Option(names = "--token-ids", paramLabel = "IDS", description = "Comma-separated training token ids.")
-    String tokenIds;
+    @ArgGroup(exclusive = true, multiplicity = "1")
+    Source source;
 
-    @Option(names = "--out", required = true, paramLabel = "DIR", description = "Output model directory.")
-    Path out;
+    @Option(names = "--tokenizer", paramLabel = "FILE",
+            description = "tokenizer.json for --preset (its directory's tokenizer_config.json is used too).")
+    Path tokenizer;
 
-    @Option(names = "--steps", defaultValue = "100", paramLabel = "N", description = "Optimizer steps (default 100).")
+    @Option(names = "--data", required = true, paramLabel = "FILE_OR_DIR",
+            description = "UTF-8 text file or directory of .txt files (sorted by name).")
+    Path data;
+
+    @Option(names = "--steps", required = true, paramLabel = "N", description = "Total optimizer steps.")
     int steps;
 
-    @Option(names = "--seq", defaultValue = "128", paramLabel = "N", description = "Tokens per window (default 128).")
-    int seq;
-
-    @Option(names = "--batch", defaultValue = "4", paramLabel = "N", description = "Windows per step (default 4).")
+    @Option(names = "--batch", defaultValue = "4", paramLabel = "B",
+            description = "Sequences per micro-batch (a step uses B x K sequences; default 4).")
     int batch;
 
-    @Option(names = "--lr", defaultValue = "1e-4", paramLabel = "F", description = "Learning rate (default 1e-4).")
-    float lr;
+    @Option(names = "--seq", defaultValue = "256", paramLabel = "T", description = "Tokens per sequence (default 256).")
+    int seq;
 
-    @Option(names = "--weight-decay", defaultValue = "0", paramLabel = "F",
-            description = "AdamW/SGD weight decay (default 0).")
-    float weightDecay;
-
-    @Option(names = "--optimizer", defaultValue = "adamw", paramLabel = "adamw|adam|sgd",
-            description = "Optimizer (default adamw).")
-    String optimizer;
-
-    @Option(names = "--checkpointing", defaultValue = "all", paramLabel = "none|all|every:N",
-            description = "Activation checkpointing of the decoder layers (default all).")
-    String checkpointing;
+    @Option(names = "--checkpoint", defaultValue = "none", paramLabel = "none|all|every:N|sqrt",
+            description = "Activation checkpointing of the decoder layers (default none). sqrt checkpoints every "
+                    + "ceil(sqrt(L))-th layer: DeepSeek layers are not a sequential chain, so Chen's multi-layer "
+                    + "segments do not apply.")
+    String checkpoint;
 
     @Option(names = "--precision", defaultValue = "fp32", paramLabel = "fp32|fp16",
-            description = "fp32, or fp16 mixed precision with FP32 master weights and dynamic loss scaling.")
+            description = "fp16: FP16 projections with FP32 masters and dynamic loss scaling (default fp32).")
     String precision;
+
+    @Option(names = "--optimizer", defaultValue = "adamw", paramLabel = "adamw|adam|sgd", description = "Default adamw.")
+    String optimizer;
+
+    @Option(names = "--lr", defaultValue = "1e-4", paramLabel = "X", description = "Peak learning rate (default 1e-4).")
+    float lr;
+
+    @Option(names = "--weight-decay", defaultValue = "0", paramLabel = "X", description = "Default 0.")
+    float weightDecay;
+
+    @Option(names = "--warmup", defaultValue = "0", paramLabel = "N", description = "Linear warmup steps (default 0).")
+    int warmup;
+
+    @Option(names = "--cosine", description = "Cosine decay of the learning rate to 10% at --steps.")
+    boolean cosine;
+
+    @Option(names = "--grad-accum", defaultValue = "1", paramLabel = "K",
+            description = "Micro-batches per optimizer step (default 1).")
+    int gradAccum;
+
+    @Option(names = "--save", required = true, paramLabel = "DIR",
+            description = "Output: the final model, and training checkpoints under DIR/checkpoints.")
+    Path save;
+
+    @Option(names = "--checkpoint-every", defaultValue = "0", paramLabel = "N",
+            description = "Write a training checkpoint every N steps (0: only at the end).")
+    int checkpointEvery;
+
+    @Option(names = "--keep-checkpoints", defaultValue = "2", paramLabel = "N",
+            description = "Training checkpoints kept (newest; default 2).")
+    int keepCheckpoints;
+
+    @Option(names = "--resume", paramLabel = "DIR",
+            description = "Continue from a training checkpoint (or the newest one in DIR).")
+    Path resume;
+
+    @Option(names = "--held-out", defaultValue = "0.05", paramLabel = "F",
+            description = "Fraction of sequences held out for evaluation (default 0.05; 0 = none).")
+    double heldOut;
 
     @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
     String device;
 
-    @Option(names = "--seed", defaultValue = "0", paramLabel = "N", description = "Seed of the window sampling.")
+    @Option(names = "--seed", defaultValue = "42", paramLabel = "S",
+            description = "Seed of the data order (and of --preset weights; default 42).")
     long seed;
 
-    @Option(names = "--log-every", defaultValue = "10", paramLabel = "N", description = "Log interval in steps.")
-    int logEvery;
-
-    @Option(names = "--json", description = "Accepted for consistency: output is always JSON lines.")
+    @Option(names = "--json", description = "One JSON line per step and a final summary line on stdout.")
     boolean json;
+
+    @Option(names = "--no-progress", description = "No progress bar on stderr.")
+    boolean noProgress;
 
     @Override
     public Integer call() throws Exception {
         validate();
-        DataType compute = Precisions.parse(precision);
-        CheckpointPolicy policy = parsePolicy(checkpointing);
         Device dev = PerplexityCommand.parseDevice(device);
-        if (!Files.isDirectory(model)) {
-            throw new IllegalArgumentException("model directory " + model + " does not exist");
+        FineTuner.Precision prec = FineTuner.Precision.parse(precision);
+        StatefulOptimizer.Kind kind = StatefulOptimizer.Kind.parse(optimizer);
+        FineTuner.checkpointPolicy(checkpoint); // validates the spec before any heavy work
+        Path tokenizerJson = source.model != null ? source.model.resolve("tokenizer.json") : tokenizer;
+        if (!Files.isRegularFile(tokenizerJson)) {
+            throw new IllegalArgumentException(source.model != null
+                    ? source.model + " has no tokenizer.json (needed to tokenize --data)"
+                    : "tokenizer " + tokenizerJson + " does not exist");
         }
-        long[] ids = tokenIds != null ? PerplexityCommand.parseIds(tokenIds) : PerplexityCommand.tokenize(model, text);
-        if (ids.length < seq) {
-            throw new IllegalArgumentException(
-                    "the training data has " + ids.length + " tokens, fewer than one window of --seq " + seq);
-        }
-        long startNanos = System.nanoTime();
-        try (DeepSeekForCausalLM lm = DeepSeekLoader.load(model, dev, DataType.FLOAT32)) {
-            for (long id : ids) {
-                if (id < 0 || id >= lm.config().vocabSize()) {
-                    throw new IllegalArgumentException("token id " + id + " is outside the model's vocabulary [0, "
-                            + lm.config().vocabSize() + ")");
+        Path resumeFrom = resume != null ? FineTuner.latestCheckpoint(resume) : null;
+        TokenDataset dataset = TokenDataset.tokenize(TextCorpus.read(data), tokenizerJson, seq, heldOut, seed);
+        PrintStream err = System.err;
+        err.printf(Locale.ROOT, "memopt finetune: %d tokens -> %d training + %d held-out sequences of %d%n",
+                dataset.tokenCount(), dataset.trainSequences(), dataset.heldOutSequences(), seq);
+        try (DeepSeekForCausalLM lm = source.model != null
+                ? DeepSeekLoader.load(source.model, dev, DataType.FLOAT32)
+                : DeepSeekForCausalLM.random(DeepSeekConfig.preset(source.preset), seed, dev, DataType.FLOAT32)) {
+            if (dataset.maxTokenId() >= lm.config().vocabSize()) {
+                throw new IllegalArgumentException("the tokenizer produces id " + dataset.maxTokenId()
+                        + " but the model's vocabulary has " + lm.config().vocabSize() + " entries");
+            }
+            if (seq > lm.config().maxPositionEmbeddings()) {
+                throw new IllegalArgumentException("--seq " + seq + " exceeds the model's max_position_embeddings "
+                        + lm.config().maxPositionEmbeddings());
+            }
+            LearningRateSchedule schedule = LearningRateSchedule.of(lr, warmup, cosine ? steps : 0, 0.1f);
+            try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpoint).optPrecision(prec)
+                    .optOptimizer(kind).optSchedule(schedule).optWeightDecay(weightDecay)
+                    .optGradientAccumulation(gradAccum).optSeed(seed).build()) {
+                if (resumeFrom != null) {
+                    tuner.restoreCheckpoint(resumeFrom);
+                    err.printf(Locale.ROOT, "memopt finetune: resumed from %s at step %d%n", resumeFrom, tuner.step());
+                    if (tuner.step() >= steps) {
+                        throw new IllegalArgumentException("the checkpoint is at step " + tuner.step()
+                                + ": --steps " + steps + " is the total step count and must exceed it");
+                    }
                 }
+                return train(tuner, dataset, dev, tokenizerJson);
             }
-            int layers = 0;
-            if (policy != null) {
-                layers = Checkpointing.wrapChildren(Blocks.get(lm, "model.layers"), policy).size();
-            }
-            MixedPrecisionBlock mp = null;
-            Block trained = lm;
-            DynamicLossScaler scaler;
-            if (compute == DataType.FLOAT16) {
-                mp = MixedPrecisionBlock.wrap(lm, deepSeekFp16Policy());
-                trained = mp;
-                scaler = DynamicLossScaler.create();
-            } else {
-                // FP32 needs no scaling; the scaler still skips a step whose gradients hold inf/NaN
-                scaler = DynamicLossScaler.builder().optInitialScale(1).optMinScale(1).optMaxScale(1).build();
-            }
-            MixedPrecisionOptimizer opt = MixedPrecisionOptimizer.builder().setBlock(trained)
-                    .setOptimizer(buildOptimizer()).optLossScaler(scaler).build();
+        }
+    }
 
-            Random random = new Random(seed);
-            float firstLoss = Float.NaN;
-            float lastLoss = Float.NaN;
-            float[] losses = new float[steps];
-            for (int step = 0; step < steps; step++) {
-                long[] window = new long[batch * seq];
-                for (int b = 0; b < batch; b++) {
-                    int start = random.nextInt(ids.length - seq + 1);
-                    System.arraycopy(ids, start, window, b * seq, seq);
-                }
-                float loss;
-                try (NDManager m = lm.manager().newSubManager();
-                        GradientCollector gc = policy != null
-                                ? CheckpointingGradientCollector.open(m)
-                                : m.getEngine().newGradientCollector()) {
-                    NDArray input = m.create(window, new Shape(batch, seq)).toDevice(dev, false); // (B, T)
-                    NDArray logits = trained.forward(new ParameterStore(m, false), new NDList(input), true).head();
-                    NDArray l = CausalLmLoss.mean(logits, input);
-                    loss = l.getFloat();
-                    gc.backward(opt.scaleLoss(l));
-                }
-                boolean applied = opt.step();
-                losses[step] = loss;
-                if (step == 0) {
-                    firstLoss = loss;
-                }
-                lastLoss = loss;
-                if ((step + 1) % logEvery == 0 || step == steps - 1) {
-                    JsonObject line = new JsonObject();
-                    line.addProperty("step", step + 1);
-                    line.addProperty("loss", loss);
-                    line.addProperty("applied", applied);
-                    line.addProperty("loss_scale", scaler.getScale());
-                    line.addProperty("rss_mb", MemoryStats.residentBytes() / 1e6);
-                    System.out.println(line);
-                }
+    private void validate() {
+        if (source.preset != null && tokenizer == null) {
+            throw new IllegalArgumentException("--preset needs --tokenizer FILE (a tokenizer.json)");
+        }
+        if (source.model != null && tokenizer != null) {
+            throw new IllegalArgumentException("--tokenizer is for --preset; --model uses DIR/tokenizer.json");
+        }
+        if (source.model != null && !Files.isDirectory(source.model)) {
+            throw new IllegalArgumentException("model directory " + source.model + " does not exist");
+        }
+        positive("--steps", steps);
+        positive("--batch", batch);
+        positive("--grad-accum", gradAccum);
+        positive("--keep-checkpoints", keepCheckpoints);
+        if (seq < 2) {
+            throw new IllegalArgumentException("--seq must be at least 2, got " + seq);
+        }
+        if (checkpointEvery < 0) {
+            throw new IllegalArgumentException("--checkpoint-every must be >= 0, got " + checkpointEvery);
+        }
+        if (!(lr > 0) || !Float.isFinite(lr)) {
+            throw new IllegalArgumentException("--lr must be a positive number, got " + lr);
+        }
+        if (warmup < 0 || (cosine && warmup >= steps)) {
+            throw new IllegalArgumentException("--warmup must be >= 0 (and below --steps with --cosine), got " + warmup);
+        }
+    }
+
+    private static void positive(String name, int value) {
+        if (value < 1) {
+            throw new IllegalArgumentException(name + " must be at least 1, got " + value);
+        }
+    }
+
+    private int train(FineTuner tuner, TokenDataset dataset, Device dev, Path tokenizerJson) throws IOException {
+        PrintStream out = System.out;
+        Path checkpoints = save.resolve("checkpoints");
+        int rows = batch * gradAccum;
+        Double heldOutBefore = tuner.step() == 0 ? heldOutLoss(tuner, dataset) : null;
+        ProgressBar bar = noProgress ? null : new ProgressBar(System.err, steps);
+        long start = System.nanoTime();
+        long tokens = 0;
+        long startStep = tuner.step();
+        StepResult last = null;
+        double firstLoss = Double.NaN;
+        long skipped = 0;
+        while (tuner.step() < steps) {
+            TokenBatch b = dataset.trainBatch(tuner.dataPosition(), rows);
+            long t0 = System.nanoTime();
+            last = tuner.step(b);
+            double seconds = (System.nanoTime() - t0) / 1e9;
+            tokens += last.tokens();
+            skipped += last.skipped() ? 1 : 0;
+            if (Double.isNaN(firstLoss)) {
+                firstLoss = last.loss();
             }
-            if (mp != null) {
-                mp.withMasterWeights(() -> {
-                    DeepSeekCheckpointWriter.save(lm, lm.config(), out);
-                    return null;
-                });
-            } else {
-                DeepSeekCheckpointWriter.save(lm, lm.config(), out);
+            long memory = MemoryStats.deviceBytesInUse(dev);
+            if (json) {
+                JsonObject o = new JsonObject();
+                o.addProperty("event", "step");
+                o.addProperty("step", last.step());
+                o.addProperty("loss", last.loss());
+                o.addProperty("lr", last.learningRate());
+                o.addProperty("loss_scale", last.lossScale());
+                o.addProperty("skipped", last.skipped());
+                o.addProperty("tokens", last.tokens());
+                o.addProperty("step_seconds", seconds);
+                o.addProperty("memory_bytes", memory);
+                out.println(o);
             }
-            for (String f : new String[] {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}) {
-                if (Files.isRegularFile(model.resolve(f))) {
-                    copyAtomically(model.resolve(f), out.resolve(f));
-                }
+            if (bar != null) {
+                bar.update(last, last.tokens() / seconds, memory);
             }
-            JsonObject summary = new JsonObject();
-            summary.addProperty("model", model.toString());
-            summary.addProperty("out", out.toString());
-            summary.addProperty("steps", steps);
-            summary.addProperty("tokens", ids.length);
-            summary.addProperty("seq", seq);
-            summary.addProperty("batch", batch);
-            summary.addProperty("lr", lr);
-            summary.addProperty("optimizer", optimizer.toLowerCase(Locale.ROOT));
-            summary.addProperty("checkpointing", checkpointing);
-            summary.addProperty("checkpointed_layers", layers);
-            summary.addProperty("precision", precision.toLowerCase(Locale.ROOT));
-            summary.addProperty("first_loss", firstLoss);
-            summary.addProperty("last_loss", lastLoss);
-            summary.addProperty("skipped_steps", scaler.getSkippedSteps());
-            summary.addProperty("seconds", (System.nanoTime() - startNanos) / 1e9);
-            summary.addProperty("peak_rss_mb", MemoryStats.peakResidentBytes() / 1e6);
-            JsonObject state = new JsonObject();
-            scaler.state().forEach(state::addProperty);
-            JsonObject file = summary.deepCopy();
-            file.add("loss_scaler", state);
-            com.google.gson.JsonArray curve = new com.google.gson.JsonArray();
-            for (float l : losses) {
-                curve.add(l);
+            if (checkpointEvery > 0 && tuner.step() % checkpointEvery == 0 && tuner.step() < steps) {
+                writeCheckpoint(tuner, checkpoints);
             }
-            file.add("losses", curve);
-            writeAtomically(out.resolve("finetune.json"), file.toString() + "\n");
-            System.out.println(summary);
+        }
+        if (bar != null) {
+            bar.finish();
+        }
+        double elapsed = (System.nanoTime() - start) / 1e9;
+        writeCheckpoint(tuner, checkpoints);
+        tuner.saveModel(save);
+        copyTokenizer(tokenizerJson, save);
+        Double heldOutAfter = heldOutLoss(tuner, dataset);
+        JsonObject o = new JsonObject();
+        o.addProperty("event", "done");
+        o.addProperty("steps", tuner.step());
+        o.addProperty("steps_run", tuner.step() - startStep);
+        o.addProperty("first_loss", firstLoss);
+        o.addProperty("last_loss", last.loss());
+        if (heldOutBefore != null) {
+            o.addProperty("held_out_loss_before", heldOutBefore);
+        }
+        if (heldOutAfter != null) {
+            o.addProperty("held_out_loss", heldOutAfter);
+        }
+        o.addProperty("held_out_sequences", dataset.heldOutSequences());
+        o.addProperty("skipped_steps", skipped);
+        o.addProperty("loss_scale", tuner.lossScale());
+        o.addProperty("tokens_per_second", tokens / elapsed);
+        o.addProperty("peak_memory_bytes", dev.isGpu() ? MemoryStats.deviceBytesInUse(dev)
+                : MemoryStats.peakResidentBytes());
+        o.addProperty("precision", tuner.precision().name().toLowerCase(Locale.ROOT));
+        o.addProperty("checkpointing", tuner.checkpointing());
+        o.addProperty("save", save.toString());
+        if (json) {
+            out.println(o);
+        } else {
+            out.printf(Locale.ROOT, "trained to step %d: loss %.4f -> %.4f%s; model saved to %s%n", tuner.step(),
+                    firstLoss, last.loss(), heldOutAfter != null
+                            ? String.format(Locale.ROOT, ", held-out loss %.4f", heldOutAfter) : "", save);
         }
         return 0;
     }
 
-    private void validate() {
-        if ((tokenIds == null) == (text == null)) {
-            throw new IllegalArgumentException("give exactly one of --token-ids or --text");
-        }
-        if (steps < 1 || seq < 2 || batch < 1 || logEvery < 1) {
-            throw new IllegalArgumentException(String.format(Locale.ROOT,
-                    "need --steps >= 1, --seq >= 2, --batch >= 1, --log-every >= 1; got %d, %d, %d, %d", steps, seq,
-                    batch, logEvery));
-        }
-        if (!(lr > 0) || !Float.isFinite(lr)) {
-            throw new IllegalArgumentException("--lr must be positive, got " + lr);
-        }
-        if (!(weightDecay >= 0)) {
-            throw new IllegalArgumentException("--weight-decay must be >= 0, got " + weightDecay);
-        }
-    }
-
-    private Optimizer buildOptimizer() {
-        switch (optimizer.toLowerCase(Locale.ROOT)) {
-            case "adamw":
-                return Optimizer.adamW().optLearningRateTracker(Tracker.fixed(lr)).optWeightDecays(weightDecay)
-                        .build();
-            case "adam":
-                return Optimizer.adam().optLearningRateTracker(Tracker.fixed(lr)).build();
-            case "sgd":
-                return Optimizer.sgd().setLearningRateTracker(Tracker.fixed(lr)).optWeightDecays(weightDecay).build();
-            default:
-                throw new IllegalArgumentException("unknown --optimizer '" + optimizer + "': expected adamw, adam or sgd");
-        }
-    }
-
-    /**
-     * The FP16 policy for the DeepSeek model: the defaults (norms, router) plus attention, MoE blocks and the LM head in
-     * FP32, because the model casts with DJL's non-differentiable {@code toType} inside them (see the class doc).
-     */
-    static PrecisionPolicy deepSeekFp16Policy() {
-        return PrecisionPolicy.builder()
-                .optKeepFp32((path, b) -> path.endsWith("self_attn") || path.equals("lm_head")
-                        || b.getClass().getSimpleName().equals("DeepSeekMoE"))
-                .build();
-    }
-
-    /** {@code none} -> null; {@code all}, {@code every:N}. */
-    static CheckpointPolicy parsePolicy(String name) {
-        String n = name.trim().toLowerCase(Locale.ROOT);
-        if (n.equals("none")) {
+    /** Mean loss over the held-out sequences (in micro-batches of --batch), or null without a held-out split. */
+    private Double heldOutLoss(FineTuner tuner, TokenDataset dataset) {
+        int n = dataset.heldOutSequences();
+        if (n == 0) {
             return null;
         }
-        if (n.equals("all")) {
-            return CheckpointPolicy.all();
+        double sum = 0;
+        for (int from = 0; from < n; from += batch) {
+            int to = Math.min(n, from + batch);
+            sum += tuner.evaluate(dataset.heldOutBatch(from, to)) * (to - from);
         }
-        if (n.startsWith("every:")) {
-            try {
-                return CheckpointPolicy.everyNth(Integer.parseInt(n.substring("every:".length())));
-            } catch (NumberFormatException e) {
-                throw new IllegalArgumentException("--checkpointing " + name + ": N must be an integer", e);
+        return sum / n;
+    }
+
+    private void writeCheckpoint(FineTuner tuner, Path checkpoints) throws IOException {
+        Path dir = checkpoints.resolve(String.format(Locale.ROOT, "step-%08d", tuner.step()));
+        tuner.saveCheckpoint(dir);
+        List<Path> all;
+        try (Stream<Path> s = Files.list(checkpoints)) {
+            all = s.filter(p -> p.getFileName().toString().startsWith("step-") && FineTuner.isCheckpoint(p))
+                    .sorted(Comparator.comparing(p -> p.getFileName().toString()))
+                    .collect(Collectors.toCollection(ArrayList::new));
+        }
+        while (all.size() > keepCheckpoints) {
+            Path old = all.remove(0);
+            try (Stream<Path> w = Files.walk(old)) {
+                for (Path p : (Iterable<Path>) w.sorted(Comparator.reverseOrder())::iterator) {
+                    Files.deleteIfExists(p);
+                }
             }
         }
-        throw new IllegalArgumentException("unknown --checkpointing '" + name + "': expected none, all or every:N"
-                + " (runs of several layers as one segment, the sqrt(n) schedule, need a parent that feeds each layer"
-                + " only the previous layer's output; the DeepSeek layers also take the rotary tables and the mask)");
     }
 
-    private static void copyAtomically(Path from, Path to) throws java.io.IOException {
-        Path tmp = Files.createTempFile(to.getParent(), "." + to.getFileName() + ".", ".tmp");
-        try {
-            Files.copy(from, tmp, StandardCopyOption.REPLACE_EXISTING);
-            Files.move(tmp, to, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
-        } finally {
-            Files.deleteIfExists(tmp);
+    private static void copyTokenizer(Path tokenizerJson, Path dir) throws IOException {
+        Path from = tokenizerJson.toAbsolutePath().getParent();
+        for (String name : new String[] {"tokenizer.json", "tokenizer_config.json"}) {
+            Path src = name.equals("tokenizer.json") ? tokenizerJson : from.resolve(name);
+            Path dst = dir.resolve(name);
+            if (!Files.isRegularFile(src) || src.toAbsolutePath().equals(dst.toAbsolutePath())) {
+                continue;
+            }
+            Path tmp = Files.createTempFile(dir, "." + name + ".", ".tmp");
+            try {
+                Files.copy(src, tmp, StandardCopyOption.REPLACE_EXISTING);
+                Files.move(tmp, dst, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
+            } finally {
+                Files.deleteIfExists(tmp);
+            }
         }
     }
 
-    private static void writeAtomically(Path to, String content) throws java.io.IOException {
-        Path tmp = Files.createTempFile(to.getParent(), "." + to.getFileName() + ".", ".tmp");
-        try {
-            Files.writeString(tmp, content, StandardCharsets.UTF_8);
-            Files.move(tmp, to, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
-        } finally {
-            Files.deleteIfExists(tmp);
+    /** A one-line progress bar redrawn with a carriage return. */
+    static final class ProgressBar {
+        private static final int WIDTH = 24;
+        private final PrintStream err;
+        private final long total;
+
+        ProgressBar(PrintStream err, long total) {
+            this.err = err;
+            this.total = total;
+        }
+
+        void update(StepResult r, double tokensPerSecond, long memory) {
+            int filled = (int) Math.min(WIDTH, WIDTH * r.step() / total);
+            StringBuilder bar = new StringBuilder(WIDTH);
+            for (int i = 0; i < WIDTH; i++) {
+                bar.append(i < filled ? '=' : (i == filled ? '>' : ' '));
+            }
+            err.printf(Locale.ROOT, "\r[%s] %d/%d loss %.4f  %.0f tok/s  scale %s  mem %.1f MB%s", bar, r.step(), total,
+                    r.loss(), tokensPerSecond, formatScale(r.lossScale()), memory / 1e6, r.skipped() ? " (skipped)" : "");
+            err.flush();
+        }
+
+        void finish() {
+            err.println();
+        }
+
+        private static String formatScale(float s) {
+            return s == Math.rint(s) ? Long.toString((long) s) : Float.toString(s);
         }
     }
 }
