@@ -1,15 +1,149 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.memopt.examples.bench.FreshJvm;
+import ai.djl.memopt.examples.bench.GenerateBenchWorker;
+import ai.djl.memopt.examples.bench.MarkdownTable;
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import com.google.gson.JsonObject;
+import com.google.gson.JsonParser;
+import java.io.IOException;
+import java.nio.file.Path;
+import java.time.LocalDate;
+import java.time.ZoneOffset;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Locale;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Option;
 
-/** {@code memopt bench generate}: not part of this build yet (its issue is open); it exits with an error rather than pretend. */
-@Command(name = "generate", mixinStandardHelpOptions = true, description = "(not available in this build yet)")
+/**
+ * {@code memopt bench generate}: decoding speed and memory of a preset with the compressed MLA cache (seeded random
+ * weights, seeded random prompts, greedy), each batch size in a fresh JVM running {@link GenerateBenchWorker}; one JSON
+ * line per configuration.
+ *
+ * <p>Fields: {@code tokens_per_second} (new tokens across the batch per second of single-token decode steps, the
+ * prefill excluded), {@code prefill_seconds} and {@code prefill_tokens_per_second}, {@code cache_bytes_per_token}
+ * ({@code (kv_lora_rank + qk_rope_head_dim) x layers x element bytes}) and {@code hf_cache_bytes_per_token} (a Hugging
+ * Face-style per-head cache, {@code heads x (qk_head_dim + v_head_dim) x layers x element bytes}),
+ * {@code cache_bytes} (the session's buffers), {@code peak_memory_bytes} (CPU: peak RSS; GPU: device memory in use,
+ * sampled) and the configuration. {@code --out FILE} keeps a markdown table of results between
+ * {@code <!-- bench-generate:begin -->} and {@code <!-- bench-generate:end -->}.
+ *
+ * <pre>
+ * memopt bench generate --preset bench-small --prompt-tokens 512 --new-tokens 128 --batch 1,8 --out docs/benchmarks.md
+ * </pre>
+ */
+@Command(name = "generate", mixinStandardHelpOptions = true,
+        description = "Decoding speed, KV-cache size and peak memory with the compressed MLA cache; each batch size in a"
+                + " fresh JVM.")
 public final class BenchGenerateCommand implements Callable<Integer> {
 
+    static final String TABLE = "bench-generate";
+    static final List<String> HEADER = List.of("preset", "batch", "prompt", "new", "device", "decode tok/s",
+            "prefill s", "MLA cache B/token", "per-head cache B/token", "cache ratio", "peak MB", "date");
+    static final List<String> ALIGN = List.of("---", "---:", "---:", "---:", "---", "---:", "---:", "---:", "---:",
+            "---:", "---:", "---");
+
+    @Option(names = "--preset", defaultValue = "bench-tiny", paramLabel = "NAME",
+            description = "Model preset (default bench-tiny).")
+    String preset;
+
+    @Option(names = "--prompt-tokens", defaultValue = "512", paramLabel = "P",
+            description = "Prompt length in tokens (default 512).")
+    int promptTokens;
+
+    @Option(names = "--new-tokens", defaultValue = "128", paramLabel = "N",
+            description = "Tokens generated per sequence (default 128).")
+    int newTokens;
+
+    @Option(names = "--batch", split = ",", paramLabel = "B",
+            description = "Batch size(s), repeatable or a comma list; each runs in its own JVM (default 1).")
+    List<Integer> batches;
+
+    @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
+    String device;
+
+    @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and prompt seed.")
+    long seed;
+
+    @Option(names = "--heap", defaultValue = "3g", paramLabel = "SIZE", description = "Worker -Xmx (default 3g).")
+    String heap;
+
+    @Option(names = "--timeout", defaultValue = "3600", paramLabel = "SECONDS",
+            description = "Per-configuration time limit (default 3600).")
+    long timeout;
+
+    @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
+    Path out;
+
+    @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
+    boolean json;
+
     @Override
-    public Integer call() {
-        System.err.println("memopt bench generate: not available in this build yet");
-        return 2;
+    public Integer call() throws Exception {
+        DeepSeekConfig config = DeepSeekConfig.preset(preset); // unknown preset: a clear error before any JVM starts
+        List<Integer> selected = batches == null || batches.isEmpty() ? List.of(1) : batches;
+        for (int b : selected) {
+            if (b < 1) {
+                throw new IllegalArgumentException("--batch must be >= 1, got " + b);
+            }
+        }
+        if (promptTokens < 1 || newTokens < 2) {
+            throw new IllegalArgumentException(String.format(Locale.ROOT,
+                    "need --prompt-tokens >= 1 and --new-tokens >= 2 (the first comes from the prefill); got %d, %d",
+                    promptTokens, newTokens));
+        }
+        if ((long) promptTokens + newTokens > config.maxPositionEmbeddings()) {
+            throw new IllegalArgumentException(String.format(Locale.ROOT,
+                    "--prompt-tokens + --new-tokens = %d exceeds the preset's max_position_embeddings %d",
+                    (long) promptTokens + newTokens, config.maxPositionEmbeddings()));
+        }
+        String dev = device.toLowerCase(Locale.ROOT);
+        if (!dev.equals("cpu") && !dev.equals("gpu")) {
+            throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
+        }
+        List<JsonObject> results = new ArrayList<>();
+        for (int b : selected) {
+            List<String> lines = FreshJvm.run(heap, timeout, GenerateBenchWorker.class, List.of(preset,
+                    Integer.toString(b), Integer.toString(promptTokens), Integer.toString(newTokens), dev,
+                    Long.toString(seed)));
+            JsonObject result = lastJson(lines, "batch " + b);
+            System.out.println(result);
+            System.out.flush();
+            results.add(result);
+        }
+        if (out != null) {
+            List<List<String>> rows = new ArrayList<>();
+            String date = LocalDate.now(ZoneOffset.UTC).toString();
+            for (JsonObject r : results) {
+                long mla = r.get("cache_bytes_per_token").getAsLong();
+                long hf = r.get("hf_cache_bytes_per_token").getAsLong();
+                rows.add(List.of(r.get("preset").getAsString(), r.get("batch").getAsString(),
+                        r.get("prompt_tokens").getAsString(), r.get("new_tokens").getAsString(),
+                        r.get("device").getAsString(),
+                        String.format(Locale.ROOT, "%.1f", r.get("tokens_per_second").getAsDouble()),
+                        String.format(Locale.ROOT, "%.2f", r.get("prefill_seconds").getAsDouble()),
+                        Long.toString(mla), Long.toString(hf),
+                        String.format(Locale.ROOT, "%.1fx", hf / (double) mla),
+                        String.format(Locale.ROOT, "%.1f", r.get("peak_memory_bytes").getAsLong() / 1e6), date));
+            }
+            MarkdownTable.update(out, TABLE, HEADER, ALIGN, 5, rows);
+        }
+        return 0;
+    }
+
+    /** The last JSON object line a worker printed. */
+    static JsonObject lastJson(List<String> lines, String what) throws IOException {
+        JsonObject result = null;
+        for (String line : lines) {
+            if (line.startsWith("{")) {
+                result = JsonParser.parseString(line).getAsJsonObject();
+            }
+        }
+        if (result == null) {
+            throw new IOException("the " + what + " worker printed no result; its output: " + lines);
+        }
+        return result;
     }
 }

@@ -1,0 +1,158 @@
+package ai.djl.memopt.examples.bench;
+
+import ai.djl.Device;
+import ai.djl.engine.Engine;
+import ai.djl.memopt.inference.MlaCachedDecoder;
+import ai.djl.memopt.memory.MemoryStats;
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
+import com.google.gson.JsonObject;
+import java.util.Locale;
+import java.util.SplittableRandom;
+
+/**
+ * One generation measurement, run by {@code memopt bench generate} in a fresh JVM (so {@code VmHWM} is this
+ * configuration's own peak): a preset with seeded random FP32 weights decoded by {@link MlaCachedDecoder} (the
+ * compressed MLA cache), a batch of seeded random prompts, greedy decoding; prints one JSON line.
+ *
+ * <p>Arguments: {@code preset batch promptTokens newTokens device seed}.
+ *
+ * <p>Timing: a short warm-up session first (a few tokens, so one-off engine initialisation is not timed); then the
+ * prefill call over the whole prompt ({@code (B, P)} in one call; it yields the first new token), then
+ * {@code newTokens - 1} single-token decode steps. {@code tokens_per_second = B x (newTokens - 1) / decode seconds};
+ * the prefill is reported separately ({@code prefill_seconds}, {@code prefill_tokens_per_second = B x P / seconds}).
+ *
+ * <p>Cache: {@code cache_bytes_per_token = (kv_lora_rank + qk_rope_head_dim) x layers x element bytes} from
+ * {@link MlaCachedDecoder#cacheBytesPerToken()}; {@code hf_cache_bytes_per_token} is what a Hugging Face-style cache
+ * of per-head keys and values would hold, {@code heads x (qk_head_dim + v_head_dim) x layers x element bytes}.
+ * {@code cache_bytes} is what the session actually allocated ({@code B x (P + N)} tokens).
+ */
+public final class GenerateBenchWorker {
+
+    private static final int WARMUP_PROMPT = 8;
+    private static final int WARMUP_NEW = 3;
+
+    private GenerateBenchWorker() {}
+
+    public static void main(String[] args) throws Exception {
+        if (args.length != 6) {
+            System.err.println("usage: GenerateBenchWorker preset batch promptTokens newTokens cpu|gpu seed");
+            System.exit(2);
+        }
+        String preset = args[0];
+        int batch = Integer.parseInt(args[1]);
+        int prompt = Integer.parseInt(args[2]);
+        int newTokens = Integer.parseInt(args[3]);
+        Device device = "gpu".equals(args[4]) ? Device.gpu() : Device.cpu();
+        long seed = Long.parseLong(args[5]);
+        System.out.println(run(preset, batch, prompt, newTokens, device, seed));
+    }
+
+    /** Runs one configuration in this JVM (the peak memory figure is then the process's, whatever ran before). */
+    public static JsonObject run(String preset, int batch, int prompt, int newTokens, Device device, long seed) {
+        DeepSeekConfig config = DeepSeekConfig.preset(preset);
+        Engine.getInstance().setRandomSeed((int) seed);
+        DataType dtype = DataType.FLOAT32;
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(config, seed, device, dtype);
+                NDManager manager = NDManager.newBaseManager(device)) {
+            MlaCachedDecoder decoder = new MlaCachedDecoder(lm, device);
+            SplittableRandom random = new SplittableRandom(seed);
+            decode(decoder, manager, config, random, 1, WARMUP_PROMPT, WARMUP_NEW, null);
+            for (int i = 0; i < 3; i++) {
+                System.gc();
+            }
+            long idle = MemoryStats.deviceBytesInUse(device);
+            TrainBenchWorker.PeakSampler sampler = device.isGpu() ? new TrainBenchWorker.PeakSampler(device) : null;
+            double[] seconds = new double[2];
+            long cacheBytes = decode(decoder, manager, config, random, batch, prompt, newTokens, seconds);
+            long peak;
+            try {
+                peak = sampler != null ? sampler.stop() : MemoryStats.peakResidentBytes();
+            } catch (InterruptedException e) {
+                Thread.currentThread().interrupt();
+                throw new IllegalStateException("interrupted while sampling device memory", e);
+            }
+            int elementBytes = dtype.getNumOfBytes();
+            int layers = config.numHiddenLayers();
+            JsonObject o = new JsonObject();
+            o.addProperty("preset", preset);
+            o.addProperty("batch", batch);
+            o.addProperty("prompt_tokens", prompt);
+            o.addProperty("new_tokens", newTokens);
+            o.addProperty("device", device.isGpu() ? "gpu" + device.getDeviceId() : "cpu");
+            o.addProperty("dtype", "float32");
+            o.addProperty("prefill_seconds", seconds[0]);
+            o.addProperty("prefill_tokens_per_second", batch * (double) prompt / seconds[0]);
+            o.addProperty("decode_seconds", seconds[1]);
+            o.addProperty("tokens_per_second", newTokens > 1 ? batch * (double) (newTokens - 1) / seconds[1] : 0.0);
+            o.addProperty("cache_bytes_per_token", decoder.cacheBytesPerToken());
+            o.addProperty("hf_cache_bytes_per_token",
+                    (long) MlaCachedDecoder.perHeadCacheValuesPerTokenPerLayer(config) * layers * elementBytes);
+            o.addProperty("cache_values_per_token_per_layer", MlaCachedDecoder.cacheValuesPerTokenPerLayer(config));
+            o.addProperty("hf_cache_values_per_token_per_layer",
+                    MlaCachedDecoder.perHeadCacheValuesPerTokenPerLayer(config));
+            o.addProperty("cache_bytes", cacheBytes);
+            o.addProperty("peak_memory_bytes", peak);
+            o.addProperty("idle_memory_bytes", idle);
+            o.addProperty("parameters", config.parameterCount());
+            o.addProperty("layers", layers);
+            return o;
+        }
+    }
+
+    /**
+     * Greedy decoding of {@code batch} random prompts; {@code seconds} (if not null) receives the prefill and decode
+     * times. Returns the session's cache bytes. Every per-step array lives in a scope closed at the end of the step.
+     */
+    private static long decode(MlaCachedDecoder decoder, NDManager manager, DeepSeekConfig config,
+            SplittableRandom random, int batch, int prompt, int newTokens, double[] seconds) {
+        int total = prompt + newTokens;
+        long[] ids = new long[batch * prompt];
+        for (int i = 0; i < ids.length; i++) {
+            ids[i] = random.nextInt(config.vocabSize());
+        }
+        try (MlaCachedDecoder.Session session = decoder.newSession(manager, batch, total)) {
+            NDArray next;
+            long t0 = System.nanoTime();
+            try (NDManager step = manager.newSubManager()) {
+                NDArray input = step.create(ids, new Shape(batch, prompt)); // (B, P)
+                long[] pos = new long[batch * prompt];
+                for (int i = 0; i < pos.length; i++) {
+                    pos[i] = i % prompt;
+                }
+                NDArray positions = step.create(pos, new Shape(batch, prompt)); // (B, P)
+                NDArray mask = step.ones(new Shape(batch, prompt), DataType.INT64); // (B, P)
+                NDArray logits = session.next(input, positions, mask); // (B, V)
+                next = logits.argMax(1).reshape(batch, 1); // (B, 1)
+                next.toLongArray(); // wait for the result: the prefill is done
+                next.attach(manager);
+            }
+            long t1 = System.nanoTime();
+            for (int s = 1; s < newTokens; s++) {
+                try (NDManager step = manager.newSubManager()) {
+                    next.attach(step);
+                    int length = prompt + s;
+                    NDArray positions = step.full(new Shape(batch, 1), length - 1, DataType.INT64); // (B, 1)
+                    NDArray mask = step.ones(new Shape(batch, length), DataType.INT64); // (B, past + 1)
+                    NDArray logits = session.next(next, positions, mask); // (B, V)
+                    next = logits.argMax(1).reshape(batch, 1); // (B, 1)
+                    next.toLongArray(); // the sampled token goes back to the host in a real decoder too
+                    next.attach(manager);
+                }
+            }
+            long t2 = System.nanoTime();
+            next.close();
+            if (seconds != null) {
+                seconds[0] = (t1 - t0) / 1e9;
+                seconds[1] = (t2 - t1) / 1e9;
+                System.err.printf(Locale.ROOT, "bench generate batch %d: prefill %.2f s, %d decode steps %.2f s%n",
+                        batch, seconds[0], newTokens - 1, seconds[1]);
+            }
+            return session.cacheBytes();
+        }
+    }
+}
