@@ -4,7 +4,14 @@ import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.MarkdownTable;
 import ai.djl.memopt.examples.bench.QuantBenchWorker;
 import com.google.gson.JsonObject;
+import java.awt.Color;
 import java.nio.file.Files;
+import java.nio.file.StandardCopyOption;
+import javax.imageio.ImageIO;
+import org.jfree.chart.ChartFactory;
+import org.jfree.chart.JFreeChart;
+import org.jfree.chart.plot.PlotOrientation;
+import org.jfree.data.category.DefaultCategoryDataset;
 import java.nio.file.Path;
 import java.time.LocalDate;
 import java.time.ZoneOffset;
@@ -92,6 +99,10 @@ public final class BenchQuantCommand implements Callable<Integer> {
     @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
     Path out;
 
+    @Option(names = "--chart", paramLabel = "FILE.png",
+            description = "Also write a bar chart (PNG) of weight bytes and perplexity relative to FP32.")
+    Path chart;
+
     @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
     boolean json;
 
@@ -164,6 +175,9 @@ public final class BenchQuantCommand implements Callable<Integer> {
                 }
                 MarkdownTable.update(out, TABLE, HEADER, ALIGN, 5, rows);
             }
+            if (chart != null) {
+                writeChart(chart, results, model.toAbsolutePath().normalize().getFileName().toString());
+            }
         } finally {
             if (work == null) {
                 deleteTree(dir);
@@ -197,6 +211,29 @@ public final class BenchQuantCommand implements Callable<Integer> {
             }
         }
         return out;
+    }
+
+    /** Weight bytes and perplexity of each variant as a percentage of FP32's, as a PNG bar chart (atomic write). */
+    public static void writeChart(Path file, List<JsonObject> results, String modelName) throws java.io.IOException {
+        System.setProperty("java.awt.headless", "true");
+        DefaultCategoryDataset data = new DefaultCategoryDataset();
+        for (JsonObject r : results) {
+            String v = r.get("variant").getAsString();
+            data.addValue(100 * r.get("weight_ratio").getAsDouble(), "weight bytes", v);
+            data.addValue(100 * (1 + r.get("perplexity_change").getAsDouble()), "held-out perplexity", v);
+        }
+        JFreeChart c = ChartFactory.createBarChart("Quantization of " + modelName + ": size and quality",
+                "variant", "% of FP32", data, PlotOrientation.VERTICAL, true, false, false);
+        c.setBackgroundPaint(Color.WHITE);
+        Path dir = file.toAbsolutePath().getParent();
+        Files.createDirectories(dir);
+        Path tmp = Files.createTempFile(dir, "." + file.getFileName() + ".", ".tmp");
+        try {
+            ImageIO.write(c.createBufferedImage(640, 320), "png", tmp.toFile());
+            Files.move(tmp, file, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
+        } finally {
+            Files.deleteIfExists(tmp);
+        }
     }
 
     private static void deleteTree(Path dir) throws java.io.IOException {

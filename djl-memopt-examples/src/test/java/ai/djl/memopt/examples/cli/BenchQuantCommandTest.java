@@ -45,7 +45,8 @@ class BenchQuantCommandTest {
     void fp32AndInt8InFreshJvmsGiveConsistentFigures() throws Exception {
         Path md = tmp.resolve("benchmarks.md");
         CliRun r = CliRun.run("bench", "quant", "--model", model.toString(), "--heldout", heldout.toString(),
-                "--variant", "int8", "--seq", "64", "--heap", "1g", "--timeout", "300", "--out", md.toString());
+                "--variant", "int8", "--seq", "64", "--heap", "1g", "--timeout", "300", "--out", md.toString(), "--chart",
+                tmp.resolve("img").resolve("q.png").toString());
         assertEquals(0, r.exitCode, r.err);
         String[] lines = r.out.trim().split("\n");
         assertEquals(2, lines.length, r.out);
@@ -74,6 +75,8 @@ class BenchQuantCommandTest {
         assertEquals(int8.get("perplexity").getAsDouble() / fp32.get("perplexity").getAsDouble() - 1, change, 1e-12);
         assertTrue(Math.abs(change) < 0.02, int8.toString());
         assertEquals(0.0, fp32.get("perplexity_change").getAsDouble());
+        byte[] png = Files.readAllBytes(tmp.resolve("img").resolve("q.png"));
+        assertTrue(png.length > 1000 && png[1] == 'P' && png[2] == 'N' && png[3] == 'G', "not a PNG");
         List<List<String>> rows = MarkdownTable.read(md, BenchQuantCommand.TABLE);
         assertEquals(2, rows.size(), rows.toString());
         assertEquals(List.of("tiny", "fp32", "fp32", "-", "64"), rows.get(0).subList(0, 5));
