@@ -19,10 +19,11 @@ import java.util.SplittableRandom;
  * configuration's own peak): a preset with seeded random FP32 weights decoded by {@link MlaCachedDecoder} (the
  * compressed MLA cache), a batch of seeded random prompts, greedy decoding; prints one JSON line.
  *
- * <p>Arguments: {@code preset batch promptTokens newTokens device seed}.
+ * <p>Arguments: {@code preset batch promptTokens newTokens device seed prefillChunk}.
  *
  * <p>Timing: a short warm-up session first (a few tokens, so one-off engine initialisation is not timed); then the
- * prefill call over the whole prompt ({@code (B, P)} in one call; it yields the first new token), then
+ * prefill over the prompt in calls of {@code (B, prefillChunk)} tokens (as {@code Generator} does; the last yields the
+ * first new token), then
  * {@code newTokens - 1} single-token decode steps. {@code tokens_per_second = B x (newTokens - 1) / decode seconds};
  * the prefill is reported separately ({@code prefill_seconds}, {@code prefill_tokens_per_second = B x P / seconds}).
  *
@@ -39,8 +40,9 @@ public final class GenerateBenchWorker {
     private GenerateBenchWorker() {}
 
     public static void main(String[] args) throws Exception {
-        if (args.length != 6) {
-            System.err.println("usage: GenerateBenchWorker preset batch promptTokens newTokens cpu|gpu seed");
+        if (args.length != 7) {
+            System.err.println("usage: GenerateBenchWorker preset batch promptTokens newTokens cpu|gpu seed "
+                    + "prefillChunk");
             System.exit(2);
         }
         String preset = args[0];
@@ -49,11 +51,16 @@ public final class GenerateBenchWorker {
         int newTokens = Integer.parseInt(args[3]);
         Device device = "gpu".equals(args[4]) ? Device.gpu() : Device.cpu();
         long seed = Long.parseLong(args[5]);
-        System.out.println(run(preset, batch, prompt, newTokens, device, seed));
+        int chunk = Integer.parseInt(args[6]);
+        System.out.println(run(preset, batch, prompt, newTokens, device, seed, chunk));
     }
 
     /** Runs one configuration in this JVM (the peak memory figure is then the process's, whatever ran before). */
-    public static JsonObject run(String preset, int batch, int prompt, int newTokens, Device device, long seed) {
+    public static JsonObject run(String preset, int batch, int prompt, int newTokens, Device device, long seed,
+            int chunk) {
+        if (chunk < 1) {
+            throw new IllegalArgumentException("prefill chunk must be >= 1, got " + chunk);
+        }
         DeepSeekConfig config = DeepSeekConfig.preset(preset);
         Engine.getInstance().setRandomSeed((int) seed);
         DataType dtype = DataType.FLOAT32;
@@ -61,14 +68,15 @@ public final class GenerateBenchWorker {
                 NDManager manager = NDManager.newBaseManager(device)) {
             MlaCachedDecoder decoder = new MlaCachedDecoder(lm, device);
             SplittableRandom random = new SplittableRandom(seed);
-            decode(decoder, manager, config, random, 1, WARMUP_PROMPT, WARMUP_NEW, null);
+            decode(decoder, manager, config, random, 1, WARMUP_PROMPT, WARMUP_NEW, WARMUP_PROMPT, null);
             for (int i = 0; i < 3; i++) {
                 System.gc();
             }
             long idle = MemoryStats.deviceBytesInUse(device);
             TrainBenchWorker.PeakSampler sampler = device.isGpu() ? new TrainBenchWorker.PeakSampler(device) : null;
             double[] seconds = new double[2];
-            long cacheBytes = decode(decoder, manager, config, random, batch, prompt, newTokens, seconds);
+            long cacheBytes = decode(decoder, manager, config, random, batch, prompt, newTokens, chunk,
+                    seconds);
             long peak;
             try {
                 peak = sampler != null ? sampler.stop() : MemoryStats.peakResidentBytes();
@@ -85,6 +93,7 @@ public final class GenerateBenchWorker {
             o.addProperty("new_tokens", newTokens);
             o.addProperty("device", device.isGpu() ? "gpu" + device.getDeviceId() : "cpu");
             o.addProperty("dtype", "float32");
+            o.addProperty("prefill_chunk", Math.min(chunk, prompt));
             o.addProperty("prefill_seconds", seconds[0]);
             o.addProperty("prefill_tokens_per_second", batch * (double) prompt / seconds[0]);
             o.addProperty("decode_seconds", seconds[1]);
@@ -109,27 +118,37 @@ public final class GenerateBenchWorker {
      * times. Returns the session's cache bytes. Every per-step array lives in a scope closed at the end of the step.
      */
     private static long decode(MlaCachedDecoder decoder, NDManager manager, DeepSeekConfig config,
-            SplittableRandom random, int batch, int prompt, int newTokens, double[] seconds) {
+            SplittableRandom random, int batch, int prompt, int newTokens, int chunk, double[] seconds) {
         int total = prompt + newTokens;
         long[] ids = new long[batch * prompt];
         for (int i = 0; i < ids.length; i++) {
             ids[i] = random.nextInt(config.vocabSize());
         }
         try (MlaCachedDecoder.Session session = decoder.newSession(manager, batch, total)) {
-            NDArray next;
+            NDArray next = null;
             long t0 = System.nanoTime();
-            try (NDManager step = manager.newSubManager()) {
-                NDArray input = step.create(ids, new Shape(batch, prompt)); // (B, P)
-                long[] pos = new long[batch * prompt];
-                for (int i = 0; i < pos.length; i++) {
-                    pos[i] = i % prompt;
+            for (int from = 0; from < prompt; from += chunk) {
+                int to = Math.min(prompt, from + chunk);
+                int t = to - from;
+                try (NDManager step = manager.newSubManager()) {
+                    long[] part = new long[batch * t];
+                    long[] pos = new long[batch * t];
+                    for (int b = 0; b < batch; b++) {
+                        for (int i = 0; i < t; i++) {
+                            part[b * t + i] = ids[b * prompt + from + i];
+                            pos[b * t + i] = from + i;
+                        }
+                    }
+                    NDArray input = step.create(part, new Shape(batch, t)); // (B, t)
+                    NDArray positions = step.create(pos, new Shape(batch, t)); // (B, t)
+                    NDArray mask = step.ones(new Shape(batch, to), DataType.INT64); // (B, past + t)
+                    NDArray logits = session.next(input, positions, mask); // (B, V)
+                    if (to == prompt) {
+                        next = logits.argMax(1).reshape(batch, 1); // (B, 1)
+                        next.toLongArray(); // wait for the result: the prefill is done
+                        next.attach(manager);
+                    }
                 }
-                NDArray positions = step.create(pos, new Shape(batch, prompt)); // (B, P)
-                NDArray mask = step.ones(new Shape(batch, prompt), DataType.INT64); // (B, P)
-                NDArray logits = session.next(input, positions, mask); // (B, V)
-                next = logits.argMax(1).reshape(batch, 1); // (B, 1)
-                next.toLongArray(); // wait for the result: the prefill is done
-                next.attach(manager);
             }
             long t1 = System.nanoTime();
             for (int s = 1; s < newTokens; s++) {

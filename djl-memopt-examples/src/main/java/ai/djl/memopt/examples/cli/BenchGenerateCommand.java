@@ -40,9 +40,9 @@ import picocli.CommandLine.Option;
 public final class BenchGenerateCommand implements Callable<Integer> {
 
     static final String TABLE = "bench-generate";
-    static final List<String> HEADER = List.of("preset", "batch", "prompt", "new", "device", "decode tok/s",
+    static final List<String> HEADER = List.of("preset", "batch", "prompt", "new", "device", "prefill chunk", "decode tok/s",
             "prefill s", "MLA cache B/token", "per-head cache B/token", "cache ratio", "peak MB", "date");
-    static final List<String> ALIGN = List.of("---", "---:", "---:", "---:", "---", "---:", "---:", "---:", "---:",
+    static final List<String> ALIGN = List.of("---", "---:", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:",
             "---:", "---:", "---");
 
     @Option(names = "--preset", defaultValue = "bench-tiny", paramLabel = "NAME",
@@ -60,6 +60,11 @@ public final class BenchGenerateCommand implements Callable<Integer> {
     @Option(names = "--batch", split = ",", paramLabel = "B",
             description = "Batch size(s), repeatable or a comma list; each runs in its own JVM (default 1).")
     List<Integer> batches;
+
+    @Option(names = "--prefill-chunk", defaultValue = "512", paramLabel = "T",
+            description = "Prompt tokens per prefill call (default 512, the Generator's default): bounds the prefill's"
+                    + " activation memory.")
+    int prefillChunk;
 
     @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
     String device;
@@ -94,6 +99,9 @@ public final class BenchGenerateCommand implements Callable<Integer> {
                     "need --prompt-tokens >= 1 and --new-tokens >= 2 (the first comes from the prefill); got %d, %d",
                     promptTokens, newTokens));
         }
+        if (prefillChunk < 1) {
+            throw new IllegalArgumentException("--prefill-chunk must be >= 1, got " + prefillChunk);
+        }
         if ((long) promptTokens + newTokens > config.maxPositionEmbeddings()) {
             throw new IllegalArgumentException(String.format(Locale.ROOT,
                     "--prompt-tokens + --new-tokens = %d exceeds the preset's max_position_embeddings %d",
@@ -107,7 +115,7 @@ public final class BenchGenerateCommand implements Callable<Integer> {
         for (int b : selected) {
             List<String> lines = FreshJvm.run(heap, timeout, GenerateBenchWorker.class, List.of(preset,
                     Integer.toString(b), Integer.toString(promptTokens), Integer.toString(newTokens), dev,
-                    Long.toString(seed)));
+                    Long.toString(seed), Integer.toString(prefillChunk)));
             JsonObject result = lastJson(lines, "batch " + b);
             System.out.println(result);
             System.out.flush();
@@ -121,14 +129,14 @@ public final class BenchGenerateCommand implements Callable<Integer> {
                 long hf = r.get("hf_cache_bytes_per_token").getAsLong();
                 rows.add(List.of(r.get("preset").getAsString(), r.get("batch").getAsString(),
                         r.get("prompt_tokens").getAsString(), r.get("new_tokens").getAsString(),
-                        r.get("device").getAsString(),
+                        r.get("device").getAsString(), r.get("prefill_chunk").getAsString(),
                         String.format(Locale.ROOT, "%.1f", r.get("tokens_per_second").getAsDouble()),
                         String.format(Locale.ROOT, "%.2f", r.get("prefill_seconds").getAsDouble()),
                         Long.toString(mla), Long.toString(hf),
                         String.format(Locale.ROOT, "%.1fx", hf / (double) mla),
                         String.format(Locale.ROOT, "%.1f", r.get("peak_memory_bytes").getAsLong() / 1e6), date));
             }
-            MarkdownTable.update(out, TABLE, HEADER, ALIGN, 5, rows);
+            MarkdownTable.update(out, TABLE, HEADER, ALIGN, 6, rows);
         }
         return 0;
     }

@@ -24,7 +24,7 @@ class BenchGenerateCommandTest {
         Path md = tmp.resolve("benchmarks.md");
         Files.writeString(md, "# Benchmarks\n\n## Training memory\n\nkept\n");
         CliRun r = CliRun.run("bench", "generate", "--preset", "bench-tiny", "--prompt-tokens", "6", "--new-tokens",
-                "3", "--batch", "2", "--heap", "1g", "--timeout", "300", "--out", md.toString());
+                "3", "--batch", "2", "--prefill-chunk", "4", "--heap", "1g", "--timeout", "300", "--out", md.toString());
         assertEquals(0, r.exitCode, r.err);
         String[] lines = r.out.trim().split("\n");
         assertEquals(1, lines.length, r.out);
@@ -35,6 +35,7 @@ class BenchGenerateCommandTest {
         assertEquals(6, o.get("prompt_tokens").getAsInt());
         assertEquals(3, o.get("new_tokens").getAsInt());
         assertEquals("cpu", o.get("device").getAsString());
+        assertEquals(4, o.get("prefill_chunk").getAsInt());
         // FP32: (kv_lora_rank + qk_rope_head_dim) x layers x 4 bytes, and the per-head cache for comparison
         long mla = (long) (c.kvLoraRank() + c.qkRopeHeadDim()) * c.numHiddenLayers() * 4;
         long hf = (long) c.numAttentionHeads() * (c.qkNopeHeadDim() + c.qkRopeHeadDim() + c.vHeadDim())
@@ -53,9 +54,9 @@ class BenchGenerateCommandTest {
                 + MarkdownTable.begin(BenchGenerateCommand.TABLE)), text);
         List<List<String>> rows = MarkdownTable.read(md, BenchGenerateCommand.TABLE);
         assertEquals(1, rows.size(), text);
-        assertEquals(List.of("bench-tiny", "2", "6", "3", "cpu"), rows.get(0).subList(0, 5));
-        assertEquals(Long.toString(mla), rows.get(0).get(7));
-        assertEquals("4.0x", rows.get(0).get(9));
+        assertEquals(List.of("bench-tiny", "2", "6", "3", "cpu", "4"), rows.get(0).subList(0, 6));
+        assertEquals(Long.toString(mla), rows.get(0).get(8));
+        assertEquals("4.0x", rows.get(0).get(10));
     }
 
     @Test
@@ -72,6 +73,9 @@ class BenchGenerateCommandTest {
         r = CliRun.run("bench", "generate", "--prompt-tokens", "2000", "--new-tokens", "100");
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("max_position_embeddings 2048"), r.err);
+        r = CliRun.run("bench", "generate", "--prefill-chunk", "0");
+        assertNotEquals(0, r.exitCode);
+        assertTrue(r.err.contains("--prefill-chunk must be >= 1, got 0"), r.err);
         r = CliRun.run("bench", "generate", "--device", "tpu");
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("--device must be cpu or gpu"), r.err);
