@@ -36,6 +36,9 @@ import java.util.Set;
  * <pre>{@code
  * Blocks.replace(model, "model.layers.0.self_attn.q_a_proj", linear -> new MyDecorator(linear));
  * }</pre>
+ *
+ * <p>A {@link BlockDecorator} is transparent here: paths, children and parameters below it are those of the block it
+ * wraps.
  */
 public final class Blocks {
 
@@ -59,6 +62,7 @@ public final class Blocks {
      * {@code "1"}, ...) as in PyTorch's {@code nn.Sequential}.
      */
     public static List<String> childNames(Block block) {
+        block = BlockDecorator.unwrap(block);
         List<String> names = new ArrayList<>();
         int i = 0;
         for (Pair<String, Block> child : block.getChildren()) {
@@ -91,7 +95,7 @@ public final class Blocks {
     private static void walk(Block block, String path, Map<String, Block> out) {
         out.put(path, block);
         List<String> names = childNames(block);
-        List<Block> children = block.getChildren().values();
+        List<Block> children = BlockDecorator.unwrap(block).getChildren().values();
         for (int i = 0; i < names.size(); i++) {
             walk(children.get(i), join(path, names.get(i)), out);
         }
@@ -106,7 +110,7 @@ public final class Blocks {
     public static Map<String, Parameter> parameters(Block root) {
         Map<String, Parameter> out = new LinkedHashMap<>();
         for (Map.Entry<String, Block> e : walk(root).entrySet()) {
-            for (Pair<String, Parameter> p : e.getValue().getDirectParameters()) {
+            for (Pair<String, Parameter> p : BlockDecorator.unwrap(e.getValue()).getDirectParameters()) {
                 out.put(join(e.getKey(), p.getKey()), p.getValue());
             }
         }
@@ -126,7 +130,7 @@ public final class Blocks {
         StringBuilder seen = new StringBuilder();
         for (String part : path.split("\\.")) {
             int index = childNames(current).indexOf(part);
-            Block next = index < 0 ? null : current.getChildren().valueAt(index);
+            Block next = index < 0 ? null : BlockDecorator.unwrap(current).getChildren().valueAt(index);
             if (next == null) {
                 throw new IllegalArgumentException(
                         "No block '" + part + "' under '" + seen + "' (looking for '" + path + "'); children are "
@@ -164,6 +168,7 @@ public final class Blocks {
      */
     public static void replaceChild(Block parent, String name, Block replacement) {
         Preconditions.checkNotNull(replacement, "replacement");
+        parent = BlockDecorator.unwrap(parent);
         Preconditions.checkArgument(
                 parent instanceof AbstractBlock,
                 "cannot replace children of %s: only AbstractBlock subclasses keep a replaceable children list",

@@ -1,15 +1,229 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.memopt.examples.bench.FreshJvm;
+import ai.djl.memopt.examples.bench.TrainBenchWorker;
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import com.google.gson.JsonObject;
+import com.google.gson.JsonParser;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.nio.file.StandardCopyOption;
+import java.time.LocalDate;
+import java.time.ZoneOffset;
+import java.util.ArrayList;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Locale;
+import java.util.Map;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Option;
 
-/** {@code memopt bench train}: not part of this build yet (its issue is open); it exits with an error rather than pretend. */
-@Command(name = "train", mixinStandardHelpOptions = true, description = "(not available in this build yet)")
+/**
+ * {@code memopt bench train}: training memory and step time of a preset (seeded random weights, random token batches)
+ * in up to four modes, each in a fresh JVM running {@link TrainBenchWorker}; one JSON line per mode.
+ *
+ * <p>Fields: {@code peak_memory_bytes} (CPU: the process's peak RSS, {@code VmHWM}; GPU: device memory in use, sampled),
+ * {@code idle_memory_bytes} (the same right before the first step, with model and optimizer built),
+ * {@code state_bytes} (weights, FP32 masters, gradients and optimizer moments summed from the arrays),
+ * {@code activation_bytes} (peak - idle - the state allocated lazily by the first step), {@code median_step_seconds},
+ * and the configuration. {@code --out FILE} keeps a markdown table of all results in FILE (rows of the same
+ * configuration are replaced), between {@code <!-- bench-train:begin -->} and {@code <!-- bench-train:end -->}.
+ *
+ * <pre>
+ * memopt bench train --preset bench-small --batch 1 --seq 512 --steps 3 --out docs/benchmarks.md
+ * </pre>
+ */
+@Command(name = "train", mixinStandardHelpOptions = true,
+        description = "Training memory and step time per mode (fp32, checkpoint, fp16, fp16+checkpoint), each in a"
+                + " fresh JVM.")
 public final class BenchTrainCommand implements Callable<Integer> {
 
+    static final List<String> MODES = List.of("fp32", "checkpoint", "fp16", "fp16+checkpoint");
+    static final String BEGIN = "<!-- bench-train:begin -->";
+    static final String END = "<!-- bench-train:end -->";
+
+    @Option(names = "--preset", defaultValue = "bench-tiny", paramLabel = "NAME",
+            description = "Model preset (default bench-tiny).")
+    String preset;
+
+    @Option(names = "--mode", split = ",", paramLabel = "MODE",
+            description = "fp32, checkpoint, fp16, fp16+checkpoint (repeatable or comma list; default all four).")
+    List<String> modes;
+
+    @Option(names = "--batch", defaultValue = "1", paramLabel = "B", description = "Sequences per step (default 1).")
+    int batch;
+
+    @Option(names = "--seq", defaultValue = "128", paramLabel = "T", description = "Tokens per sequence (default 128).")
+    int seq;
+
+    @Option(names = "--steps", defaultValue = "3", paramLabel = "N", description = "Training steps (default 3).")
+    int steps;
+
+    @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
+    String device;
+
+    @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and data seed.")
+    long seed;
+
+    @Option(names = "--heap", defaultValue = "3g", paramLabel = "SIZE", description = "Worker -Xmx (default 3g).")
+    String heap;
+
+    @Option(names = "--timeout", defaultValue = "3600", paramLabel = "SECONDS",
+            description = "Per-mode time limit (default 3600).")
+    long timeout;
+
+    @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
+    Path out;
+
+    @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
+    boolean json;
+
     @Override
-    public Integer call() {
-        System.err.println("memopt bench train: not available in this build yet");
-        return 2;
+    public Integer call() throws Exception {
+        List<String> selected = modes == null || modes.isEmpty() ? MODES : normalise(modes);
+        DeepSeekConfig.preset(preset); // unknown preset: a clear error before any JVM starts
+        if (batch < 1 || seq < 2 || steps < 1) {
+            throw new IllegalArgumentException(String.format(Locale.ROOT,
+                    "need --batch >= 1, --seq >= 2, --steps >= 1; got %d, %d, %d", batch, seq, steps));
+        }
+        String dev = device.toLowerCase(Locale.ROOT);
+        if (!dev.equals("cpu") && !dev.equals("gpu")) {
+            throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
+        }
+        List<JsonObject> results = new ArrayList<>();
+        for (String mode : selected) {
+            List<String> lines = FreshJvm.run(heap, timeout, TrainBenchWorker.class, List.of(preset, mode,
+                    Integer.toString(batch), Integer.toString(seq), Integer.toString(steps), dev,
+                    Long.toString(seed)));
+            JsonObject result = null;
+            for (String line : lines) {
+                if (line.startsWith("{")) {
+                    result = JsonParser.parseString(line).getAsJsonObject();
+                }
+            }
+            if (result == null) {
+                throw new IOException("the " + mode + " worker printed no result; its output: " + lines);
+            }
+            System.out.println(result);
+            System.out.flush();
+            results.add(result);
+        }
+        if (out != null) {
+            updateTable(out, results);
+        }
+        return 0;
+    }
+
+    private static List<String> normalise(List<String> modes) {
+        List<String> out = new ArrayList<>();
+        for (String m : modes) {
+            String n = m.trim().toLowerCase(Locale.ROOT);
+            if (!MODES.contains(n)) {
+                throw new IllegalArgumentException("unknown --mode '" + m + "': expected one of " + MODES);
+            }
+            if (!out.contains(n)) {
+                out.add(n);
+            }
+        }
+        return out;
+    }
+
+    /** Rewrites the results table in {@code file} (created if absent) with {@code results} merged in, atomically. */
+    static void updateTable(Path file, List<JsonObject> results) throws IOException {
+        String text = Files.isRegularFile(file) ? Files.readString(file, StandardCharsets.UTF_8) : "";
+        Map<String, String[]> rows = new LinkedHashMap<>();
+        int begin = text.indexOf(BEGIN);
+        int end = text.indexOf(END);
+        String before = text;
+        String after = "";
+        if (begin >= 0 && end > begin) {
+            for (String line : text.substring(begin + BEGIN.length(), end).split("\n")) {
+                String[] cells = cells(line);
+                if (cells != null && cells.length == HEADER.length && !cells[0].equals(HEADER[0])
+                        && !cells[0].startsWith("---")) {
+                    rows.put(key(cells), cells);
+                }
+            }
+            before = text.substring(0, begin);
+            after = text.substring(end + END.length());
+        } else if (!text.isEmpty() && !text.endsWith("\n")) {
+            before = text + "\n";
+        }
+        String date = LocalDate.now(ZoneOffset.UTC).toString();
+        for (JsonObject r : results) {
+            String[] cells = {
+                r.get("preset").getAsString(), r.get("mode").getAsString(), r.get("batch").getAsString(),
+                r.get("seq").getAsString(), r.get("steps").getAsString(), r.get("device").getAsString(),
+                mb(r, "peak_memory_bytes"), mb(r, "idle_memory_bytes"), mb(r, "state_bytes"),
+                mb(r, "activation_bytes"), "", String.format(Locale.ROOT, "%.2f",
+                        r.get("median_step_seconds").getAsDouble()), "", date
+            };
+            rows.put(key(cells), cells);
+        }
+        // ratios against the fp32 row of the same configuration
+        for (String[] c : rows.values()) {
+            String[] base = rows.get(String.join("|", c[0], "fp32", c[2], c[3], c[4], c[5]));
+            c[10] = base == null ? "" : ratio(c[9], base[9]);
+            c[12] = base == null ? "" : ratio(c[11], base[11]);
+        }
+        StringBuilder sb = new StringBuilder(before).append(BEGIN).append('\n');
+        sb.append(row(HEADER)).append(row(SEPARATOR));
+        for (String[] c : rows.values()) {
+            sb.append(row(c));
+        }
+        sb.append(END).append(after.isEmpty() ? "\n" : after);
+        Path dir = file.toAbsolutePath().getParent();
+        Files.createDirectories(dir);
+        Path tmp = Files.createTempFile(dir, "." + file.getFileName() + ".", ".tmp");
+        try {
+            Files.writeString(tmp, sb.toString(), StandardCharsets.UTF_8);
+            Files.move(tmp, file, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
+        } finally {
+            Files.deleteIfExists(tmp);
+        }
+    }
+
+    static final String[] HEADER = {
+        "preset", "mode", "batch", "seq", "steps", "device", "peak MB", "idle MB", "state MB", "activation MB",
+        "activation vs fp32", "median step s", "step time vs fp32", "date"
+    };
+    private static final String[] SEPARATOR = {
+        "---", "---", "---:", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---"
+    };
+
+    private static String key(String[] c) {
+        return String.join("|", c[0], c[1], c[2], c[3], c[4], c[5]);
+    }
+
+    private static String mb(JsonObject r, String field) {
+        return String.format(Locale.ROOT, "%.1f", r.get(field).getAsLong() / 1e6);
+    }
+
+    private static String ratio(String value, String base) {
+        try {
+            double b = Double.parseDouble(base);
+            return b <= 0 ? "" : String.format(Locale.ROOT, "%.2f", Double.parseDouble(value) / b);
+        } catch (NumberFormatException e) {
+            return "";
+        }
+    }
+
+    private static String row(String[] cells) {
+        return "| " + String.join(" | ", cells) + " |\n";
+    }
+
+    private static String[] cells(String line) {
+        String t = line.trim();
+        if (!t.startsWith("|") || !t.endsWith("|") || t.length() < 2) {
+            return null;
+        }
+        String[] parts = t.substring(1, t.length() - 1).split("\\|", -1);
+        for (int i = 0; i < parts.length; i++) {
+            parts[i] = parts[i].trim();
+        }
+        return parts;
     }
 }

@@ -132,9 +132,9 @@ public final class DeepSeekMoE extends AbstractBlock {
                 inverse[a] = pos;
                 tokenOf[pos] = a / k;
             }
-            NDArray tokenIdx = m.create(tokenOf).toDevice(x.getDevice(), false); // (N*k)
-            NDArray permIdx = m.create(perm).toDevice(x.getDevice(), false); // (N*k)
-            NDArray invIdx = m.create(inverse).toDevice(x.getDevice(), false); // (N*k)
+            NDArray tokenIdx = ownedIndex(m, tokenOf, x); // (N*k)
+            NDArray permIdx = ownedIndex(m, perm, x); // (N*k)
+            NDArray invIdx = ownedIndex(m, inverse, x); // (N*k)
             NDArray rows = x.get(new NDIndex("{}", tokenIdx)); // (N*k, H) grouped by expert
             List<NDArray> outs = new ArrayList<>();
             for (int e = 0; e < numExperts; e++) {
@@ -151,6 +151,18 @@ public final class DeepSeekMoE extends AbstractBlock {
             long h = x.getShape().get(1);
             return new NDList(back.reshape(n, k, h).sum(new int[] {1}).toType(x.getDataType(), false)); // (N, H)
         }).head();
+    }
+
+    /**
+     * An index array whose memory the tensor owns. On CPU {@code manager.create(long[])} wraps a Java direct buffer
+     * ({@code from_blob}) that is freed once the Java handle is closed and collected, while autograd keeps the tensor
+     * (index backward saves its indices): the backward would then read freed memory. A clone owns its storage.
+     */
+    private static NDArray ownedIndex(NDManager m, long[] values, NDArray like) {
+        try (NDArray wrapped = m.create(values)) {
+            NDArray onDevice = wrapped.toDevice(like.getDevice(), false);
+            return onDevice == wrapped ? wrapped.duplicate() : onDevice;
+        }
     }
 
     @Override

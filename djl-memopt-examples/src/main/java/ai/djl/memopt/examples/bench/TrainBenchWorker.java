@@ -1,0 +1,156 @@
+package ai.djl.memopt.examples.bench;
+
+import ai.djl.Device;
+import ai.djl.engine.Engine;
+import ai.djl.memopt.finetune.FineTuner;
+import ai.djl.memopt.finetune.StateBytes;
+import ai.djl.memopt.finetune.StepResult;
+import ai.djl.memopt.finetune.TokenBatch;
+import ai.djl.memopt.memory.MemoryStats;
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.ndarray.types.DataType;
+import com.google.gson.JsonObject;
+import java.util.Arrays;
+import java.util.HashMap;
+import java.util.Locale;
+import java.util.Map;
+import java.util.SplittableRandom;
+
+/**
+ * One training-memory measurement, run by {@code memopt bench train} in a fresh JVM (so {@code VmHWM} is this
+ * configuration's own peak): builds a preset with seeded random FP32 weights and a {@link FineTuner} in the given mode,
+ * measures the idle memory, runs {@code steps} steps on seeded random token batches and prints one JSON line.
+ *
+ * <p>Arguments: {@code preset mode batch seq steps device seed}; mode is {@code fp32}, {@code checkpoint},
+ * {@code fp16} or {@code fp16+checkpoint}.
+ *
+ * <p>Memory: on CPU the peak is the process's {@code VmHWM} at the end and the idle figure its {@code VmRSS} right
+ * before the first step (after a GC, with model and optimizer built); on a GPU both are device memory in use, the peak
+ * sampled every millisecond during the steps. {@code activation_bytes = peak - idle - (state after - state at idle)}:
+ * what the steps needed beyond the state that exists afterwards (gradients, optimizer moments are allocated at the
+ * first step), i.e. activations, autograd buffers and per-step temporaries.
+ */
+public final class TrainBenchWorker {
+
+    private TrainBenchWorker() {}
+
+    public static void main(String[] args) throws Exception {
+        if (args.length != 7) {
+            System.err.println("usage: TrainBenchWorker preset mode batch seq steps cpu|gpu seed");
+            System.exit(2);
+        }
+        String preset = args[0];
+        String mode = args[1];
+        int batch = Integer.parseInt(args[2]);
+        int seq = Integer.parseInt(args[3]);
+        int steps = Integer.parseInt(args[4]);
+        Device device = "gpu".equals(args[5]) ? Device.gpu() : Device.cpu();
+        long seed = Long.parseLong(args[6]);
+        Map<String, String> m = modes().get(mode);
+        if (m == null) {
+            throw new IllegalArgumentException("unknown mode " + mode);
+        }
+        DeepSeekConfig config = DeepSeekConfig.preset(preset);
+        Engine.getInstance().setRandomSeed((int) seed);
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(config, seed, device, DataType.FLOAT32);
+                FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(m.get("checkpoint"))
+                        .optPrecision(FineTuner.Precision.parse(m.get("precision"))).optLearningRate(1e-4f)
+                        .optSeed(seed).build()) {
+            SplittableRandom random = new SplittableRandom(seed);
+            StateBytes idleState = tuner.stateBytes();
+            for (int i = 0; i < 3; i++) {
+                System.gc();
+            }
+            long idle = MemoryStats.deviceBytesInUse(device);
+            long initPeak = MemoryStats.peakResidentBytes();
+            PeakSampler sampler = device.isGpu() ? new PeakSampler(device) : null;
+            double[] seconds = new double[steps];
+            double firstLoss = Double.NaN;
+            double lastLoss = Double.NaN;
+            int skipped = 0;
+            for (int s = 0; s < steps; s++) {
+                long[] ids = new long[batch * seq];
+                for (int i = 0; i < ids.length; i++) {
+                    ids[i] = random.nextInt(config.vocabSize());
+                }
+                long t0 = System.nanoTime();
+                StepResult r = tuner.step(new TokenBatch(ids, batch, seq));
+                seconds[s] = (System.nanoTime() - t0) / 1e9;
+                if (s == 0) {
+                    firstLoss = r.loss();
+                }
+                lastLoss = r.loss();
+                skipped += r.skipped() ? 1 : 0;
+                System.err.printf(Locale.ROOT, "bench train %s: step %d/%d %.2f s loss %.4f%n", mode, s + 1, steps,
+                        seconds[s], r.loss());
+            }
+            long peak = sampler != null ? sampler.stop() : MemoryStats.peakResidentBytes();
+            StateBytes state = tuner.stateBytes();
+            double[] sorted = seconds.clone();
+            Arrays.sort(sorted);
+            double median = steps % 2 == 1 ? sorted[steps / 2] : (sorted[steps / 2 - 1] + sorted[steps / 2]) / 2;
+            JsonObject o = new JsonObject();
+            o.addProperty("preset", preset);
+            o.addProperty("mode", mode);
+            o.addProperty("batch", batch);
+            o.addProperty("seq", seq);
+            o.addProperty("steps", steps);
+            o.addProperty("device", device.isGpu() ? "gpu" + device.getDeviceId() : "cpu");
+            o.addProperty("peak_memory_bytes", peak);
+            o.addProperty("idle_memory_bytes", idle);
+            o.addProperty("state_bytes", state.total());
+            o.addProperty("weights_bytes", state.weights());
+            o.addProperty("master_bytes", state.masters());
+            o.addProperty("gradient_bytes", state.gradients());
+            o.addProperty("optimizer_bytes", state.optimizer());
+            o.addProperty("activation_bytes", peak - idle - (state.total() - idleState.total()));
+            o.addProperty("median_step_seconds", median);
+            o.addProperty("init_peak_bytes", initPeak);
+            o.addProperty("first_loss", firstLoss);
+            o.addProperty("last_loss", lastLoss);
+            o.addProperty("skipped_steps", skipped);
+            o.addProperty("parameters", config.parameterCount());
+            System.out.println(o);
+        }
+    }
+
+    /** The benchmark modes: checkpoint spec and precision of each. */
+    public static Map<String, Map<String, String>> modes() {
+        Map<String, Map<String, String>> m = new HashMap<>();
+        m.put("fp32", Map.of("checkpoint", "none", "precision", "fp32"));
+        m.put("checkpoint", Map.of("checkpoint", "all", "precision", "fp32"));
+        m.put("fp16", Map.of("checkpoint", "none", "precision", "fp16"));
+        m.put("fp16+checkpoint", Map.of("checkpoint", "all", "precision", "fp16"));
+        return m;
+    }
+
+    /** Samples device memory in use on a background thread; {@link #stop()} returns the maximum seen. */
+    static final class PeakSampler {
+        private final Thread thread;
+        private volatile boolean running = true;
+        private volatile long peak;
+
+        PeakSampler(Device device) {
+            peak = MemoryStats.deviceBytesInUse(device);
+            thread = new Thread(() -> {
+                while (running) {
+                    peak = Math.max(peak, MemoryStats.deviceBytesInUse(device));
+                    try {
+                        Thread.sleep(1);
+                    } catch (InterruptedException e) {
+                        return;
+                    }
+                }
+            }, "device-memory-sampler");
+            thread.setDaemon(true);
+            thread.start();
+        }
+
+        long stop() throws InterruptedException {
+            running = false;
+            thread.join();
+            return peak;
+        }
+    }
+}

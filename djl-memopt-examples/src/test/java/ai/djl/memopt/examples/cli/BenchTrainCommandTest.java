@@ -1,0 +1,98 @@
+package ai.djl.memopt.examples.cli;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertNotEquals;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import com.google.gson.JsonObject;
+import com.google.gson.JsonParser;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.List;
+import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.io.TempDir;
+
+class BenchTrainCommandTest {
+
+    @TempDir Path tmp;
+
+    @Test
+    void oneModeInAFreshJvmGivesConsistentFigures() throws Exception {
+        Path md = tmp.resolve("benchmarks.md");
+        Files.writeString(md, "# Benchmarks\n\nintro\n");
+        String[] r = FinetuneCommandTest.run("bench", "train", "--preset", "bench-tiny", "--mode", "fp32", "--batch",
+                "1", "--seq", "16", "--steps", "2", "--heap", "1g", "--timeout", "300", "--out", md.toString());
+        assertEquals("0", r[0], r[2]);
+        String[] lines = r[1].trim().split("\n");
+        assertEquals(1, lines.length, r[1]);
+        JsonObject o = JsonParser.parseString(lines[0]).getAsJsonObject();
+        assertEquals("fp32", o.get("mode").getAsString());
+        assertEquals("bench-tiny", o.get("preset").getAsString());
+        assertEquals("cpu", o.get("device").getAsString());
+        assertEquals(2, o.get("steps").getAsInt());
+        long peak = o.get("peak_memory_bytes").getAsLong();
+        long idle = o.get("idle_memory_bytes").getAsLong();
+        assertTrue(idle > 0 && peak >= idle, o.toString());
+        long params = DeepSeekConfig.preset("bench-tiny").parameterCount();
+        long weights = o.get("weights_bytes").getAsLong();
+        // FP32 weights: the parameter count plus the routers' correction biases, which it leaves out (not trained)
+        assertTrue(weights >= 4 * params && weights - 4 * params < 1000, weights + " vs " + params);
+        long grads = o.get("gradient_bytes").getAsLong();
+        long moments = o.get("optimizer_bytes").getAsLong();
+        assertTrue(grads > 0.99 * weights && grads <= weights, o.toString());
+        assertEquals(2 * grads, moments, o.toString()); // two FP32 moments per trained weight
+        long state = o.get("state_bytes").getAsLong();
+        assertEquals(weights + grads + moments, state);
+        assertEquals(0, o.get("master_bytes").getAsLong());
+        // at idle only the weights exist: the rest of the state is allocated by the first step
+        assertEquals(peak - idle - (state - weights), o.get("activation_bytes").getAsLong());
+        assertTrue(o.get("median_step_seconds").getAsDouble() > 0);
+        String table = Files.readString(md, StandardCharsets.UTF_8);
+        assertTrue(table.startsWith("# Benchmarks\n\nintro\n" + BenchTrainCommand.BEGIN), table);
+        assertTrue(table.contains("| bench-tiny | fp32 | 1 | 16 | 2 | cpu |"), table);
+    }
+
+    private static JsonObject result(String mode, long activation, double seconds) {
+        JsonObject o = new JsonObject();
+        o.addProperty("preset", "p");
+        o.addProperty("mode", mode);
+        o.addProperty("batch", 1);
+        o.addProperty("seq", 8);
+        o.addProperty("steps", 2);
+        o.addProperty("device", "cpu");
+        o.addProperty("peak_memory_bytes", 9_000_000L);
+        o.addProperty("idle_memory_bytes", 1_000_000L);
+        o.addProperty("state_bytes", 2_000_000L);
+        o.addProperty("activation_bytes", activation);
+        o.addProperty("median_step_seconds", seconds);
+        return o;
+    }
+
+    @Test
+    void tableRowsAreReplacedAndComparedWithFp32() throws Exception {
+        Path md = tmp.resolve("b.md");
+        Files.writeString(md, "head\n" + BenchTrainCommand.BEGIN + "\nold\n" + BenchTrainCommand.END + "\ntail\n");
+        BenchTrainCommand.updateTable(md, List.of(result("fp32", 4_000_000, 2.0), result("checkpoint", 1_000_000,
+                2.5)));
+        BenchTrainCommand.updateTable(md, List.of(result("checkpoint", 800_000, 3.0)));
+        String text = Files.readString(md, StandardCharsets.UTF_8);
+        assertTrue(text.startsWith("head\n" + BenchTrainCommand.BEGIN), text);
+        assertTrue(text.endsWith(BenchTrainCommand.END + "\ntail\n"), text);
+        assertTrue(text.contains("| p | fp32 | 1 | 8 | 2 | cpu | 9.0 | 1.0 | 2.0 | 4.0 | 1.00 | 2.00 | 1.00 |"), text);
+        assertTrue(text.contains("| p | checkpoint | 1 | 8 | 2 | cpu | 9.0 | 1.0 | 2.0 | 0.8 | 0.20 | 3.00 | 1.50 |"),
+                text);
+        assertEquals(1, text.split("\\| p \\| checkpoint").length - 1, text);
+    }
+
+    @Test
+    void badOptionsAreRejectedBeforeAnyJvmStarts() {
+        String[] r = FinetuneCommandTest.run("bench", "train", "--mode", "fp8");
+        assertNotEquals("0", r[0]);
+        assertTrue(r[2].contains("fp8"), r[2]);
+        r = FinetuneCommandTest.run("bench", "train", "--preset", "huge");
+        assertNotEquals("0", r[0]);
+        assertTrue(r[2].contains("unknown preset"), r[2]);
+    }
+}

@@ -1,0 +1,455 @@
+package ai.djl.memopt.checkpoint;
+
+import ai.djl.engine.Engine;
+import ai.djl.engine.EngineException;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.NDScope;
+import ai.djl.nn.Block;
+import ai.djl.nn.Parameter;
+import ai.djl.pytorch.engine.PtNDArray;
+import ai.djl.pytorch.jni.JniUtils;
+import ai.djl.training.GradientCollector;
+import ai.djl.training.ParameterStore;
+import ai.djl.util.PairList;
+import com.google.common.base.Preconditions;
+import java.util.ArrayDeque;
+import java.util.ArrayList;
+import java.util.Deque;
+import java.util.IdentityHashMap;
+import java.util.List;
+import java.util.Map;
+import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.atomic.AtomicReference;
+
+/**
+ * A {@link GradientCollector} that drives activation checkpointing: {@link CheckpointBlock}s record a segment (block,
+ * input, detached output) in each training forward on this thread; {@link #backward(NDArray)} runs the loss backward,
+ * then visits the segments in reverse order, recomputes each with autograd on and back-propagates the gradient that
+ * arrived at its output into it ({@code JniUtils.backward(output, upstreamGrad, ...)}, a vector-Jacobian product).
+ * DJL has no custom autograd functions, so this ordering is what makes the gradients exact.
+ *
+ * <p>Why reverse forward order is enough: a segment's output can only feed segments recorded after it, so when a
+ * segment is visited every contribution to its output gradient (loss path, residual connections, later segments) has
+ * arrived. Gradients accumulate in PyTorch, so an input used by several segments, a parameter shared by several
+ * segments and residual connections all sum correctly. If some segment's input carries an autograd graph (it is not a
+ * leaf), the loss backward and every recomputed backward keep the graph ({@code retain_graph}) because later visits
+ * push gradients through it again; its saved tensors are then freed when the arrays of the step are closed, as after
+ * any DJL step.
+ *
+ * <p>DJL allows one gradient collector in the process: this class opens the engine's own collector and delegates to
+ * it (grad mode, {@link #zeroGradients()}, the one-collector check), so the rule keeps holding. Use it instead of
+ * {@code trainer.newGradientCollector()}, through {@link CheckpointingTrainer}, or directly:
+ *
+ * <pre>{@code
+ * try (GradientCollector gc = CheckpointingGradientCollector.open(manager)) {
+ *     NDArray loss = lossFn.evaluate(labels, model.forward(ps, inputs, true));
+ *     gc.backward(loss);
+ * }
+ * }</pre>
+ */
+public final class CheckpointingGradientCollector implements GradientCollector {
+
+    private static final AtomicReference<CheckpointingGradientCollector> ACTIVE = new AtomicReference<>();
+
+    private final GradientCollector delegate;
+    private final Map<Thread, ThreadState> states = new ConcurrentHashMap<>();
+    private volatile boolean closed;
+    private final java.util.concurrent.atomic.AtomicLong recorded = new java.util.concurrent.atomic.AtomicLong();
+
+    /**
+     * Opens a collector on an engine.
+     *
+     * @throws IllegalStateException if another gradient collector is open in the process
+     */
+    public CheckpointingGradientCollector(Engine engine) {
+        boolean pytorch = "PyTorch".equals(engine.getEngineName());
+        boolean gradMode = pytorch && JniUtils.isGradMode();
+        GradientCollector opened;
+        try {
+            opened = engine.newGradientCollector();
+        } catch (IllegalStateException e) {
+            if (pytorch) {
+                // PtGradientCollector switches grad mode on before it finds the other collector
+                JniUtils.setGradMode(gradMode);
+            }
+            throw new IllegalStateException(
+                    "cannot open a CheckpointingGradientCollector: another GradientCollector is open in this process"
+                            + " (DJL allows one at a time); close it first",
+                    e);
+        }
+        if (!ACTIVE.compareAndSet(null, this)) {
+            opened.close();
+            throw new IllegalStateException("another CheckpointingGradientCollector is open in this process");
+        }
+        this.delegate = opened;
+    }
+
+    /** Opens a collector on the engine of {@code manager}. */
+    public static CheckpointingGradientCollector open(NDManager manager) {
+        return new CheckpointingGradientCollector(manager.getEngine());
+    }
+
+    /** The open collector, or null. */
+    static CheckpointingGradientCollector active() {
+        return ACTIVE.get();
+    }
+
+    /** Number of segments recorded on this thread and not yet back-propagated (for tests and diagnostics). */
+    public int pendingSegments() {
+        ThreadState st = states.get(Thread.currentThread());
+        return st == null ? 0 : st.segments.size();
+    }
+
+    /** Segments recorded since this collector was opened, on all threads (for tests and diagnostics). */
+    public long recordedSegments() {
+        return recorded.get();
+    }
+
+    /** {@inheritDoc} */
+    @Override
+    public void backward(NDArray target) {
+        Preconditions.checkState(!closed, "the gradient collector is closed");
+        ThreadState st = state();
+        Deque<Segment> segments = st.segments;
+        st.segments = new ArrayDeque<>();
+        st.leaves.clear();
+        if (segments.isEmpty() || !(target instanceof PtNDArray)) {
+            delegate.backward(target);
+            return;
+        }
+        boolean retain = false;
+        for (Segment s : segments) {
+            retain |= s.inputHasGraph;
+        }
+        try (NDArray ones = target.onesLike()) {
+            JniUtils.backward((PtNDArray) target, (PtNDArray) ones, retain, false);
+        }
+        while (!segments.isEmpty()) {
+            backward(st, segments.pollLast(), retain);
+        }
+    }
+
+    /** {@inheritDoc} */
+    @Override
+    public void zeroGradients() {
+        delegate.zeroGradients();
+    }
+
+    /** {@inheritDoc} */
+    @Override
+    public void close() {
+        if (closed) {
+            return;
+        }
+        closed = true;
+        for (ThreadState st : states.values()) {
+            for (Segment seg : st.segments) {
+                seg.close();
+            }
+        }
+        states.clear();
+        ACTIVE.compareAndSet(this, null);
+        delegate.close();
+    }
+
+    private ThreadState state() {
+        return states.computeIfAbsent(Thread.currentThread(), t -> new ThreadState());
+    }
+
+    /** Called by {@link CheckpointBlock} in a training forward with autograd recording. */
+    NDList forward(CheckpointBlock cb, ParameterStore ps, NDList inputs, PairList<String, Object> params) {
+        ThreadState st = state();
+        if (st.recomputing) {
+            // nested checkpoint inside a segment being recomputed: the outer segment owns the recomputation
+            return cb.delegate().forward(ps, inputs, true, params);
+        }
+        Span span = cb.span();
+        if (span == null || span.size() == 1) {
+            NDList out = forwardNoGrad(cb.delegate(), ps, inputs, params);
+            return finish(st, cb.getName(), List.of(cb.delegate()), cb.isVerifyDeterminism(), ps, inputs, params, out);
+        }
+        int index = cb.spanIndex();
+        SpanRun run = st.spanRun;
+        if (index == 0) {
+            run = new SpanRun(span, inputs);
+            st.spanRun = run;
+        } else if (run == null || run.span != span || run.next != index || !sameArrays(run.last, inputs)) {
+            st.spanRun = null;
+            throw new IllegalStateException(String.format(
+                    "checkpoint segment '%s' was not run sequentially: its child %d did not receive child %d's output."
+                            + " Checkpointing a run of children as one segment (sqrtN) needs a parent that feeds"
+                            + " each child's output to the next, like SequentialBlock; use CheckpointPolicy.all()",
+                    span.name(), index, index - 1));
+        }
+        NDList out = forwardNoGrad(cb.delegate(), ps, inputs, params);
+        if (index > 0) {
+            closeIntermediate(run.last, run.inputs, out);
+        }
+        if (index < span.size() - 1) {
+            run.last = out;
+            run.next = index + 1;
+            return out;
+        }
+        st.spanRun = null;
+        List<Block> blocks = new ArrayList<>();
+        boolean verify = false;
+        for (CheckpointBlock m : span.members()) {
+            blocks.add(m.delegate());
+            verify |= m.isVerifyDeterminism();
+        }
+        return finish(st, span.name(), blocks, verify, ps, run.inputs, params, out);
+    }
+
+    private static NDList forwardNoGrad(Block block, ParameterStore ps, NDList inputs, PairList<String, Object> params) {
+        NDManager home = inputs.head().getManager();
+        JniUtils.setGradMode(false);
+        try (NDScope scope = new NDScope()) {
+            NDList out = block.forward(ps, inputs, true, params);
+            for (NDArray o : out) {
+                NDScope.unregister(o);
+                if (!containsSame(inputs, o)) {
+                    o.attach(home);
+                }
+            }
+            scope.suppressNotUsedWarning();
+            return out;
+        } finally {
+            JniUtils.setGradMode(true);
+        }
+    }
+
+    private NDList finish(
+            ThreadState st, String name, List<Block> blocks, boolean verify, ParameterStore ps, NDList inputs,
+            PairList<String, Object> params, NDList out) {
+        // DJL's NDArray.hasGradient() is true only for leaves that require grad, and
+        // JniUtils.getGradientFunctionNames crashes the JVM on any leaf, so "does this input carry a graph" cannot be
+        // asked. A floating input that is neither a leaf requiring grad nor the output of an earlier segment of this
+        // step is assumed to carry one; the price of a wrong guess is only a retained graph (see class doc).
+        boolean inputGrad = false;
+        boolean inputHasGraph = false;
+        for (NDArray x : inputs) {
+            if (!x.getDataType().isFloating()) {
+                continue;
+            }
+            Boolean ours = st.leaves.get(x);
+            if (x.hasGradient()) {
+                inputGrad = true;
+            } else if (ours != null) {
+                inputGrad |= ours; // an earlier segment's output: a view of its leaf, no graph beyond it
+            } else {
+                inputGrad = true;
+                inputHasGraph = true;
+            }
+        }
+        boolean needsGrad = inputGrad || anyParameterRequiresGrad(blocks);
+        Fingerprint fingerprint = verify && needsGrad ? Fingerprint.of(out) : null;
+        // The segment keeps its own handles (graph-connected aliases) on its inputs and output leaves: callers close
+        // their handles freely (the DeepSeek model closes every intermediate of its forward), the recomputation and
+        // the upstream gradient still find theirs.
+        NDList leaves = new NDList(out.size());
+        NDList returned = new NDList(out.size());
+        for (NDArray o : out) {
+            NDArray leaf = o.stopGradient();
+            NDScope.unregister(leaf);
+            leaf.setName(o.getName());
+            if (needsGrad && o.getDataType().isFloating()) {
+                leaf.setRequiresGradient(true);
+            }
+            leaves.add(leaf);
+            NDArray view = alias(leaf);
+            view.setName(o.getName());
+            returned.add(view);
+            st.leaves.put(view, leaf.hasGradient());
+            if (!containsSame(inputs, o)) {
+                o.close();
+            }
+        }
+        if (!needsGrad) {
+            leaves.close();
+            return returned;
+        }
+        NDList kept = new NDList(inputs.size());
+        for (NDArray x : inputs) {
+            NDArray a = alias(x);
+            NDScope.unregister(a);
+            kept.add(a);
+        }
+        st.segments.addLast(new Segment(name, blocks, ps, kept, params, leaves, fingerprint, inputHasGraph));
+        recorded.incrementAndGet();
+        return returned;
+    }
+
+    /** A new handle on the same data, connected to {@code x}'s autograd graph (a full-slice view). */
+    private static NDArray alias(NDArray x) {
+        long[] shape = x.getShape().getShape();
+        long[] min = new long[shape.length];
+        long[] step = new long[shape.length];
+        java.util.Arrays.fill(step, 1);
+        PtNDArray px = (PtNDArray) x;
+        return JniUtils.index(px, min, shape, step, px.getManager());
+    }
+
+    private void backward(ThreadState st, Segment s, boolean retain) {
+        List<NDArray> grads = new ArrayList<>(s.outputs.size());
+        boolean any = false;
+        for (NDArray leaf : s.outputs) {
+            NDArray g = null;
+            if (leaf.hasGradient()) {
+                g = JniUtils.getGradient((PtNDArray) leaf);
+            }
+            grads.add(g);
+            any |= g != null;
+        }
+        try {
+            if (!any) {
+                return; // the segment's output did not reach the loss
+            }
+            for (NDArray x : s.inputs) {
+                if (x.isReleased()) {
+                    throw new IllegalStateException(
+                            "the input of checkpointed block '" + s.name + "' was freed before backward: its NDManager"
+                                    + " was closed; keep the step's manager open until the gradients are computed");
+                }
+            }
+            st.recomputing = true;
+            try (NDScope scope = new NDScope()) {
+                NDList y = s.inputs;
+                for (Block b : s.blocks) {
+                    y = b.forward(s.parameterStore, y, true, s.params);
+                }
+                if (s.fingerprint != null) {
+                    s.fingerprint.verify(y, s.name);
+                }
+                if (y.size() != grads.size()) {
+                    throw new IllegalStateException(String.format(
+                            "checkpointed block '%s' returned %d outputs when recomputed, %d in the forward",
+                            s.name, y.size(), grads.size()));
+                }
+                List<Integer> todo = new ArrayList<>();
+                for (int i = 0; i < grads.size(); i++) {
+                    if (grads.get(i) != null) {
+                        todo.add(i);
+                    }
+                }
+                for (int k = 0; k < todo.size(); k++) {
+                    int i = todo.get(k);
+                    boolean keep = retain || k < todo.size() - 1;
+                    vjp(y.get(i), grads.get(i), keep);
+                }
+                scope.suppressNotUsedWarning();
+            } finally {
+                st.recomputing = false;
+            }
+        } finally {
+            for (NDArray g : grads) {
+                if (g != null) {
+                    g.close();
+                }
+            }
+            s.close();
+        }
+    }
+
+    /** output.backward(upstream): accumulates upstream^T d(output)/d(everything requiring grad). */
+    private static void vjp(NDArray output, NDArray upstream, boolean keepGraph) {
+        try {
+            JniUtils.backward((PtNDArray) output, (PtNDArray) upstream, keepGraph, false);
+        } catch (EngineException e) {
+            // an output that depends on nothing trainable (frozen block, input without grad) has no graph to follow;
+            // NDArray.hasGradient() cannot tell beforehand for non-leaf arrays
+            if (e.getMessage() == null || !e.getMessage().contains("does not require grad")) {
+                throw e;
+            }
+        }
+    }
+
+    private static boolean anyParameterRequiresGrad(List<Block> blocks) {
+        for (Block b : blocks) {
+            for (Parameter p : b.getParameters().values()) {
+                if (p.requiresGradient()) {
+                    return true;
+                }
+            }
+        }
+        return false;
+    }
+
+    private static void closeIntermediate(NDList previous, NDList spanInputs, NDList current) {
+        for (NDArray a : previous) {
+            if (!containsSame(spanInputs, a) && !containsSame(current, a)) {
+                a.close();
+            }
+        }
+    }
+
+    private static boolean containsSame(NDList list, NDArray a) {
+        for (NDArray x : list) {
+            if (x == a) {
+                return true;
+            }
+        }
+        return false;
+    }
+
+    private static boolean sameArrays(NDList a, NDList b) {
+        if (a == null || a.size() != b.size()) {
+            return false;
+        }
+        for (int i = 0; i < a.size(); i++) {
+            if (a.get(i) != b.get(i)) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    private static final class ThreadState {
+        Deque<Segment> segments = new ArrayDeque<>();
+        Map<NDArray, Boolean> leaves = new IdentityHashMap<>();
+        SpanRun spanRun;
+        boolean recomputing;
+    }
+
+    private static final class SpanRun {
+        final Span span;
+        final NDList inputs;
+        NDList last;
+        int next = 1;
+
+        SpanRun(Span span, NDList inputs) {
+            this.span = span;
+            this.inputs = inputs;
+        }
+    }
+
+    private static final class Segment {
+        final String name;
+        final List<Block> blocks;
+        final ParameterStore parameterStore;
+        final NDList inputs;
+        final PairList<String, Object> params;
+        final NDList outputs;
+        final Fingerprint fingerprint;
+        final boolean inputHasGraph;
+
+        Segment(String name, List<Block> blocks, ParameterStore parameterStore, NDList inputs,
+                PairList<String, Object> params, NDList outputs, Fingerprint fingerprint, boolean inputHasGraph) {
+            this.name = name;
+            this.blocks = blocks;
+            this.parameterStore = parameterStore;
+            this.inputs = inputs;
+            this.params = params;
+            this.outputs = outputs;
+            this.fingerprint = fingerprint;
+            this.inputHasGraph = inputHasGraph;
+        }
+
+        /** Frees the segment's own handles (its input aliases and output leaves). */
+        void close() {
+            inputs.forEach(NDArray::close);
+            outputs.forEach(NDArray::close);
+        }
+    }
+}

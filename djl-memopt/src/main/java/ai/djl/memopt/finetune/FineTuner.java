@@ -1,0 +1,818 @@
+package ai.djl.memopt.finetune;
+
+import ai.djl.memopt.checkpoint.CheckpointPolicy;
+import ai.djl.memopt.checkpoint.Checkpointing;
+import ai.djl.memopt.checkpoint.CheckpointingGradientCollector;
+import ai.djl.memopt.model.deepseek.CausalLmLoss;
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.nn.BlockDecorator;
+import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.precision.DynamicLossScaler;
+import ai.djl.memopt.precision.MixedPrecisionBlock;
+import ai.djl.memopt.precision.MixedPrecisionOptimizer;
+import ai.djl.memopt.safetensors.SafetensorsFile;
+import ai.djl.memopt.safetensors.SafetensorsWriter;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.index.NDIndex;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.nn.Block;
+import ai.djl.nn.Parameter;
+import ai.djl.nn.core.Linear;
+import ai.djl.pytorch.engine.PtNDArray;
+import ai.djl.pytorch.jni.JniUtils;
+import ai.djl.training.GradientCollector;
+import ai.djl.training.ParameterStore;
+import com.google.common.base.Preconditions;
+import com.google.common.collect.ImmutableList;
+import com.google.common.collect.ImmutableMap;
+import com.google.gson.GsonBuilder;
+import com.google.gson.JsonObject;
+import com.google.gson.JsonParser;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.nio.file.StandardCopyOption;
+import java.util.ArrayList;
+import java.util.Collections;
+import java.util.Comparator;
+import java.util.IdentityHashMap;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Locale;
+import java.util.Map;
+import java.util.Set;
+import java.util.stream.Stream;
+
+/**
+ * Fine-tunes a {@link DeepSeekForCausalLM} on token batches with the memory features of this library: activation
+ * checkpointing of the decoder layers ({@code ai.djl.memopt.checkpoint}), FP16 mixed precision with FP32 masters and
+ * dynamic loss scaling ({@code ai.djl.memopt.precision}), gradient accumulation, and a {@link StatefulOptimizer}
+ * (Adam/AdamW/SGD) whose state goes into training checkpoints.
+ *
+ * <p>One {@link #step(TokenBatch)} takes a batch of {@code (rows, seq)} tokens, splits it into {@code K} micro-batches
+ * of {@code rows / K} rows (memory is that of one micro-batch), runs forward and backward on each with the loss
+ * divided by {@code K} (times the loss scale in FP16), then applies one optimizer update. Every array a step creates
+ * is closed before it returns.
+ *
+ * <p>Training checkpoints ({@link #saveCheckpoint}) are directories written under a temporary name and renamed into
+ * place: {@code config.json} and {@code model.safetensors} (FP32 weights - the masters in FP16 mode - under the Hugging
+ * Face names, so the directory also loads as a model), {@code optimizer.safetensors} ({@code <name>.exp_avg},
+ * {@code <name>.exp_avg_sq} or {@code <name>.momentum_buffer}) and {@code trainer_state.json} (step, data position,
+ * seed, per-parameter optimizer steps, loss scaler, settings). {@link #restoreCheckpoint} puts all of it back, so
+ * N steps, save, restore, M steps gives the weights of N + M uninterrupted steps.
+ *
+ * <pre>{@code
+ * DeepSeekForCausalLM lm = DeepSeekLoader.load(modelDir, Device.cpu(), DataType.FLOAT32);
+ * try (FineTuner tuner = FineTuner.builder().setModel(lm)
+ *         .optCheckpointing(CheckpointPolicy.all()).optPrecision(FineTuner.Precision.FP16)
+ *         .optOptimizer(StatefulOptimizer.Kind.ADAMW).optLearningRate(1e-4f).optGradientAccumulation(2).build()) {
+ *     StepResult r = tuner.step(data.trainBatch(tuner.dataPosition(), 8));   // (8, T): two micro-batches of 4
+ * }
+ * }</pre>
+ */
+public final class FineTuner implements AutoCloseable {
+
+    private static final int STATE_FORMAT = 1;
+
+    /** Training precision. */
+    public enum Precision {
+        FP32,
+        FP16;
+
+        /** Parses {@code fp32} or {@code fp16} (any case). */
+        public static Precision parse(String name) {
+            switch (name.trim().toLowerCase(Locale.ROOT)) {
+                case "fp32":
+                case "float32":
+                    return FP32;
+                case "fp16":
+                case "float16":
+                    return FP16;
+                case "bf16":
+                case "bfloat16":
+                    throw new IllegalArgumentException(
+                            "precision bf16 is not supported: DJL 0.36's PyTorch engine aborts the JVM on BFLOAT16;"
+                                    + " use fp16");
+                default:
+                    throw new IllegalArgumentException("unknown precision '" + name + "': expected fp32 or fp16");
+            }
+        }
+    }
+
+    private final DeepSeekForCausalLM lm;
+    private MixedPrecisionOptimizer mixedOptimizer;
+    private final StatefulOptimizer optimizer;
+    private final NDManager stateManager;
+    private final LearningRateSchedule schedule;
+    private final int gradientAccumulation;
+    private final String checkpointing;
+    private final List<String> checkpointedLayers;
+    private final Precision precision;
+    private final Map<String, Parameter> parameters;
+    private final Map<String, NDArray> masters;
+    private final long seed;
+    private long step;
+    private long dataPosition;
+    private boolean closed;
+
+    private FineTuner(Builder b) {
+        this.lm = b.model;
+        this.precision = b.precision;
+        this.gradientAccumulation = b.gradientAccumulation;
+        this.seed = b.seed;
+        this.schedule = b.schedule != null ? b.schedule : LearningRateSchedule.constant(b.learningRate);
+        if (b.checkpointPolicy != null) {
+            this.checkpointedLayers = Checkpointing.wrapChildren(Blocks.get(lm, "model.layers"), b.checkpointPolicy);
+            this.checkpointing = b.checkpointName != null ? b.checkpointName : "custom";
+        } else {
+            this.checkpointedLayers = ImmutableList.of();
+            this.checkpointing = "none";
+        }
+        Map<String, Parameter> params = new LinkedHashMap<>();
+        Set<Parameter> seen = Collections.newSetFromMap(new IdentityHashMap<>());
+        for (Map.Entry<String, Parameter> e : Blocks.parameters(lm).entrySet()) {
+            if (seen.add(e.getValue())) {
+                params.put(e.getKey(), e.getValue());
+            }
+        }
+        this.parameters = ImmutableMap.copyOf(params);
+        this.stateManager = lm.manager().newSubManager();
+        this.optimizer = StatefulOptimizer.builder().setManager(stateManager).optKind(b.kind)
+                .optLearningRate(schedule.at(0)).optBetas(b.beta1, b.beta2).optEpsilon(b.epsilon)
+                .optWeightDecay(b.weightDecay).optMomentum(b.momentum).build();
+        if (precision == Precision.FP16) {
+            this.masters = wrapProjectionsInMixedPrecision(lm);
+            this.mixedOptimizer = MixedPrecisionOptimizer.builder().setBlock(lm).setOptimizer(optimizer)
+                    .optLossScaler(b.lossScaler != null ? b.lossScaler : DynamicLossScaler.create()).build();
+        } else {
+            this.masters = Map.of();
+        }
+    }
+
+    /**
+     * FP16 the way {@code torch.autocast} does it: every projection ({@code Linear}, including experts and
+     * {@code lm_head}) is wrapped in its own {@link MixedPrecisionBlock}, which casts its FP32 input to FP16
+     * differentiably, multiplies by the FP16 working weight and casts the output back to FP32; everything else
+     * (embedding, norms, router, softmax, rotary, residual stream) stays FP32. Wrapping the whole model instead cannot
+     * train it: the DeepSeek blocks cast with {@code NDArray.toType}, which DJL runs without autograd, so every
+     * FP16->FP32 cast inside the model (softmax, rotary, MoE combine, logits) would cut the graph.
+     *
+     * @return the FP32 masters by Hugging Face parameter name
+     */
+    private static Map<String, NDArray> wrapProjectionsInMixedPrecision(DeepSeekForCausalLM lm) {
+        List<String> paths = new ArrayList<>();
+        for (Map.Entry<String, Block> e : Blocks.walk(lm).entrySet()) {
+            if (!e.getKey().isEmpty() && !hasMixedPrecision(e.getValue())
+                    && BlockDecorator.unwrap(e.getValue()) instanceof Linear) {
+                paths.add(e.getKey());
+            }
+        }
+        Map<String, NDArray> masters = new LinkedHashMap<>();
+        for (String path : paths) {
+            Blocks.replace(lm, path, b -> {
+                MixedPrecisionBlock mp = MixedPrecisionBlock.wrap(b);
+                for (MixedPrecisionBlock.MasterWeight w : mp.masterWeights()) {
+                    masters.put(path + "." + w.path(), w.master());
+                }
+                return mp;
+            });
+        }
+        return Collections.unmodifiableMap(masters);
+    }
+
+    private static boolean hasMixedPrecision(Block block) {
+        for (Block level = block; ; level = ((BlockDecorator) level).delegate()) {
+            if (level instanceof MixedPrecisionBlock) {
+                return true;
+            }
+            if (!(level instanceof BlockDecorator)) {
+                return false;
+            }
+        }
+    }
+
+    public static Builder builder() {
+        return new Builder();
+    }
+
+    /**
+     * A checkpoint policy for the decoder layers by name: {@code none} (null), {@code all}, {@code every:N} (layers 0,
+     * N, 2N, ...) or {@code sqrt}. The decoder layers take rotary tables and the mask besides the hidden state, so they
+     * are not a sequential chain and Chen et al.'s multi-layer segments cannot be formed; {@code sqrt} checkpoints
+     * every {@code ceil(sqrt(L))}-th layer instead (about {@code sqrt(L)} checkpointed layers).
+     *
+     * @throws IllegalArgumentException naming the bad value
+     */
+    public static CheckpointPolicy checkpointPolicy(String spec) {
+        String s = spec.trim().toLowerCase(Locale.ROOT);
+        if (s.equals("none")) {
+            return null;
+        }
+        if (s.equals("all")) {
+            return CheckpointPolicy.all();
+        }
+        if (s.equals("sqrt")) {
+            return (names, children) -> CheckpointPolicy.everyNth(
+                    Math.max(1, (int) Math.ceil(Math.sqrt(children.size())))).plan(names, children);
+        }
+        if (s.startsWith("every:")) {
+            int n;
+            try {
+                n = Integer.parseInt(s.substring("every:".length()));
+            } catch (NumberFormatException e) {
+                throw new IllegalArgumentException("bad checkpoint spec '" + spec + "': every:N needs an integer N");
+            }
+            Preconditions.checkArgument(n >= 1, "bad checkpoint spec '%s': N must be >= 1", spec);
+            return CheckpointPolicy.everyNth(n);
+        }
+        throw new IllegalArgumentException(
+                "unknown checkpoint spec '" + spec + "': expected none, all, every:N or sqrt");
+    }
+
+    /** The model being trained (decorated in place: checkpointed layers, FP16 working weights in mixed precision). */
+    public DeepSeekForCausalLM model() {
+        return lm;
+    }
+
+    public Precision precision() {
+        return precision;
+    }
+
+    /** The checkpointing spec this tuner was built with ({@code none}, {@code all}, ...). */
+    public String checkpointing() {
+        return checkpointing;
+    }
+
+    /** Names of the checkpointed decoder layers ({@code "0"}, {@code "1"}, ...). */
+    public List<String> checkpointedLayers() {
+        return checkpointedLayers;
+    }
+
+    public int gradientAccumulation() {
+        return gradientAccumulation;
+    }
+
+    public StatefulOptimizer optimizer() {
+        return optimizer;
+    }
+
+    public LearningRateSchedule schedule() {
+        return schedule;
+    }
+
+    /** Optimizer steps taken (restored from a checkpoint). */
+    public long step() {
+        return step;
+    }
+
+    /** Training rows consumed: the position of the next batch in {@link TokenDataset#trainBatch}. */
+    public long dataPosition() {
+        return dataPosition;
+    }
+
+    public long seed() {
+        return seed;
+    }
+
+    /** The loss scale the next step will use (1 in FP32). */
+    public float lossScale() {
+        return mixedOptimizer != null ? mixedOptimizer.getLossScaler().getScale() : 1f;
+    }
+
+    /** The loss scaler (FP16) or null. */
+    public DynamicLossScaler lossScaler() {
+        return mixedOptimizer != null ? mixedOptimizer.getLossScaler() : null;
+    }
+
+    /**
+     * One optimizer step on {@code batch} (see the class documentation).
+     *
+     * @throws IllegalArgumentException if the rows do not split into the accumulation steps or an id is outside the
+     *     vocabulary
+     */
+    public StepResult step(TokenBatch batch) {
+        Preconditions.checkState(!closed, "the FineTuner is closed");
+        int k = gradientAccumulation;
+        Preconditions.checkArgument(batch.rows() % k == 0,
+                "a batch of %s rows does not split into %s gradient-accumulation micro-batches", batch.rows(), k);
+        checkIds(batch);
+        float lr = schedule.at(step);
+        optimizer.setLearningRate(lr);
+        float scale = lossScale();
+        int micro = batch.rows() / k;
+        double lossSum = 0;
+        for (int i = 0; i < k; i++) {
+            lossSum += forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k);
+        }
+        boolean skipped;
+        if (mixedOptimizer != null) {
+            skipped = !mixedOptimizer.step();
+        } else {
+            updateFp32();
+            skipped = false;
+        }
+        step++;
+        dataPosition += batch.rows();
+        return new StepResult(step, lossSum / k, scale, skipped, batch.tokens(), lr);
+    }
+
+    private void checkIds(TokenBatch batch) {
+        long max = batch.maxId();
+        Preconditions.checkArgument(max < lm.config().vocabSize(),
+                "token id %s is outside the model's vocabulary of %s (does the tokenizer belong to this model?)", max,
+                lm.config().vocabSize());
+    }
+
+    /** Forward and backward of one micro-batch; returns its mean loss. Gradients accumulate into the parameters. */
+    private double forwardBackward(TokenBatch micro, float lossFactor) {
+        try (NDManager m = lm.manager().newSubManager()) {
+            NDArray ids = micro.toNDArray(m); // (b, T)
+            ParameterStore ps = new ParameterStore(m, false);
+            try (GradientCollector gc = checkpointedLayers.isEmpty()
+                    ? m.getEngine().newGradientCollector()
+                    : CheckpointingGradientCollector.open(m)) {
+                NDArray logits = lm.forward(ps, new NDList(ids), true).head(); // (b, T, V) FP32
+                NDArray loss = CausalLmLoss.mean(logits, ids);
+                // the collector makes its seed gradient in the loss's manager: keep both in this step's manager
+                logits.attach(m);
+                loss.attach(m);
+                double value = loss.getFloat();
+                if (lossFactor == 1f) {
+                    gc.backward(loss);
+                } else {
+                    try (NDArray scaled = loss.mul(lossFactor)) {
+                        gc.backward(scaled);
+                    }
+                }
+                loss.close();
+                logits.close();
+                return value;
+            }
+        }
+    }
+
+    private void updateFp32() {
+        for (Parameter p : parameters.values()) {
+            if (!p.requiresGradient()) {
+                continue;
+            }
+            NDArray w = p.getArray();
+            try (NDArray g = w.getGradient()) {
+                optimizer.update(p.getId(), w, g);
+            }
+            JniUtils.zeroGrad((PtNDArray) w);
+        }
+    }
+
+    /** Mean next-token loss of a batch without gradients (held-out evaluation); closes what it creates. */
+    public double evaluate(TokenBatch batch) {
+        checkIds(batch);
+        try (NDManager m = lm.manager().newSubManager()) {
+            NDArray ids = batch.toNDArray(m);
+            NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), false).head();
+            try (NDArray loss = CausalLmLoss.mean(logits, ids)) {
+                return loss.getFloat();
+            } finally {
+                logits.close();
+            }
+        }
+    }
+
+    /** Bytes of weights, FP32 masters, existing gradients and optimizer state, from the arrays. */
+    public StateBytes stateBytes() {
+        long weights = 0;
+        long grads = 0;
+        for (Parameter p : parameters.values()) {
+            NDArray w = p.getArray();
+            long bytes = w.size() * w.getDataType().getNumOfBytes();
+            weights += bytes;
+            if (w instanceof PtNDArray && w.hasGradient()) {
+                NDArray g = JniUtils.getGradient((PtNDArray) w);
+                if (g != null) {
+                    grads += g.size() * g.getDataType().getNumOfBytes();
+                    g.close();
+                }
+            }
+        }
+        long masterBytes = 0;
+        for (NDArray a : masters.values()) {
+            masterBytes += a.size() * a.getDataType().getNumOfBytes();
+        }
+        return new StateBytes(weights, masterBytes, grads, optimizer.stateBytes());
+    }
+
+    // ------------------------------------------------------------------ checkpoints
+
+    /** The FP32 value of each weight (the master in FP16 mode), by Hugging Face name. */
+    private Map<String, NDArray> fp32Weights() {
+        Map<String, NDArray> out = new LinkedHashMap<>();
+        for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+            NDArray master = masters.get(e.getKey());
+            out.put(e.getKey(), master != null ? master : e.getValue().getArray());
+        }
+        return out;
+    }
+
+    /**
+     * Writes {@code config.json} and {@code model.safetensors} (FP32 weights, Hugging Face names) into {@code dir},
+     * each file atomically; with a tokenizer copied next to them it is a model directory {@code DeepSeekLoader} and
+     * transformers load.
+     */
+    public void saveModel(Path dir) throws IOException {
+        Files.createDirectories(dir);
+        writeWeights(dir.resolve("model.safetensors"));
+        writeAtomically(dir.resolve("config.json"), lm.config().toJson() + "\n");
+    }
+
+    private void writeWeights(Path file) throws IOException {
+        SafetensorsWriter writer = new SafetensorsWriter().putMetadata("format", "pt");
+        for (Map.Entry<String, NDArray> e : fp32Weights().entrySet()) {
+            Preconditions.checkState(e.getValue().getDataType() == DataType.FLOAT32, "weight %s is %s", e.getKey(),
+                    e.getValue().getDataType());
+            writer.add(e.getKey(), e.getValue());
+        }
+        writer.write(file);
+    }
+
+    /**
+     * Saves a training checkpoint as the directory {@code dir} (see the class documentation): everything is written into
+     * a temporary sibling directory first, which is then renamed to {@code dir} (replacing an older one of that name).
+     */
+    public void saveCheckpoint(Path dir) throws IOException {
+        Path target = dir.toAbsolutePath();
+        Path parent = target.getParent();
+        Files.createDirectories(parent);
+        Path tmp = Files.createTempDirectory(parent, "." + target.getFileName() + ".tmp-");
+        try {
+            writeWeights(tmp.resolve("model.safetensors"));
+            writeAtomically(tmp.resolve("config.json"), lm.config().toJson() + "\n");
+            SafetensorsWriter opt = new SafetensorsWriter().putMetadata("format", "pt");
+            JsonObject steps = new JsonObject();
+            for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+                String id = e.getValue().getId();
+                steps.addProperty(e.getKey(), optimizer.stepCount(id));
+                for (Map.Entry<String, NDArray> s : optimizer.stateArrays(id).entrySet()) {
+                    opt.add(e.getKey() + "." + s.getKey(), s.getValue());
+                }
+            }
+            opt.write(tmp.resolve("optimizer.safetensors"));
+            JsonObject state = new JsonObject();
+            state.addProperty("format", STATE_FORMAT);
+            state.addProperty("step", step);
+            state.addProperty("data_position", dataPosition);
+            state.addProperty("seed", seed);
+            state.addProperty("precision", precision.name().toLowerCase(Locale.ROOT));
+            state.addProperty("checkpointing", checkpointing);
+            state.addProperty("gradient_accumulation", gradientAccumulation);
+            JsonObject o = new JsonObject();
+            o.addProperty("kind", optimizer.kind().name().toLowerCase(Locale.ROOT));
+            o.addProperty("beta1", optimizer.beta1());
+            o.addProperty("beta2", optimizer.beta2());
+            o.addProperty("epsilon", optimizer.epsilon());
+            o.addProperty("weight_decay", optimizer.weightDecay());
+            o.addProperty("momentum", optimizer.momentum());
+            o.add("parameter_steps", steps);
+            state.add("optimizer", o);
+            JsonObject lr = new JsonObject();
+            lr.addProperty("peak", schedule.peak());
+            lr.addProperty("warmup", schedule.warmup());
+            lr.addProperty("total", schedule.total());
+            lr.addProperty("min_ratio", schedule.minRatio());
+            state.add("schedule", lr);
+            if (mixedOptimizer != null) {
+                state.add("loss_scaler", JsonParser.parseString(mixedOptimizer.getLossScaler().toJson()));
+            }
+            writeAtomically(tmp.resolve("trainer_state.json"),
+                    new GsonBuilder().setPrettyPrinting().create().toJson(state) + "\n");
+            Path old = null;
+            if (Files.exists(target)) {
+                old = Files.createTempDirectory(parent, "." + target.getFileName() + ".old-");
+                Files.delete(old);
+                Files.move(target, old, StandardCopyOption.ATOMIC_MOVE);
+            }
+            Files.move(tmp, target, StandardCopyOption.ATOMIC_MOVE);
+            if (old != null) {
+                deleteRecursively(old);
+            }
+        } finally {
+            if (Files.exists(tmp)) {
+                deleteRecursively(tmp);
+            }
+        }
+    }
+
+    /** Whether {@code dir} looks like a training checkpoint written by {@link #saveCheckpoint}. */
+    public static boolean isCheckpoint(Path dir) {
+        return Files.isRegularFile(dir.resolve("trainer_state.json"))
+                && Files.isRegularFile(dir.resolve("model.safetensors"));
+    }
+
+    /**
+     * Restores weights, FP32 masters, optimizer state, loss scaler, step counter and data position from a checkpoint
+     * written by {@link #saveCheckpoint} for the same architecture, precision and optimizer.
+     *
+     * @throws IllegalArgumentException naming the file and field that does not match
+     * @throws IOException if a file is missing or corrupt
+     */
+    public void restoreCheckpoint(Path dir) throws IOException {
+        Preconditions.checkState(!closed, "the FineTuner is closed");
+        Path stateFile = dir.resolve("trainer_state.json");
+        if (!isCheckpoint(dir)) {
+            throw new IOException(dir + " is not a training checkpoint (no trainer_state.json / model.safetensors)");
+        }
+        JsonObject state;
+        try {
+            state = JsonParser.parseString(Files.readString(stateFile, StandardCharsets.UTF_8)).getAsJsonObject();
+        } catch (RuntimeException e) {
+            throw new IOException(stateFile + " is not a JSON object: " + e.getMessage(), e);
+        }
+        int format = intField(state, "format", stateFile);
+        Preconditions.checkArgument(format == STATE_FORMAT, "%s: format %s, this version reads %s", stateFile,
+                format, STATE_FORMAT);
+        DeepSeekConfig config = DeepSeekConfig.fromJson(dir.resolve("config.json"));
+        Preconditions.checkArgument(config.equals(lm.config()),
+                "%s: the checkpoint's model config differs from the model being trained", dir.resolve("config.json"));
+        String p = stringField(state, "precision", stateFile);
+        Preconditions.checkArgument(Precision.parse(p) == precision,
+                "%s: the checkpoint was trained in %s, this run uses %s", stateFile, p,
+                precision.name().toLowerCase(Locale.ROOT));
+        JsonObject o = state.getAsJsonObject("optimizer");
+        Preconditions.checkArgument(o != null, "%s has no optimizer object", stateFile);
+        String kind = stringField(o, "kind", stateFile);
+        Preconditions.checkArgument(StatefulOptimizer.Kind.parse(kind) == optimizer.kind(),
+                "%s: the checkpoint's optimizer is %s, this run uses %s", stateFile, kind,
+                optimizer.kind().name().toLowerCase(Locale.ROOT));
+        JsonObject steps = o.getAsJsonObject("parameter_steps");
+        Preconditions.checkArgument(steps != null, "%s has no optimizer.parameter_steps", stateFile);
+        long newStep = longField(state, "step", stateFile);
+        long newPosition = longField(state, "data_position", stateFile);
+        Preconditions.checkArgument(newStep >= 0 && newPosition >= 0, "%s: negative step or data position",
+                stateFile);
+        DynamicLossScaler scaler = null;
+        if (precision == Precision.FP16) {
+            Preconditions.checkArgument(state.has("loss_scaler"), "%s has no loss_scaler (FP16 run)", stateFile);
+            scaler = DynamicLossScaler.fromJson(state.get("loss_scaler").toString());
+        }
+        try (NDManager tmp = lm.manager().newSubManager();
+                SafetensorsFile weights = SafetensorsFile.open(dir.resolve("model.safetensors"));
+                SafetensorsFile opt = SafetensorsFile.open(dir.resolve("optimizer.safetensors"))) {
+            for (String name : parameters.keySet()) {
+                Preconditions.checkArgument(weights.contains(name), "%s has no tensor %s",
+                        dir.resolve("model.safetensors"), name);
+                Preconditions.checkArgument(steps.has(name), "%s: optimizer.parameter_steps has no %s", stateFile,
+                        name);
+            }
+            boolean gradMode = JniUtils.isGradMode();
+            JniUtils.setGradMode(false); // in-place writes into leaves that require grad
+            try {
+                for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+                    String name = e.getKey();
+                    NDArray w = e.getValue().getArray();
+                    NDArray loaded = weights.load(tmp, name, DataType.FLOAT32).toDevice(w.getDevice(), false);
+                    Preconditions.checkArgument(loaded.getShape().equals(w.getShape()),
+                            "%s: tensor %s has shape %s, the model's is %s", dir.resolve("model.safetensors"), name,
+                            loaded.getShape(), w.getShape());
+                    NDArray master = masters.get(name);
+                    if (master != null) {
+                        master.set(new NDIndex("..."), loaded);
+                        w.set(new NDIndex("..."), loaded.toType(w.getDataType(), false));
+                    } else {
+                        w.set(new NDIndex("..."), loaded.toType(w.getDataType(), false));
+                    }
+                    Map<String, NDArray> arrays = new LinkedHashMap<>();
+                    for (String key : new String[] {"exp_avg", "exp_avg_sq", "momentum_buffer"}) {
+                        if (opt.contains(name + "." + key)) {
+                            arrays.put(key, opt.load(tmp, name + "." + key, DataType.FLOAT32));
+                        }
+                    }
+                    optimizer.restore(e.getValue().getId(), name, steps.get(name).getAsLong(), arrays, w);
+                }
+            } finally {
+                JniUtils.setGradMode(gradMode);
+            }
+        }
+        if (scaler != null) {
+            mixedOptimizer = MixedPrecisionOptimizer.builder().setBlock(lm).setOptimizer(optimizer)
+                    .optLossScaler(scaler).build();
+            mixedOptimizer.zeroGradients();
+        } else {
+            for (Parameter param : parameters.values()) {
+                if (param.requiresGradient() && param.getArray() instanceof PtNDArray) {
+                    JniUtils.zeroGrad((PtNDArray) param.getArray());
+                }
+            }
+        }
+        step = newStep;
+        dataPosition = newPosition;
+    }
+
+    /** The newest checkpoint directory (highest step) among {@code dir}'s children written by {@link #saveCheckpoint}. */
+    public static Path latestCheckpoint(Path dir) throws IOException {
+        if (isCheckpoint(dir)) {
+            return dir;
+        }
+        if (!Files.isDirectory(dir)) {
+            throw new IOException(dir + " does not exist");
+        }
+        Path best = null;
+        long bestStep = -1;
+        try (Stream<Path> s = Files.list(dir)) {
+            for (Path c : (Iterable<Path>) s::iterator) {
+                if (c.getFileName().toString().startsWith(".") || !isCheckpoint(c)) {
+                    continue;
+                }
+                long st = readStep(c);
+                if (st > bestStep) {
+                    bestStep = st;
+                    best = c;
+                }
+            }
+        }
+        if (best == null) {
+            throw new IOException(dir + " holds no training checkpoint (a directory with trainer_state.json)");
+        }
+        return best;
+    }
+
+    /** The step recorded in a checkpoint's {@code trainer_state.json}. */
+    public static long readStep(Path checkpoint) throws IOException {
+        Path f = checkpoint.resolve("trainer_state.json");
+        try {
+            return longField(JsonParser.parseString(Files.readString(f, StandardCharsets.UTF_8)).getAsJsonObject(),
+                    "step", f);
+        } catch (IllegalStateException | com.google.gson.JsonParseException e) {
+            throw new IOException(f + " is not a JSON object: " + e.getMessage(), e);
+        }
+    }
+
+    private static String stringField(JsonObject o, String key, Path file) {
+        Preconditions.checkArgument(o.has(key) && o.get(key).isJsonPrimitive(), "%s has no field '%s'", file, key);
+        return o.get(key).getAsString();
+    }
+
+    private static long longField(JsonObject o, String key, Path file) {
+        try {
+            return Long.parseLong(stringField(o, key, file));
+        } catch (NumberFormatException e) {
+            throw new IllegalArgumentException(file + ": field '" + key + "' is not an integer", e);
+        }
+    }
+
+    private static int intField(JsonObject o, String key, Path file) {
+        return Math.toIntExact(longField(o, key, file));
+    }
+
+    static void writeAtomically(Path target, String text) throws IOException {
+        Path dir = target.toAbsolutePath().getParent();
+        Files.createDirectories(dir);
+        Path tmp = Files.createTempFile(dir, "." + target.getFileName() + ".", ".tmp");
+        try {
+            Files.writeString(tmp, text, StandardCharsets.UTF_8);
+            Files.move(tmp, target, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
+        } finally {
+            Files.deleteIfExists(tmp);
+        }
+    }
+
+    static void deleteRecursively(Path dir) throws IOException {
+        try (Stream<Path> s = Files.walk(dir)) {
+            for (Path p : (Iterable<Path>) s.sorted(Comparator.reverseOrder())::iterator) {
+                Files.deleteIfExists(p);
+            }
+        }
+    }
+
+    /** Frees the optimizer state (the model, and its FP32 masters, belong to the caller). */
+    @Override
+    public void close() {
+        if (!closed) {
+            closed = true;
+            optimizer.close();
+            stateManager.close();
+        }
+    }
+
+    /** Builder: {@code setModel} required. */
+    public static final class Builder {
+        private DeepSeekForCausalLM model;
+        private CheckpointPolicy checkpointPolicy;
+        private String checkpointName;
+        private Precision precision = Precision.FP32;
+        private StatefulOptimizer.Kind kind = StatefulOptimizer.Kind.ADAMW;
+        private float learningRate = 1e-4f;
+        private LearningRateSchedule schedule;
+        private float beta1 = 0.9f;
+        private float beta2 = 0.999f;
+        private float epsilon = 1e-8f;
+        private float weightDecay;
+        private float momentum;
+        private int gradientAccumulation = 1;
+        private DynamicLossScaler lossScaler;
+        private long seed;
+
+        private Builder() {}
+
+        /** The model, with FP32 weights (in FP16 mode they become the masters of FP16 working copies). */
+        public Builder setModel(DeepSeekForCausalLM model) {
+            this.model = model;
+            return this;
+        }
+
+        /** Checkpoints {@code model.layers} with {@code policy} (null: no checkpointing). */
+        public Builder optCheckpointing(CheckpointPolicy policy) {
+            return optCheckpointing(policy, policy == null ? "none" : "custom");
+        }
+
+        /** As {@link #optCheckpointing(CheckpointPolicy)} with a name recorded in checkpoints. */
+        public Builder optCheckpointing(CheckpointPolicy policy, String name) {
+            this.checkpointPolicy = policy;
+            this.checkpointName = name;
+            return this;
+        }
+
+        /** {@code none}, {@code all}, {@code every:N} or {@code sqrt}; see {@link FineTuner#checkpointPolicy}. */
+        public Builder optCheckpointing(String spec) {
+            return optCheckpointing(checkpointPolicy(spec), spec.trim().toLowerCase(Locale.ROOT));
+        }
+
+        public Builder optPrecision(Precision precision) {
+            this.precision = Preconditions.checkNotNull(precision, "precision");
+            return this;
+        }
+
+        public Builder optOptimizer(StatefulOptimizer.Kind kind) {
+            this.kind = Preconditions.checkNotNull(kind, "kind");
+            return this;
+        }
+
+        /** A constant learning rate (ignored when {@link #optSchedule} is given). */
+        public Builder optLearningRate(float lr) {
+            this.learningRate = lr;
+            return this;
+        }
+
+        public Builder optSchedule(LearningRateSchedule schedule) {
+            this.schedule = schedule;
+            return this;
+        }
+
+        public Builder optBetas(float beta1, float beta2) {
+            this.beta1 = beta1;
+            this.beta2 = beta2;
+            return this;
+        }
+
+        public Builder optEpsilon(float epsilon) {
+            this.epsilon = epsilon;
+            return this;
+        }
+
+        public Builder optWeightDecay(float weightDecay) {
+            this.weightDecay = weightDecay;
+            return this;
+        }
+
+        /** SGD momentum. */
+        public Builder optMomentum(float momentum) {
+            this.momentum = momentum;
+            return this;
+        }
+
+        /** Micro-batches per optimizer step (each batch's rows are split into this many). */
+        public Builder optGradientAccumulation(int k) {
+            this.gradientAccumulation = k;
+            return this;
+        }
+
+        /** The FP16 loss scaler (default {@link DynamicLossScaler#create()}). */
+        public Builder optLossScaler(DynamicLossScaler scaler) {
+            this.lossScaler = scaler;
+            return this;
+        }
+
+        /** The data-shuffling seed, recorded in checkpoints. */
+        public Builder optSeed(long seed) {
+            this.seed = seed;
+            return this;
+        }
+
+        public FineTuner build() {
+            Preconditions.checkArgument(model != null, "FineTuner needs a model: call setModel");
+            Preconditions.checkArgument(model.manager() != null, "the model has no weights: load or initialise it");
+            Preconditions.checkArgument(model.dataType() == DataType.FLOAT32,
+                    "the model's weights are %s: load it in FLOAT32 (FP16 training keeps FP32 masters and makes its"
+                            + " own FP16 copies)", model.dataType());
+            Preconditions.checkArgument(gradientAccumulation >= 1, "gradient accumulation must be >= 1, got %s",
+                    gradientAccumulation);
+            Preconditions.checkArgument(learningRate >= 0 && Float.isFinite(learningRate),
+                    "learning rate must be finite and >= 0, got %s", learningRate);
+            Preconditions.checkArgument(lossScaler == null || precision == Precision.FP16,
+                    "a loss scaler is only used in FP16 training");
+            return new FineTuner(this);
+        }
+    }
+}

@@ -1,0 +1,92 @@
+package ai.djl.memopt.checkpoint;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertInstanceOf;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import ai.djl.memopt.model.deepseek.CausalLmLoss;
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.nn.Blocks;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
+import ai.djl.nn.Parameter;
+import ai.djl.pytorch.engine.PtNDArray;
+import ai.djl.pytorch.jni.JniUtils;
+import ai.djl.training.GradientCollector;
+import ai.djl.training.ParameterStore;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
+import java.util.function.Supplier;
+import org.junit.jupiter.api.Test;
+
+/** Activation checkpointing of every decoder layer of the DeepSeek model gives the gradients of the plain model. */
+class DeepSeekCheckpointTest {
+
+    static DeepSeekConfig tiny(String type) {
+        return DeepSeekConfig.builder(type).vocabSize(128).hiddenSize(32).intermediateSize(64)
+                .moeIntermediateSize(16).numHiddenLayers(3).numAttentionHeads(2).qLoraRank(16).kvLoraRank(16)
+                .qkNopeHeadDim(8).qkRopeHeadDim(4).vHeadDim(8).nRoutedExperts(8).nSharedExperts(1)
+                .numExpertsPerTok(2).nGroup(4).topkGroup(2).firstKDenseReplace(1).maxPositionEmbeddings(64).build();
+    }
+
+    static Map<String, float[]> gradients(
+            DeepSeekForCausalLM lm, NDManager manager, long[] ids, Supplier<GradientCollector> collector) {
+        for (Parameter p : Blocks.parameters(lm).values()) {
+            JniUtils.zeroGrad((PtNDArray) p.getArray());
+        }
+        try (NDManager step = manager.newSubManager()) {
+            NDArray input = step.create(ids, new Shape(2, ids.length / 2));
+            NDArray mask = step.ones(new Shape(2, ids.length / 2), DataType.INT64);
+            mask.set(new ai.djl.ndarray.index.NDIndex("1, 0:2"), 0); // left padding on the second row
+            ParameterStore ps = new ParameterStore(step, false);
+            try (GradientCollector gc = collector.get()) {
+                NDArray logits = lm.forward(ps, new NDList(input, mask), true).head();
+                gc.backward(CausalLmLoss.mean(logits, input, mask));
+            }
+            Map<String, float[]> grads = new LinkedHashMap<>();
+            for (Map.Entry<String, Parameter> e : Blocks.parameters(lm).entrySet()) {
+                if (e.getValue().requiresGradient()) {
+                    try (NDArray g = e.getValue().getArray().getGradient()) {
+                        grads.put(e.getKey(), g.toFloatArray());
+                    }
+                }
+            }
+            return grads;
+        }
+    }
+
+    @Test
+    void everyDecoderLayerCheckpointedGivesTheSameGradients() {
+        for (String type : List.of(DeepSeekConfig.DEEPSEEK_V3, DeepSeekConfig.DEEPSEEK_V2)) {
+            try (NDManager manager = NDManager.newBaseManager()) {
+                DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(type), 7, manager, DataType.FLOAT32);
+                long[] ids = new long[2 * 10];
+                for (int i = 0; i < ids.length; i++) {
+                    ids[i] = (i * 37 + 11) % 128;
+                }
+                Map<String, float[]> expected = gradients(lm, manager, ids, () -> manager.getEngine()
+                        .newGradientCollector());
+                List<String> before = List.copyOf(Blocks.parameters(lm).keySet());
+                List<String> wrapped = Checkpointing.wrapChildren(
+                        Blocks.get(lm, "model.layers"), CheckpointPolicy.all(), true);
+                assertEquals(List.of("0", "1", "2"), wrapped);
+                assertInstanceOf(CheckpointBlock.class, lm.model().layers().get(1));
+                assertEquals(before, List.copyOf(Blocks.parameters(lm).keySet()), "HF parameter names unchanged");
+                Map<String, float[]> actual = gradients(lm, manager, ids,
+                        () -> CheckpointingGradientCollector.open(manager));
+                double scale = Math.max(1, CheckpointTestModels.maxAbs(expected));
+                double diff = CheckpointTestModels.maxAbsDiff(expected, actual);
+                assertTrue(CheckpointTestModels.maxAbs(expected) > 1e-3);
+                // the attention, MoE experts, shared experts, router bias-free weights and norms of every layer
+                assertTrue(expected.containsKey("model.layers.2.mlp.experts.3.down_proj.weight"));
+                assertTrue(diff <= 1e-6 * scale, type + ": max abs diff " + diff + ", largest gradient "
+                        + CheckpointTestModels.maxAbs(expected));
+            }
+        }
+    }
+}

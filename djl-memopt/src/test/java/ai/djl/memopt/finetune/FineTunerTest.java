@@ -1,0 +1,252 @@
+package ai.djl.memopt.finetune;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import ai.djl.Device;
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.safetensors.SafetensorsFile;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.nn.Parameter;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.LinkedHashMap;
+import java.util.Map;
+import java.util.SplittableRandom;
+import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.io.TempDir;
+
+class FineTunerTest {
+
+    @TempDir Path tmp;
+
+    static DeepSeekConfig tiny() {
+        return DeepSeekConfig.builder(DeepSeekConfig.DEEPSEEK_V3).vocabSize(64).hiddenSize(32).intermediateSize(64)
+                .moeIntermediateSize(16).numHiddenLayers(3).numAttentionHeads(2).qLoraRank(16).kvLoraRank(16)
+                .qkNopeHeadDim(8).qkRopeHeadDim(4).vHeadDim(8).nRoutedExperts(4).nSharedExperts(1)
+                .numExpertsPerTok(2).nGroup(2).topkGroup(1).firstKDenseReplace(1).maxPositionEmbeddings(64).build();
+    }
+
+    /** A corpus with structure to learn: a repeated pseudo-random phrase of 40 tokens. */
+    static TokenDataset data(long seed) {
+        SplittableRandom r = new SplittableRandom(7);
+        int[] phrase = new int[40];
+        for (int i = 0; i < phrase.length; i++) {
+            phrase[i] = r.nextInt(64);
+        }
+        int[] stream = new int[40 * 30];
+        for (int i = 0; i < stream.length; i++) {
+            stream[i] = phrase[i % 40];
+        }
+        return TokenDataset.fromTokens(stream, 16, 0.1, seed);
+    }
+
+    static Map<String, float[]> weights(FineTuner tuner) throws Exception {
+        Path dir = Files.createTempDirectory("weights");
+        try {
+            tuner.saveModel(dir);
+            Map<String, float[]> out = new LinkedHashMap<>();
+            try (SafetensorsFile f = SafetensorsFile.open(dir.resolve("model.safetensors"))) {
+                for (String n : f.names()) {
+                    out.put(n, f.readFloats(n));
+                }
+            }
+            return out;
+        } finally {
+            FineTuner.deleteRecursively(dir);
+        }
+    }
+
+    static double maxDiff(Map<String, float[]> a, Map<String, float[]> b) {
+        assertEquals(a.keySet(), b.keySet());
+        double d = 0;
+        for (String k : a.keySet()) {
+            float[] x = a.get(k);
+            float[] y = b.get(k);
+            assertEquals(x.length, y.length, k);
+            for (int i = 0; i < x.length; i++) {
+                d = Math.max(d, Math.abs(x[i] - y[i]));
+            }
+        }
+        return d;
+    }
+
+    private static FineTuner.Builder builder(DeepSeekForCausalLM lm, String ckpt, FineTuner.Precision p) {
+        return FineTuner.builder().setModel(lm).optCheckpointing(ckpt).optPrecision(p)
+                .optSchedule(LearningRateSchedule.of(3e-3f, 2, 8, 0.1f)).optWeightDecay(0.01f)
+                .optGradientAccumulation(p == FineTuner.Precision.FP32 ? 2 : 1).optSeed(5);
+    }
+
+    private static void train(FineTuner tuner, TokenDataset data, int steps) {
+        for (int i = 0; i < steps; i++) {
+            StepResult r = tuner.step(data.trainBatch(tuner.dataPosition(), 4));
+            assertTrue(Double.isFinite(r.loss()), r.toString());
+        }
+    }
+
+    private void resumeMatches(FineTuner.Precision precision, String ckpt) throws Exception {
+        TokenDataset data = data(5);
+        Map<String, float[]> uninterrupted;
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 1, Device.cpu(), DataType.FLOAT32);
+                FineTuner tuner = builder(lm, ckpt, precision).build()) {
+            train(tuner, data, 5);
+            uninterrupted = weights(tuner);
+        }
+        Path ckptDir = tmp.resolve("checkpoints").resolve("step-3");
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 1, Device.cpu(), DataType.FLOAT32);
+                FineTuner tuner = builder(lm, ckpt, precision).build()) {
+            train(tuner, data, 3);
+            tuner.saveCheckpoint(ckptDir);
+            train(tuner, data, 1); // progress after the save is lost on restore
+        }
+        assertEquals(ckptDir, FineTuner.latestCheckpoint(tmp.resolve("checkpoints")));
+        // a different initialisation: everything must come from the checkpoint
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 99, Device.cpu(), DataType.FLOAT32);
+                FineTuner tuner = builder(lm, ckpt, precision).build()) {
+            tuner.restoreCheckpoint(ckptDir);
+            assertEquals(3, tuner.step());
+            assertEquals(12, tuner.dataPosition());
+            train(tuner, data, 2);
+            double d = maxDiff(uninterrupted, weights(tuner));
+            assertTrue(d <= 1e-6, "resumed weights differ by " + d);
+        }
+        // the checkpoint directory is also a model directory
+        try (DeepSeekForCausalLM back = DeepSeekLoader.load(ckptDir, Device.cpu(), DataType.FLOAT32)) {
+            assertEquals(tiny(), back.config());
+        }
+    }
+
+    @Test
+    void resumeGivesTheUninterruptedWeightsFp32() throws Exception {
+        resumeMatches(FineTuner.Precision.FP32, "all");
+    }
+
+    @Test
+    void resumeGivesTheUninterruptedWeightsFp16() throws Exception {
+        resumeMatches(FineTuner.Precision.FP16, "none");
+    }
+
+    @Test
+    void checkpointingAndAccumulationKeepTheUpdate() throws Exception {
+        TokenDataset data = data(3);
+        Map<String, Map<String, float[]>> results = new LinkedHashMap<>();
+        String[][] variants = {{"none", "1"}, {"all", "1"}, {"every:2", "2"}, {"sqrt", "4"}};
+        for (String[] v : variants) {
+            try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 2, Device.cpu(), DataType.FLOAT32);
+                    FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(v[0])
+                            .optOptimizer(StatefulOptimizer.Kind.SGD).optLearningRate(0.5f)
+                            .optGradientAccumulation(Integer.parseInt(v[1])).build()) {
+                tuner.step(data.trainBatch(0, 4));
+                results.put(v[0] + "/" + v[1], weights(tuner));
+                if (!v[0].equals("none")) {
+                    assertFalse(tuner.checkpointedLayers().isEmpty());
+                }
+            }
+        }
+        Map<String, float[]> plain = results.get("none/1");
+        Map<String, float[]> init;
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 2, Device.cpu(), DataType.FLOAT32);
+                FineTuner tuner = FineTuner.builder().setModel(lm).build()) {
+            init = weights(tuner);
+        }
+        assertTrue(maxDiff(plain, init) > 1e-3, "the step changed the weights");
+        for (Map.Entry<String, Map<String, float[]>> e : results.entrySet()) {
+            double d = maxDiff(plain, e.getValue());
+            assertTrue(d < 1e-5, e.getKey() + " differs from the plain step by " + d);
+        }
+    }
+
+    @Test
+    void lossDecreasesAndMemoryStaysFlatFp32() {
+        TokenDataset data = data(11);
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 3, Device.cpu(), DataType.FLOAT32);
+                FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing("all")
+                        .optLearningRate(1e-2f).optGradientAccumulation(2).build()) {
+            double first = tuner.evaluate(data.heldOutBatch(0, data.heldOutSequences()));
+            int arraysAfterWarmup = -1;
+            for (int i = 0; i < 30; i++) {
+                tuner.step(data.trainBatch(tuner.dataPosition(), 4));
+                if (i == 2) {
+                    arraysAfterWarmup = lm.manager().getManagedArrays().size();
+                }
+            }
+            assertEquals(arraysAfterWarmup, lm.manager().getManagedArrays().size(), "arrays leak per step");
+            double after = tuner.evaluate(data.heldOutBatch(0, data.heldOutSequences()));
+            assertTrue(after < 0.5 * first, "held-out loss " + first + " -> " + after);
+            assertEquals(0, tuner.stateBytes().masters());
+            assertEquals(1f, tuner.lossScale());
+        }
+    }
+
+    @Test
+    void lossDecreasesAndMemoryStaysFlatFp16() {
+        TokenDataset data = data(11);
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 3, Device.cpu(), DataType.FLOAT32);
+                FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing("all")
+                        .optPrecision(FineTuner.Precision.FP16).optLearningRate(2e-2f).optGradientAccumulation(2)
+                        .build()) {
+            double first = tuner.evaluate(data.heldOutBatch(0, data.heldOutSequences()));
+            int arraysAfterWarmup = -1;
+            StepResult last = null;
+            for (int i = 0; i < 12; i++) {
+                last = tuner.step(data.trainBatch(tuner.dataPosition(), 4));
+                if (i == 2) {
+                    arraysAfterWarmup = lm.manager().getManagedArrays().size();
+                }
+            }
+            assertEquals(arraysAfterWarmup, lm.manager().getManagedArrays().size(), "arrays leak per step");
+            double after = tuner.evaluate(data.heldOutBatch(0, data.heldOutSequences()));
+            assertTrue(after < 0.5 * first, "held-out loss " + first + " -> " + after);
+            assertEquals(64, last.tokens());
+            assertEquals(12, tuner.step());
+            StateBytes s = tuner.stateBytes();
+            long params = 0;
+            long trainable = 0;
+            for (Parameter p : Blocks.parameters(lm).values()) {
+                params += p.getArray().size();
+                trainable += p.requiresGradient() ? p.getArray().size() : 0;
+            }
+            // projections: FP16 working copies with FP32 masters; embedding, norms, router: FP32
+            assertTrue(s.masters() > params * 4 / 2 && s.masters() < params * 4, s.toString());
+            assertEquals(params * 4 - s.masters() / 2, s.weights(), s.toString());
+            // every trainable parameter has a gradient of its own type (the router's correction bias is not trained)
+            assertTrue(s.gradients() <= s.weights() && s.gradients() > 0.99 * s.weights(), s.toString());
+            assertEquals(trainable * 4 * 2, s.optimizer()); // two FP32 moments
+        }
+    }
+
+    @Test
+    void badInputIsRejectedClearly() throws Exception {
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 1, Device.cpu(), DataType.FLOAT16)) {
+            IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
+                    () -> FineTuner.builder().setModel(lm).build());
+            assertTrue(e.getMessage().contains("FLOAT32"), e.getMessage());
+        }
+        assertThrows(IllegalArgumentException.class, () -> FineTuner.checkpointPolicy("every:x"));
+        assertThrows(IllegalArgumentException.class, () -> FineTuner.checkpointPolicy("some"));
+        assertThrows(IllegalArgumentException.class, () -> FineTuner.Precision.parse("bf16"));
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 1, Device.cpu(), DataType.FLOAT32);
+                FineTuner tuner = FineTuner.builder().setModel(lm).optGradientAccumulation(3).build()) {
+            IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
+                    () -> tuner.step(TokenBatch.of(new long[][] {{1, 2, 3}, {4, 5, 6}})));
+            assertTrue(e.getMessage().contains("micro-batches"), e.getMessage());
+            e = assertThrows(IllegalArgumentException.class,
+                    () -> tuner.step(TokenBatch.of(new long[][] {{1, 2, 300}, {4, 5, 6}, {1, 1, 1}})));
+            assertTrue(e.getMessage().contains("vocabulary"), e.getMessage());
+            // a checkpoint of another precision is refused, naming it
+            tuner.saveCheckpoint(tmp.resolve("c"));
+        }
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 1, Device.cpu(), DataType.FLOAT32);
+                FineTuner tuner = FineTuner.builder().setModel(lm).optPrecision(FineTuner.Precision.FP16).build()) {
+            IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
+                    () -> tuner.restoreCheckpoint(tmp.resolve("c")));
+            assertTrue(e.getMessage().contains("fp32"), e.getMessage());
+        }
+        assertThrows(java.io.IOException.class, () -> FineTuner.latestCheckpoint(tmp.resolve("none")));
+    }
+}
