@@ -186,6 +186,104 @@ class MlaCachedDecoderTest {
         }
     }
 
+    /**
+     * Runs (B, T) ids through a session (the first {@code prefill} tokens at once, then one per step) and returns the
+     * largest difference, over batch and vocabulary, between the logits after each position and {@code reference (B, T,
+     * V)} at that position.
+     */
+    static float maxDifferenceToReference(LanguageModel lm, long[] ids, int b, int t, float[] reference, int prefill) {
+        int v = lm.vocabSize();
+        float worst = 0;
+        try (NDManager m = NDManager.newBaseManager();
+                DecodingSession s = lm.newSession(m, b, t)) {
+            int done = 0;
+            while (done < t) {
+                int n = done == 0 ? prefill : 1;
+                long[] in = new long[b * n];
+                long[] pos = new long[b * n];
+                long[] mask = new long[b * (done + n)];
+                Arrays.fill(mask, 1);
+                for (int i = 0; i < b; i++) {
+                    for (int j = 0; j < n; j++) {
+                        in[i * n + j] = ids[i * t + done + j];
+                        pos[i * n + j] = done + j;
+                    }
+                }
+                try (NDManager step = m.newSubManager()) {
+                    float[] logits =
+                            s.next(step.create(in, new Shape(b, n)), step.create(pos, new Shape(b, n)), step.create(mask, new Shape(b, done + n)))
+                                    .toFloatArray(); // (B, V)
+                    int at = done + n - 1;
+                    for (int i = 0; i < b; i++) {
+                        for (int k = 0; k < v; k++) {
+                            worst = Math.max(worst, Math.abs(logits[i * v + k] - reference[(i * t + at) * v + k]));
+                        }
+                    }
+                }
+                done += n;
+            }
+        }
+        return worst;
+    }
+
+    static float[] floats(Path dir, String tensor) throws IOException {
+        try (SafetensorsFile f = SafetensorsFile.open(dir.resolve("reference.safetensors"))) {
+            return f.readFloats(tensor);
+        }
+    }
+
+    @ParameterizedTest
+    @ValueSource(strings = {"tiny-deepseek-v3", "tiny-deepseek-v2"})
+    void everyDecodeStepMatchesTransformersLogits(String name) throws IOException {
+        Path dir = fixture(name);
+        long[] ids = longs(dir, "input_ids"); // (2, 12)
+        float[] reference = floats(dir, "logits"); // (2, 12, V)
+        try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
+            MlaCachedDecoder lm = new MlaCachedDecoder(loaded.model(), Device.cpu());
+            float d = maxDifferenceToReference(lm, ids, 2, 12, reference, 3);
+            assertTrue(d < 1e-4f, name + ": max |cached - transformers| = " + d);
+        }
+    }
+
+    @Test
+    void loraAdapterOnTheAttentionDecodesLikeTransformersPeft() throws IOException {
+        Path base = fixture("tiny-deepseek-v3");
+        Path adapter = base.resolveSibling("tiny-deepseek-v3-lora");
+        long[] ids;
+        float[] reference;
+        try (SafetensorsFile f = SafetensorsFile.open(adapter.resolve("reference.safetensors"))) {
+            ByteBuffer bytes = f.bytes("input_ids").order(ByteOrder.LITTLE_ENDIAN);
+            ids = new long[bytes.remaining() / 8];
+            bytes.asLongBuffer().get(ids);
+            reference = f.readFloats("logits_with_adapter");
+        }
+        try (TestModel loaded = TestModel.load(base, DataType.FLOAT32)) {
+            ai.djl.memopt.lora.Lora.load(loaded.model(), adapter);
+            assertTrue(
+                    Blocks.get(loaded.model(), "model.layers.1.self_attn.kv_b_proj") instanceof ai.djl.memopt.nn.LinearWeightSource,
+                    "kv_b_proj carries the adapter");
+            float d = maxDifferenceToReference(new MlaCachedDecoder(loaded.model(), Device.cpu()), ids, 2, 12, reference, 1);
+            assertTrue(d < 1e-4f, "max |cached with LoRA - peft| = " + d);
+        }
+    }
+
+    @Test
+    void int8QuantizedModelDecodesLikeItsRecomputation() throws IOException {
+        Path dir = fixture("tiny-deepseek-v3");
+        try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
+            ai.djl.memopt.quantize.Quantizer.quantize(loaded.model(), ai.djl.memopt.quantize.Int8WeightOnlyConfig.builder().build());
+            assertTrue(
+                    Blocks.get(loaded.model(), "model.layers.0.self_attn.kv_b_proj") instanceof ai.djl.memopt.nn.LinearWeightSource,
+                    "kv_b_proj was quantized");
+            LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu());
+            long[][] prompts = {{451, 340, 497, 361, 133, 474}};
+            long[][] next = {{198, 191, 59, 261, 76, 152, 157, 372}};
+            for (float d : stepDifferences(cached, LanguageModels.recomputing(loaded.model()), prompts, next)) {
+                assertTrue(d < 1e-4f, "int8 cached vs recomputed: " + d);
+            }
+        }
+    }
+
     @Test
     void fp16WeightsDecodeLikeFp16Recomputation() throws IOException {
         Path dir = fixture("tiny-deepseek-v3");
