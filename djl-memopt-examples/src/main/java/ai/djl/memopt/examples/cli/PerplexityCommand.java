@@ -3,9 +3,9 @@ package ai.djl.memopt.examples.cli;
 import ai.djl.Device;
 import ai.djl.engine.Engine;
 import ai.djl.huggingface.tokenizers.HuggingFaceTokenizer;
+import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -136,7 +136,14 @@ public final class PerplexityCommand implements Callable<Integer> {
      * (quantized, adapters) plug in here.
      */
     static Scorer openModel(Path dir, Device device, DataType dtype) throws IOException {
-        DeepSeekForCausalLM lm = DeepSeekLoader.load(dir, device, dtype);
+        NDManager weights = NDManager.newBaseManager(device);
+        DeepSeekForCausalLM lm;
+        try {
+            lm = ModelDirectories.loadDeepSeek(dir, weights, dtype);
+        } catch (IOException | RuntimeException e) {
+            weights.close();
+            throw e;
+        }
         return new Scorer() {
             @Override
             public CausalLmLoss.Sum score(long[] ids) {
@@ -159,7 +166,7 @@ public final class PerplexityCommand implements Callable<Integer> {
 
             @Override
             public void close() {
-                lm.close();
+                weights.close();
             }
         };
     }
