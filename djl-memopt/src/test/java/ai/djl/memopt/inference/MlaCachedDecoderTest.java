@@ -5,7 +5,6 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
-import ai.djl.engine.Engine;
 import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
@@ -16,7 +15,6 @@ import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.core.Linear;
-import ai.djl.pytorch.jni.JniUtils;
 import java.io.IOException;
 import java.net.URISyntaxException;
 import java.nio.ByteBuffer;
@@ -25,31 +23,14 @@ import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
-import org.junit.jupiter.api.AfterAll;
-import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.extension.ExtendWith;
 import org.junit.jupiter.params.ParameterizedTest;
 import org.junit.jupiter.params.provider.ValueSource;
 
+@ExtendWith(OneThread.class)
 class MlaCachedDecoderTest {
 
-    private static int threads;
-
-    /**
-     * One intra-op thread for these tests: with the 2 cores shared by several builds, OpenMP's spinning worker threads
-     * make the many small ops of a decode step 10-50x slower (measured). Restored afterwards.
-     */
-    @BeforeAll
-    static void oneThread() {
-        Engine.getInstance();
-        threads = JniUtils.getNumThreads();
-        JniUtils.setNumThreads(1);
-    }
-
-    @AfterAll
-    static void restoreThreads() {
-        JniUtils.setNumThreads(threads);
-    }
 
     static Path fixture(String name) {
         try {
