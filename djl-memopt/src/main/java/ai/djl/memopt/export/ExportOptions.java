@@ -20,14 +20,20 @@ public final class ExportOptions {
 
     private final Path configJson;
     private final List<Path> sourceFiles;
+    private final List<Path> companionFiles;
     private final String architecture;
     private final Set<String> sparse24Layers;
     private final String extraJson;
     private final long maxShardBytes;
 
+    /** Files of a Hugging Face model directory that an artifact carries along (tokenizer, generation settings). */
+    static final List<String> COMPANIONS = List.of("tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "special_tokens_map.json");
+
     private ExportOptions(Builder b) {
         this.maxShardBytes = b.maxShardBytes;
         this.configJson = b.configJson;
+        this.companionFiles = List.copyOf(b.companionFiles);
         this.sourceFiles = ImmutableList.copyOf(b.sourceFiles);
         this.architecture = b.architecture;
         this.sparse24Layers = ImmutableSet.copyOf(b.sparse24Layers);
@@ -42,6 +48,14 @@ public final class ExportOptions {
     /** The config.json to copy, or null. */
     public Path configJson() {
         return configJson;
+    }
+
+    /**
+     * Files copied into the artifact unchanged (and checksummed) so that it serves on its own: the tokenizer and
+     * generation settings of the source model.
+     */
+    public List<Path> companionFiles() {
+        return companionFiles;
     }
 
     /** Source checkpoint files to fingerprint. */
@@ -76,6 +90,7 @@ public final class ExportOptions {
     public static final class Builder {
         private Path configJson;
         private final List<Path> sourceFiles = new ArrayList<>();
+        private final List<Path> companionFiles = new ArrayList<>();
         private String architecture;
         private final Set<String> sparse24Layers = new LinkedHashSet<>();
         private String extraJson;
@@ -110,6 +125,19 @@ public final class ExportOptions {
                     return n.endsWith(".safetensors") || n.equals("model.safetensors.index.json");
                 }).sorted().forEach(sourceFiles::add);
             }
+            for (String name : COMPANIONS) {
+                Path f = modelDir.resolve(name);
+                if (Files.isRegularFile(f)) {
+                    companionFiles.add(f);
+                }
+            }
+            return this;
+        }
+
+        /** Copies this file (e.g. a tokenizer) into the artifact under its own name. */
+        public Builder optCompanionFile(Path file) {
+            Preconditions.checkArgument(Files.isRegularFile(file), "file not found: %s", file);
+            companionFiles.add(file);
             return this;
         }
 

@@ -20,6 +20,7 @@ import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
 import ai.djl.nn.core.Linear;
 import ai.djl.training.initializer.Initializer;
+import com.google.common.base.Preconditions;
 import com.google.gson.GsonBuilder;
 import com.google.gson.JsonArray;
 import com.google.gson.JsonElement;
@@ -190,6 +191,13 @@ public final class QuantizedArtifact {
             writeAtomically(dir.resolve(CONFIG),
                     ((DeepSeekForCausalLM) root).config().toJson().getBytes(StandardCharsets.UTF_8));
             files.addProperty(CONFIG, sha256(dir.resolve(CONFIG)));
+        }
+        for (Path companion : options.companionFiles()) {
+            String name = companion.getFileName().toString();
+            Preconditions.checkArgument(!name.equals(CONFIG) && !name.equals(METADATA) && !files.has(name),
+                    "companion file %s would overwrite the artifact's own %s", companion, name);
+            copyAtomically(companion, dir.resolve(name));
+            files.addProperty(name, sha256(dir.resolve(name)));
         }
         String architecture = options.architecture() != null ? options.architecture()
                 : root instanceof DeepSeekForCausalLM ? DEEPSEEK : "generic";

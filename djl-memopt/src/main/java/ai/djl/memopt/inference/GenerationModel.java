@@ -1,9 +1,9 @@
 package ai.djl.memopt.inference;
 
 import ai.djl.Device;
+import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import com.google.common.base.Preconditions;
@@ -42,7 +42,7 @@ public final class GenerationModel implements AutoCloseable {
     }
 
     /**
-     * Opens a Hugging Face DeepSeek-V2/V3 directory.
+     * Opens a Hugging Face DeepSeek-V2/V3 directory or a quantized artifact of one.
      *
      * @param dtype {@link DataType#FLOAT32} or {@link DataType#FLOAT16} (BF16 checkpoints are converted on load)
      * @throws IOException if the directory, config, weights or tokenizer files are missing or malformed
@@ -55,7 +55,7 @@ public final class GenerationModel implements AutoCloseable {
         NDManager weights = NDManager.newBaseManager(device);
         TextTokenizer tokenizer = null;
         try {
-            DeepSeekForCausalLM model = DeepSeekLoader.load(dir, weights, dtype);
+            DeepSeekForCausalLM model = ModelDirectories.loadDeepSeek(dir, weights, dtype);
             if (Files.isRegularFile(dir.resolve("tokenizer.json"))) {
                 tokenizer = TextTokenizer.fromModelDir(dir);
             }

@@ -229,7 +229,7 @@ public final class FinetuneCommand implements Callable<Integer> {
         Path checkpoints = save.resolve("checkpoints");
         int rows = batch * gradAccum;
         Double heldOutBefore = tuner.step() == 0 ? heldOutLoss(tuner, dataset) : null;
-        ProgressBar bar = noProgress ? null : new ProgressBar(System.err, steps);
+        ProgressBar bar = noProgress ? null : new ProgressBar(System.err, "train", steps);
         long start = System.nanoTime();
         long tokens = 0;
         long startStep = tuner.step();
@@ -261,7 +261,7 @@ public final class FinetuneCommand implements Callable<Integer> {
                 out.println(o);
             }
             if (bar != null) {
-                bar.update(last, last.tokens() / seconds, memory);
+                bar.update(last.step(), stepStatus(last, last.tokens() / seconds, memory));
             }
             if (checkpointEvery > 0 && tuner.step() % checkpointEvery == 0 && tuner.step() < steps) {
                 writeCheckpoint(tuner, checkpoints);
@@ -357,34 +357,10 @@ public final class FinetuneCommand implements Callable<Integer> {
         }
     }
 
-    /** A one-line progress bar redrawn with a carriage return. */
-    static final class ProgressBar {
-        private static final int WIDTH = 24;
-        private final PrintStream err;
-        private final long total;
-
-        ProgressBar(PrintStream err, long total) {
-            this.err = err;
-            this.total = total;
-        }
-
-        void update(StepResult r, double tokensPerSecond, long memory) {
-            int filled = (int) Math.min(WIDTH, WIDTH * r.step() / total);
-            StringBuilder bar = new StringBuilder(WIDTH);
-            for (int i = 0; i < WIDTH; i++) {
-                bar.append(i < filled ? '=' : (i == filled ? '>' : ' '));
-            }
-            err.printf(Locale.ROOT, "\r[%s] %d/%d loss %.4f  %.0f tok/s  scale %s  mem %.1f MB%s", bar, r.step(), total,
-                    r.loss(), tokensPerSecond, formatScale(r.lossScale()), memory / 1e6, r.skipped() ? " (skipped)" : "");
-            err.flush();
-        }
-
-        void finish() {
-            err.println();
-        }
-
-        private static String formatScale(float s) {
-            return s == Math.rint(s) ? Long.toString((long) s) : Float.toString(s);
-        }
+    private static String stepStatus(StepResult r, double tokensPerSecond, long memory) {
+        float scale = r.lossScale();
+        return String.format(Locale.ROOT, "loss %.4f  %.0f tok/s  scale %s  mem %.1f MB%s", r.loss(), tokensPerSecond,
+                scale == Math.rint(scale) ? Long.toString((long) scale) : Float.toString(scale), memory / 1e6,
+                r.skipped() ? " (skipped)" : "");
     }
 }

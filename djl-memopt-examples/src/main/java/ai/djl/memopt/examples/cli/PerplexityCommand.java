@@ -3,9 +3,9 @@ package ai.djl.memopt.examples.cli;
 import ai.djl.Device;
 import ai.djl.engine.Engine;
 import ai.djl.huggingface.tokenizers.HuggingFaceTokenizer;
+import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -88,26 +88,13 @@ public final class PerplexityCommand implements Callable<Integer> {
             if (ids.length < 2) {
                 throw new IllegalArgumentException("need at least 2 tokens to predict one, got " + ids.length);
             }
-            double nll = 0;
-            long predicted = 0;
-            int windows = 0;
-            for (int start = 0; start < ids.length; start += window) {
-                int end = Math.min(ids.length, start + window);
-                if (end - start < 2) {
-                    break; // a lone trailing token predicts nothing
-                }
-                long[] chunk = java.util.Arrays.copyOfRange(ids, start, end);
-                CausalLmLoss.Sum s = scorer.score(chunk);
-                nll += s.nll();
-                predicted += s.tokens();
-                windows++;
-            }
-            double loss = nll / predicted;
+            Evaluation e = evaluate(scorer, ids, window);
+            double loss = e.loss();
             JsonObject out = new JsonObject();
             out.addProperty("model", model.toString());
             out.addProperty("tokens", ids.length);
-            out.addProperty("predicted", predicted);
-            out.addProperty("windows", windows);
+            out.addProperty("predicted", e.predicted());
+            out.addProperty("windows", e.windows());
             out.addProperty("seq", window);
             out.addProperty("loss", loss);
             out.addProperty("perplexity", Math.exp(loss));
@@ -119,7 +106,7 @@ public final class PerplexityCommand implements Callable<Integer> {
     }
 
     /** Something that scores token windows; what {@link #openModel} returns. */
-    interface Scorer extends AutoCloseable {
+    public interface Scorer extends AutoCloseable {
         /** Summed next-token NLL of one window of ids and the number of tokens predicted. */
         CausalLmLoss.Sum score(long[] ids);
 
@@ -136,7 +123,17 @@ public final class PerplexityCommand implements Callable<Integer> {
      * (quantized, adapters) plug in here.
      */
     static Scorer openModel(Path dir, Device device, DataType dtype) throws IOException {
-        DeepSeekForCausalLM lm = DeepSeekLoader.load(dir, device, dtype);
+        NDManager weights = NDManager.newBaseManager(device);
+        try {
+            return scorerOf(ModelDirectories.loadDeepSeek(dir, weights, dtype), weights::close);
+        } catch (IOException | RuntimeException e) {
+            weights.close();
+            throw e;
+        }
+    }
+
+    /** Scores with an already loaded model; {@code onClose} runs when the scorer is closed. */
+    public static Scorer scorerOf(DeepSeekForCausalLM lm, Runnable onClose) {
         return new Scorer() {
             @Override
             public CausalLmLoss.Sum score(long[] ids) {
@@ -159,9 +156,38 @@ public final class PerplexityCommand implements Callable<Integer> {
 
             @Override
             public void close() {
-                lm.close();
+                onClose.run();
             }
         };
+    }
+
+    /** Mean next-token loss of a token stream scored in consecutive windows of {@code window} tokens. */
+    public record Evaluation(double nll, long predicted, int windows) {
+        public double loss() {
+            return nll / predicted;
+        }
+
+        public double perplexity() {
+            return Math.exp(loss());
+        }
+    }
+
+    /** Scores {@code ids} in consecutive windows (a lone trailing token predicts nothing and is dropped). */
+    public static Evaluation evaluate(Scorer scorer, long[] ids, int window) {
+        double nll = 0;
+        long predicted = 0;
+        int windows = 0;
+        for (int start = 0; start < ids.length; start += window) {
+            int end = Math.min(ids.length, start + window);
+            if (end - start < 2) {
+                break;
+            }
+            CausalLmLoss.Sum s = scorer.score(java.util.Arrays.copyOfRange(ids, start, end));
+            nll += s.nll();
+            predicted += s.tokens();
+            windows++;
+        }
+        return new Evaluation(nll, predicted, windows);
     }
 
     static long[] parseIds(String csv) {
@@ -179,7 +205,7 @@ public final class PerplexityCommand implements Callable<Integer> {
         return ids;
     }
 
-    static long[] tokenize(Path modelDir, Path textFile) throws IOException {
+    public static long[] tokenize(Path modelDir, Path textFile) throws IOException {
         if (!Files.isRegularFile(textFile)) {
             throw new IllegalArgumentException("text file " + textFile + " does not exist");
         }

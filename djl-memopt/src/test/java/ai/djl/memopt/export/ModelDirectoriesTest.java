@@ -1,0 +1,76 @@
+package ai.djl.memopt.export;
+
+import static org.junit.jupiter.api.Assertions.assertArrayEquals;
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertInstanceOf;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
+import ai.djl.memopt.quantize.QuantizedLinear;
+import ai.djl.memopt.quantize.Quantizer;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
+import ai.djl.training.ParameterStore;
+import java.io.IOException;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.nio.file.StandardCopyOption;
+import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.io.TempDir;
+
+class ModelDirectoriesTest {
+
+    static final Path V3 = Path.of("src/test/resources/fixtures/tiny-deepseek-v3");
+
+    @TempDir Path tmp;
+
+    static float[] logits(DeepSeekForCausalLM lm, NDManager m) {
+        NDArray ids = m.create(new long[] {3, 14, 15, 92, 65, 35}, new Shape(1, 6));
+        return lm.forward(new ParameterStore(m, false), new NDList(ids), false).head().toFloatArray();
+    }
+
+    @Test
+    void opensCheckpointsAndArtifactsAlikeAndArtifactsCarryTheTokenizer() throws IOException {
+        Path source = Files.createDirectories(tmp.resolve("model"));
+        for (String f : new String[] {"config.json", "model.safetensors", "generation_config.json"}) {
+            Files.copy(V3.resolve(f), source.resolve(f), StandardCopyOption.REPLACE_EXISTING);
+        }
+        Files.writeString(source.resolve("tokenizer.json"), "{\"stand-in\": true}");
+        try (NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM plain = ModelDirectories.loadDeepSeek(source, m, DataType.FLOAT32);
+            assertFalse(ModelDirectories.isQuantizedArtifact(source));
+            float[] fp32 = logits(plain, m);
+            assertArrayEquals(logits(DeepSeekLoader.load(V3, m, DataType.FLOAT32), m), fp32);
+
+            Quantizer.quantize(plain, Int8WeightOnlyConfig.builder().build());
+            float[] quantized = logits(plain, m);
+            Path artifact = tmp.resolve("int8");
+            QuantizedArtifact.export(plain, artifact, ExportOptions.builder().optSourceModel(source).build());
+            assertTrue(ModelDirectories.isQuantizedArtifact(artifact));
+            assertEquals("{\"stand-in\": true}", Files.readString(artifact.resolve("tokenizer.json")));
+            assertTrue(Files.isRegularFile(artifact.resolve("generation_config.json")));
+            assertTrue(QuantizedArtifact.verify(artifact).files().containsKey("tokenizer.json"),
+                    "companions are checksummed like the weights");
+
+            DeepSeekForCausalLM loaded = ModelDirectories.loadDeepSeek(artifact, m, DataType.FLOAT32);
+            assertInstanceOf(QuantizedLinear.class, Blocks.get(loaded, "model.layers.0.self_attn.o_proj"));
+            assertArrayEquals(quantized, logits(loaded, m));
+
+            Files.writeString(artifact.resolve("tokenizer.json"), "{\"tampered\": true}");
+            QuantizedArtifactException e = assertThrows(QuantizedArtifactException.class,
+                    () -> ModelDirectories.loadDeepSeek(artifact, m, DataType.FLOAT32));
+            assertTrue(e.getMessage().contains("tokenizer.json"), e.getMessage());
+        }
+        IOException e = assertThrows(IOException.class,
+                () -> ModelDirectories.loadDeepSeek(tmp.resolve("absent"), null, DataType.FLOAT32));
+        assertTrue(e.getMessage().contains("absent"), e.getMessage());
+    }
+}

@@ -1,0 +1,66 @@
+package ai.djl.memopt.model.deepseek;
+
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import ai.djl.engine.Engine;
+import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.safetensors.SafetensorsFile;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.nn.Parameter;
+import ai.djl.training.GradientCollector;
+import ai.djl.training.ParameterStore;
+import java.nio.file.Path;
+import java.util.Map;
+import org.junit.jupiter.api.Test;
+
+/**
+ * A model held entirely in FP16 trains: its FP32 islands (norms, router, softmax, logits, loss) are entered and left
+ * with differentiable casts. DJL's {@code toType} runs without autograd, so a plain {@code toType} there would leave
+ * every parameter before the first cast without a gradient.
+ */
+class DeepSeekFp16GradientTest {
+
+    static final Path V3 = Path.of("src/test/resources/fixtures/tiny-deepseek-v3");
+
+    @Test
+    void fp16ModelGradientsFollowTransformersFp32Gradients() throws Exception {
+        try (NDManager m = NDManager.newBaseManager();
+                SafetensorsFile reference = SafetensorsFile.open(V3.resolve("reference.safetensors"))) {
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT16);
+            Map<String, Parameter> params = Blocks.parameters(lm);
+            for (Parameter p : params.values()) {
+                if (p.requiresGradient()) {
+                    p.getArray().setRequiresGradient(true);
+                }
+            }
+            NDArray ids = reference.load(m, "input_ids");
+            try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
+                NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), true).head();
+                gc.backward(CausalLmLoss.mean(logits, ids));
+            }
+            // the embedding is the first op of the model: its gradient crosses every cast on the way back
+            for (String name : new String[] {"model.embed_tokens.weight", "model.layers.1.self_attn.q_a_proj.weight",
+                "model.layers.1.mlp.experts.0.up_proj.weight", "model.layers.1.input_layernorm.weight"}) {
+                float[] expected = reference.readFloats("grad." + name);
+                float[] actual = params.get(name).getArray().getGradient().toType(DataType.FLOAT32, false)
+                        .toFloatArray();
+                double dot = 0;
+                double ee = 0;
+                double err = 0;
+                for (int i = 0; i < expected.length; i++) {
+                    dot += expected[i] * actual[i];
+                    ee += expected[i] * expected[i];
+                    err += (expected[i] - actual[i]) * (expected[i] - actual[i]);
+                }
+                double rel = Math.sqrt(err / ee);
+                System.out.printf("FP16 grad %s: relative error %.4f%n", name, rel);
+                assertTrue(ee > 0 && dot > 0, name + ": no gradient reached it");
+                // FP16 activations: a few per cent of relative error in the gradient, never a missing one
+                assertTrue(rel < 0.05, name + ": FP16 gradient relative error " + rel);
+            }
+        }
+    }
+}
