@@ -52,6 +52,7 @@ class QLoraCheckpointTest {
             NDArray ids = ref.load(m, "input_ids");
             float[] losses = new float[2];
             for (int i = 0; i < 2; i++) {
+                DeepSeekLoraTest.settleGarbage();
                 try (GradientCollector gc = i == 0 ? Engine.getInstance().newGradientCollector()
                         : CheckpointingGradientCollector.open(m)) {
                     NDArray logits = models[i].forward(new ParameterStore(m, false), new NDList(ids), true).head();

@@ -147,6 +147,7 @@ class QLoraTest {
             System.out.println("QLoRA int4: " + report);
             NDArray ids = ref.load(m, "input_ids");
             for (DeepSeekForCausalLM model : new DeepSeekForCausalLM[] {lm, twin}) {
+                DeepSeekLoraTest.settleGarbage();
                 try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
                     gc.backward(CausalLmLoss.mean(logits(model, m, ids, true), ids));
                 }
