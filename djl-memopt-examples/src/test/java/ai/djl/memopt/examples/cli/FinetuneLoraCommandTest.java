@@ -128,4 +128,24 @@ class FinetuneLoraCommandTest {
         r = finetune(tmp.resolve("z"), "--lora-targets", "no_such_proj");
         assertTrue(r.exitCode != 0 && r.err.contains("no module matches LoRA target modules [no_such_proj]"), r.err);
     }
+
+    @Test
+    void resumedLoraRunEqualsAnUninterruptedOne() throws Exception {
+        Path full = tmp.resolve("full");
+        CliRun r = finetune(full, "--checkpoint-every", "2", "--seed", "9");
+        assertEquals(0, r.exitCode, r.err);
+        Path resumed = tmp.resolve("resumed");
+        r = finetune(resumed, "--seed", "9", "--resume", full.resolve("checkpoints/step-00000002").toString());
+        assertEquals(0, r.exitCode, r.err);
+        assertTrue(r.err.contains("resumed from"), r.err);
+        try (ai.djl.memopt.safetensors.SafetensorsFile a = ai.djl.memopt.safetensors.SafetensorsFile.open(
+                        full.resolve(PeftAdapters.WEIGHTS_FILE));
+                ai.djl.memopt.safetensors.SafetensorsFile b = ai.djl.memopt.safetensors.SafetensorsFile.open(
+                        resumed.resolve(PeftAdapters.WEIGHTS_FILE))) {
+            assertEquals(a.names(), b.names());
+            for (String name : a.names()) {
+                assertEquals(a.bytes(name), b.bytes(name), name);
+            }
+        }
+    }
 }
