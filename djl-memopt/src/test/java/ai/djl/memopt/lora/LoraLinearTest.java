@@ -385,4 +385,40 @@ class LoraLinearTest {
             assertTrue(maxAbsDiff(dA, a.getGradient()) < 1e-4f, "dA " + maxAbsDiff(dA, a.getGradient()));
         }
     }
+
+    /** A pass-through decorator, as FP16 wrappers are. */
+    static final class Wrapper extends ai.djl.nn.AbstractBlock implements ai.djl.memopt.nn.BlockDecorator {
+        private final Block inner;
+
+        Wrapper(Block inner) {
+            this.inner = addChildBlock("wrapped", inner);
+        }
+
+        @Override
+        public Block delegate() {
+            return inner;
+        }
+
+        @Override
+        protected NDList forwardInternal(ParameterStore ps, NDList in, boolean training,
+                ai.djl.util.PairList<String, Object> p) {
+            return inner.forward(ps, in, training, p);
+        }
+
+        @Override
+        public Shape[] getOutputShapes(Shape[] inputShapes) {
+            return inner.getOutputShapes(inputShapes);
+        }
+    }
+
+    @Test
+    void aDecoratedProjectionIsRefusedWithTheOrderToUse() {
+        try (NDManager m = NDManager.newBaseManager()) {
+            SequentialBlock root = new SequentialBlock().add(new Wrapper(ToyBlocks.linear(m, 4, 3, DataType.FLOAT32)));
+            IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
+                    () -> Lora.apply(root, LoraConfig.builder().setRank(2).optTargetModules("0").build()));
+            assertTrue(e.getMessage().contains("'0' is a Wrapper around a projection: apply LoRA before decorating"),
+                    e.getMessage());
+        }
+    }
 }
