@@ -8,6 +8,7 @@ import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.DynamicLossScaler;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.memopt.precision.MixedPrecisionOptimizer;
@@ -344,7 +345,7 @@ public final class FineTuner implements AutoCloseable {
                 if (lossFactor == 1f) {
                     gc.backward(loss);
                 } else {
-                    try (NDArray scaled = loss.mul(lossFactor)) {
+                    try (NDArray scaled = Scalars.mul(loss, lossFactor)) {
                         gc.backward(scaled);
                     }
                 }

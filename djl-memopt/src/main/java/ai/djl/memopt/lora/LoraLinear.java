@@ -2,6 +2,7 @@ package ai.djl.memopt.lora;
 
 import ai.djl.Device;
 import ai.djl.memopt.nn.LinearWeightSource;
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -191,9 +192,7 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
         NDArray down = Linear.linear(xd, aCast).singletonOrThrow(); // (..., r)
         NDArray up = Linear.linear(down, bCast).singletonOrThrow(); // (..., out)
         NDArray delta; // (..., out)
-        try (NDArray s = ownedScalar(up, scale)) {
-            delta = up.mul(s);
-        }
+        delta = Scalars.mul(up, scale);
         if (delta.getDataType() != y.getDataType()) {
             NDArray cast = cast(delta, y.getDataType());
             delta.close();
@@ -214,21 +213,6 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
             bCast.close();
         }
         return new NDList(out);
-    }
-
-    /**
-     * A 0-d array of {@code value} whose memory PyTorch owns. DJL's {@code NDArray.mul(Number)} wraps the number in an
-     * array over a Java direct buffer ({@code from_blob}) and closes it at once; autograd keeps that tensor for the
-     * backward of {@code mul}, so once the garbage collector frees the buffer the gradient reads freed memory
-     * (measured: a gradient of 3 came back as 3.8e22). {@code full} allocates natively.
-     */
-    static NDArray ownedScalar(NDArray like, float value) {
-        NDArray s = like.getManager().full(new Shape(), value, like.getDataType());
-        NDArray moved = s.toDevice(like.getDevice(), false);
-        if (moved != s) {
-            s.close();
-        }
-        return moved;
     }
 
     /**

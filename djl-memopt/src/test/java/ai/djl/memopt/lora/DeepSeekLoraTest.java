@@ -35,12 +35,8 @@ class DeepSeekLoraTest {
     Path tmp;
 
     /**
-     * Collects garbage before a forward/backward on the DeepSeek model. Its blocks call DJL's {@code mul(Number)} on
-     * arrays that require gradients (the attention's softmax scale, the router's routed_scaling_factor): DJL wraps the
-     * number over a Java direct buffer and autograd keeps that tensor, so a GC between forward and backward makes the
-     * backward read freed memory (measured on this fixture: embedding gradient off by 3.8e-3 instead of 6e-8). Until
-     * the model keeps its scalars in native memory, starting from a collected heap makes a GC inside the short
-     * forward/backward window unlikely. LoRA's own scale is native ({@link LoraLinear#ownedScalar}).
+     * Collects garbage before a forward/backward. The model's scalars are native now ({@code nn.Scalars}); a GC here
+     * makes any regression to DJL's {@code mul(Number)} on a recorded array show up as wrong gradients.
      */
     static void settleGarbage() {
         System.gc();
