@@ -73,7 +73,7 @@ public final class WrapUserModelExample {
 
     /** What checkpointing changed: nothing in the numbers, which is the point. */
     public record CheckpointResult(List<String> checkpointedChildren, double maxGradient, double maxGradientDiff,
-            double maxWeightDiffAfterTraining, int steps) {}
+            double maxWeightDiffAfterTraining, double maxRunningStatDiffAfterTraining, int steps) {}
 
     /** Loss curves of the same training in FP32 and in FP16 mixed precision. */
     public record PrecisionResult(float[] fp32Losses, float[] fp16Losses, double maxRelativeLossDiff,
@@ -99,10 +99,12 @@ public final class WrapUserModelExample {
         Run checkpointed = train(factory, inputShape, policy, steps, seed);
         return new CheckpointResult(checkpointed.wrapped, maxAbs(plain.firstGradients),
                 maxAbsDiff(plain.firstGradients, checkpointed.firstGradients),
-                maxAbsDiff(plain.finalWeights, checkpointed.finalWeights), steps);
+                maxAbsDiff(plain.finalWeights, checkpointed.finalWeights),
+                maxAbsDiff(plain.finalStats, checkpointed.finalStats), steps);
     }
 
-    private record Run(List<String> wrapped, Map<String, float[]> firstGradients, Map<String, float[]> finalWeights) {}
+    private record Run(List<String> wrapped, Map<String, float[]> firstGradients, Map<String, float[]> finalWeights,
+            Map<String, float[]> finalStats) {}
 
     private static Run train(Supplier<SequentialBlock> factory, Shape inputShape, CheckpointPolicy policy, int steps,
             long seed) {
@@ -126,7 +128,7 @@ public final class WrapUserModelExample {
                         trainer.step();
                     }
                 }
-                return new Run(wrapped, firstGradients, weights(net));
+                return new Run(wrapped, firstGradients, weights(net, true), weights(net, false));
             }
         }
     }
@@ -265,10 +267,11 @@ public final class WrapUserModelExample {
         return out;
     }
 
-    private static Map<String, float[]> weights(Block net) {
+    /** Trained parameters, or the others (BatchNorm running mean and variance). */
+    private static Map<String, float[]> weights(Block net, boolean trained) {
         Map<String, float[]> out = new LinkedHashMap<>();
         for (Map.Entry<String, Parameter> e : Blocks.parameters(net).entrySet()) {
-            if (e.getValue().requiresGradient()) {
+            if (e.getValue().requiresGradient() == trained) {
                 out.put(e.getKey(), e.getValue().getArray().toFloatArray());
             }
         }
@@ -344,8 +347,9 @@ public final class WrapUserModelExample {
             Shape input = name.equals("mlp") ? MLP_INPUT : RESNET_INPUT;
             CheckpointResult c = checkpointing(factory, input, CheckpointPolicy.sqrtN(), 3, 1);
             lines.add(String.format(Locale.ROOT, "%s checkpointing (sqrtN, %s): max |grad| %.3g, max grad diff %.3g,"
-                    + " max weight diff after %d steps %.3g", name, c.checkpointedChildren(), c.maxGradient(),
-                    c.maxGradientDiff(), c.steps(), c.maxWeightDiffAfterTraining()));
+                    + " max weight diff after %d steps %.3g, max BatchNorm running-stat diff %.3g", name,
+                    c.checkpointedChildren(), c.maxGradient(), c.maxGradientDiff(), c.steps(),
+                    c.maxWeightDiffAfterTraining(), c.maxRunningStatDiffAfterTraining()));
             PrecisionResult p = mixedPrecision(factory, input, 5, 1);
             lines.add(String.format(Locale.ROOT, "%s mixed precision: fp32 losses %s, fp16 losses %s, max relative"
                     + " diff %.2e, skipped %d, loss scale %.0f, FP32 islands %s", name,

@@ -34,6 +34,10 @@ class WrapUserModelExampleTest {
         assertFalse(r.checkpointedChildren().isEmpty());
         assertTrue(r.maxGradient() > 1e-4, r.toString());
         assertTrue(r.maxGradientDiff() <= 1e-5 * r.maxGradient(), r.toString());
+        // Known caveat (docs/user-guide.md): a checkpointed segment runs its training forward twice, so each BatchNorm
+        // in it updates its running mean/variance twice per step. If the library starts restoring them around the
+        // recomputation this fails: update the guide.
+        assertTrue(r.maxRunningStatDiffAfterTraining() > 1e-3, r.toString());
     }
 
     @Test
