@@ -1,6 +1,5 @@
 package ai.djl.memopt.inference.server;
 
-import ai.djl.memopt.inference.FinishReason;
 import ai.djl.memopt.inference.GenerationResult;
 import ai.djl.memopt.inference.Generator;
 import ai.djl.memopt.inference.TextTokenizer;
