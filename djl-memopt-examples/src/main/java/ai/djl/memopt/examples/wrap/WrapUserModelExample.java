@@ -8,6 +8,9 @@ import ai.djl.memopt.checkpoint.CheckpointingTrainer;
 import ai.djl.memopt.export.ArtifactManifest;
 import ai.djl.memopt.export.ExportOptions;
 import ai.djl.memopt.export.QuantizedArtifact;
+import ai.djl.memopt.lora.Lora;
+import ai.djl.memopt.lora.LoraConfig;
+import ai.djl.memopt.lora.LoraReport;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.memopt.precision.MixedPrecisionOptimizer;
@@ -86,6 +89,70 @@ public final class WrapUserModelExample {
     /** An exported artifact loaded onto a freshly built model. */
     public record ExportResult(Path dir, long artifactBytes, int quantizedLayers, double maxOutputDiff,
             double freshVsQuantizedBeforeLoad) {}
+
+    /** LoRA fine-tuning of a built model: what was trained, what stayed, and the merge. */
+    public record LoraResult(List<String> adapted, long trainableParameters, long totalParameters, float firstLoss,
+            float lastLoss, double maxFrozenWeightChange, double maxMergedOutputDiff, boolean mergedToLinear) {}
+
+    /**
+     * Adds rank-{@code rank} LoRA adapters to the Linear layers named {@code targets} of an initialized model
+     * ({@code Lora.apply} freezes everything else), trains them {@code steps} SGD steps with a DJL {@code Trainer} on
+     * one batch, checks that the frozen weights did not move, then merges the adapters into the weights
+     * ({@code Lora.merge}) and compares the merged model's outputs with the adapted model's.
+     */
+    public static LoraResult lora(Supplier<? extends Block> factory, Shape inputShape, int rank, List<String> targets,
+            int steps, long seed) {
+        try (Model model = Model.newInstance("user-model")) {
+            Block net = factory.get();
+            Engine.getInstance().setRandomSeed((int) seed);
+            net.initialize(model.getNDManager(), DataType.FLOAT32, inputShape);
+            Map<String, float[]> before = weights(net, true);
+            LoraReport report = Lora.apply(net, LoraConfig.builder().setRank(rank).optAlpha(2f * rank)
+                    .optTargetModules(targets).build());
+            model.setBlock(net);
+            TrainingConfig config = new DefaultTrainingConfig(Loss.softmaxCrossEntropyLoss())
+                    .optOptimizer(Optimizer.sgd().setLearningRateTracker(Tracker.fixed(0.2f)).build());
+            float first = Float.NaN;
+            float last = Float.NaN;
+            try (Batch batch = syntheticBatch(model.getNDManager(), inputShape, seed)) {
+                // the trainer must be closed before Lora.merge: Trainer.close syncs every parameter it has seen, and
+                // merging closes the adapters' arrays (closing it afterwards throws UninitializedParameterException)
+                try (Trainer trainer = model.newTrainer(config)) {
+                    for (int step = 0; step < steps; step++) {
+                        float loss;
+                        try (GradientCollector gc = trainer.newGradientCollector()) {
+                            NDArray value = trainer.getLoss().evaluate(batch.getLabels(),
+                                    trainer.forward(batch.getData(), batch.getLabels()));
+                            loss = value.getFloat();
+                            gc.backward(value);
+                        }
+                        trainer.step();
+                        first = step == 0 ? loss : first;
+                        last = loss;
+                    }
+                }
+                double frozenChange = 0;
+                Map<String, float[]> after = weights(net, false); // frozen now: base weights no longer trainable
+                for (Map.Entry<String, float[]> e : before.entrySet()) {
+                    // an adapted layer's own weight is now under PEFT's name: <path>.base_layer.weight
+                    String k = e.getKey();
+                    int dot = k.lastIndexOf('.');
+                    float[] now = after.containsKey(k) ? after.get(k)
+                            : after.get(k.substring(0, dot) + ".base_layer" + k.substring(dot));
+                    if (now == null) {
+                        throw new IllegalStateException("base parameter " + e.getKey() + " disappeared");
+                    }
+                    frozenChange = Math.max(frozenChange, maxAbsDiff(e.getValue(), now));
+                }
+                float[] adapted = predict(net, model.getNDManager(), batch.getData());
+                Lora.merge(net);
+                float[] merged = predict(net, model.getNDManager(), batch.getData());
+                boolean linear = targets.stream().allMatch(t -> Blocks.get(net, t) instanceof ai.djl.nn.core.Linear);
+                return new LoraResult(report.wrappedPaths(), report.trainableParameters(), report.totalParameters(),
+                        first, last, frozenChange, maxAbsDiff(adapted, merged), linear);
+            }
+        }
+    }
 
     /**
      * Trains the model twice the normal DJL way ({@code Model}, {@code Trainer}, {@code EasyTrain}, SGD), once as
@@ -362,6 +429,13 @@ public final class WrapUserModelExample {
                         + " error %.4f, min SQNR %.1f dB, skipped %s", name, r.scheme(), r.quantizedLayers(),
                         r.bytesBefore(), r.bytesAfter(), r.bytesBefore() / (double) Math.max(1, r.bytesAfter()),
                         r.relativeOutputError(), r.minSqnrDb(), r.skipped()));
+            }
+            if (name.equals("mlp")) {
+                LoraResult l = lora(factory, input, 4, List.of("1", "3", "5"), 10, 1);
+                lines.add(String.format(Locale.ROOT, "mlp LoRA r=4 on %s: %d of %d parameters trainable, loss %.4f ->"
+                        + " %.4f in 10 steps, frozen weights moved by %.3g, merged vs adapted outputs %.3g",
+                        l.adapted(), l.trainableParameters(), l.totalParameters(), l.firstLoss(), l.lastLoss(),
+                        l.maxFrozenWeightChange(), l.maxMergedOutputDiff()));
             }
             ExportResult e = exportAndLoad(factory, input, Int8WeightOnlyConfig.builder().build(),
                     work.resolve(name + "-int8"), 1);

@@ -68,6 +68,19 @@ class WrapUserModelExampleTest {
     }
 
     @Test
+    void mlpLoraTrainsOnlyTheAdaptersAndMerges() {
+        WrapUserModelExample.LoraResult r = WrapUserModelExample.lora(WrapUserModelExample.MLP,
+                WrapUserModelExample.MLP_INPUT, 4, List.of("1", "3", "5"), 8, 13);
+        assertEquals(List.of("1", "3", "5"), r.adapted());
+        // rank 4: A (4, in) + B (out, 4) per layer
+        assertEquals(4L * (3072 + 256) + 4L * (256 + 128) + 4L * (128 + 10), r.trainableParameters(), r.toString());
+        assertTrue(r.lastLoss() < r.firstLoss() * 0.9, r.toString());
+        assertEquals(0.0, r.maxFrozenWeightChange(), r.toString());
+        assertTrue(r.maxMergedOutputDiff() < 1e-4, r.toString());
+        assertTrue(r.mergedToLinear(), r.toString());
+    }
+
+    @Test
     void exportedArtifactLoadsOntoAFreshModel(@TempDir Path dir) throws Exception {
         WrapUserModelExample.ExportResult r = WrapUserModelExample.exportAndLoad(WrapUserModelExample.MLP,
                 WrapUserModelExample.MLP_INPUT, Int4WeightOnlyConfig.builder().build(), dir.resolve("mlp"), 11);
