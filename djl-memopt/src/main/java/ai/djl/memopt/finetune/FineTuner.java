@@ -12,6 +12,7 @@ import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.DynamicLossScaler;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.memopt.precision.MixedPrecisionOptimizer;
+import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.memopt.safetensors.SafetensorsWriter;
 import ai.djl.ndarray.NDArray;
@@ -668,15 +669,7 @@ public final class FineTuner implements AutoCloseable {
     }
 
     static void writeAtomically(Path target, String text) throws IOException {
-        Path dir = target.toAbsolutePath().getParent();
-        Files.createDirectories(dir);
-        Path tmp = Files.createTempFile(dir, "." + target.getFileName() + ".", ".tmp");
-        try {
-            Files.writeString(tmp, text, StandardCharsets.UTF_8);
-            Files.move(tmp, target, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
-        } finally {
-            Files.deleteIfExists(tmp);
-        }
+        AtomicFiles.writeString(target, text);
     }
 
     static void deleteRecursively(Path dir) throws IOException {

@@ -33,11 +33,20 @@ public final class FreshJvm {
         command.add(java);
         command.add("-Xmx" + heap);
         command.add("-Dai.djl.offline=" + System.getProperty("ai.djl.offline", "true"));
+        // the child computes like the parent: same engine settings (threads, offline, library path)
+        for (String name : System.getProperties().stringPropertyNames()) {
+            if (name.startsWith("ai.djl.") && !name.equals("ai.djl.offline")) {
+                command.add("-D" + name + "=" + System.getProperty(name));
+            }
+        }
         command.add("-cp");
         command.add(System.getProperty("java.class.path"));
         command.add(mainClass.getName());
         command.addAll(args);
-        Process process = new ProcessBuilder(command).redirectError(ProcessBuilder.Redirect.INHERIT).start();
+        ProcessBuilder builder = new ProcessBuilder(command).redirectError(ProcessBuilder.Redirect.INHERIT);
+        // libtorch's C++ deprecation warnings (printed once per process) would interleave with progress bars
+        builder.environment().putIfAbsent("TORCH_CPP_LOG_LEVEL", "ERROR");
+        Process process = builder.start();
         List<String> lines = new ArrayList<>();
         Thread reader = new Thread(() -> {
             try (BufferedReader r = new BufferedReader(

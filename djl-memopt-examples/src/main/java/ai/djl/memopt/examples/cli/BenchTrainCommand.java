@@ -3,13 +3,13 @@ package ai.djl.memopt.examples.cli;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.TrainBenchWorker;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.safetensors.AtomicFiles;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
-import java.nio.file.StandardCopyOption;
 import java.time.LocalDate;
 import java.time.ZoneOffset;
 import java.util.ArrayList;
@@ -175,15 +175,7 @@ public final class BenchTrainCommand implements Callable<Integer> {
             sb.append(row(c));
         }
         sb.append(END).append(after.isEmpty() ? "\n" : after);
-        Path dir = file.toAbsolutePath().getParent();
-        Files.createDirectories(dir);
-        Path tmp = Files.createTempFile(dir, "." + file.getFileName() + ".", ".tmp");
-        try {
-            Files.writeString(tmp, sb.toString(), StandardCharsets.UTF_8);
-            Files.move(tmp, file, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
-        } finally {
-            Files.deleteIfExists(tmp);
-        }
+        AtomicFiles.writeString(file, sb.toString());
     }
 
     static final String[] HEADER = {

@@ -19,13 +19,13 @@ import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.Quantizer;
+import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.ndarray.types.DataType;
 import com.google.gson.JsonObject;
 import java.io.IOException;
 import java.io.PrintStream;
 import java.nio.file.Files;
 import java.nio.file.Path;
-import java.nio.file.StandardCopyOption;
 import java.util.ArrayList;
 import java.util.Comparator;
 import java.util.List;
@@ -119,7 +119,7 @@ public final class FinetuneCommand implements Callable<Integer> {
     @Option(names = "--warmup", defaultValue = "0", paramLabel = "N", description = "Linear warmup steps (default 0).")
     int warmup;
 
-    @Option(names = "--cosine", description = "Cosine decay of the learning rate to 10% at --steps.")
+    @Option(names = "--cosine", description = "Cosine decay of the learning rate to 10%% at --steps.")
     boolean cosine;
 
     @Option(names = "--grad-accum", defaultValue = "1", paramLabel = "K",
@@ -451,13 +451,7 @@ public final class FinetuneCommand implements Callable<Integer> {
             if (!Files.isRegularFile(src) || src.toAbsolutePath().equals(dst.toAbsolutePath())) {
                 continue;
             }
-            Path tmp = Files.createTempFile(dir, "." + name + ".", ".tmp");
-            try {
-                Files.copy(src, tmp, StandardCopyOption.REPLACE_EXISTING);
-                Files.move(tmp, dst, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
-            } finally {
-                Files.deleteIfExists(tmp);
-            }
+            AtomicFiles.copy(src, dst);
         }
     }
 
