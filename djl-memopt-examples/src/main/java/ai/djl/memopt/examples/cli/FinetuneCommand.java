@@ -184,7 +184,7 @@ public final class FinetuneCommand implements Callable<Integer> {
     @Override
     public Integer call() throws Exception {
         validate();
-        Device dev = PerplexityCommand.parseDevice(device);
+        Device dev = Devices.parse(device);
         FineTuner.Precision prec = FineTuner.Precision.parse(precision);
         StatefulOptimizer.Kind kind = StatefulOptimizer.Kind.parse(optimizer);
         FineTuner.checkpointPolicy(checkpoint); // validates the spec before any heavy work
