@@ -135,20 +135,27 @@ class FineTunerTest {
     void checkpointingAndAccumulationKeepTheUpdate() throws Exception {
         TokenDataset data = data(3);
         Map<String, Map<String, float[]>> results = new LinkedHashMap<>();
-        String[][] variants = {{"none", "1"}, {"all", "1"}, {"every:2", "2"}, {"sqrt", "4"}};
+        java.util.List<Double> losses = new java.util.ArrayList<>();
+        String[][] variants = {{"none", "1", "100000"}, {"all", "1", "100000"}, {"every:2", "2", "100000"},
+            {"sqrt", "4", "100000"}, {"none", "1", "16"}, {"all", "2", "8"}};
         for (String[] v : variants) {
             try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 2, Device.cpu(), DataType.FLOAT32);
                     FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(v[0])
                             .optOptimizer(StatefulOptimizer.Kind.SGD).optLearningRate(0.5f)
-                            .optGradientAccumulation(Integer.parseInt(v[1])).build()) {
-                tuner.step(data.trainBatch(0, 4));
-                results.put(v[0] + "/" + v[1], weights(tuner));
+                            .optGradientAccumulation(Integer.parseInt(v[1])).optLossChunkTokens(Integer.parseInt(v[2]))
+                            .build()) {
+                StepResult r = tuner.step(data.trainBatch(0, 4));
+                losses.add(r.loss());
+                results.put(v[0] + "/" + v[1] + "/" + v[2], weights(tuner));
                 if (!v[0].equals("none")) {
                     assertFalse(tuner.checkpointedLayers().isEmpty());
                 }
             }
         }
-        Map<String, float[]> plain = results.get("none/1");
+        for (double loss : losses) {
+            assertEquals(losses.get(0), loss, 1e-5, losses.toString());
+        }
+        Map<String, float[]> plain = results.get("none/1/100000");
         Map<String, float[]> init;
         try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 2, Device.cpu(), DataType.FLOAT32);
                 FineTuner tuner = FineTuner.builder().setModel(lm).build()) {

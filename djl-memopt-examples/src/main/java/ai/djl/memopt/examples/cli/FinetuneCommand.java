@@ -111,6 +111,10 @@ public final class FinetuneCommand implements Callable<Integer> {
             description = "Micro-batches per optimizer step (default 1).")
     int gradAccum;
 
+    @Option(names = "--loss-chunk", defaultValue = "128", paramLabel = "TOKENS",
+            description = "Compute the loss head in chunks of about this many tokens (default 128).")
+    int lossChunk;
+
     @Option(names = "--save", required = true, paramLabel = "DIR",
             description = "Output: the final model, and training checkpoints under DIR/checkpoints.")
     Path save;
@@ -176,7 +180,7 @@ public final class FinetuneCommand implements Callable<Integer> {
             LearningRateSchedule schedule = LearningRateSchedule.of(lr, warmup, cosine ? steps : 0, 0.1f);
             try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpoint).optPrecision(prec)
                     .optOptimizer(kind).optSchedule(schedule).optWeightDecay(weightDecay)
-                    .optGradientAccumulation(gradAccum).optSeed(seed).build()) {
+                    .optGradientAccumulation(gradAccum).optLossChunkTokens(lossChunk).optSeed(seed).build()) {
                 if (resumeFrom != null) {
                     tuner.restoreCheckpoint(resumeFrom);
                     err.printf(Locale.ROOT, "memopt finetune: resumed from %s at step %d%n", resumeFrom, tuner.step());
@@ -204,6 +208,7 @@ public final class FinetuneCommand implements Callable<Integer> {
         positive("--batch", batch);
         positive("--grad-accum", gradAccum);
         positive("--keep-checkpoints", keepCheckpoints);
+        positive("--loss-chunk", lossChunk);
         if (seq < 2) {
             throw new IllegalArgumentException("--seq must be at least 2, got " + seq);
         }
