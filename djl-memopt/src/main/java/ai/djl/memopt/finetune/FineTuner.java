@@ -6,7 +6,6 @@ import ai.djl.memopt.checkpoint.CheckpointingGradientCollector;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.precision.DynamicLossScaler;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
@@ -19,7 +18,6 @@ import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
-import ai.djl.nn.core.Linear;
 import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.GradientCollector;
@@ -35,7 +33,6 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.nio.file.StandardCopyOption;
-import java.util.ArrayList;
 import java.util.Collections;
 import java.util.Comparator;
 import java.util.IdentityHashMap;
@@ -146,7 +143,7 @@ public final class FineTuner implements AutoCloseable {
                 .optLearningRate(schedule.at(0)).optBetas(b.beta1, b.beta2).optEpsilon(b.epsilon)
                 .optWeightDecay(b.weightDecay).optMomentum(b.momentum).build();
         if (precision == Precision.FP16) {
-            this.masters = wrapProjectionsInMixedPrecision(lm);
+            this.masters = mixedPrecision(lm);
             this.scaler = b.lossScaler != null ? b.lossScaler : DynamicLossScaler.create();
         } else {
             this.masters = Map.of();
@@ -154,45 +151,21 @@ public final class FineTuner implements AutoCloseable {
     }
 
     /**
-     * FP16 the way {@code torch.autocast} does it: every projection ({@code Linear}, including experts and
-     * {@code lm_head}) is wrapped in its own {@link MixedPrecisionBlock}, which casts its FP32 input to FP16
-     * differentiably, multiplies by the FP16 working weight and casts the output back to FP32; everything else
-     * (embedding, norms, router, softmax, rotary, residual stream) stays FP32. Wrapping the whole model instead cannot
-     * train it: the DeepSeek blocks cast with {@code NDArray.toType}, which DJL runs without autograd, so every
-     * FP16->FP32 cast inside the model (softmax, rotary, MoE combine, logits) would cut the graph.
+     * Wraps the whole model in a {@link MixedPrecisionBlock}: FP16 working copies of every weight except the FP32
+     * islands of the default {@link ai.djl.memopt.precision.PrecisionPolicy} (RMS norms and the MoE router), so the
+     * residual stream, projections and experts run and store their activations in FP16, while the model itself computes
+     * softmax, rotary and the MoE combination in FP32 and returns FP32 logits. The wrapper only casts floating inputs
+     * and outputs (token ids pass through), so the model is called directly afterwards.
      *
      * @return the FP32 masters by Hugging Face parameter name
      */
-    private static Map<String, NDArray> wrapProjectionsInMixedPrecision(DeepSeekForCausalLM lm) {
-        List<String> paths = new ArrayList<>();
-        for (Map.Entry<String, Block> e : Blocks.walk(lm).entrySet()) {
-            if (!e.getKey().isEmpty() && !hasMixedPrecision(e.getValue())
-                    && BlockDecorator.unwrap(e.getValue()) instanceof Linear) {
-                paths.add(e.getKey());
-            }
-        }
+    private static Map<String, NDArray> mixedPrecision(DeepSeekForCausalLM lm) {
+        MixedPrecisionBlock mixed = MixedPrecisionBlock.wrap(lm);
         Map<String, NDArray> masters = new LinkedHashMap<>();
-        for (String path : paths) {
-            Blocks.replace(lm, path, b -> {
-                MixedPrecisionBlock mp = MixedPrecisionBlock.wrap(b);
-                for (MixedPrecisionBlock.MasterWeight w : mp.masterWeights()) {
-                    masters.put(path + "." + w.path(), w.master());
-                }
-                return mp;
-            });
+        for (MixedPrecisionBlock.MasterWeight w : mixed.masterWeights()) {
+            masters.put(w.path(), w.master());
         }
         return Collections.unmodifiableMap(masters);
-    }
-
-    private static boolean hasMixedPrecision(Block block) {
-        for (Block level = block; ; level = ((BlockDecorator) level).delegate()) {
-            if (level instanceof MixedPrecisionBlock) {
-                return true;
-            }
-            if (!(level instanceof BlockDecorator)) {
-                return false;
-            }
-        }
     }
 
     public static Builder builder() {

@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.memopt.precision.Precisions;
 import ai.djl.Device;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
@@ -188,7 +189,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
                         training);
                 out = hidden.matMul(table.transpose()); // (B, T, V)
             }
-            return new NDList(out.toType(DataType.FLOAT32, false));
+            return new NDList(Precisions.cast(out, DataType.FLOAT32));
         }).head();
     }
 

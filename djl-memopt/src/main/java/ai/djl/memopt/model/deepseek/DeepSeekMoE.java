@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
@@ -146,10 +147,10 @@ public final class DeepSeekMoE extends AbstractBlock {
             }
             NDArray sorted = outs.size() == 1 ? outs.get(0) : NDArrays.concat(new NDList(outs), 0); // (N*k, H)
             NDArray w = topkWeight.reshape(-1).get(new NDIndex("{}", permIdx)); // (N*k) in sorted order
-            NDArray weighted = sorted.toType(DataType.FLOAT32, false).mul(w.expandDims(1)); // (N*k, H)
+            NDArray weighted = Precisions.cast(sorted, DataType.FLOAT32).mul(w.expandDims(1)); // (N*k, H)
             NDArray back = weighted.get(new NDIndex("{}", invIdx)); // (N*k, H) token-major
             long h = x.getShape().get(1);
-            return new NDList(back.reshape(n, k, h).sum(new int[] {1}).toType(x.getDataType(), false)); // (N, H)
+            return new NDList(Precisions.cast(back.reshape(n, k, h).sum(new int[] {1}), x.getDataType())); // (N, H)
         }).head();
     }
 

@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -69,8 +70,8 @@ public final class MoeGate extends AbstractBlock {
             ParameterStore ps, NDList inputs, boolean training, PairList<String, Object> params) {
         NDArray x = inputs.head();
         return Scoped.run(() -> {
-            NDArray w = ps.getValue(weight, x.getDevice(), training).toType(DataType.FLOAT32, false);
-            NDArray logits = x.toType(DataType.FLOAT32, false).matMul(w.transpose()); // (N, E)
+            NDArray w = Precisions.cast(ps.getValue(weight, x.getDevice(), training), DataType.FLOAT32);
+            NDArray logits = Precisions.cast(x, DataType.FLOAT32).matMul(w.transpose()); // (N, E)
             return config.isV3() ? routeV3(ps, logits, training) : routeV2(logits);
         });
     }

@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -155,11 +156,11 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
     public NDArray attend(NDArray query, NDArray key, NDArray value, NDArray mask) {
         return Scoped.run(() -> {
             NDArray scores = query.matMul(key.transpose(0, 1, 3, 2)).mul(softmaxScale); // (B, H, T, S)
-            NDArray s32 = scores.toType(DataType.FLOAT32, false);
+            NDArray s32 = Precisions.cast(scores, DataType.FLOAT32);
             NDArray additive = mask != null ? mask : causalMask(query.getManager(), query.getShape().get(2),
                     key.getShape().get(2));
             s32 = s32.add(additive.toDevice(s32.getDevice(), false));
-            NDArray probs = s32.softmax(-1).toType(query.getDataType(), false); // (B, H, T, S)
+            NDArray probs = Precisions.cast(s32.softmax(-1), query.getDataType()); // (B, H, T, S)
             return new NDList(probs.matMul(value)); // (B, H, T, v)
         }).head();
     }

@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.types.DataType;
@@ -60,10 +61,10 @@ public final class RmsNorm extends AbstractBlock {
     public NDArray apply(NDArray x, NDArray w) {
         return Scoped.run(() -> {
             DataType in = x.getDataType();
-            NDArray x32 = x.toType(DataType.FLOAT32, false);
+            NDArray x32 = Precisions.cast(x, DataType.FLOAT32);
             NDArray variance = x32.square().mean(new int[] {-1}, true); // (..., 1)
             NDArray normed = x32.div(variance.add(eps).sqrt()); // (..., dim)
-            return new NDList(w.mul(normed.toType(in, false)));
+            return new NDList(w.mul(Precisions.cast(normed, in)));
         }).head();
     }
 
