@@ -56,6 +56,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
     private final GradientCollector delegate;
     private final Map<Thread, ThreadState> states = new ConcurrentHashMap<>();
     private volatile boolean closed;
+    private final java.util.concurrent.atomic.AtomicLong recorded = new java.util.concurrent.atomic.AtomicLong();
 
     /**
      * Opens a collector on an engine.
@@ -99,6 +100,11 @@ public final class CheckpointingGradientCollector implements GradientCollector {
     public int pendingSegments() {
         ThreadState st = states.get(Thread.currentThread());
         return st == null ? 0 : st.segments.size();
+    }
+
+    /** Segments recorded since this collector was opened, on all threads (for tests and diagnostics). */
+    public long recordedSegments() {
+        return recorded.get();
     }
 
     /** {@inheritDoc} */
@@ -271,6 +277,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             kept.add(a);
         }
         st.segments.addLast(new Segment(name, blocks, ps, kept, params, leaves, fingerprint, inputHasGraph));
+        recorded.incrementAndGet();
         return returned;
     }
 

@@ -40,7 +40,8 @@ final class Fingerprint {
                 for (int j = 0; j < k; j++) {
                     idx[j] = k == 1 ? 0 : j * (n - 1) / (k - 1);
                 }
-                float[] samples = flat.take(flat.getManager().create(idx)).toFloatArray();
+                NDArray index = flat.getManager().create(idx).toDevice(flat.getDevice(), false);
+                float[] samples = flat.take(index).toFloatArray();
                 double[] v = new double[2 + k];
                 v[0] = flat.sum().getFloat();
                 v[1] = flat.abs().sum().getFloat();

@@ -178,6 +178,31 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
         return masters;
     }
 
+    /**
+     * Runs {@code action} with every converted parameter showing its FP32 master instead of its FP16 working copy,
+     * then switches back (also on failure): for saving a checkpoint of the trained FP32 weights.
+     *
+     * <pre>{@code
+     * mp.withMasterWeights(() -> { DeepSeekCheckpointWriter.save(lm, lm.config(), out); return null; });
+     * }</pre>
+     */
+    public <T> T withMasterWeights(java.util.concurrent.Callable<T> action) throws Exception {
+        List<NDArray> working = new ArrayList<>(masters.size());
+        for (MasterWeight w : masters) {
+            working.add(w.parameter().getArray());
+        }
+        try {
+            for (MasterWeight w : masters) {
+                ParameterArrays.swap(w.parameter(), w.master());
+            }
+            return action.call();
+        } finally {
+            for (int i = 0; i < masters.size(); i++) {
+                ParameterArrays.swap(masters.get(i).parameter(), working.get(i));
+            }
+        }
+    }
+
     /** The paths (relative to the wrapped block) of the sub-blocks that run in FP32. */
     public List<String> fp32Paths() {
         return fp32Paths;

@@ -204,6 +204,32 @@ class CheckpointBlockTest {
     }
 
     @Test
+    void replacingABlockBelowADecoratorChangesWhatRuns() {
+        Shape shape = new Shape(2, CheckpointTestModels.WIDTH);
+        Block stack = init(new CheckpointTestModels.ResidualStack(3), shape, 3);
+        Checkpointing.wrapChildren(stack, CheckpointPolicy.all());
+        ParameterStore ps = new ParameterStore(manager, false);
+        NDArray x = input(shape, false, 1);
+        float[] before = stack.forward(ps, new NDList(x), false).head().toFloatArray();
+        // "1.2" is the second Linear inside the checkpointed layer 1: the path goes through the decorator
+        Block zero = new ai.djl.nn.LambdaBlock(a -> new NDList(a.head().mul(0)));
+        Blocks.replace(stack, "1.2", old -> zero);
+        assertTrue(Blocks.get(stack, "1.2") == zero);
+        assertInstanceOf(CheckpointBlock.class, Blocks.get(stack, "1"));
+        assertTrue(((CheckpointBlock) Blocks.get(stack, "1")).delegate().getChildren().valueAt(2) == zero,
+                "the wrapped block that runs was edited");
+        float[] after = stack.forward(ps, new NDList(x), false).head().toFloatArray();
+        assertFalse(java.util.Arrays.equals(before, after), "the replacement runs");
+
+        IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
+                () -> Checkpointing.wrapChildren(new CheckpointTestModels.ResidualStack(3), (names, children) -> List.of(
+                        new CheckpointPolicy.Range(1, 2), new CheckpointPolicy.Range(1, 2))));
+        assertTrue(e.getMessage().contains("non-overlapping"), e.getMessage());
+        assertThrows(IllegalArgumentException.class, () -> CheckpointPolicy.everyNth(0));
+        assertThrows(IllegalArgumentException.class, () -> CheckpointBlock.builder().build());
+    }
+
+    @Test
     void inferenceAndEvaluationJustForward() {
         Shape shape = new Shape(2, 7);
         SequentialBlock mlp = (SequentialBlock) init(CheckpointTestModels.mlp(), shape, 11);

@@ -1,15 +1,328 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.Device;
+import ai.djl.huggingface.tokenizers.Encoding;
+import ai.djl.huggingface.tokenizers.HuggingFaceTokenizer;
+import ai.djl.memopt.export.ArtifactManifest;
+import ai.djl.memopt.export.ExportOptions;
+import ai.djl.memopt.export.QuantizedArtifact;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.memopt.quantize.Calibration;
+import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
+import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
+import ai.djl.memopt.quantize.LayerFilter;
+import ai.djl.memopt.quantize.PruningConfig;
+import ai.djl.memopt.quantize.PruningReport;
+import ai.djl.memopt.quantize.Pruner;
+import ai.djl.memopt.quantize.QuantMethod;
+import ai.djl.memopt.quantize.QuantizationConfig;
+import ai.djl.memopt.quantize.QuantizationReport;
+import ai.djl.memopt.quantize.Quantizer;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
+import com.google.gson.JsonObject;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Locale;
+import java.util.Map;
 import java.util.concurrent.Callable;
+import java.util.stream.Collectors;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Option;
+import picocli.CommandLine.ParameterException;
+import picocli.CommandLine.Spec;
+import picocli.CommandLine.Model.CommandSpec;
 
-/** {@code memopt quantize}: not part of this build yet (its issue is open); it exits with an error rather than pretend. */
-@Command(name = "quantize", mixinStandardHelpOptions = true, description = "(not available in this build yet)")
+/**
+ * {@code memopt quantize}: loads a Hugging Face DeepSeek-V2/V3 model directory, optionally prunes it (2:4 or
+ * unstructured), quantizes its Linear weights (int8 per channel or int4 group-wise, RTN or AWQ), writes a
+ * self-contained artifact directory ({@code model.safetensors}, {@code config.json}, {@code quantization.json}) and
+ * prints the per-layer report.
+ *
+ * <pre>
+ * memopt quantize --model DIR --scheme int4 --group-size 128 --method awq --calibration sample.txt --out q4/
+ * </pre>
+ */
+@Command(name = "quantize", mixinStandardHelpOptions = true,
+        description = "Quantize (and optionally prune) a DeepSeek model into a self-contained artifact directory.")
 public final class QuantizeCommand implements Callable<Integer> {
 
+    @Spec CommandSpec spec;
+
+    @Option(names = "--model", required = true, paramLabel = "DIR",
+            description = "Hugging Face model directory (config.json + safetensors).")
+    Path model;
+
+    @Option(names = "--scheme", required = true, paramLabel = "int8|int4|none",
+            description = "Weight-only scheme; 'none' with --prune writes a pruned (2:4: compact) artifact.")
+    String scheme;
+
+    @Option(names = "--group-size", defaultValue = "128", paramLabel = "32|64|128",
+            description = "int4 group size (default ${DEFAULT-VALUE}).")
+    int groupSize;
+
+    @Option(names = "--method", defaultValue = "rtn", paramLabel = "rtn|awq|gptq",
+            description = "Rounding method (default ${DEFAULT-VALUE}); awq and gptq need --calibration.")
+    String method;
+
+    @Option(names = "--calibration", paramLabel = "FILE",
+            description = "AWQ/GPTQ calibration data: UTF-8 text (tokenized with the model's tokenizer.json), or a .ids "
+                    + "file of whitespace-separated token ids, one sequence per line.")
+    Path calibration;
+
+    @Option(names = "--calibration-samples", defaultValue = "16",
+            description = "Text calibration: at most this many sequences (default ${DEFAULT-VALUE}).")
+    int calibrationSamples;
+
+    @Option(names = "--calibration-seq-len", defaultValue = "128",
+            description = "Text calibration: tokens per sequence (default ${DEFAULT-VALUE}).")
+    int calibrationSeqLen;
+
+    @Option(names = "--awq-grid", defaultValue = "20",
+            description = "AWQ: number of scale exponents tried per layer (default ${DEFAULT-VALUE}).")
+    int awqGrid;
+
+    @Option(names = "--prune", paramLabel = "2:4|SPARSITY",
+            description = "Magnitude-prune first: '2:4' or an unstructured per-layer sparsity such as 0.5.")
+    String prune;
+
+    @Option(names = "--include-lm-head", description = "Quantize (and prune) lm_head too.")
+    boolean includeLmHead;
+
+    @Option(names = "--dtype", defaultValue = "float32", paramLabel = "float32|float16",
+            description = "Type of the unquantized weights (default ${DEFAULT-VALUE}).")
+    String dtype;
+
+    @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device.")
+    String device;
+
+    @Option(names = "--out", required = true, paramLabel = "DIR", description = "Artifact directory to write.")
+    Path out;
+
+    @Option(names = "--json", description = "Print one JSON line instead of tables.")
+    boolean json;
+
     @Override
-    public Integer call() {
-        System.err.println("memopt quantize: not available in this build yet");
-        return 2;
+    public Integer call() throws Exception {
+        QuantMethod quantMethod = parseMethod();
+        DataType type = parseDtype();
+        Device dev = parseDevice();
+        boolean quantize = !"none".equals(scheme.toLowerCase(Locale.ROOT));
+        if (!quantize && prune == null) {
+            throw new ParameterException(spec.commandLine(), "--scheme none needs --prune (nothing to do otherwise)");
+        }
+        if (quantize && !scheme.equalsIgnoreCase("int8") && !scheme.equalsIgnoreCase("int4")) {
+            throw new ParameterException(spec.commandLine(), "--scheme must be int8, int4 or none, got '" + scheme
+                    + "'");
+        }
+        if (awqGrid < 1 || awqGrid > 1000) {
+            throw new ParameterException(spec.commandLine(), "--awq-grid must be in [1, 1000], got " + awqGrid);
+        }
+        if (groupSize != 32 && groupSize != 64 && groupSize != 128) {
+            throw new ParameterException(spec.commandLine(), "--group-size must be 32, 64 or 128, got " + groupSize);
+        }
+        if (quantMethod != QuantMethod.RTN && calibration == null) {
+            throw new ParameterException(spec.commandLine(), "--method " + quantMethod.id()
+                    + " needs --calibration FILE");
+        }
+        if (quantMethod == QuantMethod.RTN && calibration != null) {
+            throw new ParameterException(spec.commandLine(), "--calibration is only used by --method awq or gptq");
+        }
+        PruningConfig pruning = prune == null ? null
+                : PruningConfig.parse(prune).withFilter(LayerFilter.defaults(includeLmHead));
+        if (!Files.isDirectory(model)) {
+            throw new IOException("--model " + model + ": not a directory");
+        }
+
+        try (DeepSeekForCausalLM lm = DeepSeekLoader.load(model, dev, type)) {
+            NDManager manager = lm.manager();
+            PruningReport pruned = pruning == null ? null : Pruner.prune(lm, pruning);
+            QuantizationReport report = null;
+            if (quantize) {
+                try (NDManager calibManager = manager.newSubManager()) {
+                    List<NDList> batches = quantMethod != QuantMethod.RTN
+                            ? calibrationBatches(calibManager, lm.config().vocabSize()) : List.of();
+                    QuantizationConfig.BaseBuilder<?> b = scheme.equalsIgnoreCase("int8")
+                            ? Int8WeightOnlyConfig.builder() : Int4WeightOnlyConfig.builder().optGroupSize(groupSize);
+                    b.optMethod(quantMethod).optIncludeLmHead(includeLmHead).optAwqGridSize(awqGrid);
+                    if (!batches.isEmpty()) {
+                        b.optCalibration(Calibration.of(batches));
+                    }
+                    QuantizationConfig config = b instanceof Int8WeightOnlyConfig.Builder
+                            ? ((Int8WeightOnlyConfig.Builder) b).build() : ((Int4WeightOnlyConfig.Builder) b).build();
+                    report = Quantizer.quantize(lm, config);
+                }
+            }
+            JsonObject reports = new JsonObject();
+            if (report != null) {
+                reports.add("quantization", report.toJson());
+            }
+            if (pruned != null) {
+                reports.add("pruning", pruned.toJson());
+            }
+            ExportOptions.Builder options = ExportOptions.builder().optSourceModel(model)
+                    .optArchitecture(QuantizedArtifact.DEEPSEEK).optReportsJson(reports.toString());
+            if (pruning != null && pruning.pattern() == PruningConfig.Pattern.SEMI_STRUCTURED_2_4) {
+                // 2:4 layers left in float (not quantized, e.g. skipped for their width) are stored compactly
+                options.optSparse24Layers(pruned.layers().stream().map(PruningReport.Layer::path)
+                        .filter(p -> compactable(lm, p))
+                        .collect(Collectors.toList()));
+            }
+            ArtifactManifest manifest = QuantizedArtifact.export(lm, out, options.build());
+            long sourceBytes = 0;
+            for (Path f : listSafetensors(model)) {
+                sourceBytes += Files.size(f);
+            }
+            long artifactBytes = Files.size(out.resolve(QuantizedArtifact.WEIGHTS));
+            print(report, pruned, manifest, sourceBytes, artifactBytes);
+        }
+        return 0;
+    }
+
+    private void print(QuantizationReport report, PruningReport pruned, ArtifactManifest manifest, long sourceBytes,
+            long artifactBytes) {
+        if (json) {
+            JsonObject o = new JsonObject();
+            o.addProperty("out", out.toString());
+            o.addProperty("source_bytes", sourceBytes);
+            o.addProperty("artifact_bytes", artifactBytes);
+            o.addProperty("quantized_layers", manifest.layers().size());
+            o.addProperty("sparse24_layers", manifest.sparse24().size());
+            if (report != null) {
+                o.add("quantization", report.toJson());
+            }
+            if (pruned != null) {
+                o.add("pruning", pruned.toJson());
+            }
+            System.out.println(o);
+            return;
+        }
+        if (pruned != null) {
+            System.out.print(pruned);
+        }
+        if (report != null) {
+            System.out.print(report);
+        }
+        System.out.printf(Locale.ROOT, "wrote %s: %s %d bytes (source safetensors %d bytes, %.2fx smaller)%n", out,
+                QuantizedArtifact.WEIGHTS, artifactBytes, sourceBytes,
+                artifactBytes == 0 ? 0.0 : (double) sourceBytes / artifactBytes);
+    }
+
+    private QuantMethod parseMethod() {
+        try {
+            return QuantMethod.fromId(method);
+        } catch (IllegalArgumentException e) {
+            throw new ParameterException(spec.commandLine(), "--method: " + e.getMessage());
+        }
+    }
+
+    private DataType parseDtype() {
+        switch (dtype.toLowerCase(Locale.ROOT)) {
+            case "float32":
+            case "fp32":
+                return DataType.FLOAT32;
+            case "float16":
+            case "fp16":
+                return DataType.FLOAT16;
+            default:
+                throw new ParameterException(spec.commandLine(), "--dtype must be float32 or float16, got '" + dtype
+                        + "' (bfloat16 is not supported by DJL's PyTorch engine; BF16 checkpoints load as either)");
+        }
+    }
+
+    private Device parseDevice() {
+        switch (device.toLowerCase(Locale.ROOT)) {
+            case "cpu":
+                return Device.cpu();
+            case "gpu":
+                return Device.gpu();
+            default:
+                throw new ParameterException(spec.commandLine(), "--device must be cpu or gpu, got '" + device + "'");
+        }
+    }
+
+    /** Calibration batches (1, T) of token ids from a .ids file or tokenized text. */
+    private List<NDList> calibrationBatches(NDManager manager, long vocab) throws IOException {
+        if (!Files.isRegularFile(calibration)) {
+            throw new IOException("--calibration " + calibration + ": no such file");
+        }
+        List<long[]> sequences = new ArrayList<>();
+        if (calibration.getFileName().toString().endsWith(".ids")) {
+            int lineNo = 0;
+            for (String line : Files.readAllLines(calibration, StandardCharsets.UTF_8)) {
+                lineNo++;
+                String t = line.trim();
+                if (t.isEmpty()) {
+                    continue;
+                }
+                String[] parts = t.split("\\s+");
+                long[] ids = new long[parts.length];
+                for (int i = 0; i < parts.length; i++) {
+                    try {
+                        ids[i] = Long.parseLong(parts[i]);
+                    } catch (NumberFormatException e) {
+                        throw new IOException(calibration + " line " + lineNo + ": '" + parts[i]
+                                + "' is not a token id");
+                    }
+                    if (ids[i] < 0 || ids[i] >= vocab) {
+                        throw new IOException(calibration + " line " + lineNo + ": token id " + ids[i]
+                                + " outside the model's vocabulary [0, " + vocab + ")");
+                    }
+                }
+                sequences.add(ids);
+            }
+        } else {
+            Path tokenizerJson = model.resolve("tokenizer.json");
+            if (!Files.isRegularFile(tokenizerJson)) {
+                throw new IOException("--calibration " + calibration + " is text but " + model
+                        + " has no tokenizer.json; pass a .ids file of token ids instead");
+            }
+            String text = Files.readString(calibration, StandardCharsets.UTF_8);
+            long[] all;
+            try (HuggingFaceTokenizer tok = HuggingFaceTokenizer.newInstance(tokenizerJson,
+                    Map.of("addSpecialTokens", "false", "truncation", "false"))) {
+                Encoding enc = tok.encode(text);
+                all = enc.getIds();
+            }
+            for (int start = 0; start + calibrationSeqLen <= all.length && sequences.size() < calibrationSamples;
+                    start += calibrationSeqLen) {
+                long[] seq = java.util.Arrays.copyOfRange(all, start, start + calibrationSeqLen);
+                for (long id : seq) {
+                    if (id >= vocab) {
+                        throw new IOException("tokenizer id " + id + " is outside the model's vocabulary " + vocab);
+                    }
+                }
+                sequences.add(seq);
+            }
+        }
+        if (sequences.isEmpty()) {
+            throw new IOException("--calibration " + calibration + ": no calibration sequence (text shorter than "
+                    + calibrationSeqLen + " tokens, or an empty .ids file)");
+        }
+        List<NDList> batches = new ArrayList<>();
+        for (long[] seq : sequences) {
+            batches.add(new NDList(manager.create(seq, new Shape(1, seq.length))));
+        }
+        return batches;
+    }
+
+    /** A still-float Linear whose input width is a multiple of 8 (what compact 2:4 storage needs). */
+    private static boolean compactable(ai.djl.nn.Block root, String path) {
+        ai.djl.nn.Block b = ai.djl.memopt.nn.Blocks.get(root, path);
+        return b instanceof ai.djl.nn.core.Linear
+                && b.getParameters().get("weight").getShape().get(1) % 8 == 0;
+    }
+
+    private static List<Path> listSafetensors(Path dir) throws IOException {
+        try (java.util.stream.Stream<Path> s = Files.list(dir)) {
+            return s.filter(p -> p.getFileName().toString().endsWith(".safetensors")).collect(Collectors.toList());
+        }
     }
 }

@@ -1,0 +1,121 @@
+package ai.djl.memopt.export;
+
+import ai.djl.memopt.quantize.QuantScheme;
+import ai.djl.ndarray.types.Shape;
+import com.google.common.collect.ImmutableMap;
+import java.util.Map;
+
+/** The parsed, verified {@code quantization.json} of a {@link QuantizedArtifact}. */
+public final class ArtifactManifest {
+
+    /** One quantized layer's entry. */
+    public static final class LayerEntry {
+        private final QuantScheme scheme;
+        private final int groupSize;
+        private final String method;
+        private final Shape shape;
+        private final String weightDtype;
+        private final boolean inputScales;
+        private final boolean bias;
+
+        LayerEntry(QuantScheme scheme, int groupSize, String method, Shape shape, String weightDtype, boolean inputScales,
+                boolean bias) {
+            this.scheme = scheme;
+            this.groupSize = groupSize;
+            this.method = method;
+            this.shape = shape;
+            this.weightDtype = weightDtype;
+            this.inputScales = inputScales;
+            this.bias = bias;
+        }
+
+        /** Scheme. */
+        public QuantScheme scheme() {
+            return scheme;
+        }
+
+        /** Input weights per scale. */
+        public int groupSize() {
+            return groupSize;
+        }
+
+        /** {@code rtn}, {@code awq} or {@code gptq}. */
+        public String method() {
+            return method;
+        }
+
+        /** Original weight shape (out, in). */
+        public Shape shape() {
+            return shape;
+        }
+
+        /** Original weight type ({@code float32}/{@code float16}). */
+        public String weightDtype() {
+            return weightDtype;
+        }
+
+        /** Whether AWQ input-channel scales are stored ({@code <path>.input_scales}). */
+        public boolean inputScales() {
+            return inputScales;
+        }
+
+        /** Whether a bias is stored. */
+        public boolean bias() {
+            return bias;
+        }
+    }
+
+    private final int formatVersion;
+    private final String libraryVersion;
+    private final String architecture;
+    private final Map<String, LayerEntry> layers;
+    private final Map<String, Shape> sparse24;
+    private final Map<String, String> files;
+    private final Map<String, String> sourceFiles;
+
+    ArtifactManifest(int formatVersion, String libraryVersion, String architecture, Map<String, LayerEntry> layers,
+            Map<String, Shape> sparse24, Map<String, String> files, Map<String, String> sourceFiles) {
+        this.formatVersion = formatVersion;
+        this.libraryVersion = libraryVersion;
+        this.architecture = architecture;
+        this.layers = ImmutableMap.copyOf(layers);
+        this.sparse24 = ImmutableMap.copyOf(sparse24);
+        this.files = ImmutableMap.copyOf(files);
+        this.sourceFiles = ImmutableMap.copyOf(sourceFiles);
+    }
+
+    /** Format version. */
+    public int formatVersion() {
+        return formatVersion;
+    }
+
+    /** The djl-memopt version that wrote it. */
+    public String libraryVersion() {
+        return libraryVersion;
+    }
+
+    /** Architecture name. */
+    public String architecture() {
+        return architecture;
+    }
+
+    /** Quantized layers by block path. */
+    public Map<String, LayerEntry> layers() {
+        return layers;
+    }
+
+    /** Compactly stored 2:4 layers by block path, with their dense shape. */
+    public Map<String, Shape> sparse24() {
+        return sparse24;
+    }
+
+    /** sha256 of every artifact file (except quantization.json itself). */
+    public Map<String, String> files() {
+        return files;
+    }
+
+    /** sha256 of the source checkpoint files, by file name. */
+    public Map<String, String> sourceFiles() {
+        return sourceFiles;
+    }
+}

@@ -1,0 +1,104 @@
+package ai.djl.memopt.export;
+
+import ai.djl.memopt.safetensors.HfCheckpoint;
+import ai.djl.memopt.safetensors.SafetensorsDType;
+import ai.djl.memopt.safetensors.SafetensorsWriter;
+import ai.djl.ndarray.NDArray;
+import com.google.gson.GsonBuilder;
+import com.google.gson.JsonObject;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Locale;
+import java.util.stream.Stream;
+
+/**
+ * Writes tensors as {@code model.safetensors}, or, past {@code maxShardBytes}, as Hugging Face shards
+ * {@code model-0000i-of-0000n.safetensors} plus {@code model.safetensors.index.json}, each file atomically. Stale
+ * weight files of an earlier export in the directory are removed first so the directory has one layout.
+ */
+final class ShardedWriter {
+
+    private static final class Entry {
+        final String name;
+        final NDArray array;
+        final long bytes;
+
+        Entry(String name, NDArray array) {
+            this.name = name;
+            this.array = array;
+            this.bytes = array.size() * SafetensorsDType.of(array.getDataType()).byteSize();
+        }
+    }
+
+    private final List<Entry> entries = new ArrayList<>();
+
+    void add(String name, NDArray array) {
+        entries.add(new Entry(name, array));
+    }
+
+    /** Writes the files; returns their names, the index last when sharded. */
+    List<String> write(Path dir, long maxShardBytes, String format) throws IOException {
+        try (Stream<Path> files = Files.list(dir)) {
+            for (Path p : (Iterable<Path>) files::iterator) {
+                String n = p.getFileName().toString();
+                if (n.equals(HfCheckpoint.INDEX_FILE) || n.equals(HfCheckpoint.SINGLE_FILE)
+                        || n.matches("model-\\d{5}-of-\\d{5}\\.safetensors")) {
+                    Files.delete(p);
+                }
+            }
+        }
+        List<List<Entry>> shards = new ArrayList<>();
+        List<Entry> current = new ArrayList<>();
+        long size = 0;
+        long total = 0;
+        for (Entry e : entries) {
+            if (!current.isEmpty() && size + e.bytes > maxShardBytes) {
+                shards.add(current);
+                current = new ArrayList<>();
+                size = 0;
+            }
+            current.add(e);
+            size += e.bytes;
+            total += e.bytes;
+        }
+        shards.add(current);
+        List<String> names = new ArrayList<>();
+        if (shards.size() == 1) {
+            writeShard(dir.resolve(HfCheckpoint.SINGLE_FILE), shards.get(0), format);
+            names.add(HfCheckpoint.SINGLE_FILE);
+            return names;
+        }
+        JsonObject weightMap = new JsonObject();
+        for (int i = 0; i < shards.size(); i++) {
+            String name = String.format(Locale.ROOT, "model-%05d-of-%05d.safetensors", i + 1, shards.size());
+            writeShard(dir.resolve(name), shards.get(i), format);
+            names.add(name);
+            for (Entry e : shards.get(i)) {
+                weightMap.addProperty(e.name, name);
+            }
+        }
+        JsonObject index = new JsonObject();
+        JsonObject meta = new JsonObject();
+        meta.addProperty("total_size", total);
+        index.add("metadata", meta);
+        index.add("weight_map", weightMap);
+        QuantizedArtifact.writeAtomically(dir.resolve(HfCheckpoint.INDEX_FILE),
+                new GsonBuilder().setPrettyPrinting().create().toJson(index).getBytes(StandardCharsets.UTF_8));
+        names.add(HfCheckpoint.INDEX_FILE);
+        return names;
+    }
+
+    private static void writeShard(Path file, List<Entry> shard, String format) throws IOException {
+        SafetensorsWriter w = new SafetensorsWriter();
+        for (Entry e : shard) {
+            w.add(e.name, e.array);
+        }
+        w.putMetadata("format", "pt");
+        w.putMetadata("quantization", format);
+        w.write(file);
+    }
+}

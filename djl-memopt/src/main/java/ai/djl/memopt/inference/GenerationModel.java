@@ -1,0 +1,106 @@
+package ai.djl.memopt.inference;
+
+import ai.djl.Device;
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
+import com.google.common.base.Preconditions;
+import java.io.IOException;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.List;
+import java.util.Optional;
+
+/**
+ * A DeepSeek checkpoint directory opened for generation: the model ({@link DeepSeekLoader}), the compressed-cache
+ * decoder, the tokenizer when the directory has a {@code tokenizer.json}, and the EOS ids of
+ * {@code generation_config.json}/{@code config.json}. Closing it frees the weights.
+ *
+ * <pre>{@code
+ * try (GenerationModel m = GenerationModel.open(dir, Device.cpu(), DataType.FLOAT32)) {
+ *     GenerationResult r = m.generator().generate(m.tokenizer().orElseThrow().encode("Hi"), SamplingParams.greedy(32));
+ * }
+ * }</pre>
+ */
+public final class GenerationModel implements AutoCloseable {
+
+    private final NDManager weights;
+    private final DeepSeekForCausalLM model;
+    private final MlaCachedDecoder decoder;
+    private final TextTokenizer tokenizer;
+    private final List<Long> eosIds;
+
+    private GenerationModel(
+            NDManager weights, DeepSeekForCausalLM model, MlaCachedDecoder decoder, TextTokenizer tokenizer, List<Long> eosIds) {
+        this.weights = weights;
+        this.model = model;
+        this.decoder = decoder;
+        this.tokenizer = tokenizer;
+        this.eosIds = eosIds;
+    }
+
+    /**
+     * Opens a Hugging Face DeepSeek-V2/V3 directory.
+     *
+     * @param dtype {@link DataType#FLOAT32} or {@link DataType#FLOAT16} (BF16 checkpoints are converted on load)
+     * @throws IOException if the directory, config, weights or tokenizer files are missing or malformed
+     */
+    public static GenerationModel open(Path dir, Device device, DataType dtype) throws IOException {
+        Preconditions.checkArgument(dir != null, "model directory is required");
+        if (!Files.isDirectory(dir)) {
+            throw new IOException(dir + ": not a directory");
+        }
+        NDManager weights = NDManager.newBaseManager(device);
+        TextTokenizer tokenizer = null;
+        try {
+            DeepSeekForCausalLM model = DeepSeekLoader.load(dir, weights, dtype);
+            if (Files.isRegularFile(dir.resolve("tokenizer.json"))) {
+                tokenizer = TextTokenizer.fromModelDir(dir);
+            }
+            List<Long> eos = tokenizer != null ? tokenizer.eosIds() : TextTokenizer.readEosIds(dir);
+            return new GenerationModel(weights, model, new MlaCachedDecoder(model, device), tokenizer, List.copyOf(eos));
+        } catch (IOException | RuntimeException e) {
+            if (tokenizer != null) {
+                tokenizer.close();
+            }
+            weights.close();
+            throw e;
+        }
+    }
+
+    public DeepSeekConfig config() {
+        return model.config();
+    }
+
+    public DeepSeekForCausalLM model() {
+        return model;
+    }
+
+    public MlaCachedDecoder decoder() {
+        return decoder;
+    }
+
+    public Optional<TextTokenizer> tokenizer() {
+        return Optional.ofNullable(tokenizer);
+    }
+
+    /** The ids that end generation by default. */
+    public List<Long> eosIds() {
+        return eosIds;
+    }
+
+    /** A generator over the cached decoder, with {@link #eosIds()} as the default EOS ids. */
+    public Generator generator() {
+        return new Generator(decoder, tokenizer, eosIds);
+    }
+
+    @Override
+    public void close() {
+        if (tokenizer != null) {
+            tokenizer.close();
+        }
+        weights.close();
+    }
+}

@@ -1,0 +1,24 @@
+package ai.djl.memopt.inference;
+
+import ai.djl.Device;
+import ai.djl.ndarray.NDManager;
+
+/**
+ * A causal language model seen from the decoding loop: it opens {@link DecodingSession}s that take new tokens and
+ * return the logits of the next one. Implementations: {@link RecomputingLanguageModel} (any block with the
+ * {@code (input_ids, attention_mask) -> logits} contract, no cache), and the compressed-MLA-cache DeepSeek decoder.
+ */
+public interface LanguageModel {
+
+    /** The device the model's weights live on; the generator creates its inputs there. */
+    Device device();
+
+    /** The vocabulary size (the last dimension of the logits). */
+    int vocabSize();
+
+    /**
+     * Opens a session for {@code batchSize} sequences of at most {@code maxLength} tokens (prompt + new tokens). Its
+     * buffers are allocated in (a sub-manager of) {@code manager} and freed by {@link DecodingSession#close()}.
+     */
+    DecodingSession newSession(NDManager manager, int batchSize, int maxLength);
+}

@@ -1,0 +1,173 @@
+package ai.djl.memopt.quantize;
+
+import ai.djl.memopt.nn.LinearWeightSource;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.NDScope;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
+import ai.djl.nn.AbstractBlock;
+import ai.djl.nn.core.Linear;
+import ai.djl.training.ParameterStore;
+import ai.djl.util.PairList;
+import com.google.common.base.Preconditions;
+import java.io.DataOutputStream;
+import java.util.Optional;
+
+/**
+ * A {@link Linear} replacement holding a {@link QuantizedTensor} instead of a float weight: {@code y = x W^T + b} with
+ * {@code W} dequantized just in time at every forward, inside a sub-manager that is closed before returning, so only
+ * one layer's dequantized weight exists at a time. The computation runs in the input's type (FP32 or FP16).
+ *
+ * <p>Under a gradient collector, autograd keeps each layer's dequantized weight until backward (it needs {@code W}
+ * for {@code dL/dx}; DJL cannot register a custom backward that would re-dequantize), so the one-layer bound holds
+ * for inference; in training, combine with activation checkpointing to bound it.
+ *
+ * <p>Shapes: input {@code (..., in)}, output {@code (..., out)}. The packed data, scales and bias are plain arrays,
+ * not {@link ai.djl.nn.Parameter}s: they are never trained (adapters such as LoRA wrap this block instead) and a
+ * gradient collector never sees them.
+ *
+ * <pre>{@code
+ * Quantizer.quantize(model, Int4WeightOnlyConfig.builder().optGroupSize(128).build());
+ * // or by hand:
+ * Blocks.replace(model, "mlp.up_proj", l -> QuantizedLinear.of(QuantizedTensor.quantize(w, INT8_WEIGHT_ONLY, 0),
+ *         null, DataType.FLOAT32));
+ * }</pre>
+ *
+ * <p>DJL's {@code saveParameters} cannot represent this block: save quantized models with
+ * {@code ai.djl.memopt.export.QuantizedArtifact}.
+ */
+public final class QuantizedLinear extends AbstractBlock implements LinearWeightSource {
+
+    private static final byte VERSION = 1;
+
+    private final QuantizedTensor weight;
+    private final NDArray bias;
+    private final DataType weightType;
+    private final QuantMethod method;
+
+    private QuantizedLinear(QuantizedTensor weight, NDArray bias, DataType weightType, QuantMethod method) {
+        super(VERSION);
+        this.weight = weight;
+        this.bias = bias;
+        this.weightType = weightType;
+        this.method = method;
+    }
+
+    /**
+     * Wraps a quantized weight.
+     *
+     * @param bias {@code (out)} or null; kept in full precision
+     * @param weightType the type of the original weight, which {@link #weight(NDManager)} returns
+     */
+    public static QuantizedLinear of(QuantizedTensor weight, NDArray bias, DataType weightType) {
+        return of(weight, bias, weightType, weight.inputScales().isPresent() ? QuantMethod.AWQ : QuantMethod.RTN);
+    }
+
+    /**
+     * Wraps a quantized weight, recording how its values were chosen (metadata for reports and artifacts).
+     *
+     * @param bias {@code (out)} or null; kept in full precision
+     * @param weightType the type of the original weight, which {@link #weight(NDManager)} returns
+     */
+    public static QuantizedLinear of(QuantizedTensor weight, NDArray bias, DataType weightType, QuantMethod method) {
+        Preconditions.checkNotNull(weight, "weight");
+        Preconditions.checkNotNull(method, "method");
+        if (bias != null) {
+            Preconditions.checkArgument(bias.getShape().equals(new Shape(weight.shape().get(0))),
+                    "bias must have shape (%s), got %s", weight.shape().get(0), bias.getShape());
+        }
+        Preconditions.checkArgument(weightType == DataType.FLOAT32 || weightType == DataType.FLOAT16,
+                "weight type must be FLOAT32 or FLOAT16, got %s", weightType);
+        // the layer's arrays live as long as their manager, even when created inside a caller's NDScope
+        NDScope.unregister(weight.data(), weight.scales());
+        weight.zeros().ifPresent(NDScope::unregister);
+        weight.inputScales().ifPresent(NDScope::unregister);
+        if (bias != null) {
+            NDScope.unregister(bias);
+        }
+        return new QuantizedLinear(weight, bias, weightType, method);
+    }
+
+    /** How the quantized values were chosen. */
+    public QuantMethod method() {
+        return method;
+    }
+
+    /** The quantized weight. */
+    public QuantizedTensor quantizedWeight() {
+        return weight;
+    }
+
+    /** The full-precision bias, if any. */
+    public Optional<NDArray> bias() {
+        return Optional.ofNullable(bias);
+    }
+
+    /** The original weight's type. */
+    public DataType weightType() {
+        return weightType;
+    }
+
+    /** Output features. */
+    public long outFeatures() {
+        return weight.shape().get(0);
+    }
+
+    /** Input features. */
+    public long inFeatures() {
+        return weight.shape().get(1);
+    }
+
+    @Override
+    public NDArray weight(NDManager manager) {
+        return weight.dequantize(manager, weightType);
+    }
+
+    @Override
+    protected NDList forwardInternal(ParameterStore parameterStore, NDList inputs, boolean training,
+            PairList<String, Object> params) {
+        NDArray x = inputs.head(); // (..., in)
+        Preconditions.checkArgument(x.getShape().get(x.getShape().dimension() - 1) == inFeatures(),
+                "QuantizedLinear expects input (..., %s), got %s", inFeatures(), x.getShape());
+        DataType type = x.getDataType();
+        try (NDManager scope = x.getManager().newSubManager(x.getDevice())) {
+            NDArray w = weight.dequantize(scope, type); // (out, in)
+            NDArray b = null;
+            if (bias != null) {
+                b = bias.toType(type, true); // (out)
+                b.attach(scope);
+            }
+            // the result belongs to x's manager, so it outlives the scope
+            return Linear.linear(x, w, b); // (..., out)
+        }
+    }
+
+    @Override
+    public Shape[] getOutputShapes(Shape[] inputShapes) {
+        Shape in = inputShapes[0];
+        return new Shape[] {in.slice(0, in.dimension() - 1).add(outFeatures())};
+    }
+
+    @Override
+    public void saveParameters(DataOutputStream os) {
+        throw new UnsupportedOperationException(
+                "QuantizedLinear cannot be saved with DJL's saveParameters: use ai.djl.memopt.export.QuantizedArtifact");
+    }
+
+    /** Frees the quantized arrays and the bias. */
+    public void close() {
+        weight.close();
+        if (bias != null) {
+            bias.close();
+        }
+    }
+
+    @Override
+    public String toString() {
+        return "QuantizedLinear(" + inFeatures() + " -> " + outFeatures() + ", " + weight.scheme().id()
+                + (weight.scheme() == QuantScheme.INT4_WEIGHT_ONLY ? ", g" + weight.groupSize() : "")
+                + ", " + method.id() + ")";
+    }
+}

@@ -1,0 +1,309 @@
+package ai.djl.memopt.quantize;
+
+import ai.djl.memopt.nn.Blocks;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.NDScope;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.nn.Block;
+import ai.djl.nn.Parameter;
+import ai.djl.nn.core.Linear;
+import ai.djl.training.ParameterStore;
+import com.google.common.base.Preconditions;
+import java.util.ArrayList;
+import java.util.Collections;
+import java.util.IdentityHashMap;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Locale;
+import java.util.Map;
+import java.util.Optional;
+import java.util.Set;
+
+/**
+ * The quantization entry point, in the spirit of torchao's {@code quantize_(model, config)}: replaces the selected
+ * {@link Linear} layers of any DJL block tree in place by {@link QuantizedLinear} decorators and frees their float
+ * weights.
+ *
+ * <pre>{@code
+ * QuantizationReport report = Quantizer.quantize(model, Int4WeightOnlyConfig.builder().optGroupSize(128).build());
+ * System.out.println(report);
+ * }</pre>
+ *
+ * <p>The block must be initialized. Layers are quantized one at a time, so peak memory grows by one layer's
+ * temporaries. A weight {@link Parameter} shared with a block that stays (tied embeddings) is not freed.
+ *
+ * <p>AWQ and GPTQ layers are calibrated by running the config's {@link Calibration} batches through {@code root}
+ * with temporary recording decorators on those layers: as many layers (in tree order) as fit the calibration's
+ * recording budget per pass, quantized right after their pass, so later passes see the earlier layers quantized, as
+ * in the methods' layer-by-layer procedures. A layer that no calibration row reaches (an unused routed expert) is
+ * quantized with RTN and the report says so.
+ */
+public final class Quantizer {
+
+    private Quantizer() {}
+
+    /**
+     * Quantizes {@code root} in place.
+     *
+     * @return what was quantized (SQNR, bytes) and what was skipped and why
+     * @throws IllegalArgumentException if AWQ is asked for without calibration inputs, or the root itself is a Linear
+     */
+    public static QuantizationReport quantize(Block root, QuantizationConfig config) {
+        Preconditions.checkNotNull(root, "root");
+        Preconditions.checkNotNull(config, "config");
+        Preconditions.checkArgument(!(root instanceof Linear),
+                "the root block is itself a Linear: wrap it in a parent block (e.g. SequentialBlock) to quantize it");
+        Map<String, Block> blocks = Blocks.walk(root);
+        Map<String, Target> targets = new LinkedHashMap<>();
+        Map<String, String> skipped = new LinkedHashMap<>();
+        plan(blocks, config, targets, skipped);
+
+        boolean calibrated = targets.values().stream().anyMatch(t -> t.config.method() != QuantMethod.RTN);
+        Calibration calibration = null;
+        if (calibrated) {
+            calibration = config.calibration().orElseThrow(() -> new IllegalArgumentException(
+                    "AWQ and GPTQ need calibration inputs: set optCalibration(Calibration.of(batches)) on the root"
+                            + " config"));
+        }
+        Set<Parameter> kept = Collections.newSetFromMap(new IdentityHashMap<>());
+        for (Map.Entry<String, Block> e : blocks.entrySet()) {
+            if (!targets.containsKey(e.getKey())) {
+                e.getValue().getDirectParameters().values().forEach(kept::add);
+            }
+        }
+        List<QuantizationReport.Layer> layers = new ArrayList<>();
+        List<String> order = new ArrayList<>(targets.keySet());
+        int passes = 0;
+        int next = 0;
+        while (next < order.size()) {
+            // one calibration pass records the inputs of as many AWQ layers (in tree order) as fit in the budget;
+            // layers quantized in earlier passes are already quantized when later ones are recorded, as in AWQ's
+            // layer-by-layer procedure, and recordings never exceed the budget at once
+            Map<String, Target> chunk = new LinkedHashMap<>();
+            long bytes = 0;
+            while (next < order.size()) {
+                String path = order.get(next);
+                Target t = targets.get(path);
+                long need = t.config.method() == QuantMethod.RTN ? 0
+                        : ActivationRecorder.bytesNeeded(
+                                ((Linear) blocks.get(path)).getParameters().get("weight").getShape().get(1),
+                                calibration.maxRowsPerLayer(), t.config.method() == QuantMethod.GPTQ);
+                if (need > 0 && bytes > 0 && bytes + need > calibration.maxBytesPerPass()) {
+                    break;
+                }
+                bytes += need;
+                chunk.put(path, t);
+                next++;
+            }
+            Map<String, ActivationRecorder> recorders = Collections.emptyMap();
+            if (bytes > 0) {
+                recorders = capture(root, chunk, calibration);
+                passes++;
+            }
+            try {
+                for (Map.Entry<String, Target> t : chunk.entrySet()) {
+                    layers.add(quantizeLayer(root, t.getKey(), (Linear) blocks.get(t.getKey()), t.getValue(),
+                            recorders.get(t.getKey()), kept));
+                }
+            } finally {
+                recorders.values().forEach(ActivationRecorder::close);
+            }
+        }
+        return new QuantizationReport(layers, skipped, passes);
+    }
+
+    private static void plan(Map<String, Block> blocks, QuantizationConfig config,
+            Map<String, Target> targets, Map<String, String> skipped) {
+        for (Map.Entry<String, Block> e : blocks.entrySet()) {
+            String path = e.getKey();
+            Block block = e.getValue();
+            if (block instanceof QuantizedLinear) {
+                skipped.put(path, "already quantized");
+                continue;
+            }
+            if (!(block instanceof Linear)) {
+                if (!block.getDirectParameters().isEmpty()) {
+                    skipped.put(path, nonLinearReason(path, block));
+                }
+                continue;
+            }
+            Optional<LayerOverride> override =
+                    config.overrides().stream().filter(o -> o.matches(path)).findFirst();
+            QuantizationConfig effective = config;
+            if (override.isPresent()) {
+                if (override.get().config().isEmpty()) {
+                    skipped.put(path, "override '" + override.get().pattern() + "': skip");
+                    continue;
+                }
+                effective = override.get().config().get();
+            } else {
+                Optional<String> reason = config.filter().skipReason(path, block);
+                if (reason.isPresent()) {
+                    skipped.put(path, reason.get());
+                    continue;
+                }
+            }
+            Parameter weight = block.getParameters().get("weight");
+            Preconditions.checkArgument(weight.isInitialized(),
+                    "Linear '%s' is not initialized: initialize or load the model before quantizing it", path);
+            long in = weight.getArray().getShape().get(1);
+            int group = effective.groupSize();
+            String note = null;
+            if (effective.scheme() == QuantScheme.INT4_WEIGHT_ONLY && in % group != 0) {
+                int fallback = 0;
+                boolean allowed = ((Int4WeightOnlyConfig) effective).groupSizeFallback();
+                if (allowed) {
+                    for (int g = group / 2; g >= 32 && fallback == 0; g /= 2) {
+                        fallback = in % g == 0 ? g : 0;
+                    }
+                }
+                if (fallback == 0) {
+                    skipped.put(path, String.format(Locale.ROOT,
+                            "input dimension %d is not a multiple of the int4 group size %d%s", in, group,
+                            allowed && group > 32 ? " or of a smaller one" : ""));
+                    continue;
+                }
+                note = String.format(Locale.ROOT, "group size %d: input dimension %d is not a multiple of %d",
+                        fallback, in, group);
+                group = fallback;
+            }
+            targets.put(path, new Target(effective, group, note));
+        }
+    }
+
+    /** A layer to quantize: its config, the group size actually used and why it differs. */
+    private static final class Target {
+        final QuantizationConfig config;
+        final int groupSize;
+        final String note;
+
+        Target(QuantizationConfig config, int groupSize, String note) {
+            this.config = config;
+            this.groupSize = groupSize;
+            this.note = note;
+        }
+    }
+
+    private static String nonLinearReason(String path, Block block) {
+        String name = path.substring(path.lastIndexOf('.') + 1).toLowerCase(Locale.ROOT);
+        if (name.contains("norm")) {
+            return "normalization weights: tiny and scale every activation, kept in full precision";
+        }
+        if (name.contains("embed")) {
+            return "embedding table: a lookup, not a matmul, kept in full precision";
+        }
+        if (name.equals("gate")) {
+            return "MoE router: top-k routing is discrete, kept in full precision";
+        }
+        return "not a Linear layer (" + block.getClass().getSimpleName() + ")";
+    }
+
+    private static Map<String, ActivationRecorder> capture(Block root, Map<String, Target> targets,
+            Calibration calibration) {
+        Map<String, ActivationRecorder> recorders = new LinkedHashMap<>();
+        try {
+            for (Map.Entry<String, Target> t : targets.entrySet()) {
+                QuantMethod method = t.getValue().config.method();
+                if (method == QuantMethod.RTN) {
+                    continue;
+                }
+                NDArray w = Blocks.get(root, t.getKey()).getParameters().get("weight").getArray();
+                Blocks.replace(root, t.getKey(), linear -> {
+                    ActivationRecorder r = new ActivationRecorder(linear, w.getShape().get(1),
+                            calibration.maxRowsPerLayer(), method == QuantMethod.GPTQ, w.getManager());
+                    recorders.put(t.getKey(), r);
+                    return r;
+                });
+            }
+            for (NDList batch : calibration.batches()) {
+                NDManager manager = batch.head().getManager();
+                // NDScope frees every intermediate of the forward (a generic block leaves them in the input's manager);
+                // the recorders unregister what they keep
+                try (NDManager scope = manager.newSubManager(); NDScope arrays = new NDScope()) {
+                    arrays.suppressNotUsedWarning();
+                    NDList out = root.forward(new ParameterStore(scope, false), batch, false);
+                    out.attach(scope);
+                }
+            }
+        } catch (RuntimeException e) {
+            recorders.values().forEach(ActivationRecorder::close);
+            throw e;
+        } finally {
+            for (Map.Entry<String, ActivationRecorder> r : recorders.entrySet()) {
+                Blocks.replace(root, r.getKey(), rec -> ((ActivationRecorder) rec).inner());
+            }
+        }
+        return recorders;
+    }
+
+    private static QuantizationReport.Layer quantizeLayer(Block root, String path, Linear linear, Target target,
+            ActivationRecorder recorder, Set<Parameter> kept) {
+        QuantizationConfig config = target.config;
+        Parameter weightParam = linear.getParameters().get("weight");
+        Parameter biasParam = linear.getParameters().contains("bias") ? linear.getParameters().get("bias") : null;
+        NDArray weight = weightParam.getArray(); // (out, in)
+        long in = weight.getShape().get(1);
+        int groupSize = config.scheme() == QuantScheme.INT8_WEIGHT_ONLY ? (int) in : target.groupSize;
+        QuantizedTensor q;
+        Double alpha = null;
+        QuantMethod method = config.method();
+        String note = target.note;
+        if (method != QuantMethod.RTN && !recorder.hasActivations()) {
+            // e.g. a routed expert that no calibration token was sent to: nothing to weigh the channels by
+            String rtn = method.id().toUpperCase(Locale.ROOT)
+                    + ": no calibration activation reached this layer, quantized with RTN";
+            method = QuantMethod.RTN;
+            note = note == null ? rtn : note + "; " + rtn;
+        }
+        if (method == QuantMethod.GPTQ) {
+            q = GptqSolver.quantize(weight, recorder.xtx(), recorder.count(), config.scheme(), groupSize);
+        } else if (method == QuantMethod.AWQ) {
+            try (NDArray meanAbs = recorder.meanAbs()) {
+                AwqSearch.Result r = AwqSearch.search(weight, recorder.rows(), meanAbs, config.scheme(), groupSize,
+                        config.awqGridSize());
+                q = r.tensor;
+                alpha = r.alpha;
+            }
+        } else {
+            q = QuantizedTensor.quantize(weight, config.scheme(), groupSize);
+        }
+        double sqnr = sqnrDb(weight, q);
+        long before = bytes(weight);
+        long after = q.nbytes();
+        NDArray bias = null;
+        if (biasParam != null) {
+            NDArray b = biasParam.getArray();
+            bias = b.duplicate();
+            before += bytes(b);
+            after += bytes(b);
+        }
+        QuantizedLinear replacement = QuantizedLinear.of(q, bias, weight.getDataType(), method);
+        Blocks.replace(root, path, old -> replacement);
+        if (!kept.contains(weightParam)) {
+            weightParam.close();
+        }
+        if (biasParam != null && !kept.contains(biasParam)) {
+            biasParam.close();
+        }
+        return new QuantizationReport.Layer(path, config.scheme(), method, groupSize, before, after, sqnr, alpha,
+                note);
+    }
+
+    /** {@code 10 log10(|W|^2 / |W - dequant(q)|^2)}; +Infinity if exact. */
+    static double sqnrDb(NDArray weight, QuantizedTensor q) {
+        try (NDManager tmp = weight.getManager().newSubManager(weight.getDevice())) {
+            NDArray w = weight.toType(DataType.FLOAT32, true);
+            w.attach(tmp);
+            NDArray d = q.dequantize(tmp, DataType.FLOAT32);
+            double signal = w.square().sum().getFloat();
+            double noise = w.sub(d).square().sum().getFloat();
+            return noise == 0 ? Double.POSITIVE_INFINITY : 10 * Math.log10(signal / noise);
+        }
+    }
+
+    private static long bytes(NDArray a) {
+        return a.size() * a.getDataType().getNumOfBytes();
+    }
+}

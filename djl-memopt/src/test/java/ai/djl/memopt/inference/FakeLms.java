@@ -1,0 +1,26 @@
+package ai.djl.memopt.inference;
+
+import ai.djl.Device;
+import java.io.IOException;
+
+/** Shared fakes for tests in other packages (server, CLI). */
+public final class FakeLms {
+
+    /** The DeepSeek-V3 vocabulary size, so real tokenizer ids fit. */
+    public static final int BIG_VOCAB = 129280;
+
+    private FakeLms() {}
+
+    /** {@link FakeCausalLm} over the DeepSeek-V3 vocabulary, decoded without a cache. */
+    public static LanguageModel bigVocab() {
+        return new RecomputingLanguageModel(new FakeCausalLm(BIG_VOCAB), BIG_VOCAB, Device.cpu());
+    }
+
+    public static long[] greedyReference(long[] prompt, int n) {
+        return FakeCausalLm.greedyReference(prompt, n, BIG_VOCAB);
+    }
+
+    public static TextTokenizer deepSeekTokenizer() throws IOException {
+        return TextTokenizer.fromModelDir(TextTokenizerTest.deepSeekTokenizerDir());
+    }
+}
