@@ -89,7 +89,8 @@ public final class FinetuneCommand implements Callable<Integer> {
     String checkpoint;
 
     @Option(names = "--precision", defaultValue = "fp32", paramLabel = "fp32|fp16",
-            description = "fp16: FP16 projections with FP32 masters and dynamic loss scaling (default fp32).")
+            description = "fp16: the model in FP16 (norms and router FP32) with FP32 masters and dynamic loss scaling "
+                    + "(default fp32).")
     String precision;
 
     @Option(names = "--optimizer", defaultValue = "adamw", paramLabel = "adamw|adam|sgd", description = "Default adamw.")

@@ -189,6 +189,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
                         training);
                 out = hidden.matMul(table.transpose()); // (B, T, V)
             }
+            // Precisions.cast, not toType: DJL runs toType without autograd, which would cut an FP16 training graph
             return new NDList(Precisions.cast(out, DataType.FLOAT32));
         }).head();
     }
