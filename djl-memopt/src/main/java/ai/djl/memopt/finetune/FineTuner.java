@@ -12,6 +12,7 @@ import ai.djl.memopt.precision.DynamicLossScaler;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.memopt.safetensors.SafetensorsFile;
+import ai.djl.memopt.safetensors.SafetensorsDType;
 import ai.djl.memopt.safetensors.SafetensorsWriter;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -500,6 +501,14 @@ public final class FineTuner implements AutoCloseable {
 
     // ------------------------------------------------------------------ checkpoints
 
+    /**
+     * The FP32 masters of the trainable weights in FP16 mode, by Hugging Face name (empty in FP32 mode). Frozen weights
+     * have none: they never change, so their FP16 working copy is all that is kept.
+     */
+    public Map<String, NDArray> masterWeights() {
+        return masters;
+    }
+
     /** The FP32 value of each weight (the master in FP16 mode), by Hugging Face name. */
     private Map<String, NDArray> fp32Weights() {
         Map<String, NDArray> out = new LinkedHashMap<>();
@@ -524,9 +533,17 @@ public final class FineTuner implements AutoCloseable {
     private void writeWeights(Path file) throws IOException {
         SafetensorsWriter writer = new SafetensorsWriter().putMetadata("format", "pt");
         for (Map.Entry<String, NDArray> e : fp32Weights().entrySet()) {
-            Preconditions.checkState(e.getValue().getDataType() == DataType.FLOAT32, "weight %s is %s", e.getKey(),
-                    e.getValue().getDataType());
-            writer.add(e.getKey(), e.getValue());
+            NDArray a = e.getValue();
+            if (a.getDataType() == DataType.FLOAT32) {
+                writer.add(e.getKey(), a);
+            } else {
+                // a frozen weight held only as its FP16 working copy: widened one tensor at a time while writing
+                writer.add(e.getKey(), SafetensorsDType.F32, a.getShape().getShape(), () -> {
+                    try (NDArray wide = a.toType(DataType.FLOAT32, true)) {
+                        return wide.toByteBuffer();
+                    }
+                });
+            }
         }
         writer.write(file);
     }

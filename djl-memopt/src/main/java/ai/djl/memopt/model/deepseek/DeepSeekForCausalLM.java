@@ -3,7 +3,6 @@ package ai.djl.memopt.model.deepseek;
 import ai.djl.memopt.precision.Precisions;
 import ai.djl.Device;
 import ai.djl.memopt.nn.Blocks;
-import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
