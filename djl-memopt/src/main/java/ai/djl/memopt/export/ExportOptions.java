@@ -1,5 +1,6 @@
 package ai.djl.memopt.export;
 
+import ai.djl.memopt.safetensors.HfCheckpoint;
 import com.google.common.base.Preconditions;
 import com.google.common.collect.ImmutableList;
 import com.google.common.collect.ImmutableSet;
@@ -119,11 +120,13 @@ public final class ExportOptions {
         public Builder optSourceModel(Path modelDir) throws java.io.IOException {
             Preconditions.checkArgument(Files.isDirectory(modelDir), "not a directory: %s", modelDir);
             optConfigJson(modelDir.resolve("config.json"));
-            try (java.util.stream.Stream<Path> files = Files.list(modelDir)) {
-                files.filter(p -> {
-                    String n = p.getFileName().toString();
-                    return n.endsWith(".safetensors") || n.equals("model.safetensors.index.json");
-                }).sorted().forEach(sourceFiles::add);
+            // the checkpoint's own files only (not, say, a reference.safetensors lying beside them)
+            try (HfCheckpoint ckpt = HfCheckpoint.open(modelDir)) {
+                sourceFiles.addAll(ckpt.files());
+            }
+            Path index = modelDir.resolve(HfCheckpoint.INDEX_FILE);
+            if (Files.isRegularFile(index)) {
+                sourceFiles.add(index);
             }
             for (String name : COMPANIONS) {
                 Path f = modelDir.resolve(name);

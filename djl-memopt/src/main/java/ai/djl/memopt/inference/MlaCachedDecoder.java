@@ -136,6 +136,7 @@ public final class MlaCachedDecoder implements LanguageModel {
         private final NDArray[] ropeKey; // per layer (B, maxLength, rope)
         private final NDArray[] wUk; // per layer (1, H, nope, r)
         private final NDArray[] wUvT; // per layer (1, H, r, v)
+        private final NDArray paddingBias; // (B, 1, 1, maxLength) FP32: 0 for tokens, the lowest float for padding
         private int length;
 
         Session(NDManager manager, int batch, int maxLength) {
@@ -148,6 +149,7 @@ public final class MlaCachedDecoder implements LanguageModel {
             wUk = new NDArray[n];
             wUvT = new NDArray[n];
             try {
+                paddingBias = manager.zeros(new Shape(batch, 1, 1, maxLength), DataType.FLOAT32);
                 int r = config.kvLoraRank();
                 int rope = config.qkRopeHeadDim();
                 int h = config.numAttentionHeads();
@@ -262,11 +264,15 @@ public final class MlaCachedDecoder implements LanguageModel {
 
         /** (B, 1, T, S) FP32: 0 where query {@code i} (at cache index S - T + i) may see key j, else the lowest float. */
         private NDArray additiveMask(NDManager m, NDArray attentionMask, int t, int total) {
-            NDArray causal = MultiHeadLatentAttention.causalMask(m, t, total); // (1, 1, T, S)
-            NDArray keep = attentionMask.neq(0).reshape(batch, 1, 1, total).broadcast(batch, 1, t, total); // (B, 1, T, S)
-            NDArray neg = m.full(new Shape(batch, 1, t, total), -Float.MAX_VALUE, DataType.FLOAT32, device);
-            NDArray padding = NDArrays.where(keep, m.zeros(new Shape(batch, 1, t, total), DataType.FLOAT32, device), neg);
-            return NDArrays.minimum(causal.toDevice(device, false), padding); // min: adding would overflow to -inf
+            // the padding bias of the past is kept: only the new columns are converted and written
+            NDArray fresh = attentionMask.get(new NDIndex(":, {}:", length)).eq(0).toType(DataType.FLOAT32, false); // (B, T)
+            paddingBias.set(new NDIndex(":, :, :, {}:{}", length, total), fresh.mul(-Float.MAX_VALUE).reshape(batch, 1, 1, t));
+            NDArray padding = paddingBias.get(new NDIndex(":, :, :, :{}", total)); // (B, 1, 1, S)
+            if (t == 1) {
+                return padding; // one new token sees the whole past: no causal part
+            }
+            NDArray causal = MultiHeadLatentAttention.causalMask(m, t, total).toDevice(device, false); // (1, 1, T, S)
+            return NDArrays.minimum(causal, padding); // (B, 1, T, S); min, as adding would overflow to -inf
         }
 
         @Override

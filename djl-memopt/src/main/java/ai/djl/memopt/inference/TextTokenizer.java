@@ -27,7 +27,8 @@ import java.util.Optional;
  *       library ships inside the {@code ai.djl.huggingface:tokenizers} jar and is used offline).
  *   <li>{@code tokenizer_config.json} (optional): {@code add_bos_token}/{@code add_eos_token} (transformers' Llama
  *       tokenizers rewrite the post-processor from these, so they win over {@code tokenizer.json}), {@code bos_token},
- *       {@code eos_token}, {@code chat_template}, {@code clean_up_tokenization_spaces}.
+ *       {@code eos_token}, {@code chat_template} (else {@code chat_template.jinja} or {@code chat_template.json}),
+ *       {@code clean_up_tokenization_spaces}.
  *   <li>{@code generation_config.json}, else {@code config.json}: {@code eos_token_id} (an id or a list), the ids that
  *       end generation.
  * </ul>
@@ -137,6 +138,9 @@ public final class TextTokenizer implements AutoCloseable {
                     }
                 }
             }
+            if (template == null) {
+                template = separateChatTemplate(modelDir, bos, eos);
+            }
             Long bosId = bos == null ? null : singleId(hf, bos, "bos_token");
             List<Long> eosIds = readEosIds(modelDir);
             if (eosIds.isEmpty() && eos != null) {
@@ -150,6 +154,19 @@ public final class TextTokenizer implements AutoCloseable {
             hf.close();
             throw e;
         }
+    }
+
+    /** Newer transformers save the template beside the config: {@code chat_template.jinja}, or {@code chat_template.json}. */
+    private static ChatTemplate separateChatTemplate(Path modelDir, String bos, String eos) throws IOException {
+        Path jinja = modelDir.resolve("chat_template.jinja");
+        if (Files.isRegularFile(jinja)) {
+            return ChatTemplate.of(Files.readString(jinja, StandardCharsets.UTF_8), bos, eos);
+        }
+        JsonObject o = readJson(modelDir.resolve("chat_template.json"));
+        if (o != null && o.has("chat_template") && o.get("chat_template").isJsonPrimitive()) {
+            return ChatTemplate.of(o.get("chat_template").getAsString(), bos, eos);
+        }
+        return null;
     }
 
     private static JsonObject readJson(Path file) throws IOException {

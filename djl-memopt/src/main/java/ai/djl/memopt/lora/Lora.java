@@ -1,5 +1,6 @@
 package ai.djl.memopt.lora;
 
+import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.ndarray.NDArray;
@@ -107,6 +108,12 @@ public final class Lora {
             Block block = e.getValue();
             if (block instanceof LoraLinear) {
                 throw new IllegalArgumentException("'" + path + "' already has a LoRA adapter; merge or unload it first");
+            }
+            Block inner = BlockDecorator.unwrap(block);
+            if (inner != block && (inner instanceof Linear || inner instanceof LinearWeightSource)) {
+                throw new IllegalArgumentException("'" + path + "' is a " + block.getClass().getSimpleName()
+                        + " around a projection: apply LoRA before decorating projections (FP16 wrappers), so the "
+                        + "decorator wraps the adapter's base instead");
             }
             if (!(block instanceof Linear) && !(block instanceof LinearWeightSource)) {
                 throw new IllegalArgumentException("LoRA target " + describeTargets(config) + " matches '" + path

@@ -2,6 +2,7 @@ package ai.djl.memopt.lora;
 
 import ai.djl.Device;
 import ai.djl.memopt.nn.LinearWeightSource;
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -21,10 +22,12 @@ import com.google.common.base.Preconditions;
  * (or {@code alpha / sqrt(r)} with rsLoRA). The base is a plain DJL {@link Linear} or any {@link LinearWeightSource}
  * (a quantized projection, for QLoRA); its parameters are left as they are (frozen by {@link Lora#apply}).
  *
- * <p>Children, named as in Hugging Face PEFT so that {@code Blocks.parameters} gives PEFT's module paths:
- * {@code base_layer} (the wrapped block), {@code lora_A} (a bias-free {@code Linear}, weight {@code (r, in)},
- * kaiming-uniform with a = sqrt(5) like PEFT, i.e. uniform in {@code [-1/sqrt(in), 1/sqrt(in)]}) and {@code lora_B}
- * (weight {@code (out, r)}, zero, so a fresh adapter leaves the model's outputs unchanged).
+ * <p>Named as in Hugging Face PEFT, so that {@code Blocks.parameters} gives PEFT's names: the child
+ * {@code base_layer} (the wrapped block) and the parameters {@code lora_A.weight} {@code (r, in)}, kaiming-uniform with
+ * a = sqrt(5) like PEFT, i.e. uniform in {@code [-1/sqrt(in), 1/sqrt(in)]}, and {@code lora_B.weight}
+ * {@code (out, r)}, zero, so a fresh adapter leaves the model's outputs unchanged. The adapter matrices are plain
+ * parameters, not child {@code Linear} blocks, so passes that look for Linear layers (quantization, FP16 wrappers)
+ * reach the base and leave the adapters alone.
  *
  * <p>Shapes: input {@code (..., in)} -> output {@code (..., out)}. The adapter computes in the input's type: adapter
  * weights (FLOAT32 by default) are cast to FLOAT16 in the forward when the input is FLOAT16, since DJL has no mixed
@@ -41,8 +44,8 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
 
     /** Held as {@code Block} and always called through this field, so the base itself can be decorated later. */
     private Block base;
-    private final Linear loraA;
-    private final Linear loraB;
+    private final Parameter loraA;
+    private final Parameter loraB;
     private final int rank;
     private final float alpha;
     private final boolean useRslora;
@@ -61,19 +64,21 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
         this.inFeatures = inFeatures;
         this.outFeatures = outFeatures;
         base = addChildBlock("base_layer", b.base);
-        loraA = addChildBlock("lora_A", Linear.builder().setUnits(rank).optBias(false).build());
-        loraB = addChildBlock("lora_B", Linear.builder().setUnits(outFeatures).optBias(false).build());
+        // parameters named "lora_A.weight" rather than child Linear blocks: tools that walk the tree for Linear layers
+        // (quantization, FP16 autocast wrappers) must find the base projection, never the adapter matrices
+        loraA = addParameter(Parameter.builder().setName("lora_A.weight").setType(Parameter.Type.WEIGHT).build());
+        loraB = addParameter(Parameter.builder().setName("lora_B.weight").setType(Parameter.Type.WEIGHT).build());
 
         NDManager manager = b.manager;
         float bound = (float) (1.0 / Math.sqrt(inFeatures));
         // kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + 5)), bound gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in)
         NDArray a = manager.randomUniform(-bound, bound, new Shape(rank, inFeatures), b.dataType, device); // (r, in)
         NDArray z = manager.zeros(new Shape(outFeatures, rank), b.dataType, device); // (out, r)
-        weightOfChild(loraA).setArray(a);
-        weightOfChild(loraB).setArray(z);
-        // records the input shapes (and Linear's input size) without creating arrays: the weights are set already
-        loraA.initialize(manager, b.dataType, new Shape(inFeatures));
-        loraB.initialize(manager, b.dataType, new Shape(rank));
+        loraA.setArray(a);
+        loraB.setArray(z);
+        // with the arrays set, initialize only marks them as requiring gradients
+        loraA.initialize(manager, b.dataType);
+        loraB.initialize(manager, b.dataType);
         beforeInitialize(new Shape(inFeatures));
     }
 
@@ -124,12 +129,12 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
 
     /** The {@code lora_A} parameter, {@code (r, in)}. */
     public Parameter loraA() {
-        return weightOfChild(loraA);
+        return loraA;
     }
 
     /** The {@code lora_B} parameter, {@code (out, r)}. */
     public Parameter loraB() {
-        return weightOfChild(loraB);
+        return loraB;
     }
 
     /**
@@ -186,7 +191,8 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
         NDArray xd = training && dropout > 0 ? Dropout.dropout(x, dropout, true).singletonOrThrow() : x;
         NDArray down = Linear.linear(xd, aCast).singletonOrThrow(); // (..., r)
         NDArray up = Linear.linear(down, bCast).singletonOrThrow(); // (..., out)
-        NDArray delta = up.mul(scale); // (..., out)
+        NDArray delta; // (..., out)
+        delta = Scalars.mul(up, scale);
         if (delta.getDataType() != y.getDataType()) {
             NDArray cast = cast(delta, y.getDataType());
             delta.close();
@@ -283,8 +289,6 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
         if (!base.isInitialized()) {
             base.initialize(manager, dataType, inputShapes);
         }
-        loraA.initialize(manager, dataType, inputShapes);
-        loraB.initialize(manager, dataType, new Shape(rank));
     }
 
     @Override

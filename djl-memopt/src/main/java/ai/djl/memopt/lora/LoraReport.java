@@ -27,8 +27,9 @@ public final class LoraReport {
     }
 
     /**
-     * Elements of all initialized parameters of the model, adapters included (for a quantized base, the stored packed
-     * elements).
+     * Elements of all initialized {@code Parameter}s of the model, adapters included. The arrays of a quantized
+     * projection ({@code QuantizedLinear}) are not parameters and are not counted, so on a QLoRA model this is the
+     * full-precision rest (embeddings, norms, adapters, unquantized layers).
      */
     public long totalParameters() {
         return totalParameters;

@@ -1,5 +1,6 @@
 package ai.djl.memopt.precision;
 
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import com.google.common.base.Preconditions;
 import com.google.gson.JsonObject;
@@ -57,7 +58,7 @@ public final class DynamicLossScaler {
 
     /** {@code loss * scale}, to call backward on. */
     public NDArray scale(NDArray loss) {
-        return loss.mul(scale);
+        return Scalars.mul(loss, scale);
     }
 
     /**

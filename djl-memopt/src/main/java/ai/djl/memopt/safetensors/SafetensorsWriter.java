@@ -9,9 +9,7 @@ import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
 import java.nio.channels.FileChannel;
 import java.nio.charset.StandardCharsets;
-import java.nio.file.Files;
 import java.nio.file.Path;
-import java.nio.file.StandardCopyOption;
 import java.nio.file.StandardOpenOption;
 import java.util.ArrayList;
 import java.util.LinkedHashMap;
@@ -100,36 +98,24 @@ public final class SafetensorsWriter {
      * @throws IllegalStateException if a tensor's bytes do not match its declared type and shape
      */
     public void write(Path target) throws IOException {
-        Path dir = target.toAbsolutePath().getParent();
-        Files.createDirectories(dir);
         byte[] header = header();
-        Path tmp = Files.createTempFile(dir, "." + target.getFileName() + ".", ".tmp");
-        boolean done = false;
-        try (FileChannel out = FileChannel.open(tmp, StandardOpenOption.WRITE, StandardOpenOption.TRUNCATE_EXISTING)) {
-            ByteBuffer len = ByteBuffer.allocate(8).order(ByteOrder.LITTLE_ENDIAN).putLong(header.length);
-            writeFully(out, len.flip());
-            writeFully(out, ByteBuffer.wrap(header));
-            for (Entry e : entries) {
-                ByteBuffer data = e.data.get().duplicate();
-                if (data.remaining() != e.byteLength) {
-                    throw new IllegalStateException("tensor '" + e.name + "' produced " + data.remaining()
-                            + " bytes, expected " + e.byteLength + " for " + e.dtype + java.util.Arrays.toString(e.shape));
+        AtomicFiles.write(target, tmp -> {
+            try (FileChannel out = FileChannel.open(tmp, StandardOpenOption.WRITE,
+                    StandardOpenOption.TRUNCATE_EXISTING)) {
+                ByteBuffer len = ByteBuffer.allocate(8).order(ByteOrder.LITTLE_ENDIAN).putLong(header.length);
+                writeFully(out, len.flip());
+                writeFully(out, ByteBuffer.wrap(header));
+                for (Entry e : entries) {
+                    ByteBuffer data = e.data.get().duplicate();
+                    if (data.remaining() != e.byteLength) {
+                        throw new IllegalStateException("tensor '" + e.name + "' produced " + data.remaining()
+                                + " bytes, expected " + e.byteLength + " for " + e.dtype
+                                + java.util.Arrays.toString(e.shape));
+                    }
+                    writeFully(out, data);
                 }
-                writeFully(out, data);
             }
-            out.force(true);
-            done = true;
-        } finally {
-            if (!done) {
-                Files.deleteIfExists(tmp);
-            }
-        }
-        try {
-            Files.move(tmp, target, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
-        } catch (IOException e) {
-            Files.deleteIfExists(tmp);
-            throw e;
-        }
+        });
     }
 
     private byte[] header() {

@@ -12,7 +12,9 @@ import java.io.IOException;
 import java.util.ArrayList;
 import java.util.List;
 import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.extension.ExtendWith;
 
+@ExtendWith(OneThread.class)
 class GenerationTranslatorTest {
 
     /** The DeepSeek-V3 vocabulary size, so chat-template token ids are valid for the fake model. */

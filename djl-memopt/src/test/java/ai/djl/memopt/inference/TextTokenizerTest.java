@@ -94,6 +94,20 @@ class TextTokenizerTest {
     }
 
     @Test
+    void chatTemplateFromASeparateJinjaFile(@TempDir Path dir) throws IOException {
+        Path src = deepSeekTokenizerDir();
+        Files.copy(src.resolve("tokenizer.json"), dir.resolve("tokenizer.json"));
+        Files.writeString(dir.resolve("tokenizer_config.json"), "{\"add_bos_token\": true, \"bos_token\": \"" + BOS + "\"}");
+        try (TextTokenizer t = TextTokenizer.fromModelDir(dir)) {
+            assertTrue(t.chatTemplate().isEmpty());
+        }
+        Files.writeString(dir.resolve("chat_template.jinja"), "{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}\n");
+        try (TextTokenizer t = TextTokenizer.fromModelDir(dir)) {
+            assertEquals(BOS + "[Hi]", t.applyChatTemplate(List.of(ChatMessage.user("Hi")), true));
+        }
+    }
+
+    @Test
     void missingTokenizerJsonIsAClearError(@TempDir Path dir) {
         IOException e = assertThrows(IOException.class, () -> TextTokenizer.fromModelDir(dir));
         assertTrue(e.getMessage().contains("tokenizer.json"), e.getMessage());

@@ -72,8 +72,8 @@ class LoraLinearTest {
             assertArrayEquals(before, forward(mlp, m, x, false).toFloatArray(), 0f);
             assertArrayEquals(before, forward(mlp, m, x, true).toFloatArray(), 0f);
             // PEFT names: the base is base_layer, the adapter weights lora_A.weight / lora_B.weight
-            assertEquals(List.of("0.base_layer.weight", "0.base_layer.bias", "0.lora_A.weight", "0.lora_B.weight",
-                    "2.base_layer.weight", "2.lora_A.weight", "2.lora_B.weight"),
+            assertEquals(List.of("0.lora_A.weight", "0.lora_B.weight", "0.base_layer.weight", "0.base_layer.bias",
+                    "2.lora_A.weight", "2.lora_B.weight", "2.base_layer.weight"),
                     List.copyOf(Blocks.parameters(mlp).keySet()));
         }
     }
@@ -345,6 +345,80 @@ class LoraLinearTest {
             }
             assertEquals("LoraLinear(8 -> 2, r=3, alpha=8.0, dropout=0.1, base=Linear)",
                     Blocks.get(mlp, "2").toString());
+        }
+    }
+
+    /**
+     * The backward must not read memory the JVM may have freed: DJL's {@code mul(Number)} hands autograd a tensor over
+     * a Java buffer that is collectable as soon as the forward returns. Garbage is collected and direct buffers are
+     * churned between forward and backward; the gradients must still be the hand-computed ones.
+     */
+    @Test
+    void gradientsSurviveAGarbageCollectionBetweenForwardAndBackward() throws Exception {
+        try (NDManager m = NDManager.newBaseManager()) {
+            Engine.getInstance().setRandomSeed(7);
+            SequentialBlock root = new SequentialBlock().add(ToyBlocks.linear(m, 8, 5, DataType.FLOAT32));
+            Lora.apply(root, LoraConfig.builder().setRank(2).optAlpha(6).optTargetModules("0").build());
+            randomizeB(root, m, 0.5f);
+            LoraLinear lora = (LoraLinear) Blocks.get(root, "0");
+            NDArray x = m.randomNormal(new Shape(3, 8));
+            NDArray a = lora.loraA().getArray();
+            try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
+                NDArray loss;
+                try (NDManager step = m.newSubManager()) {
+                    NDArray y = forward(root, step, x.duplicate(), true);
+                    loss = y.sum();
+                    loss.attach(m);
+                }
+                for (int i = 0; i < 10; i++) {
+                    System.gc();
+                    List<java.nio.ByteBuffer> junk = new java.util.ArrayList<>();
+                    for (int j = 0; j < 2000; j++) {
+                        junk.add(java.nio.ByteBuffer.allocateDirect(4).putFloat(0, 1e30f));
+                    }
+                    Thread.sleep(10);
+                }
+                gc.backward(loss);
+            }
+            // L = sum(y): dA = s (1 B)^T x
+            NDArray dA = m.ones(new Shape(3, 5)).matMul(lora.loraB().getArray()).transpose().matMul(x).mul(3f);
+            assertTrue(maxAbsDiff(dA, a.getGradient()) < 1e-4f, "dA " + maxAbsDiff(dA, a.getGradient()));
+        }
+    }
+
+    /** A pass-through decorator, as FP16 wrappers are. */
+    static final class Wrapper extends ai.djl.nn.AbstractBlock implements ai.djl.memopt.nn.BlockDecorator {
+        private final Block inner;
+
+        Wrapper(Block inner) {
+            this.inner = addChildBlock("wrapped", inner);
+        }
+
+        @Override
+        public Block delegate() {
+            return inner;
+        }
+
+        @Override
+        protected NDList forwardInternal(ParameterStore ps, NDList in, boolean training,
+                ai.djl.util.PairList<String, Object> p) {
+            return inner.forward(ps, in, training, p);
+        }
+
+        @Override
+        public Shape[] getOutputShapes(Shape[] inputShapes) {
+            return inner.getOutputShapes(inputShapes);
+        }
+    }
+
+    @Test
+    void aDecoratedProjectionIsRefusedWithTheOrderToUse() {
+        try (NDManager m = NDManager.newBaseManager()) {
+            SequentialBlock root = new SequentialBlock().add(new Wrapper(ToyBlocks.linear(m, 4, 3, DataType.FLOAT32)));
+            IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
+                    () -> Lora.apply(root, LoraConfig.builder().setRank(2).optTargetModules("0").build()));
+            assertTrue(e.getMessage().contains("'0' is a Wrapper around a projection: apply LoRA before decorating"),
+                    e.getMessage());
         }
     }
 }

@@ -8,6 +8,7 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.List;
+import java.util.Map;
 import java.util.concurrent.TimeUnit;
 
 /**
@@ -27,17 +28,36 @@ public final class FreshJvm {
      */
     public static List<String> run(String heap, long timeoutSeconds, Class<?> mainClass, List<String> args)
             throws IOException {
+        return run(heap, timeoutSeconds, mainClass, args, Map.of());
+    }
+
+    /**
+     * As {@link #run(String, long, Class, List)} with extra environment variables for the child (e.g. allocator
+     * settings that make its resident set follow the memory it really uses).
+     */
+    public static List<String> run(String heap, long timeoutSeconds, Class<?> mainClass, List<String> args,
+            Map<String, String> environment) throws IOException {
         Preconditions.checkArgument(timeoutSeconds > 0, "timeoutSeconds %s", timeoutSeconds);
         String java = Path.of(System.getProperty("java.home"), "bin", "java").toString();
         List<String> command = new ArrayList<>();
         command.add(java);
         command.add("-Xmx" + heap);
         command.add("-Dai.djl.offline=" + System.getProperty("ai.djl.offline", "true"));
+        // the child computes like the parent: same engine settings (threads, offline, library path)
+        for (String name : System.getProperties().stringPropertyNames()) {
+            if (name.startsWith("ai.djl.") && !name.equals("ai.djl.offline")) {
+                command.add("-D" + name + "=" + System.getProperty(name));
+            }
+        }
         command.add("-cp");
         command.add(System.getProperty("java.class.path"));
         command.add(mainClass.getName());
         command.addAll(args);
-        Process process = new ProcessBuilder(command).redirectError(ProcessBuilder.Redirect.INHERIT).start();
+        ProcessBuilder builder = new ProcessBuilder(command).redirectError(ProcessBuilder.Redirect.INHERIT);
+        // libtorch's C++ deprecation warnings (printed once per process) would interleave with progress bars
+        builder.environment().putIfAbsent("TORCH_CPP_LOG_LEVEL", "ERROR");
+        builder.environment().putAll(environment);
+        Process process = builder.start();
         List<String> lines = new ArrayList<>();
         Thread reader = new Thread(() -> {
             try (BufferedReader r = new BufferedReader(

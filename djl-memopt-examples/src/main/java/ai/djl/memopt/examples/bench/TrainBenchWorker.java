@@ -22,7 +22,7 @@ import java.util.SplittableRandom;
  * configuration's own peak): builds a preset with seeded random FP32 weights and a {@link FineTuner} in the given mode,
  * measures the idle memory, runs {@code steps} steps on seeded random token batches and prints one JSON line.
  *
- * <p>Arguments: {@code preset mode batch seq steps device seed}; mode is {@code fp32}, {@code checkpoint},
+ * <p>Arguments: {@code preset mode batch seq steps device seed lossChunkTokens}; mode is {@code fp32}, {@code checkpoint},
  * {@code fp16} or {@code fp16+checkpoint}.
  *
  * <p>Memory: on CPU the peak is the process's {@code VmHWM} at the end and the idle figure its {@code VmRSS} right
@@ -36,8 +36,8 @@ public final class TrainBenchWorker {
     private TrainBenchWorker() {}
 
     public static void main(String[] args) throws Exception {
-        if (args.length != 7) {
-            System.err.println("usage: TrainBenchWorker preset mode batch seq steps cpu|gpu seed");
+        if (args.length != 8) {
+            System.err.println("usage: TrainBenchWorker preset mode batch seq steps cpu|gpu seed loss-chunk-tokens");
             System.exit(2);
         }
         String preset = args[0];
@@ -47,6 +47,7 @@ public final class TrainBenchWorker {
         int steps = Integer.parseInt(args[4]);
         Device device = "gpu".equals(args[5]) ? Device.gpu() : Device.cpu();
         long seed = Long.parseLong(args[6]);
+        int lossChunk = Integer.parseInt(args[7]);
         Map<String, String> m = modes().get(mode);
         if (m == null) {
             throw new IllegalArgumentException("unknown mode " + mode);
@@ -56,7 +57,7 @@ public final class TrainBenchWorker {
         try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(config, seed, device, DataType.FLOAT32);
                 FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(m.get("checkpoint"))
                         .optPrecision(FineTuner.Precision.parse(m.get("precision"))).optLearningRate(1e-4f)
-                        .optSeed(seed).build()) {
+                        .optLossChunkTokens(lossChunk).optSeed(seed).build()) {
             SplittableRandom random = new SplittableRandom(seed);
             StateBytes idleState = tuner.stateBytes();
             for (int i = 0; i < 3; i++) {
@@ -96,6 +97,7 @@ public final class TrainBenchWorker {
             o.addProperty("batch", batch);
             o.addProperty("seq", seq);
             o.addProperty("steps", steps);
+            o.addProperty("loss_chunk_tokens", lossChunk);
             o.addProperty("device", device.isGpu() ? "gpu" + device.getDeviceId() : "cpu");
             o.addProperty("peak_memory_bytes", peak);
             o.addProperty("idle_memory_bytes", idle);

@@ -115,7 +115,7 @@ public final class BenchGenerateCommand implements Callable<Integer> {
         for (int b : selected) {
             List<String> lines = FreshJvm.run(heap, timeout, GenerateBenchWorker.class, List.of(preset,
                     Integer.toString(b), Integer.toString(promptTokens), Integer.toString(newTokens), dev,
-                    Long.toString(seed), Integer.toString(prefillChunk)));
+                    Long.toString(seed), Integer.toString(prefillChunk)), BenchTrainCommand.ALLOCATOR);
             JsonObject result = lastJson(lines, "batch " + b);
             System.out.println(result);
             System.out.flush();

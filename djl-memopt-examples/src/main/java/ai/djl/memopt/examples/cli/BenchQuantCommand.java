@@ -142,7 +142,8 @@ public final class BenchQuantCommand implements Callable<Integer> {
                         calibration == null || !v.contains("-") ? "-" : calibration.toAbsolutePath().toString(),
                         Integer.toString(groupSize), Integer.toString(seq == null ? 0 : seq),
                         Boolean.toString(includeLmHead), dir.toAbsolutePath().toString(),
-                        Integer.toString(calibrationSamples), Integer.toString(calibrationSeqLen)));
+                        Integer.toString(calibrationSamples), Integer.toString(calibrationSeqLen)),
+                        BenchTrainCommand.ALLOCATOR);
                 JsonObject r = BenchGenerateCommand.lastJson(lines, v);
                 if (base == null) {
                     base = r;

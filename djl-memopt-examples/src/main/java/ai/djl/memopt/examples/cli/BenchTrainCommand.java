@@ -3,13 +3,13 @@ package ai.djl.memopt.examples.cli;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.TrainBenchWorker;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.safetensors.AtomicFiles;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
-import java.nio.file.StandardCopyOption;
 import java.time.LocalDate;
 import java.time.ZoneOffset;
 import java.util.ArrayList;
@@ -42,6 +42,12 @@ import picocli.CommandLine.Option;
 public final class BenchTrainCommand implements Callable<Integer> {
 
     static final List<String> MODES = List.of("fp32", "checkpoint", "fp16", "fp16+checkpoint");
+    /**
+     * glibc's dynamic mmap threshold rises to the size of the largest freed block, after which tensors of that size come
+     * from the heap and freed ones stay resident: RSS would then measure fragmentation. A fixed threshold makes every
+     * tensor above 128 KiB its own mapping, returned to the system when freed.
+     */
+    static final Map<String, String> ALLOCATOR = Map.of("MALLOC_MMAP_THRESHOLD_", "131072");
     static final String BEGIN = "<!-- bench-train:begin -->";
     static final String END = "<!-- bench-train:end -->";
 
@@ -68,6 +74,10 @@ public final class BenchTrainCommand implements Callable<Integer> {
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and data seed.")
     long seed;
 
+    @Option(names = "--loss-chunk", defaultValue = "128", paramLabel = "TOKENS",
+            description = "Loss head computed in chunks of about this many tokens, in every mode (default 128).")
+    int lossChunk;
+
     @Option(names = "--heap", defaultValue = "3g", paramLabel = "SIZE", description = "Worker -Xmx (default 3g).")
     String heap;
 
@@ -85,9 +95,10 @@ public final class BenchTrainCommand implements Callable<Integer> {
     public Integer call() throws Exception {
         List<String> selected = modes == null || modes.isEmpty() ? MODES : normalise(modes);
         DeepSeekConfig.preset(preset); // unknown preset: a clear error before any JVM starts
-        if (batch < 1 || seq < 2 || steps < 1) {
+        if (batch < 1 || seq < 2 || steps < 1 || lossChunk < 1) {
             throw new IllegalArgumentException(String.format(Locale.ROOT,
-                    "need --batch >= 1, --seq >= 2, --steps >= 1; got %d, %d, %d", batch, seq, steps));
+                    "need --batch >= 1, --seq >= 2, --steps >= 1, --loss-chunk >= 1; got %d, %d, %d, %d", batch, seq,
+                    steps, lossChunk));
         }
         String dev = device.toLowerCase(Locale.ROOT);
         if (!dev.equals("cpu") && !dev.equals("gpu")) {
@@ -97,7 +108,7 @@ public final class BenchTrainCommand implements Callable<Integer> {
         for (String mode : selected) {
             List<String> lines = FreshJvm.run(heap, timeout, TrainBenchWorker.class, List.of(preset, mode,
                     Integer.toString(batch), Integer.toString(seq), Integer.toString(steps), dev,
-                    Long.toString(seed)));
+                    Long.toString(seed), Integer.toString(lossChunk)), ALLOCATOR);
             JsonObject result = null;
             for (String line : lines) {
                 if (line.startsWith("{")) {
@@ -175,15 +186,7 @@ public final class BenchTrainCommand implements Callable<Integer> {
             sb.append(row(c));
         }
         sb.append(END).append(after.isEmpty() ? "\n" : after);
-        Path dir = file.toAbsolutePath().getParent();
-        Files.createDirectories(dir);
-        Path tmp = Files.createTempFile(dir, "." + file.getFileName() + ".", ".tmp");
-        try {
-            Files.writeString(tmp, sb.toString(), StandardCharsets.UTF_8);
-            Files.move(tmp, file, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
-        } finally {
-            Files.deleteIfExists(tmp);
-        }
+        AtomicFiles.writeString(file, sb.toString());
     }
 
     static final String[] HEADER = {

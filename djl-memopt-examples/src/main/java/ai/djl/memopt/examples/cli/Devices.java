@@ -1,6 +1,7 @@
 package ai.djl.memopt.examples.cli;
 
 import ai.djl.Device;
+import ai.djl.engine.Engine;
 import ai.djl.ndarray.types.DataType;
 
 /** Parsing of the shared {@code --device} and {@code --dtype} options. */
@@ -14,17 +15,26 @@ final class Devices {
         if ("cpu".equals(d)) {
             return Device.cpu();
         }
+        int id = -1;
         if ("gpu".equals(d)) {
-            return Device.gpu();
-        }
-        if (d.startsWith("gpu:")) {
+            id = 0;
+        } else if (d.startsWith("gpu:")) {
             try {
-                return Device.gpu(Integer.parseInt(d.substring(4)));
+                id = Integer.parseInt(d.substring(4));
             } catch (NumberFormatException e) {
                 // falls through to the error below
             }
         }
-        throw new IllegalArgumentException("--device must be cpu, gpu or gpu:N, got '" + device + "'");
+        if (id < 0) {
+            throw new IllegalArgumentException("--device must be cpu, gpu or gpu:N, got '" + device + "'");
+        }
+        int visible = Engine.getInstance().getGpuCount();
+        if (id >= visible) {
+            // fail here with the reason rather than deep inside the engine
+            throw new IllegalArgumentException("--device " + device + ": the engine sees " + visible + " GPU(s)"
+                    + (visible == 0 ? " (a CPU build of libtorch, or no CUDA driver: see docs/gpu.md)" : ""));
+        }
+        return Device.gpu(id);
     }
 
     /** {@code fp32} or {@code fp16}. */
@@ -37,7 +47,8 @@ final class Devices {
             case "float16":
                 return DataType.FLOAT16;
             default:
-                throw new IllegalArgumentException("--dtype must be fp32 or fp16, got '" + dtype + "' (bf16 is converted on load: use fp16)");
+                throw new IllegalArgumentException("--dtype must be fp32 (float32) or fp16 (float16), got '" + dtype
+                        + "' (DJL's PyTorch engine aborts on bfloat16; BF16 checkpoints load as either)");
         }
     }
 }

@@ -8,17 +8,24 @@ import ai.djl.memopt.finetune.StepResult;
 import ai.djl.memopt.finetune.TextCorpus;
 import ai.djl.memopt.finetune.TokenBatch;
 import ai.djl.memopt.finetune.TokenDataset;
+import ai.djl.memopt.lora.Lora;
+import ai.djl.memopt.lora.LoraConfig;
+import ai.djl.memopt.lora.LoraReport;
 import ai.djl.memopt.memory.MemoryStats;
+import ai.djl.memopt.model.deepseek.DeepSeekCheckpointWriter;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
+import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
+import ai.djl.memopt.quantize.Quantizer;
+import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.ndarray.types.DataType;
 import com.google.gson.JsonObject;
 import java.io.IOException;
 import java.io.PrintStream;
 import java.nio.file.Files;
 import java.nio.file.Path;
-import java.nio.file.StandardCopyOption;
 import java.util.ArrayList;
 import java.util.Comparator;
 import java.util.List;
@@ -45,7 +52,15 @@ import picocli.CommandLine.Option;
  * memopt finetune --model DIR --data speeches/ --steps 200 --batch 4 --seq 256 --checkpoint all --precision fp16 \
  *     --lr 1e-4 --grad-accum 2 --save out/ --checkpoint-every 50
  * memopt finetune --model DIR --data speeches/ --steps 300 ... --save out/ --resume out/checkpoints
+ * memopt finetune --model DIR --data speeches/ --steps 200 --lora-rank 8 --quantize int4 --checkpoint all \
+ *     --save out/ --merge
  * </pre>
+ *
+ * <p>With {@code --lora-rank R} only LoRA adapters are trained (everything else frozen); {@code --quantize int8|int4}
+ * first quantizes the frozen base (QLoRA). {@code --save DIR} then receives the adapter in Hugging Face PEFT's layout
+ * ({@code adapter_model.safetensors}, {@code adapter_config.json}) instead of the model, and with {@code --merge} also
+ * {@code DIR/merged/}: the base model (rebuilt from {@code --model} or the preset's seed, dequantized) with the adapter
+ * folded in, a plain model directory.
  */
 @Command(name = "finetune", mixinStandardHelpOptions = true,
         description = "Fine-tune a DeepSeek model on plain text (activation checkpointing, FP16, resumable).")
@@ -89,7 +104,8 @@ public final class FinetuneCommand implements Callable<Integer> {
     String checkpoint;
 
     @Option(names = "--precision", defaultValue = "fp32", paramLabel = "fp32|fp16",
-            description = "fp16: FP16 projections with FP32 masters and dynamic loss scaling (default fp32).")
+            description = "fp16: the model in FP16 (norms and router FP32) with FP32 masters and dynamic loss scaling "
+                    + "(default fp32).")
     String precision;
 
     @Option(names = "--optimizer", defaultValue = "adamw", paramLabel = "adamw|adam|sgd", description = "Default adamw.")
@@ -104,12 +120,16 @@ public final class FinetuneCommand implements Callable<Integer> {
     @Option(names = "--warmup", defaultValue = "0", paramLabel = "N", description = "Linear warmup steps (default 0).")
     int warmup;
 
-    @Option(names = "--cosine", description = "Cosine decay of the learning rate to 10% at --steps.")
+    @Option(names = "--cosine", description = "Cosine decay of the learning rate to 10%% at --steps.")
     boolean cosine;
 
     @Option(names = "--grad-accum", defaultValue = "1", paramLabel = "K",
             description = "Micro-batches per optimizer step (default 1).")
     int gradAccum;
+
+    @Option(names = "--loss-chunk", defaultValue = "128", paramLabel = "TOKENS",
+            description = "Compute the loss head in chunks of about this many tokens (default 128).")
+    int lossChunk;
 
     @Option(names = "--save", required = true, paramLabel = "DIR",
             description = "Output: the final model, and training checkpoints under DIR/checkpoints.")
@@ -138,6 +158,28 @@ public final class FinetuneCommand implements Callable<Integer> {
             description = "Seed of the data order (and of --preset weights; default 42).")
     long seed;
 
+    @Option(names = "--lora-rank", defaultValue = "0", paramLabel = "R",
+            description = "Train LoRA adapters of rank R instead of all weights (default 0: full fine-tuning).")
+    int loraRank;
+
+    @Option(names = "--lora-alpha", paramLabel = "A", description = "LoRA alpha (default 2 x rank).")
+    Float loraAlpha;
+
+    @Option(names = "--lora-targets", split = ",", paramLabel = "NAMES",
+            defaultValue = "q_a_proj,q_b_proj,q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj",
+            description = "Projections that get adapters, PEFT target_modules style (default: the attention ones).")
+    List<String> loraTargets;
+
+    @Option(names = "--lora-dropout", defaultValue = "0", paramLabel = "P", description = "LoRA dropout (default 0).")
+    float loraDropout;
+
+    @Option(names = "--quantize", paramLabel = "int8|int4",
+            description = "QLoRA: quantize the frozen base weights first (needs --lora-rank).")
+    String quantize;
+
+    @Option(names = "--merge", description = "With --lora-rank: also write the model with the adapter merged to DIR/merged.")
+    boolean merge;
+
     @Option(names = "--json", description = "One JSON line per step and a final summary line on stdout.")
     boolean json;
 
@@ -147,10 +189,11 @@ public final class FinetuneCommand implements Callable<Integer> {
     @Override
     public Integer call() throws Exception {
         validate();
-        Device dev = PerplexityCommand.parseDevice(device);
+        Device dev = Devices.parse(device);
         FineTuner.Precision prec = FineTuner.Precision.parse(precision);
         StatefulOptimizer.Kind kind = StatefulOptimizer.Kind.parse(optimizer);
         FineTuner.checkpointPolicy(checkpoint); // validates the spec before any heavy work
+        LoraConfig lora = loraConfig();
         Path tokenizerJson = source.model != null ? source.model.resolve("tokenizer.json") : tokenizer;
         if (!Files.isRegularFile(tokenizerJson)) {
             throw new IllegalArgumentException(source.model != null
@@ -162,9 +205,8 @@ public final class FinetuneCommand implements Callable<Integer> {
         PrintStream err = System.err;
         err.printf(Locale.ROOT, "memopt finetune: %d tokens -> %d training + %d held-out sequences of %d%n",
                 dataset.tokenCount(), dataset.trainSequences(), dataset.heldOutSequences(), seq);
-        try (DeepSeekForCausalLM lm = source.model != null
-                ? DeepSeekLoader.load(source.model, dev, DataType.FLOAT32)
-                : DeepSeekForCausalLM.random(DeepSeekConfig.preset(source.preset), seed, dev, DataType.FLOAT32)) {
+        int code;
+        try (DeepSeekForCausalLM lm = loadBase(dev)) {
             if (dataset.maxTokenId() >= lm.config().vocabSize()) {
                 throw new IllegalArgumentException("the tokenizer produces id " + dataset.maxTokenId()
                         + " but the model's vocabulary has " + lm.config().vocabSize() + " entries");
@@ -173,10 +215,19 @@ public final class FinetuneCommand implements Callable<Integer> {
                 throw new IllegalArgumentException("--seq " + seq + " exceeds the model's max_position_embeddings "
                         + lm.config().maxPositionEmbeddings());
             }
+            if (lora != null) {
+                if (quantize != null) {
+                    Quantizer.quantize(lm, quantize.equalsIgnoreCase("int8") ? Int8WeightOnlyConfig.builder().build()
+                            : Int4WeightOnlyConfig.builder().build());
+                }
+                LoraReport report = Lora.apply(lm, lora);
+                loraTrainable = report.trainableParameters();
+                err.println("memopt finetune: " + report + (quantize != null ? " on a " + quantize + " base" : ""));
+            }
             LearningRateSchedule schedule = LearningRateSchedule.of(lr, warmup, cosine ? steps : 0, 0.1f);
             try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpoint).optPrecision(prec)
                     .optOptimizer(kind).optSchedule(schedule).optWeightDecay(weightDecay)
-                    .optGradientAccumulation(gradAccum).optSeed(seed).build()) {
+                    .optGradientAccumulation(gradAccum).optLossChunkTokens(lossChunk).optSeed(seed).build()) {
                 if (resumeFrom != null) {
                     tuner.restoreCheckpoint(resumeFrom);
                     err.printf(Locale.ROOT, "memopt finetune: resumed from %s at step %d%n", resumeFrom, tuner.step());
@@ -185,9 +236,57 @@ public final class FinetuneCommand implements Callable<Integer> {
                                 + ": --steps " + steps + " is the total step count and must exceed it");
                     }
                 }
-                return train(tuner, dataset, dev, tokenizerJson);
+                code = train(tuner, dataset, dev, tokenizerJson);
             }
         }
+        if (code == 0 && merge) {
+            writeMerged(dev);
+        }
+        return code;
+    }
+
+    private long loraTrainable = -1;
+
+    private DeepSeekForCausalLM loadBase(Device dev) throws IOException {
+        return source.model != null
+                ? DeepSeekLoader.load(source.model, dev, DataType.FLOAT32)
+                : DeepSeekForCausalLM.random(DeepSeekConfig.preset(source.preset), seed, dev, DataType.FLOAT32);
+    }
+
+    /** The LoRA configuration of the options, or null for full fine-tuning. */
+    private LoraConfig loraConfig() {
+        if (loraRank == 0) {
+            if (quantize != null || merge) {
+                throw new IllegalArgumentException((quantize != null ? "--quantize" : "--merge")
+                        + " is for LoRA fine-tuning: give --lora-rank R");
+            }
+            return null;
+        }
+        if (loraRank < 0) {
+            throw new IllegalArgumentException("--lora-rank must be positive, got " + loraRank);
+        }
+        if (quantize != null && !quantize.equalsIgnoreCase("int8") && !quantize.equalsIgnoreCase("int4")) {
+            throw new IllegalArgumentException("unknown --quantize '" + quantize + "': expected int8 or int4");
+        }
+        return LoraConfig.builder().setRank(loraRank).optAlpha(loraAlpha != null ? loraAlpha : 2f * loraRank)
+                .optDropout(loraDropout).optTargetModules(loraTargets).build();
+    }
+
+    /**
+     * Rebuilds the FP32 base (the training model may be quantized or wrapped for FP16), puts the saved adapter on it,
+     * merges and writes a plain model directory to {@code DIR/merged}. Merging onto the full-precision base rather
+     * than the quantized one is what QLoRA users deploy (or quantize again).
+     */
+    private void writeMerged(Device dev) throws IOException {
+        Path out = save.resolve("merged");
+        try (DeepSeekForCausalLM lm = loadBase(dev)) {
+            Lora.load(lm, save);
+            Lora.merge(lm);
+            DeepSeekCheckpointWriter.save(lm, lm.config(), out);
+        }
+        Path tokenizerJson = source.model != null ? source.model.resolve("tokenizer.json") : tokenizer;
+        copyTokenizer(tokenizerJson, out);
+        System.err.println("memopt finetune: merged model written to " + out);
     }
 
     private void validate() {
@@ -204,6 +303,7 @@ public final class FinetuneCommand implements Callable<Integer> {
         positive("--batch", batch);
         positive("--grad-accum", gradAccum);
         positive("--keep-checkpoints", keepCheckpoints);
+        positive("--loss-chunk", lossChunk);
         if (seq < 2) {
             throw new IllegalArgumentException("--seq must be at least 2, got " + seq);
         }
@@ -272,7 +372,11 @@ public final class FinetuneCommand implements Callable<Integer> {
         }
         double elapsed = (System.nanoTime() - start) / 1e9;
         writeCheckpoint(tuner, checkpoints);
-        tuner.saveModel(save);
+        if (loraTrainable >= 0) {
+            Lora.save(tuner.model(), save, source.model != null ? source.model.toString() : source.preset);
+        } else {
+            tuner.saveModel(save);
+        }
         copyTokenizer(tokenizerJson, save);
         Double heldOutAfter = heldOutLoss(tuner, dataset);
         JsonObject o = new JsonObject();
@@ -295,13 +399,19 @@ public final class FinetuneCommand implements Callable<Integer> {
                 : MemoryStats.peakResidentBytes());
         o.addProperty("precision", tuner.precision().name().toLowerCase(Locale.ROOT));
         o.addProperty("checkpointing", tuner.checkpointing());
+        if (loraTrainable >= 0) {
+            o.addProperty("lora_rank", loraRank);
+            o.addProperty("lora_trainable_parameters", loraTrainable);
+            o.addProperty("quantized_base", quantize != null ? quantize.toLowerCase(Locale.ROOT) : "none");
+        }
         o.addProperty("save", save.toString());
         if (json) {
             out.println(o);
         } else {
-            out.printf(Locale.ROOT, "trained to step %d: loss %.4f -> %.4f%s; model saved to %s%n", tuner.step(),
+            out.printf(Locale.ROOT, "trained to step %d: loss %.4f -> %.4f%s; %s saved to %s%n", tuner.step(),
                     firstLoss, last.loss(), heldOutAfter != null
-                            ? String.format(Locale.ROOT, ", held-out loss %.4f", heldOutAfter) : "", save);
+                            ? String.format(Locale.ROOT, ", held-out loss %.4f", heldOutAfter) : "",
+                    loraTrainable >= 0 ? "LoRA adapter" : "model", save);
         }
         return 0;
     }
@@ -347,13 +457,7 @@ public final class FinetuneCommand implements Callable<Integer> {
             if (!Files.isRegularFile(src) || src.toAbsolutePath().equals(dst.toAbsolutePath())) {
                 continue;
             }
-            Path tmp = Files.createTempFile(dir, "." + name + ".", ".tmp");
-            try {
-                Files.copy(src, tmp, StandardCopyOption.REPLACE_EXISTING);
-                Files.move(tmp, dst, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
-            } finally {
-                Files.deleteIfExists(tmp);
-            }
+            AtomicFiles.copy(src, dst);
         }
     }
 

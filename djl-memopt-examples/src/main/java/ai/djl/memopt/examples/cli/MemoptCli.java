@@ -32,7 +32,8 @@ public final class MemoptCli implements Runnable {
 
     /** Runs the tool in-process (tests use this) and returns its exit code. */
     public static int execute(String... args) {
-        // the tool never downloads libtorch: the CPU build ships in the jar; on a GPU machine set it to false
+        // the tool never downloads libtorch: the CPU build ships in the jar. For a GPU, see docs/gpu.md (point
+        // PYTORCH_LIBRARY_PATH at a CUDA libtorch; going online alone does not replace the bundled CPU build)
         if (System.getProperty("ai.djl.offline") == null && System.getenv("MEMOPT_ONLINE") == null) {
             System.setProperty("ai.djl.offline", "true");
         }

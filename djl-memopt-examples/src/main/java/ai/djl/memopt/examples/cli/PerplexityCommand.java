@@ -1,7 +1,6 @@
 package ai.djl.memopt.examples.cli;
 
 import ai.djl.Device;
-import ai.djl.engine.Engine;
 import ai.djl.huggingface.tokenizers.HuggingFaceTokenizer;
 import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
@@ -71,8 +70,8 @@ public final class PerplexityCommand implements Callable<Integer> {
         if (!Files.isDirectory(model)) {
             throw new IllegalArgumentException("model directory " + model + " does not exist");
         }
-        Device dev = parseDevice(device);
-        DataType type = parseDType(dtype);
+        Device dev = Devices.parse(device);
+        DataType type = Devices.dtype(dtype);
         long[] ids = tokenIds != null ? parseIds(tokenIds) : tokenize(model, text);
         try (Scorer scorer = openModel(model, dev, type)) {
             int window = seq != null ? seq : Math.min(scorer.maxPositions(), 1024);
@@ -219,33 +218,6 @@ public final class PerplexityCommand implements Callable<Integer> {
         options.put("padding", "false");
         try (HuggingFaceTokenizer tokenizer = HuggingFaceTokenizer.newInstance(tokenizerJson, options)) {
             return tokenizer.encode(content).getIds();
-        }
-    }
-
-    static Device parseDevice(String name) {
-        switch (name.toLowerCase(Locale.ROOT)) {
-            case "cpu":
-                return Device.cpu();
-            case "gpu":
-                if (Engine.getInstance().getGpuCount() == 0) {
-                    throw new IllegalArgumentException("--device gpu: no GPU is visible to the engine");
-                }
-                return Device.gpu();
-            default:
-                throw new IllegalArgumentException("--device must be cpu or gpu, got '" + name + "'");
-        }
-    }
-
-    static DataType parseDType(String name) {
-        switch (name.toLowerCase(Locale.ROOT)) {
-            case "float32":
-            case "fp32":
-                return DataType.FLOAT32;
-            case "float16":
-            case "fp16":
-                return DataType.FLOAT16;
-            default:
-                throw new IllegalArgumentException("--dtype must be float32 or float16, got '" + name + "'");
         }
     }
 }

@@ -112,8 +112,8 @@ public final class QuantizeCommand implements Callable<Integer> {
     @Override
     public Integer call() throws Exception {
         QuantMethod quantMethod = parseMethod();
-        DataType type = parseDtype();
-        Device dev = parseDevice();
+        DataType type = Devices.dtype(dtype);
+        Device dev = Devices.parse(device);
         boolean quantize = !"none".equals(scheme.toLowerCase(Locale.ROOT));
         if (!quantize && prune == null) {
             throw new ParameterException(spec.commandLine(), "--scheme none needs --prune (nothing to do otherwise)");
@@ -220,31 +220,6 @@ public final class QuantizeCommand implements Callable<Integer> {
             return QuantMethod.fromId(method);
         } catch (IllegalArgumentException e) {
             throw new ParameterException(spec.commandLine(), "--method: " + e.getMessage());
-        }
-    }
-
-    private DataType parseDtype() {
-        switch (dtype.toLowerCase(Locale.ROOT)) {
-            case "float32":
-            case "fp32":
-                return DataType.FLOAT32;
-            case "float16":
-            case "fp16":
-                return DataType.FLOAT16;
-            default:
-                throw new ParameterException(spec.commandLine(), "--dtype must be float32 or float16, got '" + dtype
-                        + "' (bfloat16 is not supported by DJL's PyTorch engine; BF16 checkpoints load as either)");
-        }
-    }
-
-    private Device parseDevice() {
-        switch (device.toLowerCase(Locale.ROOT)) {
-            case "cpu":
-                return Device.cpu();
-            case "gpu":
-                return Device.gpu();
-            default:
-                throw new ParameterException(spec.commandLine(), "--device must be cpu or gpu, got '" + device + "'");
         }
     }
 

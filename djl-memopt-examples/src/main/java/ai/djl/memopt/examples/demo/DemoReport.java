@@ -1,15 +1,13 @@
 package ai.djl.memopt.examples.demo;
 
+import ai.djl.memopt.safetensors.AtomicFiles;
 import com.google.common.collect.ImmutableList;
 import com.google.common.html.HtmlEscapers;
 import java.awt.Color;
 import java.awt.image.BufferedImage;
 import java.io.ByteArrayOutputStream;
 import java.io.IOException;
-import java.nio.charset.StandardCharsets;
-import java.nio.file.Files;
 import java.nio.file.Path;
-import java.nio.file.StandardCopyOption;
 import java.util.Base64;
 import java.util.List;
 import java.util.Locale;
@@ -88,15 +86,7 @@ public final class DemoReport {
             html.append("<h3>").append(esc(v.name())).append("</h3><pre>").append(esc(v.sample())).append("</pre>\n");
         }
         html.append("</body></html>\n");
-        Path dir = file.toAbsolutePath().getParent();
-        Files.createDirectories(dir);
-        Path tmp = Files.createTempFile(dir, "." + file.getFileName(), ".tmp");
-        try {
-            Files.writeString(tmp, html, StandardCharsets.UTF_8);
-            Files.move(tmp, file, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
-        } finally {
-            Files.deleteIfExists(tmp);
-        }
+        AtomicFiles.writeString(file, html.toString());
     }
 
     private JFreeChart lossChart() {

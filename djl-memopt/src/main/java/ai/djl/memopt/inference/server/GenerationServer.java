@@ -1,6 +1,5 @@
 package ai.djl.memopt.inference.server;
 
-import ai.djl.memopt.inference.FinishReason;
 import ai.djl.memopt.inference.GenerationResult;
 import ai.djl.memopt.inference.Generator;
 import ai.djl.memopt.inference.TextTokenizer;
@@ -68,6 +67,8 @@ public final class GenerationServer implements AutoCloseable {
     private final OpenAiRequest.Limits limits;
 
     private final Set<Job> jobs = ConcurrentHashMap.newKeySet();
+    /** HTTP exchanges between Javalin's before and after handlers: responses not yet fully written. */
+    private final java.util.concurrent.atomic.AtomicInteger exchanges = new java.util.concurrent.atomic.AtomicInteger();
     private final CountDownLatch stopped = new CountDownLatch(1);
     private ThreadPoolExecutor worker;
     private Javalin app;
@@ -115,6 +116,8 @@ public final class GenerationServer implements AutoCloseable {
                             cfg.http.maxRequestSize = maxBodyBytes;
                             cfg.http.disableCompression(); // SSE chunks must reach the client as they are written
                         });
+        app.before(ctx -> exchanges.incrementAndGet());
+        app.after(ctx -> exchanges.decrementAndGet());
         app.post("/v1/completions", ctx -> handle(ctx, false));
         app.post("/v1/chat/completions", ctx -> handle(ctx, true));
         app.get("/v1/models", this::models);
@@ -389,10 +392,24 @@ public final class GenerationServer implements AutoCloseable {
         json(ctx, e.status, errorBody(e));
     }
 
+    /**
+     * Writes and flushes a JSON response inside the handler. {@code ctx.result} would leave the writing to Javalin
+     * after the handler returns, so {@link #close()} could stop the connector between a request leaving
+     * {@code jobs} and its bytes reaching the client.
+     */
     private static void json(Context ctx, int status, JsonObject body) {
+        byte[] bytes = GSON.toJson(body).getBytes(java.nio.charset.StandardCharsets.UTF_8);
         ctx.status(status);
         ctx.contentType("application/json");
-        ctx.result(GSON.toJson(body));
+        try {
+            ctx.res().setContentLength(bytes.length);
+            java.io.OutputStream out = ctx.res().getOutputStream();
+            out.write(bytes);
+            out.flush();
+        } catch (java.io.IOException e) {
+            // the client went away: nothing to answer
+            logger.debug("response not delivered: {}", e.toString());
+        }
     }
 
     /**
@@ -417,9 +434,10 @@ public final class GenerationServer implements AutoCloseable {
                     worker.shutdownNow();
                 }
             }
-            // let handlers write the last responses before the connector goes away
+            // let handlers write the last responses (results, cancellations, 503s) before the connector goes away;
+            // responses are flushed inside the handlers, so an exchange that reached its after-handler is delivered
             long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(5);
-            while (!jobs.isEmpty() && System.nanoTime() < deadline) {
+            while ((!jobs.isEmpty() || exchanges.get() > 0) && System.nanoTime() < deadline) {
                 Thread.sleep(10);
             }
         } catch (InterruptedException e) {

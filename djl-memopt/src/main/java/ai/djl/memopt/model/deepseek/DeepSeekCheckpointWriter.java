@@ -1,13 +1,12 @@
 package ai.djl.memopt.model.deepseek;
 
 import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.memopt.safetensors.SafetensorsWriter;
 import ai.djl.nn.Parameter;
 import java.io.IOException;
-import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
-import java.nio.file.StandardCopyOption;
 import java.util.Map;
 
 /**
@@ -57,13 +56,6 @@ public final class DeepSeekCheckpointWriter {
             writer.add(e.getKey(), e.getValue().getArray());
         }
         writer.write(dir.resolve("model.safetensors"));
-        Path tmp = Files.createTempFile(dir, ".config.json.", ".tmp");
-        try {
-            Files.writeString(tmp, config.toJson() + "\n", StandardCharsets.UTF_8);
-            Files.move(tmp, dir.resolve("config.json"), StandardCopyOption.ATOMIC_MOVE,
-                    StandardCopyOption.REPLACE_EXISTING);
-        } finally {
-            Files.deleteIfExists(tmp);
-        }
+        AtomicFiles.writeString(dir.resolve("config.json"), config.toJson() + "\n");
     }
 }

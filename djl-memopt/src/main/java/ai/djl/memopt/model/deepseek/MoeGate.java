@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -90,7 +91,7 @@ public final class MoeGate extends AbstractBlock {
         if (config.normTopkProb()) {
             weights = weights.div(weights.sum(new int[] {-1}, true).add(1e-20f));
         }
-        weights = weights.mul((float) config.routedScalingFactor());
+        weights = Scalars.mul(weights, config.routedScalingFactor());
         return new NDList(idx, weights);
     }
 
@@ -110,7 +111,7 @@ public final class MoeGate extends AbstractBlock {
         if (config.normTopkProb() && topK > 1) {
             weights = weights.div(weights.sum(new int[] {-1}, true).add(1e-20f));
         }
-        weights = weights.mul((float) config.routedScalingFactor());
+        weights = Scalars.mul(weights, config.routedScalingFactor());
         return new NDList(idx, weights);
     }
 

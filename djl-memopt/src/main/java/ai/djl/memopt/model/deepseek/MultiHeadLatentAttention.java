@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -155,7 +156,7 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
      */
     public NDArray attend(NDArray query, NDArray key, NDArray value, NDArray mask) {
         return Scoped.run(() -> {
-            NDArray scores = query.matMul(key.transpose(0, 1, 3, 2)).mul(softmaxScale); // (B, H, T, S)
+            NDArray scores = Scalars.mul(query.matMul(key.transpose(0, 1, 3, 2)), softmaxScale); // (B, H, T, S)
             NDArray s32 = Precisions.cast(scores, DataType.FLOAT32);
             NDArray additive = mask != null ? mask : causalMask(query.getManager(), query.getShape().get(2),
                     key.getShape().get(2));

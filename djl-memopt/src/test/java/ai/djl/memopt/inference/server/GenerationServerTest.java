@@ -9,6 +9,7 @@ import ai.djl.memopt.inference.DecodingSession;
 import ai.djl.memopt.inference.FakeLms;
 import ai.djl.memopt.inference.Generator;
 import ai.djl.memopt.inference.LanguageModel;
+import ai.djl.memopt.inference.OneThread;
 import ai.djl.memopt.inference.TextTokenizer;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
@@ -34,7 +35,9 @@ import java.util.concurrent.TimeUnit;
 import org.junit.jupiter.api.AfterAll;
 import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.extension.ExtendWith;
 
+@ExtendWith(OneThread.class)
 class GenerationServerTest {
 
     static TextTokenizer tok;

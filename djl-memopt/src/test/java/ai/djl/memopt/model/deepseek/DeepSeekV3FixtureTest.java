@@ -77,6 +77,10 @@ class DeepSeekV3FixtureTest {
             try {
                 NDArray logits = lm.forward(ps, new NDList(ids), true).head();
                 NDArray loss = CausalLmLoss.mean(logits, ids);
+                // a garbage collection between forward and backward frees any Java buffer autograd still reads
+                // (DJL's mul(Number) scalars): the gradients below would then be wrong, so provoke it here
+                System.gc();
+                Thread.sleep(100);
                 gc.backward(loss);
             } finally {
                 gc.close();

@@ -1,0 +1,83 @@
+package ai.djl.memopt.examples.demo;
+
+import ai.djl.Device;
+import ai.djl.memopt.examples.cli.PerplexityCommand;
+import ai.djl.memopt.inference.GenerationModel;
+import ai.djl.memopt.inference.GenerationResult;
+import ai.djl.memopt.inference.SamplingParams;
+import ai.djl.memopt.inference.TextTokenizer;
+import ai.djl.memopt.memory.MemoryStats;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
+import com.google.gson.JsonObject;
+import java.nio.file.Path;
+import java.util.List;
+
+/**
+ * Measures one variant of the demo model in a JVM of its own (so its peak resident memory is its own): loads a model
+ * directory or quantized artifact, scores held-out text, generates a sample, and prints one JSON line.
+ *
+ * <p>Arguments: {@code DIR DTYPE DEVICE HELDOUT_FILE SEQ NEW_TOKENS PROMPT}.
+ */
+public final class DemoVariantWorker {
+
+    private DemoVariantWorker() {}
+
+    public static void main(String[] args) throws Exception {
+        if (args.length != 7) {
+            System.err.println("usage: DemoVariantWorker DIR float32|float16 cpu|gpu HELDOUT SEQ NEW_TOKENS PROMPT");
+            System.exit(2);
+        }
+        Path dir = Path.of(args[0]);
+        DataType dtype = "float16".equals(args[1]) ? DataType.FLOAT16 : DataType.FLOAT32;
+        Device device = "gpu".equals(args[2]) ? Device.gpu() : Device.cpu();
+        Path heldOut = Path.of(args[3]);
+        int seq = Integer.parseInt(args[4]);
+        int newTokens = Integer.parseInt(args[5]);
+        String prompt = args[6];
+
+        try (GenerationModel m = GenerationModel.open(dir, device, dtype)) {
+            NDManager weights = m.model().manager();
+            long weightBytes = weights.getManagedArrays().stream().filter(a -> !a.isReleased())
+                    .mapToLong(DemoVariantWorker::bytes).sum();
+
+            long[] ids = PerplexityCommand.tokenize(dir, heldOut);
+            PerplexityCommand.Evaluation eval;
+            try (PerplexityCommand.Scorer scorer = PerplexityCommand.scorerOf(m.model(), () -> { })) {
+                eval = PerplexityCommand.evaluate(scorer, ids, seq);
+            }
+
+            TextTokenizer tok = m.tokenizer().orElseThrow(() -> new IllegalStateException(dir + ": no tokenizer.json"));
+            long[] promptIds = tok.encode(prompt);
+            // seeded nucleus sampling: a readable sample that is the same on every run; EOS ignored so every variant
+            // generates the same number of tokens for tokens/s
+            SamplingParams params = SamplingParams.builder().setMaxNewTokens(newTokens).optTemperature(0.8f)
+                    .optTopP(0.9f).optSeed(1234).optIgnoreEos(true).build();
+            GenerationResult r;
+            long t0 = System.nanoTime();
+            try (NDManager manager = NDManager.newBaseManager(device)) {
+                r = m.generator().generate(manager, List.of(promptIds), params, null, () -> false).get(0);
+            }
+            double seconds = (System.nanoTime() - t0) / 1e9;
+
+            JsonObject o = new JsonObject();
+            o.addProperty("dir", dir.toString());
+            o.addProperty("dtype", args[1]);
+            o.addProperty("peak_memory_bytes", device.isGpu() ? MemoryStats.deviceBytesInUse(device)
+                    : MemoryStats.peakResidentBytes());
+            o.addProperty("weight_bytes", weightBytes);
+            o.addProperty("heldout_tokens", ids.length);
+            o.addProperty("loss", eval.loss());
+            o.addProperty("perplexity", eval.perplexity());
+            o.addProperty("new_tokens", r.outputIds().length);
+            o.addProperty("tokens_per_second", r.outputIds().length / seconds);
+            o.addProperty("sample", prompt + tok.decode(r.outputIds(), true));
+            System.out.println(o);
+        }
+    }
+
+    private static long bytes(NDArray a) {
+        return a.size() * a.getDataType().getNumOfBytes();
+    }
+}
