@@ -89,8 +89,8 @@ class BenchQuantCommandTest {
         JsonObject awq = QuantBenchWorker.run(model, "int4-awq", heldout, calibration, 128, 64, false,
                 tmp.resolve("w"), 2, 16);
         for (JsonObject o : List.of(rtn, awq)) {
-            // the fixture's widths (16..128) make group 128 fall back to 64 or 32: 4 bits plus an FP32 scale and zero
-            // point per group of 32 or more weights
+            // the fixture's widths (16..128) make group 128 fall back to 64 or 32: 4 bits plus an FP32 scale and a
+            // UINT8 zero point per group of 32 or more weights (bounded here by 8 bytes per group)
             double layers = o.get("quantized_layers_ratio").getAsDouble();
             assertTrue(layers > 0.125 && layers <= 0.125 + 8.0 / 32 / 4, o.toString());
             assertTrue(o.get("weight_bytes").getAsLong() < o.get("fp32_weight_bytes").getAsLong(), o.toString());
