@@ -73,9 +73,10 @@ public final class StreamingQuantizedLoader {
         private final DeepSeekForCausalLM model;
         private final QuantizationReport report;
 
-        Result(DeepSeekForCausalLM model, QuantizationReport report) {
-            this.model = model;
-            this.report = report;
+        /** Pairs a model with its report (for callers that quantize in memory and want the same shape of result). */
+        public Result(DeepSeekForCausalLM model, QuantizationReport report) {
+            this.model = Preconditions.checkNotNull(model, "model");
+            this.report = Preconditions.checkNotNull(report, "report");
         }
 
         /** The model, its quantized layers replaced by {@link QuantizedLinear}, arrays on the caller's manager. */
