@@ -27,7 +27,7 @@ import org.junit.jupiter.api.io.TempDir;
 
 /**
  * Streaming int4 loading holds about the quantized model, never the float one. A synthetic random F32 DeepSeek-V3
- * checkpoint (7 layers, 161 MB, written tensor by tensor so this test never holds it) is loaded as int4 g128 in a
+ * checkpoint (7 layers, 158 MB, written tensor by tensor so this test never holds it) is loaded as int4 g128 in a
  * fresh JVM by {@link ai.djl.memopt.quantize.StreamingQuantizedLoader} and, for contrast, by load-FP32-then-quantize;
  * each child first does the same load of a 2-layer checkpoint of the same shapes (libtorch's kernels, code pages and
  * allocator arenas exist before the baseline), then resets its peak and measures {@code VmHWM - VmRSS before}.
@@ -35,9 +35,9 @@ import org.junit.jupiter.api.io.TempDir;
  * <p>The child runs with a small young generation ({@code -Xmn8m}: Java garbage would otherwise show up as resident
  * eden pages) and {@code MALLOC_MMAP_THRESHOLD_=131072}: glibc raises its mmap threshold to the size of every freed
  * large block, so without it each layer's multi-MB temporaries land in the heap arena between the codes that stay and
- * are never returned (measured with default glibc: 170 MB growth for this 161 MB checkpoint's 5-layer sibling of 227 MB,
- * i.e. no better than holding the float model). Measured with it (2 cores, JDK 17): checkpoint 160.6 MB, largest tensor
- * 3.0 MB, int4 model 29.9 MB; peak growth streamed 33-45 MB, load-then-quantize about 330 MB.
+ * are never returned (measured with default glibc on a 10-layer, 227 MB sibling: 170 MB growth for a 38 MB int4 model).
+ * Measured with it (2 cores, JDK 17, three runs): checkpoint 157.9 MB, largest tensor 4.0 MB, int4 model 28.4 MB; peak
+ * growth streamed 29.9 / 33.9 / 41.2 MB, load-then-quantize 305 MB (float model, mapped pages and direct buffers).
  */
 class StreamLoadMemoryTest {
 
