@@ -49,11 +49,15 @@ class StreamingQuantizedLoaderTest {
     /** Streams {@code dir} and compares everything with load-then-quantize. */
     private static void assertSameAsLoadThenQuantize(Path dir, DataType dtype, QuantizationConfig config)
             throws IOException {
-        try (NDManager m = NDManager.newBaseManager()) {
-            DeepSeekForCausalLM reference = DeepSeekLoader.load(dir, m, dtype);
+        try (NDManager m = NDManager.newBaseManager();
+                NDManager refManager = m.newSubManager();
+                NDManager streamManager = m.newSubManager()) {
+            DeepSeekForCausalLM reference = DeepSeekLoader.load(dir, refManager, dtype);
             QuantizationReport refReport = Quantizer.quantize(reference, config);
-            StreamingQuantizedLoader.Result streamed = StreamingQuantizedLoader.load(dir, m, dtype, config);
+            StreamingQuantizedLoader.Result streamed = StreamingQuantizedLoader.load(dir, streamManager, dtype, config);
             DeepSeekForCausalLM lm = streamed.model();
+            // nothing but the model's arrays is left: no float weight, placeholder or temporary
+            assertEquals(refManager.getManagedArrays().size(), streamManager.getManagedArrays().size());
 
             Map<String, Block> refBlocks = Blocks.walk(reference);
             Map<String, Block> blocks = Blocks.walk(lm);
@@ -215,6 +219,7 @@ class StreamingQuantizedLoaderTest {
         try (NDManager m = NDManager.newBaseManager()) {
             IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
                     () -> StreamingQuantizedLoader.load(dir, m, DataType.FLOAT32, INT4));
+            assertEquals(0, m.getManagedArrays().size(), "a failed load frees what it allocated");
             assertTrue(e.getMessage().contains(t) && e.getMessage().contains("model.safetensors")
                     && e.getMessage().contains("(64, 32)") && e.getMessage().contains("(64, 64)"), e.getMessage());
         }
