@@ -6,14 +6,13 @@ import ai.djl.memopt.checkpoint.CheckpointingGradientCollector;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.DynamicLossScaler;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
-import ai.djl.memopt.precision.MixedPrecisionOptimizer;
 import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.memopt.safetensors.SafetensorsFile;
+import ai.djl.memopt.safetensors.SafetensorsDType;
 import ai.djl.memopt.safetensors.SafetensorsWriter;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -22,7 +21,6 @@ import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
-import ai.djl.nn.core.Linear;
 import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.GradientCollector;
@@ -38,7 +36,6 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.nio.file.StandardCopyOption;
-import java.util.ArrayList;
 import java.util.Collections;
 import java.util.Comparator;
 import java.util.IdentityHashMap;
@@ -106,11 +103,12 @@ public final class FineTuner implements AutoCloseable {
     }
 
     private final DeepSeekForCausalLM lm;
-    private MixedPrecisionOptimizer mixedOptimizer;
+    private DynamicLossScaler scaler;
     private final StatefulOptimizer optimizer;
     private final NDManager stateManager;
     private final LearningRateSchedule schedule;
     private final int gradientAccumulation;
+    private final int lossChunkTokens;
     private final String checkpointing;
     private final List<String> checkpointedLayers;
     private final Precision precision;
@@ -125,6 +123,7 @@ public final class FineTuner implements AutoCloseable {
         this.lm = b.model;
         this.precision = b.precision;
         this.gradientAccumulation = b.gradientAccumulation;
+        this.lossChunkTokens = b.lossChunkTokens;
         this.seed = b.seed;
         this.schedule = b.schedule != null ? b.schedule : LearningRateSchedule.constant(b.learningRate);
         if (b.checkpointPolicy != null) {
@@ -147,54 +146,29 @@ public final class FineTuner implements AutoCloseable {
                 .optLearningRate(schedule.at(0)).optBetas(b.beta1, b.beta2).optEpsilon(b.epsilon)
                 .optWeightDecay(b.weightDecay).optMomentum(b.momentum).build();
         if (precision == Precision.FP16) {
-            this.masters = wrapProjectionsInMixedPrecision(lm);
-            this.mixedOptimizer = MixedPrecisionOptimizer.builder().setBlock(lm).setOptimizer(optimizer)
-                    .optLossScaler(b.lossScaler != null ? b.lossScaler : DynamicLossScaler.create()).build();
+            this.masters = mixedPrecision(lm);
+            this.scaler = b.lossScaler != null ? b.lossScaler : DynamicLossScaler.create();
         } else {
             this.masters = Map.of();
         }
     }
 
     /**
-     * FP16 the way {@code torch.autocast} does it: every projection ({@code Linear}, including experts and
-     * {@code lm_head}) is wrapped in its own {@link MixedPrecisionBlock}, which casts its FP32 input to FP16
-     * differentiably, multiplies by the FP16 working weight and casts the output back to FP32; everything else
-     * (embedding, norms, router, softmax, rotary, residual stream) stays FP32. Wrapping the whole model instead cannot
-     * train it: the DeepSeek blocks cast with {@code NDArray.toType}, which DJL runs without autograd, so every
-     * FP16->FP32 cast inside the model (softmax, rotary, MoE combine, logits) would cut the graph.
+     * Wraps the whole model in a {@link MixedPrecisionBlock}: FP16 working copies of every weight except the FP32
+     * islands of the default {@link ai.djl.memopt.precision.PrecisionPolicy} (RMS norms and the MoE router), so the
+     * residual stream, projections and experts run and store their activations in FP16, while the model itself computes
+     * softmax, rotary and the MoE combination in FP32 and returns FP32 logits. The wrapper only casts floating inputs
+     * and outputs (token ids pass through), so the model is called directly afterwards.
      *
      * @return the FP32 masters by Hugging Face parameter name
      */
-    private static Map<String, NDArray> wrapProjectionsInMixedPrecision(DeepSeekForCausalLM lm) {
-        List<String> paths = new ArrayList<>();
-        for (Map.Entry<String, Block> e : Blocks.walk(lm).entrySet()) {
-            if (!e.getKey().isEmpty() && !hasMixedPrecision(e.getValue())
-                    && BlockDecorator.unwrap(e.getValue()) instanceof Linear) {
-                paths.add(e.getKey());
-            }
-        }
+    private static Map<String, NDArray> mixedPrecision(DeepSeekForCausalLM lm) {
+        MixedPrecisionBlock mixed = MixedPrecisionBlock.wrap(lm);
         Map<String, NDArray> masters = new LinkedHashMap<>();
-        for (String path : paths) {
-            Blocks.replace(lm, path, b -> {
-                MixedPrecisionBlock mp = MixedPrecisionBlock.wrap(b);
-                for (MixedPrecisionBlock.MasterWeight w : mp.masterWeights()) {
-                    masters.put(path + "." + w.path(), w.master());
-                }
-                return mp;
-            });
+        for (MixedPrecisionBlock.MasterWeight w : mixed.masterWeights()) {
+            masters.put(w.path(), w.master());
         }
         return Collections.unmodifiableMap(masters);
-    }
-
-    private static boolean hasMixedPrecision(Block block) {
-        for (Block level = block; ; level = ((BlockDecorator) level).delegate()) {
-            if (level instanceof MixedPrecisionBlock) {
-                return true;
-            }
-            if (!(level instanceof BlockDecorator)) {
-                return false;
-            }
-        }
     }
 
     public static Builder builder() {
@@ -282,12 +256,12 @@ public final class FineTuner implements AutoCloseable {
 
     /** The loss scale the next step will use (1 in FP32). */
     public float lossScale() {
-        return mixedOptimizer != null ? mixedOptimizer.getLossScaler().getScale() : 1f;
+        return scaler != null ? scaler.getScale() : 1f;
     }
 
     /** The loss scaler (FP16) or null. */
     public DynamicLossScaler lossScaler() {
-        return mixedOptimizer != null ? mixedOptimizer.getLossScaler() : null;
+        return scaler;
     }
 
     /**
@@ -311,8 +285,8 @@ public final class FineTuner implements AutoCloseable {
             lossSum += forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k);
         }
         boolean skipped;
-        if (mixedOptimizer != null) {
-            skipped = !mixedOptimizer.step();
+        if (scaler != null) {
+            skipped = !updateFp16(scale);
         } else {
             updateFp32();
             skipped = false;
@@ -337,24 +311,142 @@ public final class FineTuner implements AutoCloseable {
             try (GradientCollector gc = checkpointedLayers.isEmpty()
                     ? m.getEngine().newGradientCollector()
                     : CheckpointingGradientCollector.open(m)) {
-                NDArray logits = lm.forward(ps, new NDList(ids), true).head(); // (b, T, V) FP32
-                NDArray loss = CausalLmLoss.mean(logits, ids);
-                // the collector makes its seed gradient in the loss's manager: keep both in this step's manager
-                logits.attach(m);
-                loss.attach(m);
-                double value = loss.getFloat();
-                if (lossFactor == 1f) {
-                    gc.backward(loss);
-                } else {
-                    try (NDArray scaled = Scalars.mul(loss, lossFactor)) {
-                        gc.backward(scaled);
-                    }
+                int positions = Math.max(8, lossChunkTokens / micro.rows());
+                if (positions >= micro.seq() - 1) {
+                    return wholeLoss(gc, m, ps, ids, lossFactor);
                 }
-                loss.close();
-                logits.close();
-                return value;
+                return chunkedLoss(gc, m, ps, ids, lossFactor, positions);
             }
         }
+    }
+
+    private double wholeLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids, float lossFactor) {
+        NDArray logits = lm.forward(ps, new NDList(ids), true).head(); // (b, T, V) FP32
+        NDArray loss = CausalLmLoss.mean(logits, ids);
+        // the collector makes its seed gradient in the loss's manager: keep both in this step's manager
+        logits.attach(m);
+        loss.attach(m);
+        double value = loss.getFloat();
+        if (lossFactor == 1f) {
+            gc.backward(loss);
+        } else {
+            try (NDArray scaled = Scalars.mul(loss, lossFactor)) {
+                gc.backward(scaled);
+            }
+        }
+        loss.close();
+        logits.close();
+        return value;
+    }
+
+    /**
+     * The loss head in chunks of positions: the final hidden state is cut from the graph as a leaf {@code h}; each chunk
+     * computes its logits and loss and back-propagates at once (into {@code lm_head} and {@code h.grad}), so only one
+     * chunk's {@code (b, c, V)} logits, log-probabilities and their gradients exist at a time instead of the whole
+     * {@code (b, T, V)}; then the decoder stack is back-propagated from {@code h.grad} (as the scalar
+     * {@code sum(hidden * h.grad)}, whose gradient is {@code h.grad}, so the checkpointing collector drives it). Chunk
+     * {@code [s, e]} predicts tokens {@code s+1..e}; its mean is weighted by its share of the {@code T - 1} targets.
+     */
+    private double chunkedLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids, float lossFactor,
+            int positions) {
+        NDArray hidden = lm.model().forward(ps, new NDList(ids), true).head(); // (b, T, H)
+        hidden.attach(m);
+        NDArray h = hidden.stopGradient();
+        h.attach(m);
+        h.setRequiresGradient(true);
+        long t = ids.getShape().get(1);
+        double total = 0;
+        for (long s = 0; s < t - 1; s += positions) {
+            long e = Math.min(t - 1, s + positions); // positions s..e, targets s+1..e
+            try (NDManager c = m.newSubManager()) {
+                NDArray hc = h.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1, H)
+                hc.attach(c);
+                NDArray idc = ids.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1)
+                idc.attach(c);
+                NDArray logits = lm.logits(ps, hc, true); // (b, c+1, V) FP32
+                logits.attach(c);
+                NDArray loss = CausalLmLoss.mean(logits, idc);
+                loss.attach(c);
+                double share = (double) (e - s) / (t - 1);
+                total += loss.getFloat() * share;
+                NDArray scaled = Scalars.mul(loss, lossFactor * share);
+                scaled.attach(c);
+                NDArray seed = scaled.onesLike();
+                seed.attach(c);
+                JniUtils.backward((PtNDArray) scaled, (PtNDArray) seed, false, false);
+            }
+        }
+        NDArray upstream = h.getGradient(); // (b, T, H)
+        upstream.attach(m);
+        NDArray target = hidden.mul(upstream).sum();
+        target.attach(m);
+        gc.backward(target);
+        return total;
+    }
+
+    /**
+     * The FP16 update, parameter by parameter: first one pass that only counts inf/NaN in the (scaled) gradients as
+     * they are, then, if there are none, for each parameter its gradient is unscaled into FP32, applied to the FP32
+     * master and the master copied into the FP16 working weight. Only one parameter's FP32 gradient exists at a time;
+     * {@code MixedPrecisionOptimizer} unscales every gradient to FP32 before the check, a transient copy of 4 bytes per
+     * FP16 parameter (about 1.1 GB for bench-small) that would dominate a step's memory.
+     *
+     * @return false if the step was skipped (overflow; the scale is lowered)
+     */
+    private boolean updateFp16(float scale) {
+        boolean overflow = false;
+        for (Parameter p : parameters.values()) {
+            if (!p.requiresGradient()) {
+                continue;
+            }
+            try (NDManager t = lm.manager().newSubManager()) {
+                NDArray g = p.getArray().getGradient();
+                g.attach(t);
+                NDArray bad = g.isInfinite().logicalOr(g.isNaN()).any();
+                bad.attach(t);
+                if (bad.getBoolean()) {
+                    overflow = true;
+                    break;
+                }
+            }
+        }
+        if (!scaler.update(overflow)) {
+            for (Parameter p : parameters.values()) {
+                if (p.requiresGradient()) {
+                    JniUtils.zeroGrad((PtNDArray) p.getArray());
+                }
+            }
+            return false;
+        }
+        boolean gradMode = JniUtils.isGradMode();
+        JniUtils.setGradMode(false); // in-place writes into leaves that require grad
+        try {
+            for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+                Parameter p = e.getValue();
+                if (!p.requiresGradient()) {
+                    continue;
+                }
+                NDArray w = p.getArray();
+                NDArray master = masters.get(e.getKey());
+                try (NDManager t = lm.manager().newSubManager()) {
+                    NDArray g = w.getGradient();
+                    g.attach(t);
+                    NDArray g32 = g.toType(DataType.FLOAT32, true);
+                    g32.attach(t);
+                    g32.divi(scale); // unscale in FP32: the unscaled value may not be representable in FP16
+                    optimizer.update(p.getId(), master != null ? master : w, g32);
+                    if (master != null) {
+                        NDArray copy = master.toType(w.getDataType(), true);
+                        copy.attach(t);
+                        w.set(new NDIndex("..."), copy);
+                    }
+                }
+                JniUtils.zeroGrad((PtNDArray) w);
+            }
+        } finally {
+            JniUtils.setGradMode(gradMode);
+        }
+        return true;
     }
 
     private void updateFp32() {
@@ -409,6 +501,14 @@ public final class FineTuner implements AutoCloseable {
 
     // ------------------------------------------------------------------ checkpoints
 
+    /**
+     * The FP32 masters of the trainable weights in FP16 mode, by Hugging Face name (empty in FP32 mode). Frozen weights
+     * have none: they never change, so their FP16 working copy is all that is kept.
+     */
+    public Map<String, NDArray> masterWeights() {
+        return masters;
+    }
+
     /** The FP32 value of each weight (the master in FP16 mode), by Hugging Face name. */
     private Map<String, NDArray> fp32Weights() {
         Map<String, NDArray> out = new LinkedHashMap<>();
@@ -433,9 +533,17 @@ public final class FineTuner implements AutoCloseable {
     private void writeWeights(Path file) throws IOException {
         SafetensorsWriter writer = new SafetensorsWriter().putMetadata("format", "pt");
         for (Map.Entry<String, NDArray> e : fp32Weights().entrySet()) {
-            Preconditions.checkState(e.getValue().getDataType() == DataType.FLOAT32, "weight %s is %s", e.getKey(),
-                    e.getValue().getDataType());
-            writer.add(e.getKey(), e.getValue());
+            NDArray a = e.getValue();
+            if (a.getDataType() == DataType.FLOAT32) {
+                writer.add(e.getKey(), a);
+            } else {
+                // a frozen weight held only as its FP16 working copy: widened one tensor at a time while writing
+                writer.add(e.getKey(), SafetensorsDType.F32, a.getShape().getShape(), () -> {
+                    try (NDArray wide = a.toType(DataType.FLOAT32, true)) {
+                        return wide.toByteBuffer();
+                    }
+                });
+            }
         }
         writer.write(file);
     }
@@ -485,8 +593,8 @@ public final class FineTuner implements AutoCloseable {
             lr.addProperty("total", schedule.total());
             lr.addProperty("min_ratio", schedule.minRatio());
             state.add("schedule", lr);
-            if (mixedOptimizer != null) {
-                state.add("loss_scaler", JsonParser.parseString(mixedOptimizer.getLossScaler().toJson()));
+            if (scaler != null) {
+                state.add("loss_scaler", JsonParser.parseString(scaler.toJson()));
             }
             writeAtomically(tmp.resolve("trainer_state.json"),
                     new GsonBuilder().setPrettyPrinting().create().toJson(state) + "\n");
@@ -598,14 +706,11 @@ public final class FineTuner implements AutoCloseable {
             }
         }
         if (scaler != null) {
-            mixedOptimizer = MixedPrecisionOptimizer.builder().setBlock(lm).setOptimizer(optimizer)
-                    .optLossScaler(scaler).build();
-            mixedOptimizer.zeroGradients();
-        } else {
-            for (Parameter param : parameters.values()) {
-                if (param.requiresGradient() && param.getArray() instanceof PtNDArray) {
-                    JniUtils.zeroGrad((PtNDArray) param.getArray());
-                }
+            this.scaler = scaler;
+        }
+        for (Parameter param : parameters.values()) {
+            if (param.requiresGradient() && param.getArray() instanceof PtNDArray) {
+                JniUtils.zeroGrad((PtNDArray) param.getArray());
             }
         }
         step = newStep;
@@ -705,6 +810,7 @@ public final class FineTuner implements AutoCloseable {
         private float weightDecay;
         private float momentum;
         private int gradientAccumulation = 1;
+        private int lossChunkTokens = Integer.MAX_VALUE;
         private DynamicLossScaler lossScaler;
         private long seed;
 
@@ -782,6 +888,16 @@ public final class FineTuner implements AutoCloseable {
             return this;
         }
 
+        /**
+         * Computes the loss head ({@code lm_head}, softmax, cross-entropy) in chunks of about {@code tokens} tokens
+         * ({@code rows x positions}, at least 8 positions per chunk), so that the {@code (B, T, vocab)} logits and
+         * their gradients never exist at once; default: one chunk. Gradients are the same up to summation order.
+         */
+        public Builder optLossChunkTokens(int tokens) {
+            this.lossChunkTokens = tokens;
+            return this;
+        }
+
         /** The FP16 loss scaler (default {@link DynamicLossScaler#create()}). */
         public Builder optLossScaler(DynamicLossScaler scaler) {
             this.lossScaler = scaler;
@@ -804,6 +920,8 @@ public final class FineTuner implements AutoCloseable {
                     gradientAccumulation);
             Preconditions.checkArgument(learningRate >= 0 && Float.isFinite(learningRate),
                     "learning rate must be finite and >= 0, got %s", learningRate);
+            Preconditions.checkArgument(lossChunkTokens >= 1, "loss chunk must be >= 1 token, got %s",
+                    lossChunkTokens);
             Preconditions.checkArgument(lossScaler == null || precision == Precision.FP16,
                     "a loss scaler is only used in FP16 training");
             return new FineTuner(this);

@@ -161,11 +161,10 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
             if (kind == Kind.ADAMW && weightDecay != 0) {
                 w.muli(1 - learningRate * weightDecay);
             }
-            try (NDArray denom = s.second.sqrt()) {
-                denom.divi((float) Math.sqrt(bc2)).addi(epsilon);
-                try (NDArray upd = s.first.div(denom)) {
-                    w.subi(upd.muli((float) (learningRate / bc1)));
-                }
+            // one weight-sized temporary at a time (the largest tensor's update is part of a step's peak memory)
+            try (NDArray upd = s.second.sqrt()) {
+                upd.divi((float) Math.sqrt(bc2)).addi(epsilon).powi(-1).muli(s.first); // m / denom
+                w.subi(upd.muli((float) (learningRate / bc1)));
             }
         } finally {
             if (decayed != null) {

@@ -127,6 +127,14 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
                 }
                 continue;
             }
+            if (!p.requiresGradient()) {
+                // frozen (a LoRA base, say): never updated, so it needs no FP32 master, only its working copy
+                if (t != policy.computeType()) {
+                    replaceArray(p, a, a.toType(policy.computeType(), true));
+                    a.close();
+                }
+                continue;
+            }
             NDArray master = t == DataType.FLOAT32 ? a : a.toType(DataType.FLOAT32, true);
             NDArray working = t == policy.computeType() ? a : a.toType(policy.computeType(), true);
             if (working != a) {

@@ -26,10 +26,14 @@ class FineTunerTest {
     @TempDir Path tmp;
 
     static DeepSeekConfig tiny() {
+        return tinyBuilder().build();
+    }
+
+    static DeepSeekConfig.Builder tinyBuilder() {
         return DeepSeekConfig.builder(DeepSeekConfig.DEEPSEEK_V3).vocabSize(64).hiddenSize(32).intermediateSize(64)
                 .moeIntermediateSize(16).numHiddenLayers(3).numAttentionHeads(2).qLoraRank(16).kvLoraRank(16)
                 .qkNopeHeadDim(8).qkRopeHeadDim(4).vHeadDim(8).nRoutedExperts(4).nSharedExperts(1)
-                .numExpertsPerTok(2).nGroup(2).topkGroup(1).firstKDenseReplace(1).maxPositionEmbeddings(64).build();
+                .numExpertsPerTok(2).nGroup(2).topkGroup(1).firstKDenseReplace(1).maxPositionEmbeddings(64);
     }
 
     /** A corpus with structure to learn: a repeated pseudo-random phrase of 40 tokens. */
@@ -135,20 +139,27 @@ class FineTunerTest {
     void checkpointingAndAccumulationKeepTheUpdate() throws Exception {
         TokenDataset data = data(3);
         Map<String, Map<String, float[]>> results = new LinkedHashMap<>();
-        String[][] variants = {{"none", "1"}, {"all", "1"}, {"every:2", "2"}, {"sqrt", "4"}};
+        java.util.List<Double> losses = new java.util.ArrayList<>();
+        String[][] variants = {{"none", "1", "100000"}, {"all", "1", "100000"}, {"every:2", "2", "100000"},
+            {"sqrt", "4", "100000"}, {"none", "1", "16"}, {"all", "2", "8"}};
         for (String[] v : variants) {
             try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 2, Device.cpu(), DataType.FLOAT32);
                     FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(v[0])
                             .optOptimizer(StatefulOptimizer.Kind.SGD).optLearningRate(0.5f)
-                            .optGradientAccumulation(Integer.parseInt(v[1])).build()) {
-                tuner.step(data.trainBatch(0, 4));
-                results.put(v[0] + "/" + v[1], weights(tuner));
+                            .optGradientAccumulation(Integer.parseInt(v[1])).optLossChunkTokens(Integer.parseInt(v[2]))
+                            .build()) {
+                StepResult r = tuner.step(data.trainBatch(0, 4));
+                losses.add(r.loss());
+                results.put(v[0] + "/" + v[1] + "/" + v[2], weights(tuner));
                 if (!v[0].equals("none")) {
                     assertFalse(tuner.checkpointedLayers().isEmpty());
                 }
             }
         }
-        Map<String, float[]> plain = results.get("none/1");
+        for (double loss : losses) {
+            assertEquals(losses.get(0), loss, 1e-5, losses.toString());
+        }
+        Map<String, float[]> plain = results.get("none/1/100000");
         Map<String, float[]> init;
         try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 2, Device.cpu(), DataType.FLOAT32);
                 FineTuner tuner = FineTuner.builder().setModel(lm).build()) {
@@ -159,6 +170,54 @@ class FineTunerTest {
             double d = maxDiff(plain, e.getValue());
             assertTrue(d < 1e-5, e.getKey() + " differs from the plain step by " + d);
         }
+    }
+
+    /**
+     * One SGD step in FP16 moves every weight as the FP32 step does: gradients flow through every FP16/FP32 cast
+     * (attention softmax, rotary, norms, logits). Dense layers only: with a random router FP16 flips near-tied top-k
+     * choices, which changes which tokens reach an expert (the MoE path is trained in the FP16 loss test).
+     */
+    @Test
+    void fp16UpdateFollowsTheFp32Update() throws Exception {
+        TokenDataset data = data(3);
+        DeepSeekConfig dense = tinyBuilder().firstKDenseReplace(3).build();
+        Map<String, float[]> init;
+        Map<String, Map<String, float[]>> after = new LinkedHashMap<>();
+        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(dense, 4, Device.cpu(), DataType.FLOAT32);
+                FineTuner tuner = FineTuner.builder().setModel(lm).build()) {
+            init = weights(tuner);
+        }
+        for (FineTuner.Precision p : FineTuner.Precision.values()) {
+            try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(dense, 4, Device.cpu(), DataType.FLOAT32);
+                    FineTuner tuner = FineTuner.builder().setModel(lm).optPrecision(p).optCheckpointing("all")
+                            .optOptimizer(StatefulOptimizer.Kind.SGD).optLearningRate(1f).build()) {
+                assertFalse(tuner.step(data.trainBatch(0, 4)).skipped());
+                after.put(p.name(), weights(tuner));
+            }
+        }
+        double totalNum = 0;
+        double totalDen = 0;
+        for (String name : init.keySet()) {
+            if (name.endsWith("e_score_correction_bias")) {
+                continue;
+            }
+            float[] w0 = init.get(name);
+            float[] a = after.get("FP32").get(name);
+            float[] b = after.get("FP16").get(name);
+            double num = 0;
+            double den = 0;
+            for (int i = 0; i < w0.length; i++) {
+                double d32 = a[i] - w0[i];
+                double d16 = b[i] - w0[i];
+                num += (d32 - d16) * (d32 - d16);
+                den += d32 * d32;
+            }
+            assertTrue(den > 0, name + " did not move");
+            assertTrue(Math.sqrt(num / den) < 0.05, name + ": FP16 update off by " + Math.sqrt(num / den));
+            totalNum += num;
+            totalDen += den;
+        }
+        assertTrue(Math.sqrt(totalNum / totalDen) < 0.02, "FP16 update off by " + Math.sqrt(totalNum / totalDen));
     }
 
     @Test

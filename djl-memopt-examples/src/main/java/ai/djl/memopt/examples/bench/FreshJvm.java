@@ -32,6 +32,15 @@ public final class FreshJvm {
     }
 
     /**
+     * As {@link #run(String, long, Class, List)} with extra environment variables for the child (e.g. allocator
+     * settings that make its resident set follow the memory it really uses).
+     */
+    public static List<String> run(String heap, long timeoutSeconds, Class<?> mainClass, List<String> args,
+            Map<String, String> environment) throws IOException {
+        return run(List.of("-Xmx" + heap), environment, timeoutSeconds, mainClass, args);
+    }
+
+    /**
      * Runs {@code mainClass args...} in a fresh JVM with the given JVM options (e.g. {@code -Xmx1g}) and extra
      * environment variables (e.g. glibc's {@code MALLOC_*} tunables), forwarding its stderr; returns its stdout lines.
      *

@@ -41,7 +41,16 @@ import picocli.CommandLine.Option;
                 + " fresh JVM.")
 public final class BenchTrainCommand implements Callable<Integer> {
 
+    /** The modes run by default. */
     static final List<String> MODES = List.of("fp32", "checkpoint", "fp16", "fp16+checkpoint");
+    /** Every mode: the defaults plus {@code qlora} (int4 base, LoRA adapters, checkpointing), asked for by name. */
+    static final List<String> ALL_MODES = List.of("fp32", "checkpoint", "fp16", "fp16+checkpoint", "qlora");
+    /**
+     * glibc's dynamic mmap threshold rises to the size of the largest freed block, after which tensors of that size come
+     * from the heap and freed ones stay resident: RSS would then measure fragmentation. A fixed threshold makes every
+     * tensor above 128 KiB its own mapping, returned to the system when freed.
+     */
+    static final Map<String, String> ALLOCATOR = Map.of("MALLOC_MMAP_THRESHOLD_", "131072");
     static final String BEGIN = "<!-- bench-train:begin -->";
     static final String END = "<!-- bench-train:end -->";
 
@@ -50,7 +59,8 @@ public final class BenchTrainCommand implements Callable<Integer> {
     String preset;
 
     @Option(names = "--mode", split = ",", paramLabel = "MODE",
-            description = "fp32, checkpoint, fp16, fp16+checkpoint (repeatable or comma list; default all four).")
+            description = "fp32, checkpoint, fp16, fp16+checkpoint, qlora (int4 base + rank-8 LoRA + checkpointing);"
+                    + " repeatable or comma list; default the first four.")
     List<String> modes;
 
     @Option(names = "--batch", defaultValue = "1", paramLabel = "B", description = "Sequences per step (default 1).")
@@ -67,6 +77,10 @@ public final class BenchTrainCommand implements Callable<Integer> {
 
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and data seed.")
     long seed;
+
+    @Option(names = "--loss-chunk", defaultValue = "128", paramLabel = "TOKENS",
+            description = "Loss head computed in chunks of about this many tokens, in every mode (default 128).")
+    int lossChunk;
 
     @Option(names = "--heap", defaultValue = "3g", paramLabel = "SIZE", description = "Worker -Xmx (default 3g).")
     String heap;
@@ -85,9 +99,10 @@ public final class BenchTrainCommand implements Callable<Integer> {
     public Integer call() throws Exception {
         List<String> selected = modes == null || modes.isEmpty() ? MODES : normalise(modes);
         DeepSeekConfig.preset(preset); // unknown preset: a clear error before any JVM starts
-        if (batch < 1 || seq < 2 || steps < 1) {
+        if (batch < 1 || seq < 2 || steps < 1 || lossChunk < 1) {
             throw new IllegalArgumentException(String.format(Locale.ROOT,
-                    "need --batch >= 1, --seq >= 2, --steps >= 1; got %d, %d, %d", batch, seq, steps));
+                    "need --batch >= 1, --seq >= 2, --steps >= 1, --loss-chunk >= 1; got %d, %d, %d, %d", batch, seq,
+                    steps, lossChunk));
         }
         String dev = device.toLowerCase(Locale.ROOT);
         if (!dev.equals("cpu") && !dev.equals("gpu")) {
@@ -97,7 +112,7 @@ public final class BenchTrainCommand implements Callable<Integer> {
         for (String mode : selected) {
             List<String> lines = FreshJvm.run(heap, timeout, TrainBenchWorker.class, List.of(preset, mode,
                     Integer.toString(batch), Integer.toString(seq), Integer.toString(steps), dev,
-                    Long.toString(seed)));
+                    Long.toString(seed), Integer.toString(lossChunk)), ALLOCATOR);
             JsonObject result = null;
             for (String line : lines) {
                 if (line.startsWith("{")) {
@@ -121,8 +136,8 @@ public final class BenchTrainCommand implements Callable<Integer> {
         List<String> out = new ArrayList<>();
         for (String m : modes) {
             String n = m.trim().toLowerCase(Locale.ROOT);
-            if (!MODES.contains(n)) {
-                throw new IllegalArgumentException("unknown --mode '" + m + "': expected one of " + MODES);
+            if (!ALL_MODES.contains(n)) {
+                throw new IllegalArgumentException("unknown --mode '" + m + "': expected one of " + ALL_MODES);
             }
             if (!out.contains(n)) {
                 out.add(n);

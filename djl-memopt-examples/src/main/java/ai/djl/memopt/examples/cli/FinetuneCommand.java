@@ -104,7 +104,8 @@ public final class FinetuneCommand implements Callable<Integer> {
     String checkpoint;
 
     @Option(names = "--precision", defaultValue = "fp32", paramLabel = "fp32|fp16",
-            description = "fp16: FP16 projections with FP32 masters and dynamic loss scaling (default fp32).")
+            description = "fp16: the model in FP16 (norms and router FP32) with FP32 masters and dynamic loss scaling "
+                    + "(default fp32).")
     String precision;
 
     @Option(names = "--optimizer", defaultValue = "adamw", paramLabel = "adamw|adam|sgd", description = "Default adamw.")
@@ -125,6 +126,10 @@ public final class FinetuneCommand implements Callable<Integer> {
     @Option(names = "--grad-accum", defaultValue = "1", paramLabel = "K",
             description = "Micro-batches per optimizer step (default 1).")
     int gradAccum;
+
+    @Option(names = "--loss-chunk", defaultValue = "128", paramLabel = "TOKENS",
+            description = "Compute the loss head in chunks of about this many tokens (default 128).")
+    int lossChunk;
 
     @Option(names = "--save", required = true, paramLabel = "DIR",
             description = "Output: the final model, and training checkpoints under DIR/checkpoints.")
@@ -153,7 +158,7 @@ public final class FinetuneCommand implements Callable<Integer> {
             description = "Seed of the data order (and of --preset weights; default 42).")
     long seed;
 
-    @Option(names = "--lora-rank", defaultValue = "0", paramLabel = "R",
+    @Option(names = {"--lora", "--lora-rank"}, defaultValue = "0", paramLabel = "R",
             description = "Train LoRA adapters of rank R instead of all weights (default 0: full fine-tuning).")
     int loraRank;
 
@@ -168,7 +173,7 @@ public final class FinetuneCommand implements Callable<Integer> {
     @Option(names = "--lora-dropout", defaultValue = "0", paramLabel = "P", description = "LoRA dropout (default 0).")
     float loraDropout;
 
-    @Option(names = "--quantize", paramLabel = "int8|int4",
+    @Option(names = {"--quantize-base", "--quantize"}, paramLabel = "int8|int4",
             description = "QLoRA: quantize the frozen base weights first (needs --lora-rank).")
     String quantize;
 
@@ -222,7 +227,7 @@ public final class FinetuneCommand implements Callable<Integer> {
             LearningRateSchedule schedule = LearningRateSchedule.of(lr, warmup, cosine ? steps : 0, 0.1f);
             try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpoint).optPrecision(prec)
                     .optOptimizer(kind).optSchedule(schedule).optWeightDecay(weightDecay)
-                    .optGradientAccumulation(gradAccum).optSeed(seed).build()) {
+                    .optGradientAccumulation(gradAccum).optLossChunkTokens(lossChunk).optSeed(seed).build()) {
                 if (resumeFrom != null) {
                     tuner.restoreCheckpoint(resumeFrom);
                     err.printf(Locale.ROOT, "memopt finetune: resumed from %s at step %d%n", resumeFrom, tuner.step());
@@ -252,8 +257,8 @@ public final class FinetuneCommand implements Callable<Integer> {
     private LoraConfig loraConfig() {
         if (loraRank == 0) {
             if (quantize != null || merge) {
-                throw new IllegalArgumentException((quantize != null ? "--quantize" : "--merge")
-                        + " is for LoRA fine-tuning: give --lora-rank R");
+                throw new IllegalArgumentException((quantize != null ? "--quantize-base" : "--merge")
+                        + " is for LoRA fine-tuning: give --lora RANK");
             }
             return null;
         }
@@ -298,6 +303,7 @@ public final class FinetuneCommand implements Callable<Integer> {
         positive("--batch", batch);
         positive("--grad-accum", gradAccum);
         positive("--keep-checkpoints", keepCheckpoints);
+        positive("--loss-chunk", lossChunk);
         if (seq < 2) {
             throw new IllegalArgumentException("--seq must be at least 2, got " + seq);
         }
