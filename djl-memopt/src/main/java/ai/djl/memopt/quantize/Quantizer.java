@@ -20,6 +20,7 @@ import java.util.Locale;
 import java.util.Map;
 import java.util.Optional;
 import java.util.Set;
+import java.util.function.LongSupplier;
 import java.util.function.ToLongFunction;
 
 /**
@@ -140,16 +141,17 @@ public final class Quantizer {
                 }
                 continue;
             }
-            planLinear(path, block, inFeatures.applyAsLong(path), config, targets, skipped);
+            // the input size is asked for only once the filter keeps the layer (a skipped one may stay uninitialized)
+            planLinear(path, block, () -> inFeatures.applyAsLong(path), config, targets, skipped);
         }
     }
 
     /**
-     * Decides one Linear layer (not yet quantized) with {@code in} input features: puts it into {@code targets} with
-     * its effective config and group size, or into {@code skipped} with the reason.
+     * Decides one Linear layer (not yet quantized) with {@code inFeatures} inputs: puts it into {@code targets} with its
+     * effective config and group size, or into {@code skipped} with the reason.
      */
-    private static void planLinear(String path, Block block, long in, QuantizationConfig config, Map<String, Target> targets,
-            Map<String, String> skipped) {
+    private static void planLinear(String path, Block block, LongSupplier inFeatures, QuantizationConfig config,
+            Map<String, Target> targets, Map<String, String> skipped) {
         Optional<LayerOverride> override =
                 config.overrides().stream().filter(o -> o.matches(path)).findFirst();
         QuantizationConfig effective = config;
@@ -166,6 +168,7 @@ public final class Quantizer {
                 return;
             }
         }
+        long in = inFeatures.getAsLong();
         int group = effective.groupSize();
         String note = null;
         if (effective.scheme() == QuantScheme.INT4_WEIGHT_ONLY && in % group != 0) {
