@@ -20,6 +20,8 @@ import java.util.Locale;
 import java.util.Map;
 import java.util.Optional;
 import java.util.Set;
+import java.util.function.LongSupplier;
+import java.util.function.ToLongFunction;
 
 /**
  * The quantization entry point, in the spirit of torchao's {@code quantize_(model, config)}: replaces the selected
@@ -58,7 +60,12 @@ public final class Quantizer {
         Map<String, Block> blocks = Blocks.walk(root);
         Map<String, Target> targets = new LinkedHashMap<>();
         Map<String, String> skipped = new LinkedHashMap<>();
-        plan(blocks, config, targets, skipped);
+        plan(blocks, config, path -> {
+            Parameter weight = blocks.get(path).getParameters().get("weight");
+            Preconditions.checkArgument(weight.isInitialized(),
+                    "Linear '%s' is not initialized: initialize or load the model before quantizing it", path);
+            return weight.getArray().getShape().get(1);
+        }, targets, skipped);
 
         boolean calibrated = targets.values().stream().anyMatch(t -> t.config.method() != QuantMethod.RTN);
         Calibration calibration = null;
@@ -114,7 +121,12 @@ public final class Quantizer {
         return new QuantizationReport(layers, skipped, passes);
     }
 
-    private static void plan(Map<String, Block> blocks, QuantizationConfig config,
+    /**
+     * Sorts the blocks into layers to quantize ({@code targets}) and blocks with parameters that stay ({@code
+     * skipped}, with the reason). {@code inFeatures} gives a Linear's input dimension: from its weight here, from the
+     * checkpoint in {@link StreamingQuantizedLoader}, which plans before any weight is read.
+     */
+    static void plan(Map<String, Block> blocks, QuantizationConfig config, ToLongFunction<String> inFeatures,
             Map<String, Target> targets, Map<String, String> skipped) {
         for (Map.Entry<String, Block> e : blocks.entrySet()) {
             String path = e.getKey();
@@ -129,52 +141,59 @@ public final class Quantizer {
                 }
                 continue;
             }
-            Optional<LayerOverride> override =
-                    config.overrides().stream().filter(o -> o.matches(path)).findFirst();
-            QuantizationConfig effective = config;
-            if (override.isPresent()) {
-                if (override.get().config().isEmpty()) {
-                    skipped.put(path, "override '" + override.get().pattern() + "': skip");
-                    continue;
-                }
-                effective = override.get().config().get();
-            } else {
-                Optional<String> reason = config.filter().skipReason(path, block);
-                if (reason.isPresent()) {
-                    skipped.put(path, reason.get());
-                    continue;
-                }
-            }
-            Parameter weight = block.getParameters().get("weight");
-            Preconditions.checkArgument(weight.isInitialized(),
-                    "Linear '%s' is not initialized: initialize or load the model before quantizing it", path);
-            long in = weight.getArray().getShape().get(1);
-            int group = effective.groupSize();
-            String note = null;
-            if (effective.scheme() == QuantScheme.INT4_WEIGHT_ONLY && in % group != 0) {
-                int fallback = 0;
-                boolean allowed = ((Int4WeightOnlyConfig) effective).groupSizeFallback();
-                if (allowed) {
-                    for (int g = group / 2; g >= 32 && fallback == 0; g /= 2) {
-                        fallback = in % g == 0 ? g : 0;
-                    }
-                }
-                if (fallback == 0) {
-                    skipped.put(path, String.format(Locale.ROOT,
-                            "input dimension %d is not a multiple of the int4 group size %d%s", in, group,
-                            allowed && group > 32 ? " or of a smaller one" : ""));
-                    continue;
-                }
-                note = String.format(Locale.ROOT, "group size %d: input dimension %d is not a multiple of %d",
-                        fallback, in, group);
-                group = fallback;
-            }
-            targets.put(path, new Target(effective, group, note));
+            // the input size is asked for only once the filter keeps the layer (a skipped one may stay uninitialized)
+            planLinear(path, block, () -> inFeatures.applyAsLong(path), config, targets, skipped);
         }
     }
 
+    /**
+     * Decides one Linear layer (not yet quantized) with {@code inFeatures} inputs: puts it into {@code targets} with its
+     * effective config and group size, or into {@code skipped} with the reason.
+     */
+    private static void planLinear(String path, Block block, LongSupplier inFeatures, QuantizationConfig config,
+            Map<String, Target> targets, Map<String, String> skipped) {
+        Optional<LayerOverride> override =
+                config.overrides().stream().filter(o -> o.matches(path)).findFirst();
+        QuantizationConfig effective = config;
+        if (override.isPresent()) {
+            if (override.get().config().isEmpty()) {
+                skipped.put(path, "override '" + override.get().pattern() + "': skip");
+                return;
+            }
+            effective = override.get().config().get();
+        } else {
+            Optional<String> reason = config.filter().skipReason(path, block);
+            if (reason.isPresent()) {
+                skipped.put(path, reason.get());
+                return;
+            }
+        }
+        long in = inFeatures.getAsLong();
+        int group = effective.groupSize();
+        String note = null;
+        if (effective.scheme() == QuantScheme.INT4_WEIGHT_ONLY && in % group != 0) {
+            int fallback = 0;
+            boolean allowed = ((Int4WeightOnlyConfig) effective).groupSizeFallback();
+            if (allowed) {
+                for (int g = group / 2; g >= 32 && fallback == 0; g /= 2) {
+                    fallback = in % g == 0 ? g : 0;
+                }
+            }
+            if (fallback == 0) {
+                skipped.put(path, String.format(Locale.ROOT,
+                        "input dimension %d is not a multiple of the int4 group size %d%s", in, group,
+                        allowed && group > 32 ? " or of a smaller one" : ""));
+                return;
+            }
+            note = String.format(Locale.ROOT, "group size %d: input dimension %d is not a multiple of %d",
+                    fallback, in, group);
+            group = fallback;
+        }
+        targets.put(path, new Target(effective, group, note));
+    }
+
     /** A layer to quantize: its config, the group size actually used and why it differs. */
-    private static final class Target {
+    static final class Target {
         final QuantizationConfig config;
         final int groupSize;
         final String note;
@@ -269,26 +288,57 @@ public final class Quantizer {
         } else {
             q = QuantizedTensor.quantize(weight, config.scheme(), groupSize);
         }
-        double sqnr = sqnrDb(weight, q);
-        long before = bytes(weight);
-        long after = q.nbytes();
-        NDArray bias = null;
-        if (biasParam != null) {
-            NDArray b = biasParam.getArray();
-            bias = b.duplicate();
-            before += bytes(b);
-            after += bytes(b);
-        }
-        QuantizedLinear replacement = QuantizedLinear.of(q, bias, weight.getDataType(), method);
-        Blocks.replace(root, path, old -> replacement);
+        Quantized result = finish(path, weight, biasParam == null ? null : biasParam.getArray(), q, config.scheme(),
+                method, groupSize, alpha, note);
+        Blocks.replace(root, path, old -> result.linear);
         if (!kept.contains(weightParam)) {
             weightParam.close();
         }
         if (biasParam != null && !kept.contains(biasParam)) {
             biasParam.close();
         }
-        return new QuantizationReport.Layer(path, config.scheme(), method, groupSize, before, after, sqnr, alpha,
-                note);
+        return result.layer;
+    }
+
+    /**
+     * Round-to-nearest quantization of one layer's {@code weight (out, in)} as {@code target} says: the codes, the
+     * replacement layer and its report row, exactly what {@link #quantize} produces for an RTN target. The codes (and a
+     * copy of {@code bias}) are attached to {@code weight}'s manager; the caller installs the layer and frees the float
+     * weight.
+     */
+    static Quantized quantizeRtn(String path, NDArray weight, NDArray bias, Target target) {
+        QuantizationConfig config = target.config;
+        int groupSize = config.scheme() == QuantScheme.INT8_WEIGHT_ONLY ? (int) weight.getShape().get(1)
+                : target.groupSize;
+        QuantizedTensor q = QuantizedTensor.quantize(weight, config.scheme(), groupSize);
+        return finish(path, weight, bias, q, config.scheme(), QuantMethod.RTN, groupSize, null, target.note);
+    }
+
+    private static Quantized finish(String path, NDArray weight, NDArray bias, QuantizedTensor q, QuantScheme scheme,
+            QuantMethod method, int groupSize, Double alpha, String note) {
+        double sqnr = sqnrDb(weight, q);
+        long before = bytes(weight);
+        long after = q.nbytes();
+        NDArray biasCopy = null;
+        if (bias != null) {
+            biasCopy = bias.duplicate();
+            before += bytes(bias);
+            after += bytes(bias);
+        }
+        QuantizedLinear replacement = QuantizedLinear.of(q, biasCopy, weight.getDataType(), method);
+        return new Quantized(replacement, new QuantizationReport.Layer(path, scheme, method, groupSize, before, after,
+                sqnr, alpha, note));
+    }
+
+    /** A quantized layer and its report row. */
+    static final class Quantized {
+        final QuantizedLinear linear;
+        final QuantizationReport.Layer layer;
+
+        Quantized(QuantizedLinear linear, QuantizationReport.Layer layer) {
+            this.linear = linear;
+            this.layer = layer;
+        }
     }
 
     /** {@code 10 log10(|W|^2 / |W - dequant(q)|^2)}; +Infinity if exact. */

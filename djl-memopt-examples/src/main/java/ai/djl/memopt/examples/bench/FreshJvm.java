@@ -28,7 +28,7 @@ public final class FreshJvm {
      */
     public static List<String> run(String heap, long timeoutSeconds, Class<?> mainClass, List<String> args)
             throws IOException {
-        return run(heap, timeoutSeconds, mainClass, args, Map.of());
+        return run(List.of("-Xmx" + heap), Map.of(), timeoutSeconds, mainClass, args);
     }
 
     /**
@@ -37,11 +37,22 @@ public final class FreshJvm {
      */
     public static List<String> run(String heap, long timeoutSeconds, Class<?> mainClass, List<String> args,
             Map<String, String> environment) throws IOException {
+        return run(List.of("-Xmx" + heap), environment, timeoutSeconds, mainClass, args);
+    }
+
+    /**
+     * Runs {@code mainClass args...} in a fresh JVM with the given JVM options (e.g. {@code -Xmx1g}) and extra
+     * environment variables (e.g. glibc's {@code MALLOC_*} tunables), forwarding its stderr; returns its stdout lines.
+     *
+     * @throws IOException if the child fails, times out, or cannot be started
+     */
+    public static List<String> run(List<String> jvmOptions, Map<String, String> env, long timeoutSeconds,
+            Class<?> mainClass, List<String> args) throws IOException {
         Preconditions.checkArgument(timeoutSeconds > 0, "timeoutSeconds %s", timeoutSeconds);
         String java = Path.of(System.getProperty("java.home"), "bin", "java").toString();
         List<String> command = new ArrayList<>();
         command.add(java);
-        command.add("-Xmx" + heap);
+        command.addAll(jvmOptions);
         command.add("-Dai.djl.offline=" + System.getProperty("ai.djl.offline", "true"));
         // the child computes like the parent: same engine settings (threads, offline, library path)
         for (String name : System.getProperties().stringPropertyNames()) {
@@ -56,7 +67,7 @@ public final class FreshJvm {
         ProcessBuilder builder = new ProcessBuilder(command).redirectError(ProcessBuilder.Redirect.INHERIT);
         // libtorch's C++ deprecation warnings (printed once per process) would interleave with progress bars
         builder.environment().putIfAbsent("TORCH_CPP_LOG_LEVEL", "ERROR");
-        builder.environment().putAll(environment);
+        builder.environment().putAll(env);
         Process process = builder.start();
         List<String> lines = new ArrayList<>();
         Thread reader = new Thread(() -> {

@@ -6,9 +6,15 @@ import ai.djl.memopt.finetune.FineTuner;
 import ai.djl.memopt.finetune.StateBytes;
 import ai.djl.memopt.finetune.StepResult;
 import ai.djl.memopt.finetune.TokenBatch;
+import ai.djl.memopt.lora.Lora;
+import ai.djl.memopt.lora.LoraConfig;
+import ai.djl.memopt.lora.LoraReport;
 import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
+import ai.djl.memopt.quantize.QuantizationReport;
+import ai.djl.memopt.quantize.Quantizer;
 import ai.djl.ndarray.types.DataType;
 import com.google.gson.JsonObject;
 import java.util.Arrays;
@@ -54,11 +60,15 @@ public final class TrainBenchWorker {
         }
         DeepSeekConfig config = DeepSeekConfig.preset(preset);
         Engine.getInstance().setRandomSeed((int) seed);
-        try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(config, seed, device, DataType.FLOAT32);
+        DeepSeekForCausalLM base = DeepSeekForCausalLM.random(config, seed, device, DataType.FLOAT32);
+        Qlora qlora = "qlora".equals(mode) ? Qlora.apply(base) : null;
+        try (DeepSeekForCausalLM lm = base;
                 FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(m.get("checkpoint"))
                         .optPrecision(FineTuner.Precision.parse(m.get("precision"))).optLearningRate(1e-4f)
                         .optLossChunkTokens(lossChunk).optSeed(seed).build()) {
             SplittableRandom random = new SplittableRandom(seed);
+            // packed int4 weights are not parameters: count them with the state
+            long quantizedBytes = qlora != null ? qlora.quantizedBytes : 0;
             StateBytes idleState = tuner.stateBytes();
             for (int i = 0; i < 3; i++) {
                 System.gc();
@@ -101,8 +111,10 @@ public final class TrainBenchWorker {
             o.addProperty("device", device.isGpu() ? "gpu" + device.getDeviceId() : "cpu");
             o.addProperty("peak_memory_bytes", peak);
             o.addProperty("idle_memory_bytes", idle);
-            o.addProperty("state_bytes", state.total());
-            o.addProperty("weights_bytes", state.weights());
+            o.addProperty("state_bytes", state.total() + quantizedBytes);
+            o.addProperty("weights_bytes", state.weights() + quantizedBytes);
+            o.addProperty("quantized_weight_bytes", quantizedBytes);
+            o.addProperty("trainable_parameters", qlora != null ? qlora.trainable : config.parameterCount());
             o.addProperty("master_bytes", state.masters());
             o.addProperty("gradient_bytes", state.gradients());
             o.addProperty("optimizer_bytes", state.optimizer());
@@ -124,7 +136,30 @@ public final class TrainBenchWorker {
         m.put("checkpoint", Map.of("checkpoint", "all", "precision", "fp32"));
         m.put("fp16", Map.of("checkpoint", "none", "precision", "fp16"));
         m.put("fp16+checkpoint", Map.of("checkpoint", "all", "precision", "fp16"));
+        m.put("qlora", Map.of("checkpoint", "all", "precision", "fp32"));
         return m;
+    }
+
+    /**
+     * QLoRA as Dettmers et al. run it: the base's projections (attention, dense and shared MLPs, routed experts)
+     * quantized to int4 and frozen, rank-8 adapters (alpha 16) on the attention and MLP projections, trained in FP32.
+     */
+    static final class Qlora {
+        static final String[] TARGETS = {"q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+            "gate_proj", "up_proj", "down_proj"};
+        final long quantizedBytes;
+        final long trainable;
+
+        private Qlora(long quantizedBytes, long trainable) {
+            this.quantizedBytes = quantizedBytes;
+            this.trainable = trainable;
+        }
+
+        static Qlora apply(DeepSeekForCausalLM lm) {
+            QuantizationReport q = Quantizer.quantize(lm, Int4WeightOnlyConfig.builder().optGroupSize(64).build());
+            LoraReport l = Lora.apply(lm, LoraConfig.builder().setRank(8).optAlpha(16).optTargetModules(TARGETS).build());
+            return new Qlora(q.bytesAfter(), l.trainableParameters());
+        }
     }
 
     /** Samples device memory in use on a background thread; {@link #stop()} returns the maximum seen. */

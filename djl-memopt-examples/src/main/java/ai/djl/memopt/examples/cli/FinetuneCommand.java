@@ -158,7 +158,7 @@ public final class FinetuneCommand implements Callable<Integer> {
             description = "Seed of the data order (and of --preset weights; default 42).")
     long seed;
 
-    @Option(names = "--lora-rank", defaultValue = "0", paramLabel = "R",
+    @Option(names = {"--lora", "--lora-rank"}, defaultValue = "0", paramLabel = "R",
             description = "Train LoRA adapters of rank R instead of all weights (default 0: full fine-tuning).")
     int loraRank;
 
@@ -173,7 +173,7 @@ public final class FinetuneCommand implements Callable<Integer> {
     @Option(names = "--lora-dropout", defaultValue = "0", paramLabel = "P", description = "LoRA dropout (default 0).")
     float loraDropout;
 
-    @Option(names = "--quantize", paramLabel = "int8|int4",
+    @Option(names = {"--quantize-base", "--quantize"}, paramLabel = "int8|int4",
             description = "QLoRA: quantize the frozen base weights first (needs --lora-rank).")
     String quantize;
 
@@ -257,8 +257,8 @@ public final class FinetuneCommand implements Callable<Integer> {
     private LoraConfig loraConfig() {
         if (loraRank == 0) {
             if (quantize != null || merge) {
-                throw new IllegalArgumentException((quantize != null ? "--quantize" : "--merge")
-                        + " is for LoRA fine-tuning: give --lora-rank R");
+                throw new IllegalArgumentException((quantize != null ? "--quantize-base" : "--merge")
+                        + " is for LoRA fine-tuning: give --lora RANK");
             }
             return null;
         }

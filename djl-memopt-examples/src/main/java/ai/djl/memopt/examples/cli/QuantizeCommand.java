@@ -19,6 +19,7 @@ import ai.djl.memopt.quantize.QuantMethod;
 import ai.djl.memopt.quantize.QuantizationConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
 import ai.djl.memopt.quantize.Quantizer;
+import ai.djl.memopt.quantize.StreamingQuantizedLoader;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -141,23 +142,27 @@ public final class QuantizeCommand implements Callable<Integer> {
             throw new IOException("--model " + model + ": not a directory");
         }
 
-        try (DeepSeekForCausalLM lm = DeepSeekLoader.load(model, dev, type)) {
-            NDManager manager = lm.manager();
-            PruningReport pruned = pruning == null ? null : Pruner.prune(lm, pruning);
+        // RTN without pruning needs no activations: each layer is read and quantized on its own, so the float model
+        // is never in memory (StreamingQuantizedLoader; same codes as load-then-quantize)
+        boolean streaming = quantize && pruning == null && quantMethod == QuantMethod.RTN;
+        try (NDManager manager = NDManager.newBaseManager(dev)) {
+            DeepSeekForCausalLM lm;
+            PruningReport pruned = null;
             QuantizationReport report = null;
-            if (quantize) {
-                try (NDManager calibManager = manager.newSubManager()) {
-                    List<NDList> batches = quantMethod != QuantMethod.RTN
-                            ? calibrationBatches(calibManager, lm.config().vocabSize()) : List.of();
-                    QuantizationConfig.BaseBuilder<?> b = scheme.equalsIgnoreCase("int8")
-                            ? Int8WeightOnlyConfig.builder() : Int4WeightOnlyConfig.builder().optGroupSize(groupSize);
-                    b.optMethod(quantMethod).optIncludeLmHead(includeLmHead).optAwqGridSize(awqGrid);
-                    if (!batches.isEmpty()) {
-                        b.optCalibration(Calibration.of(batches));
+            if (streaming) {
+                StreamingQuantizedLoader.Result r =
+                        StreamingQuantizedLoader.load(model, manager, type, quantizationConfig(quantMethod, List.of()));
+                lm = r.model();
+                report = r.report();
+            } else {
+                lm = DeepSeekLoader.load(model, manager, type);
+                pruned = pruning == null ? null : Pruner.prune(lm, pruning);
+                if (quantize) {
+                    try (NDManager calibManager = manager.newSubManager()) {
+                        List<NDList> batches = quantMethod != QuantMethod.RTN
+                                ? calibrationBatches(calibManager, lm.config().vocabSize()) : List.of();
+                        report = Quantizer.quantize(lm, quantizationConfig(quantMethod, batches));
                     }
-                    QuantizationConfig config = b instanceof Int8WeightOnlyConfig.Builder
-                            ? ((Int8WeightOnlyConfig.Builder) b).build() : ((Int4WeightOnlyConfig.Builder) b).build();
-                    report = Quantizer.quantize(lm, config);
                 }
             }
             JsonObject reports = new JsonObject();
@@ -184,6 +189,17 @@ public final class QuantizeCommand implements Callable<Integer> {
             print(report, pruned, manifest, sourceBytes, artifactBytes);
         }
         return 0;
+    }
+
+    private QuantizationConfig quantizationConfig(QuantMethod quantMethod, List<NDList> batches) {
+        QuantizationConfig.BaseBuilder<?> b = scheme.equalsIgnoreCase("int8")
+                ? Int8WeightOnlyConfig.builder() : Int4WeightOnlyConfig.builder().optGroupSize(groupSize);
+        b.optMethod(quantMethod).optIncludeLmHead(includeLmHead).optAwqGridSize(awqGrid);
+        if (!batches.isEmpty()) {
+            b.optCalibration(Calibration.of(batches));
+        }
+        return b instanceof Int8WeightOnlyConfig.Builder
+                ? ((Int8WeightOnlyConfig.Builder) b).build() : ((Int4WeightOnlyConfig.Builder) b).build();
     }
 
     private void print(QuantizationReport report, PruningReport pruned, ArtifactManifest manifest, long sourceBytes,

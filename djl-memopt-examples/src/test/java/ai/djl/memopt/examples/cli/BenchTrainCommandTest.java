@@ -54,6 +54,25 @@ class BenchTrainCommandTest {
         assertTrue(table.contains("| bench-tiny | fp32 | 1 | 16 | 2 | cpu |"), table);
     }
 
+    @Test
+    void qloraStateIsAFifthOfFullFp32TrainingAtMost() throws Exception {
+        String[] r = FinetuneCommandTest.run("bench", "train", "--preset", "bench-tiny", "--mode", "qlora", "--batch",
+                "1", "--seq", "16", "--steps", "1", "--heap", "1g", "--timeout", "300");
+        assertEquals("0", r[0], r[2]);
+        JsonObject o = JsonParser.parseString(r[1].trim()).getAsJsonObject();
+        long params = DeepSeekConfig.preset("bench-tiny").parameterCount();
+        long fp32State = 16 * params; // FP32 weights, gradients and two AdamW moments, as the fp32 mode reports
+        long state = o.get("state_bytes").getAsLong();
+        long packed = o.get("quantized_weight_bytes").getAsLong();
+        System.out.printf("bench-tiny qlora state %d bytes = %.3f x fp32's %d%n", state, (double) state / fp32State,
+                fp32State);
+        assertTrue(packed > 0 && packed < params / 2, "int4 packs about half a byte per quantized weight: " + packed);
+        assertTrue(o.get("trainable_parameters").getAsLong() < params / 20, o.toString());
+        // the target for QLoRA: state at most 0.2 x the fp32 mode's
+        assertTrue(state <= 0.2 * fp32State, state + " vs fp32 " + fp32State);
+        assertTrue(o.get("last_loss").getAsDouble() > 0, o.toString());
+    }
+
     private static JsonObject result(String mode, long activation, double seconds) {
         JsonObject o = new JsonObject();
         o.addProperty("preset", "p");

@@ -62,7 +62,7 @@ class FinetuneLoraCommandTest {
     private CliRun finetune(Path save, String... extra) {
         java.util.List<String> args = new java.util.ArrayList<>(java.util.List.of("finetune", "--model",
                 modelDir.toString(), "--data", text.toString(), "--steps", "4", "--batch", "2", "--seq", "16", "--lr",
-                "1e-2", "--save", save.toString(), "--json", "--no-progress", "--held-out", "0.2", "--lora-rank", "4"));
+                "1e-2", "--save", save.toString(), "--json", "--no-progress", "--held-out", "0.2", "--lora", "4"));
         args.addAll(java.util.List.of(extra));
         return CliRun.run(args.toArray(new String[0]));
     }
@@ -102,7 +102,7 @@ class FinetuneLoraCommandTest {
     @Test
     void qloraOnAnInt8BaseTrainsAndMergesIntoAFullPrecisionModel() throws Exception {
         Path save = tmp.resolve("qlora");
-        CliRun r = finetune(save, "--quantize", "int8", "--checkpoint", "all", "--merge");
+        CliRun r = finetune(save, "--quantize-base", "int8", "--checkpoint", "all", "--merge");
         assertEquals(0, r.exitCode, r.err);
         JsonObject d = done(r.out);
         assertEquals("int8", d.get("quantized_base").getAsString());
@@ -122,7 +122,7 @@ class FinetuneLoraCommandTest {
         CliRun r = CliRun.run("finetune", "--model", modelDir.toString(), "--data", text.toString(), "--steps", "1",
                 "--save", tmp.resolve("x").toString(), "--quantize", "int8");
         assertEquals(1, r.exitCode);
-        assertTrue(r.err.contains("--quantize is for LoRA fine-tuning: give --lora-rank R"), r.err);
+        assertTrue(r.err.contains("--quantize-base is for LoRA fine-tuning: give --lora RANK"), r.err);
         r = finetune(tmp.resolve("y"), "--quantize", "int3");
         assertTrue(r.exitCode != 0 && r.err.contains("unknown --quantize 'int3'"), r.err);
         r = finetune(tmp.resolve("z"), "--lora-targets", "no_such_proj");

@@ -19,6 +19,7 @@ import java.util.List;
 import java.util.Map;
 import java.util.Set;
 import java.util.TreeSet;
+import java.util.function.Predicate;
 import java.util.regex.Pattern;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
@@ -94,6 +95,16 @@ public final class DeepSeekLoader {
     /** Loads an already opened checkpoint for a given config. */
     public static DeepSeekForCausalLM load(DeepSeekConfig config, HfCheckpoint ckpt, NDManager manager, DataType dtype)
             throws IOException {
+        return load(config, ckpt, manager, dtype, name -> false);
+    }
+
+    /**
+     * Loads an already opened checkpoint, except that the tensors named by {@code placeholders} are not read: after
+     * the same checks (present, shape), their parameters get 1-element placeholders, for a caller that replaces those
+     * layers itself (the streaming quantized loader reads and quantizes them one at a time).
+     */
+    public static DeepSeekForCausalLM load(DeepSeekConfig config, HfCheckpoint ckpt, NDManager manager, DataType dtype,
+            Predicate<String> placeholders) throws IOException {
         DeepSeekForCausalLM.checkDType(dtype);
         DeepSeekForCausalLM lm = new DeepSeekForCausalLM(config);
         Map<String, Parameter> params = Blocks.parameters(lm);
@@ -135,7 +146,7 @@ public final class DeepSeekLoader {
                     ckpt.directory(), skippedMtp.size(), config.numHiddenLayers());
         }
         try {
-            lm.initializeWith(manager, dtype, name -> new FromCheckpoint(ckpt, name));
+            lm.initializeWith(manager, dtype, name -> new FromCheckpoint(ckpt, name, placeholders.test(name)));
         } catch (UncheckedIOException e) {
             lm.getParameters().forEach(p -> p.getValue().close());
             throw e.getCause();
@@ -154,10 +165,12 @@ public final class DeepSeekLoader {
     private static final class FromCheckpoint implements Initializer {
         private final HfCheckpoint ckpt;
         private final String name;
+        private final boolean placeholder;
 
-        FromCheckpoint(HfCheckpoint ckpt, String name) {
+        FromCheckpoint(HfCheckpoint ckpt, String name, boolean placeholder) {
             this.ckpt = ckpt;
             this.name = name;
+            this.placeholder = placeholder;
         }
 
         @Override
@@ -166,6 +179,9 @@ public final class DeepSeekLoader {
             if (!info.djlShape().equals(shape)) {
                 throw new IllegalArgumentException(where(ckpt, name) + ": tensor '" + name + "' has shape "
                         + info.djlShape() + ", the model expects " + shape);
+            }
+            if (placeholder) {
+                return manager.zeros(new Shape(1), dataType);
             }
             try {
                 return ckpt.load(manager, name, dataType);
