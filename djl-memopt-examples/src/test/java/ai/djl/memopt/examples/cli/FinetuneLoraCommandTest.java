@@ -107,6 +107,8 @@ class FinetuneLoraCommandTest {
         JsonObject d = done(r.out);
         assertEquals("int8", d.get("quantized_base").getAsString());
         assertTrue(r.err.contains("int8 base"), r.err);
+        // adapters on the frozen quantized base learn: held-out loss falls
+        assertTrue(d.get("held_out_loss").getAsDouble() < d.get("held_out_loss_before").getAsDouble(), r.out);
         try (NDManager m = NDManager.newBaseManager()) {
             // merged onto the FP32 base: equals the FP32 base with the adapter
             DeepSeekForCausalLM adapted = DeepSeekLoader.load(modelDir, m, DataType.FLOAT32);
