@@ -1,5 +1,6 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.GenerateBenchWorker;
 import ai.djl.memopt.examples.bench.MarkdownTable;
@@ -16,6 +17,7 @@ import java.util.Locale;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
 import picocli.CommandLine.Option;
+import org.jfree.data.category.DefaultCategoryDataset;
 
 /**
  * {@code memopt bench generate}: decoding speed and memory of a preset with the compressed MLA cache (seeded random
@@ -82,6 +84,10 @@ public final class BenchGenerateCommand implements Callable<Integer> {
     @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
     Path out;
 
+    @Option(names = "--chart", paramLabel = "FILE.png",
+            description = "Also write a bar chart (PNG) of cache bytes per token, MLA against per-head, per batch.")
+    Path chart;
+
     @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
     boolean json;
 
@@ -120,6 +126,17 @@ public final class BenchGenerateCommand implements Callable<Integer> {
             System.out.println(result);
             System.out.flush();
             results.add(result);
+        }
+        if (chart != null) {
+            DefaultCategoryDataset data = new DefaultCategoryDataset();
+            for (JsonObject r : results) {
+                String batch = "batch " + r.get("batch").getAsString();
+                data.addValue(r.get("cache_bytes_per_token").getAsLong() / 1024.0, "MLA latent cache", batch);
+                data.addValue(r.get("hf_cache_bytes_per_token").getAsLong() / 1024.0, "per-head cache", batch);
+                data.addValue(r.get("peak_memory_bytes").getAsLong() / 1048576.0 / 100, "peak memory (100 MiB)", batch);
+            }
+            BarChart.write(chart, "Generation, " + preset + ": cache KiB per token and peak memory", "batch",
+                    "KiB per token / 100 MiB", data);
         }
         if (out != null) {
             List<List<String>> rows = new ArrayList<>();

@@ -1,16 +1,11 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.MarkdownTable;
 import ai.djl.memopt.examples.bench.QuantBenchWorker;
 import com.google.gson.JsonObject;
-import java.awt.Color;
 import java.nio.file.Files;
-import java.nio.file.StandardCopyOption;
-import javax.imageio.ImageIO;
-import org.jfree.chart.ChartFactory;
-import org.jfree.chart.JFreeChart;
-import org.jfree.chart.plot.PlotOrientation;
 import org.jfree.data.category.DefaultCategoryDataset;
 import java.nio.file.Path;
 import java.time.LocalDate;
@@ -216,25 +211,13 @@ public final class BenchQuantCommand implements Callable<Integer> {
 
     /** Weight bytes and perplexity of each variant as a percentage of FP32's, as a PNG bar chart (atomic write). */
     public static void writeChart(Path file, List<JsonObject> results, String modelName) throws java.io.IOException {
-        System.setProperty("java.awt.headless", "true");
         DefaultCategoryDataset data = new DefaultCategoryDataset();
         for (JsonObject r : results) {
             String v = r.get("variant").getAsString();
             data.addValue(100 * r.get("weight_ratio").getAsDouble(), "weight bytes", v);
             data.addValue(100 * (1 + r.get("perplexity_change").getAsDouble()), "held-out perplexity", v);
         }
-        JFreeChart c = ChartFactory.createBarChart("Quantization of " + modelName + ": size and quality",
-                "variant", "% of FP32", data, PlotOrientation.VERTICAL, true, false, false);
-        c.setBackgroundPaint(Color.WHITE);
-        Path dir = file.toAbsolutePath().getParent();
-        Files.createDirectories(dir);
-        Path tmp = Files.createTempFile(dir, "." + file.getFileName() + ".", ".tmp");
-        try {
-            ImageIO.write(c.createBufferedImage(640, 320), "png", tmp.toFile());
-            Files.move(tmp, file, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
-        } finally {
-            Files.deleteIfExists(tmp);
-        }
+        BarChart.write(file, "Quantization of " + modelName + ": size and quality", "variant", "% of FP32", data);
     }
 
     private static void deleteTree(Path dir) throws java.io.IOException {

@@ -1,5 +1,6 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.TrainBenchWorker;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
@@ -20,6 +21,7 @@ import java.util.Map;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
 import picocli.CommandLine.Option;
+import org.jfree.data.category.DefaultCategoryDataset;
 
 /**
  * {@code memopt bench train}: training memory and step time of a preset (seeded random weights, random token batches)
@@ -92,6 +94,10 @@ public final class BenchTrainCommand implements Callable<Integer> {
     @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
     Path out;
 
+    @Option(names = "--chart", paramLabel = "FILE.png",
+            description = "Also write a bar chart (PNG) of activation and state bytes per mode.")
+    Path chart;
+
     @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
     boolean json;
 
@@ -125,6 +131,16 @@ public final class BenchTrainCommand implements Callable<Integer> {
             System.out.println(result);
             System.out.flush();
             results.add(result);
+        }
+        if (chart != null) {
+            DefaultCategoryDataset data = new DefaultCategoryDataset();
+            for (JsonObject r : results) {
+                String mode = r.get("mode").getAsString();
+                data.addValue(r.get("activation_bytes").getAsLong() / 1e6, "activation MB", mode);
+                data.addValue(r.get("state_bytes").getAsLong() / 1e6, "state MB", mode);
+            }
+            BarChart.write(chart, "Training memory, " + preset + " (batch " + batch + ", seq " + seq + ")", "mode",
+                    "MB", data);
         }
         if (out != null) {
             updateTable(out, results);

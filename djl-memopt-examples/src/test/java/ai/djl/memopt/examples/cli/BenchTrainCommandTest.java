@@ -23,7 +23,8 @@ class BenchTrainCommandTest {
         Path md = tmp.resolve("benchmarks.md");
         Files.writeString(md, "# Benchmarks\n\nintro\n");
         String[] r = FinetuneCommandTest.run("bench", "train", "--preset", "bench-tiny", "--mode", "fp32", "--batch",
-                "1", "--seq", "16", "--steps", "2", "--heap", "1g", "--timeout", "300", "--out", md.toString());
+                "1", "--seq", "16", "--steps", "2", "--heap", "1g", "--timeout", "300", "--out", md.toString(),
+                "--chart", tmp.resolve("img/train.png").toString());
         assertEquals("0", r[0], r[2]);
         String[] lines = r[1].trim().split("\n");
         assertEquals(1, lines.length, r[1]);
@@ -52,6 +53,8 @@ class BenchTrainCommandTest {
         String table = Files.readString(md, StandardCharsets.UTF_8);
         assertTrue(table.startsWith("# Benchmarks\n\nintro\n" + BenchTrainCommand.BEGIN), table);
         assertTrue(table.contains("| bench-tiny | fp32 | 1 | 16 | 2 | cpu |"), table);
+        byte[] png = Files.readAllBytes(tmp.resolve("img/train.png"));
+        assertTrue(png.length > 1000 && png[1] == 'P' && png[2] == 'N' && png[3] == 'G', "a PNG chart");
     }
 
     @Test
