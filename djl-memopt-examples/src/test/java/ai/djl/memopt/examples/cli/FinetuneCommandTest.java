@@ -16,8 +16,6 @@ import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.types.DataType;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
-import java.io.ByteArrayOutputStream;
-import java.io.PrintStream;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -56,22 +54,10 @@ class FinetuneCommandTest {
         ByteLevelBpeTrainer.train(List.of(speech), 320).writeTo(modelDir);
     }
 
+    /** Exit code, stdout and stderr of an in-process run ({@link CliRun}). */
     static String[] run(String... args) {
-        PrintStream out = System.out;
-        PrintStream err = System.err;
-        ByteArrayOutputStream o = new ByteArrayOutputStream();
-        ByteArrayOutputStream e = new ByteArrayOutputStream();
-        int code;
-        try {
-            System.setOut(new PrintStream(o, true, StandardCharsets.UTF_8));
-            System.setErr(new PrintStream(e, true, StandardCharsets.UTF_8));
-            code = MemoptCli.execute(args);
-        } finally {
-            System.setOut(out);
-            System.setErr(err);
-        }
-        return new String[] {Integer.toString(code), o.toString(StandardCharsets.UTF_8),
-            e.toString(StandardCharsets.UTF_8)};
+        CliRun r = CliRun.run(args);
+        return new String[] {Integer.toString(r.exitCode), r.out, r.err};
     }
 
     private static List<JsonObject> lines(String stdout) {

@@ -19,9 +19,6 @@ import ai.djl.ndarray.types.Shape;
 import ai.djl.training.ParameterStore;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
-import java.io.ByteArrayOutputStream;
-import java.io.PrintStream;
-import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import org.junit.jupiter.api.Test;
@@ -38,20 +35,10 @@ class QuantizeCommandTest {
     private String[] lastOut = new String[2];
 
     private int run(String... args) {
-        PrintStream out = System.out;
-        PrintStream err = System.err;
-        ByteArrayOutputStream o = new ByteArrayOutputStream();
-        ByteArrayOutputStream e = new ByteArrayOutputStream();
-        System.setOut(new PrintStream(o, true, StandardCharsets.UTF_8));
-        System.setErr(new PrintStream(e, true, StandardCharsets.UTF_8));
-        try {
-            return MemoptCli.execute(args);
-        } finally {
-            System.setOut(out);
-            System.setErr(err);
-            lastOut[0] = o.toString(StandardCharsets.UTF_8);
-            lastOut[1] = e.toString(StandardCharsets.UTF_8);
-        }
+        CliRun r = CliRun.run(args);
+        lastOut[0] = r.out;
+        lastOut[1] = r.err;
+        return r.exitCode;
     }
 
     @Test
