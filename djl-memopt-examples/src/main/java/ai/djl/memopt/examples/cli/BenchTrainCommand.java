@@ -2,14 +2,12 @@ package ai.djl.memopt.examples.cli;
 
 import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
+import ai.djl.memopt.examples.bench.MarkdownTable;
 import ai.djl.memopt.examples.bench.TrainBenchWorker;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
-import ai.djl.memopt.safetensors.AtomicFiles;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import java.io.IOException;
-import java.nio.charset.StandardCharsets;
-import java.nio.file.Files;
 import java.nio.file.Path;
 import java.time.LocalDate;
 import java.time.ZoneOffset;
@@ -53,8 +51,9 @@ public final class BenchTrainCommand implements Callable<Integer> {
      * tensor above 128 KiB its own mapping, returned to the system when freed.
      */
     static final Map<String, String> ALLOCATOR = Map.of("MALLOC_MMAP_THRESHOLD_", "131072");
-    static final String BEGIN = "<!-- bench-train:begin -->";
-    static final String END = "<!-- bench-train:end -->";
+    static final String TABLE = "bench-train";
+    static final String BEGIN = MarkdownTable.begin(TABLE);
+    static final String END = MarkdownTable.end(TABLE);
 
     @Option(names = "--preset", defaultValue = "bench-tiny", paramLabel = "NAME",
             description = "Model preset (default bench-tiny).")
@@ -162,51 +161,35 @@ public final class BenchTrainCommand implements Callable<Integer> {
         return out;
     }
 
-    /** Rewrites the results table in {@code file} (created if absent) with {@code results} merged in, atomically. */
+    /**
+     * Merges {@code results} into the results table of {@code file} ({@link MarkdownTable}), then recomputes every
+     * row's ratios against the fp32 row of the same configuration.
+     */
     static void updateTable(Path file, List<JsonObject> results) throws IOException {
-        String text = Files.isRegularFile(file) ? Files.readString(file, StandardCharsets.UTF_8) : "";
-        Map<String, String[]> rows = new LinkedHashMap<>();
-        int begin = text.indexOf(BEGIN);
-        int end = text.indexOf(END);
-        String before = text;
-        String after = "";
-        if (begin >= 0 && end > begin) {
-            for (String line : text.substring(begin + BEGIN.length(), end).split("\n")) {
-                String[] cells = cells(line);
-                if (cells != null && cells.length == HEADER.length && !cells[0].equals(HEADER[0])
-                        && !cells[0].startsWith("---")) {
-                    rows.put(key(cells), cells);
-                }
+        Map<String, List<String>> rows = new LinkedHashMap<>();
+        for (List<String> cells : MarkdownTable.read(file, TABLE)) {
+            if (cells.size() == HEADER.length) {
+                rows.put(key(cells), new ArrayList<>(cells));
             }
-            before = text.substring(0, begin);
-            after = text.substring(end + END.length());
-        } else if (!text.isEmpty() && !text.endsWith("\n")) {
-            before = text + "\n";
         }
         String date = LocalDate.now(ZoneOffset.UTC).toString();
         for (JsonObject r : results) {
-            String[] cells = {
+            List<String> cells = new ArrayList<>(List.of(
                 r.get("preset").getAsString(), r.get("mode").getAsString(), r.get("batch").getAsString(),
                 r.get("seq").getAsString(), r.get("steps").getAsString(), r.get("device").getAsString(),
                 mb(r, "peak_memory_bytes"), mb(r, "idle_memory_bytes"), mb(r, "state_bytes"),
                 mb(r, "activation_bytes"), "", String.format(Locale.ROOT, "%.2f",
-                        r.get("median_step_seconds").getAsDouble()), "", date
-            };
+                        r.get("median_step_seconds").getAsDouble()), "", date));
             rows.put(key(cells), cells);
         }
         // ratios against the fp32 row of the same configuration
-        for (String[] c : rows.values()) {
-            String[] base = rows.get(String.join("|", c[0], "fp32", c[2], c[3], c[4], c[5]));
-            c[10] = base == null ? "" : ratio(c[9], base[9]);
-            c[12] = base == null ? "" : ratio(c[11], base[11]);
+        for (List<String> c : rows.values()) {
+            List<String> base = rows.get(String.join("|", c.get(0), "fp32", c.get(2), c.get(3), c.get(4), c.get(5)));
+            c.set(10, base == null ? "" : ratio(c.get(9), base.get(9)));
+            c.set(12, base == null ? "" : ratio(c.get(11), base.get(11)));
         }
-        StringBuilder sb = new StringBuilder(before).append(BEGIN).append('\n');
-        sb.append(row(HEADER)).append(row(SEPARATOR));
-        for (String[] c : rows.values()) {
-            sb.append(row(c));
-        }
-        sb.append(END).append(after.isEmpty() ? "\n" : after);
-        AtomicFiles.writeString(file, sb.toString());
+        MarkdownTable.update(file, TABLE, List.of(HEADER), List.of(SEPARATOR), KEY_COLUMNS,
+                new ArrayList<>(rows.values()));
     }
 
     static final String[] HEADER = {
@@ -217,8 +200,11 @@ public final class BenchTrainCommand implements Callable<Integer> {
         "---", "---", "---:", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---"
     };
 
-    private static String key(String[] c) {
-        return String.join("|", c[0], c[1], c[2], c[3], c[4], c[5]);
+    /** preset, mode, batch, seq, steps and device identify a configuration. */
+    private static final int KEY_COLUMNS = 6;
+
+    private static String key(List<String> c) {
+        return String.join("|", c.subList(0, KEY_COLUMNS));
     }
 
     private static String mb(JsonObject r, String field) {
@@ -234,19 +220,4 @@ public final class BenchTrainCommand implements Callable<Integer> {
         }
     }
 
-    private static String row(String[] cells) {
-        return "| " + String.join(" | ", cells) + " |\n";
-    }
-
-    private static String[] cells(String line) {
-        String t = line.trim();
-        if (!t.startsWith("|") || !t.endsWith("|") || t.length() < 2) {
-            return null;
-        }
-        String[] parts = t.substring(1, t.length() - 1).split("\\|", -1);
-        for (int i = 0; i < parts.length; i++) {
-            parts[i] = parts[i].trim();
-        }
-        return parts;
-    }
 }
