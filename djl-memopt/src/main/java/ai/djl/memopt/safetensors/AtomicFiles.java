@@ -62,4 +62,16 @@ public final class AtomicFiles {
         }
         write(target, tmp -> Files.copy(source, tmp, StandardCopyOption.REPLACE_EXISTING));
     }
+
+    /** Deletes a file or a directory with everything in it; nothing to do if it does not exist. */
+    public static void deleteTree(Path path) throws IOException {
+        if (!Files.exists(path, java.nio.file.LinkOption.NOFOLLOW_LINKS)) {
+            return;
+        }
+        try (java.util.stream.Stream<Path> s = Files.walk(path)) {
+            for (Path p : (Iterable<Path>) s.sorted(java.util.Comparator.reverseOrder())::iterator) {
+                Files.deleteIfExists(p);
+            }
+        }
+    }
 }

@@ -4,6 +4,7 @@ import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.MarkdownTable;
 import ai.djl.memopt.examples.bench.QuantBenchWorker;
+import ai.djl.memopt.safetensors.AtomicFiles;
 import com.google.gson.JsonObject;
 import java.nio.file.Files;
 import org.jfree.data.category.DefaultCategoryDataset;
@@ -176,7 +177,7 @@ public final class BenchQuantCommand implements Callable<Integer> {
             }
         } finally {
             if (work == null) {
-                deleteTree(dir);
+                AtomicFiles.deleteTree(dir);
             }
         }
         return 0;
@@ -218,16 +219,5 @@ public final class BenchQuantCommand implements Callable<Integer> {
             data.addValue(100 * (1 + r.get("perplexity_change").getAsDouble()), "held-out perplexity", v);
         }
         BarChart.write(file, "Quantization of " + modelName + ": size and quality", "variant", "% of FP32", data);
-    }
-
-    private static void deleteTree(Path dir) throws java.io.IOException {
-        if (!Files.exists(dir)) {
-            return;
-        }
-        try (java.util.stream.Stream<Path> s = Files.walk(dir)) {
-            for (Path p : (Iterable<Path>) s.sorted(java.util.Comparator.reverseOrder())::iterator) {
-                Files.deleteIfExists(p);
-            }
-        }
     }
 }
