@@ -65,21 +65,66 @@ public final class ArtifactManifest {
         }
     }
 
+    /** One quantized embedding table's entry (format version 2). */
+    public static final class EmbeddingEntry {
+        private final QuantScheme scheme;
+        private final int groupSize;
+        private final Shape shape;
+        private final String weightDtype;
+        private final String parameter;
+
+        EmbeddingEntry(QuantScheme scheme, int groupSize, Shape shape, String weightDtype, String parameter) {
+            this.scheme = scheme;
+            this.groupSize = groupSize;
+            this.shape = shape;
+            this.weightDtype = weightDtype;
+            this.parameter = parameter;
+        }
+
+        /** Scheme. */
+        public QuantScheme scheme() {
+            return scheme;
+        }
+
+        /** Hidden values per scale: {@code hidden} for int8 (one scale per row), 32/64/128 for int4. */
+        public int groupSize() {
+            return groupSize;
+        }
+
+        /** Table shape (vocab, hidden). */
+        public Shape shape() {
+            return shape;
+        }
+
+        /** Original table type ({@code float32}/{@code float16}). */
+        public String weightDtype() {
+            return weightDtype;
+        }
+
+        /** The table parameter's name in the block ({@code weight}, or {@code embedding} for DJL's Embedding). */
+        public String parameter() {
+            return parameter;
+        }
+    }
+
     private final int formatVersion;
     private final String libraryVersion;
     private final String architecture;
     private final Map<String, LayerEntry> layers;
     private final Map<String, Shape> sparse24;
+    private final Map<String, EmbeddingEntry> embeddings;
     private final Map<String, String> files;
     private final Map<String, String> sourceFiles;
 
     ArtifactManifest(int formatVersion, String libraryVersion, String architecture, Map<String, LayerEntry> layers,
-            Map<String, Shape> sparse24, Map<String, String> files, Map<String, String> sourceFiles) {
+            Map<String, Shape> sparse24, Map<String, EmbeddingEntry> embeddings, Map<String, String> files,
+            Map<String, String> sourceFiles) {
         this.formatVersion = formatVersion;
         this.libraryVersion = libraryVersion;
         this.architecture = architecture;
         this.layers = ImmutableMap.copyOf(layers);
         this.sparse24 = ImmutableMap.copyOf(sparse24);
+        this.embeddings = ImmutableMap.copyOf(embeddings);
         this.files = ImmutableMap.copyOf(files);
         this.sourceFiles = ImmutableMap.copyOf(sourceFiles);
     }
@@ -107,6 +152,11 @@ public final class ArtifactManifest {
     /** Compactly stored 2:4 layers by block path, with their dense shape. */
     public Map<String, Shape> sparse24() {
         return sparse24;
+    }
+
+    /** Quantized embedding tables by block path (empty before format version 2). */
+    public Map<String, EmbeddingEntry> embeddings() {
+        return embeddings;
     }
 
     /** sha256 of every artifact file (except quantization.json itself). */

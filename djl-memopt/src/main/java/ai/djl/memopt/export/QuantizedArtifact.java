@@ -5,6 +5,7 @@ import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.quantize.Int4Packing;
 import ai.djl.memopt.quantize.QuantMethod;
+import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantScheme;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
@@ -53,7 +54,9 @@ import java.util.TreeSet;
  *       (INT8 {@code (out, in)} or packed UINT8 {@code (out, in/2)}, {@link Int4Packing} order), {@code p.scales}
  *       (F32 {@code (out, in/g)}), {@code p.zeros} (int4: U8 {@code (out, in/g)}), {@code p.input_scales} (AWQ: F32
  *       {@code (in)}), {@code p.bias}; for every 2:4 layer {@code p.sparse24_values} and {@code p.sparse24_indices}
- *       ({@link Sparse24} layout); every other parameter verbatim under its path (for the DeepSeek model these are
+ *       ({@link Sparse24} layout); for every {@link QuantizedEmbedding} at path {@code p} (format version 2):
+ *       {@code p.qweight}, {@code p.scales}, {@code p.zeros} (int4) of the {@code (vocab, hidden)} table, laid out as
+ *       a Linear weight with rows = tokens; every other parameter verbatim under its path (for the DeepSeek model these are
  *       the Hugging Face tensor names).
  *   <li>{@code config.json}: the source model's, copied (when given).
  *   <li>{@code quantization.json}: format and version, library version, packing order, per-layer scheme, group size,
@@ -76,8 +79,15 @@ public final class QuantizedArtifact {
 
     /** Format name in quantization.json. */
     public static final String FORMAT = "djl-memopt-quantized";
-    /** The format version this library writes and reads. */
-    public static final int FORMAT_VERSION = 1;
+    /**
+     * The newest format version this library reads and writes: 2 adds quantized embedding tables ({@code embeddings}).
+     * An artifact without one is written as version 1, which every reader of version 1 still reads.
+     */
+    public static final int FORMAT_VERSION = 2;
+    /** The oldest format version this library reads. */
+    public static final int MIN_FORMAT_VERSION = 1;
+    /** The first format version with quantized embedding tables. */
+    static final int EMBEDDINGS_VERSION = 2;
     /** The library version recorded in artifacts. */
     public static final String LIBRARY_VERSION = "0.1.0-SNAPSHOT";
     /** Weights file name. */
@@ -93,6 +103,9 @@ public final class QuantizedArtifact {
             + " in the high nibble; byte = v[2i] + 16 * v[2i+1]; dequant w = (q - zero) * scale per group of"
             + " group_size consecutive inputs of a row, then / input_scales[in] when present (AWQ)";
     static final String INT8_LAYOUT = "int8 (out, in), symmetric, w = q * scales[out]";
+    static final String EMBEDDING_LAYOUT = "table (vocab, hidden) stored like a Linear weight (out, in) with rows ="
+            + " tokens: int8 per row, or int4 per group of group_size consecutive hidden values of a row; the"
+            + " dequantized table replaces p.<parameter>";
     static final String SPARSE24_LAYOUT = "group j = columns 4j..4j+3 of a row keeps positions p0 < p1:"
             + " values[r, 2j] = w[r, 4j+p0], values[r, 2j+1] = w[r, 4j+p1]; nibble j = p0 + 4 * p1, nibbles packed"
             + " two per byte, group 2k in the low nibble of byte k, 2k+1 in the high nibble";
@@ -121,6 +134,7 @@ public final class QuantizedArtifact {
         List<String> weightFiles;
         JsonObject layers = new JsonObject();
         JsonObject sparse = new JsonObject();
+        JsonObject embeddings = new JsonObject();
         Set<String> sparseWeights = new HashSet<>();
         List<Sparse24> compressed = new ArrayList<>();
         try {
@@ -173,6 +187,24 @@ public final class QuantizedArtifact {
                 l.addProperty("bias", ql.bias().isPresent());
                 layers.add(path, l);
             }
+            for (Map.Entry<String, Block> e : blocks.entrySet()) {
+                if (!(e.getValue() instanceof QuantizedEmbedding)) {
+                    continue;
+                }
+                String path = e.getKey();
+                QuantizedEmbedding qe = (QuantizedEmbedding) e.getValue();
+                QuantizedTensor q = qe.quantizedTable();
+                writer.add(join(path, "qweight"), q.data());
+                writer.add(join(path, "scales"), q.scales());
+                q.zeros().ifPresent(z -> writer.add(join(path, "zeros"), z));
+                JsonObject l = new JsonObject();
+                l.addProperty("scheme", q.scheme().id());
+                l.addProperty("group_size", q.groupSize());
+                l.add("shape", shapeJson(q.shape()));
+                l.addProperty("weight_dtype", dtypeName(qe.outputType()));
+                l.addProperty("parameter", qe.parameterName());
+                embeddings.add(path, l);
+            }
             weightFiles = writer.write(dir, options.maxShardBytes(), FORMAT);
         } finally {
             for (Sparse24 s : compressed) {
@@ -207,7 +239,8 @@ public final class QuantizedArtifact {
         }
         JsonObject meta = new JsonObject();
         meta.addProperty("format", FORMAT);
-        meta.addProperty("format_version", FORMAT_VERSION);
+        // version 1 when there is nothing a version-1 reader would not understand
+        meta.addProperty("format_version", embeddings.size() == 0 ? MIN_FORMAT_VERSION : EMBEDDINGS_VERSION);
         meta.addProperty("library", "djl-memopt");
         meta.addProperty("library_version", LIBRARY_VERSION);
         meta.addProperty("architecture", architecture);
@@ -216,8 +249,14 @@ public final class QuantizedArtifact {
         packing.addProperty("int4", INT4_PACKING);
         packing.addProperty("int8", INT8_LAYOUT);
         packing.addProperty("sparse24", SPARSE24_LAYOUT);
+        if (embeddings.size() > 0) {
+            packing.addProperty("embedding", EMBEDDING_LAYOUT);
+        }
         meta.add("packing", packing);
         meta.add("layers", layers);
+        if (embeddings.size() > 0) {
+            meta.add("embeddings", embeddings);
+        }
         meta.add("sparse24", sparse);
         meta.add("source_files", sources);
         meta.add("files", files);
@@ -315,6 +354,7 @@ public final class QuantizedArtifact {
         DeepSeekForCausalLM lm = new DeepSeekForCausalLM(config);
         Set<String> placeholders = new HashSet<>();
         manifest.layers().keySet().forEach(p -> placeholders.add(join(p, "weight")));
+        manifest.embeddings().forEach((p, e) -> placeholders.add(join(p, e.parameter())));
         Initializer placeholder = (m, shape, type) -> m.zeros(new Shape(1), type);
         lm.initializeWith(manager, dtype, name -> placeholders.contains(name) ? placeholder : Initializer.ZEROS);
         try {
@@ -325,6 +365,8 @@ public final class QuantizedArtifact {
             }
             Blocks.walk(lm).values().stream().filter(b -> b instanceof QuantizedLinear)
                     .forEach(b -> ((QuantizedLinear) b).close());
+            Blocks.walk(lm).values().stream().filter(b -> b instanceof QuantizedEmbedding)
+                    .forEach(b -> ((QuantizedEmbedding) b).close());
             throw e;
         }
         return lm;
@@ -344,19 +386,7 @@ public final class QuantizedArtifact {
                 }
                 long out = l.shape().get(0);
                 long in = l.shape().get(1);
-                long groups = in / l.groupSize();
-                if (l.scheme() == QuantScheme.INT8_WEIGHT_ONLY) {
-                    expect(st, join(path, "qweight"), SafetensorsDType.I8, new Shape(out, in));
-                    expect(st, join(path, "scales"), SafetensorsDType.F32, new Shape(out, 1));
-                } else {
-                    if (in % l.groupSize() != 0 || in % 2 != 0) {
-                        throw new QuantizedArtifactException("layer '" + path + "': group_size " + l.groupSize()
-                                + " does not divide in=" + in);
-                    }
-                    expect(st, join(path, "qweight"), SafetensorsDType.U8, new Shape(out, in / 2));
-                    expect(st, join(path, "scales"), SafetensorsDType.F32, new Shape(out, groups));
-                    expect(st, join(path, "zeros"), SafetensorsDType.U8, new Shape(out, groups));
-                }
+                expectQuantized(st, path, l.scheme(), l.groupSize(), l.shape(), "layer '" + path + "'");
                 if (l.inputScales()) {
                     expect(st, join(path, "input_scales"), SafetensorsDType.F32, new Shape(in));
                 }
@@ -382,7 +412,27 @@ public final class QuantizedArtifact {
                 expectFloat(st, join(path, "sparse24_values"), new Shape(out, in / 2));
                 expect(st, join(path, "sparse24_indices"), SafetensorsDType.U8, new Shape(out, in / 8));
             }
+            for (Map.Entry<String, ArtifactManifest.EmbeddingEntry> e : manifest.embeddings().entrySet()) {
+                String path = e.getKey();
+                ArtifactManifest.EmbeddingEntry l = e.getValue();
+                Parameter table = embeddingAt(block, path);
+                String where = "embedding '" + path + "'";
+                if (!table.getName().equals(l.parameter())) {
+                    throw new QuantizedArtifactException(where + ": artifact table parameter '" + l.parameter()
+                            + "' but the block's is '" + table.getName() + "'");
+                }
+                if (!table.getShape().equals(l.shape())) {
+                    throw new QuantizedArtifactException(where + ": artifact table shape " + l.shape()
+                            + " but the block's embedding has " + table.getShape());
+                }
+                expectQuantized(st, path, l.scheme(), l.groupSize(), l.shape(), where);
+            }
             Set<String> used = new HashSet<>();
+            for (String path : manifest.embeddings().keySet()) {
+                for (String t : new String[] {"qweight", "scales", "zeros"}) {
+                    used.add(join(path, t));
+                }
+            }
             for (String path : manifest.layers().keySet()) {
                 for (String t : new String[] {"qweight", "scales", "zeros", "input_scales", "bias"}) {
                     used.add(join(path, t));
@@ -394,9 +444,9 @@ public final class QuantizedArtifact {
             }
             for (Map.Entry<String, Parameter> p : params.entrySet()) {
                 String owner = parentOf(p.getKey());
-                if (manifest.layers().containsKey(owner)
+                if (manifest.layers().containsKey(owner) || manifest.embeddings().containsKey(owner)
                         || (manifest.sparse24().containsKey(owner) && p.getKey().endsWith(".weight"))) {
-                    continue; // replaced by the quantized layer, or filled from the compact 2:4 form
+                    continue; // replaced by the quantized layer or table, or filled from the compact 2:4 form
                 }
                 expectFloatOrSame(st, p.getKey(), p.getValue());
                 used.add(p.getKey());
@@ -436,6 +486,25 @@ public final class QuantizedArtifact {
                 QuantizedLinear replacement = QuantizedLinear.of(q, bias, weightType, QuantMethod.fromId(l.method()));
                 Blocks.replace(block, path, old -> replacement);
             }
+            for (Map.Entry<String, ArtifactManifest.EmbeddingEntry> e : manifest.embeddings().entrySet()) {
+                String path = e.getKey();
+                ArtifactManifest.EmbeddingEntry l = e.getValue();
+                Parameter table = QuantizedEmbedding.tableParameter(Blocks.get(block, path));
+                NDManager m = table.getArray().getManager();
+                NDArray data = st.load(m, join(path, "qweight"));
+                NDArray scales = st.load(m, join(path, "scales"));
+                NDArray zeros = l.scheme() == QuantScheme.INT4_WEIGHT_ONLY ? st.load(m, join(path, "zeros")) : null;
+                QuantizedTensor q;
+                try {
+                    q = QuantizedTensor.of(l.scheme(), l.groupSize(), l.shape(), data, scales, zeros, null);
+                } catch (IllegalArgumentException ex) {
+                    throw new QuantizedArtifactException("embedding '" + path + "': " + ex.getMessage(), ex);
+                }
+                DataType type = table.getArray().getDataType();
+                table.close();
+                QuantizedEmbedding replacement = QuantizedEmbedding.of(q, type, l.parameter());
+                Blocks.replace(block, path, old -> replacement);
+            }
             for (String path : manifest.sparse24().keySet()) {
                 Linear linear = (Linear) Blocks.get(block, path);
                 NDArray w = linear.getParameters().get("weight").getArray();
@@ -459,6 +528,42 @@ public final class QuantizedArtifact {
                 }
             }
         }
+    }
+
+    /** The quantized arrays of {@code path} ({@code (out, in)} weight or {@code (vocab, hidden)} table). */
+    private static void expectQuantized(HfCheckpoint st, String path, QuantScheme scheme, int groupSize, Shape shape,
+            String where) throws QuantizedArtifactException {
+        long out = shape.get(0);
+        long in = shape.get(1);
+        if (scheme == QuantScheme.INT8_WEIGHT_ONLY) {
+            expect(st, join(path, "qweight"), SafetensorsDType.I8, new Shape(out, in));
+            expect(st, join(path, "scales"), SafetensorsDType.F32, new Shape(out, 1));
+        } else {
+            if (in % groupSize != 0 || in % 2 != 0) {
+                throw new QuantizedArtifactException(where + ": group_size " + groupSize + " does not divide "
+                        + in + " (or it is odd)");
+            }
+            long groups = in / groupSize;
+            expect(st, join(path, "qweight"), SafetensorsDType.U8, new Shape(out, in / 2));
+            expect(st, join(path, "scales"), SafetensorsDType.F32, new Shape(out, groups));
+            expect(st, join(path, "zeros"), SafetensorsDType.U8, new Shape(out, groups));
+        }
+    }
+
+    private static Parameter embeddingAt(Block block, String path) throws QuantizedArtifactException {
+        Block b;
+        try {
+            b = Blocks.get(block, path);
+        } catch (IllegalArgumentException e) {
+            throw new QuantizedArtifactException("embedding '" + path + "' is not in the block: " + e.getMessage(), e);
+        }
+        Parameter table = QuantizedEmbedding.tableParameter(b);
+        if (table == null) {
+            throw new QuantizedArtifactException("embedding '" + path + "': the block has a "
+                    + b.getClass().getSimpleName() + " there, not an embedding table (TokenEmbedding or DJL"
+                    + " Embedding)");
+        }
+        return table;
     }
 
     private static Linear linearAt(Block block, String path, String what) throws QuantizedArtifactException {
@@ -517,9 +622,9 @@ public final class QuantizedArtifact {
             throw new QuantizedArtifactException(where + ": format is '" + format + "', expected '" + FORMAT + "'");
         }
         int version = integer(meta, "format_version", where);
-        if (version != FORMAT_VERSION) {
+        if (version < MIN_FORMAT_VERSION || version > FORMAT_VERSION) {
             throw new QuantizedArtifactException(where + ": unsupported format_version " + version
-                    + " (this library reads version " + FORMAT_VERSION + ")");
+                    + " (this library reads versions " + MIN_FORMAT_VERSION + " to " + FORMAT_VERSION + ")");
         }
         Map<String, ArtifactManifest.LayerEntry> layers = new LinkedHashMap<>();
         for (Map.Entry<String, JsonElement> e : object(meta, "layers", where).entrySet()) {
@@ -565,11 +670,53 @@ public final class QuantizedArtifact {
                 sparse.put(e.getKey(), s);
             }
         }
+        Map<String, ArtifactManifest.EmbeddingEntry> embeddings = new LinkedHashMap<>();
+        if (meta.has("embeddings")) {
+            if (version < EMBEDDINGS_VERSION) {
+                throw new QuantizedArtifactException(where + ": 'embeddings' needs format_version "
+                        + EMBEDDINGS_VERSION + " or later, the file says " + version);
+            }
+            for (Map.Entry<String, JsonElement> e : object(meta, "embeddings", where).entrySet()) {
+                String lw = where + " embedding '" + e.getKey() + "'";
+                if (!e.getValue().isJsonObject()) {
+                    throw new QuantizedArtifactException(lw + ": not an object");
+                }
+                JsonObject l = e.getValue().getAsJsonObject();
+                QuantScheme scheme;
+                try {
+                    scheme = QuantScheme.fromId(string(l, "scheme", lw));
+                } catch (IllegalArgumentException ex) {
+                    throw new QuantizedArtifactException(lw + ": " + ex.getMessage(), ex);
+                }
+                Shape shape = shape(l, lw);
+                int group = integer(l, "group_size", lw);
+                boolean groupOk = scheme == QuantScheme.INT8_WEIGHT_ONLY ? group == shape.get(1)
+                        : (group == 32 || group == 64 || group == 128) && shape.get(1) % group == 0;
+                if (!groupOk) {
+                    throw new QuantizedArtifactException(lw + ": bad group_size " + group + " for " + scheme.id()
+                            + " and hidden size " + shape.get(1));
+                }
+                String dtype = string(l, "weight_dtype", lw);
+                if (!dtype.equals("float32") && !dtype.equals("float16")) {
+                    throw new QuantizedArtifactException(lw + ": weight_dtype must be float32 or float16, got "
+                            + dtype);
+                }
+                String parameter = string(l, "parameter", lw);
+                if (parameter.isEmpty() || parameter.contains(".")) {
+                    throw new QuantizedArtifactException(lw + ": parameter must be a plain name, got '" + parameter
+                            + "'");
+                }
+                if (layers.containsKey(e.getKey())) {
+                    throw new QuantizedArtifactException(lw + ": also listed under 'layers'");
+                }
+                embeddings.put(e.getKey(), new ArtifactManifest.EmbeddingEntry(scheme, group, shape, dtype, parameter));
+            }
+        }
         Map<String, String> files = strings(object(meta, "files", where), where + " files");
         Map<String, String> sources =
                 meta.has("source_files") ? strings(object(meta, "source_files", where), where) : Map.of();
         return new ArtifactManifest(version, string(meta, "library_version", where), string(meta, "architecture", where),
-                layers, sparse, files, sources);
+                layers, sparse, embeddings, files, sources);
     }
 
     private static JsonElement field(JsonObject o, String name, String where) throws QuantizedArtifactException {

@@ -194,6 +194,11 @@ public final class Blocks {
                 try {
                     f.setAccessible(true);
                     if (f.get(parent) == old) {
+                        if (Modifier.isFinal(f.getModifiers()) && !f.getType().isInstance(replacement)) {
+                            // a final field of the concrete type keeps the original on purpose (DeepSeekModel's
+                            // tokenEmbedding: "the table created with the model, even if decorated")
+                            continue;
+                        }
                         Preconditions.checkArgument(
                                 f.getType().isInstance(replacement),
                                 "%s.%s has type %s and cannot hold a %s: declare the field as Block to allow decorators",

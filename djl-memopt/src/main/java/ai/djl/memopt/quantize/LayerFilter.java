@@ -5,7 +5,8 @@ import java.util.Optional;
 
 /**
  * Decides which {@link ai.djl.nn.core.Linear} layers a quantization or pruning pass touches. Only Linear layers are
- * ever offered to a filter; everything else (embeddings, norms, custom blocks) keeps its precision.
+ * ever offered to a filter; embedding tables are opted in with {@link QuantizationConfig#includeEmbeddings()} or a
+ * {@link LayerOverride}; everything else (norms, custom blocks) keeps its precision.
  */
 @FunctionalInterface
 public interface LayerFilter {
@@ -38,9 +39,10 @@ public interface LayerFilter {
      *       vocabularies-to-hidden ratios it is a large share of the output error.
      * </ul>
      *
-     * Embeddings and norms are not Linear layers, so they are never quantized: an embedding is a table lookup (a
-     * quantized row would be dequantized per token, for no matmul saving), and norm weights are tiny vectors that
-     * scale every activation.
+     * Embeddings and norms are not Linear layers, so a filter never sees them. Norm weights are tiny vectors that scale
+     * every activation and are never quantized. Embedding tables stay in full precision by default (a lookup saves no
+     * matmul, only memory); {@link QuantizationConfig#includeEmbeddings()} or a {@link LayerOverride} naming them
+     * quantizes them ({@link QuantizedEmbedding}).
      */
     static LayerFilter defaults(boolean includeLmHead) {
         return (path, block) -> {

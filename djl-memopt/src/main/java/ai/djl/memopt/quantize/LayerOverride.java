@@ -9,12 +9,17 @@ import java.util.regex.Pattern;
  * config (scheme, group size, method) for it. The first matching override wins and takes precedence over the
  * config's {@link LayerFilter}.
  *
+ * <p>Overrides are matched against embedding tables too: a {@code use} override that matches an embedding's path
+ * quantizes it (RTN, with that config's scheme) even without {@link QuantizationConfig#includeEmbeddings()}, a
+ * {@code skip} keeps it in full precision even with it.
+ *
  * <p>Globs match the whole path: {@code *} any characters except {@code .}, {@code **} any characters, {@code ?} one
  * character except {@code .}. Regexes ({@code regex(...)}) must match the whole path.
  *
  * <pre>{@code
  * LayerOverride.skip("model.layers.0.**");                          // keep the first layer in full precision
  * LayerOverride.use("**.down_proj", Int8WeightOnlyConfig.builder().build()); // int8 where int4 hurts most
+ * LayerOverride.use("model.embed_tokens", Int8WeightOnlyConfig.builder().build()); // int8 embedding table
  * }</pre>
  */
 public final class LayerOverride {

@@ -18,6 +18,7 @@ public abstract class QuantizationConfig {
     private final List<LayerOverride> overrides;
     private final Calibration calibration;
     private final int awqGridSize;
+    private final boolean includeEmbeddings;
 
     protected QuantizationConfig(BaseBuilder<?> b) {
         this.method = b.method;
@@ -25,6 +26,17 @@ public abstract class QuantizationConfig {
         this.overrides = ImmutableList.copyOf(b.overrides);
         this.calibration = b.calibration;
         this.awqGridSize = b.awqGridSize;
+        this.includeEmbeddings = b.includeEmbeddings;
+    }
+
+    /**
+     * Whether embedding tables (the DeepSeek {@code TokenEmbedding}, DJL's {@code Embedding}) are quantized too, with
+     * this config's scheme: int8 one scale per row (token), int4 groups along the hidden dimension (see {@link
+     * QuantizedEmbedding}); always round to nearest (a lookup has no input activations for AWQ or GPTQ). Default
+     * false: embeddings stay in full precision unless this is set or a {@link LayerOverride} names them.
+     */
+    public boolean includeEmbeddings() {
+        return includeEmbeddings;
     }
 
     /** The scheme. */
@@ -60,7 +72,8 @@ public abstract class QuantizationConfig {
 
     /** A short description, e.g. {@code int4 g128 awq}. */
     public String describe() {
-        return scheme().id() + (groupSize() > 0 ? " g" + groupSize() : "") + " " + method.id();
+        return scheme().id() + (groupSize() > 0 ? " g" + groupSize() : "") + " " + method.id()
+                + (includeEmbeddings ? " +embeddings" : "");
     }
 
     @Override
@@ -75,6 +88,7 @@ public abstract class QuantizationConfig {
         private final List<LayerOverride> overrides = new ArrayList<>();
         private Calibration calibration;
         private int awqGridSize = 20;
+        private boolean includeEmbeddings;
 
         protected abstract T self();
 
@@ -93,6 +107,16 @@ public abstract class QuantizationConfig {
         /** Shorthand for the default filter with {@code lm_head} included or not. */
         public T optIncludeLmHead(boolean include) {
             this.filter = LayerFilter.defaults(include);
+            return self();
+        }
+
+        /**
+         * Quantize embedding tables too (default false), with this config's scheme and group size, round to nearest.
+         * For another scheme on the embedding only, add an override instead, e.g. {@code
+         * LayerOverride.use("model.embed_tokens", Int8WeightOnlyConfig.builder().build())}.
+         */
+        public T optIncludeEmbeddings(boolean include) {
+            this.includeEmbeddings = include;
             return self();
         }
 

@@ -10,7 +10,10 @@ import java.util.Locale;
 import java.util.Map;
 import java.util.OptionalDouble;
 
-/** What {@link Quantizer#quantize} did: every quantized layer with its error and size, every skipped layer and why. */
+/**
+ * What {@link Quantizer#quantize} did: every quantized layer (Linear weights and, when asked for, embedding tables)
+ * with its error and size, every skipped layer and why.
+ */
 public final class QuantizationReport {
 
     /** One quantized layer. */
@@ -24,9 +27,15 @@ public final class QuantizationReport {
         private final double sqnrDb;
         private final Double awqAlpha;
         private final String note;
+        private final boolean embedding;
 
         Layer(String path, QuantScheme scheme, QuantMethod method, int groupSize, long bytesBefore, long bytesAfter,
                 double sqnrDb, Double awqAlpha, String note) {
+            this(path, scheme, method, groupSize, bytesBefore, bytesAfter, sqnrDb, awqAlpha, note, false);
+        }
+
+        Layer(String path, QuantScheme scheme, QuantMethod method, int groupSize, long bytesBefore, long bytesAfter,
+                double sqnrDb, Double awqAlpha, String note, boolean embedding) {
             this.path = path;
             this.scheme = scheme;
             this.method = method;
@@ -36,6 +45,15 @@ public final class QuantizationReport {
             this.sqnrDb = sqnrDb;
             this.awqAlpha = awqAlpha;
             this.note = note;
+            this.embedding = embedding;
+        }
+
+        /**
+         * Whether this is an embedding table ({@link QuantizedEmbedding}, rows = tokens, {@link #groupSize()} along
+         * the hidden dimension) rather than a Linear weight.
+         */
+        public boolean embedding() {
+            return embedding;
         }
 
         /** A remark, e.g. why AWQ fell back to RTN for this layer; empty if none. */
@@ -136,6 +154,7 @@ public final class QuantizationReport {
         for (Layer l : layers) {
             JsonObject j = new JsonObject();
             j.addProperty("path", l.path);
+            j.addProperty("kind", l.embedding ? "embedding" : "linear");
             j.addProperty("scheme", l.scheme.id());
             j.addProperty("method", l.method.id());
             j.addProperty("group_size", l.groupSize);
@@ -167,7 +186,8 @@ public final class QuantizationReport {
         b.append(String.format(Locale.ROOT, "%-48s %-5s %-4s %5s %12s %12s %8s%n", "layer", "sch", "meth", "group",
                 "bytes_before", "bytes_after", "sqnr_dB"));
         for (Layer l : layers) {
-            b.append(String.format(Locale.ROOT, "%-48s %-5s %-4s %5d %12d %12d %8.2f%n", l.path, l.scheme.id(),
+            b.append(String.format(Locale.ROOT, "%-48s %-5s %-4s %5d %12d %12d %8.2f%n",
+                    l.embedding ? l.path + " (embedding)" : l.path, l.scheme.id(),
                     l.method.id(), l.groupSize, l.bytesBefore, l.bytesAfter, l.sqnrDb));
         }
         b.append(String.format(Locale.ROOT, "total %d -> %d bytes (%.2fx) over %d layers%n", bytesBefore(),

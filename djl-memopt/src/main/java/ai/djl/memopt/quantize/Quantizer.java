@@ -1,10 +1,13 @@
 package ai.djl.memopt.quantize;
 
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.NDScope;
+import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
@@ -21,6 +24,7 @@ import java.util.Map;
 import java.util.Optional;
 import java.util.Set;
 import java.util.function.LongSupplier;
+import java.util.function.Supplier;
 import java.util.function.ToLongFunction;
 
 /**
@@ -41,6 +45,11 @@ import java.util.function.ToLongFunction;
  * recording budget per pass, quantized right after their pass, so later passes see the earlier layers quantized, as
  * in the methods' layer-by-layer procedures. A layer that no calibration row reaches (an unused routed expert) is
  * quantized with RTN and the report says so.
+ *
+ * <p>Embedding tables (the DeepSeek {@code TokenEmbedding}, DJL's {@code Embedding}) stay in full precision unless
+ * {@link QuantizationConfig#includeEmbeddings()} is set or a {@link LayerOverride} names them; then they are replaced
+ * by {@link QuantizedEmbedding} (round to nearest, row by row in chunks, before the Linear layers so that calibration
+ * sees them quantized). A table tied to the output projection ({@code tie_word_embeddings}) is never quantized.
  */
 public final class Quantizer {
 
@@ -59,13 +68,24 @@ public final class Quantizer {
                 "the root block is itself a Linear: wrap it in a parent block (e.g. SequentialBlock) to quantize it");
         Map<String, Block> blocks = Blocks.walk(root);
         Map<String, Target> targets = new LinkedHashMap<>();
+        Map<String, Target> embeddings = new LinkedHashMap<>();
         Map<String, String> skipped = new LinkedHashMap<>();
         plan(blocks, config, path -> {
-            Parameter weight = blocks.get(path).getParameters().get("weight");
+            Block b = blocks.get(path);
+            Parameter weight = b instanceof Linear ? b.getParameters().get("weight") : embeddingTable(b);
             Preconditions.checkArgument(weight.isInitialized(),
-                    "Linear '%s' is not initialized: initialize or load the model before quantizing it", path);
+                    "'%s' is not initialized: initialize or load the model before quantizing it", path);
             return weight.getArray().getShape().get(1);
-        }, targets, skipped);
+        }, targets, embeddings, skipped);
+        if (root instanceof DeepSeekForCausalLM && ((DeepSeekForCausalLM) root).config().tieWordEmbeddings()) {
+            for (String path : new ArrayList<>(embeddings.keySet())) {
+                if (blocks.get(path) == ((DeepSeekForCausalLM) root).model().tokenEmbedding()) {
+                    embeddings.remove(path);
+                    skipped.put(path, "embedding tied to the output projection (tie_word_embeddings): its float table"
+                            + " computes the logits, kept in full precision");
+                }
+            }
+        }
 
         boolean calibrated = targets.values().stream().anyMatch(t -> t.config.method() != QuantMethod.RTN);
         Calibration calibration = null;
@@ -76,11 +96,14 @@ public final class Quantizer {
         }
         Set<Parameter> kept = Collections.newSetFromMap(new IdentityHashMap<>());
         for (Map.Entry<String, Block> e : blocks.entrySet()) {
-            if (!targets.containsKey(e.getKey())) {
+            if (!targets.containsKey(e.getKey()) && !embeddings.containsKey(e.getKey())) {
                 e.getValue().getDirectParameters().values().forEach(kept::add);
             }
         }
         List<QuantizationReport.Layer> layers = new ArrayList<>();
+        for (Map.Entry<String, Target> e : embeddings.entrySet()) {
+            layers.add(quantizeEmbedding(root, e.getKey(), blocks.get(e.getKey()), e.getValue(), kept));
+        }
         List<String> order = new ArrayList<>(targets.keySet());
         int passes = 0;
         int next = 0;
@@ -128,11 +151,35 @@ public final class Quantizer {
      */
     static void plan(Map<String, Block> blocks, QuantizationConfig config, ToLongFunction<String> inFeatures,
             Map<String, Target> targets, Map<String, String> skipped) {
+        plan(blocks, config, inFeatures, targets, null, skipped);
+    }
+
+    /**
+     * {@link #plan(Map, QuantizationConfig, ToLongFunction, Map, Map)} that also puts the embedding tables to quantize
+     * into {@code embeddings} ({@code inFeatures} then gives their hidden size). With {@code embeddings} null (a
+     * caller that cannot quantize embeddings) an embedding the config asks for is reported as skipped, saying why.
+     */
+    static void plan(Map<String, Block> blocks, QuantizationConfig config, ToLongFunction<String> inFeatures,
+            Map<String, Target> targets, Map<String, Target> embeddings, Map<String, String> skipped) {
         for (Map.Entry<String, Block> e : blocks.entrySet()) {
             String path = e.getKey();
             Block block = e.getValue();
-            if (block instanceof QuantizedLinear) {
+            if (block instanceof QuantizedLinear || block instanceof QuantizedEmbedding) {
                 skipped.put(path, "already quantized");
+                continue;
+            }
+            if (embeddingTable(block) != null) {
+                Map<String, Target> planned = new LinkedHashMap<>();
+                planLayer(path, () -> config.includeEmbeddings() ? Optional.empty() : Optional.of(EMBEDDING_DEFAULT),
+                        () -> inFeatures.applyAsLong(path), config, planned, skipped);
+                if (!planned.isEmpty()) {
+                    if (embeddings == null) {
+                        skipped.put(path, "embedding: this loader cannot quantize embedding tables (use"
+                                + " Quantizer.quantize on the loaded model), kept in full precision");
+                    } else {
+                        embeddings.putAll(planned);
+                    }
+                }
                 continue;
             }
             if (!(block instanceof Linear)) {
@@ -142,16 +189,30 @@ public final class Quantizer {
                 continue;
             }
             // the input size is asked for only once the filter keeps the layer (a skipped one may stay uninitialized)
-            planLinear(path, block, () -> inFeatures.applyAsLong(path), config, targets, skipped);
+            planLayer(path, () -> config.filter().skipReason(path, block), () -> inFeatures.applyAsLong(path), config,
+                    targets, skipped);
         }
     }
 
+    /** The reason an embedding table is skipped when nothing asks for it. */
+    static final String EMBEDDING_DEFAULT = "embedding kept in full precision by default (a lookup, not a matmul;"
+            + " opt in with optIncludeEmbeddings / --include-embeddings or an override)";
+
     /**
-     * Decides one Linear layer (not yet quantized) with {@code inFeatures} inputs: puts it into {@code targets} with its
-     * effective config and group size, or into {@code skipped} with the reason.
+     * The table parameter {@code (vocab, hidden)} of an embedding block the quantizer can replace (the DeepSeek
+     * {@code TokenEmbedding}'s {@code weight}, DJL {@code Embedding}'s {@code embedding}), or null for other blocks.
      */
-    private static void planLinear(String path, Block block, LongSupplier inFeatures, QuantizationConfig config,
-            Map<String, Target> targets, Map<String, String> skipped) {
+    static Parameter embeddingTable(Block block) {
+        return QuantizedEmbedding.tableParameter(block);
+    }
+
+    /**
+     * Decides one layer (not yet quantized) whose weight has {@code inFeatures} columns: puts it into {@code targets}
+     * with its effective config and group size, or into {@code skipped} with the reason. Without a matching override,
+     * {@code defaultSkip} says whether it is skipped (the filter for a Linear).
+     */
+    private static void planLayer(String path, Supplier<Optional<String>> defaultSkip, LongSupplier inFeatures,
+            QuantizationConfig config, Map<String, Target> targets, Map<String, String> skipped) {
         Optional<LayerOverride> override =
                 config.overrides().stream().filter(o -> o.matches(path)).findFirst();
         QuantizationConfig effective = config;
@@ -162,7 +223,7 @@ public final class Quantizer {
             }
             effective = override.get().config().get();
         } else {
-            Optional<String> reason = config.filter().skipReason(path, block);
+            Optional<String> reason = defaultSkip.get();
             if (reason.isPresent()) {
                 skipped.put(path, reason.get());
                 return;
@@ -211,7 +272,8 @@ public final class Quantizer {
             return "normalization weights: tiny and scale every activation, kept in full precision";
         }
         if (name.contains("embed")) {
-            return "embedding table: a lookup, not a matmul, kept in full precision";
+            return "embedding table of an unsupported block (" + block.getClass().getSimpleName()
+                    + "): only TokenEmbedding and DJL Embedding tables can be quantized, kept in full precision";
         }
         if (name.equals("gate")) {
             return "MoE router: top-k routing is discrete, kept in full precision";
@@ -298,6 +360,70 @@ public final class Quantizer {
             biasParam.close();
         }
         return result.layer;
+    }
+
+    /** Rows quantized at once: bounds the float temporaries of a large table (129k x 7168 for DeepSeek-V3). */
+    private static final long EMBEDDING_CHUNK_ELEMENTS = 1L << 22;
+
+    /**
+     * Replaces the embedding block at {@code path} by a {@link QuantizedEmbedding} (RTN, chunks of rows) and frees its
+     * float table unless another block keeps it.
+     */
+    private static QuantizationReport.Layer quantizeEmbedding(Block root, String path, Block block, Target target,
+            Set<Parameter> kept) {
+        QuantizationConfig config = target.config;
+        Parameter param = embeddingTable(block);
+        String paramName = param.getName(); // "weight" (TokenEmbedding) or "embedding" (DJL Embedding)
+        NDArray table = param.getArray(); // (vocab, hidden)
+        long vocab = table.getShape().get(0);
+        long hidden = table.getShape().get(1);
+        int groupSize = config.scheme() == QuantScheme.INT8_WEIGHT_ONLY ? (int) hidden : target.groupSize;
+        String note = target.note;
+        if (config.method() != QuantMethod.RTN) {
+            String rtn = "embedding: a lookup has no input activations for " + config.method().id().toUpperCase(
+                    Locale.ROOT) + ", quantized with RTN";
+            note = note == null ? rtn : note + "; " + rtn;
+        }
+        long rowsPerChunk = Math.max(1, EMBEDDING_CHUNK_ELEMENTS / hidden);
+        NDManager owner = table.getManager();
+        QuantizedTensor q;
+        double signal = 0;
+        double noise = 0;
+        try (NDManager tmp = owner.newSubManager(table.getDevice())) {
+            NDList data = new NDList();
+            NDList scales = new NDList();
+            NDList zeros = new NDList();
+            for (long start = 0; start < vocab; start += rowsPerChunk) {
+                long end = Math.min(vocab, start + rowsPerChunk);
+                // each chunk's float temporaries are freed before the next; its codes move to tmp
+                try (NDManager chunk = tmp.newSubManager(table.getDevice())) {
+                    NDArray rows = table.get(chunk, new NDIndex(start + ":" + end)); // (n, hidden)
+                    QuantizedTensor c = QuantizedTensor.quantize(rows, config.scheme(), groupSize);
+                    NDArray w = Temps.copy(rows, chunk, DataType.FLOAT32);
+                    NDArray d = c.dequantize(chunk, DataType.FLOAT32); // (n, hidden)
+                    signal += w.square().sum().getFloat();
+                    noise += w.sub(d).square().sum().getFloat();
+                    c.attach(tmp);
+                    data.add(c.data());
+                    scales.add(c.scales());
+                    c.zeros().ifPresent(zeros::add);
+                }
+            }
+            NDArray qData = data.size() == 1 ? data.head() : NDArrays.concat(data, 0);
+            NDArray qScales = scales.size() == 1 ? scales.head() : NDArrays.concat(scales, 0);
+            NDArray qZeros = zeros.isEmpty() ? null : zeros.size() == 1 ? zeros.head() : NDArrays.concat(zeros, 0);
+            q = QuantizedTensor.of(config.scheme(), groupSize, table.getShape(), qData, qScales, qZeros, null);
+            q.attach(owner);
+        }
+        double sqnr = noise == 0 ? Double.POSITIVE_INFINITY : 10 * Math.log10(signal / noise);
+        QuantizedEmbedding replacement = QuantizedEmbedding.of(q, table.getDataType(), paramName);
+        long before = bytes(table);
+        Blocks.replace(root, path, old -> replacement);
+        if (!kept.contains(param)) {
+            param.close();
+        }
+        return new QuantizationReport.Layer(path, config.scheme(), QuantMethod.RTN, groupSize, before, q.nbytes(), sqnr,
+                null, note, true);
     }
 
     /**

@@ -48,6 +48,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
     private Block lmHead;
     private NDManager manager;
     private boolean ownsManager;
+    private DataType initializedType;
 
     /** An uninitialised model; use {@link #random}, {@link DeepSeekLoader#load} or {@link #initializeWith}. */
     public DeepSeekForCausalLM(DeepSeekConfig config) {
@@ -156,13 +157,16 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
         return lmHead;
     }
 
-    /** The data type of the weights (the embedding table's). */
+    /** The data type of the weights (the embedding table's, or the one initialized with once it was quantized). */
     public DataType dataType() {
-        return model.tokenEmbedding().weight().getArray().getDataType();
+        Parameter table = model.tokenEmbedding().weight();
+        // a quantized embedding (QuantizedEmbedding) frees the float table
+        return table.isInitialized() || initializedType == null ? table.getArray().getDataType() : initializedType;
     }
 
     @Override
     protected void initializeChildBlocks(NDManager manager, DataType dataType, Shape... inputShapes) {
+        initializedType = dataType;
         model.initialize(manager, dataType, new Shape(1, 1));
         if (lmHead != null) {
             Projections.init(lmHead, manager, dataType, config.hiddenSize());
