@@ -335,8 +335,8 @@ class QuantizedArtifactTest {
             restore(pristine, dir);
 
             // wrong format version
-            editJson(dir, o -> o.addProperty("format_version", 2));
-            assertTrue(loadError(dir, mlp(m, 1, 256)).contains("unsupported format_version 2"));
+            editJson(dir, o -> o.addProperty("format_version", 3));
+            assertTrue(loadError(dir, mlp(m, 1, 256)).contains("unsupported format_version 3"));
             restore(pristine, dir);
 
             // a missing field
