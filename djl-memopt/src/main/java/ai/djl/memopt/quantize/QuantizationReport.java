@@ -112,6 +112,20 @@ public final class QuantizationReport {
         this.calibrationPasses = calibrationPasses;
     }
 
+    /**
+     * The report of two passes over the same model ({@code later} run after {@code this}, e.g. the embedding table
+     * quantized after a streamed load): the layers of both, in that order; a path quantized by either pass is not
+     * listed as skipped, any other keeps the first pass's reason.
+     */
+    public QuantizationReport combine(QuantizationReport later) {
+        List<Layer> all = new java.util.ArrayList<>(layers);
+        all.addAll(later.layers);
+        Map<String, String> skip = new java.util.LinkedHashMap<>(skipped);
+        later.skipped.forEach(skip::putIfAbsent);
+        all.forEach(l -> skip.remove(l.path));
+        return new QuantizationReport(all, skip, calibrationPasses + later.calibrationPasses);
+    }
+
     /** How many times the calibration batches were run through the model (0 without AWQ). */
     public int calibrationPasses() {
         return calibrationPasses;

@@ -74,7 +74,8 @@ public final class Quantizer {
             Block b = blocks.get(path);
             Parameter weight = b instanceof Linear ? b.getParameters().get("weight") : embeddingTable(b);
             Preconditions.checkArgument(weight.isInitialized(),
-                    "'%s' is not initialized: initialize or load the model before quantizing it", path);
+                    "%s '%s' is not initialized: initialize or load the model before quantizing it",
+                    b instanceof Linear ? "Linear" : "embedding", path);
             return weight.getArray().getShape().get(1);
         }, targets, embeddings, skipped);
         if (root instanceof DeepSeekForCausalLM && ((DeepSeekForCausalLM) root).config().tieWordEmbeddings()) {

@@ -11,9 +11,11 @@ import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.quantize.Calibration;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
+import ai.djl.memopt.quantize.LayerOverride;
 import ai.djl.memopt.quantize.QuantMethod;
 import ai.djl.memopt.quantize.QuantizationConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
+import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.Quantizer;
 import ai.djl.ndarray.NDArray;
@@ -42,11 +44,12 @@ import java.util.stream.Stream;
  * {@code int4-awq}, {@code int4-gptq} (group-wise with calibration).
  *
  * <p>Arguments: {@code modelDir variant heldoutFile calibrationFile|- groupSize seq|0 includeLmHead workDir
- * calibrationSamples calibrationSeqLen}. {@code seq 0} means {@code min(max_position_embeddings, 1024)}, as
+ * calibrationSamples calibrationSeqLen embeddings}, {@code embeddings} one of {@code -} (float table), {@code same}
+ * (the variant's scheme), {@code int8}, {@code int4}. {@code seq 0} means {@code min(max_position_embeddings, 1024)}, as
  * {@code memopt perplexity}. The artifact goes to {@code workDir/variant} (replaced if it is an earlier artifact).
  *
  * <p>Sizes: {@code weight_bytes} sums the arrays the model holds after quantization (float parameters, plus packed
- * data, scales and zero points of every {@link QuantizedLinear}); {@code quantized_layers_bytes_before/after} are the
+ * data, scales and zero points of every {@link QuantizedLinear} and {@link QuantizedEmbedding}); {@code quantized_layers_bytes_before/after} are the
  * same over the quantized layers only (from the {@link QuantizationReport}); {@code artifact_bytes} is the size of
  * the weight files on disk (the source checkpoint's for fp32).
  */
@@ -57,9 +60,9 @@ public final class QuantBenchWorker {
     private QuantBenchWorker() {}
 
     public static void main(String[] args) throws Exception {
-        if (args.length != 10) {
+        if (args.length != 11) {
             System.err.println("usage: QuantBenchWorker modelDir variant heldout calibration|- groupSize seq|0 "
-                    + "includeLmHead workDir calibrationSamples calibrationSeqLen");
+                    + "includeLmHead workDir calibrationSamples calibrationSeqLen embeddings(-|int8|int4|same)");
             System.exit(2);
         }
         Path model = Path.of(args[0]);
@@ -72,13 +75,26 @@ public final class QuantBenchWorker {
         Path work = Path.of(args[7]);
         int samples = Integer.parseInt(args[8]);
         int sampleLen = Integer.parseInt(args[9]);
-        System.out.println(run(model, variant, heldout, calibration, groupSize, seq, includeLmHead, work, samples,
-                sampleLen));
+        String embeddings = "-".equals(args[10]) ? null : args[10];
+        System.out.println(run(model, variant, heldout, calibration, groupSize, seq, includeLmHead, embeddings, work,
+                samples, sampleLen));
     }
 
-    /** Runs one variant in this JVM. */
+    /** {@link #run(Path, String, Path, Path, int, int, boolean, String, Path, int, int)} with a float embedding. */
     public static JsonObject run(Path model, String variant, Path heldout, Path calibration, int groupSize, int seq,
             boolean includeLmHead, Path work, int samples, int sampleLen) throws IOException {
+        return run(model, variant, heldout, calibration, groupSize, seq, includeLmHead, null, work, samples,
+                sampleLen);
+    }
+
+    /**
+     * Runs one variant in this JVM.
+     *
+     * @param embeddings null to keep the token embedding in float; {@code same} to quantize it with the variant's
+     *     scheme; {@code int8} or {@code int4} for that scheme (RTN in every case)
+     */
+    public static JsonObject run(Path model, String variant, Path heldout, Path calibration, int groupSize, int seq,
+            boolean includeLmHead, String embeddings, Path work, int samples, int sampleLen) throws IOException {
         if (!VARIANTS.contains(variant)) {
             throw new IllegalArgumentException("unknown variant '" + variant + "', expected one of " + VARIANTS);
         }
@@ -97,7 +113,7 @@ public final class QuantBenchWorker {
             } else {
                 long t0 = System.nanoTime();
                 try (NDManager calib = lm.manager().newSubManager()) {
-                    QuantizationConfig config = config(variant, groupSize, includeLmHead,
+                    QuantizationConfig config = config(variant, groupSize, includeLmHead, embeddings,
                             calibration == null ? null : calibrationBatches(calib, model, calibration, samples,
                                     sampleLen, lm.config().vocabSize()));
                     report = Quantizer.quantize(lm, config);
@@ -124,6 +140,8 @@ public final class QuantBenchWorker {
             double evalSeconds = (System.nanoTime() - t1) / 1e9;
             o.addProperty("group_size", variant.startsWith("int4") ? groupSize : 0);
             o.addProperty("include_lm_head", includeLmHead);
+            o.addProperty("embeddings", variant.equals("fp32") || embeddings == null ? "fp32"
+                    : embeddings.equals("same") ? variant.substring(0, 4) : embeddings);
             o.addProperty("calibration", calibration == null ? "" : calibration.toString());
             o.addProperty("heldout_tokens", heldoutIds.length);
             o.addProperty("seq", window);
@@ -161,17 +179,33 @@ public final class QuantBenchWorker {
                 QuantizedLinear q = (QuantizedLinear) b;
                 bytes += q.quantizedWeight().nbytes();
                 bytes += q.bias().map(a -> a.size() * a.getDataType().getNumOfBytes()).orElse(0L);
+            } else if (b instanceof QuantizedEmbedding) {
+                bytes += ((QuantizedEmbedding) b).nbytes();
             }
         }
         return bytes;
     }
 
-    static QuantizationConfig config(String variant, int groupSize, boolean includeLmHead, List<NDList> calibration) {
+    static QuantizationConfig config(String variant, int groupSize, boolean includeLmHead, String embeddings,
+            List<NDList> calibration) {
+        boolean sameScheme = embeddings != null && (embeddings.equals("same") || variant.startsWith(embeddings));
+        LayerOverride embeddingOverride = embeddings == null || sameScheme ? null
+                : LayerOverride.use("model.embed_tokens", embeddings.equals("int8")
+                        ? Int8WeightOnlyConfig.builder().build()
+                        : Int4WeightOnlyConfig.builder().optGroupSize(groupSize).build());
         if (variant.equals("int8")) {
-            return Int8WeightOnlyConfig.builder().optIncludeLmHead(includeLmHead).build();
+            Int8WeightOnlyConfig.Builder b = Int8WeightOnlyConfig.builder().optIncludeLmHead(includeLmHead)
+                    .optIncludeEmbeddings(sameScheme);
+            if (embeddingOverride != null) {
+                b.addOverride(embeddingOverride);
+            }
+            return b.build();
         }
         Int4WeightOnlyConfig.Builder b = Int4WeightOnlyConfig.builder().optGroupSize(groupSize)
-                .optIncludeLmHead(includeLmHead);
+                .optIncludeLmHead(includeLmHead).optIncludeEmbeddings(sameScheme);
+        if (embeddingOverride != null) {
+            b.addOverride(embeddingOverride);
+        }
         switch (variant) {
             case "int4":
                 return b.build();

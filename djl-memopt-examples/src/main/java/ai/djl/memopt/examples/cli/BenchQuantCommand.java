@@ -26,6 +26,9 @@ import picocli.CommandLine.Option;
  * (per-channel RTN), {@code int4} (group-wise RTN; the quantizer falls back to a smaller group for layers the group
  * size does not divide), {@code int4-awq} and {@code int4-gptq} (need {@code --calibration}).
  *
+ * <p>{@code --include-embeddings} quantizes the token embedding table too ({@code embeddings} field and "embed"
+ * column: its scheme, or {@code fp32}).
+ *
  * <p>Fields: {@code perplexity}, {@code loss}, {@code weight_bytes} (arrays held in memory after quantization),
  * {@code weight_ratio} (to FP32), {@code quantized_layers_ratio} (bytes of the quantized layers only, after/before),
  * {@code artifact_bytes} (weight files on disk), {@code perplexity_change} (relative to FP32), and the configuration.
@@ -42,10 +45,12 @@ import picocli.CommandLine.Option;
 public final class BenchQuantCommand implements Callable<Integer> {
 
     static final String TABLE = "bench-quant";
-    static final List<String> HEADER = List.of("model", "variant", "lm_head", "group", "seq", "perplexity",
+    static final List<String> HEADER = List.of("model", "variant", "lm_head", "embed", "group", "seq", "perplexity",
             "vs fp32", "weight MB", "weight ratio", "quantized layers ratio", "artifact MB", "quantize s", "date");
-    static final List<String> ALIGN = List.of("---", "---", "---", "---:", "---:", "---:", "---:", "---:", "---:",
-            "---:", "---:", "---:", "---");
+    static final List<String> ALIGN = List.of("---", "---", "---", "---", "---:", "---:", "---:", "---:", "---:",
+            "---:", "---:", "---:", "---:", "---");
+    /** Leading columns that identify a configuration (a new result replaces the row with the same ones). */
+    static final int KEY_COLUMNS = 6;
 
     @Option(names = "--model", required = true, paramLabel = "DIR",
             description = "Hugging Face model directory with tokenizer.json.")
@@ -72,6 +77,15 @@ public final class BenchQuantCommand implements Callable<Integer> {
 
     @Option(names = "--include-lm-head", description = "Quantize lm_head too.")
     boolean includeLmHead;
+
+    @Option(names = "--include-embeddings",
+            description = "Quantize the token embedding table too (round to nearest; the variant's scheme unless"
+                    + " --embedding-scheme).")
+    boolean includeEmbeddings;
+
+    @Option(names = "--embedding-scheme", paramLabel = "int8|int4",
+            description = "With --include-embeddings: the table's scheme for every variant (default: the variant's).")
+    String embeddingScheme;
 
     @Option(names = "--calibration-samples", defaultValue = "16", paramLabel = "N",
             description = "Calibration sequences (default 16).")
@@ -120,6 +134,12 @@ public final class BenchQuantCommand implements Callable<Integer> {
         if (groupSize != 32 && groupSize != 64 && groupSize != 128) {
             throw new IllegalArgumentException("--group-size must be 32, 64 or 128, got " + groupSize);
         }
+        if (embeddingScheme != null && !includeEmbeddings) {
+            throw new IllegalArgumentException("--embedding-scheme needs --include-embeddings");
+        }
+        if (embeddingScheme != null && !embeddingScheme.equals("int8") && !embeddingScheme.equals("int4")) {
+            throw new IllegalArgumentException("--embedding-scheme must be int8 or int4, got '" + embeddingScheme + "'");
+        }
         if (seq != null && seq < 2) {
             throw new IllegalArgumentException("--seq must be at least 2, got " + seq);
         }
@@ -138,7 +158,8 @@ public final class BenchQuantCommand implements Callable<Integer> {
                         calibration == null || !v.contains("-") ? "-" : calibration.toAbsolutePath().toString(),
                         Integer.toString(groupSize), Integer.toString(seq == null ? 0 : seq),
                         Boolean.toString(includeLmHead), dir.toAbsolutePath().toString(),
-                        Integer.toString(calibrationSamples), Integer.toString(calibrationSeqLen)),
+                        Integer.toString(calibrationSamples), Integer.toString(calibrationSeqLen),
+                        !includeEmbeddings ? "-" : embeddingScheme != null ? embeddingScheme : "same"),
                         BenchTrainCommand.ALLOCATOR);
                 JsonObject r = BenchGenerateCommand.lastJson(lines, v);
                 if (base == null) {
@@ -160,6 +181,7 @@ public final class BenchQuantCommand implements Callable<Integer> {
                     String v = r.get("variant").getAsString();
                     boolean quantized = !v.equals("fp32");
                     rows.add(List.of(name, v, quantized && includeLmHead ? "int" : "fp32",
+                            r.get("embeddings").getAsString(),
                             v.startsWith("int4") ? Integer.toString(groupSize) : "-", r.get("seq").getAsString(),
                             String.format(Locale.ROOT, "%.3f", r.get("perplexity").getAsDouble()),
                             String.format(Locale.ROOT, "%+.2f%%", 100 * r.get("perplexity_change").getAsDouble()),
@@ -170,7 +192,7 @@ public final class BenchQuantCommand implements Callable<Integer> {
                             String.format(Locale.ROOT, "%.2f", r.get("artifact_bytes").getAsLong() / 1e6),
                             String.format(Locale.ROOT, "%.1f", r.get("quantize_seconds").getAsDouble()), date));
                 }
-                MarkdownTable.update(out, TABLE, HEADER, ALIGN, 5, rows);
+                MarkdownTable.update(out, TABLE, HEADER, ALIGN, KEY_COLUMNS, rows);
             }
             if (chart != null) {
                 writeChart(chart, results, model.toAbsolutePath().normalize().getFileName().toString());

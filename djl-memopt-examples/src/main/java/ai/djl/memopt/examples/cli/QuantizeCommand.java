@@ -12,6 +12,7 @@ import ai.djl.memopt.quantize.Calibration;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.LayerFilter;
+import ai.djl.memopt.quantize.LayerOverride;
 import ai.djl.memopt.quantize.PruningConfig;
 import ai.djl.memopt.quantize.PruningReport;
 import ai.djl.memopt.quantize.Pruner;
@@ -33,6 +34,7 @@ import java.util.ArrayList;
 import java.util.List;
 import java.util.Locale;
 import java.util.Map;
+import java.util.Optional;
 import java.util.concurrent.Callable;
 import java.util.stream.Collectors;
 import picocli.CommandLine.Command;
@@ -49,7 +51,11 @@ import picocli.CommandLine.Model.CommandSpec;
  *
  * <pre>
  * memopt quantize --model DIR --scheme int4 --group-size 128 --method awq --calibration sample.txt --out q4/
+ * memopt quantize --model DIR --scheme int4 --include-lm-head --include-embeddings --embedding-scheme int8 --out q4e/
  * </pre>
+ *
+ * <p>{@code --include-embeddings} also quantizes the token embedding table ({@code QuantizedEmbedding}; round to
+ * nearest whatever {@code --method} says, a lookup has no input activations); the artifact is then format version 2.
  */
 @Command(name = "quantize", mixinStandardHelpOptions = true,
         description = "Quantize (and optionally prune) a DeepSeek model into a self-contained artifact directory.")
@@ -97,6 +103,17 @@ public final class QuantizeCommand implements Callable<Integer> {
     @Option(names = "--include-lm-head", description = "Quantize (and prune) lm_head too.")
     boolean includeLmHead;
 
+    @Option(names = "--include-embeddings",
+            description = "Quantize the token embedding table (model.embed_tokens) too: round to nearest, one scale per"
+                    + " row (token) for int8, groups of --group-size along the hidden size for int4. Not with"
+                    + " tie_word_embeddings (the table is then the output projection and stays in float).")
+    boolean includeEmbeddings;
+
+    @Option(names = "--embedding-scheme", paramLabel = "int8|int4",
+            description = "With --include-embeddings: the table's scheme if it differs from --scheme (e.g. int8"
+                    + " embeddings in an int4 model).")
+    String embeddingScheme;
+
     @Option(names = "--dtype", defaultValue = "float32", paramLabel = "float32|float16",
             description = "Type of the unquantized weights (default ${DEFAULT-VALUE}).")
     String dtype;
@@ -136,6 +153,18 @@ public final class QuantizeCommand implements Callable<Integer> {
         if (quantMethod == QuantMethod.RTN && calibration != null) {
             throw new ParameterException(spec.commandLine(), "--calibration is only used by --method awq or gptq");
         }
+        if (includeEmbeddings && !quantize) {
+            throw new ParameterException(spec.commandLine(), "--include-embeddings needs --scheme int8 or int4");
+        }
+        if (embeddingScheme != null) {
+            if (!includeEmbeddings) {
+                throw new ParameterException(spec.commandLine(), "--embedding-scheme needs --include-embeddings");
+            }
+            if (!embeddingScheme.equalsIgnoreCase("int8") && !embeddingScheme.equalsIgnoreCase("int4")) {
+                throw new ParameterException(spec.commandLine(), "--embedding-scheme must be int8 or int4, got '"
+                        + embeddingScheme + "'");
+            }
+        }
         PruningConfig pruning = prune == null ? null
                 : PruningConfig.parse(prune).withFilter(LayerFilter.defaults(includeLmHead));
         if (!Files.isDirectory(model)) {
@@ -154,6 +183,14 @@ public final class QuantizeCommand implements Callable<Integer> {
                         StreamingQuantizedLoader.load(model, manager, type, quantizationConfig(quantMethod, List.of()));
                 lm = r.model();
                 report = r.report();
+                if (includeEmbeddings) {
+                    // the streaming loader quantizes Linear layers only: the (already float) table is done here,
+                    // every Linear left in float by the config stays so
+                    QuantizationConfig.BaseBuilder<?> tables = builder(embeddingScheme != null ? embeddingScheme
+                            : scheme).optIncludeEmbeddings(true).optFilter((path, block) -> Optional.of(
+                                    "left in float by the streamed pass"));
+                    report = report.combine(Quantizer.quantize(lm, build(tables)));
+                }
             } else {
                 lm = DeepSeekLoader.load(model, manager, type);
                 pruned = pruning == null ? null : Pruner.prune(lm, pruning);
@@ -192,12 +229,27 @@ public final class QuantizeCommand implements Callable<Integer> {
     }
 
     private QuantizationConfig quantizationConfig(QuantMethod quantMethod, List<NDList> batches) {
-        QuantizationConfig.BaseBuilder<?> b = scheme.equalsIgnoreCase("int8")
-                ? Int8WeightOnlyConfig.builder() : Int4WeightOnlyConfig.builder().optGroupSize(groupSize);
-        b.optMethod(quantMethod).optIncludeLmHead(includeLmHead).optAwqGridSize(awqGrid);
+        QuantizationConfig.BaseBuilder<?> b = builder(scheme);
+        b.optMethod(quantMethod).optIncludeLmHead(includeLmHead).optAwqGridSize(awqGrid)
+                .optIncludeEmbeddings(includeEmbeddings);
+        if (embeddingScheme != null && !embeddingScheme.equalsIgnoreCase(scheme)) {
+            b.addOverride(LayerOverride.use(EMBEDDING_PATH, build(builder(embeddingScheme))));
+        }
         if (!batches.isEmpty()) {
             b.optCalibration(Calibration.of(batches));
         }
+        return build(b);
+    }
+
+    /** The DeepSeek token embedding's block path. */
+    static final String EMBEDDING_PATH = "model.embed_tokens";
+
+    private QuantizationConfig.BaseBuilder<?> builder(String schemeId) {
+        return schemeId.equalsIgnoreCase("int8")
+                ? Int8WeightOnlyConfig.builder() : Int4WeightOnlyConfig.builder().optGroupSize(groupSize);
+    }
+
+    private static QuantizationConfig build(QuantizationConfig.BaseBuilder<?> b) {
         return b instanceof Int8WeightOnlyConfig.Builder
                 ? ((Int8WeightOnlyConfig.Builder) b).build() : ((Int4WeightOnlyConfig.Builder) b).build();
     }
@@ -211,6 +263,7 @@ public final class QuantizeCommand implements Callable<Integer> {
             o.addProperty("artifact_bytes", artifactBytes);
             o.addProperty("quantized_layers", manifest.layers().size());
             o.addProperty("sparse24_layers", manifest.sparse24().size());
+            o.addProperty("quantized_embeddings", manifest.embeddings().size());
             if (report != null) {
                 o.add("quantization", report.toJson());
             }

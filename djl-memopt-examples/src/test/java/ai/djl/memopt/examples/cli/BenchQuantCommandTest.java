@@ -79,8 +79,8 @@ class BenchQuantCommandTest {
         assertTrue(png.length > 1000 && png[1] == 'P' && png[2] == 'N' && png[3] == 'G', "not a PNG");
         List<List<String>> rows = MarkdownTable.read(md, BenchQuantCommand.TABLE);
         assertEquals(2, rows.size(), rows.toString());
-        assertEquals(List.of("tiny", "fp32", "fp32", "-", "64"), rows.get(0).subList(0, 5));
-        assertEquals(List.of("tiny", "int8", "fp32", "-", "64"), rows.get(1).subList(0, 5));
+        assertEquals(List.of("tiny", "fp32", "fp32", "fp32", "-", "64"), rows.get(0).subList(0, 6));
+        assertEquals(List.of("tiny", "int8", "fp32", "fp32", "-", "64"), rows.get(1).subList(0, 6));
     }
 
     @Test
@@ -103,6 +103,39 @@ class BenchQuantCommandTest {
         assertTrue(awqBytes > rtnBytes && awqBytes < 1.05 * rtnBytes, rtnBytes + " vs " + awqBytes);
     }
 
+    /**
+     * Quantized embedding tables in the benchmark: the whole-model bytes drop by exactly the table's float bytes minus
+     * its quantized bytes (int8: one byte per value and an FP32 scale per row; int4 g64: half a byte per value and
+     * 5 bytes per group of the fixture's 64-wide rows).
+     */
+    @Test
+    void includeEmbeddingsInProcess() throws Exception {
+        JsonObject plain = QuantBenchWorker.run(model, "int4", heldout, null, 128, 64, true, null, tmp.resolve("w"), 2,
+                16);
+        JsonObject e8 = QuantBenchWorker.run(model, "int4", heldout, null, 128, 64, true, "int8", tmp.resolve("w"), 2,
+                16);
+        JsonObject e4 = QuantBenchWorker.run(model, "int4-gptq", heldout, calibration, 128, 64, true, "same",
+                tmp.resolve("w"), 2, 16);
+        long vocab = 512;
+        long hidden = 64;
+        long table = vocab * hidden * 4;
+        assertEquals("fp32", plain.get("embeddings").getAsString());
+        assertEquals("int8", e8.get("embeddings").getAsString());
+        assertEquals("int4", e4.get("embeddings").getAsString());
+        long plainBytes = plain.get("weight_bytes").getAsLong();
+        assertEquals(plainBytes - table + vocab * hidden + vocab * 4, e8.get("weight_bytes").getAsLong());
+        assertEquals(plainBytes - table + vocab * hidden / 2 + vocab * 5, e4.get("weight_bytes").getAsLong());
+        assertTrue(Double.isFinite(e4.get("perplexity").getAsDouble()), e4.toString());
+        assertTrue(QuantizedArtifactCheck.hasTable(Path.of(e8.get("artifact").getAsString())));
+    }
+
+    /** Reads the embedding entry of an artifact. */
+    static final class QuantizedArtifactCheck {
+        static boolean hasTable(Path dir) throws java.io.IOException {
+            return ai.djl.memopt.export.QuantizedArtifact.verify(dir).embeddings().containsKey("model.embed_tokens");
+        }
+    }
+
     @Test
     void badOptionsAreRejectedBeforeAnyJvmStarts() {
         CliRun r = CliRun.run("bench", "quant", "--model", model.toString(), "--heldout", heldout.toString(),
@@ -123,5 +156,9 @@ class BenchQuantCommandTest {
                 "--group-size", "100");
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("--group-size must be 32, 64 or 128, got 100"), r.err);
+        r = CliRun.run("bench", "quant", "--model", model.toString(), "--heldout", heldout.toString(),
+                "--embedding-scheme", "int8");
+        assertNotEquals(0, r.exitCode);
+        assertTrue(r.err.contains("--embedding-scheme needs --include-embeddings"), r.err);
     }
 }

@@ -144,6 +144,62 @@ class QuantizeCommandTest {
         }
     }
 
+    /**
+     * {@code --include-embeddings}: streamed int4 (RTN) with an int8 table, and in-memory GPTQ with an int4 table; each
+     * artifact computes what the library computes in memory, and {@code generate} runs on it.
+     */
+    @Test
+    void includeEmbeddingsQuantizesTheTable() throws Exception {
+        Path streamed = tmp.resolve("q4e8");
+        assertEquals(0, run("quantize", "--model", V3.toString(), "--scheme", "int4", "--group-size", "32",
+                "--include-lm-head", "--include-embeddings", "--embedding-scheme", "int8", "--out", streamed.toString(),
+                "--json"), lastOut[1]);
+        JsonObject json = JsonParser.parseString(lastOut[0].trim()).getAsJsonObject();
+        assertEquals(1, json.get("quantized_embeddings").getAsInt());
+        JsonObject q = json.getAsJsonObject("quantization");
+        assertTrue(!q.getAsJsonObject("skipped").has("model.embed_tokens"), q.toString());
+        JsonObject row = null;
+        for (var l : q.getAsJsonArray("layers")) {
+            if (l.getAsJsonObject().get("path").getAsString().equals("model.embed_tokens")) {
+                row = l.getAsJsonObject();
+            }
+        }
+        assertEquals("embedding", row.get("kind").getAsString());
+        assertEquals("int8", row.get("scheme").getAsString());
+        ArtifactManifest manifest = QuantizedArtifact.verify(streamed);
+        assertEquals(2, manifest.formatVersion());
+        assertEquals(QuantScheme.INT8_WEIGHT_ONLY, manifest.embeddings().get("model.embed_tokens").scheme());
+        assertEquals(QuantScheme.INT4_WEIGHT_ONLY, manifest.layers().get("lm_head").scheme());
+
+        Path calib = tmp.resolve("calib.ids");
+        Files.writeString(calib, "1 5 9 13 100 200 300 400 17 18 19 20\n2 3 4 5 6 7 8 9 10 11 12 13 14 15 16\n");
+        Path gptq = tmp.resolve("q4gptq");
+        assertEquals(0, run("quantize", "--model", V3.toString(), "--scheme", "int4", "--group-size", "32",
+                "--method", "gptq", "--calibration", calib.toString(), "--include-embeddings", "--out",
+                gptq.toString()), lastOut[1]);
+        assertTrue(lastOut[0].contains("model.embed_tokens (embedding)"), lastOut[0]);
+        assertTrue(lastOut[0].contains("no input activations for GPTQ"), lastOut[0]);
+        assertEquals(32, QuantizedArtifact.verify(gptq).embeddings().get("model.embed_tokens").groupSize());
+
+        try (NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM lib = DeepSeekLoader.load(V3, m, DataType.FLOAT32);
+            Quantizer.quantize(lib, ai.djl.memopt.quantize.Int4WeightOnlyConfig.builder().optGroupSize(32)
+                    .optIncludeLmHead(true).optIncludeEmbeddings(true)
+                    .addOverride(ai.djl.memopt.quantize.LayerOverride.use("model.embed_tokens",
+                            Int8WeightOnlyConfig.builder().build())).build());
+            DeepSeekForCausalLM cli = QuantizedArtifact.loadDeepSeek(streamed, m, DataType.FLOAT32);
+            var ids = m.create(new long[] {1, 5, 9, 100, 511, 7}, new Shape(1, 6));
+            ParameterStore ps = new ParameterStore(m, false);
+            assertArrayEquals(lib.forward(ps, new NDList(ids), false).head().toFloatArray(),
+                    cli.forward(ps, new NDList(ids), false).head().toFloatArray());
+        }
+        // the cached decoder reads the model through the quantized table
+        CliRun g = CliRun.run("generate", "--model", streamed.toString(), "--prompt-ids", "451,340,497", "--max-new-tokens",
+                "5");
+        assertEquals(0, g.exitCode, g.err);
+        assertEquals(5, g.out.strip().split(" ").length, g.out);
+    }
+
     @Test
     void badInputGivesClearErrors() {
         String model = V3.toString();
@@ -162,6 +218,15 @@ class QuantizeCommandTest {
         assertTrue(lastOut[1].contains("not a directory"), lastOut[1]);
         assertNotEquals(0, run("quantize", "--model", model, "--scheme", "int8", "--prune", "3:4", "--out", out));
         assertTrue(lastOut[1].contains("--prune must be '2:4' or a sparsity"), lastOut[1]);
+        assertNotEquals(0, run("quantize", "--model", model, "--scheme", "int8", "--embedding-scheme", "int4",
+                "--out", out));
+        assertTrue(lastOut[1].contains("--embedding-scheme needs --include-embeddings"), lastOut[1]);
+        assertNotEquals(0, run("quantize", "--model", model, "--scheme", "int8", "--include-embeddings",
+                "--embedding-scheme", "fp8", "--out", out));
+        assertTrue(lastOut[1].contains("--embedding-scheme must be int8 or int4, got 'fp8'"), lastOut[1]);
+        assertNotEquals(0, run("quantize", "--model", model, "--scheme", "none", "--prune", "2:4",
+                "--include-embeddings", "--out", out));
+        assertTrue(lastOut[1].contains("--include-embeddings needs --scheme int8 or int4"), lastOut[1]);
         assertTrue(!Files.exists(tmp.resolve("x").resolve("quantization.json")));
     }
 
