@@ -1,5 +1,6 @@
 /**
- * Weight-only quantization and magnitude pruning of the {@link ai.djl.nn.core.Linear} layers of any DJL block tree.
+ * Weight-only quantization and magnitude pruning of the {@link ai.djl.nn.core.Linear} layers of any DJL block tree (and,
+ * on request, of its embedding tables).
  *
  * <p>One entry point, in the spirit of torchao's {@code quantize_(model, config)}:
  *
@@ -21,6 +22,9 @@
  *       scoped sub-manager at every forward, in the input's type.
  *   <li>{@link ai.djl.memopt.quantize.LayerFilter#defaults()} keeps embeddings, norms, the MoE router and
  *       {@code lm_head} in full precision.
+ *   <li>{@link ai.djl.memopt.quantize.QuantizedEmbedding}: opt-in ({@code optIncludeEmbeddings(true)} or a
+ *       {@link ai.djl.memopt.quantize.LayerOverride} naming the table) quantized embedding table, int8 per row or int4
+ *       group-wise along the hidden size; a lookup dequantizes only the requested rows.
  * </ul>
  *
  * Save the result with {@link ai.djl.memopt.export.QuantizedArtifact}.
