@@ -4,9 +4,11 @@ import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekDecoderLayer;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekMoE;
 import ai.djl.memopt.model.deepseek.DeepSeekModel;
 import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
 import ai.djl.memopt.model.deepseek.RotaryEmbedding;
+import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.ndarray.NDArray;
@@ -42,6 +44,15 @@ import com.google.common.base.Preconditions;
  * per layer are allocated once per session and written in place; prefill runs the same absorbed path over the prompt.
  * Only the last position's logits are computed.
  *
+ * <p><b>Host synchronisation.</b> Creating the decoder calls {@link DeepSeekMoE#enableGatheredDispatch()} on every MoE
+ * layer: their experts' weights are stacked once (the per-expert arrays become views of the stacks, so memory does not
+ * grow; the stacks follow in-place weight updates and are rebuilt if a projection is replaced). A decode step of
+ * {@code B} tokens with {@code B x num_experts_per_tok <= n_routed_experts} then gathers the chosen experts on the
+ * device and reads nothing back: the step's only device-to-host copy is the sampled ids ({@link LogitsSampler}). A
+ * prefill call (or a bigger batch) takes the sorted dispatch, which reads the chosen expert ids once per MoE layer
+ * per call (amortised over the prompt). Experts that cannot be stacked (LoRA-wrapped, decorated) keep the sorted
+ * dispatch at every step, with a warning at creation.
+ *
  * <pre>{@code
  * LanguageModel lm = new MlaCachedDecoder(deepSeekForCausalLM, device);
  * GenerationResult r = new Generator(lm, tokenizer).generate(promptIds, SamplingParams.greedy(64));
@@ -74,6 +85,11 @@ public final class MlaCachedDecoder implements LanguageModel {
                     "model.layers.%s is a %s, expected a DeepSeekDecoderLayer", i, layer.getClass().getName());
             layers[i] = (DeepSeekDecoderLayer) layer;
             attention[i] = findAttention(layers[i].selfAttn(), i);
+            Block mlp = BlockDecorator.unwrap(layers[i].mlp());
+            if (mlp instanceof DeepSeekMoE) {
+                // decode steps then gather the chosen experts on the device instead of reading their ids
+                ((DeepSeekMoE) mlp).enableGatheredDispatch();
+            }
         }
         this.dtype = model.dataType();
     }

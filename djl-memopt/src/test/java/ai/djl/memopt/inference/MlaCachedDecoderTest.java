@@ -2,6 +2,7 @@ package ai.djl.memopt.inference;
 
 import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
@@ -9,6 +10,8 @@ import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekMoE;
+import ai.djl.memopt.nn.HostReads;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
@@ -19,10 +22,13 @@ import java.io.IOException;
 import java.net.URISyntaxException;
 import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
+import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
+import java.util.regex.Matcher;
+import java.util.regex.Pattern;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.extension.ExtendWith;
 import org.junit.jupiter.params.ParameterizedTest;
@@ -347,6 +353,147 @@ class MlaCachedDecoderTest {
             try (MlaCachedDecoder.Session s = lm.newSession(m, 2, 100)) {
                 assertEquals(2L * 100 * lm.cacheBytesPerToken(), s.cacheBytes());
             }
+        }
+    }
+
+    /** HostReads counted at each token of row 0, after generating {@code m} tokens from {@code batch} prompts. */
+    private static List<Long> readsPerToken(Generator g, NDManager m, int batch, int tokens) {
+        List<long[]> prompts = new ArrayList<>();
+        for (int i = 0; i < batch; i++) {
+            prompts.add(new long[] {451, 340, 497, 361 + i, 133, 474});
+        }
+        List<Long> at = new ArrayList<>();
+        at.add(HostReads.count());
+        SamplingParams params = SamplingParams.builder().setMaxNewTokens(tokens).optIgnoreEos(true).build();
+        g.generate(m, prompts, params, (i, id, d) -> {
+            if (i == 0) {
+                at.add(HostReads.count());
+            }
+        }, () -> false);
+        assertEquals(tokens + 1, at.size());
+        return at;
+    }
+
+    @Test
+    void decodeStepsReadTheHostOnlyForTheSampledTokens() throws IOException {
+        Path dir = fixture("tiny-deepseek-v3"); // 8 routed experts, 2 per token, MoE in layers 1 and 2
+        try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32);
+                NDManager m = NDManager.newBaseManager()) {
+            List<DeepSeekMoE> moes = new ArrayList<>();
+            for (int i = 0; i < loaded.config().numHiddenLayers(); i++) {
+                if (Blocks.get(loaded.model(), "model.layers." + i + ".mlp") instanceof DeepSeekMoE moe) {
+                    moes.add(moe);
+                }
+            }
+            assertEquals(2, moes.size());
+            Generator g = new Generator(new MlaCachedDecoder(loaded.model(), Device.cpu()), null);
+            int tokens = 10;
+            // batch 1 and 4: B x k <= 8 experts, the gathered dispatch; the prefill (6 tokens per row) is sorted and
+            // reads the chosen ids once per MoE layer, then each decode step reads the sampled ids and nothing else
+            for (int batch : new int[] {1, 4}) {
+                List<Long> at = readsPerToken(g, m, batch, tokens);
+                assertEquals(1 + moes.size(), at.get(1) - at.get(0), "batch " + batch + ": prefill reads");
+                for (int s = 2; s <= tokens; s++) {
+                    assertEquals(1, at.get(s) - at.get(s - 1), "batch " + batch + ": reads in decode step " + (s - 1));
+                }
+            }
+            // the counter sees the MoE: batch 5 (10 assignments > 8) and a zero limit take the sorted dispatch
+            List<Long> at = readsPerToken(g, m, 5, tokens);
+            for (int s = 2; s <= tokens; s++) {
+                assertEquals(1 + moes.size(), at.get(s) - at.get(s - 1), "batch 5, decode step " + (s - 1));
+            }
+            moes.forEach(moe -> moe.setGatheredDispatchLimit(0));
+            at = readsPerToken(g, m, 1, tokens);
+            for (int s = 2; s <= tokens; s++) {
+                assertEquals(1 + moes.size(), at.get(s) - at.get(s - 1), "limit 0, decode step " + (s - 1));
+            }
+        }
+    }
+
+    @Test
+    void gatheredAndSortedDecodingGiveTheSameLogits() throws IOException {
+        Path dir = fixture("tiny-deepseek-v3");
+        long[][] prompts = {{451, 340, 497, 361}, {12, 200, 7, 99}};
+        long[][] next = {{7, 300, 12, 99, 5, 8}, {41, 3, 250, 18, 77, 6}};
+        try (TestModel a = TestModel.load(dir, DataType.FLOAT32);
+                TestModel b = TestModel.load(dir, DataType.FLOAT32)) {
+            LanguageModel gathered = new MlaCachedDecoder(a.model(), Device.cpu());
+            LanguageModel sorted = new MlaCachedDecoder(b.model(), Device.cpu());
+            for (int i = 0; i < b.config().numHiddenLayers(); i++) {
+                if (Blocks.get(b.model(), "model.layers." + i + ".mlp") instanceof DeepSeekMoE moe) {
+                    moe.setGatheredDispatchLimit(0);
+                }
+            }
+            List<Float> diffs = stepDifferences(gathered, sorted, prompts, next);
+            for (float d : diffs) {
+                assertTrue(d < 1e-5f, "gathered vs sorted decoding: " + diffs);
+            }
+        }
+    }
+
+    /**
+     * Second guard: the sources of the decode path (the decoder, the sampler, the model's blocks, quantized layers)
+     * copy nothing to the host except through {@link HostReads}.
+     */
+    @Test
+    void decodePathSourcesReadTheHostOnlyThroughHostReads() throws IOException {
+        Path main = Path.of("src/main/java/ai/djl/memopt");
+        List<String> files = List.of(
+                "inference/MlaCachedDecoder.java", "inference/Generator.java", "inference/LogitsSampler.java",
+                "model/deepseek/DeepSeekForCausalLM.java", "model/deepseek/DeepSeekModel.java",
+                "model/deepseek/DeepSeekDecoderLayer.java", "model/deepseek/MultiHeadLatentAttention.java",
+                "model/deepseek/RotaryEmbedding.java", "model/deepseek/RmsNorm.java",
+                "model/deepseek/TokenEmbedding.java", "model/deepseek/DeepSeekMlp.java", "model/deepseek/MoeGate.java",
+                "model/deepseek/DeepSeekMoE.java", "model/deepseek/GatheredExperts.java",
+                "model/deepseek/Projections.java", "model/deepseek/Scoped.java", "nn/Scalars.java",
+                "quantize/QuantizedLinear.java", "quantize/QuantizedTensor.java",
+                "quantize/Int8WeightOnlyHandler.java", "quantize/Int4WeightOnlyHandler.java");
+        Pattern read = Pattern.compile("\\.(toLongArray|toFloatArray|toIntArray|toDoubleArray|toBooleanArray"
+                + "|toByteArray|toUint8Array|toArray|toByteBuffer|getLong|getFloat|getInt|getDouble|getBoolean|getByte"
+                + "|getNumber)\\(");
+        for (String f : files) {
+            String code = Files.readString(main.resolve(f))
+                    .replaceAll("(?s)/\\*.*?\\*/", "") // comments and Javadoc
+                    .replaceAll("//[^\\n]*", "");
+            Matcher m = read.matcher(code);
+            assertFalse(m.find(), f + " reads the device outside HostReads: " + (m.find(0) ? m.group() : ""));
+        }
+        // and the sampler's and the sorted dispatch's reads do go through it
+        assertTrue(Files.readString(main.resolve("inference/LogitsSampler.java")).contains("HostReads.longs("));
+        assertTrue(Files.readString(main.resolve("model/deepseek/DeepSeekMoE.java")).contains("HostReads.longs("));
+    }
+
+    @Test
+    void moeDecodeStepsLeaveNothingBehind() throws IOException {
+        // the fixture's shapes with two layers (the second is MoE), random weights; 250 gathered decode steps
+        DeepSeekConfig config =
+                DeepSeekConfig.fromJson(fixture("tiny-deepseek-v3").resolve("config.json")).toBuilder()
+                        .numHiddenLayers(2)
+                        .build();
+        try (NDManager weights = NDManager.newBaseManager();
+                NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM model = DeepSeekForCausalLM.random(config, 7, weights, DataType.FLOAT32);
+            int modelArrays = weights.getManagedArrays().size();
+            Generator g = new Generator(new MlaCachedDecoder(model, Device.cpu()), null);
+            // one stack per projection; the experts' arrays are the same objects, now views of it
+            assertEquals(modelArrays + 3, weights.getManagedArrays().size());
+            int n = 250;
+            int[] arrays = new int[n];
+            long[] reads = new long[n];
+            int[] k = new int[1];
+            GenerationResult r = g.generate(m, List.of(new long[] {451, 340, 497}),
+                    SamplingParams.builder().setMaxNewTokens(n).optIgnoreEos(true).build(),
+                    (i, id, d) -> {
+                        arrays[k[0]] = m.getManagedArrays().size() + weights.getManagedArrays().size();
+                        reads[k[0]++] = HostReads.count();
+                    }, () -> false).get(0);
+            assertEquals(n, r.outputIds().length);
+            for (int s = 1; s < n; s++) {
+                assertEquals(arrays[0], arrays[s], "arrays alive after step " + s);
+                assertEquals(reads[s - 1] + 1, reads[s], "host reads in step " + s);
+            }
+            assertEquals(modelArrays + 3, weights.getManagedArrays().size(), "nothing left in the model's manager");
+            assertEquals(0, m.getManagedArrays().size(), "the session is closed");
         }
     }
 
