@@ -11,6 +11,7 @@ import ai.djl.memopt.model.deepseek.RotaryEmbedding;
 import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.nn.LinearWeightSource;
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
@@ -44,14 +45,16 @@ import com.google.common.base.Preconditions;
  * per layer are allocated once per session and written in place; prefill runs the same absorbed path over the prompt.
  * Only the last position's logits are computed.
  *
- * <p><b>Host synchronisation.</b> Creating the decoder calls {@link DeepSeekMoE#enableGatheredDispatch()} on every MoE
- * layer: their experts' weights are stacked once (the per-expert arrays become views of the stacks, so memory does not
- * grow; the stacks follow in-place weight updates and are rebuilt if a projection is replaced). A decode step of
- * {@code B} tokens with {@code B x num_experts_per_tok <= n_routed_experts} then gathers the chosen experts on the
- * device and reads nothing back: the step's only device-to-host copy is the sampled ids ({@link LogitsSampler}). A
- * prefill call (or a bigger batch) takes the sorted dispatch, which reads the chosen expert ids once per MoE layer
- * per call (amortised over the prompt). Experts that cannot be stacked (LoRA-wrapped, decorated) keep the sorted
- * dispatch at every step, with a warning at creation.
+ * <p><b>Host synchronisation.</b> With {@link ExpertDispatch#GATHERED} (the default on a GPU) creating the decoder
+ * calls {@link DeepSeekMoE#enableGatheredDispatch()} on every MoE layer: their experts' weights are stacked once (the
+ * per-expert arrays become views of the stacks, so memory does not grow; the stacks follow in-place weight updates and
+ * are rebuilt if a projection is replaced). A decode step of {@code B} tokens with
+ * {@code B x num_experts_per_tok <= n_routed_experts} then gathers the chosen experts on the device and reads nothing
+ * back: the step's only device-to-host copy is the sampled ids ({@link LogitsSampler}). A prefill call (or a bigger
+ * batch) takes the sorted dispatch, which reads the chosen expert ids once per MoE layer per call (amortised over the
+ * prompt). Experts that cannot be stacked (LoRA-wrapped, decorated) keep the sorted dispatch at every step, with a
+ * warning at creation. On the CPU the default is {@link ExpertDispatch#SORTED}: there is no device queue for a read to
+ * wait on, and gathering copies weights the sorted path reads in place.
  *
  * <pre>{@code
  * LanguageModel lm = new MlaCachedDecoder(deepSeekForCausalLM, device);
@@ -69,7 +72,19 @@ public final class MlaCachedDecoder implements LanguageModel {
     private final RotaryEmbedding rotary;
     private final DataType dtype;
 
+    private final ExpertDispatch expertDispatch;
+
+    /** A decoder with {@link ExpertDispatch#AUTO}: gathered experts on a GPU, sorted on the CPU. */
     public MlaCachedDecoder(DeepSeekForCausalLM model, Device device) {
+        this(model, device, ExpertDispatch.AUTO);
+    }
+
+    /**
+     * A decoder running the routed experts as {@code experts} says. The choice is applied to the model's MoE layers
+     * ({@link DeepSeekMoE#enableGatheredDispatch()} / {@link DeepSeekMoE#disableGatheredDispatch()}), so it holds for
+     * every decoder over the same model until another is created.
+     */
+    public MlaCachedDecoder(DeepSeekForCausalLM model, Device device, ExpertDispatch experts) {
         this.model = Preconditions.checkNotNull(model, "model");
         this.device = Preconditions.checkNotNull(device, "device");
         this.config = model.config();
@@ -85,10 +100,17 @@ public final class MlaCachedDecoder implements LanguageModel {
                     "model.layers.%s is a %s, expected a DeepSeekDecoderLayer", i, layer.getClass().getName());
             layers[i] = (DeepSeekDecoderLayer) layer;
             attention[i] = findAttention(layers[i].selfAttn(), i);
-            Block mlp = BlockDecorator.unwrap(layers[i].mlp());
+        }
+        this.expertDispatch = Preconditions.checkNotNull(experts, "experts").resolve(device);
+        for (DeepSeekDecoderLayer layer : layers) {
+            Block mlp = BlockDecorator.unwrap(layer.mlp());
             if (mlp instanceof DeepSeekMoE) {
-                // decode steps then gather the chosen experts on the device instead of reading their ids
-                ((DeepSeekMoE) mlp).enableGatheredDispatch();
+                if (expertDispatch == ExpertDispatch.GATHERED) {
+                    // decode steps gather the chosen experts on the device instead of reading their ids
+                    ((DeepSeekMoE) mlp).enableGatheredDispatch();
+                } else {
+                    ((DeepSeekMoE) mlp).disableGatheredDispatch();
+                }
             }
         }
         this.dtype = model.dataType();
@@ -106,6 +128,11 @@ public final class MlaCachedDecoder implements LanguageModel {
         }
         throw new IllegalArgumentException(
                 "model.layers." + layer + ".self_attn (" + selfAttn.getClass().getName() + ") holds no MultiHeadLatentAttention");
+    }
+
+    /** How this decoder runs routed experts: {@link ExpertDispatch#GATHERED} or {@link ExpertDispatch#SORTED}. */
+    public ExpertDispatch expertDispatch() {
+        return expertDispatch;
     }
 
     @Override
@@ -268,9 +295,9 @@ public final class MlaCachedDecoder implements LanguageModel {
             kRope = kRope.expandDims(1); // (B, 1, S, rope)
 
             NDArray qLatent = qNope.matMul(wUk[i]); // (B, H, T, r)
-            NDArray scores = qLatent.matMul(cKv.transpose(0, 1, 3, 2))
-                    .add(qPe.matMul(kRope.transpose(0, 1, 3, 2)))
-                    .mul(a.softmaxScale()); // (B, H, T, S)
+            // the scale as a device scalar: a host number would be uploaded, a blocking copy on a GPU, in every layer
+            NDArray scores = Scalars.mul(qLatent.matMul(cKv.transpose(0, 1, 3, 2))
+                    .add(qPe.matMul(kRope.transpose(0, 1, 3, 2))), a.softmaxScale()); // (B, H, T, S)
             NDArray probs = scores.toType(DataType.FLOAT32, false).add(mask).softmax(-1).toType(dtype, false);
             NDArray outLatent = probs.matMul(cKv); // (B, H, T, r)
             NDArray out = outLatent.matMul(wUvT[i]); // (B, H, T, v)

@@ -63,15 +63,17 @@ class MlaCachedDecoderTest {
         long[] full = longs(dir, "greedy_output");
         long[] expected = Arrays.copyOfRange(full, prompt.length, full.length);
         try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
-            MlaCachedDecoder lm = new MlaCachedDecoder(loaded.model(), Device.cpu());
             SamplingParams params =
                     SamplingParams.builder()
                             .setMaxNewTokens(expected.length)
                             .optEosTokenIds(TextTokenizer.readEosIds(dir))
                             .build();
-            GenerationResult r = new Generator(lm, null).generate(prompt, params);
-            assertArrayEquals(expected, r.outputIds());
-            assertEquals(FinishReason.LENGTH, r.finishReason());
+            for (ExpertDispatch experts : ExpertDispatch.values()) {
+                MlaCachedDecoder lm = new MlaCachedDecoder(loaded.model(), Device.cpu(), experts);
+                GenerationResult r = new Generator(lm, null).generate(prompt, params);
+                assertArrayEquals(expected, r.outputIds(), experts.toString());
+                assertEquals(FinishReason.LENGTH, r.finishReason());
+            }
             // and through LanguageModels.of, as the translator gets it
             assertArrayEquals(expected, new Generator(LanguageModels.of(loaded.model()), null).generate(prompt, params).outputIds());
         }
@@ -135,20 +137,22 @@ class MlaCachedDecoderTest {
     @ValueSource(strings = {"tiny-deepseek-v3", "tiny-deepseek-v2"})
     void absorbedCacheLogitsEqualFullRecomputationAtEveryStep(String name) throws IOException {
         Path dir = fixture(name);
-        try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
-            LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu());
-            LanguageModel full = LanguageModels.recomputing(loaded.model());
-            // a left-padded batch of two prompts, then 12 teacher-forced tokens each
-            long[][] prompts = {{-1, -1, -1, 451, 340, 497, 3}, {12, 200, 7, 99, 5, 311, 64}};
-            long[][] next = new long[2][12];
-            for (int i = 0; i < 12; i++) {
-                next[0][i] = (37 * i + 11) % 512;
-                next[1][i] = (53 * i + 5) % 512;
-            }
-            List<Float> diffs = stepDifferences(cached, full, prompts, next);
-            assertEquals(13, diffs.size());
-            for (int s = 0; s < diffs.size(); s++) {
-                assertTrue(diffs.get(s) < 1e-4f, "step " + s + ": max |cached - recomputed| = " + diffs.get(s));
+        for (ExpertDispatch experts : List.of(ExpertDispatch.GATHERED, ExpertDispatch.SORTED)) {
+            try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
+                LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu(), experts);
+                LanguageModel full = LanguageModels.recomputing(loaded.model());
+                // a left-padded batch of two prompts, then 12 teacher-forced tokens each
+                long[][] prompts = {{-1, -1, -1, 451, 340, 497, 3}, {12, 200, 7, 99, 5, 311, 64}};
+                long[][] next = new long[2][12];
+                for (int i = 0; i < 12; i++) {
+                    next[0][i] = (37 * i + 11) % 512;
+                    next[1][i] = (53 * i + 5) % 512;
+                }
+                List<Float> diffs = stepDifferences(cached, full, prompts, next);
+                assertEquals(13, diffs.size());
+                for (int s = 0; s < diffs.size(); s++) {
+                    assertTrue(diffs.get(s) < 1e-4f, experts + ", step " + s + ": max |cached - recomputed| = " + diffs.get(s));
+                }
             }
         }
     }
@@ -235,9 +239,11 @@ class MlaCachedDecoderTest {
         long[] ids = longs(dir, "input_ids"); // (2, 12)
         float[] reference = floats(dir, "logits"); // (2, 12, V)
         try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
-            MlaCachedDecoder lm = new MlaCachedDecoder(loaded.model(), Device.cpu());
-            float d = maxDifferenceToReference(lm, ids, 2, 12, reference, 3);
-            assertTrue(d < 1e-4f, name + ": max |cached - transformers| = " + d);
+            for (ExpertDispatch experts : List.of(ExpertDispatch.GATHERED, ExpertDispatch.SORTED)) {
+                MlaCachedDecoder lm = new MlaCachedDecoder(loaded.model(), Device.cpu(), experts);
+                float d = maxDifferenceToReference(lm, ids, 2, 12, reference, 3);
+                assertTrue(d < 1e-4f, name + ", " + experts + ": max |cached - transformers| = " + d);
+            }
         }
     }
 
@@ -271,7 +277,7 @@ class MlaCachedDecoderTest {
             assertTrue(
                     Blocks.get(loaded.model(), "model.layers.0.self_attn.kv_b_proj") instanceof ai.djl.memopt.nn.LinearWeightSource,
                     "kv_b_proj was quantized");
-            LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu());
+            LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu(), ExpertDispatch.GATHERED);
             long[][] prompts = {{451, 340, 497, 361, 133, 474}};
             long[][] next = {{198, 191, 59, 261, 76, 152, 157, 372}};
             for (float d : stepDifferences(cached, LanguageModels.recomputing(loaded.model()), prompts, next)) {
@@ -284,7 +290,7 @@ class MlaCachedDecoderTest {
     void fp16WeightsDecodeLikeFp16Recomputation() throws IOException {
         Path dir = fixture("tiny-deepseek-v3");
         try (TestModel loaded = TestModel.load(dir, DataType.FLOAT16)) {
-            MlaCachedDecoder cached = new MlaCachedDecoder(loaded.model(), Device.cpu());
+            MlaCachedDecoder cached = new MlaCachedDecoder(loaded.model(), Device.cpu(), ExpertDispatch.GATHERED);
             assertEquals(3L * 24 * 2, cached.cacheBytesPerToken());
             long[][] prompts = {{451, 340, 497, 361, 133, 474}};
             long[][] next = {{198, 191, 59, 261, 76, 152}};
@@ -386,7 +392,9 @@ class MlaCachedDecoderTest {
                 }
             }
             assertEquals(2, moes.size());
-            Generator g = new Generator(new MlaCachedDecoder(loaded.model(), Device.cpu()), null);
+            MlaCachedDecoder decoder = new MlaCachedDecoder(loaded.model(), Device.cpu(), ExpertDispatch.GATHERED);
+            assertEquals(ExpertDispatch.GATHERED, decoder.expertDispatch());
+            Generator g = new Generator(decoder, null);
             int tokens = 10;
             // batch 1 and 4: B x k <= 8 experts, the gathered dispatch; the prefill (6 tokens per row) is sorted and
             // reads the chosen ids once per MoE layer, then each decode step reads the sampled ids and nothing else
@@ -407,6 +415,14 @@ class MlaCachedDecoderTest {
             for (int s = 2; s <= tokens; s++) {
                 assertEquals(1 + moes.size(), at.get(s) - at.get(s - 1), "limit 0, decode step " + (s - 1));
             }
+            // the CPU default is the sorted dispatch
+            moes.forEach(moe -> moe.setGatheredDispatchLimit(8));
+            MlaCachedDecoder auto = new MlaCachedDecoder(loaded.model(), Device.cpu());
+            assertEquals(ExpertDispatch.SORTED, auto.expertDispatch());
+            at = readsPerToken(new Generator(auto, null), m, 1, tokens);
+            for (int s = 2; s <= tokens; s++) {
+                assertEquals(1 + moes.size(), at.get(s) - at.get(s - 1), "AUTO on the CPU, decode step " + (s - 1));
+            }
         }
     }
 
@@ -417,13 +433,8 @@ class MlaCachedDecoderTest {
         long[][] next = {{7, 300, 12, 99, 5, 8}, {41, 3, 250, 18, 77, 6}};
         try (TestModel a = TestModel.load(dir, DataType.FLOAT32);
                 TestModel b = TestModel.load(dir, DataType.FLOAT32)) {
-            LanguageModel gathered = new MlaCachedDecoder(a.model(), Device.cpu());
-            LanguageModel sorted = new MlaCachedDecoder(b.model(), Device.cpu());
-            for (int i = 0; i < b.config().numHiddenLayers(); i++) {
-                if (Blocks.get(b.model(), "model.layers." + i + ".mlp") instanceof DeepSeekMoE moe) {
-                    moe.setGatheredDispatchLimit(0);
-                }
-            }
+            LanguageModel gathered = new MlaCachedDecoder(a.model(), Device.cpu(), ExpertDispatch.GATHERED);
+            LanguageModel sorted = new MlaCachedDecoder(b.model(), Device.cpu(), ExpertDispatch.SORTED);
             List<Float> diffs = stepDifferences(gathered, sorted, prompts, next);
             for (float d : diffs) {
                 assertTrue(d < 1e-5f, "gathered vs sorted decoding: " + diffs);
@@ -474,7 +485,7 @@ class MlaCachedDecoderTest {
                 NDManager m = NDManager.newBaseManager()) {
             DeepSeekForCausalLM model = DeepSeekForCausalLM.random(config, 7, weights, DataType.FLOAT32);
             int modelArrays = weights.getManagedArrays().size();
-            Generator g = new Generator(new MlaCachedDecoder(model, Device.cpu()), null);
+            Generator g = new Generator(new MlaCachedDecoder(model, Device.cpu(), ExpertDispatch.GATHERED), null);
             // one stack per projection; the experts' arrays are the same objects, now views of it
             assertEquals(modelArrays + 3, weights.getManagedArrays().size());
             int n = 250;

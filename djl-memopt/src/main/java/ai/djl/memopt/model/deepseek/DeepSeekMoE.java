@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.Device;
 import ai.djl.memopt.nn.HostReads;
 import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
@@ -108,7 +109,15 @@ public final class DeepSeekMoE extends AbstractBlock {
         return currentGathered() != null;
     }
 
-    /** Whether {@link #enableGatheredDispatch()} was called. */
+    /**
+     * Sends every forward to the sorted dispatch again. Stacks already built stay (they are the experts' storage) and
+     * are used again after {@link #enableGatheredDispatch()}.
+     */
+    public synchronized void disableGatheredDispatch() {
+        gatheredEnabled = false;
+    }
+
+    /** Whether {@link #enableGatheredDispatch()} was called (and not undone). */
     public synchronized boolean isGatheredDispatchEnabled() {
         return gatheredEnabled;
     }
@@ -137,11 +146,12 @@ public final class DeepSeekMoE extends AbstractBlock {
     }
 
     /** The gathered experts when this forward may use them, else null (sorted dispatch). */
-    private synchronized GatheredExperts gatheredFor(long assignments) {
+    private synchronized GatheredExperts gatheredFor(long assignments, Device device) {
         if (!gatheredEnabled || assignments > gatheredDispatchLimit()) {
             return null;
         }
-        return currentGathered();
+        GatheredExperts g = currentGathered();
+        return g != null && g.device().equals(device) ? g : null;
     }
 
     /** Up-to-date stacks, (re)built if needed, or null if the experts cannot be stacked. */
@@ -216,7 +226,7 @@ public final class DeepSeekMoE extends AbstractBlock {
             NDArray flat = hidden.reshape(-1, h); // (N, H)
             NDList route = gate.forward(ps, new NDList(flat), training);
             long assignments = route.get(0).getShape().size(); // N*k, from the shape: no device read
-            GatheredExperts g = training ? null : gatheredFor(assignments);
+            GatheredExperts g = training ? null : gatheredFor(assignments, flat.getDevice());
             NDArray routed = (g != null
                     ? g.forward(flat, route.get(0), route.get(1), gatherChunkBytes)
                     : dispatch(ps, flat, route.get(0), route.get(1), training)).reshape(shape);

@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.Device;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.Precisions;
 import ai.djl.memopt.quantize.QuantScheme;
@@ -163,6 +164,11 @@ final class GatheredExperts {
         return true;
     }
 
+    /** The device of the stacks (inputs elsewhere take the sorted path, which lets the parameter store copy). */
+    Device device() {
+        return stacks[0].device();
+    }
+
     /** Elements of the largest expert matrix. */
     private long largestMatrix() {
         long max = 0;
@@ -236,6 +242,8 @@ final class GatheredExperts {
 
         /** Whether {@code projection}, expert {@code e}'s block now, still runs on this stack. */
         abstract boolean isCurrent(Block projection, int e);
+
+        abstract Device device();
     }
 
     /** Plain {@link Linear} experts: the stack is the storage of their weight parameters. */
@@ -269,6 +277,11 @@ final class GatheredExperts {
                 handles[i] = adopt(views[i], stack, i);
             }
             return new FloatStack(stack, blocks, views, handles);
+        }
+
+        @Override
+        Device device() {
+            return stack.getDevice();
         }
 
         @Override
@@ -341,6 +354,11 @@ final class GatheredExperts {
                 list.add(part.apply(b.quantizedWeight()));
             }
             return stackOf(list);
+        }
+
+        @Override
+        Device device() {
+            return data.getDevice();
         }
 
         @Override
