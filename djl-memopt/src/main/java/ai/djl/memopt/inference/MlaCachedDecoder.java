@@ -308,8 +308,11 @@ public final class MlaCachedDecoder implements LanguageModel {
         /** (B, 1, T, S) FP32: 0 where query {@code i} (at cache index S - T + i) may see key j, else the lowest float. */
         private NDArray additiveMask(NDManager m, NDArray attentionMask, int t, int total) {
             // the padding bias of the past is kept: only the new columns are converted and written
-            NDArray fresh = attentionMask.get(new NDIndex(":, {}:", length)).eq(0).toType(DataType.FLOAT32, false); // (B, T)
-            paddingBias.set(new NDIndex(":, :, :, {}:{}", length, total), fresh.mul(-Float.MAX_VALUE).reshape(batch, 1, 1, t));
+            // constants as device scalars (Scalars), not host numbers uploaded at every step
+            NDArray newColumns = attentionMask.get(new NDIndex(":, {}:", length)); // (B, T)
+            NDArray fresh = newColumns.eq(Scalars.like(newColumns, 0)).toType(DataType.FLOAT32, false); // (B, T)
+            paddingBias.set(
+                    new NDIndex(":, :, :, {}:{}", length, total), Scalars.mul(fresh, -Float.MAX_VALUE).reshape(batch, 1, 1, t));
             NDArray padding = paddingBias.get(new NDIndex(":, :, :, :{}", total)); // (B, 1, 1, S)
             if (t == 1) {
                 return padding; // one new token sees the whole past: no causal part

@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertSame;
@@ -94,7 +95,12 @@ class GatheredExpertsTest {
                 ParameterStore ps = new ParameterStore(m, false);
                 NDList route = moe.gate().forward(ps, new NDList(x), false);
                 NDArray before = moe.dispatch(ps, x, route.get(0), route.get(1), false);
+                NDArray w = ((DeepSeekMlp) moe.experts().get(5)).downProj().getParameters().get("weight").getArray();
+                float[] values = w.toFloatArray();
                 assertTrue(moe.enableGatheredDispatch());
+                // the same array object, now a view of the stack, reads back the same bytes (as a checkpoint writer would)
+                assertSame(w, ((DeepSeekMlp) moe.experts().get(5)).downProj().getParameters().get("weight").getArray());
+                assertArrayEquals(values, w.toFloatArray());
                 NDArray after = moe.dispatch(ps, x, route.get(0), route.get(1), false);
                 assertEquals(0f, Fixtures.maxAbsDiff(before, after), "stacking changed the experts' weights");
                 for (long budget : new long[] {DeepSeekMoE.DEFAULT_GATHER_CHUNK_BYTES, 1}) {
