@@ -13,8 +13,11 @@ import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
+import ai.djl.ndarray.types.SparseFormat;
 import ai.djl.nn.Activation;
 import ai.djl.nn.Block;
+import ai.djl.nn.Parameter;
+import ai.djl.nn.core.Embedding;
 import ai.djl.nn.core.Linear;
 import ai.djl.util.NativeResource;
 import java.util.ArrayList;
@@ -37,8 +40,9 @@ import java.util.function.Function;
  * rebuilds.
  *
  * <p><b>Forward</b> (inference only: gradients do not reach the stacks). Per chunk of {@code c} assignments (token,
- * choice) in token-major order: {@code W = stack[ids]} {@code (c, out, in)} (quantized: only the gathered rows are
- * dequantized, with the same ops as {@link QuantizedTensor#dequantize}), {@code x (c, 1, in) x W^T -> (c, 1, out)},
+ * choice) in token-major order: {@code W = stack[ids]} {@code (c, out, in)} (an {@code index_select} through the
+ * embedding op; quantized: only the gathered rows are dequantized, with the same ops as
+ * {@link QuantizedTensor#dequantize}), {@code W x^T (c, out, 1) -> (c, 1, out)},
  * SwiGLU, then the outputs weighted by the FP32 router weights and summed over the {@code k} choices, as the sorted
  * dispatch does. Each gathered weight is closed right after its matmul, so the temporaries are one projection of
  * {@code c} experts ({@code c} chosen so that its FP32 size stays under the chunk budget).
@@ -200,13 +204,13 @@ final class GatheredExperts {
             long total = n * k;
             DataType type = x.getDataType();
             NDArray ids = topkIdx.toType(DataType.INT64, false).reshape(total); // (N*k) token-major, on the device
-            NDArray rows = x.expandDims(1).broadcast(n, k, h).reshape(total, 1, h); // (N*k, 1, H): row a is token a / k
+            NDArray tokens = x.expandDims(1).broadcast(n, k, h).reshape(total, 1, h); // (N*k, 1, H): row a is token a / k
             int chunk = chunkSize(chunkBytes);
             List<NDArray> outs = new ArrayList<>();
             for (long a = 0; a < total; a += chunk) {
                 long end = Math.min(total, a + chunk);
                 NDArray id = end - a == total ? ids : ids.get(new NDIndex("{}:{}", a, end)); // (c)
-                NDArray xc = end - a == total ? rows : rows.get(new NDIndex("{}:{}", a, end)); // (c, 1, H)
+                NDArray xc = end - a == total ? tokens : tokens.get(new NDIndex("{}:{}", a, end)); // (c, 1, H)
                 NDArray g = project(stacks[0], id, xc, type); // (c, 1, I)
                 NDArray u = project(stacks[1], id, xc, type); // (c, 1, I)
                 NDArray act = g.mul(Activation.sigmoid(g)).mul(u); // silu(g) * u, as DeepSeekMlp
@@ -223,8 +227,21 @@ final class GatheredExperts {
     private static NDArray project(Stack stack, NDArray ids, NDArray x, DataType type) {
         return Scoped.run(() -> {
             NDArray w = stack.gather(ids, type); // (c, out, in)
-            return new NDList(x.matMul(w.transpose(0, 2, 1))); // (c, 1, out)
+            long c = w.getShape().get(0);
+            // W x^T rather than x W^T: the gathered weight is used as laid out, only the small x is transposed
+            return new NDList(w.matMul(x.transpose(0, 2, 1)).reshape(c, 1, stack.out)); // (c, out, 1) -> (c, 1, out)
         }).head();
+    }
+
+    /**
+     * Rows {@code ids} of {@code stack (E, ...)}: {@code (c, ...)}. Through the embedding op, i.e. {@code index_select}
+     * (whole contiguous rows copied at once), rather than advanced indexing, which copies element by element on CPU.
+     */
+    private static NDArray rows(NDArray stack, NDArray ids) {
+        Shape shape = stack.getShape();
+        NDArray flat = stack.reshape(shape.get(0), -1); // (E, rest), a view
+        NDArray picked = Embedding.embedding(ids, flat, SparseFormat.DENSE).head(); // (c, rest)
+        return picked.reshape(new Shape(ids.getShape().get(0)).addAll(shape.slice(1)));
     }
 
     /** One projection of all experts. */
@@ -250,13 +267,15 @@ final class GatheredExperts {
     private static final class FloatStack extends Stack {
         private final NDArray stack; // (E, out, in)
         private final Block[] blocks;
+        private final Parameter[] params;
         private final NDArray[] views;
         private final Object[] handles;
 
-        private FloatStack(NDArray stack, Block[] blocks, NDArray[] views, Object[] handles) {
+        private FloatStack(NDArray stack, Block[] blocks, Parameter[] params, NDArray[] views, Object[] handles) {
             super(stack.getShape().get(1), stack.getShape().get(2));
             this.stack = stack;
             this.blocks = blocks;
+            this.params = params;
             this.views = views;
             this.handles = handles;
         }
@@ -264,10 +283,12 @@ final class GatheredExperts {
         static FloatStack build(DeepSeekMlp[] mlps, int p) {
             int e = mlps.length;
             Block[] blocks = new Block[e];
+            Parameter[] params = new Parameter[e];
             NDList arrays = new NDList(e);
             for (int i = 0; i < e; i++) {
                 blocks[i] = GETTERS.get(p).apply(mlps[i]);
-                arrays.add(blocks[i].getParameters().get("weight").getArray());
+                params[i] = blocks[i].getParameters().get("weight");
+                arrays.add(params[i].getArray());
             }
             NDArray stack = stackOf(arrays); // (E, out, in)
             NDArray[] views = new NDArray[e];
@@ -276,7 +297,7 @@ final class GatheredExperts {
                 views[i] = arrays.get(i);
                 handles[i] = adopt(views[i], stack, i);
             }
-            return new FloatStack(stack, blocks, views, handles);
+            return new FloatStack(stack, blocks, params, views, handles);
         }
 
         @Override
@@ -286,13 +307,14 @@ final class GatheredExperts {
 
         @Override
         NDArray gather(NDArray ids, DataType type) {
-            return stack.get(new NDIndex("{}", ids)); // (c, out, in); a Linear runs in its weight's type
+            return rows(stack, ids); // (c, out, in); a Linear runs in its weight's type
         }
 
         @Override
         boolean isCurrent(Block projection, int e) {
+            // a Linear's weight Parameter is fixed, but its array can be swapped (precision) or interned
             return projection == blocks[e]
-                    && projection.getParameters().get("weight").getArray() == views[e]
+                    && params[e].getArray() == views[e]
                     && Objects.equals(handle(views[e]), handles[e]);
         }
     }
@@ -364,19 +386,18 @@ final class GatheredExperts {
         @Override
         NDArray gather(NDArray ids, DataType type) {
             long c = ids.getShape().get(0);
-            NDIndex at = new NDIndex("{}", ids);
             NDArray w; // (c, out, in) FP32, as the scheme handlers dequantize
             if (scheme == QuantScheme.INT8_WEIGHT_ONLY) {
-                w = data.get(at).toType(DataType.FLOAT32, false).mul(scales.get(at)); // (c, out, in) * (c, out, 1)
+                w = rows(data, ids).toType(DataType.FLOAT32, false).mul(rows(scales, ids)); // (c, out, in) * (c, out, 1)
             } else {
                 long groups = in / groupSize;
-                NDArray q = unpackInt4(data.get(at)); // (c, out, in) FP32 in 0..15
-                NDArray z = zeros.get(at).toType(DataType.FLOAT32, false).reshape(c, out, groups, 1);
-                NDArray s = scales.get(at).reshape(c, out, groups, 1);
+                NDArray q = unpackInt4(rows(data, ids)); // (c, out, in) FP32 in 0..15
+                NDArray z = rows(zeros, ids).toType(DataType.FLOAT32, false).reshape(c, out, groups, 1);
+                NDArray s = rows(scales, ids).reshape(c, out, groups, 1);
                 w = q.reshape(c, out, groups, groupSize).sub(z).mul(s).reshape(c, out, in);
             }
             if (inputScales != null) {
-                w = w.div(inputScales.get(at).expandDims(1)); // / (c, 1, in)
+                w = w.div(rows(inputScales, ids).expandDims(1)); // / (c, 1, in)
             }
             return w.toType(type, false);
         }
