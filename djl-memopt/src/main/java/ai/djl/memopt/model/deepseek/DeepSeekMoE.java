@@ -33,14 +33,16 @@ import org.slf4j.LoggerFactory;
  * the experts, the router weight and the input. Training and long inputs (prefill) always take this path.
  *
  * <p><b>Gathered dispatch (decoding, no host read).</b> After {@link #enableGatheredDispatch()} (the inference decoder
- * calls it), a forward with {@code training == false} and at most {@link #gatheredDispatchLimit()} assignments
+ * calls it on a GPU, where a host read stalls the device's queue, or when asked to), a forward with {@code training == false} and at most {@link #gatheredDispatchLimit()} assignments
  * ({@code N*k}; default {@code n_routed_experts}) gathers the chosen experts' weights on the device with the expert-id
  * tensor as the index and runs them as batched matmuls: the ids never reach the host, so a decoding step does not
  * wait for the device here. The experts' weights are stacked once per projection and the per-expert arrays become
  * views of the stacks (no second copy; see {@code GatheredExperts}); int8/int4 quantized experts are stacked packed
  * and only the gathered experts are dequantized. Above the limit the sorted path is cheaper: it reads each hit expert
- * once in place, while gathering copies one expert matrix per assignment. Experts of another kind (LoRA-wrapped,
- * decorated, mixed) keep the sorted path, with one warning. Both paths give the same output up to float rounding.
+ * once in place, while gathering copies one expert matrix per assignment (in chunks whose FP32 size stays under
+ * {@link #setGatherChunkBytes}, 64 MiB by default). Experts of another kind (LoRA-wrapped, decorated, mixed) keep the
+ * sorted path, with one warning. Both paths give the same output up to float rounding (the tests: within 1e-6). The
+ * gathered path is inference only: gradients do not reach the experts through it.
  *
  * <p>Shapes: {@code (B, T, hidden) -> (B, T, hidden)}.
  *
