@@ -405,6 +405,12 @@ class MlaCachedDecoderTest {
                     assertEquals(1, at.get(s) - at.get(s - 1), "batch " + batch + ": reads in decode step " + (s - 1));
                 }
             }
+            // a prompt of 4 tokens (8 assignments) is gathered too: generating M tokens reads the host exactly M times
+            long before = HostReads.count();
+            GenerationResult four = g.generate(new long[] {451, 340, 497, 361},
+                    SamplingParams.builder().setMaxNewTokens(tokens).optIgnoreEos(true).build());
+            assertEquals(tokens, four.outputIds().length);
+            assertEquals(before + tokens, HostReads.count(), "host reads for " + tokens + " tokens");
             // the counter sees the MoE: batch 5 (10 assignments > 8) and a zero limit take the sorted dispatch
             List<Long> at = readsPerToken(g, m, 5, tokens);
             for (int s = 2; s <= tokens; s++) {
