@@ -52,7 +52,7 @@ import com.google.common.base.Preconditions;
  * {@code B x num_experts_per_tok <= n_routed_experts} then gathers the chosen experts on the device and reads nothing
  * back: the step's only device-to-host copy is the sampled ids ({@link LogitsSampler}). A prefill call (or a bigger
  * batch) takes the sorted dispatch, which reads the chosen expert ids once per MoE layer per call (amortised over the
- * prompt). Experts that cannot be stacked (LoRA-wrapped, decorated) keep the sorted dispatch at every step, with a
+ * prompt). Experts that cannot be stacked (decorated, mixed kinds) keep the sorted dispatch at every step, with a
  * warning at creation. On the CPU the default is {@link ExpertDispatch#SORTED}: there is no device queue for a read to
  * wait on, and gathering copies weights the sorted path reads in place.
  *

@@ -38,10 +38,10 @@ import org.slf4j.LoggerFactory;
  * tensor as the index and runs them as batched matmuls: the ids never reach the host, so a decoding step does not
  * wait for the device here. The experts' weights are stacked once per projection and the per-expert arrays become
  * views of the stacks (no second copy; see {@code GatheredExperts}); int8/int4 quantized experts are stacked packed
- * and only the gathered experts are dequantized. Above the limit the sorted path is cheaper: it reads each hit expert
+ * and only the gathered experts are dequantized; LoRA adapters over either are stacked too. Above the limit the sorted path is cheaper: it reads each hit expert
  * once in place, while gathering copies one expert matrix per assignment (in chunks whose FP32 size stays under
- * {@link #setGatherChunkBytes}, 64 MiB by default). Experts of another kind (LoRA-wrapped, decorated, mixed) keep the
- * sorted path, with one warning. Both paths give the same output up to float rounding (the tests: within 1e-6). The
+ * {@link #setGatherChunkBytes}, 64 MiB by default). Experts of another kind (decorated, other
+ * {@code LinearWeightSource}s, a bias, or kinds mixed across experts) keep the sorted path, with one warning. Both paths give the same output up to float rounding (the tests: within 1e-6). The
  * gathered path is inference only: gradients do not reach the experts through it.
  *
  * <p>Shapes: {@code (B, T, hidden) -> (B, T, hidden)}.

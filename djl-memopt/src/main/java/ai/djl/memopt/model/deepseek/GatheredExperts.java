@@ -1,6 +1,7 @@
 package ai.djl.memopt.model.deepseek;
 
 import ai.djl.Device;
+import ai.djl.memopt.lora.LoraLinear;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.Precisions;
 import ai.djl.memopt.quantize.QuantScheme;
@@ -31,7 +32,8 @@ import java.util.function.Function;
  *
  * <p><b>Storage.</b> Building the stacks does not double the experts' memory: each projection's arrays are stacked
  * into one {@code (E, out, in)} array (int8: data {@code (E, out, in)} and scales {@code (E, out, 1)}; int4: packed
- * data {@code (E, out, in/2)}, scales and zero points {@code (E, out, in/g)}; AWQ input scales {@code (E, in)}) and
+ * data {@code (E, out, in/2)}, scales and zero points {@code (E, out, in/g)}; AWQ input scales {@code (E, in)}; LoRA:
+ * the base as above and the adapters {@code A (E, r, in)}, {@code B (E, out, r)}) and
  * every per-expert array is then turned, in place, into a view of its slice, its own storage released. The Java
  * objects stay the same ({@code NDArray.intern}): a {@link Linear}'s parameter, a parameter store or predictor that
  * cached it, an optimizer, a {@link QuantizedTensor} all keep working and now read and write the stack, so in-place
@@ -122,7 +124,24 @@ final class GatheredExperts {
             }
             return null;
         }
-        return "a " + b.getClass().getName() + " (only plain Linear and int8/int4 QuantizedLinear experts are gathered)";
+        if (b instanceof LoraLinear) {
+            if (!(first instanceof LoraLinear)) {
+                return "a LoraLinear among " + first.getClass().getSimpleName() + " experts";
+            }
+            LoraLinear l = (LoraLinear) b;
+            LoraLinear l0 = (LoraLinear) first;
+            NDArray a = l.loraA().getArray();
+            NDArray a0 = l0.loraA().getArray();
+            if (l.rank() != l0.rank() || l.scale() != l0.scale() || a.getDataType() != a0.getDataType()
+                    || l.loraB().getArray().getDataType() != l0.loraB().getArray().getDataType()
+                    || !a.getDevice().equals(a0.getDevice())) {
+                return "LoRA rank " + l.rank() + ", scale " + l.scale() + ", " + a.getDataType() + " differ from expert 0's";
+            }
+            String base = kindMismatch(l0.base(), l.base());
+            return base == null ? null : "LoRA base: " + base;
+        }
+        return "a " + b.getClass().getName()
+                + " (only plain Linear, int8/int4 QuantizedLinear and LoRA over those are gathered)";
     }
 
     /**
@@ -142,12 +161,21 @@ final class GatheredExperts {
         }
         Stack[] stacks = new Stack[3];
         for (int p = 0; p < 3; p++) {
-            Block first = GETTERS.get(p).apply(mlps[0]);
-            stacks[p] = first instanceof QuantizedLinear
-                    ? QuantizedStack.build(mlps, p)
-                    : FloatStack.build(mlps, p);
+            Block[] blocks = new Block[e];
+            for (int i = 0; i < e; i++) {
+                blocks[i] = GETTERS.get(p).apply(mlps[i]);
+            }
+            stacks[p] = stackOf(blocks);
         }
         return new GatheredExperts(mlps, stacks);
+    }
+
+    /** The stack for one projection of every expert (same kind, checked by {@link #kindMismatch}). */
+    private static Stack stackOf(Block[] blocks) {
+        if (blocks[0] instanceof LoraLinear) {
+            return LoraStack.build(blocks);
+        }
+        return blocks[0] instanceof QuantizedLinear ? QuantizedStack.build(blocks) : FloatStack.build(blocks);
     }
 
     /** Whether every expert still runs on the arrays this object stacked. */
@@ -223,14 +251,16 @@ final class GatheredExperts {
         }).head();
     }
 
-    /** {@code x (c, 1, in) x stack[ids]^T -> (c, 1, out)}; the gathered weight is freed before returning. */
+    /** {@code x (c, 1, in) -> (c, 1, out)} through the chosen experts; temporaries are freed before returning. */
     private static NDArray project(Stack stack, NDArray ids, NDArray x, DataType type) {
-        return Scoped.run(() -> {
-            NDArray w = stack.gather(ids, type); // (c, out, in)
-            long c = w.getShape().get(0);
-            // W x^T rather than x W^T: the gathered weight is used as laid out, only the small x is transposed
-            return new NDList(w.matMul(x.transpose(0, 2, 1)).reshape(c, 1, stack.out)); // (c, out, 1) -> (c, 1, out)
-        }).head();
+        return Scoped.run(() -> new NDList(stack.project(ids, x, type))).head();
+    }
+
+    /** {@code x (c, 1, in) x w^T} for gathered weights {@code w (c, out, in)}: {@code (c, 1, out)}. */
+    private static NDArray times(NDArray w, NDArray x) {
+        Shape s = w.getShape();
+        // W x^T rather than x W^T: the gathered weight is used as laid out, only the small x is transposed
+        return w.matMul(x.transpose(0, 2, 1)).reshape(s.get(0), 1, s.get(1)); // (c, out, 1) -> (c, 1, out)
     }
 
     /**
@@ -257,6 +287,11 @@ final class GatheredExperts {
         /** The chosen experts' effective weights {@code (c, out, in)} in {@code type}. */
         abstract NDArray gather(NDArray ids, DataType type);
 
+        /** {@code x (c, 1, in)} through the chosen experts' projections: {@code (c, 1, out)}. */
+        NDArray project(NDArray ids, NDArray x, DataType type) {
+            return times(gather(ids, type), x);
+        }
+
         /** Whether {@code projection}, expert {@code e}'s block now, still runs on this stack. */
         abstract boolean isCurrent(Block projection, int e);
 
@@ -280,17 +315,15 @@ final class GatheredExperts {
             this.handles = handles;
         }
 
-        static FloatStack build(DeepSeekMlp[] mlps, int p) {
-            int e = mlps.length;
-            Block[] blocks = new Block[e];
+        static FloatStack build(Block[] blocks) {
+            int e = blocks.length;
             Parameter[] params = new Parameter[e];
             NDList arrays = new NDList(e);
             for (int i = 0; i < e; i++) {
-                blocks[i] = GETTERS.get(p).apply(mlps[i]);
                 params[i] = blocks[i].getParameters().get("weight");
                 arrays.add(params[i].getArray());
             }
-            NDArray stack = stackOf(arrays); // (E, out, in)
+            NDArray stack = stackArrays(arrays); // (E, out, in)
             NDArray[] views = new NDArray[e];
             Object[] handles = new Object[e];
             for (int i = 0; i < e; i++) {
@@ -343,11 +376,11 @@ final class GatheredExperts {
             this.handles = handles;
         }
 
-        static QuantizedStack build(DeepSeekMlp[] mlps, int p) {
-            int e = mlps.length;
+        static QuantizedStack build(Block[] projections) {
+            int e = projections.length;
             QuantizedLinear[] blocks = new QuantizedLinear[e];
             for (int i = 0; i < e; i++) {
-                blocks[i] = (QuantizedLinear) GETTERS.get(p).apply(mlps[i]);
+                blocks[i] = (QuantizedLinear) projections[i];
             }
             QuantizedTensor first = blocks[0].quantizedWeight();
             NDArray data = stackParts(blocks, QuantizedTensor::data);
@@ -375,7 +408,7 @@ final class GatheredExperts {
             for (QuantizedLinear b : blocks) {
                 list.add(part.apply(b.quantizedWeight()));
             }
-            return stackOf(list);
+            return stackArrays(list);
         }
 
         @Override
@@ -422,8 +455,91 @@ final class GatheredExperts {
         }
     }
 
+    /**
+     * {@link LoraLinear} experts (over plain or quantized bases): the base stacked as above, the adapters as
+     * {@code A (E, r, in)} and {@code B (E, out, r)}; the output is the base's plus {@code scale (x A^T) B^T}, computed
+     * as {@link LoraLinear} does at inference (adapters cast to the input's type, the delta cast to the base output's).
+     */
+    private static final class LoraStack extends Stack {
+        private final Stack base;
+        private final NDArray a; // (E, r, in)
+        private final NDArray b; // (E, out, r)
+        private final float scale;
+        private final LoraLinear[] blocks;
+        private final NDArray[] arrays; // per expert: A, B
+        private final Object[] handles;
+
+        private LoraStack(Stack base, NDArray a, NDArray b, float scale, LoraLinear[] blocks, NDArray[] arrays,
+                Object[] handles) {
+            super(base.out, base.in);
+            this.base = base;
+            this.a = a;
+            this.b = b;
+            this.scale = scale;
+            this.blocks = blocks;
+            this.arrays = arrays;
+            this.handles = handles;
+        }
+
+        static LoraStack build(Block[] projections) {
+            int e = projections.length;
+            LoraLinear[] blocks = new LoraLinear[e];
+            Block[] bases = new Block[e];
+            NDList as = new NDList(e);
+            NDList bs = new NDList(e);
+            for (int i = 0; i < e; i++) {
+                blocks[i] = (LoraLinear) projections[i];
+                bases[i] = blocks[i].base();
+                as.add(blocks[i].loraA().getArray());
+                bs.add(blocks[i].loraB().getArray());
+            }
+            Stack base = stackOf(bases);
+            NDArray a = stackArrays(as); // (E, r, in)
+            NDArray b = stackArrays(bs); // (E, out, r)
+            NDArray[] arrays = new NDArray[2 * e];
+            Object[] handles = new Object[2 * e];
+            for (int i = 0; i < e; i++) {
+                arrays[2 * i] = as.get(i);
+                arrays[2 * i + 1] = bs.get(i);
+                handles[2 * i] = adopt(arrays[2 * i], a, i);
+                handles[2 * i + 1] = adopt(arrays[2 * i + 1], b, i);
+            }
+            return new LoraStack(base, a, b, blocks[0].scale(), blocks, arrays, handles);
+        }
+
+        @Override
+        NDArray gather(NDArray ids, DataType type) {
+            throw new UnsupportedOperationException("a LoRA projection is applied by project(), not materialised");
+        }
+
+        @Override
+        NDArray project(NDArray ids, NDArray x, DataType type) {
+            NDArray y = base.project(ids, x, type); // (c, 1, out)
+            NDArray down = times(rows(a, ids).toType(type, false), x); // (c, 1, r)
+            NDArray up = times(rows(b, ids).toType(type, false), down); // (c, 1, out)
+            NDArray delta = Scalars.mul(up, scale);
+            return y.add(delta.toType(y.getDataType(), false));
+        }
+
+        @Override
+        boolean isCurrent(Block projection, int e) {
+            LoraLinear l = blocks[e];
+            return projection == l
+                    && base.isCurrent(l.base(), e)
+                    && l.loraA().getArray() == arrays[2 * e]
+                    && l.loraB().getArray() == arrays[2 * e + 1]
+                    && Objects.equals(handle(arrays[2 * e]), handles[2 * e])
+                    && Objects.equals(handle(arrays[2 * e + 1]), handles[2 * e + 1]);
+        }
+
+        @Override
+        Device device() {
+            return base.device();
+        }
+    }
+
     /** {@code torch.stack} of the arrays {@code (E, ...)}, a leaf outside any scope, in the first array's manager. */
-    private static NDArray stackOf(NDList arrays) {
+    private static NDArray stackArrays(NDList arrays) {
         NDArray stacked = NDArrays.stack(arrays);
         NDArray stack = stacked.stopGradient(); // a leaf even if built while autograd records
         stacked.close();
