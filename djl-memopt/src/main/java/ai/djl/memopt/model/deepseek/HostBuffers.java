@@ -15,8 +15,8 @@ import org.slf4j.LoggerFactory;
  * swaps another tensor under the same object, keeps that reference. {@link #release} does what {@code close} does
  * with it (drops the reference) and frees the buffer at once through the JDK's {@code Unsafe.invokeCleaner} instead of
  * at some later garbage collection, so that stacking a model's experts never holds two copies of them. Buffers that
- * are slices of another buffer cannot be cleaned this way and are left to the garbage collector. GPU arrays have no
- * such buffer (the engine copies to the device).
+ * are slices of another buffer, or larger than the array, are left to the garbage collector. GPU arrays have no such
+ * buffer (the engine copies to the device).
  */
 final class HostBuffers {
 
@@ -41,7 +41,10 @@ final class HostBuffers {
             LOG.debug("cannot release the host buffer of {}: {}", array.getClass().getName(), e.toString());
             return;
         }
-        if (buffer != null && buffer.isDirect()) {
+        // only a buffer of exactly the array's size, i.e. made for it (as DJL and the safetensors reader do); a larger
+        // one may back other arrays too and is left to the collector
+        if (buffer != null && buffer.isDirect()
+                && buffer.capacity() == array.size() * array.getDataType().getNumOfBytes()) {
             clean(buffer);
         }
     }
