@@ -411,6 +411,17 @@ class MlaCachedDecoderTest {
                     SamplingParams.builder().setMaxNewTokens(tokens).optIgnoreEos(true).build());
             assertEquals(tokens, four.outputIds().length);
             assertEquals(before + tokens, HostReads.count(), "host reads for " + tokens + " tokens");
+            // any prompt length: prefill chunks of at most E / k tokens per row are gathered as well, so a whole
+            // generation reads the host only for its sampled tokens (the strict GPU mode documented in inference.md)
+            long[] longPrompt = {451, 340, 497, 361, 12, 77, 5, 301, 9, 250, 3};
+            before = HostReads.count();
+            GenerationResult chunked = g.withPrefillChunk(4).generate(longPrompt,
+                    SamplingParams.builder().setMaxNewTokens(tokens).optIgnoreEos(true).build());
+            assertEquals(tokens, chunked.outputIds().length);
+            assertEquals(before + tokens, HostReads.count(), "11-token prompt in chunks of 4: reads for " + tokens);
+            assertArrayEquals(new Generator(new MlaCachedDecoder(loaded.model(), Device.cpu(), ExpertDispatch.SORTED),
+                    null).generate(longPrompt, SamplingParams.builder().setMaxNewTokens(tokens).optIgnoreEos(true)
+                            .build()).outputIds(), chunked.outputIds(), "same greedy tokens as the sorted dispatch");
             // the counter sees the MoE: batch 5 (10 assignments > 8) and a zero limit take the sorted dispatch
             List<Long> at = readsPerToken(g, m, 5, tokens);
             for (int s = 2; s <= tokens; s++) {
