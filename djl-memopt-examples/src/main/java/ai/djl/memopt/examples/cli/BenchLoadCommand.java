@@ -45,6 +45,11 @@ public final class BenchLoadCommand implements Callable<Integer> {
                     + " one is complete there).")
     String synthesize;
 
+    @Option(names = "--layers", paramLabel = "N",
+            description = "Synthesize only the first N decoder layers of the preset (same widths), e.g. to measure"
+                    + " per-layer costs of a model too large to train here.")
+    Integer layers;
+
     @Option(names = "--shard-size", defaultValue = "4", paramLabel = "GiB",
             description = "Largest shard of a synthesized checkpoint in GiB (default 4).")
     int shardGiB;
@@ -95,6 +100,13 @@ public final class BenchLoadCommand implements Callable<Integer> {
         }
         if (synthesize != null) {
             DeepSeekConfig config = DeepSeekConfig.preset(synthesize);
+            if (layers != null) {
+                if (layers < 1 || layers > config.numHiddenLayers()) {
+                    throw new IllegalArgumentException("--layers must be 1.." + config.numHiddenLayers() + ", got "
+                            + layers);
+                }
+                config = config.toBuilder().numHiddenLayers(layers).build();
+            }
             if (Files.isRegularFile(model.resolve("config.json"))
                     && Files.isRegularFile(model.resolve(HfCheckpoint.INDEX_FILE))) {
                 System.err.println("memopt bench load: " + model + " already holds a checkpoint; not rewriting it");
