@@ -58,7 +58,7 @@ public final class BenchLoadCommand implements Callable<Integer> {
             description = "Schemes to load with (comma list, default int4).")
     List<String> schemes;
 
-    @Option(names = "--group-size", defaultValue = "128", paramLabel = "N", description = "int4 group size.")
+    @Option(names = "--group-size", defaultValue = "128", paramLabel = "N", description = "int4 group size (default 128).")
     int groupSize;
 
     @Option(names = "--dtype", defaultValue = "fp32", paramLabel = "fp32|fp16",
