@@ -1,5 +1,6 @@
 package ai.djl.memopt.inference;
 
+import ai.djl.memopt.nn.HostReads;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDManager;
@@ -47,7 +48,7 @@ public final class LogitsSampler {
             if (params.isGreedy()) {
                 NDArray ids = x.argMax(1); // (B)
                 ids.attach(scope);
-                return ids.toType(DataType.INT64, false).toLongArray();
+                return HostReads.longs(ids); // the step's one host read
             }
             int b = (int) x.getShape().get(0);
             Preconditions.checkArgument(uniforms.length == b, "need %s uniforms, got %s", b, uniforms.length);
@@ -65,7 +66,7 @@ public final class LogitsSampler {
             NDArray position = cum.lte(threshold).sum(new int[] {1}, true).toType(DataType.INT64, false); // (B, 1)
             position = position.minimum(vocab - 1);
             NDArray ids = order.gather(position, 1); // (B, 1)
-            return ids.toType(DataType.INT64, false).toLongArray();
+            return HostReads.longs(ids); // the step's one host read
         }
     }
 

@@ -4,11 +4,14 @@ import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekDecoderLayer;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekMoE;
 import ai.djl.memopt.model.deepseek.DeepSeekModel;
 import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
 import ai.djl.memopt.model.deepseek.RotaryEmbedding;
+import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.nn.LinearWeightSource;
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
@@ -42,6 +45,17 @@ import com.google.common.base.Preconditions;
  * per layer are allocated once per session and written in place; prefill runs the same absorbed path over the prompt.
  * Only the last position's logits are computed.
  *
+ * <p><b>Host synchronisation.</b> With {@link ExpertDispatch#GATHERED} (the default on a GPU) creating the decoder
+ * calls {@link DeepSeekMoE#enableGatheredDispatch()} on every MoE layer: their experts' weights are stacked once (the
+ * per-expert arrays become views of the stacks, so memory does not grow; the stacks follow in-place weight updates and
+ * are rebuilt if a projection is replaced). A decode step of {@code B} tokens with
+ * {@code B x num_experts_per_tok <= n_routed_experts} then gathers the chosen experts on the device and reads nothing
+ * back: the step's only device-to-host copy is the sampled ids ({@link LogitsSampler}). A prefill call (or a bigger
+ * batch) takes the sorted dispatch, which reads the chosen expert ids once per MoE layer per call (amortised over the
+ * prompt). Experts that cannot be stacked (decorated, mixed kinds) keep the sorted dispatch at every step, with a
+ * warning at creation. On the CPU the default is {@link ExpertDispatch#SORTED}: there is no device queue for a read to
+ * wait on, and gathering copies weights the sorted path reads in place.
+ *
  * <pre>{@code
  * LanguageModel lm = new MlaCachedDecoder(deepSeekForCausalLM, device);
  * GenerationResult r = new Generator(lm, tokenizer).generate(promptIds, SamplingParams.greedy(64));
@@ -58,7 +72,19 @@ public final class MlaCachedDecoder implements LanguageModel {
     private final RotaryEmbedding rotary;
     private final DataType dtype;
 
+    private final ExpertDispatch expertDispatch;
+
+    /** A decoder with {@link ExpertDispatch#AUTO}: gathered experts on a GPU, sorted on the CPU. */
     public MlaCachedDecoder(DeepSeekForCausalLM model, Device device) {
+        this(model, device, ExpertDispatch.AUTO);
+    }
+
+    /**
+     * A decoder running the routed experts as {@code experts} says. The choice is applied to the model's MoE layers
+     * ({@link DeepSeekMoE#enableGatheredDispatch()} / {@link DeepSeekMoE#disableGatheredDispatch()}), so it holds for
+     * every decoder over the same model until another is created.
+     */
+    public MlaCachedDecoder(DeepSeekForCausalLM model, Device device, ExpertDispatch experts) {
         this.model = Preconditions.checkNotNull(model, "model");
         this.device = Preconditions.checkNotNull(device, "device");
         this.config = model.config();
@@ -75,6 +101,18 @@ public final class MlaCachedDecoder implements LanguageModel {
             layers[i] = (DeepSeekDecoderLayer) layer;
             attention[i] = findAttention(layers[i].selfAttn(), i);
         }
+        this.expertDispatch = Preconditions.checkNotNull(experts, "experts").resolve(device);
+        for (DeepSeekDecoderLayer layer : layers) {
+            Block mlp = BlockDecorator.unwrap(layer.mlp());
+            if (mlp instanceof DeepSeekMoE) {
+                if (expertDispatch == ExpertDispatch.GATHERED) {
+                    // decode steps gather the chosen experts on the device instead of reading their ids
+                    ((DeepSeekMoE) mlp).enableGatheredDispatch();
+                } else {
+                    ((DeepSeekMoE) mlp).disableGatheredDispatch();
+                }
+            }
+        }
         this.dtype = model.dataType();
     }
 
@@ -90,6 +128,11 @@ public final class MlaCachedDecoder implements LanguageModel {
         }
         throw new IllegalArgumentException(
                 "model.layers." + layer + ".self_attn (" + selfAttn.getClass().getName() + ") holds no MultiHeadLatentAttention");
+    }
+
+    /** How this decoder runs routed experts: {@link ExpertDispatch#GATHERED} or {@link ExpertDispatch#SORTED}. */
+    public ExpertDispatch expertDispatch() {
+        return expertDispatch;
     }
 
     @Override
@@ -252,9 +295,9 @@ public final class MlaCachedDecoder implements LanguageModel {
             kRope = kRope.expandDims(1); // (B, 1, S, rope)
 
             NDArray qLatent = qNope.matMul(wUk[i]); // (B, H, T, r)
-            NDArray scores = qLatent.matMul(cKv.transpose(0, 1, 3, 2))
-                    .add(qPe.matMul(kRope.transpose(0, 1, 3, 2)))
-                    .mul(a.softmaxScale()); // (B, H, T, S)
+            // the scale as a device scalar: a host number would be uploaded, a blocking copy on a GPU, in every layer
+            NDArray scores = Scalars.mul(qLatent.matMul(cKv.transpose(0, 1, 3, 2))
+                    .add(qPe.matMul(kRope.transpose(0, 1, 3, 2))), a.softmaxScale()); // (B, H, T, S)
             NDArray probs = scores.toType(DataType.FLOAT32, false).add(mask).softmax(-1).toType(dtype, false);
             NDArray outLatent = probs.matMul(cKv); // (B, H, T, r)
             NDArray out = outLatent.matMul(wUvT[i]); // (B, H, T, v)
@@ -265,8 +308,11 @@ public final class MlaCachedDecoder implements LanguageModel {
         /** (B, 1, T, S) FP32: 0 where query {@code i} (at cache index S - T + i) may see key j, else the lowest float. */
         private NDArray additiveMask(NDManager m, NDArray attentionMask, int t, int total) {
             // the padding bias of the past is kept: only the new columns are converted and written
-            NDArray fresh = attentionMask.get(new NDIndex(":, {}:", length)).eq(0).toType(DataType.FLOAT32, false); // (B, T)
-            paddingBias.set(new NDIndex(":, :, :, {}:{}", length, total), fresh.mul(-Float.MAX_VALUE).reshape(batch, 1, 1, t));
+            // constants as device scalars (Scalars), not host numbers uploaded at every step
+            NDArray newColumns = attentionMask.get(new NDIndex(":, {}:", length)); // (B, T)
+            NDArray fresh = newColumns.eq(Scalars.like(newColumns, 0)).toType(DataType.FLOAT32, false); // (B, T)
+            paddingBias.set(
+                    new NDIndex(":, :, :, {}:{}", length, total), Scalars.mul(fresh, -Float.MAX_VALUE).reshape(batch, 1, 1, t));
             NDArray padding = paddingBias.get(new NDIndex(":, :, :, :{}", total)); // (B, 1, 1, S)
             if (t == 1) {
                 return padding; // one new token sees the whole past: no causal part

@@ -10,7 +10,9 @@
  *   <li>{@link ai.djl.memopt.inference.Generator}: the decoding loop over a
  *       {@link ai.djl.memopt.inference.LanguageModel} (left-padded batches, EOS, stop strings, streaming, cancel).
  *   <li>{@link ai.djl.memopt.inference.MlaCachedDecoder}: DeepSeek decoding with the compressed MLA cache
- *       ({@code kv_lora_rank + qk_rope_head_dim} values per token and layer) and absorbed {@code kv_b_proj};
+ *       ({@code kv_lora_rank + qk_rope_head_dim} values per token and layer) and absorbed {@code kv_b_proj}; routed
+ *       experts gathered on the device without reading their ids back ({@link ai.djl.memopt.inference.ExpertDispatch},
+ *       the default on a GPU), so a decode step's only device-to-host copy is the sampled ids;
  *       {@link ai.djl.memopt.inference.RecomputingLanguageModel}: no cache, the reference.
  *   <li>{@link ai.djl.memopt.inference.GenerationTranslator}: generation through a DJL {@code Predictor};
  *       {@link ai.djl.memopt.inference.GenerationModel}: a checkpoint directory opened for generation;

@@ -41,4 +41,14 @@ public final class Scalars {
             return array.mul(s);
         }
     }
+
+    /**
+     * {@code array + value} with a device-made scalar: besides the autograd hazard above, {@code add(Number)} uploads
+     * the number from host memory, which on a GPU waits for the work queued before it.
+     */
+    public static NDArray add(NDArray array, double value) {
+        try (NDArray s = like(array, value)) {
+            return array.add(s);
+        }
+    }
 }

@@ -70,6 +70,29 @@ class GenerationTranslatorTest {
     }
 
     @Test
+    void predictorKeepsWorkingAfterTheExpertsAreStacked() throws IOException, TranslateException {
+        // the predictor's parameter store caches the weight arrays at the first predict; the gathered decoder then
+        // stacks the experts under those same array objects, and the second predict runs the block on them again
+        java.nio.file.Path dir = MlaCachedDecoderTest.fixture("tiny-deepseek-v3");
+        long[] prompt = {451, 340, 497, 361, 133, 474};
+        long[] greedy = {198, 191, 59, 261, 76, 152, 157, 372, 445, 269, 301, 152, 157, 372, 445, 269}; // transformers
+        try (TestModel loaded = TestModel.load(dir, ai.djl.ndarray.types.DataType.FLOAT32);
+                Model model = Model.newInstance("tiny-deepseek-v3", Device.cpu())) {
+            model.setBlock(loaded.model());
+            GenerationTranslator translator = new GenerationTranslator(null,
+                    b -> new MlaCachedDecoder((ai.djl.memopt.model.deepseek.DeepSeekForCausalLM) b, Device.cpu(),
+                            ExpertDispatch.GATHERED), null);
+            try (Predictor<GenerationRequest, GenerationResult> p = model.newPredictor(translator)) {
+                SamplingParams params = SamplingParams.builder().setMaxNewTokens(16).optIgnoreEos(true).build();
+                for (int i = 0; i < 2; i++) {
+                    GenerationResult r = p.predict(GenerationRequest.builder().optPromptIds(prompt).setParams(params).build());
+                    assertArrayEquals(greedy, r.outputIds(), "predict " + i);
+                }
+            }
+        }
+    }
+
+    @Test
     void requestValidation() {
         SamplingParams params = SamplingParams.greedy(2);
         assertThrows(IllegalArgumentException.class, () -> GenerationRequest.builder().setParams(params).build());

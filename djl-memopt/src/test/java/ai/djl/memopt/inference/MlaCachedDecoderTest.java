@@ -2,6 +2,7 @@ package ai.djl.memopt.inference;
 
 import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
@@ -9,6 +10,8 @@ import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekMoE;
+import ai.djl.memopt.nn.HostReads;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
@@ -19,10 +22,13 @@ import java.io.IOException;
 import java.net.URISyntaxException;
 import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
+import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
+import java.util.regex.Matcher;
+import java.util.regex.Pattern;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.extension.ExtendWith;
 import org.junit.jupiter.params.ParameterizedTest;
@@ -57,15 +63,17 @@ class MlaCachedDecoderTest {
         long[] full = longs(dir, "greedy_output");
         long[] expected = Arrays.copyOfRange(full, prompt.length, full.length);
         try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
-            MlaCachedDecoder lm = new MlaCachedDecoder(loaded.model(), Device.cpu());
             SamplingParams params =
                     SamplingParams.builder()
                             .setMaxNewTokens(expected.length)
                             .optEosTokenIds(TextTokenizer.readEosIds(dir))
                             .build();
-            GenerationResult r = new Generator(lm, null).generate(prompt, params);
-            assertArrayEquals(expected, r.outputIds());
-            assertEquals(FinishReason.LENGTH, r.finishReason());
+            for (ExpertDispatch experts : ExpertDispatch.values()) {
+                MlaCachedDecoder lm = new MlaCachedDecoder(loaded.model(), Device.cpu(), experts);
+                GenerationResult r = new Generator(lm, null).generate(prompt, params);
+                assertArrayEquals(expected, r.outputIds(), experts.toString());
+                assertEquals(FinishReason.LENGTH, r.finishReason());
+            }
             // and through LanguageModels.of, as the translator gets it
             assertArrayEquals(expected, new Generator(LanguageModels.of(loaded.model()), null).generate(prompt, params).outputIds());
         }
@@ -129,20 +137,22 @@ class MlaCachedDecoderTest {
     @ValueSource(strings = {"tiny-deepseek-v3", "tiny-deepseek-v2"})
     void absorbedCacheLogitsEqualFullRecomputationAtEveryStep(String name) throws IOException {
         Path dir = fixture(name);
-        try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
-            LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu());
-            LanguageModel full = LanguageModels.recomputing(loaded.model());
-            // a left-padded batch of two prompts, then 12 teacher-forced tokens each
-            long[][] prompts = {{-1, -1, -1, 451, 340, 497, 3}, {12, 200, 7, 99, 5, 311, 64}};
-            long[][] next = new long[2][12];
-            for (int i = 0; i < 12; i++) {
-                next[0][i] = (37 * i + 11) % 512;
-                next[1][i] = (53 * i + 5) % 512;
-            }
-            List<Float> diffs = stepDifferences(cached, full, prompts, next);
-            assertEquals(13, diffs.size());
-            for (int s = 0; s < diffs.size(); s++) {
-                assertTrue(diffs.get(s) < 1e-4f, "step " + s + ": max |cached - recomputed| = " + diffs.get(s));
+        for (ExpertDispatch experts : List.of(ExpertDispatch.GATHERED, ExpertDispatch.SORTED)) {
+            try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
+                LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu(), experts);
+                LanguageModel full = LanguageModels.recomputing(loaded.model());
+                // a left-padded batch of two prompts, then 12 teacher-forced tokens each
+                long[][] prompts = {{-1, -1, -1, 451, 340, 497, 3}, {12, 200, 7, 99, 5, 311, 64}};
+                long[][] next = new long[2][12];
+                for (int i = 0; i < 12; i++) {
+                    next[0][i] = (37 * i + 11) % 512;
+                    next[1][i] = (53 * i + 5) % 512;
+                }
+                List<Float> diffs = stepDifferences(cached, full, prompts, next);
+                assertEquals(13, diffs.size());
+                for (int s = 0; s < diffs.size(); s++) {
+                    assertTrue(diffs.get(s) < 1e-4f, experts + ", step " + s + ": max |cached - recomputed| = " + diffs.get(s));
+                }
             }
         }
     }
@@ -229,9 +239,11 @@ class MlaCachedDecoderTest {
         long[] ids = longs(dir, "input_ids"); // (2, 12)
         float[] reference = floats(dir, "logits"); // (2, 12, V)
         try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
-            MlaCachedDecoder lm = new MlaCachedDecoder(loaded.model(), Device.cpu());
-            float d = maxDifferenceToReference(lm, ids, 2, 12, reference, 3);
-            assertTrue(d < 1e-4f, name + ": max |cached - transformers| = " + d);
+            for (ExpertDispatch experts : List.of(ExpertDispatch.GATHERED, ExpertDispatch.SORTED)) {
+                MlaCachedDecoder lm = new MlaCachedDecoder(loaded.model(), Device.cpu(), experts);
+                float d = maxDifferenceToReference(lm, ids, 2, 12, reference, 3);
+                assertTrue(d < 1e-4f, name + ", " + experts + ": max |cached - transformers| = " + d);
+            }
         }
     }
 
@@ -265,7 +277,7 @@ class MlaCachedDecoderTest {
             assertTrue(
                     Blocks.get(loaded.model(), "model.layers.0.self_attn.kv_b_proj") instanceof ai.djl.memopt.nn.LinearWeightSource,
                     "kv_b_proj was quantized");
-            LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu());
+            LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu(), ExpertDispatch.GATHERED);
             long[][] prompts = {{451, 340, 497, 361, 133, 474}};
             long[][] next = {{198, 191, 59, 261, 76, 152, 157, 372}};
             for (float d : stepDifferences(cached, LanguageModels.recomputing(loaded.model()), prompts, next)) {
@@ -278,7 +290,7 @@ class MlaCachedDecoderTest {
     void fp16WeightsDecodeLikeFp16Recomputation() throws IOException {
         Path dir = fixture("tiny-deepseek-v3");
         try (TestModel loaded = TestModel.load(dir, DataType.FLOAT16)) {
-            MlaCachedDecoder cached = new MlaCachedDecoder(loaded.model(), Device.cpu());
+            MlaCachedDecoder cached = new MlaCachedDecoder(loaded.model(), Device.cpu(), ExpertDispatch.GATHERED);
             assertEquals(3L * 24 * 2, cached.cacheBytesPerToken());
             long[][] prompts = {{451, 340, 497, 361, 133, 474}};
             long[][] next = {{198, 191, 59, 261, 76, 152}};
@@ -347,6 +359,169 @@ class MlaCachedDecoderTest {
             try (MlaCachedDecoder.Session s = lm.newSession(m, 2, 100)) {
                 assertEquals(2L * 100 * lm.cacheBytesPerToken(), s.cacheBytes());
             }
+        }
+    }
+
+    /** HostReads counted at each token of row 0, after generating {@code m} tokens from {@code batch} prompts. */
+    private static List<Long> readsPerToken(Generator g, NDManager m, int batch, int tokens) {
+        List<long[]> prompts = new ArrayList<>();
+        for (int i = 0; i < batch; i++) {
+            prompts.add(new long[] {451, 340, 497, 361 + i, 133, 474});
+        }
+        List<Long> at = new ArrayList<>();
+        at.add(HostReads.count());
+        SamplingParams params = SamplingParams.builder().setMaxNewTokens(tokens).optIgnoreEos(true).build();
+        g.generate(m, prompts, params, (i, id, d) -> {
+            if (i == 0) {
+                at.add(HostReads.count());
+            }
+        }, () -> false);
+        assertEquals(tokens + 1, at.size());
+        return at;
+    }
+
+    @Test
+    void decodeStepsReadTheHostOnlyForTheSampledTokens() throws IOException {
+        Path dir = fixture("tiny-deepseek-v3"); // 8 routed experts, 2 per token, MoE in layers 1 and 2
+        try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32);
+                NDManager m = NDManager.newBaseManager()) {
+            List<DeepSeekMoE> moes = new ArrayList<>();
+            for (int i = 0; i < loaded.config().numHiddenLayers(); i++) {
+                if (Blocks.get(loaded.model(), "model.layers." + i + ".mlp") instanceof DeepSeekMoE moe) {
+                    moes.add(moe);
+                }
+            }
+            assertEquals(2, moes.size());
+            MlaCachedDecoder decoder = new MlaCachedDecoder(loaded.model(), Device.cpu(), ExpertDispatch.GATHERED);
+            assertEquals(ExpertDispatch.GATHERED, decoder.expertDispatch());
+            Generator g = new Generator(decoder, null);
+            int tokens = 10;
+            // batch 1 and 4: B x k <= 8 experts, the gathered dispatch; the prefill (6 tokens per row) is sorted and
+            // reads the chosen ids once per MoE layer, then each decode step reads the sampled ids and nothing else
+            for (int batch : new int[] {1, 4}) {
+                List<Long> at = readsPerToken(g, m, batch, tokens);
+                assertEquals(1 + moes.size(), at.get(1) - at.get(0), "batch " + batch + ": prefill reads");
+                for (int s = 2; s <= tokens; s++) {
+                    assertEquals(1, at.get(s) - at.get(s - 1), "batch " + batch + ": reads in decode step " + (s - 1));
+                }
+            }
+            // a prompt of 4 tokens (8 assignments) is gathered too: generating M tokens reads the host exactly M times
+            long before = HostReads.count();
+            GenerationResult four = g.generate(new long[] {451, 340, 497, 361},
+                    SamplingParams.builder().setMaxNewTokens(tokens).optIgnoreEos(true).build());
+            assertEquals(tokens, four.outputIds().length);
+            assertEquals(before + tokens, HostReads.count(), "host reads for " + tokens + " tokens");
+            // any prompt length: prefill chunks of at most E / k tokens per row are gathered as well, so a whole
+            // generation reads the host only for its sampled tokens (the strict GPU mode documented in inference.md)
+            long[] longPrompt = {451, 340, 497, 361, 12, 77, 5, 301, 9, 250, 3};
+            before = HostReads.count();
+            GenerationResult chunked = g.withPrefillChunk(4).generate(longPrompt,
+                    SamplingParams.builder().setMaxNewTokens(tokens).optIgnoreEos(true).build());
+            assertEquals(tokens, chunked.outputIds().length);
+            assertEquals(before + tokens, HostReads.count(), "11-token prompt in chunks of 4: reads for " + tokens);
+            assertArrayEquals(new Generator(new MlaCachedDecoder(loaded.model(), Device.cpu(), ExpertDispatch.SORTED),
+                    null).generate(longPrompt, SamplingParams.builder().setMaxNewTokens(tokens).optIgnoreEos(true)
+                            .build()).outputIds(), chunked.outputIds(), "same greedy tokens as the sorted dispatch");
+            // the counter sees the MoE: batch 5 (10 assignments > 8) and a zero limit take the sorted dispatch
+            List<Long> at = readsPerToken(g, m, 5, tokens);
+            for (int s = 2; s <= tokens; s++) {
+                assertEquals(1 + moes.size(), at.get(s) - at.get(s - 1), "batch 5, decode step " + (s - 1));
+            }
+            moes.forEach(moe -> moe.setGatheredDispatchLimit(0));
+            at = readsPerToken(g, m, 1, tokens);
+            for (int s = 2; s <= tokens; s++) {
+                assertEquals(1 + moes.size(), at.get(s) - at.get(s - 1), "limit 0, decode step " + (s - 1));
+            }
+            // the CPU default is the sorted dispatch
+            moes.forEach(moe -> moe.setGatheredDispatchLimit(8));
+            MlaCachedDecoder auto = new MlaCachedDecoder(loaded.model(), Device.cpu());
+            assertEquals(ExpertDispatch.SORTED, auto.expertDispatch());
+            at = readsPerToken(new Generator(auto, null), m, 1, tokens);
+            for (int s = 2; s <= tokens; s++) {
+                assertEquals(1 + moes.size(), at.get(s) - at.get(s - 1), "AUTO on the CPU, decode step " + (s - 1));
+            }
+        }
+    }
+
+    @Test
+    void gatheredAndSortedDecodingGiveTheSameLogits() throws IOException {
+        Path dir = fixture("tiny-deepseek-v3");
+        long[][] prompts = {{451, 340, 497, 361}, {12, 200, 7, 99}};
+        long[][] next = {{7, 300, 12, 99, 5, 8}, {41, 3, 250, 18, 77, 6}};
+        try (TestModel a = TestModel.load(dir, DataType.FLOAT32);
+                TestModel b = TestModel.load(dir, DataType.FLOAT32)) {
+            LanguageModel gathered = new MlaCachedDecoder(a.model(), Device.cpu(), ExpertDispatch.GATHERED);
+            LanguageModel sorted = new MlaCachedDecoder(b.model(), Device.cpu(), ExpertDispatch.SORTED);
+            List<Float> diffs = stepDifferences(gathered, sorted, prompts, next);
+            for (float d : diffs) {
+                assertTrue(d < 1e-5f, "gathered vs sorted decoding: " + diffs);
+            }
+        }
+    }
+
+    /**
+     * Second guard: the sources of the decode path (the decoder, the sampler, the model's blocks, quantized layers)
+     * copy nothing to the host except through {@link HostReads}.
+     */
+    @Test
+    void decodePathSourcesReadTheHostOnlyThroughHostReads() throws IOException {
+        Path main = Path.of("src/main/java/ai/djl/memopt");
+        List<String> files = List.of(
+                "inference/MlaCachedDecoder.java", "inference/Generator.java", "inference/LogitsSampler.java",
+                "model/deepseek/DeepSeekForCausalLM.java", "model/deepseek/DeepSeekModel.java",
+                "model/deepseek/DeepSeekDecoderLayer.java", "model/deepseek/MultiHeadLatentAttention.java",
+                "model/deepseek/RotaryEmbedding.java", "model/deepseek/RmsNorm.java",
+                "model/deepseek/TokenEmbedding.java", "model/deepseek/DeepSeekMlp.java", "model/deepseek/MoeGate.java",
+                "model/deepseek/DeepSeekMoE.java", "model/deepseek/GatheredExperts.java",
+                "model/deepseek/Projections.java", "model/deepseek/Scoped.java", "nn/Scalars.java",
+                "quantize/QuantizedLinear.java", "quantize/QuantizedTensor.java",
+                "quantize/Int8WeightOnlyHandler.java", "quantize/Int4WeightOnlyHandler.java");
+        Pattern read = Pattern.compile("\\.(toLongArray|toFloatArray|toIntArray|toDoubleArray|toBooleanArray"
+                + "|toByteArray|toUint8Array|toArray|toByteBuffer|getLong|getFloat|getInt|getDouble|getBoolean|getByte"
+                + "|getNumber)\\(");
+        for (String f : files) {
+            String code = Files.readString(main.resolve(f))
+                    .replaceAll("(?s)/\\*.*?\\*/", "") // comments and Javadoc
+                    .replaceAll("//[^\\n]*", "");
+            Matcher m = read.matcher(code);
+            assertFalse(m.find(), f + " reads the device outside HostReads: " + (m.find(0) ? m.group() : ""));
+        }
+        // and the sampler's and the sorted dispatch's reads do go through it
+        assertTrue(Files.readString(main.resolve("inference/LogitsSampler.java")).contains("HostReads.longs("));
+        assertTrue(Files.readString(main.resolve("model/deepseek/DeepSeekMoE.java")).contains("HostReads.longs("));
+    }
+
+    @Test
+    void moeDecodeStepsLeaveNothingBehind() throws IOException {
+        // the fixture's shapes with two layers (the second is MoE), random weights; 250 gathered decode steps
+        DeepSeekConfig config =
+                DeepSeekConfig.fromJson(fixture("tiny-deepseek-v3").resolve("config.json")).toBuilder()
+                        .numHiddenLayers(2)
+                        .build();
+        try (NDManager weights = NDManager.newBaseManager();
+                NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM model = DeepSeekForCausalLM.random(config, 7, weights, DataType.FLOAT32);
+            int modelArrays = weights.getManagedArrays().size();
+            Generator g = new Generator(new MlaCachedDecoder(model, Device.cpu(), ExpertDispatch.GATHERED), null);
+            // one stack per projection; the experts' arrays are the same objects, now views of it
+            assertEquals(modelArrays + 3, weights.getManagedArrays().size());
+            int n = 250;
+            int[] arrays = new int[n];
+            long[] reads = new long[n];
+            int[] k = new int[1];
+            GenerationResult r = g.generate(m, List.of(new long[] {451, 340, 497}),
+                    SamplingParams.builder().setMaxNewTokens(n).optIgnoreEos(true).build(),
+                    (i, id, d) -> {
+                        arrays[k[0]] = m.getManagedArrays().size() + weights.getManagedArrays().size();
+                        reads[k[0]++] = HostReads.count();
+                    }, () -> false).get(0);
+            assertEquals(n, r.outputIds().length);
+            for (int s = 1; s < n; s++) {
+                assertEquals(arrays[0], arrays[s], "arrays alive after step " + s);
+                assertEquals(reads[s - 1] + 1, reads[s], "host reads in step " + s);
+            }
+            assertEquals(modelArrays + 3, weights.getManagedArrays().size(), "nothing left in the model's manager");
+            assertEquals(0, m.getManagedArrays().size(), "the session is closed");
         }
     }
 

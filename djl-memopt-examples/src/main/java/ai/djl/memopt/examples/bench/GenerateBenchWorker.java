@@ -93,6 +93,7 @@ public final class GenerateBenchWorker {
             o.addProperty("new_tokens", newTokens);
             o.addProperty("device", device.isGpu() ? "gpu" + device.getDeviceId() : "cpu");
             o.addProperty("dtype", "float32");
+            o.addProperty("expert_dispatch", decoder.expertDispatch().name().toLowerCase(java.util.Locale.ROOT));
             o.addProperty("prefill_chunk", Math.min(chunk, prompt));
             o.addProperty("prefill_seconds", seconds[0]);
             o.addProperty("prefill_tokens_per_second", batch * (double) prompt / seconds[0]);

@@ -14,7 +14,14 @@ import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
+import ai.djl.memopt.quantize.QuantizationConfig;
+import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.Quantizer;
+import ai.djl.memopt.quantize.StreamingQuantizedLoader;
+import ai.djl.memopt.nn.Blocks;
+import ai.djl.ndarray.NDManager;
+import ai.djl.nn.Block;
+import java.nio.file.Path;
 import ai.djl.ndarray.types.DataType;
 import com.google.gson.JsonObject;
 import java.util.Arrays;
@@ -28,8 +35,10 @@ import java.util.SplittableRandom;
  * configuration's own peak): builds a preset with seeded random FP32 weights and a {@link FineTuner} in the given mode,
  * measures the idle memory, runs {@code steps} steps on seeded random token batches and prints one JSON line.
  *
- * <p>Arguments: {@code preset mode batch seq steps device seed lossChunkTokens}; mode is {@code fp32}, {@code checkpoint},
- * {@code fp16} or {@code fp16+checkpoint}.
+ * <p>Arguments: {@code preset mode batch seq steps device seed lossChunkTokens [modelDir]}; mode is {@code fp32},
+ * {@code checkpoint}, {@code fp16}, {@code fp16+checkpoint} or {@code qlora}. With {@code modelDir} (qlora only) the
+ * base is a Hugging Face checkpoint read by {@link StreamingQuantizedLoader} straight into int4 instead of a random
+ * FP32 preset quantized in memory, so models far larger than memory in FP32 (DeepSeek-V2-Lite) can be measured.
  *
  * <p>Memory: on CPU the peak is the process's {@code VmHWM} at the end and the idle figure its {@code VmRSS} right
  * before the first step (after a GC, with model and optimizer built); on a GPU both are device memory in use, the peak
@@ -42,8 +51,9 @@ public final class TrainBenchWorker {
     private TrainBenchWorker() {}
 
     public static void main(String[] args) throws Exception {
-        if (args.length != 8) {
-            System.err.println("usage: TrainBenchWorker preset mode batch seq steps cpu|gpu seed loss-chunk-tokens");
+        if (args.length != 8 && args.length != 9) {
+            System.err.println("usage: TrainBenchWorker preset mode batch seq steps cpu|gpu seed loss-chunk-tokens"
+                    + " [modelDir]");
             System.exit(2);
         }
         String preset = args[0];
@@ -58,11 +68,28 @@ public final class TrainBenchWorker {
         if (m == null) {
             throw new IllegalArgumentException("unknown mode " + mode);
         }
-        DeepSeekConfig config = DeepSeekConfig.preset(preset);
+        Path modelDir = args.length == 9 ? Path.of(args[8]) : null;
+        if (modelDir != null && !"qlora".equals(mode)) {
+            throw new IllegalArgumentException("a model directory is only loaded in qlora mode, not " + mode);
+        }
         Engine.getInstance().setRandomSeed((int) seed);
-        DeepSeekForCausalLM base = DeepSeekForCausalLM.random(config, seed, device, DataType.FLOAT32);
-        Qlora qlora = "qlora".equals(mode) ? Qlora.apply(base) : null;
-        try (DeepSeekForCausalLM lm = base;
+        NDManager loadManager = modelDir == null ? null : NDManager.newBaseManager(device);
+        DeepSeekForCausalLM base;
+        Qlora qlora;
+        double loadSeconds = Double.NaN;
+        if (modelDir != null) {
+            long t0 = System.nanoTime();
+            base = StreamingQuantizedLoader.load(modelDir, loadManager, DataType.FLOAT32, Qlora.QUANTIZATION).model();
+            loadSeconds = (System.nanoTime() - t0) / 1e9;
+            qlora = Qlora.adaptLoaded(base);
+        } else {
+            DeepSeekConfig presetConfig = DeepSeekConfig.preset(preset);
+            base = DeepSeekForCausalLM.random(presetConfig, seed, device, DataType.FLOAT32);
+            qlora = "qlora".equals(mode) ? Qlora.apply(base) : null;
+        }
+        DeepSeekConfig config = base.config();
+        try (NDManager owned = loadManager;
+                DeepSeekForCausalLM lm = base;
                 FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(m.get("checkpoint"))
                         .optPrecision(FineTuner.Precision.parse(m.get("precision"))).optLearningRate(1e-4f)
                         .optLossChunkTokens(lossChunk).optSeed(seed).build()) {
@@ -75,6 +102,8 @@ public final class TrainBenchWorker {
             }
             long idle = MemoryStats.deviceBytesInUse(device);
             long initPeak = MemoryStats.peakResidentBytes();
+            // a loaded model's peak so far is the load's: reset it so the peak below is the training steps' own
+            boolean peakReset = modelDir != null && !device.isGpu() && StreamLoadWorker.resetPeak();
             PeakSampler sampler = device.isGpu() ? new PeakSampler(device) : null;
             double[] seconds = new double[steps];
             double firstLoss = Double.NaN;
@@ -102,7 +131,11 @@ public final class TrainBenchWorker {
             Arrays.sort(sorted);
             double median = steps % 2 == 1 ? sorted[steps / 2] : (sorted[steps / 2 - 1] + sorted[steps / 2]) / 2;
             JsonObject o = new JsonObject();
-            o.addProperty("preset", preset);
+            o.addProperty("preset", modelDir != null ? modelDir.getFileName().toString() : preset);
+            if (modelDir != null) {
+                o.addProperty("model", modelDir.toString());
+                o.addProperty("load_seconds", loadSeconds);
+            }
             o.addProperty("mode", mode);
             o.addProperty("batch", batch);
             o.addProperty("seq", seq);
@@ -121,6 +154,9 @@ public final class TrainBenchWorker {
             o.addProperty("activation_bytes", peak - idle - (state.total() - idleState.total()));
             o.addProperty("median_step_seconds", median);
             o.addProperty("init_peak_bytes", initPeak);
+            if (modelDir != null) {
+                o.addProperty("peak_reset_after_load", peakReset);
+            }
             o.addProperty("first_loss", firstLoss);
             o.addProperty("last_loss", lastLoss);
             o.addProperty("skipped_steps", skipped);
@@ -155,10 +191,24 @@ public final class TrainBenchWorker {
             this.trainable = trainable;
         }
 
+        static final QuantizationConfig QUANTIZATION = Int4WeightOnlyConfig.builder().optGroupSize(64).build();
+
         static Qlora apply(DeepSeekForCausalLM lm) {
-            QuantizationReport q = Quantizer.quantize(lm, Int4WeightOnlyConfig.builder().optGroupSize(64).build());
+            QuantizationReport q = Quantizer.quantize(lm, QUANTIZATION);
             LoraReport l = Lora.apply(lm, LoraConfig.builder().setRank(8).optAlpha(16).optTargetModules(TARGETS).build());
             return new Qlora(q.bytesAfter(), l.trainableParameters());
+        }
+
+        /** The adapters on a model the streaming loader already quantized with {@link #QUANTIZATION}. */
+        static Qlora adaptLoaded(DeepSeekForCausalLM lm) {
+            long packed = 0;
+            for (Block b : Blocks.walk(lm).values()) {
+                if (b instanceof QuantizedLinear) {
+                    packed += ((QuantizedLinear) b).quantizedWeight().nbytes();
+                }
+            }
+            LoraReport l = Lora.apply(lm, LoraConfig.builder().setRank(8).optAlpha(16).optTargetModules(TARGETS).build());
+            return new Qlora(packed, l.trainableParameters());
         }
     }
 

@@ -8,7 +8,8 @@ import picocli.CommandLine.Command;
         name = "bench",
         mixinStandardHelpOptions = true,
         description = "Benchmarks (memory, speed, quality); each configuration runs in a fresh JVM.",
-        subcommands = {BenchTrainCommand.class, BenchGenerateCommand.class, BenchQuantCommand.class})
+        subcommands = {BenchTrainCommand.class, BenchGenerateCommand.class, BenchQuantCommand.class,
+            BenchLoadCommand.class})
 public final class BenchCommand implements Runnable {
 
     @CommandLine.Spec CommandLine.Model.CommandSpec spec;

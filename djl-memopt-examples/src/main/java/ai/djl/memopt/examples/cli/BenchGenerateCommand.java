@@ -4,6 +4,7 @@ import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.GenerateBenchWorker;
 import ai.djl.memopt.examples.bench.MarkdownTable;
+import ai.djl.memopt.inference.ExpertDispatch;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
@@ -71,6 +72,11 @@ public final class BenchGenerateCommand implements Callable<Integer> {
     @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
     String device;
 
+    @Option(names = "--expert-dispatch", defaultValue = "auto", paramLabel = "auto|gathered|sorted",
+            description = "How decode steps run the routed experts (default auto: gathered on a GPU, where it avoids a "
+                    + "host read per MoE layer, sorted on the CPU). See docs/inference.md.")
+    String expertDispatch;
+
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and prompt seed.")
     long seed;
 
@@ -117,6 +123,25 @@ public final class BenchGenerateCommand implements Callable<Integer> {
         if (!dev.equals("cpu") && !dev.equals("gpu")) {
             throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
         }
+        String dispatch = expertDispatch.trim().toLowerCase(Locale.ROOT);
+        if (!List.of("auto", "gathered", "sorted").contains(dispatch)) {
+            throw new IllegalArgumentException(
+                    "--expert-dispatch must be auto, gathered or sorted, got '" + expertDispatch + "'");
+        }
+        // the workers inherit every ai.djl.* system property (FreshJvm), and the decoder's AUTO follows this one
+        String previous = System.setProperty(ExpertDispatch.PROPERTY, dispatch);
+        try {
+            return runWorkers(selected, dev);
+        } finally {
+            if (previous == null) {
+                System.clearProperty(ExpertDispatch.PROPERTY);
+            } else {
+                System.setProperty(ExpertDispatch.PROPERTY, previous);
+            }
+        }
+    }
+
+    private Integer runWorkers(List<Integer> selected, String dev) throws IOException {
         List<JsonObject> results = new ArrayList<>();
         for (int b : selected) {
             List<String> lines = FreshJvm.run(heap, timeout, GenerateBenchWorker.class, List.of(preset,

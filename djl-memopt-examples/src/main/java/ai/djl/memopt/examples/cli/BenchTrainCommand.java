@@ -59,6 +59,11 @@ public final class BenchTrainCommand implements Callable<Integer> {
             description = "Model preset (default bench-tiny).")
     String preset;
 
+    @Option(names = "--model", paramLabel = "DIR",
+            description = "qlora only: load this Hugging Face DeepSeek directory (F32/F16/BF16) straight into int4 with"
+                    + " the streaming loader instead of building --preset with random FP32 weights.")
+    Path model;
+
     @Option(names = "--mode", split = ",", paramLabel = "MODE",
             description = "fp32, checkpoint, fp16, fp16+checkpoint, qlora (int4 base + rank-8 LoRA + checkpointing);"
                     + " repeatable or comma list; default the first four.")
@@ -103,7 +108,17 @@ public final class BenchTrainCommand implements Callable<Integer> {
     @Override
     public Integer call() throws Exception {
         List<String> selected = modes == null || modes.isEmpty() ? MODES : normalise(modes);
-        DeepSeekConfig.preset(preset); // unknown preset: a clear error before any JVM starts
+        if (model != null) {
+            if (!java.nio.file.Files.isRegularFile(model.resolve("config.json"))) {
+                throw new IllegalArgumentException("--model " + model + ": no config.json");
+            }
+            if (!selected.equals(List.of("qlora"))) {
+                throw new IllegalArgumentException("--model needs --mode qlora (the other modes hold every weight in"
+                        + " float), got " + selected);
+            }
+        } else {
+            DeepSeekConfig.preset(preset); // unknown preset: a clear error before any JVM starts
+        }
         if (batch < 1 || seq < 2 || steps < 1 || lossChunk < 1) {
             throw new IllegalArgumentException(String.format(Locale.ROOT,
                     "need --batch >= 1, --seq >= 2, --steps >= 1, --loss-chunk >= 1; got %d, %d, %d, %d", batch, seq,
@@ -115,9 +130,13 @@ public final class BenchTrainCommand implements Callable<Integer> {
         }
         List<JsonObject> results = new ArrayList<>();
         for (String mode : selected) {
-            List<String> lines = FreshJvm.run(heap, timeout, TrainBenchWorker.class, List.of(preset, mode,
-                    Integer.toString(batch), Integer.toString(seq), Integer.toString(steps), dev,
-                    Long.toString(seed), Integer.toString(lossChunk)), ALLOCATOR);
+            List<String> workerArgs = new ArrayList<>(List.of(preset, mode, Integer.toString(batch),
+                    Integer.toString(seq), Integer.toString(steps), dev, Long.toString(seed),
+                    Integer.toString(lossChunk)));
+            if (model != null) {
+                workerArgs.add(model.toString());
+            }
+            List<String> lines = FreshJvm.run(heap, timeout, TrainBenchWorker.class, workerArgs, ALLOCATOR);
             JsonObject result = null;
             for (String line : lines) {
                 if (line.startsWith("{")) {

@@ -102,6 +102,10 @@ public final class DemoCommand implements Callable<Integer> {
     @Option(names = "--seed", defaultValue = "7", paramLabel = "S", description = "Seed (default 7).")
     long seed;
 
+    @Option(names = "--worker-heap", defaultValue = "512m", paramLabel = "SIZE",
+            description = "-Xmx of each variant's measuring JVM (default 512m; the weights live outside the Java heap).")
+    String workerHeap;
+
     @Option(names = "--no-progress", description = "No progress bars on stderr.")
     boolean noProgress;
 
@@ -114,6 +118,10 @@ public final class DemoCommand implements Callable<Integer> {
                 || newTokens < 1) {
             throw new IllegalArgumentException("need --steps >= 1, --batch >= 1, --seq >= 8, --vocab >= 258, "
                     + "--hidden a multiple of 16, --layers >= 2, --new-tokens >= 1");
+        }
+        if (!workerHeap.matches("[1-9][0-9]*[kKmMgG]?")) {
+            throw new IllegalArgumentException("--worker-heap: expected a JVM heap size such as 512m or 2g, got '"
+                    + workerHeap + "'");
         }
         // a model this small runs fastest on one PyTorch thread; more threads spin on a busy machine (measured 12x
         // slower generation with 2 threads on 2 shared cores). An explicit -Dai.djl.pytorch.num_threads wins.
@@ -262,7 +270,11 @@ public final class DemoCommand implements Callable<Integer> {
             if (bar != null) {
                 bar.update(done, v[0] + " ...");
             }
-            List<String> lines = FreshJvm.run("2g", 1800, DemoVariantWorker.class, List.of(
+            // A small, lazily grown heap (serial GC) and a fixed glibc mmap threshold make the worker's peak resident
+            // set follow the native memory the variant needs: with G1's default sizing, the Java garbage of reading an
+            // artifact grew the heap by 50-90 MB and made int4 look like the largest variant.
+            List<String> lines = FreshJvm.run(List.of("-Xmx" + workerHeap, "-XX:+UseSerialGC"),
+                    BenchTrainCommand.ALLOCATOR, 1800, DemoVariantWorker.class, List.of(
                     work.resolve(v[1]).toString(), v[2], dev.isGpu() ? "gpu" : "cpu", heldOut.toString(),
                     Integer.toString(seq), Integer.toString(newTokens), PROMPT));
             JsonObject o = JsonParser.parseString(lines.get(lines.size() - 1)).getAsJsonObject();

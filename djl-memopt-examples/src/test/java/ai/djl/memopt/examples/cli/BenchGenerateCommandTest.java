@@ -24,8 +24,11 @@ class BenchGenerateCommandTest {
         Path md = tmp.resolve("benchmarks.md");
         Files.writeString(md, "# Benchmarks\n\n## Training memory\n\nkept\n");
         CliRun r = CliRun.run("bench", "generate", "--preset", "bench-tiny", "--prompt-tokens", "6", "--new-tokens",
-                "3", "--batch", "2", "--prefill-chunk", "4", "--heap", "1g", "--timeout", "300", "--out", md.toString());
+                "3", "--batch", "2", "--prefill-chunk", "4", "--heap", "1g", "--timeout", "300", "--out", md.toString(),
+                "--expert-dispatch", "gathered");
         assertEquals(0, r.exitCode, r.err);
+        assertEquals(null, System.getProperty(ai.djl.memopt.inference.ExpertDispatch.PROPERTY),
+                "the command restores the property it set for its workers");
         String[] lines = r.out.trim().split("\n");
         assertEquals(1, lines.length, r.out);
         JsonObject o = JsonParser.parseString(lines[0]).getAsJsonObject();
@@ -35,6 +38,7 @@ class BenchGenerateCommandTest {
         assertEquals(6, o.get("prompt_tokens").getAsInt());
         assertEquals(3, o.get("new_tokens").getAsInt());
         assertEquals("cpu", o.get("device").getAsString());
+        assertEquals("gathered", o.get("expert_dispatch").getAsString(), "the worker JVM followed --expert-dispatch");
         assertEquals(4, o.get("prefill_chunk").getAsInt());
         // FP32: (kv_lora_rank + qk_rope_head_dim) x layers x 4 bytes, and the per-head cache for comparison
         long mla = (long) (c.kvLoraRank() + c.qkRopeHeadDim()) * c.numHiddenLayers() * 4;
@@ -73,6 +77,9 @@ class BenchGenerateCommandTest {
         r = CliRun.run("bench", "generate", "--prompt-tokens", "2000", "--new-tokens", "100");
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("max_position_embeddings 2048"), r.err);
+        r = CliRun.run("bench", "generate", "--expert-dispatch", "fastest");
+        assertNotEquals(0, r.exitCode);
+        assertTrue(r.err.contains("--expert-dispatch must be auto, gathered or sorted, got 'fastest'"), r.err);
         r = CliRun.run("bench", "generate", "--prefill-chunk", "0");
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("--prefill-chunk must be >= 1, got 0"), r.err);

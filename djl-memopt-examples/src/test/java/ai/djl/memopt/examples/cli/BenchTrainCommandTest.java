@@ -4,7 +4,18 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertNotEquals;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import ai.djl.memopt.examples.bench.SyntheticCheckpoint;
+import ai.djl.memopt.lora.Lora;
+import ai.djl.memopt.lora.LoraConfig;
+import ai.djl.memopt.lora.LoraReport;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
+import ai.djl.memopt.quantize.QuantizationReport;
+import ai.djl.memopt.quantize.Quantizer;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import java.nio.charset.StandardCharsets;
@@ -74,6 +85,35 @@ class BenchTrainCommandTest {
         // the target for QLoRA: state at most 0.2 x the fp32 mode's
         assertTrue(state <= 0.2 * fp32State, state + " vs fp32 " + fp32State);
         assertTrue(o.get("last_loss").getAsDouble() > 0, o.toString());
+    }
+
+    @Test
+    void qloraOnACheckpointStreamedIntoInt4() throws Exception {
+        Path dir = tmp.resolve("tiny-bf16");
+        DeepSeekConfig config = DeepSeekConfig.preset("bench-tiny");
+        SyntheticCheckpoint.write(config, dir, 3, 1L << 30, null);
+        String[] r = FinetuneCommandTest.run("bench", "train", "--model", dir.toString(), "--mode", "qlora", "--batch",
+                "1", "--seq", "16", "--steps", "1", "--heap", "1g", "--timeout", "300");
+        assertEquals("0", r[0], r[2]);
+        JsonObject o = JsonParser.parseString(r[1].trim()).getAsJsonObject();
+        assertEquals(dir.toString(), o.get("model").getAsString());
+        assertTrue(o.get("peak_reset_after_load").getAsBoolean(), o.toString());
+        // the same model quantized in memory: same packed bytes, same adapters
+        try (NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(dir, m, DataType.FLOAT32);
+            QuantizationReport q = Quantizer.quantize(lm, Int4WeightOnlyConfig.builder().optGroupSize(64).build());
+            LoraReport l = Lora.apply(lm, LoraConfig.builder().setRank(8).optAlpha(16).optTargetModules("q_a_proj",
+                    "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+                    "down_proj").build());
+            assertEquals(q.bytesAfter(), o.get("quantized_weight_bytes").getAsLong(), o.toString());
+            assertEquals(l.trainableParameters(), o.get("trainable_parameters").getAsLong(), o.toString());
+        }
+        assertTrue(Double.isFinite(o.get("last_loss").getAsDouble()), o.toString());
+        assertTrue(o.get("peak_memory_bytes").getAsLong() > 0, o.toString());
+
+        String[] bad = FinetuneCommandTest.run("bench", "train", "--model", dir.toString(), "--mode", "fp32");
+        assertNotEquals("0", bad[0]);
+        assertTrue(bad[2].contains("--model needs --mode qlora"), bad[2]);
     }
 
     private static JsonObject result(String mode, long activation, double seconds) {

@@ -62,4 +62,12 @@ class DemoCommandTest {
         assertNotEquals(variants.get("fp32").get("perplexity").getAsDouble(),
                 variants.get("int4").get("perplexity").getAsDouble(), "the int4 variant is really quantized");
     }
+
+    @Test
+    void rejectsABadWorkerHeapBeforeDoingAnyWork() throws Exception {
+        CliRun r = CliRun.run("demo", "--out", tmp.resolve("bad").toString(), "--worker-heap", "lots", "--no-progress");
+        assertTrue(r.exitCode != 0, r.out);
+        assertTrue(r.err.contains("--worker-heap") && r.err.contains("'lots'"), r.err);
+        assertTrue(!Files.exists(tmp.resolve("bad")), "nothing written for a rejected option");
+    }
 }

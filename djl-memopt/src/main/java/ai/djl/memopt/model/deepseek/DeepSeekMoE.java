@@ -1,5 +1,7 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.Device;
+import ai.djl.memopt.nn.HostReads;
 import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
@@ -12,8 +14,11 @@ import ai.djl.nn.AbstractBlock;
 import ai.djl.nn.Block;
 import ai.djl.training.ParameterStore;
 import ai.djl.util.PairList;
+import com.google.common.base.Preconditions;
 import java.util.ArrayList;
 import java.util.List;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
 
 /**
  * DeepSeek mixture of experts: a router ({@link MoeGate}, child {@code gate}), {@code n_routed_experts} SwiGLU experts
@@ -25,18 +30,44 @@ import java.util.List;
  * does), the token rows gathered in that order, each expert with at least one token runs once on its contiguous slice,
  * the outputs are weighted by the router weights in FP32 and gathered back with the inverse permutation, then summed
  * over the {@code k} choices of each token. Every step is an autograd-tracked gather/slice/concat, so gradients reach
- * the experts, the router weight and the input.
+ * the experts, the router weight and the input. Training and long inputs (prefill) always take this path.
+ *
+ * <p><b>Gathered dispatch (decoding, no host read).</b> After {@link #enableGatheredDispatch()} (the inference decoder
+ * calls it on a GPU, where a host read stalls the device's queue, or when asked to), a forward with {@code training == false} and at most {@link #gatheredDispatchLimit()} assignments
+ * ({@code N*k}; default {@code n_routed_experts}) gathers the chosen experts' weights on the device with the expert-id
+ * tensor as the index and runs them as batched matmuls: the ids never reach the host, so a decoding step does not
+ * wait for the device here. The experts' weights are stacked once per projection and the per-expert arrays become
+ * views of the stacks (no second copy; see {@code GatheredExperts}); int8/int4 quantized experts are stacked packed
+ * and only the gathered experts are dequantized; LoRA adapters over either are stacked too. Above the limit the sorted path is cheaper: it reads each hit expert
+ * once in place, while gathering copies one expert matrix per assignment (in chunks whose FP32 size stays under
+ * {@link #setGatherChunkBytes}, 64 MiB by default). Experts of another kind (decorated, other
+ * {@code LinearWeightSource}s, a bias, or kinds mixed across experts) keep the sorted path, with one warning. Both paths give the same output up to float rounding (the tests: within 1e-6). The
+ * gathered path is inference only: gradients do not reach the experts through it.
  *
  * <p>Shapes: {@code (B, T, hidden) -> (B, T, hidden)}.
+ *
+ * <pre>{@code
+ * moe.enableGatheredDispatch();                  // true if the experts could be stacked
+ * NDArray y = moe.forward(ps, new NDList(x), false).head(); // (B, 1, hidden): no host read of the expert ids
+ * }</pre>
  */
 public final class DeepSeekMoE extends AbstractBlock {
 
     private static final byte VERSION = 1;
+    private static final Logger LOG = LoggerFactory.getLogger(DeepSeekMoE.class);
+
+    /** Default budget of one gathered projection (FP32 bytes) per chunk of assignments in the gathered dispatch. */
+    public static final long DEFAULT_GATHER_CHUNK_BYTES = 64L << 20;
 
     private final DeepSeekConfig config;
     private Block gate;
     private final ModuleList experts;
     private Block sharedExperts;
+    private boolean gatheredEnabled;
+    private int gatheredLimit = -1; // -1: n_routed_experts
+    private long gatherChunkBytes = DEFAULT_GATHER_CHUNK_BYTES;
+    private GatheredExperts gathered;
+    private List<Block> unsupportedExperts; // the projections a failed stacking saw, so that it warns once
 
     public DeepSeekMoE(DeepSeekConfig config) {
         super(VERSION);
@@ -68,6 +99,115 @@ public final class DeepSeekMoE extends AbstractBlock {
         return sharedExperts;
     }
 
+    /**
+     * Lets inference forwards of at most {@link #gatheredDispatchLimit()} assignments take the gathered dispatch (see
+     * the class documentation), and stacks the experts now: their per-expert weight arrays become views of one stack
+     * per projection. Stacks are rebuilt at the next such forward if an expert's projection or array is replaced.
+     *
+     * @return true if the experts could be stacked; false (with a warning saying why) if they keep the sorted path
+     */
+    public synchronized boolean enableGatheredDispatch() {
+        gatheredEnabled = true;
+        return currentGathered() != null;
+    }
+
+    /**
+     * Sends every forward to the sorted dispatch again. Stacks already built stay (they are the experts' storage) and
+     * are used again after {@link #enableGatheredDispatch()}.
+     */
+    public synchronized void disableGatheredDispatch() {
+        gatheredEnabled = false;
+    }
+
+    /** Whether {@link #enableGatheredDispatch()} was called (and not undone). */
+    public synchronized boolean isGatheredDispatchEnabled() {
+        return gatheredEnabled;
+    }
+
+    /** Most assignments ({@code tokens x num_experts_per_tok}) a forward may have to take the gathered dispatch. */
+    public synchronized int gatheredDispatchLimit() {
+        return gatheredLimit < 0 ? experts.size() : gatheredLimit;
+    }
+
+    /**
+     * Sets {@link #gatheredDispatchLimit()} (default {@code n_routed_experts}: beyond it gathering copies more expert
+     * matrices than the sorted path reads); 0 keeps every forward on the sorted path.
+     */
+    public synchronized void setGatheredDispatchLimit(int maxAssignments) {
+        Preconditions.checkArgument(maxAssignments >= 0, "gathered dispatch limit must be >= 0, got %s", maxAssignments);
+        gatheredLimit = maxAssignments;
+    }
+
+    /**
+     * Sets the budget, in FP32 bytes, of one gathered projection: assignments are processed in chunks of
+     * {@code max(1, bytes / (4 x largest expert matrix))} (default {@link #DEFAULT_GATHER_CHUNK_BYTES}).
+     */
+    public synchronized void setGatherChunkBytes(long bytes) {
+        Preconditions.checkArgument(bytes > 0, "gather chunk bytes must be > 0, got %s", bytes);
+        gatherChunkBytes = bytes;
+    }
+
+    /** The gathered experts when this forward may use them, else null (sorted dispatch). */
+    private synchronized GatheredExperts gatheredFor(long assignments, Device device) {
+        if (!gatheredEnabled || assignments > gatheredDispatchLimit()) {
+            return null;
+        }
+        GatheredExperts g = currentGathered();
+        return g != null && g.device().equals(device) ? g : null;
+    }
+
+    /** Up-to-date stacks, (re)built if needed, or null if the experts cannot be stacked. */
+    private GatheredExperts currentGathered() {
+        if (gathered != null && gathered.isCurrent(experts)) {
+            return gathered;
+        }
+        gathered = null;
+        List<Block> seen = expertProjections();
+        if (seen.equals(unsupportedExperts)) {
+            return null;
+        }
+        String why = GatheredExperts.unsupportedReason(experts);
+        if (why != null) {
+            unsupportedExperts = seen;
+            LOG.warn("MoE with {} routed experts keeps the sorted dispatch (one device-to-host read of the chosen"
+                    + " expert ids per forward, also when decoding): {}", experts.size(), why);
+            return null;
+        }
+        unsupportedExperts = null;
+        gathered = GatheredExperts.build(experts);
+        return gathered;
+    }
+
+    /** Every expert block and its three projections, for identity comparison. */
+    private List<Block> expertProjections() {
+        List<Block> list = new ArrayList<>();
+        for (int i = 0; i < experts.size(); i++) {
+            Block e = experts.get(i);
+            list.add(e);
+            if (e instanceof DeepSeekMlp) {
+                DeepSeekMlp m = (DeepSeekMlp) e;
+                list.add(m.gateProj());
+                list.add(m.upProj());
+                list.add(m.downProj());
+            }
+        }
+        return list;
+    }
+
+    /**
+     * The gathered dispatch itself, for tests: same contract as {@link #dispatch}.
+     *
+     * @throws IllegalStateException if the experts cannot be stacked
+     */
+    NDArray dispatchGathered(NDArray x, NDArray topkIdx, NDArray topkWeight, long chunkBytes) {
+        GatheredExperts g;
+        synchronized (this) {
+            g = currentGathered();
+        }
+        Preconditions.checkState(g != null, "the experts cannot be stacked: %s", GatheredExperts.unsupportedReason(experts));
+        return g.forward(x, topkIdx, topkWeight, chunkBytes);
+    }
+
     @Override
     protected void initializeChildBlocks(NDManager manager, DataType dataType, Shape... inputShapes) {
         Shape in = new Shape(1, config.hiddenSize());
@@ -87,7 +227,11 @@ public final class DeepSeekMoE extends AbstractBlock {
             long h = shape.get(shape.dimension() - 1);
             NDArray flat = hidden.reshape(-1, h); // (N, H)
             NDList route = gate.forward(ps, new NDList(flat), training);
-            NDArray routed = dispatch(ps, flat, route.get(0), route.get(1), training).reshape(shape);
+            long assignments = route.get(0).getShape().size(); // N*k, from the shape: no device read
+            GatheredExperts g = training ? null : gatheredFor(assignments, flat.getDevice());
+            NDArray routed = (g != null
+                    ? g.forward(flat, route.get(0), route.get(1), gatherChunkBytes)
+                    : dispatch(ps, flat, route.get(0), route.get(1), training)).reshape(shape);
             if (sharedExperts != null) {
                 routed = routed.add(sharedExperts.forward(ps, new NDList(hidden), training).head());
             }
@@ -109,7 +253,7 @@ public final class DeepSeekMoE extends AbstractBlock {
             long n = topkIdx.getShape().get(0);
             int k = (int) topkIdx.getShape().get(1);
             int numExperts = experts.size();
-            long[] ids = topkIdx.toType(DataType.INT64, false).toLongArray(); // host sync: (N*k) expert ids
+            long[] ids = HostReads.longs(topkIdx); // host sync: (N*k) expert ids
             int total = ids.length;
             int[] counts = new int[numExperts];
             for (long id : ids) {

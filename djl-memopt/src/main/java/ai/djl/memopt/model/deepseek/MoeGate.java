@@ -89,7 +89,7 @@ public final class MoeGate extends AbstractBlock {
         NDArray idx = masked.topK(topK, -1, true, true).get(1); // (N, k)
         NDArray weights = scores.gather(idx, 1); // (N, k)
         if (config.normTopkProb()) {
-            weights = weights.div(weights.sum(new int[] {-1}, true).add(1e-20f));
+            weights = weights.div(Scalars.add(weights.sum(new int[] {-1}, true), 1e-20));
         }
         weights = Scalars.mul(weights, config.routedScalingFactor());
         return new NDList(idx, weights);
@@ -109,7 +109,7 @@ public final class MoeGate extends AbstractBlock {
         }
         NDArray weights = scores.gather(idx, 1); // (N, k)
         if (config.normTopkProb() && topK > 1) {
-            weights = weights.div(weights.sum(new int[] {-1}, true).add(1e-20f));
+            weights = weights.div(Scalars.add(weights.sum(new int[] {-1}, true), 1e-20));
         }
         weights = Scalars.mul(weights, config.routedScalingFactor());
         return new NDList(idx, weights);

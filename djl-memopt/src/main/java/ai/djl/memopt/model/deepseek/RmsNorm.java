@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -63,7 +64,7 @@ public final class RmsNorm extends AbstractBlock {
             DataType in = x.getDataType();
             NDArray x32 = Precisions.cast(x, DataType.FLOAT32);
             NDArray variance = x32.square().mean(new int[] {-1}, true); // (..., 1)
-            NDArray normed = x32.div(variance.add(eps).sqrt()); // (..., dim)
+            NDArray normed = x32.div(Scalars.add(variance, eps).sqrt()); // (..., dim)
             return new NDList(w.mul(Precisions.cast(normed, in)));
         }).head();
     }
