@@ -124,7 +124,8 @@ public final class QuantizedEmbedding extends AbstractBlock {
      * The dequantized rows of {@code ids}, {@code (..., hidden)} in {@link #outputType()}, attached to
      * {@code ids}' manager.
      *
-     * @throws IllegalArgumentException for a non-integer ids array or an id outside {@code [0, vocab)}
+     * @throws IllegalArgumentException for a non-integer ids array, or (on the CPU, where it costs no device
+     *     synchronisation) an id outside {@code [0, vocab)}
      */
     public NDArray lookup(NDArray ids) {
         DataType t = ids.getDataType();
@@ -139,10 +140,15 @@ public final class QuantizedEmbedding extends AbstractBlock {
             NDArray flat = ids.toDevice(table.data().getDevice(), true).toType(DataType.INT64, false); // (N)
             flat.attach(scope);
             flat = flat.reshape(-1);
-            long min = flat.min().getLong();
-            long max = flat.max().getLong();
-            Preconditions.checkArgument(min >= 0 && max < vocabSize(),
-                    "token ids must be in [0, %s), got values in [%s, %s]", vocabSize(), min, max);
+            if (!flat.getDevice().isGpu()) {
+                // On a GPU this check would be a device-to-host read per lookup, i.e. per decoding step, stalling the
+                // queue; callers that take ids from users validate them on the host first (Generator does), as
+                // torch.nn.Embedding on CUDA leaves it to a device-side assert.
+                long min = flat.min().getLong();
+                long max = flat.max().getLong();
+                Preconditions.checkArgument(min >= 0 && max < vocabSize(),
+                        "token ids must be in [0, %s), got values in [%s, %s]", vocabSize(), min, max);
+            }
             NDIndex rows = new NDIndex("{}", flat);
             NDArray data = table.data().get(scope, rows); // (N, hidden) INT8 or (N, hidden/2) UINT8
             NDArray scales = table.scales().get(scope, rows); // (N, 1) or (N, G)
