@@ -146,11 +146,21 @@ public final class DeepSeekMoE extends AbstractBlock {
                 outs.add(experts.get(e).forward(ps, new NDList(slice), training).head()); // (count, H)
             }
             NDArray sorted = outs.size() == 1 ? outs.get(0) : NDArrays.concat(new NDList(outs), 0); // (N*k, H)
+            if (outs.size() > 1) {
+                outs.forEach(NDArray::close); // concatenated; autograd saved none of them
+            }
             NDArray w = topkWeight.reshape(-1).get(new NDIndex("{}", permIdx)); // (N*k) in sorted order
-            NDArray weighted = Precisions.cast(sorted, DataType.FLOAT32).mul(w.expandDims(1)); // (N*k, H)
+            NDArray sorted32 = Precisions.cast(sorted, DataType.FLOAT32);
+            NDArray weighted = sorted32.mul(w.expandDims(1)); // (N*k, H)
+            if (sorted32 != sorted) {
+                sorted32.close(); // in FP16 autograd keeps the FP32 copy it saved for the weights' gradient
+            }
             NDArray back = weighted.get(new NDIndex("{}", invIdx)); // (N*k, H) token-major
+            weighted.close();
             long h = x.getShape().get(1);
-            return new NDList(Precisions.cast(back.reshape(n, k, h).sum(new int[] {1}), x.getDataType())); // (N, H)
+            NDArray summed = back.reshape(n, k, h).sum(new int[] {1}); // (N, H) FP32
+            back.close();
+            return new NDList(Precisions.cast(summed, x.getDataType())); // (N, H)
         }).head();
     }
 

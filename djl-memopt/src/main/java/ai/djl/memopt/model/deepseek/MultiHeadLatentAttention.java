@@ -156,14 +156,34 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
      */
     public NDArray attend(NDArray query, NDArray key, NDArray value, NDArray mask) {
         return Scoped.run(() -> {
-            NDArray scores = Scalars.mul(query.matMul(key.transpose(0, 1, 3, 2)), softmaxScale); // (B, H, T, S)
+            // Each (B, H, T, S) intermediate is closed as soon as the next one exists: autograd keeps what it saved (the
+            // probabilities), so at most two score-sized arrays are alive instead of the whole chain until scope exit.
+            NDArray keyT = key.transpose(0, 1, 3, 2);
+            NDArray raw = query.matMul(keyT); // (B, H, T, S)
+            keyT.close();
+            NDArray scores = Scalars.mul(raw, softmaxScale);
+            raw.close();
             NDArray s32 = Precisions.cast(scores, DataType.FLOAT32);
+            closeIfNew(scores, s32);
             NDArray additive = mask != null ? mask : causalMask(query.getManager(), query.getShape().get(2),
                     key.getShape().get(2));
-            s32 = s32.add(additive.toDevice(s32.getDevice(), false));
-            NDArray probs = Precisions.cast(s32.softmax(-1), query.getDataType()); // (B, H, T, S)
-            return new NDList(probs.matMul(value)); // (B, H, T, v)
+            NDArray onDevice = additive.toDevice(s32.getDevice(), false);
+            NDArray masked = s32.add(onDevice);
+            s32.close();
+            NDArray p32 = masked.softmax(-1);
+            masked.close();
+            NDArray probs = Precisions.cast(p32, query.getDataType()); // (B, H, T, S)
+            closeIfNew(p32, probs);
+            NDArray out = probs.matMul(value); // (B, H, T, v)
+            probs.close();
+            return new NDList(out);
         }).head();
+    }
+
+    private static void closeIfNew(NDArray previous, NDArray next) {
+        if (next != previous) {
+            previous.close();
+        }
     }
 
     /** Additive causal mask {@code (1, 1, T, S)}: 0 where key {@code j <= S - T + i}, the most negative float elsewhere. */
