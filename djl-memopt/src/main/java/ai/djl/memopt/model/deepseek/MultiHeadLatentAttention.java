@@ -4,7 +4,9 @@ import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.AbstractBlock;
@@ -47,6 +49,8 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
     private final int qkRopeHeadDim;
     private final int vHeadDim;
     private final float softmaxScale;
+    /** Score elements per head group in {@link #attend}: 2^20 (4 MB in FP32). */
+    private static final long SCORE_ELEMENTS_PER_GROUP = 1L << 20;
 
     private Block qAProj;
     private Block qALayernorm;
@@ -155,6 +159,29 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
      * (query {@code i} sees keys {@code 0..S-T+i}). Returns {@code (B, H, T, v)} in the query's type.
      */
     public NDArray attend(NDArray query, NDArray key, NDArray value, NDArray mask) {
+        long heads = query.getShape().get(1);
+        long perHead = query.getShape().get(0) * query.getShape().get(2) * key.getShape().get(2); // B * T * S
+        long group = Math.max(1, Math.min(heads, SCORE_ELEMENTS_PER_GROUP / Math.max(1, perHead)));
+        if (group >= heads) {
+            return attendHeads(query, key, value, mask);
+        }
+        // Heads in groups: each group's (B, g, T, S) scores and, in a training backward, their gradients exist one
+        // group at a time (autograd runs the groups' independent branches one after the other) instead of all heads'
+        // at once; the per-head arithmetic is unchanged.
+        return Scoped.run(() -> {
+            NDList outs = new NDList();
+            for (long h0 = 0; h0 < heads; h0 += group) {
+                NDIndex slice = new NDIndex(":, {}:{}", h0, Math.min(heads, h0 + group));
+                outs.add(attendHeads(query.get(slice), key.get(slice), value.get(slice), mask)); // (B, g, T, v)
+            }
+            NDArray out = NDArrays.concat(outs, 1); // (B, H, T, v)
+            outs.close();
+            return new NDList(out);
+        }).head();
+    }
+
+    /** Attention over all heads of the arguments at once (see {@link #attend}). */
+    NDArray attendHeads(NDArray query, NDArray key, NDArray value, NDArray mask) {
         return Scoped.run(() -> {
             // Each (B, H, T, S) intermediate is closed as soon as the next one exists: autograd keeps what it saved (the
             // probabilities), so at most two score-sized arrays are alive instead of the whole chain until scope exit.
