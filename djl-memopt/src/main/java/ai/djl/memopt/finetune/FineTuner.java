@@ -19,7 +19,9 @@ import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
+import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
+import ai.djl.nn.core.Linear;
 import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.GradientCollector;
@@ -116,6 +118,11 @@ public final class FineTuner implements AutoCloseable {
     private long step;
     private long dataPosition;
     private boolean closed;
+    /** Row-wise embedding gradient and hand-differentiated head chunks (off only in tests, to compare with autograd). */
+    boolean rowwiseGradients = true;
+    /** Micro-batches whose embedding gradient went row by row, and head chunks differentiated by hand (for tests). */
+    long rowwiseEmbeddings;
+    long manualHeadChunks;
 
     private FineTuner(Builder b) {
         this.lm = b.model;
@@ -294,6 +301,12 @@ public final class FineTuner implements AutoCloseable {
         return new StepResult(step, lossSum / k, scale, skipped, batch.tokens(), lr);
     }
 
+    /** Forward and backward of a whole batch with the loss times {@code lossFactor}, no update (for tests). */
+    double accumulateGradients(TokenBatch batch, float lossFactor) {
+        checkIds(batch);
+        return forwardBackward(batch, lossFactor);
+    }
+
     private void checkIds(TokenBatch batch) {
         long max = batch.maxId();
         Preconditions.checkArgument(max < lm.config().vocabSize(),
@@ -309,17 +322,34 @@ public final class FineTuner implements AutoCloseable {
             try (GradientCollector gc = checkpointedLayers.isEmpty()
                     ? m.getEngine().newGradientCollector()
                     : CheckpointingGradientCollector.open(m)) {
+                EmbeddingRows embedding = rowwiseGradients
+                        ? EmbeddingRows.gather(lm.model(), micro.ids(), micro.rows(), micro.seq(), m)
+                        : null;
+                rowwiseEmbeddings += embedding != null ? 1 : 0;
                 int positions = Math.max(8, lossChunkTokens / micro.rows());
-                if (positions >= micro.seq() - 1) {
-                    return wholeLoss(gc, m, ps, ids, lossFactor);
+                double loss = positions >= micro.seq() - 1
+                        ? wholeLoss(gc, m, ps, ids, embedding, lossFactor)
+                        : chunkedLoss(gc, m, ps, ids, embedding, lossFactor, positions);
+                if (embedding != null) {
+                    embedding.accumulate();
                 }
-                return chunkedLoss(gc, m, ps, ids, lossFactor, positions);
+                return loss;
             }
         }
     }
 
-    private double wholeLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids, float lossFactor) {
-        NDArray logits = lm.forward(ps, new NDList(ids), true).head(); // (b, T, V) FP32
+    /** The final hidden states {@code (b, T, H)}, from the row-wise embedding when there is one. */
+    private NDArray hidden(ParameterStore ps, NDArray ids, EmbeddingRows embedding) {
+        return embedding != null
+                ? lm.model().forwardEmbeddings(ps, embedding.embeddings(), null, true)
+                : lm.model().forward(ps, new NDList(ids), true).head();
+    }
+
+    private double wholeLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids,
+            EmbeddingRows embedding, float lossFactor) {
+        NDArray hidden = hidden(ps, ids, embedding); // (b, T, H)
+        hidden.attach(m);
+        NDArray logits = lm.logits(ps, hidden, true); // (b, T, V) FP32
         NDArray loss = CausalLmLoss.mean(logits, ids);
         // the collector makes its seed gradient in the loss's manager: keep both in this step's manager
         logits.attach(m);
@@ -339,19 +369,25 @@ public final class FineTuner implements AutoCloseable {
 
     /**
      * The loss head in chunks of positions: the final hidden state is cut from the graph as a leaf {@code h}; each chunk
-     * computes its logits and loss and back-propagates at once (into {@code lm_head} and {@code h.grad}), so only one
-     * chunk's {@code (b, c, V)} logits, log-probabilities and their gradients exist at a time instead of the whole
-     * {@code (b, T, V)}; then the decoder stack is back-propagated from {@code h.grad} (as the scalar
-     * {@code sum(hidden * h.grad)}, whose gradient is {@code h.grad}, so the checkpointing collector drives it). Chunk
+     * computes its logits and loss and back-propagates at once (into {@code lm_head} and the gradient of {@code h}), so
+     * only one chunk's {@code (b, c, V)} logits, log-probabilities and their gradients exist at a time instead of the
+     * whole {@code (b, T, V)}; then the decoder stack is back-propagated from that gradient (as the scalar
+     * {@code sum(hidden * grad)}, whose gradient is {@code grad}, so the checkpointing collector drives it). Chunk
      * {@code [s, e]} predicts tokens {@code s+1..e}; its mean is weighted by its share of the {@code T - 1} targets.
+     *
+     * <p>Once the head's weight has a gradient buffer, a chunk's projection is differentiated by hand
+     * ({@link #headChunk}) so that its weight gradient is added into the buffer in blocks of vocabulary rows: autograd
+     * would build the whole {@code (V, H)} weight gradient of every chunk as a temporary before adding it.
      */
-    private double chunkedLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids, float lossFactor,
-            int positions) {
-        NDArray hidden = lm.model().forward(ps, new NDList(ids), true).head(); // (b, T, H)
+    private double chunkedLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids,
+            EmbeddingRows embedding, float lossFactor, int positions) {
+        NDArray hidden = hidden(ps, ids, embedding); // (b, T, H)
         hidden.attach(m);
         NDArray h = hidden.stopGradient();
         h.attach(m);
         h.setRequiresGradient(true);
+        NDArray headWeight = rowwiseGradients ? manualHeadWeight() : null;
+        NDArray upstream = headWeight != null ? m.zeros(h.getShape(), h.getDataType(), h.getDevice()) : null;
         long t = ids.getShape().get(1);
         double total = 0;
         for (long s = 0; s < t - 1; s += positions) {
@@ -361,11 +397,20 @@ public final class FineTuner implements AutoCloseable {
                 hc.attach(c);
                 NDArray idc = ids.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1)
                 idc.attach(c);
+                double share = (double) (e - s) / (t - 1);
+                PtNDArray headGrad = headWeight != null ? JniUtils.getGradient((PtNDArray) headWeight) : null;
+                if (headGrad != null) {
+                    headGrad.attach(c);
+                    NDArray slot = upstream.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1, H) view
+                    slot.attach(c);
+                    total += headChunk(c, hc, idc, headWeight, headGrad, lossFactor * share, slot) * share;
+                    manualHeadChunks++;
+                    continue;
+                }
                 NDArray logits = lm.logits(ps, hc, true); // (b, c+1, V) FP32
                 logits.attach(c);
                 NDArray loss = CausalLmLoss.mean(logits, idc);
                 loss.attach(c);
-                double share = (double) (e - s) / (t - 1);
                 total += loss.getFloat() * share;
                 NDArray scaled = Scalars.mul(loss, lossFactor * share);
                 scaled.attach(c);
@@ -374,8 +419,14 @@ public final class FineTuner implements AutoCloseable {
                 JniUtils.backward((PtNDArray) scaled, (PtNDArray) seed, false, false);
             }
         }
-        NDArray upstream = h.getGradient(); // (b, T, H)
-        upstream.attach(m);
+        PtNDArray autogradPart = JniUtils.getGradient((PtNDArray) h); // chunks that went through autograd
+        if (autogradPart != null) {
+            autogradPart.attach(m);
+            upstream = upstream == null ? autogradPart : upstream.addi(autogradPart);
+        }
+        if (upstream == null) {
+            return total; // nothing reached the hidden states
+        }
         NDArray target = hidden.mul(upstream).sum();
         target.attach(m);
         gc.backward(target);
@@ -383,11 +434,112 @@ public final class FineTuner implements AutoCloseable {
     }
 
     /**
+     * The weight of the LM head when its chunks can be differentiated by hand: a plain bias-free {@code Linear}
+     * {@code lm_head} (or the tied embedding table) that is trained; null otherwise (a decorated head, e.g. quantized
+     * or with adapters, goes through autograd).
+     */
+    private NDArray manualHeadWeight() {
+        Block head = lm.lmHead();
+        Parameter p;
+        if (head == null) {
+            p = lm.model().tokenEmbedding().weight();
+        } else if (head.getClass() == Linear.class && head.getParameters().size() == 1
+                && head.getParameters().get(0).getKey().equals("weight")) {
+            p = head.getParameters().get(0).getValue();
+        } else {
+            return null;
+        }
+        NDArray w = p.getArray();
+        return p.requiresGradient() && w instanceof PtNDArray ? w : null;
+    }
+
+    /**
+     * One loss-head chunk differentiated by hand, the ops autograd would run: {@code logits = hc W^T} (in W's type,
+     * then FP32), the FP32 loss and its backward to the logits through autograd, then {@code dlogits} in W's type,
+     * {@code dh = dlogits W} added into {@code slot}, and {@code dW = dlogits^T hc} added into the weight's gradient
+     * buffer in blocks of vocabulary rows (temporaries of {@code rows x H} instead of the whole {@code (V, H)}).
+     *
+     * @param factor the factor of the chunk's mean loss in the differentiated objective
+     * @return the chunk's mean loss
+     */
+    private double headChunk(NDManager c, NDArray hc, NDArray idc, NDArray w, NDArray wGrad, double factor,
+            NDArray slot) {
+        boolean tied = lm.lmHead() == null;
+        NDArray logits;
+        JniUtils.setGradMode(false);
+        try {
+            NDArray raw;
+            if (tied) {
+                NDArray wt = w.transpose(); // (H, V) view
+                wt.attach(c);
+                raw = hc.matMul(wt); // (b, c+1, V) in W's type
+            } else {
+                raw = JniUtils.linear((PtNDArray) hc, (PtNDArray) w, null); // (b, c+1, V) in W's type
+            }
+            raw.attach(c);
+            logits = raw.getDataType() == DataType.FLOAT32 ? raw : raw.toType(DataType.FLOAT32, false);
+            logits.attach(c);
+        } finally {
+            JniUtils.setGradMode(true);
+        }
+        logits.setRequiresGradient(true);
+        double value;
+        try (NDManager l = c.newSubManager()) {
+            NDArray loss = CausalLmLoss.mean(logits, idc);
+            loss.attach(l);
+            value = loss.getFloat();
+            NDArray scaled = Scalars.mul(loss, factor);
+            scaled.attach(l);
+            NDArray seed = scaled.onesLike();
+            seed.attach(l);
+            JniUtils.backward((PtNDArray) scaled, (PtNDArray) seed, false, false);
+        }
+        PtNDArray dLogits = JniUtils.getGradient((PtNDArray) logits); // (b, c+1, V) FP32
+        dLogits.attach(c);
+        JniUtils.setGradMode(false);
+        try {
+            NDArray dl = dLogits;
+            if (w.getDataType() != DataType.FLOAT32) {
+                dl = dLogits.toType(w.getDataType(), false); // the FP32 cast's backward
+                dl.attach(c);
+                dLogits.close();
+                logits.close();
+            }
+            NDArray dh = dl.matMul(w); // (b, c+1, H)
+            dh.attach(c);
+            slot.addi(dh);
+            long vocab = w.getShape().get(0);
+            long width = w.getShape().get(1);
+            NDArray dl2 = dl.reshape(-1, vocab); // (n, V)
+            dl2.attach(c);
+            NDArray x2 = hc.reshape(-1, width); // (n, H)
+            x2.attach(c);
+            long rows = Math.max(1, RowBlocks.DEFAULT_BLOCK_ELEMENTS / Math.max(width, dl2.getShape().get(0)));
+            for (long r0 = 0; r0 < vocab; r0 += rows) {
+                long r1 = Math.min(vocab, r0 + rows);
+                try (NDManager b = c.newSubManager()) {
+                    NDArray cols = dl2.get(new NDIndex(":, {}:{}", r0, r1)); // (n, rows) view
+                    cols.attach(b);
+                    NDArray part = cols.transpose().matMul(x2); // (rows, H)
+                    part.attach(b);
+                    NDArray target = wGrad.get(new NDIndex("{}:{}", r0, r1)); // (rows, H) view
+                    target.attach(b);
+                    target.addi(part);
+                }
+            }
+        } finally {
+            JniUtils.setGradMode(true);
+        }
+        return value;
+    }
+
+    /**
      * The FP16 update, parameter by parameter: first one pass that only counts inf/NaN in the (scaled) gradients as
      * they are, then, if there are none, for each parameter its gradient is unscaled into FP32, applied to the FP32
-     * master and the master copied into the FP16 working weight. Only one parameter's FP32 gradient exists at a time;
-     * {@code MixedPrecisionOptimizer} unscales every gradient to FP32 before the check, a transient copy of 4 bytes per
-     * FP16 parameter (about 1.1 GB for bench-small) that would dominate a step's memory.
+     * master and the master copied into the FP16 working weight, block of rows by block of rows
+     * ({@link StatefulOptimizer#update(String, NDArray, NDArray, float, NDArray)}): only one block's FP32 gradient and
+     * FP16 copy exist at a time. {@code MixedPrecisionOptimizer} unscales every gradient to FP32 before the check, a
+     * transient copy of 4 bytes per FP16 parameter (about 1.1 GB for bench-small) that would dominate a step's memory.
      *
      * @return false if the step was skipped (overflow; the scale is lowered)
      */
@@ -397,12 +549,8 @@ public final class FineTuner implements AutoCloseable {
             if (!p.requiresGradient()) {
                 continue;
             }
-            try (NDManager t = lm.manager().newSubManager()) {
-                NDArray g = p.getArray().getGradient();
-                g.attach(t);
-                NDArray bad = g.isInfinite().logicalOr(g.isNaN()).any();
-                bad.attach(t);
-                if (bad.getBoolean()) {
+            try (NDArray g = p.getArray().getGradient()) {
+                if (!allFinite(g)) {
                     overflow = true;
                     break;
                 }
@@ -416,33 +564,39 @@ public final class FineTuner implements AutoCloseable {
             }
             return false;
         }
-        boolean gradMode = JniUtils.isGradMode();
-        JniUtils.setGradMode(false); // in-place writes into leaves that require grad
-        try {
-            for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
-                Parameter p = e.getValue();
-                if (!p.requiresGradient()) {
-                    continue;
-                }
-                NDArray w = p.getArray();
-                NDArray master = masters.get(e.getKey());
-                try (NDManager t = lm.manager().newSubManager()) {
-                    NDArray g = w.getGradient();
-                    g.attach(t);
-                    NDArray g32 = g.toType(DataType.FLOAT32, true);
-                    g32.attach(t);
-                    g32.divi(scale); // unscale in FP32: the unscaled value may not be representable in FP16
-                    optimizer.update(p.getId(), master != null ? master : w, g32);
-                    if (master != null) {
-                        NDArray copy = master.toType(w.getDataType(), true);
-                        copy.attach(t);
-                        w.set(new NDIndex("..."), copy);
+        for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+            Parameter p = e.getValue();
+            if (!p.requiresGradient()) {
+                continue;
+            }
+            NDArray w = p.getArray();
+            NDArray master = masters.get(e.getKey());
+            try (NDArray g = w.getGradient()) {
+                // unscaled in FP32 block by block; the updated master block is copied into the FP16 working weight
+                optimizer.update(p.getId(), master != null ? master : w, g, scale, master != null ? w : null);
+            }
+            JniUtils.zeroGrad((PtNDArray) w);
+        }
+        return true;
+    }
+
+    /** Whether every element of {@code a} is finite, checked in blocks of rows (block-sized boolean temporaries). */
+    static boolean allFinite(NDArray a) {
+        long rows = RowBlocks.rowsPerBlock(a.getShape(), RowBlocks.DEFAULT_BLOCK_ELEMENTS);
+        long total = a.getShape().dimension() == 0 ? 1 : a.getShape().get(0);
+        for (long r0 = 0; r0 < total; r0 += rows) {
+            try (NDManager t = a.getManager().newSubManager()) {
+                NDArray block = RowBlocks.rows(a, r0, Math.min(total, r0 + rows), rows, total, t);
+                // results land in the block's manager, which is the caller's when the block is the whole array
+                try (NDArray inf = block.isInfinite();
+                        NDArray nan = block.isNaN();
+                        NDArray either = inf.logicalOr(nan);
+                        NDArray any = either.any()) {
+                    if (any.getBoolean()) {
+                        return false;
                     }
                 }
-                JniUtils.zeroGrad((PtNDArray) w);
             }
-        } finally {
-            JniUtils.setGradMode(gradMode);
         }
         return true;
     }

@@ -2,6 +2,7 @@ package ai.djl.memopt.finetune;
 
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.optimizer.Optimizer;
@@ -24,7 +25,8 @@ import java.util.Map;
  * SGD:        g += wd w;  buf = mu buf + g (buf = g at the first step);  w -= lr buf
  * </pre>
  * State arrays are FP32, live in the manager given to the builder (freed by {@link #close()}), and are keyed by the
- * DJL parameter id passed to {@link #update}. Weights are updated in place with autograd off.
+ * DJL parameter id passed to {@link #update}. Weights are updated in place with autograd off, large ones in blocks of
+ * rows so that no temporary is weight-sized (see {@link #update(String, NDArray, NDArray, float, NDArray)}).
  */
 public final class StatefulOptimizer extends Optimizer implements AutoCloseable {
 
@@ -57,6 +59,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     private final float momentum;
     private final NDManager manager;
     private final Map<String, State> states = new LinkedHashMap<>();
+    private final long blockElements;
     private float learningRate;
 
     private StatefulOptimizer(Builder b) {
@@ -69,6 +72,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         this.momentum = b.momentum;
         this.learningRate = b.learningRate;
         this.manager = b.manager;
+        this.blockElements = b.blockElements;
     }
 
     public static Builder builder() {
@@ -113,91 +117,126 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     /** {@inheritDoc} */
     @Override
     public void update(String parameterId, NDArray weight, NDArray grad) {
+        update(parameterId, weight, grad, 1f, null);
+    }
+
+    /**
+     * Updates an FP32 weight (the master in mixed precision) from a gradient of any floating type divided by
+     * {@code gradDivisor} (the loss scale; 1 for none), and, when {@code copyTo} is given, writes the updated weight
+     * into it in {@code copyTo}'s type (the FP16 working copy). Large parameters are processed in blocks of rows of at
+     * most {@link Builder#optBlockElements} elements, each gradient block widened, unscaled, applied and copied back
+     * before the next, so the temporaries are block-sized instead of weight-sized (a 32000 x 1024 embedding would
+     * otherwise need 131 MB per temporary). The rules are element-wise, so the result is the same as one whole-array
+     * update.
+     *
+     * @throws IllegalArgumentException if the weight is not FP32 or the shapes differ
+     */
+    public void update(String parameterId, NDArray weight, NDArray grad, float gradDivisor, NDArray copyTo) {
         Preconditions.checkArgument(weight.getDataType() == DataType.FLOAT32,
                 "StatefulOptimizer updates FP32 weights (FP32 masters in mixed precision); %s is %s", parameterId,
                 weight.getDataType());
+        Preconditions.checkArgument(grad.getShape().equals(weight.getShape()),
+                "gradient of %s has shape %s, the weight %s", parameterId, grad.getShape(), weight.getShape());
+        Preconditions.checkArgument(copyTo == null || copyTo.getShape().equals(weight.getShape()),
+                "working copy of %s has shape %s, the weight %s", parameterId,
+                copyTo == null ? null : copyTo.getShape(), weight.getShape());
+        Preconditions.checkArgument(gradDivisor > 0 && Float.isFinite(gradDivisor),
+                "gradient divisor of %s must be finite and > 0, got %s", parameterId, gradDivisor);
         boolean gradMode = JniUtils.isGradMode();
         JniUtils.setGradMode(false); // in-place writes into leaves that require grad
         try {
             State s = states.computeIfAbsent(parameterId, k -> new State());
             s.step++;
-            switch (kind) {
-                case ADAM:
-                case ADAMW:
-                    adam(s, weight, grad);
-                    break;
-                case SGD:
-                default:
-                    sgd(s, weight, grad);
-                    break;
+            boolean adam = kind != Kind.SGD;
+            if (adam && s.first == null) {
+                s.first = zeros(weight);
+                s.second = zeros(weight);
+            }
+            boolean freshMomentum = !adam && momentum != 0 && s.first == null;
+            if (freshMomentum) {
+                s.first = zeros(weight); // filled with the first direction below, as torch's buf = g.clone()
+            }
+            long rows = RowBlocks.rowsPerBlock(weight.getShape(), blockElements);
+            long total = weight.getShape().dimension() == 0 ? 1 : weight.getShape().get(0);
+            for (long r0 = 0; r0 < total; r0 += rows) {
+                long r1 = Math.min(total, r0 + rows);
+                try (NDManager b = manager.newSubManager(weight.getDevice())) {
+                    NDArray w = RowBlocks.rows(weight, r0, r1, rows, total, b);
+                    NDArray g = RowBlocks.rows(grad, r0, r1, rows, total, b);
+                    if (g.getDataType() != DataType.FLOAT32 || gradDivisor != 1f) {
+                        // unscale in FP32: the unscaled value may not be representable in FP16
+                        g = g.toType(DataType.FLOAT32, true);
+                        g.attach(b);
+                        if (gradDivisor != 1f) {
+                            g.divi(gradDivisor);
+                        }
+                    }
+                    NDArray first = s.first == null ? null : RowBlocks.rows(s.first, r0, r1, rows, total, b);
+                    if (adam) {
+                        adam(s.step, w, g, first, RowBlocks.rows(s.second, r0, r1, rows, total, b), b);
+                    } else {
+                        sgd(w, g, first, freshMomentum, b);
+                    }
+                    if (copyTo != null) {
+                        NDArray target = RowBlocks.rows(copyTo, r0, r1, rows, total, b);
+                        NDArray cast = w.toType(copyTo.getDataType(), true);
+                        cast.attach(b);
+                        target.set(new NDIndex("..."), cast);
+                    }
+                }
             }
         } finally {
             JniUtils.setGradMode(gradMode);
         }
     }
 
-    private void adam(State s, NDArray w, NDArray grad) {
+    /** One block of the Adam/AdamW rule, in place on views of the weight and moments. */
+    private void adam(long step, NDArray w, NDArray grad, NDArray first, NDArray second, NDManager tmp) {
         NDArray g = grad;
-        NDArray decayed = null;
-        try {
-            if (kind == Kind.ADAM && weightDecay != 0) {
-                try (NDArray wd = w.mul(weightDecay)) {
-                    decayed = grad.add(wd);
-                }
-                g = decayed;
-            }
-            if (s.first == null) {
-                s.first = zeros(w);
-                s.second = zeros(w);
-            }
-            try (NDArray a = g.mul(1 - beta1)) {
-                s.first.muli(beta1).addi(a);
-            }
-            try (NDArray sq = g.square()) {
-                s.second.muli(beta2).addi(sq.muli(1 - beta2));
-            }
-            double bc1 = 1 - Math.pow(beta1, s.step);
-            double bc2 = 1 - Math.pow(beta2, s.step);
-            if (kind == Kind.ADAMW && weightDecay != 0) {
-                w.muli(1 - learningRate * weightDecay);
-            }
-            // one weight-sized temporary at a time (the largest tensor's update is part of a step's peak memory)
-            try (NDArray upd = s.second.sqrt()) {
-                upd.divi((float) Math.sqrt(bc2)).addi(epsilon).powi(-1).muli(s.first); // m / denom
-                w.subi(upd.muli((float) (learningRate / bc1)));
-            }
-        } finally {
-            if (decayed != null) {
-                decayed.close();
-            }
+        if (kind == Kind.ADAM && weightDecay != 0) {
+            NDArray wd = w.mul(weightDecay);
+            wd.attach(tmp);
+            g = grad.add(wd);
+            g.attach(tmp);
         }
+        NDArray a = g.mul(1 - beta1);
+        a.attach(tmp);
+        first.muli(beta1).addi(a);
+        NDArray sq = g.square();
+        sq.attach(tmp);
+        second.muli(beta2).addi(sq.muli(1 - beta2));
+        double bc1 = 1 - Math.pow(beta1, step);
+        double bc2 = 1 - Math.pow(beta2, step);
+        if (kind == Kind.ADAMW && weightDecay != 0) {
+            w.muli(1 - learningRate * weightDecay);
+        }
+        NDArray upd = second.sqrt();
+        upd.attach(tmp);
+        upd.divi((float) Math.sqrt(bc2)).addi(epsilon).powi(-1).muli(first); // m / denom
+        w.subi(upd.muli((float) (learningRate / bc1)));
     }
 
-    private void sgd(State s, NDArray w, NDArray grad) {
-        try (NDArray g = withL2(w, grad)) {
-            NDArray direction = g;
-            if (momentum != 0) {
-                if (s.first == null) {
-                    s.first = g.duplicate();
-                    s.first.attach(manager);
-                } else {
-                    s.first.muli(momentum).addi(g);
-                }
-                direction = s.first;
+    /** One block of SGD: {@code g += wd w; buf = mu buf + g (g at the first step); w -= lr buf}. */
+    private void sgd(NDArray w, NDArray grad, NDArray buf, boolean fresh, NDManager tmp) {
+        NDArray g = grad;
+        if (weightDecay != 0) {
+            NDArray wd = w.mul(weightDecay);
+            wd.attach(tmp);
+            g = grad.add(wd);
+            g.attach(tmp);
+        }
+        NDArray direction = g;
+        if (buf != null) {
+            if (fresh) {
+                buf.set(new NDIndex("..."), g);
+            } else {
+                buf.muli(momentum).addi(g);
             }
-            try (NDArray upd = direction.mul(learningRate)) {
-                w.subi(upd);
-            }
+            direction = buf;
         }
-    }
-
-    private NDArray withL2(NDArray w, NDArray grad) {
-        if (weightDecay == 0) {
-            return grad.duplicate();
-        }
-        try (NDArray wd = w.mul(weightDecay)) {
-            return grad.add(wd);
-        }
+        NDArray upd = direction.mul(learningRate);
+        upd.attach(tmp);
+        w.subi(upd);
     }
 
     private NDArray zeros(NDArray like) {
@@ -307,6 +346,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         private float weightDecay;
         private float momentum;
         private NDManager manager;
+        private long blockElements = RowBlocks.DEFAULT_BLOCK_ELEMENTS;
 
         private Builder() {}
 
@@ -354,7 +394,17 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
             return this;
         }
 
+        /**
+         * The largest block of a parameter updated at once, in elements (default 2^20: 4 MB FP32 temporaries); larger
+         * parameters are updated in blocks of whole rows (dimension 0).
+         */
+        public Builder optBlockElements(long elements) {
+            this.blockElements = elements;
+            return this;
+        }
+
         public StatefulOptimizer build() {
+            Preconditions.checkArgument(blockElements >= 1, "block elements must be >= 1, got %s", blockElements);
             Preconditions.checkArgument(manager != null, "StatefulOptimizer needs a manager: call setManager");
             Preconditions.checkArgument(learningRate >= 0 && Float.isFinite(learningRate),
                     "learning rate must be finite and >= 0, got %s", learningRate);

@@ -69,6 +69,11 @@ public final class TokenBatch {
         return manager.create(ids, new Shape(rows, seq)); // (B, T)
     }
 
+    /** The ids, row-major (the array itself: do not modify). */
+    long[] ids() {
+        return ids;
+    }
+
     /** The largest id (to check against a vocabulary). */
     public long maxId() {
         long m = Long.MIN_VALUE;

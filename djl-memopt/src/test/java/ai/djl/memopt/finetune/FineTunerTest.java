@@ -220,6 +220,82 @@ class FineTunerTest {
         assertTrue(Math.sqrt(totalNum / totalDen) < 0.02, "FP16 update off by " + Math.sqrt(totalNum / totalDen));
     }
 
+    /** Every trainable parameter's gradient as FP32 values, by name. */
+    private static Map<String, float[]> gradients(DeepSeekForCausalLM lm) {
+        Map<String, float[]> out = new LinkedHashMap<>();
+        for (Map.Entry<String, Parameter> e : Blocks.parameters(lm).entrySet()) {
+            if (!e.getValue().requiresGradient() || out.containsKey(e.getKey())) {
+                continue;
+            }
+            try (ai.djl.ndarray.NDArray g = e.getValue().getArray().getGradient();
+                    ai.djl.ndarray.NDArray f = g.toType(DataType.FLOAT32, true)) {
+                out.put(e.getKey(), f.toFloatArray());
+            }
+        }
+        return out;
+    }
+
+    /**
+     * The memory-saving gradient paths of a step - the token embedding's gradient added row by row, the loss-head
+     * chunks differentiated by hand with the head's weight gradient added in blocks of vocabulary rows - give the
+     * gradients autograd gives. Two backward passes on different batches into the same buffers (the first creates them
+     * through autograd in both runs, the second takes the row-wise paths in one run and autograd in the other), then
+     * every parameter's gradient is compared.
+     */
+    private void rowwiseGradientsMatchAutograd(FineTuner.Precision precision, String ckpt, boolean tied,
+            double tolerance) {
+        TokenDataset data = data(9);
+        DeepSeekConfig config = tinyBuilder().tieWordEmbeddings(tied).build();
+        float factor = precision == FineTuner.Precision.FP16 ? 256f : 1f;
+        Map<String, float[]> reference = null;
+        for (boolean rowwise : new boolean[] {false, true}) {
+            try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(config, 6, Device.cpu(), DataType.FLOAT32);
+                    FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(ckpt).optPrecision(precision)
+                            .optLossChunkTokens(12).build()) {
+                tuner.rowwiseGradients = rowwise;
+                tuner.accumulateGradients(data.trainBatch(0, 2), factor);
+                tuner.accumulateGradients(data.trainBatch(2, 2), factor);
+                if (rowwise) {
+                    assertEquals(1, tuner.rowwiseEmbeddings, "the second pass gathers embedding rows");
+                    assertEquals(3, tuner.manualHeadChunks, "15 targets in chunks of 8 positions: 2 chunks per"
+                            + " pass, all but the very first by hand");
+                }
+                Map<String, float[]> grads = gradients(lm);
+                if (reference == null) {
+                    reference = grads;
+                    continue;
+                }
+                assertEquals(reference.keySet(), grads.keySet());
+                for (String name : reference.keySet()) {
+                    float[] a = reference.get(name);
+                    float[] b = grads.get(name);
+                    double max = 0;
+                    double diff = 0;
+                    for (int i = 0; i < a.length; i++) {
+                        max = Math.max(max, Math.abs(a[i]));
+                        diff = Math.max(diff, Math.abs(a[i] - b[i]));
+                    }
+                    if (name.endsWith("embed_tokens.weight") || name.endsWith("lm_head.weight")) {
+                        assertTrue(max > 0, name + " has no gradient");
+                    }
+                    assertTrue(diff <= tolerance * Math.max(max, 1e-3), precision + "/" + ckpt + "/tied " + tied
+                            + ": " + name + " differs from autograd by " + diff + " (max " + max + ")");
+                }
+            }
+        }
+    }
+
+    @Test
+    void rowwiseGradientsMatchAutogradFp32() {
+        rowwiseGradientsMatchAutograd(FineTuner.Precision.FP32, "none", false, 1e-6);
+        rowwiseGradientsMatchAutograd(FineTuner.Precision.FP32, "all", true, 1e-6);
+    }
+
+    @Test
+    void rowwiseGradientsMatchAutogradFp16() {
+        rowwiseGradientsMatchAutograd(FineTuner.Precision.FP16, "all", false, 2e-3);
+    }
+
     @Test
     void lossDecreasesAndMemoryStaysFlatFp32() {
         TokenDataset data = data(11);

@@ -277,24 +277,56 @@ public final class DeepSeekMoE extends AbstractBlock {
                 inverse[a] = pos;
                 tokenOf[pos] = a / k;
             }
-            NDArray tokenIdx = ownedIndex(m, tokenOf, x); // (N*k)
+            // FP16 matrix products on CPU go through oneDNN, which keeps memory for every new (rows, in, out) shape
+            // it meets (measured here: about 0.2 MB per shape, so RSS grew by ~100 MB per training step as the
+            // per-expert token counts changed). Each expert's rows are padded to a multiple of `bucket`, which bounds
+            // the set of shapes; pad rows repeat the expert's first token and their outputs are dropped, so they
+            // receive no gradient and add nothing to any gradient.
+            int bucket = x.getDataType() == DataType.FLOAT16 && !x.getDevice().isGpu() ? 32 : 1;
+            int[] padded = new int[numExperts + 1]; // start of each expert's padded block
+            for (int e = 0; e < numExperts; e++) {
+                padded[e + 1] = padded[e] + (counts[e] + bucket - 1) / bucket * bucket;
+            }
+            long[] gatherOf = new long[padded[numExperts]]; // padded position -> token row
+            for (int e = 0; e < numExperts; e++) {
+                for (int i = padded[e]; i < padded[e + 1]; i++) {
+                    gatherOf[i] = tokenOf[start[e] + Math.min(i - padded[e], counts[e] - 1)];
+                }
+            }
+            NDArray tokenIdx = ownedIndex(m, gatherOf, x); // (P) with P >= N*k
             NDArray permIdx = ownedIndex(m, perm, x); // (N*k)
             NDArray invIdx = ownedIndex(m, inverse, x); // (N*k)
-            NDArray rows = x.get(new NDIndex("{}", tokenIdx)); // (N*k, H) grouped by expert
+            NDArray rows = x.get(new NDIndex("{}", tokenIdx)); // (P, H) grouped by expert
             List<NDArray> outs = new ArrayList<>();
             for (int e = 0; e < numExperts; e++) {
                 if (counts[e] == 0) {
                     continue;
                 }
-                NDArray slice = rows.get(new NDIndex("{}:{}", start[e], start[e + 1])); // (count, H)
-                outs.add(experts.get(e).forward(ps, new NDList(slice), training).head()); // (count, H)
+                NDArray slice = rows.get(new NDIndex("{}:{}", padded[e], padded[e + 1])); // (padded count, H)
+                NDArray out = experts.get(e).forward(ps, new NDList(slice), training).head(); // (padded count, H)
+                if (padded[e + 1] - padded[e] != counts[e]) {
+                    NDArray kept = out.get(new NDIndex("0:{}", counts[e])); // (count, H)
+                    out.close();
+                    out = kept;
+                }
+                outs.add(out);
             }
             NDArray sorted = outs.size() == 1 ? outs.get(0) : NDArrays.concat(new NDList(outs), 0); // (N*k, H)
+            if (outs.size() > 1) {
+                outs.forEach(NDArray::close); // concatenated; autograd saved none of them
+            }
             NDArray w = topkWeight.reshape(-1).get(new NDIndex("{}", permIdx)); // (N*k) in sorted order
-            NDArray weighted = Precisions.cast(sorted, DataType.FLOAT32).mul(w.expandDims(1)); // (N*k, H)
+            NDArray sorted32 = Precisions.cast(sorted, DataType.FLOAT32);
+            NDArray weighted = sorted32.mul(w.expandDims(1)); // (N*k, H)
+            if (sorted32 != sorted) {
+                sorted32.close(); // in FP16 autograd keeps the FP32 copy it saved for the weights' gradient
+            }
             NDArray back = weighted.get(new NDIndex("{}", invIdx)); // (N*k, H) token-major
+            weighted.close();
             long h = x.getShape().get(1);
-            return new NDList(Precisions.cast(back.reshape(n, k, h).sum(new int[] {1}), x.getDataType())); // (N, H)
+            NDArray summed = back.reshape(n, k, h).sum(new int[] {1}); // (N, H) FP32
+            back.close();
+            return new NDList(Precisions.cast(summed, x.getDataType())); // (N, H)
         }).head();
     }
 

@@ -101,20 +101,36 @@ public final class DeepSeekModel extends AbstractBlock {
         return run(ps, inputs, training, true);
     }
 
+    /**
+     * Forward from token embeddings computed by the caller instead of token ids (transformers' {@code inputs_embeds}):
+     * e.g. a trainer that gathers the embedding rows itself to control where their gradient goes.
+     *
+     * @param embeddings {@code (B, T, H)} in the type of the model's weights
+     * @param attentionMask {@code (B, T)} (1 keep, 0 padding) or null
+     * @return the final normalised hidden states {@code (B, T, H)}
+     */
+    public NDArray forwardEmbeddings(ParameterStore ps, NDArray embeddings, NDArray attentionMask, boolean training) {
+        return run(ps, embeddings, attentionMask, null, training, false).head();
+    }
+
     private NDList run(ParameterStore ps, NDList inputs, boolean training, boolean all) {
-        NDArray ids = inputs.get(0);
-        NDArray attentionMask = inputs.size() > 1 ? inputs.get(1) : null;
-        NDArray positionIds = inputs.size() > 2 ? inputs.get(2) : null;
+        return run(ps, inputs.get(0), inputs.size() > 1 ? inputs.get(1) : null, inputs.size() > 2 ? inputs.get(2) : null,
+                training, all);
+    }
+
+    /** {@code first} is the token ids {@code (B, T)}, or already embedded tokens {@code (B, T, H)}. */
+    private NDList run(ParameterStore ps, NDArray first, NDArray attentionMask, NDArray positionIds, boolean training,
+            boolean all) {
+        boolean embedded = first.getShape().dimension() == 3;
         return Scoped.run(() -> {
-            NDManager m = ids.getManager();
-            long b = ids.getShape().get(0);
-            long t = ids.getShape().get(1);
+            NDManager m = first.getManager();
+            long t = first.getShape().get(1);
             NDArray pos = positionIds != null
                     ? positionIds
-                    : m.arange(0, t, 1, DataType.INT64).toDevice(ids.getDevice(), false).reshape(1, t); // (1, T)
+                    : m.arange(0, t, 1, DataType.INT64).toDevice(first.getDevice(), false).reshape(1, t); // (1, T)
             NDList cosSin = rotaryEmb.cosSin(pos);
             NDArray mask = buildMask(m, attentionMask, t);
-            NDArray hidden = embedTokens.forward(ps, new NDList(ids), training).head(); // (B, T, H)
+            NDArray hidden = embedded ? first : embedTokens.forward(ps, new NDList(first), training).head(); // (B, T, H)
             NDList out = new NDList();
             if (all) {
                 out.add(hidden);

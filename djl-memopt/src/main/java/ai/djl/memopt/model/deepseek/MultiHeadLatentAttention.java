@@ -4,7 +4,9 @@ import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.Precisions;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.AbstractBlock;
@@ -47,6 +49,8 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
     private final int qkRopeHeadDim;
     private final int vHeadDim;
     private final float softmaxScale;
+    /** Score elements per head group in {@link #attend}: 2^20 (4 MB in FP32). */
+    private static final long SCORE_ELEMENTS_PER_GROUP = 1L << 20;
 
     private Block qAProj;
     private Block qALayernorm;
@@ -155,15 +159,58 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
      * (query {@code i} sees keys {@code 0..S-T+i}). Returns {@code (B, H, T, v)} in the query's type.
      */
     public NDArray attend(NDArray query, NDArray key, NDArray value, NDArray mask) {
+        long heads = query.getShape().get(1);
+        long perHead = query.getShape().get(0) * query.getShape().get(2) * key.getShape().get(2); // B * T * S
+        long group = Math.max(1, Math.min(heads, SCORE_ELEMENTS_PER_GROUP / Math.max(1, perHead)));
+        if (group >= heads) {
+            return attendHeads(query, key, value, mask);
+        }
+        // Heads in groups: each group's (B, g, T, S) scores and, in a training backward, their gradients exist one
+        // group at a time (autograd runs the groups' independent branches one after the other) instead of all heads'
+        // at once; the per-head arithmetic is unchanged.
         return Scoped.run(() -> {
-            NDArray scores = Scalars.mul(query.matMul(key.transpose(0, 1, 3, 2)), softmaxScale); // (B, H, T, S)
+            NDList outs = new NDList();
+            for (long h0 = 0; h0 < heads; h0 += group) {
+                NDIndex slice = new NDIndex(":, {}:{}", h0, Math.min(heads, h0 + group));
+                outs.add(attendHeads(query.get(slice), key.get(slice), value.get(slice), mask)); // (B, g, T, v)
+            }
+            NDArray out = NDArrays.concat(outs, 1); // (B, H, T, v)
+            outs.close();
+            return new NDList(out);
+        }).head();
+    }
+
+    /** Attention over all heads of the arguments at once (see {@link #attend}). */
+    NDArray attendHeads(NDArray query, NDArray key, NDArray value, NDArray mask) {
+        return Scoped.run(() -> {
+            // Each (B, H, T, S) intermediate is closed as soon as the next one exists: autograd keeps what it saved (the
+            // probabilities), so at most two score-sized arrays are alive instead of the whole chain until scope exit.
+            NDArray keyT = key.transpose(0, 1, 3, 2);
+            NDArray raw = query.matMul(keyT); // (B, H, T, S)
+            keyT.close();
+            NDArray scores = Scalars.mul(raw, softmaxScale);
+            raw.close();
             NDArray s32 = Precisions.cast(scores, DataType.FLOAT32);
+            closeIfNew(scores, s32);
             NDArray additive = mask != null ? mask : causalMask(query.getManager(), query.getShape().get(2),
                     key.getShape().get(2));
-            s32 = s32.add(additive.toDevice(s32.getDevice(), false));
-            NDArray probs = Precisions.cast(s32.softmax(-1), query.getDataType()); // (B, H, T, S)
-            return new NDList(probs.matMul(value)); // (B, H, T, v)
+            NDArray onDevice = additive.toDevice(s32.getDevice(), false);
+            NDArray masked = s32.add(onDevice);
+            s32.close();
+            NDArray p32 = masked.softmax(-1);
+            masked.close();
+            NDArray probs = Precisions.cast(p32, query.getDataType()); // (B, H, T, S)
+            closeIfNew(p32, probs);
+            NDArray out = probs.matMul(value); // (B, H, T, v)
+            probs.close();
+            return new NDList(out);
         }).head();
+    }
+
+    private static void closeIfNew(NDArray previous, NDArray next) {
+        if (next != previous) {
+            previous.close();
+        }
     }
 
     /** Additive causal mask {@code (1, 1, T, S)}: 0 where key {@code j <= S - T + i}, the most negative float elsewhere. */

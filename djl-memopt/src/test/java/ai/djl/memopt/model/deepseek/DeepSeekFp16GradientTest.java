@@ -63,4 +63,62 @@ class DeepSeekFp16GradientTest {
             }
         }
     }
+
+    /**
+     * In FP16 on CPU each expert's token rows are padded to a multiple of 32 (a bounded set of matrix shapes for
+     * oneDNN); with 24 tokens and 8 experts most rows of every expert are padding. The pad rows must neither reach the
+     * output nor any gradient: every routed expert's weight gradients follow transformers' FP32 gradients (a pad row
+     * leaking in would count the expert's first token many times over).
+     */
+    @Test
+    void paddedExpertRowsAddNothingToTheGradients() throws Exception {
+        try (NDManager m = NDManager.newBaseManager();
+                SafetensorsFile reference = SafetensorsFile.open(V3.resolve("reference.safetensors"))) {
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT16);
+            Map<String, Parameter> params = Blocks.parameters(lm);
+            for (Parameter p : params.values()) {
+                if (p.requiresGradient()) {
+                    p.getArray().setRequiresGradient(true);
+                }
+            }
+            NDArray ids = reference.load(m, "input_ids");
+            try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
+                NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), true).head();
+                NDArray expectedLogits = reference.load(m, "logits", DataType.FLOAT32);
+                double err = 0;
+                double ee = 0;
+                float[] a = logits.toType(DataType.FLOAT32, false).toFloatArray();
+                float[] e = expectedLogits.toFloatArray();
+                for (int i = 0; i < e.length; i++) {
+                    err += (a[i] - e[i]) * (a[i] - e[i]);
+                    ee += e[i] * e[i];
+                }
+                assertTrue(Math.sqrt(err / ee) < 0.01, "FP16 logits relative error " + Math.sqrt(err / ee));
+                gc.backward(CausalLmLoss.mean(logits, ids));
+            }
+            int checked = 0;
+            for (int expert = 0; expert < 8; expert++) {
+                for (String proj : new String[] {"gate_proj", "up_proj", "down_proj"}) {
+                    String name = "model.layers.1.mlp.experts." + expert + "." + proj + ".weight";
+                    float[] expected = reference.readFloats("grad." + name);
+                    float[] actual = params.get(name).getArray().getGradient().toType(DataType.FLOAT32, false)
+                            .toFloatArray();
+                    double ee = 0;
+                    double err = 0;
+                    for (int i = 0; i < expected.length; i++) {
+                        ee += expected[i] * expected[i];
+                        err += (expected[i] - actual[i]) * (expected[i] - actual[i]);
+                    }
+                    if (ee == 0) {
+                        assertTrue(err == 0, name + ": an expert that got no token has a gradient");
+                        continue;
+                    }
+                    checked++;
+                    assertTrue(Math.sqrt(err / ee) < 0.05, name + ": FP16 gradient relative error "
+                            + Math.sqrt(err / ee));
+                }
+            }
+            assertTrue(checked >= 12, "only " + checked + " expert weights received tokens");
+        }
+    }
 }
