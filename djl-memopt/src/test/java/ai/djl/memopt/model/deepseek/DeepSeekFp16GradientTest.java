@@ -29,13 +29,8 @@ class DeepSeekFp16GradientTest {
     void fp16ModelGradientsFollowTransformersFp32Gradients() throws Exception {
         try (NDManager m = NDManager.newBaseManager();
                 SafetensorsFile reference = SafetensorsFile.open(V3.resolve("reference.safetensors"))) {
-            DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT16);
+            DeepSeekForCausalLM lm = fp16ModelRecordingGradients(m);
             Map<String, Parameter> params = Blocks.parameters(lm);
-            for (Parameter p : params.values()) {
-                if (p.requiresGradient()) {
-                    p.getArray().setRequiresGradient(true);
-                }
-            }
             NDArray ids = reference.load(m, "input_ids");
             try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
                 NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), true).head();
@@ -74,13 +69,8 @@ class DeepSeekFp16GradientTest {
     void paddedExpertRowsAddNothingToTheGradients() throws Exception {
         try (NDManager m = NDManager.newBaseManager();
                 SafetensorsFile reference = SafetensorsFile.open(V3.resolve("reference.safetensors"))) {
-            DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT16);
+            DeepSeekForCausalLM lm = fp16ModelRecordingGradients(m);
             Map<String, Parameter> params = Blocks.parameters(lm);
-            for (Parameter p : params.values()) {
-                if (p.requiresGradient()) {
-                    p.getArray().setRequiresGradient(true);
-                }
-            }
             NDArray ids = reference.load(m, "input_ids");
             try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
                 NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), true).head();
@@ -120,5 +110,16 @@ class DeepSeekFp16GradientTest {
             }
             assertTrue(checked >= 12, "only " + checked + " expert weights received tokens");
         }
+    }
+
+    /** The V3 fixture model in FP16 with every trainable parameter recording its gradient. */
+    private static DeepSeekForCausalLM fp16ModelRecordingGradients(NDManager m) throws java.io.IOException {
+        DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT16);
+        for (Parameter p : Blocks.parameters(lm).values()) {
+            if (p.requiresGradient()) {
+                p.getArray().setRequiresGradient(true);
+            }
+        }
+        return lm;
     }
 }
