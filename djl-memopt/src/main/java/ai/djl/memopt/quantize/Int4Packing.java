@@ -1,5 +1,6 @@
 package ai.djl.memopt.quantize;
 
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
@@ -66,10 +67,13 @@ public final class Int4Packing {
         Shape shape = packed.getShape();
         Preconditions.checkArgument(shape.dimension() >= 1, "cannot unpack a scalar");
         Shape out = shape.slice(0, shape.dimension() - 1).add(shape.get(shape.dimension() - 1) * 2);
+        // The constants are device-made scalars (Scalars), not Java numbers: those would be uploaded from the host at
+        // every call, a blocking copy on a GPU, and this runs for every int4 layer at every step. x * 1/16 equals
+        // x / 16 exactly (a power of two).
         try (NDArray b = packed.toType(DataType.FLOAT32, false);
-                NDArray b16 = b.div(16f);
+                NDArray b16 = Scalars.mul(b, 1.0 / 16);
                 NDArray high = b16.floor();
-                NDArray high16 = high.mul(16f);
+                NDArray high16 = Scalars.mul(high, 16);
                 NDArray low = b.sub(high16);
                 NDArray pairs = NDArrays.stack(new NDList(low, high), -1)) { // (..., m, 2)
             return pairs.reshape(out); // (..., 2m)

@@ -4,6 +4,7 @@ import ai.djl.Device;
 import ai.djl.memopt.lora.LoraLinear;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.Precisions;
+import ai.djl.memopt.quantize.Int4Packing;
 import ai.djl.memopt.quantize.QuantScheme;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
@@ -424,7 +425,7 @@ final class GatheredExperts {
                 w = rows(data, ids).toType(DataType.FLOAT32, false).mul(rows(scales, ids)); // (c, out, in) * (c, out, 1)
             } else {
                 long groups = in / groupSize;
-                NDArray q = unpackInt4(rows(data, ids)); // (c, out, in) FP32 in 0..15
+                NDArray q = Int4Packing.unpack(rows(data, ids)); // (c, out, in) FP32 in 0..15
                 NDArray z = rows(zeros, ids).toType(DataType.FLOAT32, false).reshape(c, out, groups, 1);
                 NDArray s = rows(scales, ids).reshape(c, out, groups, 1);
                 w = q.reshape(c, out, groups, groupSize).sub(z).mul(s).reshape(c, out, in);
@@ -433,19 +434,6 @@ final class GatheredExperts {
                 w = w.div(rows(inputScales, ids).expandDims(1)); // / (c, 1, in)
             }
             return w.toType(type, false);
-        }
-
-        /**
-         * {@code Int4Packing.unpack} with the constants as device scalars ({@link Scalars}), not host numbers that
-         * would be uploaded at every call; the same exact integer arithmetic, so the same values.
-         */
-        private static NDArray unpackInt4(NDArray packed) {
-            Shape shape = packed.getShape();
-            Shape out = shape.slice(0, shape.dimension() - 1).add(shape.get(shape.dimension() - 1) * 2);
-            NDArray b = packed.toType(DataType.FLOAT32, false);
-            NDArray high = Scalars.mul(b, 1.0 / 16).floor(); // exact: 1/16 is a power of two
-            NDArray low = b.sub(Scalars.mul(high, 16));
-            return NDArrays.stack(new NDList(low, high), -1).reshape(out); // (..., m, 2) -> (..., 2m)
         }
 
         @Override
