@@ -147,9 +147,7 @@ public final class FineTuner implements AutoCloseable {
         }
         this.parameters = ImmutableMap.copyOf(params);
         this.stateManager = lm.manager().newSubManager();
-        this.optimizer = StatefulOptimizer.builder().setManager(stateManager).optKind(b.kind)
-                .optLearningRate(schedule.at(0)).optBetas(b.beta1, b.beta2).optEpsilon(b.epsilon)
-                .optWeightDecay(b.weightDecay).optMomentum(b.momentum).build();
+        this.optimizer = b.optimizerSettings.setManager(stateManager).optLearningRate(schedule.at(0)).build();
         if (precision == Precision.FP16) {
             this.masters = mixedPrecision(lm);
             this.scaler = b.lossScaler != null ? b.lossScaler : DynamicLossScaler.create();
@@ -949,14 +947,10 @@ public final class FineTuner implements AutoCloseable {
         private CheckpointPolicy checkpointPolicy;
         private String checkpointName;
         private Precision precision = Precision.FP32;
-        private StatefulOptimizer.Kind kind = StatefulOptimizer.Kind.ADAMW;
+        // kind, betas, epsilon, weight decay and momentum, with the optimizer's own defaults and validation
+        private final StatefulOptimizer.Builder optimizerSettings = StatefulOptimizer.builder();
         private float learningRate = 1e-4f;
         private LearningRateSchedule schedule;
-        private float beta1 = 0.9f;
-        private float beta2 = 0.999f;
-        private float epsilon = 1e-8f;
-        private float weightDecay;
-        private float momentum;
         private int gradientAccumulation = 1;
         private int lossChunkTokens = Integer.MAX_VALUE;
         private DynamicLossScaler lossScaler;
@@ -993,7 +987,7 @@ public final class FineTuner implements AutoCloseable {
         }
 
         public Builder optOptimizer(StatefulOptimizer.Kind kind) {
-            this.kind = Preconditions.checkNotNull(kind, "kind");
+            optimizerSettings.optKind(kind);
             return this;
         }
 
@@ -1009,24 +1003,24 @@ public final class FineTuner implements AutoCloseable {
         }
 
         public Builder optBetas(float beta1, float beta2) {
-            this.beta1 = beta1;
-            this.beta2 = beta2;
+            optimizerSettings.optBetas(beta1, beta2);
             return this;
         }
 
         public Builder optEpsilon(float epsilon) {
-            this.epsilon = epsilon;
+            optimizerSettings.optEpsilon(epsilon);
             return this;
         }
 
+        /** See {@link StatefulOptimizer.Builder#optWeightDecay}. */
         public Builder optWeightDecay(float weightDecay) {
-            this.weightDecay = weightDecay;
+            optimizerSettings.optWeightDecay(weightDecay);
             return this;
         }
 
         /** SGD momentum. */
         public Builder optMomentum(float momentum) {
-            this.momentum = momentum;
+            optimizerSettings.optMomentum(momentum);
             return this;
         }
 
