@@ -4,7 +4,6 @@ import ai.djl.memopt.model.deepseek.TokenEmbedding;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
-import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
@@ -75,8 +74,7 @@ public final class QuantizedEmbedding extends AbstractBlock {
         Preconditions.checkArgument(parameterName != null && !parameterName.isEmpty() && !parameterName.contains("."),
                 "parameter name must be a non-empty name without dots, got '%s'", parameterName);
         // the table lives as long as its manager, even when created inside a caller's NDScope
-        NDScope.unregister(table.data(), table.scales());
-        table.zeros().ifPresent(NDScope::unregister);
+        table.unregisterFromScopes();
         return new QuantizedEmbedding(table, outputType, parameterName);
     }
 

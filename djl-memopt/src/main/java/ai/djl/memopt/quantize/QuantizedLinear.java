@@ -81,9 +81,7 @@ public final class QuantizedLinear extends AbstractBlock implements LinearWeight
         Preconditions.checkArgument(weightType == DataType.FLOAT32 || weightType == DataType.FLOAT16,
                 "weight type must be FLOAT32 or FLOAT16, got %s", weightType);
         // the layer's arrays live as long as their manager, even when created inside a caller's NDScope
-        NDScope.unregister(weight.data(), weight.scales());
-        weight.zeros().ifPresent(NDScope::unregister);
-        weight.inputScales().ifPresent(NDScope::unregister);
+        weight.unregisterFromScopes();
         if (bias != null) {
             NDScope.unregister(bias);
         }

@@ -2,6 +2,7 @@ package ai.djl.memopt.quantize;
 
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import com.google.common.base.Preconditions;
@@ -180,6 +181,20 @@ public final class QuantizedTensor implements AutoCloseable {
 
     private static long bytes(NDArray a) {
         return a.size() * a.getDataType().getNumOfBytes();
+    }
+
+    /**
+     * Takes every array out of the enclosing {@link NDScope}s, so that it lives as long as its manager
+     * even when the tensor was made inside a caller's scope (a layer holding it outlives that scope).
+     */
+    public void unregisterFromScopes() {
+        NDScope.unregister(data, scales);
+        if (zeros != null) {
+            NDScope.unregister(zeros);
+        }
+        if (inputScales != null) {
+            NDScope.unregister(inputScales);
+        }
     }
 
     /** Moves every array to {@code manager}. */
