@@ -4,15 +4,12 @@ import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.memopt.safetensors.SafetensorsDType;
 import ai.djl.memopt.safetensors.SafetensorsWriter;
 import ai.djl.ndarray.NDArray;
-import com.google.gson.GsonBuilder;
 import com.google.gson.JsonObject;
 import java.io.IOException;
-import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.List;
-import java.util.Locale;
 import java.util.stream.Stream;
 
 /**
@@ -74,20 +71,14 @@ final class ShardedWriter {
         }
         JsonObject weightMap = new JsonObject();
         for (int i = 0; i < shards.size(); i++) {
-            String name = String.format(Locale.ROOT, "model-%05d-of-%05d.safetensors", i + 1, shards.size());
+            String name = HfCheckpoint.shardFileName(i, shards.size());
             writeShard(dir.resolve(name), shards.get(i), format);
             names.add(name);
             for (Entry e : shards.get(i)) {
                 weightMap.addProperty(e.name, name);
             }
         }
-        JsonObject index = new JsonObject();
-        JsonObject meta = new JsonObject();
-        meta.addProperty("total_size", total);
-        index.add("metadata", meta);
-        index.add("weight_map", weightMap);
-        QuantizedArtifact.writeAtomically(dir.resolve(HfCheckpoint.INDEX_FILE),
-                new GsonBuilder().setPrettyPrinting().create().toJson(index).getBytes(StandardCharsets.UTF_8));
+        HfCheckpoint.writeIndex(dir, weightMap, total);
         names.add(HfCheckpoint.INDEX_FILE);
         return names;
     }

@@ -6,6 +6,7 @@ import ai.djl.ndarray.types.DataType;
 import com.google.common.collect.ImmutableList;
 import com.google.common.collect.ImmutableMap;
 import com.google.common.collect.ImmutableSortedSet;
+import com.google.gson.GsonBuilder;
 import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParseException;
@@ -17,6 +18,7 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.LinkedHashMap;
 import java.util.List;
+import java.util.Locale;
 import java.util.Map;
 import java.util.SortedSet;
 
@@ -34,6 +36,27 @@ public final class HfCheckpoint implements AutoCloseable {
 
     public static final String SINGLE_FILE = "model.safetensors";
     public static final String INDEX_FILE = "model.safetensors.index.json";
+
+    /** The name of shard {@code index} (0-based) of {@code count}, as Hugging Face names them. */
+    public static String shardFileName(int index, int count) {
+        return String.format(Locale.ROOT, "model-%05d-of-%05d.safetensors", index + 1, count);
+    }
+
+    /**
+     * Writes {@code model.safetensors.index.json} into {@code directory} atomically.
+     *
+     * @param weightMap tensor name to shard file name
+     * @param totalSize the bytes of all tensors' data ({@code metadata.total_size})
+     */
+    public static void writeIndex(Path directory, JsonObject weightMap, long totalSize) throws IOException {
+        JsonObject index = new JsonObject();
+        JsonObject meta = new JsonObject();
+        meta.addProperty("total_size", totalSize);
+        index.add("metadata", meta);
+        index.add("weight_map", weightMap);
+        AtomicFiles.writeString(directory.resolve(INDEX_FILE),
+                new GsonBuilder().setPrettyPrinting().create().toJson(index) + "\n");
+    }
 
     private final Path directory;
     private final List<SafetensorsFile> files;

@@ -10,7 +10,6 @@ import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import com.google.common.base.Preconditions;
-import com.google.gson.GsonBuilder;
 import com.google.gson.JsonObject;
 import java.io.IOException;
 import java.nio.ByteBuffer;
@@ -148,7 +147,7 @@ public final class SyntheticCheckpoint {
         JsonObject weightMap = new JsonObject();
         long[] written = {0};
         for (int s = 0; s < shards.size(); s++) {
-            String file = String.format("model-%05d-of-%05d.safetensors", s + 1, shards.size());
+            String file = HfCheckpoint.shardFileName(s, shards.size());
             SafetensorsWriter writer = new SafetensorsWriter().putMetadata("format", "pt");
             for (String name : shards.get(s)) {
                 Shape shape = shapes.get(name);
@@ -164,13 +163,7 @@ public final class SyntheticCheckpoint {
             }
             writer.write(dir.resolve(file));
         }
-        JsonObject index = new JsonObject();
-        JsonObject meta = new JsonObject();
-        meta.addProperty("total_size", total);
-        index.add("metadata", meta);
-        index.add("weight_map", weightMap);
-        AtomicFiles.writeString(dir.resolve(HfCheckpoint.INDEX_FILE),
-                new GsonBuilder().setPrettyPrinting().create().toJson(index) + "\n");
+        HfCheckpoint.writeIndex(dir, weightMap, total);
         AtomicFiles.writeString(dir.resolve("config.json"), config.toJson() + "\n");
         return new Summary(params, total, largest, largestName, shards.size());
     }
