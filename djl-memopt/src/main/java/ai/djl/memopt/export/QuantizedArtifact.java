@@ -217,10 +217,10 @@ public final class QuantizedArtifact {
             files.addProperty(f, sha256(dir.resolve(f)));
         }
         if (options.configJson() != null) {
-            copyAtomically(options.configJson(), dir.resolve(CONFIG));
+            AtomicFiles.copy(options.configJson(), dir.resolve(CONFIG));
             files.addProperty(CONFIG, sha256(dir.resolve(CONFIG)));
         } else if (root instanceof DeepSeekForCausalLM) {
-            writeAtomically(dir.resolve(CONFIG),
+            AtomicFiles.write(dir.resolve(CONFIG),
                     ((DeepSeekForCausalLM) root).config().toJson().getBytes(StandardCharsets.UTF_8));
             files.addProperty(CONFIG, sha256(dir.resolve(CONFIG)));
         }
@@ -228,7 +228,7 @@ public final class QuantizedArtifact {
             String name = companion.getFileName().toString();
             Preconditions.checkArgument(!name.equals(CONFIG) && !name.equals(METADATA) && !files.has(name),
                     "companion file %s would overwrite the artifact's own %s", companion, name);
-            copyAtomically(companion, dir.resolve(name));
+            AtomicFiles.copy(companion, dir.resolve(name));
             files.addProperty(name, sha256(dir.resolve(name)));
         }
         String architecture = options.architecture() != null ? options.architecture()
@@ -263,7 +263,7 @@ public final class QuantizedArtifact {
         if (options.extraJson() != null) {
             meta.add("reports", JsonParser.parseString(options.extraJson()));
         }
-        writeAtomically(dir.resolve(METADATA),
+        AtomicFiles.write(dir.resolve(METADATA),
                 new GsonBuilder().setPrettyPrinting().disableHtmlEscaping().create().toJson(meta).getBytes(StandardCharsets.UTF_8));
         return parse(dir, meta);
     }
@@ -835,11 +835,5 @@ public final class QuantizedArtifact {
         return b.toString();
     }
 
-    static void writeAtomically(Path target, byte[] bytes) throws IOException {
-        AtomicFiles.write(target, bytes);
-    }
 
-    private static void copyAtomically(Path source, Path target) throws IOException {
-        AtomicFiles.copy(source, target);
-    }
 }

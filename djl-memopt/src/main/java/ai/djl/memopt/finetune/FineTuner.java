@@ -677,7 +677,7 @@ public final class FineTuner implements AutoCloseable {
     public void saveModel(Path dir) throws IOException {
         Files.createDirectories(dir);
         writeWeights(dir.resolve("model.safetensors"));
-        writeAtomically(dir.resolve("config.json"), lm.config().toJson() + "\n");
+        AtomicFiles.writeString(dir.resolve("config.json"), lm.config().toJson() + "\n");
     }
 
     private void writeWeights(Path file) throws IOException {
@@ -709,7 +709,7 @@ public final class FineTuner implements AutoCloseable {
         Path tmp = Files.createTempDirectory(parent, "." + target.getFileName() + ".tmp-");
         try {
             writeWeights(tmp.resolve("model.safetensors"));
-            writeAtomically(tmp.resolve("config.json"), lm.config().toJson() + "\n");
+            AtomicFiles.writeString(tmp.resolve("config.json"), lm.config().toJson() + "\n");
             SafetensorsWriter opt = new SafetensorsWriter().putMetadata("format", "pt");
             JsonObject steps = new JsonObject();
             for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
@@ -746,7 +746,7 @@ public final class FineTuner implements AutoCloseable {
             if (scaler != null) {
                 state.add("loss_scaler", JsonParser.parseString(scaler.toJson()));
             }
-            writeAtomically(tmp.resolve("trainer_state.json"),
+            AtomicFiles.writeString(tmp.resolve("trainer_state.json"),
                     new GsonBuilder().setPrettyPrinting().create().toJson(state) + "\n");
             Path old = null;
             if (Files.exists(target)) {
@@ -756,11 +756,11 @@ public final class FineTuner implements AutoCloseable {
             }
             Files.move(tmp, target, StandardCopyOption.ATOMIC_MOVE);
             if (old != null) {
-                deleteRecursively(old);
+                AtomicFiles.deleteTree(old);
             }
         } finally {
             if (Files.exists(tmp)) {
-                deleteRecursively(tmp);
+                AtomicFiles.deleteTree(tmp);
             }
         }
     }
@@ -923,13 +923,6 @@ public final class FineTuner implements AutoCloseable {
         return Math.toIntExact(longField(o, key, file));
     }
 
-    static void writeAtomically(Path target, String text) throws IOException {
-        AtomicFiles.writeString(target, text);
-    }
-
-    static void deleteRecursively(Path dir) throws IOException {
-        AtomicFiles.deleteTree(dir);
-    }
 
     /** Frees the optimizer state (the model, and its FP32 masters, belong to the caller). */
     @Override

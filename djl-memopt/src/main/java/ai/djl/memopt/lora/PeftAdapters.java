@@ -110,7 +110,7 @@ public final class PeftAdapters {
         }
         JsonObject config = configJson(first, root, adapters.keySet(), baseModelNameOrPath);
         writer.write(directory.resolve(WEIGHTS_FILE));
-        writeAtomically(directory.resolve(CONFIG_FILE),
+        AtomicFiles.writeString(directory.resolve(CONFIG_FILE),
                 new GsonBuilder().setPrettyPrinting().serializeNulls().create().toJson(config) + "\n");
     }
 
@@ -206,10 +206,6 @@ public final class PeftAdapters {
         JsonArray a = new JsonArray();
         values.forEach(a::add);
         return a;
-    }
-
-    private static void writeAtomically(Path target, String text) throws IOException {
-        AtomicFiles.writeString(target, text);
     }
 
     // ------------------------------------------------------------------------------------------------------------

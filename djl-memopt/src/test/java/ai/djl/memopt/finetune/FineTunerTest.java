@@ -62,7 +62,7 @@ class FineTunerTest {
             }
             return out;
         } finally {
-            FineTuner.deleteRecursively(dir);
+            ai.djl.memopt.safetensors.AtomicFiles.deleteTree(dir);
         }
     }
 

@@ -195,12 +195,8 @@ public final class ByteLevelBpeTrainer {
     /** Writes {@code tokenizer.json} and {@code tokenizer_config.json} into {@code dir}, each atomically. */
     public void writeTo(Path dir) throws IOException {
         Files.createDirectories(dir);
-        writeAtomically(dir.resolve("tokenizer.json"), toJson());
-        writeAtomically(dir.resolve("tokenizer_config.json"), tokenizerConfigJson());
-    }
-
-    static void writeAtomically(Path target, String text) throws IOException {
-        AtomicFiles.writeString(target, text);
+        AtomicFiles.writeString(dir.resolve("tokenizer.json"), toJson());
+        AtomicFiles.writeString(dir.resolve("tokenizer_config.json"), tokenizerConfigJson());
     }
 
     private static JsonObject byteLevel(boolean trimOffsets) {
