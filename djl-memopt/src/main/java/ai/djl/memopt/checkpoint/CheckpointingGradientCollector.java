@@ -21,6 +21,7 @@ import java.util.IdentityHashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.atomic.AtomicLong;
 import java.util.concurrent.atomic.AtomicReference;
 
 /**
@@ -33,10 +34,15 @@ import java.util.concurrent.atomic.AtomicReference;
  * <p>Why reverse forward order is enough: a segment's output can only feed segments recorded after it, so when a
  * segment is visited every contribution to its output gradient (loss path, residual connections, later segments) has
  * arrived. Gradients accumulate in PyTorch, so an input used by several segments, a parameter shared by several
- * segments and residual connections all sum correctly. If some segment's input carries an autograd graph (it is not a
- * leaf), the loss backward and every recomputed backward keep the graph ({@code retain_graph}) because later visits
- * push gradients through it again; its saved tensors are then freed when the arrays of the step are closed, as after
- * any DJL step.
+ * segments and residual connections all sum correctly.
+ *
+ * <p>Freeing as it goes: a recomputed segment is back-propagated without {@code retain_graph}, so autograd frees each
+ * saved tensor of the recomputation as soon as its node has run (a decoder layer's saved activations do not all wait
+ * for the end of its backward). The graph is retained only where a later visit may traverse it again: in the loss
+ * backward when some segment's input may carry a graph of its own (computed with autograd outside any segment, like
+ * the embeddings feeding the first layer), and in the backward of such a segment while another such segment is still
+ * to be visited (the two may share that graph). Retained saved tensors are freed when the arrays of the step are
+ * closed, as after any DJL step.
  *
  * <p>DJL allows one gradient collector in the process: this class opens the engine's own collector and delegates to
  * it (grad mode, {@link #zeroGradients()}, the one-collector check), so the rule keeps holding. Use it instead of
@@ -56,7 +62,8 @@ public final class CheckpointingGradientCollector implements GradientCollector {
     private final GradientCollector delegate;
     private final Map<Thread, ThreadState> states = new ConcurrentHashMap<>();
     private volatile boolean closed;
-    private final java.util.concurrent.atomic.AtomicLong recorded = new java.util.concurrent.atomic.AtomicLong();
+    private final AtomicLong recorded = new AtomicLong();
+    private final AtomicLong retainedBackwards = new AtomicLong();
 
     /**
      * Opens a collector on an engine.
@@ -107,6 +114,14 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         return recorded.get();
     }
 
+    /**
+     * Recomputed segments whose backward kept their graph ({@code retain_graph}) since this collector was opened, on
+     * all threads (for tests and diagnostics): see the class doc for when that is needed.
+     */
+    public long retainedSegmentBackwards() {
+        return retainedBackwards.get();
+    }
+
     /** {@inheritDoc} */
     @Override
     public void backward(NDArray target) {
@@ -119,15 +134,23 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             delegate.backward(target);
             return;
         }
-        boolean retain = false;
+        int withGraph = 0;
         for (Segment s : segments) {
-            retain |= s.inputHasGraph;
+            withGraph += s.inputHasGraph ? 1 : 0;
         }
         try (NDArray ones = target.onesLike()) {
-            JniUtils.backward((PtNDArray) target, (PtNDArray) ones, retain, false);
+            JniUtils.backward((PtNDArray) target, (PtNDArray) ones, withGraph > 0, false);
         }
         while (!segments.isEmpty()) {
-            backward(st, segments.pollLast(), retain);
+            Segment s = segments.pollLast();
+            if (s.inputHasGraph) {
+                withGraph--;
+            }
+            boolean retain = s.inputHasGraph && withGraph > 0;
+            if (retain) {
+                retainedBackwards.incrementAndGet();
+            }
+            backward(st, s, retain);
         }
     }
 
@@ -223,10 +246,6 @@ public final class CheckpointingGradientCollector implements GradientCollector {
     private NDList finish(
             ThreadState st, String name, List<Block> blocks, boolean verify, ParameterStore ps, NDList inputs,
             PairList<String, Object> params, NDList out) {
-        // DJL's NDArray.hasGradient() is true only for leaves that require grad, and
-        // JniUtils.getGradientFunctionNames crashes the JVM on any leaf, so "does this input carry a graph" cannot be
-        // asked. A floating input that is neither a leaf requiring grad nor the output of an earlier segment of this
-        // step is assumed to carry one; the price of a wrong guess is only a retained graph (see class doc).
         boolean inputGrad = false;
         boolean inputHasGraph = false;
         for (NDArray x : inputs) {
@@ -234,11 +253,11 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                 continue;
             }
             Boolean ours = st.leaves.get(x);
-            if (x.hasGradient()) {
-                inputGrad = true;
-            } else if (ours != null) {
+            if (ours != null) {
                 inputGrad |= ours; // an earlier segment's output: a view of its leaf, no graph beyond it
-            } else {
+            } else if (x.hasGradient()) {
+                inputGrad = true; // a leaf that requires grad
+            } else if (carriesGraph(x)) {
                 inputGrad = true;
                 inputHasGraph = true;
             }
@@ -279,6 +298,25 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         st.segments.addLast(new Segment(name, blocks, ps, kept, params, leaves, fingerprint, inputHasGraph));
         recorded.incrementAndGet();
         return returned;
+    }
+
+    /**
+     * Whether {@code x}, which is not a leaf requiring grad, was computed from something that requires grad. DJL cannot
+     * ask this directly: {@code hasGradient()} (torch's {@code requires_grad()} through DJL's JNI) answers false for
+     * every non-leaf, and {@code JniUtils.getGradientFunctionNames} crashes the JVM on a tensor without a
+     * {@code grad_fn}. A view taken with grad mode on is a non-leaf exactly when its base has a graph or requires grad,
+     * and torch refuses {@code requires_grad_(false)} on a non-leaf, so the refusal on a throwaway view answers it.
+     */
+    private static boolean carriesGraph(NDArray x) {
+        try (NDArray view = alias(x)) {
+            view.setRequiresGradient(false);
+            return false;
+        } catch (EngineException e) {
+            if (e.getMessage() != null && e.getMessage().contains("leaf variables")) {
+                return true;
+            }
+            throw e;
+        }
     }
 
     /** A new handle on the same data, connected to {@code x}'s autograd graph (a full-slice view). */

@@ -64,6 +64,11 @@ class CheckpointBlockTest {
         return () -> CheckpointingGradientCollector.open(manager);
     }
 
+    /** A checkpointing collector that leaves itself in {@code opened[0]}, to be asked after the run. */
+    private static Supplier<GradientCollector> keeping(CheckpointingGradientCollector[] opened) {
+        return () -> opened[0] = CheckpointingGradientCollector.open(manager);
+    }
+
     private static Block init(Block block, Shape shape, int seed) {
         Engine.getInstance().setRandomSeed(seed);
         block.initialize(manager, DataType.FLOAT32, shape);
@@ -149,12 +154,19 @@ class CheckpointBlockTest {
             // stem stays plain, so h carries a graph into three segments; `shared` is two segments of one block
             Checkpointing.wrapChildren(model, CheckpointPolicy.matching((name, b) -> !name.equals("stem")));
             assertInstanceOf(CheckpointBlock.class, ((CheckpointTestModels.Branches) model).shared);
-            Map<String, float[]> actual = gradients(model, manager, x, w, checkpointing());
+            CheckpointingGradientCollector[] gc = new CheckpointingGradientCollector[1];
+            Map<String, float[]> actual = gradients(model, manager, x, w, keeping(gc));
             assertClose(expected, actual, "branches, input grad " + inputGrad);
+            // h's graph is shared by left, right and shared(h), and tanh(shared(h)) has one too: every segment but
+            // the last visited must keep the graph for the visits after it
+            assertEquals(3, gc[0].retainedSegmentBackwards(), "segments back-propagated with retain_graph, stem plain");
             // also with the stem checkpointed: the first segment then reads the raw input
             Checkpointing.wrapChildren(model, CheckpointPolicy.matching((name, b) -> name.equals("stem")));
-            Map<String, float[]> all = gradients(model, manager, x, w, checkpointing());
+            Map<String, float[]> all = gradients(model, manager, x, w, keeping(gc));
             assertClose(expected, all, "all branches");
+            // h is now the stem's output, which has no graph behind it; only shared(tanh(..)) reads a computed
+            // input, and nothing is visited after the graph it shares with no other segment
+            assertEquals(0, gc[0].retainedSegmentBackwards(), "segments back-propagated with retain_graph, stem checkpointed");
         }
     }
 
