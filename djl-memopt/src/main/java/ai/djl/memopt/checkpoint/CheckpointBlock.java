@@ -46,6 +46,17 @@ import org.slf4j.LoggerFactory;
  * {@link Builder#optVerifyDeterminism}); no long-lived arrays created inside {@code forward} (temporaries are closed
  * by an {@link ai.djl.ndarray.NDScope} at once); running statistics (BatchNorm) are updated twice, as in PyTorch's
  * {@code torch.utils.checkpoint}.
+ *
+ * <p><b>Nesting.</b> Checkpoint blocks may sit inside a checkpointed block: each is then recomputed on its own during
+ * the outer block's backward (see {@link CheckpointingGradientCollector}), so the outer recomputation keeps only what
+ * lies between them:
+ *
+ * <pre>{@code
+ * for (String layer : Checkpointing.wrapChildren(model, "model.layers", CheckpointPolicy.all())) {
+ *     Checkpointing.wrapChildren(model, "model.layers." + layer,
+ *             CheckpointPolicy.matching((name, block) -> name.equals("self_attn") || name.equals("mlp")));
+ * }
+ * }</pre>
  */
 public final class CheckpointBlock extends AbstractBlock implements BlockDecorator {
 

@@ -44,6 +44,13 @@ import java.util.concurrent.atomic.AtomicReference;
  * to be visited (the two may share that graph). Retained saved tensors are freed when the arrays of the step are
  * closed, as after any DJL step.
  *
+ * <p>Nested checkpointing: a {@link CheckpointBlock} inside a checkpointed block (a decoder layer's attention and MLP
+ * inside the checkpointed layer) passes through in the forward, which runs without autograd anyway; while the outer
+ * block is recomputed it records its own segment, exactly as in a forward, and after the outer block's backward the
+ * inner segments are visited in reverse, each recomputed and back-propagated on its own, with the same rules. Only
+ * one inner block's saved activations exist at a time instead of the whole outer block's, for one more forward of
+ * each inner block.
+ *
  * <p>DJL allows one gradient collector in the process: this class opens the engine's own collector and delegates to
  * it (grad mode, {@link #zeroGradients()}, the one-collector check), so the rule keeps holding. Use it instead of
  * {@code trainer.newGradientCollector()}, through {@link CheckpointingTrainer}, or directly:
@@ -134,19 +141,38 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             delegate.backward(target);
             return;
         }
-        int withGraph = 0;
+        try {
+            try (NDArray ones = target.onesLike()) {
+                JniUtils.backward((PtNDArray) target, (PtNDArray) ones, withGraph(segments) > 0, false);
+            }
+            visit(st, segments, false);
+        } finally {
+            segments.forEach(Segment::close);
+        }
+    }
+
+    private static int withGraph(Deque<Segment> segments) {
+        int n = 0;
         for (Segment s : segments) {
-            withGraph += s.inputHasGraph ? 1 : 0;
+            n += s.inputHasGraph ? 1 : 0;
         }
-        try (NDArray ones = target.onesLike()) {
-            JniUtils.backward((PtNDArray) target, (PtNDArray) ones, withGraph > 0, false);
-        }
+        return n;
+    }
+
+    /**
+     * Recomputes and back-propagates {@code segments} in reverse order, once the gradients of their outputs are
+     * complete. A segment's backward keeps its graph when its input carries one that a later visit may traverse again:
+     * another segment of the list reading a computed input, or, for the segments nested in a recomputed segment, the
+     * enclosing segment's own need ({@code keepInputGraph}), since they reach the graph behind its input.
+     */
+    private void visit(ThreadState st, Deque<Segment> segments, boolean keepInputGraph) {
+        int withGraph = withGraph(segments);
         while (!segments.isEmpty()) {
             Segment s = segments.pollLast();
             if (s.inputHasGraph) {
                 withGraph--;
             }
-            boolean retain = s.inputHasGraph && withGraph > 0;
+            boolean retain = s.inputHasGraph && (withGraph > 0 || keepInputGraph);
             if (retain) {
                 retainedBackwards.incrementAndGet();
             }
@@ -184,10 +210,6 @@ public final class CheckpointingGradientCollector implements GradientCollector {
     /** Called by {@link CheckpointBlock} in a training forward with autograd recording. */
     NDList forward(CheckpointBlock cb, ParameterStore ps, NDList inputs, PairList<String, Object> params) {
         ThreadState st = state();
-        if (st.recomputing) {
-            // nested checkpoint inside a segment being recomputed: the outer segment owns the recomputation
-            return cb.delegate().forward(ps, inputs, true, params);
-        }
         Span span = cb.span();
         if (span == null || span.size() == 1) {
             NDList out = forwardNoGrad(cb.delegate(), ps, inputs, params);
@@ -351,11 +373,24 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                                     + " was closed; keep the step's manager open until the gradients are computed");
                 }
             }
-            st.recomputing = true;
+            // checkpointed blocks inside this one record their own segments while it is recomputed (nested
+            // checkpointing): they are visited after its backward, while its recomputed graph still exists
+            Deque<Segment> enclosing = st.segments;
+            Map<NDArray, Boolean> enclosingLeaves = st.leaves;
+            Deque<Segment> nested = new ArrayDeque<>();
+            st.segments = nested;
+            st.leaves = new IdentityHashMap<>();
             try (NDScope scope = new NDScope()) {
-                NDList y = s.inputs;
-                for (Block b : s.blocks) {
-                    y = b.forward(s.parameterStore, y, true, s.params);
+                NDList y;
+                try {
+                    y = s.inputs;
+                    for (Block b : s.blocks) {
+                        y = b.forward(s.parameterStore, y, true, s.params);
+                    }
+                } finally {
+                    st.segments = enclosing;
+                    st.leaves = enclosingLeaves;
+                    st.spanRun = null;
                 }
                 if (s.fingerprint != null) {
                     s.fingerprint.verify(y, s.name);
@@ -371,14 +406,16 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                         todo.add(i);
                     }
                 }
+                boolean keepForNested = withGraph(nested) > 0;
                 for (int k = 0; k < todo.size(); k++) {
                     int i = todo.get(k);
-                    boolean keep = retain || k < todo.size() - 1;
+                    boolean keep = retain || keepForNested || k < todo.size() - 1;
                     vjp(y.get(i), grads.get(i), keep);
                 }
+                visit(st, nested, retain);
                 scope.suppressNotUsedWarning();
             } finally {
-                st.recomputing = false;
+                nested.forEach(Segment::close);
             }
         } finally {
             for (NDArray g : grads) {
@@ -447,7 +484,6 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         Deque<Segment> segments = new ArrayDeque<>();
         Map<NDArray, Boolean> leaves = new IdentityHashMap<>();
         SpanRun spanRun;
-        boolean recomputing;
     }
 
     private static final class SpanRun {

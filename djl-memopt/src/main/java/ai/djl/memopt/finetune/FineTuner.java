@@ -133,6 +133,11 @@ public final class FineTuner implements AutoCloseable {
         this.schedule = b.schedule != null ? b.schedule : LearningRateSchedule.constant(b.learningRate);
         if (b.checkpointPolicy != null) {
             this.checkpointedLayers = Checkpointing.wrapChildren(Blocks.get(lm, "model.layers"), b.checkpointPolicy);
+            if (b.checkpointSublayers) {
+                for (String layer : checkpointedLayers) {
+                    Checkpointing.wrapChildren(Blocks.get(lm, "model.layers." + layer), SUBLAYERS);
+                }
+            }
             this.checkpointing = b.checkpointName != null ? b.checkpointName : "custom";
         } else {
             this.checkpointedLayers = ImmutableList.of();
@@ -178,11 +183,18 @@ public final class FineTuner implements AutoCloseable {
         return new Builder();
     }
 
+    /** The two halves of a decoder layer that {@code nested} checkpointing recomputes one at a time. */
+    private static final CheckpointPolicy SUBLAYERS =
+            CheckpointPolicy.matching((name, block) -> name.equals("self_attn") || name.equals("mlp"));
+
     /**
      * A checkpoint policy for the decoder layers by name: {@code none} (null), {@code all}, {@code every:N} (layers 0,
      * N, 2N, ...) or {@code sqrt}. The decoder layers take rotary tables and the mask besides the hidden state, so they
      * are not a sequential chain and Chen et al.'s multi-layer segments cannot be formed; {@code sqrt} checkpoints
-     * every {@code ceil(sqrt(L))}-th layer instead (about {@code sqrt(L)} checkpointed layers).
+     * every {@code ceil(sqrt(L))}-th layer instead (about {@code sqrt(L)} checkpointed layers). {@code nested} is
+     * {@code all} for the layers; {@link Builder#optCheckpointing(String)} then also checkpoints each layer's
+     * {@code self_attn} and {@code mlp} inside it, so that during a layer's backward they are recomputed and
+     * back-propagated one at a time: only one half's saved activations exist at once, for a third forward of each half.
      *
      * @throws IllegalArgumentException naming the bad value
      */
@@ -191,7 +203,7 @@ public final class FineTuner implements AutoCloseable {
         if (s.equals("none")) {
             return null;
         }
-        if (s.equals("all")) {
+        if (s.equals("all") || s.equals("nested")) {
             return CheckpointPolicy.all();
         }
         if (s.equals("sqrt")) {
@@ -209,7 +221,7 @@ public final class FineTuner implements AutoCloseable {
             return CheckpointPolicy.everyNth(n);
         }
         throw new IllegalArgumentException(
-                "unknown checkpoint spec '" + spec + "': expected none, all, every:N or sqrt");
+                "unknown checkpoint spec '" + spec + "': expected none, all, nested, every:N or sqrt");
     }
 
     /** The model being trained (decorated in place: checkpointed layers, FP16 working weights in mixed precision). */
@@ -939,6 +951,7 @@ public final class FineTuner implements AutoCloseable {
         private DeepSeekForCausalLM model;
         private CheckpointPolicy checkpointPolicy;
         private String checkpointName;
+        private boolean checkpointSublayers;
         private Precision precision = Precision.FP32;
         // kind, betas, epsilon, weight decay and momentum, with the optimizer's own defaults and validation
         private final StatefulOptimizer.Builder optimizerSettings = StatefulOptimizer.builder();
@@ -966,12 +979,19 @@ public final class FineTuner implements AutoCloseable {
         public Builder optCheckpointing(CheckpointPolicy policy, String name) {
             this.checkpointPolicy = policy;
             this.checkpointName = name;
+            this.checkpointSublayers = false;
             return this;
         }
 
-        /** {@code none}, {@code all}, {@code every:N} or {@code sqrt}; see {@link FineTuner#checkpointPolicy}. */
+        /**
+         * {@code none}, {@code all}, {@code nested}, {@code every:N} or {@code sqrt}; see
+         * {@link FineTuner#checkpointPolicy}.
+         */
         public Builder optCheckpointing(String spec) {
-            return optCheckpointing(checkpointPolicy(spec), spec.trim().toLowerCase(Locale.ROOT));
+            String s = spec.trim().toLowerCase(Locale.ROOT);
+            optCheckpointing(checkpointPolicy(s), s);
+            this.checkpointSublayers = s.equals("nested");
+            return this;
         }
 
         public Builder optPrecision(Precision precision) {

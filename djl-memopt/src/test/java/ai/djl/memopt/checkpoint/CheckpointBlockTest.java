@@ -127,6 +127,28 @@ class CheckpointBlockTest {
     }
 
     @Test
+    void nestedCheckpointsGiveTheSameGradients() {
+        Shape shape = new Shape(4, CheckpointTestModels.WIDTH);
+        for (boolean inputGrad : new boolean[] {true, false}) {
+            Block stack = init(new CheckpointTestModels.ResidualStack(3), shape, 23);
+            NDArray x = input(shape, inputGrad, 9);
+            NDArray w = input(shape, false, 10);
+            Map<String, float[]> expected = gradients(stack, manager, x, w, plain());
+            // each layer (Linear, tanh, Linear) checkpointed, and inside it both Linears on their own
+            List<String> layers = Checkpointing.wrapChildren(stack, CheckpointPolicy.all());
+            for (String layer : layers) {
+                Checkpointing.wrapChildren(stack, layer, CheckpointPolicy.matching((n, b) -> b instanceof Linear));
+            }
+            CheckpointingGradientCollector[] gc = new CheckpointingGradientCollector[1];
+            Map<String, float[]> actual = gradients(stack, manager, x, w, keeping(gc));
+            assertClose(expected, actual, "nested, input grad " + inputGrad);
+            // the 3 layers in the forward, then 2 Linears in each layer's recomputation
+            assertEquals(3 + 3 * 2, gc[0].recordedSegments(), "segments recorded");
+            assertEquals(0, gc[0].pendingSegments());
+        }
+    }
+
+    @Test
     void sqrtScheduleNeedsASequentialParent() {
         Block stack = init(new CheckpointTestModels.ResidualStack(4), new Shape(2, CheckpointTestModels.WIDTH), 1);
         IllegalArgumentException e = assertThrows(

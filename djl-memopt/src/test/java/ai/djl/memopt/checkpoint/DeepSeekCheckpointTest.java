@@ -61,6 +61,36 @@ class DeepSeekCheckpointTest {
     }
 
     @Test
+    void attentionAndMlpNestedInCheckpointedLayersGiveTheSameGradients() {
+        for (String type : List.of(DeepSeekConfig.DEEPSEEK_V3, DeepSeekConfig.DEEPSEEK_V2)) {
+            try (NDManager manager = NDManager.newBaseManager()) {
+                DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(type), 5, manager, DataType.FLOAT32);
+                long[] ids = new long[2 * 10];
+                for (int i = 0; i < ids.length; i++) {
+                    ids[i] = (i * 53 + 7) % 128;
+                }
+                Map<String, float[]> expected = gradients(lm, manager, ids, () -> manager.getEngine()
+                        .newGradientCollector());
+                List<String> before = List.copyOf(Blocks.parameters(lm).keySet());
+                for (String layer : Checkpointing.wrapChildren(Blocks.get(lm, "model.layers"), CheckpointPolicy.all())) {
+                    assertEquals(List.of("self_attn", "mlp"), Checkpointing.wrapChildren(lm, "model.layers." + layer,
+                            CheckpointPolicy.matching((n, b) -> n.equals("self_attn") || n.equals("mlp"))));
+                }
+                assertEquals(before, List.copyOf(Blocks.parameters(lm).keySet()), "HF parameter names unchanged");
+                CheckpointingGradientCollector[] gc = new CheckpointingGradientCollector[1];
+                Map<String, float[]> actual = gradients(lm, manager, ids,
+                        () -> gc[0] = CheckpointingGradientCollector.open(manager));
+                assertEquals(3 + 3 * 2, gc[0].recordedSegments(), type + ": 3 layers, then 2 halves in each");
+                double diff = CheckpointTestModels.maxAbsDiff(expected, actual);
+                assertTrue(CheckpointTestModels.maxAbs(expected) > 1e-3);
+                assertEquals(expected.keySet(), actual.keySet());
+                assertTrue(diff <= 1e-6 * Math.max(1, CheckpointTestModels.maxAbs(expected)), type
+                        + ": max abs diff " + diff);
+            }
+        }
+    }
+
+    @Test
     void everyDecoderLayerCheckpointedGivesTheSameGradients() {
         for (String type : List.of(DeepSeekConfig.DEEPSEEK_V3, DeepSeekConfig.DEEPSEEK_V2)) {
             try (NDManager manager = NDManager.newBaseManager()) {

@@ -6,6 +6,7 @@ import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
+import ai.djl.memopt.checkpoint.CheckpointBlock;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
@@ -141,7 +142,8 @@ class FineTunerTest {
         Map<String, Map<String, float[]>> results = new LinkedHashMap<>();
         java.util.List<Double> losses = new java.util.ArrayList<>();
         String[][] variants = {{"none", "1", "100000"}, {"all", "1", "100000"}, {"every:2", "2", "100000"},
-            {"sqrt", "4", "100000"}, {"none", "1", "16"}, {"all", "2", "8"}};
+            {"sqrt", "4", "100000"}, {"none", "1", "16"}, {"all", "2", "8"}, {"nested", "1", "100000"},
+            {"nested", "2", "8"}};
         for (String[] v : variants) {
             try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 2, Device.cpu(), DataType.FLOAT32);
                     FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(v[0])
@@ -154,6 +156,9 @@ class FineTunerTest {
                 if (!v[0].equals("none")) {
                     assertFalse(tuner.checkpointedLayers().isEmpty());
                 }
+                // nested: each layer's attention and MLP are checkpoint blocks inside the checkpointed layer
+                assertEquals(v[0].equals("nested"), Blocks.get(lm, "model.layers.1.mlp") instanceof CheckpointBlock,
+                        v[0]);
             }
         }
         for (double loss : losses) {

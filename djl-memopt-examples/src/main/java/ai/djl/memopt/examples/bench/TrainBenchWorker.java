@@ -35,8 +35,10 @@ import java.util.SplittableRandom;
  * configuration's own peak): builds a preset with seeded random FP32 weights and a {@link FineTuner} in the given mode,
  * measures the idle memory, runs {@code steps} steps on seeded random token batches and prints one JSON line.
  *
- * <p>Arguments: {@code preset mode batch seq steps device seed lossChunkTokens [modelDir]}; mode is {@code fp32},
- * {@code checkpoint}, {@code fp16}, {@code fp16+checkpoint} or {@code qlora}. With {@code modelDir} (qlora only) the
+ * <p>Arguments: {@code preset mode batch seq steps device seed lossChunkTokens checkpointSpec [modelDir]}; mode is
+ * {@code fp32}, {@code checkpoint}, {@code fp16}, {@code fp16+checkpoint} or {@code qlora}; the checkpointed modes
+ * (all but {@code fp32} and {@code fp16}) checkpoint the decoder layers by {@code checkpointSpec}
+ * ({@link FineTuner#checkpointPolicy}). With {@code modelDir} (qlora only) the
  * base is a Hugging Face checkpoint read by {@link StreamingQuantizedLoader} straight into int4 instead of a random
  * FP32 preset quantized in memory, so models far larger than memory in FP32 (DeepSeek-V2-Lite) can be measured.
  *
@@ -51,9 +53,9 @@ public final class TrainBenchWorker {
     private TrainBenchWorker() {}
 
     public static void main(String[] args) throws Exception {
-        if (args.length != 8 && args.length != 9) {
+        if (args.length != 9 && args.length != 10) {
             System.err.println("usage: TrainBenchWorker preset mode batch seq steps cpu|gpu seed loss-chunk-tokens"
-                    + " [modelDir]");
+                    + " checkpoint-spec [modelDir]");
             System.exit(2);
         }
         String preset = args[0];
@@ -68,7 +70,8 @@ public final class TrainBenchWorker {
         if (m == null) {
             throw new IllegalArgumentException("unknown mode " + mode);
         }
-        Path modelDir = args.length == 9 ? Path.of(args[8]) : null;
+        String checkpointing = "none".equals(m.get("checkpoint")) ? "none" : args[8];
+        Path modelDir = args.length == 10 ? Path.of(args[9]) : null;
         if (modelDir != null && !"qlora".equals(mode)) {
             throw new IllegalArgumentException("a model directory is only loaded in qlora mode, not " + mode);
         }
@@ -90,7 +93,7 @@ public final class TrainBenchWorker {
         DeepSeekConfig config = base.config();
         try (NDManager owned = loadManager;
                 DeepSeekForCausalLM lm = base;
-                FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(m.get("checkpoint"))
+                FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpointing)
                         .optPrecision(FineTuner.Precision.parse(m.get("precision"))).optLearningRate(1e-4f)
                         .optLossChunkTokens(lossChunk).optSeed(seed).build()) {
             SplittableRandom random = new SplittableRandom(seed);
@@ -137,6 +140,7 @@ public final class TrainBenchWorker {
                 o.addProperty("load_seconds", loadSeconds);
             }
             o.addProperty("mode", mode);
+            o.addProperty("checkpointing", tuner.checkpointing());
             o.addProperty("batch", batch);
             o.addProperty("seq", seq);
             o.addProperty("steps", steps);

@@ -4,6 +4,7 @@ import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.MarkdownTable;
 import ai.djl.memopt.examples.bench.TrainBenchWorker;
+import ai.djl.memopt.finetune.FineTuner;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
@@ -69,6 +70,12 @@ public final class BenchTrainCommand implements Callable<Integer> {
                     + " repeatable or comma list; default the first four.")
     List<String> modes;
 
+    @Option(names = "--checkpoint", defaultValue = "nested", paramLabel = "all|nested|every:N|sqrt",
+            description = "How the checkpointed modes (checkpoint, fp16+checkpoint, qlora) checkpoint the decoder layers"
+                    + " (default nested: every layer, and inside it the attention and the MLP, recomputed one at a"
+                    + " time during the layer's backward).")
+    String checkpoint;
+
     @Option(names = "--batch", defaultValue = "1", paramLabel = "B", description = "Sequences per step (default 1).")
     int batch;
 
@@ -124,6 +131,11 @@ public final class BenchTrainCommand implements Callable<Integer> {
                     "need --batch >= 1, --seq >= 2, --steps >= 1, --loss-chunk >= 1; got %d, %d, %d, %d", batch, seq,
                     steps, lossChunk));
         }
+        String spec = checkpoint.trim().toLowerCase(Locale.ROOT);
+        if (FineTuner.checkpointPolicy(spec) == null) {
+            throw new IllegalArgumentException("--checkpoint " + checkpoint + ": the checkpointed modes need a policy"
+                    + " (all, nested, every:N or sqrt); --mode fp32 or fp16 runs without checkpointing");
+        }
         String dev = device.toLowerCase(Locale.ROOT);
         if (!dev.equals("cpu") && !dev.equals("gpu")) {
             throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
@@ -132,7 +144,7 @@ public final class BenchTrainCommand implements Callable<Integer> {
         for (String mode : selected) {
             List<String> workerArgs = new ArrayList<>(List.of(preset, mode, Integer.toString(batch),
                     Integer.toString(seq), Integer.toString(steps), dev, Long.toString(seed),
-                    Integer.toString(lossChunk)));
+                    Integer.toString(lossChunk), spec));
             if (model != null) {
                 workerArgs.add(model.toString());
             }
@@ -193,8 +205,13 @@ public final class BenchTrainCommand implements Callable<Integer> {
         }
         String date = LocalDate.now(ZoneOffset.UTC).toString();
         for (JsonObject r : results) {
+            String mode = r.get("mode").getAsString();
+            String checkpointing = r.has("checkpointing") ? r.get("checkpointing").getAsString() : "none";
+            if (!checkpointing.equals("none")) {
+                mode += " (" + checkpointing + ")"; // rows of different policies side by side
+            }
             List<String> cells = new ArrayList<>(List.of(
-                r.get("preset").getAsString(), r.get("mode").getAsString(), r.get("batch").getAsString(),
+                r.get("preset").getAsString(), mode, r.get("batch").getAsString(),
                 r.get("seq").getAsString(), r.get("steps").getAsString(), r.get("device").getAsString(),
                 mb(r, "peak_memory_bytes"), mb(r, "idle_memory_bytes"), mb(r, "state_bytes"),
                 mb(r, "activation_bytes"), "", String.format(Locale.ROOT, "%.2f",

@@ -41,6 +41,7 @@ class BenchTrainCommandTest {
         assertEquals(1, lines.length, r[1]);
         JsonObject o = JsonParser.parseString(lines[0]).getAsJsonObject();
         assertEquals("fp32", o.get("mode").getAsString());
+        assertEquals("none", o.get("checkpointing").getAsString(), "fp32 mode ignores --checkpoint");
         assertEquals("bench-tiny", o.get("preset").getAsString());
         assertEquals("cpu", o.get("device").getAsString());
         assertEquals(2, o.get("steps").getAsInt());
@@ -85,6 +86,7 @@ class BenchTrainCommandTest {
         // the target for QLoRA: state at most 0.2 x the fp32 mode's
         assertTrue(state <= 0.2 * fp32State, state + " vs fp32 " + fp32State);
         assertTrue(o.get("last_loss").getAsDouble() > 0, o.toString());
+        assertEquals("nested", o.get("checkpointing").getAsString(), "the default --checkpoint");
     }
 
     @Test
@@ -139,13 +141,19 @@ class BenchTrainCommandTest {
         BenchTrainCommand.updateTable(md, List.of(result("fp32", 4_000_000, 2.0), result("checkpoint", 1_000_000,
                 2.5)));
         BenchTrainCommand.updateTable(md, List.of(result("checkpoint", 800_000, 3.0)));
+        JsonObject nested = result("checkpoint", 600_000, 3.2);
+        nested.addProperty("checkpointing", "nested");
+        BenchTrainCommand.updateTable(md, List.of(nested));
         String text = Files.readString(md, StandardCharsets.UTF_8);
         assertTrue(text.startsWith("head\n" + BenchTrainCommand.BEGIN), text);
         assertTrue(text.endsWith(BenchTrainCommand.END + "\ntail\n"), text);
         assertTrue(text.contains("| p | fp32 | 1 | 8 | 2 | cpu | 9.0 | 1.0 | 2.0 | 4.0 | 1.00 | 2.00 | 1.00 |"), text);
         assertTrue(text.contains("| p | checkpoint | 1 | 8 | 2 | cpu | 9.0 | 1.0 | 2.0 | 0.8 | 0.20 | 3.00 | 1.50 |"),
                 text);
-        assertEquals(1, text.split("\\| p \\| checkpoint").length - 1, text);
+        assertEquals(2, text.split("\\| p \\| checkpoint").length - 1, text);
+        // another policy is another row, beside the first
+        assertTrue(text.contains("| p | checkpoint (nested) | 1 | 8 | 2 | cpu | 9.0 | 1.0 | 2.0 | 0.6 | 0.15 | 3.20 |"
+                + " 1.60 |"), text);
     }
 
     @Test
@@ -156,5 +164,11 @@ class BenchTrainCommandTest {
         r = FinetuneCommandTest.run("bench", "train", "--preset", "huge");
         assertNotEquals("0", r[0]);
         assertTrue(r[2].contains("unknown preset"), r[2]);
+        r = FinetuneCommandTest.run("bench", "train", "--checkpoint", "none");
+        assertNotEquals("0", r[0]);
+        assertTrue(r[2].contains("--checkpoint none: the checkpointed modes need a policy"), r[2]);
+        r = FinetuneCommandTest.run("bench", "train", "--checkpoint", "every:0");
+        assertNotEquals("0", r[0]);
+        assertTrue(r[2].contains("N must be >= 1"), r[2]);
     }
 }
