@@ -489,6 +489,9 @@ public final class FineTuner implements AutoCloseable {
             raw.attach(c);
             logits = raw.getDataType() == DataType.FLOAT32 ? raw : raw.toType(DataType.FLOAT32, false);
             logits.attach(c);
+            if (logits != raw) {
+                raw.close(); // the FP16 logits are not needed once the FP32 ones exist
+            }
         } finally {
             JniUtils.setGradMode(true);
         }

@@ -70,10 +70,11 @@ public final class BenchTrainCommand implements Callable<Integer> {
                     + " repeatable or comma list; default the first four.")
     List<String> modes;
 
-    @Option(names = "--checkpoint", defaultValue = "nested", paramLabel = "all|nested|every:N|sqrt",
-            description = "How the checkpointed modes (checkpoint, fp16+checkpoint, qlora) checkpoint the decoder layers"
-                    + " (default nested: every layer, and inside it the attention and the MLP, recomputed one at a"
-                    + " time during the layer's backward).")
+    @Option(names = "--checkpoint", paramLabel = "all|nested|every:N|sqrt",
+            description = "How the checkpointed modes (checkpoint, fp16+checkpoint, qlora) checkpoint the decoder"
+                    + " layers. Default: nested for fp16+checkpoint (every layer, and inside it the attention and the"
+                    + " MLP, recomputed one at a time during the layer's backward: the least memory, one more forward),"
+                    + " all (every layer) for checkpoint and qlora.")
     String checkpoint;
 
     @Option(names = "--batch", defaultValue = "1", paramLabel = "B", description = "Sequences per step (default 1).")
@@ -131,8 +132,8 @@ public final class BenchTrainCommand implements Callable<Integer> {
                     "need --batch >= 1, --seq >= 2, --steps >= 1, --loss-chunk >= 1; got %d, %d, %d, %d", batch, seq,
                     steps, lossChunk));
         }
-        String spec = checkpoint.trim().toLowerCase(Locale.ROOT);
-        if (FineTuner.checkpointPolicy(spec) == null) {
+        String spec = checkpoint == null ? "default" : checkpoint.trim().toLowerCase(Locale.ROOT);
+        if (checkpoint != null && FineTuner.checkpointPolicy(spec) == null) {
             throw new IllegalArgumentException("--checkpoint " + checkpoint + ": the checkpointed modes need a policy"
                     + " (all, nested, every:N or sqrt); --mode fp32 or fp16 runs without checkpointing");
         }

@@ -86,7 +86,7 @@ class BenchTrainCommandTest {
         // the target for QLoRA: state at most 0.2 x the fp32 mode's
         assertTrue(state <= 0.2 * fp32State, state + " vs fp32 " + fp32State);
         assertTrue(o.get("last_loss").getAsDouble() > 0, o.toString());
-        assertEquals("nested", o.get("checkpointing").getAsString(), "the default --checkpoint");
+        assertEquals("all", o.get("checkpointing").getAsString(), "qlora's default checkpointing");
     }
 
     @Test

@@ -250,7 +250,6 @@ public final class DeepSeekMoE extends AbstractBlock {
     NDArray dispatch(ParameterStore ps, NDArray x, NDArray topkIdx, NDArray topkWeight, boolean training) {
         return Scoped.run(() -> {
             NDManager m = x.getManager();
-            long n = topkIdx.getShape().get(0);
             int k = (int) topkIdx.getShape().get(1);
             int numExperts = experts.size();
             long[] ids = HostReads.longs(topkIdx); // host sync: (N*k) expert ids
@@ -267,13 +266,11 @@ public final class DeepSeekMoE extends AbstractBlock {
                 start[e + 1] = start[e] + counts[e];
             }
             // stable counting sort of assignments by expert id
-            long[] perm = new long[total]; // sorted position -> assignment (token * k + j)
             long[] inverse = new long[total]; // assignment -> sorted position
             long[] tokenOf = new long[total]; // sorted position -> token row
             int[] next = start.clone();
             for (int a = 0; a < total; a++) {
                 int pos = next[(int) ids[a]]++;
-                perm[pos] = a;
                 inverse[a] = pos;
                 tokenOf[pos] = a / k;
             }
@@ -294,7 +291,6 @@ public final class DeepSeekMoE extends AbstractBlock {
                 }
             }
             NDArray tokenIdx = ownedIndex(m, gatherOf, x); // (P) with P >= N*k
-            NDArray permIdx = ownedIndex(m, perm, x); // (N*k)
             NDArray invIdx = ownedIndex(m, inverse, x); // (N*k)
             NDArray rows = x.get(new NDIndex("{}", tokenIdx)); // (P, H) grouped by expert
             List<NDArray> outs = new ArrayList<>();
@@ -315,19 +311,33 @@ public final class DeepSeekMoE extends AbstractBlock {
             if (outs.size() > 1) {
                 outs.forEach(NDArray::close); // concatenated; autograd saved none of them
             }
-            NDArray w = topkWeight.reshape(-1).get(new NDIndex("{}", permIdx)); // (N*k) in sorted order
-            NDArray sorted32 = Precisions.cast(sorted, DataType.FLOAT32);
-            NDArray weighted = sorted32.mul(w.expandDims(1)); // (N*k, H)
-            if (sorted32 != sorted) {
-                sorted32.close(); // in FP16 autograd keeps the FP32 copy it saved for the weights' gradient
-            }
-            NDArray back = weighted.get(new NDIndex("{}", invIdx)); // (N*k, H) token-major
-            weighted.close();
-            long h = x.getShape().get(1);
-            NDArray summed = back.reshape(n, k, h).sum(new int[] {1}); // (N, H) FP32
-            back.close();
-            return new NDList(Precisions.cast(summed, x.getDataType())); // (N, H)
+            NDArray back = sorted.get(new NDIndex("{}", invIdx)); // (N*k, H) token-major
+            sorted.close(); // the index's backward keeps only the indices
+            return new NDList(combine(back, topkWeight));
         }).head();
+    }
+
+    /**
+     * The weighted sum of each token's {@code k} expert outputs: {@code out (N*k, H)} token-major in the experts' type,
+     * {@code topkWeight (N, k)} FP32 -> {@code (N, H)} in the experts' type. Each product is taken in the experts' type
+     * and the sum over {@code k} in FP32 (PyTorch would multiply in FP32: this differs by at most one rounding of each
+     * product), so that in FP16 training autograd saves the FP16 outputs rather than an FP32 copy, and the
+     * combination's gradients are FP16 too. Shared by the sorted and the gathered dispatch, which then agree exactly.
+     */
+    static NDArray combine(NDArray out, NDArray topkWeight) {
+        long n = topkWeight.getShape().get(0);
+        long k = topkWeight.getShape().get(1);
+        long h = out.getShape().get(1);
+        DataType type = out.getDataType();
+        NDArray w = Precisions.cast(topkWeight.reshape(n * k, 1), type); // (N*k, 1)
+        NDArray weighted = out.mul(w); // (N*k, H)
+        NDArray weighted32 = Precisions.cast(weighted, DataType.FLOAT32);
+        if (weighted32 != weighted) {
+            weighted.close();
+        }
+        NDArray summed = weighted32.reshape(n, k, h).sum(new int[] {1}); // (N, H) FP32
+        weighted32.close();
+        return Precisions.cast(summed, type);
     }
 
     /**

@@ -246,9 +246,7 @@ final class GatheredExperts {
                 outs.add(project(stacks[2], id, act, type)); // (c, 1, H)
             }
             NDArray out = (outs.size() == 1 ? outs.get(0) : NDArrays.concat(new NDList(outs), 0)).reshape(total, h);
-            NDArray w = topkWeight.reshape(total).expandDims(1); // (N*k, 1) FP32
-            NDArray weighted = Precisions.cast(out, DataType.FLOAT32).mul(w); // (N*k, H)
-            return new NDList(Precisions.cast(weighted.reshape(n, k, h).sum(new int[] {1}), type)); // (N, H)
+            return new NDList(DeepSeekMoE.combine(out, topkWeight)); // (N, H)
         }).head();
     }
 
