@@ -6,6 +6,8 @@ import ai.djl.memopt.checkpoint.CheckpointingGradientCollector;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekMoE;
+import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.DynamicLossScaler;
@@ -135,7 +137,11 @@ public final class FineTuner implements AutoCloseable {
             this.checkpointedLayers = Checkpointing.wrapChildren(Blocks.get(lm, "model.layers"), b.checkpointPolicy);
             if (b.checkpointSublayers) {
                 for (String layer : checkpointedLayers) {
-                    Checkpointing.wrapChildren(Blocks.get(lm, "model.layers." + layer), SUBLAYERS);
+                    String path = "model.layers." + layer;
+                    Checkpointing.wrapChildren(Blocks.get(lm, path), SUBLAYERS);
+                    if (BlockDecorator.unwrap(Blocks.get(lm, path + ".mlp")) instanceof DeepSeekMoE) {
+                        Checkpointing.wrapChildren(Blocks.get(lm, path + ".mlp.experts"), CheckpointPolicy.all());
+                    }
                 }
             }
             this.checkpointing = b.checkpointName != null ? b.checkpointName : "custom";
@@ -183,7 +189,7 @@ public final class FineTuner implements AutoCloseable {
         return new Builder();
     }
 
-    /** The two halves of a decoder layer that {@code nested} checkpointing recomputes one at a time. */
+    /** The two halves of a decoder layer, which {@code nested} checkpointing recomputes one at a time. */
     private static final CheckpointPolicy SUBLAYERS =
             CheckpointPolicy.matching((name, block) -> name.equals("self_attn") || name.equals("mlp"));
 
@@ -193,8 +199,9 @@ public final class FineTuner implements AutoCloseable {
      * are not a sequential chain and Chen et al.'s multi-layer segments cannot be formed; {@code sqrt} checkpoints
      * every {@code ceil(sqrt(L))}-th layer instead (about {@code sqrt(L)} checkpointed layers). {@code nested} is
      * {@code all} for the layers; {@link Builder#optCheckpointing(String)} then also checkpoints each layer's
-     * {@code self_attn} and {@code mlp} inside it, so that during a layer's backward they are recomputed and
-     * back-propagated one at a time: only one half's saved activations exist at once, for a third forward of each half.
+     * {@code self_attn} and {@code mlp} inside it, and each routed expert inside an MoE {@code mlp}, so that during a
+     * layer's backward they are recomputed and back-propagated one at a time: only one half's (one expert's) saved
+     * activations exist at once, for a third forward of each half.
      *
      * @throws IllegalArgumentException naming the bad value
      */
