@@ -92,8 +92,8 @@ public final class BenchTrainCommand implements Callable<Integer> {
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and data seed.")
     long seed;
 
-    @Option(names = "--loss-chunk", defaultValue = "128", paramLabel = "TOKENS",
-            description = "Loss head computed in chunks of about this many tokens, in every mode (default 128).")
+    @Option(names = "--loss-chunk", defaultValue = "64", paramLabel = "TOKENS",
+            description = "Loss head computed in chunks of about this many tokens, in every mode (default 64).")
     int lossChunk;
 
     @Option(names = "--heap", defaultValue = "3g", paramLabel = "SIZE", description = "Worker -Xmx (default 3g).")

@@ -128,8 +128,8 @@ public final class FinetuneCommand implements Callable<Integer> {
             description = "Micro-batches per optimizer step (default 1).")
     int gradAccum;
 
-    @Option(names = "--loss-chunk", defaultValue = "128", paramLabel = "TOKENS",
-            description = "Compute the loss head in chunks of about this many tokens (default 128).")
+    @Option(names = "--loss-chunk", defaultValue = "64", paramLabel = "TOKENS",
+            description = "Compute the loss head in chunks of about this many tokens (default 64).")
     int lossChunk;
 
     @Option(names = "--save", required = true, paramLabel = "DIR",
