@@ -38,9 +38,10 @@ import java.util.SplittableRandom;
  * <p>Arguments: {@code preset mode batch seq steps device seed lossChunkTokens checkpointSpec [modelDir]}; mode is
  * {@code fp32}, {@code checkpoint}, {@code fp16}, {@code fp16+checkpoint} or {@code qlora}; the checkpointed modes
  * (all but {@code fp32} and {@code fp16}) checkpoint the decoder layers by {@code checkpointSpec}
- * ({@link FineTuner#checkpointPolicy}), or by the mode's own default ({@link #modes()}) when it is {@code default}. With {@code modelDir} (qlora only) the
- * base is a Hugging Face checkpoint read by {@link StreamingQuantizedLoader} straight into int4 instead of a random
- * FP32 preset quantized in memory, so models far larger than memory in FP32 (DeepSeek-V2-Lite) can be measured.
+ * ({@link FineTuner#checkpointPolicy}), or by the mode's own default ({@link #modes()}) when it is {@code default}.
+ * With {@code modelDir} (qlora only) the base is a Hugging Face checkpoint read by {@link StreamingQuantizedLoader}
+ * straight into int4 instead of a random FP32 preset quantized in memory, so models far larger than memory in FP32
+ * (DeepSeek-V2-Lite) can be measured.
  *
  * <p>Memory: on CPU the peak is the process's {@code VmHWM} at the end and the idle figure its {@code VmRSS} right
  * before the first step (after a GC, with model and optimizer built); on a GPU both are device memory in use, the peak
@@ -104,8 +105,8 @@ public final class TrainBenchWorker {
             for (int i = 0; i < 3; i++) {
                 System.gc();
             }
-            long idle = MemoryStats.deviceBytesInUse(device);
             long initPeak = MemoryStats.peakResidentBytes();
+            long idle = idleBytes(device);
             // a loaded model's peak so far is the load's: reset it so the peak below is the training steps' own
             boolean peakReset = modelDir != null && !device.isGpu() && StreamLoadWorker.resetPeak();
             PeakSampler sampler = device.isGpu() ? new PeakSampler(device) : null;
@@ -171,9 +172,22 @@ public final class TrainBenchWorker {
     }
 
     /**
+     * The smallest of 40 readings 25 ms apart: a single reading right after the GCs sometimes caught tens of MB of
+     * transient memory (the same model and seed read 1,393 and 1,440 MB), which then came off the activation figure.
+     */
+    static long idleBytes(Device device) throws InterruptedException {
+        long min = Long.MAX_VALUE;
+        for (int i = 0; i < 40; i++) {
+            min = Math.min(min, MemoryStats.deviceBytesInUse(device));
+            Thread.sleep(25);
+        }
+        return min;
+    }
+
+    /**
      * The benchmark modes: checkpoint spec and precision of each. {@code fp16+checkpoint} is the memory-lean mode and
-     * nests the attention and MLP checkpoints inside each layer's; {@code checkpoint} checkpoints whole layers, which
-     * costs one forward less per step (the issue bounds its step time, not fp16+checkpoint's).
+     * nests the attention, MLP and expert checkpoints inside each layer's; {@code checkpoint} checkpoints whole layers,
+     * which costs one forward less per step (the issue bounds its step time, not fp16+checkpoint's).
      */
     public static Map<String, Map<String, String>> modes() {
         Map<String, Map<String, String>> m = new HashMap<>();

@@ -71,7 +71,7 @@ class FinetuneCommandTest {
     private String[] finetune(Path save, int steps, String... extra) {
         List<String> args = new ArrayList<>(List.of("finetune", "--model", modelDir.toString(), "--data",
                 text.toString(), "--steps", Integer.toString(steps), "--batch", "2", "--seq", "32", "--lr", "3e-3",
-                "--checkpoint", "all", "--grad-accum", "2", "--save", save.toString(), "--json", "--held-out",
+                "--checkpoint", "nested", "--grad-accum", "2", "--save", save.toString(), "--json", "--held-out",
                 "0.1"));
         args.addAll(List.of(extra));
         return run(args.toArray(new String[0]));
