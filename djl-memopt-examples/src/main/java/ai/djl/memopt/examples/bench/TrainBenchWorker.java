@@ -10,6 +10,7 @@ import ai.djl.memopt.lora.Lora;
 import ai.djl.memopt.lora.LoraConfig;
 import ai.djl.memopt.lora.LoraReport;
 import ai.djl.memopt.memory.MemoryStats;
+import ai.djl.memopt.memory.NativeMemory;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
@@ -106,6 +107,7 @@ public final class TrainBenchWorker {
                 System.gc();
             }
             long initPeak = MemoryStats.peakResidentBytes();
+            NativeMemory.releaseFreed(); // as the tuner does after every step
             long idle = idleBytes(device);
             // a loaded model's peak so far is the load's: reset it so the peak below is the training steps' own
             boolean peakReset = modelDir != null && !device.isGpu() && StreamLoadWorker.resetPeak();

@@ -34,7 +34,7 @@ class BenchTrainCommandTest {
         Path md = tmp.resolve("benchmarks.md");
         Files.writeString(md, "# Benchmarks\n\nintro\n");
         String[] r = FinetuneCommandTest.run("bench", "train", "--preset", "bench-tiny", "--mode", "fp32", "--batch",
-                "1", "--seq", "16", "--steps", "2", "--heap", "1g", "--timeout", "300", "--out", md.toString(),
+                "1", "--seq", "16", "--steps", "2", "--heap", "256m", "--timeout", "300", "--out", md.toString(),
                 "--chart", tmp.resolve("img/train.png").toString());
         assertEquals("0", r[0], r[2]);
         String[] lines = r[1].trim().split("\n");
@@ -72,7 +72,7 @@ class BenchTrainCommandTest {
     @Test
     void qloraStateIsAFifthOfFullFp32TrainingAtMost() throws Exception {
         String[] r = FinetuneCommandTest.run("bench", "train", "--preset", "bench-tiny", "--mode", "qlora", "--batch",
-                "1", "--seq", "16", "--steps", "1", "--heap", "1g", "--timeout", "300");
+                "1", "--seq", "16", "--steps", "1", "--heap", "256m", "--timeout", "300");
         assertEquals("0", r[0], r[2]);
         JsonObject o = JsonParser.parseString(r[1].trim()).getAsJsonObject();
         long params = DeepSeekConfig.preset("bench-tiny").parameterCount();
@@ -95,7 +95,7 @@ class BenchTrainCommandTest {
         DeepSeekConfig config = DeepSeekConfig.preset("bench-tiny");
         SyntheticCheckpoint.write(config, dir, 3, 1L << 30, null);
         String[] r = FinetuneCommandTest.run("bench", "train", "--model", dir.toString(), "--mode", "qlora", "--batch",
-                "1", "--seq", "16", "--steps", "1", "--heap", "1g", "--timeout", "300");
+                "1", "--seq", "16", "--steps", "1", "--heap", "256m", "--timeout", "300");
         assertEquals("0", r[0], r[2]);
         JsonObject o = JsonParser.parseString(r[1].trim()).getAsJsonObject();
         assertEquals(dir.toString(), o.get("model").getAsString());
