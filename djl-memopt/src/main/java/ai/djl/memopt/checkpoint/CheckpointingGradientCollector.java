@@ -279,7 +279,9 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                 inputGrad |= ours; // an earlier segment's output: a view of its leaf, no graph beyond it
             } else if (x.hasGradient()) {
                 inputGrad = true; // a leaf that requires grad
-            } else if (carriesGraph(x)) {
+            } else if (st.recomputing > 0 || carriesGraph(x)) {
+                // inside a recomputation the inputs of nested segments are computed from the recomputed ones, and
+                // asking costs a native exception each (tens of ms with torch's backtrace): assume a graph
                 inputGrad = true;
                 inputHasGraph = true;
             }
@@ -380,6 +382,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             Deque<Segment> nested = new ArrayDeque<>();
             st.segments = nested;
             st.leaves = new IdentityHashMap<>();
+            st.recomputing++;
             try (NDScope scope = new NDScope()) {
                 NDList y;
                 try {
@@ -391,6 +394,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                     st.segments = enclosing;
                     st.leaves = enclosingLeaves;
                     st.spanRun = null;
+                    st.recomputing--;
                 }
                 if (s.fingerprint != null) {
                     s.fingerprint.verify(y, s.name);
@@ -484,6 +488,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         Deque<Segment> segments = new ArrayDeque<>();
         Map<NDArray, Boolean> leaves = new IdentityHashMap<>();
         SpanRun spanRun;
+        int recomputing; // depth of segment recomputations in progress
     }
 
     private static final class SpanRun {

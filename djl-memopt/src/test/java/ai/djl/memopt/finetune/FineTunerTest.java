@@ -143,7 +143,7 @@ class FineTunerTest {
         java.util.List<Double> losses = new java.util.ArrayList<>();
         String[][] variants = {{"none", "1", "100000"}, {"all", "1", "100000"}, {"every:2", "2", "100000"},
             {"sqrt", "4", "100000"}, {"none", "1", "16"}, {"all", "2", "8"}, {"nested", "1", "100000"},
-            {"nested", "2", "8"}};
+            {"nested+experts", "2", "8"}};
         for (String[] v : variants) {
             try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 2, Device.cpu(), DataType.FLOAT32);
                     FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(v[0])
@@ -157,8 +157,10 @@ class FineTunerTest {
                     assertFalse(tuner.checkpointedLayers().isEmpty());
                 }
                 // nested: each layer's attention and MLP are checkpoint blocks inside the checkpointed layer
-                assertEquals(v[0].equals("nested"), Blocks.get(lm, "model.layers.1.mlp") instanceof CheckpointBlock,
+                assertEquals(v[0].startsWith("nested"), Blocks.get(lm, "model.layers.1.mlp") instanceof CheckpointBlock,
                         v[0]);
+                assertEquals(v[0].equals("nested+experts"),
+                        Blocks.get(lm, "model.layers.1.mlp.experts.0") instanceof CheckpointBlock, v[0]);
             }
         }
         for (double loss : losses) {

@@ -70,11 +70,11 @@ public final class BenchTrainCommand implements Callable<Integer> {
                     + " repeatable or comma list; default the first four.")
     List<String> modes;
 
-    @Option(names = "--checkpoint", paramLabel = "all|nested|every:N|sqrt",
+    @Option(names = "--checkpoint", paramLabel = "all|nested|nested+experts|every:N|sqrt",
             description = "How the checkpointed modes (checkpoint, fp16+checkpoint, qlora) checkpoint the decoder"
-                    + " layers. Default: nested for fp16+checkpoint (every layer, and inside it the attention and the"
-                    + " MLP, recomputed one at a time during the layer's backward: the least memory, one more forward),"
-                    + " all (every layer) for checkpoint and qlora.")
+                    + " layers. Default: nested for checkpoint (every layer, and inside it the attention and the MLP,"
+                    + " recomputed one at a time during the layer's backward), nested+experts for fp16+checkpoint (the"
+                    + " routed experts too: the least memory, the slowest), all (every layer) for qlora.")
     String checkpoint;
 
     @Option(names = "--batch", defaultValue = "1", paramLabel = "B", description = "Sequences per step (default 1).")

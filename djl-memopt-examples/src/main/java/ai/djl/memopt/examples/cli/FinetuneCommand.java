@@ -97,11 +97,12 @@ public final class FinetuneCommand implements Callable<Integer> {
     @Option(names = "--seq", defaultValue = "256", paramLabel = "T", description = "Tokens per sequence (default 256).")
     int seq;
 
-    @Option(names = "--checkpoint", defaultValue = "none", paramLabel = "none|all|nested|every:N|sqrt",
+    @Option(names = "--checkpoint", defaultValue = "none", paramLabel = "none|all|nested|nested+experts|every:N|sqrt",
             description = "Activation checkpointing of the decoder layers (default none). nested also checkpoints each"
-                    + " layer's attention and MLP inside it, recomputed one at a time during the layer's backward (the"
-                    + " least memory, one more forward of each). sqrt checkpoints every ceil(sqrt(L))-th layer:"
-                    + " DeepSeek layers are not a sequential chain, so Chen's multi-layer segments do not apply.")
+                    + " layer's attention and MLP inside it, recomputed one at a time during the layer's backward (less"
+                    + " memory, one more forward of each); nested+experts also each routed expert (the least memory,"
+                    + " slow). sqrt checkpoints every ceil(sqrt(L))-th layer: DeepSeek layers are not a sequential"
+                    + " chain, so Chen's multi-layer segments do not apply.")
     String checkpoint;
 
     @Option(names = "--precision", defaultValue = "fp32", paramLabel = "fp32|fp16",
