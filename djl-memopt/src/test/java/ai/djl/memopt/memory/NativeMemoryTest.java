@@ -31,11 +31,13 @@ class NativeMemoryTest {
             long released = MemoryStats.residentBytes();
             String figures = String.format("RSS before %d, filled %d, after close %d, after release %d MiB",
                     before >> 20, filled >> 20, freed >> 20, released >> 20);
-            assertTrue(filled - before > 80L << 20, figures);
-            // closing alone leaves most of it resident (measured: all 125 MiB); releasing gives most of it back
-            // (measured: 24 MiB left, some of it the Java objects of the arrays)
-            assertTrue(freed - before > 60L << 20, figures);
-            assertTrue(released - before < 50L << 20, figures);
+            // 94 MiB of tensor data; part of it may land on pages that were already resident (other tests ran in
+            // this JVM), so the growth is checked loosely (measured alone: +125 MiB; in the full suite: +80 MiB)
+            long grown = filled - before;
+            assertTrue(grown > 40L << 20, figures);
+            // closing alone leaves it resident (measured: all of it); releasing gives most of it back
+            assertTrue(freed - before > grown * 6 / 10, figures);
+            assertTrue(freed - released > grown / 2, figures);
         }
     }
 }
