@@ -41,14 +41,7 @@ class QLoraCheckpointTest {
             LoraReport plain = Lora.apply(models[0], config);
             LoraReport checkpointed = Lora.apply(models[1], config);
             assertEquals(plain.wrappedPaths(), checkpointed.wrappedPaths(), "checkpointing keeps the module paths");
-            Engine.getInstance().setRandomSeed(41);
-            Map<String, LoraLinear> other = Lora.adapters(models[1]);
-            for (Map.Entry<String, LoraLinear> e : Lora.adapters(models[0]).entrySet()) {
-                LoraLinear l = e.getValue();
-                NDArray b = m.randomNormal(0, 0.05f, l.loraB().getArray().getShape(), DataType.FLOAT32);
-                l.setAdapterWeights(l.loraA().getArray(), b);
-                other.get(e.getKey()).setAdapterWeights(l.loraA().getArray(), b);
-            }
+            Map<String, LoraLinear> other = SharedAdapters.randomizeAndCopy(models[0], models[1], m, 41);
             NDArray ids = ref.load(m, "input_ids");
             float[] losses = new float[2];
             for (int i = 0; i < 2; i++) {

@@ -135,15 +135,7 @@ class QLoraTest {
             Engine.getInstance().setRandomSeed(31);
             LoraReport report = Lora.apply(lm, config);
             Lora.apply(twin, config);
-            // same adapter weights in both, B nonzero so A gets gradients too
-            Engine.getInstance().setRandomSeed(32);
-            Map<String, LoraLinear> twinAdapters = Lora.adapters(twin);
-            for (Map.Entry<String, LoraLinear> e : Lora.adapters(lm).entrySet()) {
-                LoraLinear l = e.getValue();
-                NDArray b = m.randomNormal(0, 0.05f, l.loraB().getArray().getShape(), DataType.FLOAT32);
-                l.setAdapterWeights(l.loraA().getArray(), b);
-                twinAdapters.get(e.getKey()).setAdapterWeights(l.loraA().getArray(), b);
-            }
+            Map<String, LoraLinear> twinAdapters = SharedAdapters.randomizeAndCopy(lm, twin, m, 32);
             System.out.println("QLoRA int4: " + report);
             NDArray ids = ref.load(m, "input_ids");
             for (DeepSeekForCausalLM model : new DeepSeekForCausalLM[] {lm, twin}) {

@@ -9,6 +9,7 @@ import ai.djl.engine.Engine;
 import ai.djl.memopt.lora.Lora;
 import ai.djl.memopt.lora.LoraConfig;
 import ai.djl.memopt.lora.LoraLinear;
+import ai.djl.memopt.lora.SharedAdapters;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
@@ -300,14 +301,7 @@ class QuantizedEmbeddingTest {
                     "up_proj").build();
             Lora.apply(lm, config);
             Lora.apply(twin, config);
-            Engine.getInstance().setRandomSeed(33);
-            Map<String, LoraLinear> twinAdapters = Lora.adapters(twin);
-            for (Map.Entry<String, LoraLinear> e : Lora.adapters(lm).entrySet()) {
-                LoraLinear l = e.getValue();
-                NDArray b = m.randomNormal(0, 0.05f, l.loraB().getArray().getShape(), DataType.FLOAT32);
-                l.setAdapterWeights(l.loraA().getArray(), b);
-                twinAdapters.get(e.getKey()).setAdapterWeights(l.loraA().getArray(), b);
-            }
+            Map<String, LoraLinear> twinAdapters = SharedAdapters.randomizeAndCopy(lm, twin, m, 33);
             for (DeepSeekForCausalLM model : new DeepSeekForCausalLM[] {lm, twin}) {
                 try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
                     gc.backward(CausalLmLoss.mean(logits(model, ids, true), ids));
