@@ -2,13 +2,11 @@ package ai.djl.memopt.examples.bench;
 
 import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantScheme;
 import ai.djl.memopt.quantize.QuantizationConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
-import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
 import ai.djl.memopt.quantize.StreamingQuantizedLoader;
 import ai.djl.memopt.safetensors.HfCheckpoint;
@@ -18,8 +16,6 @@ import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
-import ai.djl.nn.Block;
-import ai.djl.nn.Parameter;
 import ai.djl.training.ParameterStore;
 import com.google.gson.JsonObject;
 import java.nio.file.Files;
@@ -92,17 +88,8 @@ public final class LoadBenchWorker {
             long peak = Math.max(MemoryStats.peakResidentBytes(), after);
             DeepSeekForCausalLM lm = r.model();
             QuantizationReport report = r.report();
-            long floatBytes = 0;
-            for (Parameter p : Blocks.parameters(lm).values()) {
-                NDArray a = p.getArray();
-                floatBytes += a.size() * a.getDataType().getNumOfBytes();
-            }
-            long quantizedBytes = 0;
-            for (Block b : Blocks.walk(lm).values()) {
-                if (b instanceof QuantizedLinear) {
-                    quantizedBytes += ((QuantizedLinear) b).quantizedWeight().nbytes();
-                }
-            }
+            long floatBytes = QuantBenchWorker.floatBytes(lm);
+            long quantizedBytes = QuantBenchWorker.quantizedBytes(lm);
             out.addProperty("peak_reset", reset);
             out.addProperty("rss_before", before);
             out.addProperty("peak", peak);

@@ -167,6 +167,11 @@ public final class QuantBenchWorker {
 
     /** Bytes of every weight array the model holds: float parameters and the quantized layers' tensors. */
     public static long weightBytes(Block root) {
+        return floatBytes(root) + quantizedBytes(root);
+    }
+
+    /** Bytes of the model's (initialized) parameters: the weights kept in float. */
+    static long floatBytes(Block root) {
         long bytes = 0;
         for (Parameter p : Blocks.parameters(root).values()) {
             if (p.isInitialized()) {
@@ -174,6 +179,12 @@ public final class QuantBenchWorker {
                 bytes += a.size() * a.getDataType().getNumOfBytes();
             }
         }
+        return bytes;
+    }
+
+    /** Bytes of the quantized layers' tensors (codes, scales, zero points and biases), which are not parameters. */
+    static long quantizedBytes(Block root) {
+        long bytes = 0;
         for (Block b : Blocks.walk(root).values()) {
             if (b instanceof QuantizedLinear) {
                 QuantizedLinear q = (QuantizedLinear) b;

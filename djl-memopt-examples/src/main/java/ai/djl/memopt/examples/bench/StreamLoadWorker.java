@@ -3,12 +3,10 @@ package ai.djl.memopt.examples.bench;
 import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantScheme;
 import ai.djl.memopt.quantize.QuantizationConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
-import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
 import ai.djl.memopt.quantize.Quantizer;
 import ai.djl.memopt.quantize.StreamingQuantizedLoader;
@@ -17,8 +15,6 @@ import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
-import ai.djl.nn.Block;
-import ai.djl.nn.Parameter;
 import ai.djl.training.ParameterStore;
 import com.google.gson.JsonObject;
 import java.io.IOException;
@@ -70,16 +66,7 @@ public final class StreamLoadWorker {
             QuantizationReport report = r.report();
             long peak = MemoryStats.peakResidentBytes();
             long after = MemoryStats.residentBytes();
-            long modelBytes = 0;
-            for (Parameter p : Blocks.parameters(lm).values()) {
-                NDArray a = p.getArray();
-                modelBytes += a.size() * a.getDataType().getNumOfBytes();
-            }
-            for (Block b : Blocks.walk(lm).values()) {
-                if (b instanceof QuantizedLinear) {
-                    modelBytes += ((QuantizedLinear) b).quantizedWeight().nbytes();
-                }
-            }
+            long modelBytes = QuantBenchWorker.weightBytes(lm);
             double logitsSum = forward(lm, manager);
             JsonObject out = new JsonObject();
             out.addProperty("mode", args[1]);

@@ -16,12 +16,9 @@ import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
 import ai.djl.memopt.quantize.QuantizationConfig;
-import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.Quantizer;
 import ai.djl.memopt.quantize.StreamingQuantizedLoader;
-import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDManager;
-import ai.djl.nn.Block;
 import java.nio.file.Path;
 import ai.djl.ndarray.types.DataType;
 import com.google.gson.JsonObject;
@@ -103,9 +100,6 @@ public final class TrainBenchWorker {
             // packed int4 weights are not parameters: count them with the state
             long quantizedBytes = qlora != null ? qlora.quantizedBytes : 0;
             StateBytes idleState = tuner.stateBytes();
-            for (int i = 0; i < 3; i++) {
-                System.gc();
-            }
             long initPeak = MemoryStats.peakResidentBytes();
             long idle = idleBytes(device);
             // a loaded model's peak so far is the load's: reset it so the peak below is the training steps' own
@@ -231,12 +225,7 @@ public final class TrainBenchWorker {
 
         /** The adapters on a model the streaming loader already quantized with {@link #QUANTIZATION}. */
         static Qlora adaptLoaded(DeepSeekForCausalLM lm) {
-            long packed = 0;
-            for (Block b : Blocks.walk(lm).values()) {
-                if (b instanceof QuantizedLinear) {
-                    packed += ((QuantizedLinear) b).quantizedWeight().nbytes();
-                }
-            }
+            long packed = QuantBenchWorker.quantizedBytes(lm);
             LoraReport l = Lora.apply(lm, LoraConfig.builder().setRank(8).optAlpha(16).optTargetModules(TARGETS).build());
             return new Qlora(packed, l.trainableParameters());
         }
