@@ -7,6 +7,7 @@ import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.quantize.QuantScheme;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.safetensors.HfCheckpoint;
+import ai.djl.memopt.safetensors.NameLists;
 import ai.djl.memopt.safetensors.SafetensorsDType;
 import ai.djl.memopt.safetensors.TensorInfo;
 import ai.djl.ndarray.types.DataType;
@@ -14,26 +15,24 @@ import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
 import ai.djl.nn.core.Linear;
+import java.io.IOException;
 import java.nio.file.Path;
-import java.util.ArrayList;
 import java.util.HashSet;
-import java.util.List;
 import java.util.Map;
 import java.util.Set;
 import java.util.TreeSet;
 
 /**
  * The checks {@link ArtifactLoader} makes before it changes a block: every entry of the manifest has a place of the
- * right kind and shape in the block, every tensor it needs exists with the dtype and shape the format says, and no
- * tensor is left over.
+ * right kind and shape in the block, every tensor it needs exists with the dtype and shape the format says, no tensor
+ * is left over, quantized values are in their ranges ({@link ArtifactRanges}) and float values are finite.
  */
 final class ArtifactChecks {
 
     private ArtifactChecks() {}
 
     /** Checks {@code st} (the artifact's weights) against {@code block}; throws naming the entry or tensor at fault. */
-    static void check(Path dir, HfCheckpoint st, Block block, ArtifactManifest manifest)
-            throws QuantizedArtifactException {
+    static void check(Path dir, HfCheckpoint st, Block block, ArtifactManifest manifest) throws IOException {
         Map<String, Parameter> params = Blocks.parameters(block);
         for (Map.Entry<String, ArtifactManifest.LayerEntry> e : manifest.layers().entrySet()) {
             String path = e.getKey();
@@ -115,7 +114,14 @@ final class ArtifactChecks {
         unexpected.removeAll(used);
         if (!unexpected.isEmpty()) {
             throw new QuantizedArtifactException(dir + ": tensors the block has no place for: "
-                    + abbreviate(unexpected) + " (artifact of a different architecture?)");
+                    + NameLists.abbreviate(unexpected) + " (artifact of a different architecture?)");
+        }
+        // the values too, before the block changes: quantized ones in their ranges, float ones finite
+        ArtifactRanges.check(st, manifest);
+        for (String name : st.names()) {
+            if (st.info(name).dtype().isFloating()) {
+                st.checkFinite(name);
+            }
         }
     }
 
@@ -202,10 +208,5 @@ final class ArtifactChecks {
             throw new QuantizedArtifactException(st.directory() + ": tensor '" + name + "' is missing");
         }
         return st.info(name);
-    }
-
-    private static String abbreviate(Set<String> names) {
-        List<String> l = new ArrayList<>(names);
-        return l.size() <= 8 ? l.toString() : l.subList(0, 8) + " and " + (l.size() - 8) + " more";
     }
 }

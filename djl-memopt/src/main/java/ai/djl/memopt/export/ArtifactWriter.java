@@ -22,6 +22,7 @@ import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
 import ai.djl.memopt.quantize.Sparse24;
 import ai.djl.memopt.safetensors.AtomicFiles;
+import ai.djl.memopt.safetensors.CrashPoints;
 import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.types.DataType;
@@ -36,7 +37,6 @@ import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
-import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.HashSet;
@@ -47,22 +47,30 @@ import java.util.Set;
 
 /**
  * Writes a {@link QuantizedArtifact}: the weights ({@link ShardedWriter}), {@code config.json}, the companion files
- * and, last, {@code quantization.json} with the sha256 of every other file.
+ * and, last, {@code quantization.json} with the sha256 of every other file, all into a fresh directory that then
+ * replaces the old one as a whole. Each step ends at a {@link CrashPoints crash point} ({@code export.shard-written},
+ * {@code export.weights-written}, {@code export.config-written}, {@code export.companion-written},
+ * {@code export.manifest-written}), where tests kill the JVM.
  */
 final class ArtifactWriter {
 
     private ArtifactWriter() {}
 
-    /** {@link QuantizedArtifact#export}. */
+    /**
+     * {@link QuantizedArtifact#export}: the files are written into a fresh sibling of {@code dir}, which then replaces
+     * {@code dir} as a whole ({@link AtomicFiles#replaceDirectory}), so a crash at any step leaves the old artifact or
+     * the new one. {@link ArtifactDirectory#checkReplaceable} first finishes what an earlier crash left and refuses a
+     * directory that holds anything but an artifact.
+     */
     static ArtifactManifest write(Block root, Path dir, ExportOptions options) throws IOException {
-        Files.createDirectories(dir);
-        boolean hasWeights = Files.exists(dir.resolve(WEIGHTS)) || Files.exists(dir.resolve(HfCheckpoint.INDEX_FILE));
-        if (hasWeights && !Files.exists(dir.resolve(METADATA))) {
-            // never replace a model's own checkpoint (e.g. --out pointing at the source directory)
-            throw new IOException(dir + " holds model weights that are not a quantized artifact (no " + METADATA
-                    + "); refusing to overwrite them: export to another directory");
-        }
-        Files.deleteIfExists(dir.resolve(METADATA));
+        ArtifactDirectory.checkReplaceable(dir);
+        JsonObject[] meta = new JsonObject[1];
+        AtomicFiles.replaceDirectory(dir, fresh -> meta[0] = writeInto(root, fresh, options));
+        return ManifestParser.parse(dir, meta[0]);
+    }
+
+    /** Writes every file of the artifact into the empty directory {@code dir}, the manifest last; returns it. */
+    private static JsonObject writeInto(Block root, Path dir, ExportOptions options) throws IOException {
         Map<String, Block> blocks = Blocks.walk(root);
         ShardedWriter writer = new ShardedWriter();
         List<String> weightFiles;
@@ -140,6 +148,7 @@ final class ArtifactWriter {
                 embeddings.add(path, l);
             }
             weightFiles = writer.write(dir, options.maxShardBytes(), FORMAT);
+            CrashPoints.reach("export.weights-written");
         } finally {
             for (Sparse24 s : compressed) {
                 s.values().close();
@@ -153,10 +162,12 @@ final class ArtifactWriter {
         if (options.configJson() != null) {
             AtomicFiles.copy(options.configJson(), dir.resolve(CONFIG));
             files.addProperty(CONFIG, sha256(dir.resolve(CONFIG)));
+            CrashPoints.reach("export.config-written");
         } else if (root instanceof DeepSeekForCausalLM) {
             AtomicFiles.write(dir.resolve(CONFIG),
                     ((DeepSeekForCausalLM) root).config().toJson().getBytes(StandardCharsets.UTF_8));
             files.addProperty(CONFIG, sha256(dir.resolve(CONFIG)));
+            CrashPoints.reach("export.config-written");
         }
         for (Path companion : options.companionFiles()) {
             String name = companion.getFileName().toString();
@@ -164,6 +175,7 @@ final class ArtifactWriter {
                     "companion file %s would overwrite the artifact's own %s", companion, name);
             AtomicFiles.copy(companion, dir.resolve(name));
             files.addProperty(name, sha256(dir.resolve(name)));
+            CrashPoints.reach("export.companion-written");
         }
         String architecture = options.architecture() != null ? options.architecture()
                 : root instanceof DeepSeekForCausalLM ? DEEPSEEK : "generic";
@@ -199,7 +211,8 @@ final class ArtifactWriter {
         }
         AtomicFiles.write(dir.resolve(METADATA),
                 new GsonBuilder().setPrettyPrinting().disableHtmlEscaping().create().toJson(meta).getBytes(StandardCharsets.UTF_8));
-        return ManifestParser.parse(dir, meta);
+        CrashPoints.reach("export.manifest-written");
+        return meta;
     }
 
     private static JsonArray shapeJson(Shape s) {

@@ -34,10 +34,10 @@ import java.util.Locale;
  *       method, shape and dtype, sha256 of the source checkpoint files and of every artifact file.
  * </ul>
  *
- * <p>Every file is written atomically (temporary file, then rename); {@code quantization.json} is deleted first and
- * written last, so an interrupted export never looks complete, and files from an older export fail the checksums.
- * {@link #load} verifies format version and checksums, then checks every tensor's presence, type and shape against
- * the block before changing it, and reports exactly what is wrong.
+ * <p>An export writes every file into a fresh sibling directory, {@code quantization.json} last, which then replaces
+ * the directory as a whole: a crash at any point leaves the old artifact or the new one, complete (docs/artifact-format.md,
+ * "Crash safety"). {@link #load} verifies format version and checksums, then checks every tensor's presence, type,
+ * shape and value range against the block before changing it, and reports exactly what is wrong.
  *
  * <pre>{@code
  * Quantizer.quantize(model, Int4WeightOnlyConfig.builder().build());
@@ -87,8 +87,9 @@ public final class QuantizedArtifact {
      * Writes the artifact of {@code root} (quantized and/or pruned in memory) to {@code dir}.
      *
      * @return the manifest written
-     * @throws IOException if writing fails (nothing that looks complete is left behind), or {@code dir} holds model
-     *     weights that are not an artifact (a source checkpoint is never overwritten)
+     * @throws IOException if writing fails ({@code dir} is then left as it was), or {@code dir} holds anything but an
+     *     artifact: model weights that are not one (a source checkpoint is never overwritten), other files, or files
+     *     its manifest does not list (replacing the directory would delete them)
      * @throws IllegalArgumentException if a 2:4 layer named in the options is not a 2:4-sparse Linear
      */
     public static ArtifactManifest export(Block root, Path dir, ExportOptions options) throws IOException {
@@ -102,6 +103,15 @@ public final class QuantizedArtifact {
      */
     public static ArtifactManifest verify(Path dir) throws IOException {
         return ArtifactVerifier.verify(dir);
+    }
+
+    /**
+     * Reads and checks {@code quantization.json} without computing any checksum (cheap; {@link #verify} before use).
+     *
+     * @throws QuantizedArtifactException naming the missing file or bad field
+     */
+    public static ArtifactManifest readManifest(Path dir) throws IOException {
+        return ArtifactVerifier.readManifest(dir);
     }
 
     /**
