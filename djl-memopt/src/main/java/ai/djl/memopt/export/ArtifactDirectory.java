@@ -8,6 +8,7 @@ import static ai.djl.memopt.export.QuantizedArtifact.WEIGHTS;
 import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.memopt.safetensors.NameLists;
+import ai.djl.memopt.safetensors.RegularFiles;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.memopt.safetensors.StrictJson;
 import com.google.gson.JsonElement;
@@ -94,7 +95,9 @@ final class ArtifactDirectory {
     private static Set<String> artifactFiles(Path dir) {
         Set<String> own = new HashSet<>();
         try {
-            JsonElement meta = StrictJson.parse(Files.readString(dir.resolve(METADATA), StandardCharsets.UTF_8));
+            Path metaFile = dir.resolve(METADATA);
+            RegularFiles.require(metaFile, METADATA); // a FIFO would block the read
+            JsonElement meta = StrictJson.parse(Files.readString(metaFile, StandardCharsets.UTF_8));
             JsonObject o = meta.getAsJsonObject();
             if (FORMAT.equals(o.get("format").getAsString())) {
                 own.add(METADATA);

@@ -142,6 +142,35 @@ class SafetensorsValidationTest {
         }
     }
 
+    @Test
+    void theWordAtATimeScanFindsEveryPositionInEveryType() throws IOException {
+        float[] bad = {Float.NaN, Float.POSITIVE_INFINITY, Float.NEGATIVE_INFINITY};
+        for (SafetensorsDType t : new SafetensorsDType[] {SafetensorsDType.F32, SafetensorsDType.F16,
+                SafetensorsDType.BF16, SafetensorsDType.F64}) {
+            for (int n : new int[] {1, 7, 13}) {
+                for (int at = 0; at < n; at++) {
+                    ByteBuffer b = ByteBuffer.allocate(n * t.byteSize()).order(ByteOrder.LITTLE_ENDIAN);
+                    for (int i = 0; i < n; i++) {
+                        // the largest finite values: every exponent bit but one set
+                        float v = i == at ? bad[(at + n) % 3] : (i % 2 == 0 ? 65504f : -1.0e-3f);
+                        switch (t) {
+                            case F32: b.putFloat(v); break;
+                            case F16: b.putShort(Halfs.floatToF16(v)); break;
+                            case BF16: b.putShort(Halfs.floatToBf16(v)); break;
+                            default: b.putDouble(v);
+                        }
+                    }
+                    b.flip();
+                    String m = assertThrows(SafetensorsFormatException.class,
+                            () -> NonFiniteValues.check(tmp, "t", t, b)).getMessage();
+                    assertTrue(m.contains("first at element " + at + ":"), t + " " + n + " " + at + ": " + m);
+                    b.put(at * t.byteSize() + t.byteSize() - 1, (byte) 0); // clears the sign and top exponent bits
+                    NonFiniteValues.check(tmp, "t", t, b);
+                }
+            }
+        }
+    }
+
     /** Makes a FIFO, or skips the test where the system has no mkfifo. */
     private static Path fifo(Path p) throws IOException, InterruptedException {
         Process mk;
