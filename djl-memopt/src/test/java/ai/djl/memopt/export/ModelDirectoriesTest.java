@@ -76,14 +76,20 @@ class ModelDirectoriesTest {
         assertTrue(e.getMessage().contains("absent"), e.getMessage());
     }
 
-    /** An int8 artifact of the V3 fixture, exported from a source directory holding {@code sourceFiles} too. */
-    private Path artifact(String name, String... tokenizerFiles) throws IOException {
+    /**
+     * An int8 artifact of the V3 fixture, exported from a source directory that also holds {@code tokenizerFiles} of
+     * the word-level tokenizer and, if not null, a {@code chat_template.jinja}.
+     */
+    private Path artifact(String name, String chatTemplate, String... tokenizerFiles) throws IOException {
         Path source = Files.createDirectories(tmp.resolve(name + "-source"));
         for (String f : new String[] {"config.json", "model.safetensors", "generation_config.json"}) {
             Files.copy(V3.resolve(f), source.resolve(f));
         }
         for (String f : tokenizerFiles) {
             Files.copy(TOKENIZER.resolve(f), source.resolve(f));
+        }
+        if (chatTemplate != null) {
+            Files.writeString(source.resolve("chat_template.jinja"), chatTemplate);
         }
         Path artifact = tmp.resolve(name);
         try (NDManager m = NDManager.newBaseManager()) {
@@ -98,14 +104,14 @@ class ModelDirectoriesTest {
 
     @Test
     void anArtifactIsUsedOnlyWithTheTokenizerFilesItsManifestLists() throws IOException {
-        Path with = artifact("with", "tokenizer.json", "tokenizer_config.json");
+        Path with = artifact("with", null, "tokenizer.json", "tokenizer_config.json");
         assertEquals(java.util.Set.of("tokenizer.json", "tokenizer_config.json", "generation_config.json"),
                 ModelDirectories.tokenizerFiles(with));
         try (GenerationModel g = GenerationModel.open(with, Device.cpu(), DataType.FLOAT32)) {
             assertTrue(g.tokenizer().isPresent(), "a listed tokenizer is used");
         }
 
-        Path without = artifact("without");
+        Path without = artifact("without", null);
         assertEquals(java.util.Set.of("generation_config.json"), ModelDirectories.tokenizerFiles(without));
         Files.copy(TOKENIZER.resolve("tokenizer.json"), without.resolve("tokenizer.json"));
         IOException e = assertThrows(IOException.class, () -> ModelDirectories.tokenizerFiles(without));
@@ -115,12 +121,18 @@ class ModelDirectoriesTest {
         assertTrue(g.getMessage().contains("tokenizer.json") && g.getMessage().contains("not listed"), g.getMessage());
 
         // a listed tokenizer.json does not make an unlisted tokenizer_config.json beside it usable
-        Path half = artifact("half", "tokenizer.json");
+        Path half = artifact("half", null, "tokenizer.json");
         Files.copy(TOKENIZER.resolve("tokenizer_config.json"), half.resolve("tokenizer_config.json"));
         IOException h = assertThrows(IOException.class,
                 () -> GenerationModel.open(half, Device.cpu(), DataType.FLOAT32).close());
         assertTrue(h.getMessage().contains("tokenizer_config.json") && h.getMessage().contains("not listed"),
                 h.getMessage());
+
+        // a chat template beside the source's tokenizer travels with it, listed and checksummed
+        Path chat = artifact("chat", "{{ messages[0]['content'] }}");
+        assertEquals(java.util.Set.of("chat_template.jinja", "generation_config.json"),
+                ModelDirectories.tokenizerFiles(chat));
+        assertTrue(QuantizedArtifact.verify(chat).files().containsKey("chat_template.jinja"));
 
         // a checkpoint directory has no manifest: whatever it holds is its own
         Path plain = Files.createDirectories(tmp.resolve("plain"));
