@@ -164,6 +164,29 @@ public final class ArtifactManifest {
         return files;
     }
 
+    /**
+     * What the artifact holds, in a few words: its layers' schemes in order of first appearance ({@code int4 g128},
+     * {@code int8}; an int4 scheme with the group size most of its layers use, as layers narrower than the group get
+     * smaller groups), then quantized embeddings and compact 2:4 layers if any.
+     */
+    public String summary() {
+        java.util.Map<QuantScheme, java.util.Map<Integer, Integer>> groups = new java.util.LinkedHashMap<>();
+        for (LayerEntry l : layers.values()) {
+            groups.computeIfAbsent(l.scheme(), k -> new java.util.HashMap<>()).merge(l.groupSize(), 1, Integer::sum);
+        }
+        java.util.List<String> parts = new java.util.ArrayList<>();
+        groups.forEach((scheme, bySize) -> parts.add(scheme != QuantScheme.INT4_WEIGHT_ONLY ? scheme.id()
+                : "int4 g" + java.util.Collections.max(bySize.entrySet(), java.util.Map.Entry.comparingByValue())
+                        .getKey()));
+        if (!embeddings.isEmpty()) {
+            parts.add(embeddings.values().iterator().next().scheme().id() + " embeddings");
+        }
+        if (!sparse24.isEmpty()) {
+            parts.add("2:4 sparse");
+        }
+        return parts.isEmpty() ? "no quantized layer" : String.join(", ", parts);
+    }
+
     /** sha256 of the source checkpoint files, by file name. */
     public Map<String, String> sourceFiles() {
         return sourceFiles;

@@ -27,9 +27,12 @@ public final class ExportOptions {
     private final String extraJson;
     private final long maxShardBytes;
 
-    /** Files of a Hugging Face model directory that an artifact carries along (tokenizer, generation settings). */
+    /**
+     * Files of a Hugging Face model directory that an artifact carries along (tokenizer, chat template, generation
+     * settings): what a tokenizer or generator reads beside the weights.
+     */
     static final List<String> COMPANIONS = List.of("tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "special_tokens_map.json");
+            "generation_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json");
 
     private ExportOptions(Builder b) {
         this.maxShardBytes = b.maxShardBytes;

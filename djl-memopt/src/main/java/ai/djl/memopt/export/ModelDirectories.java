@@ -2,11 +2,16 @@ package ai.djl.memopt.export;
 
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.memopt.safetensors.NameLists;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import java.io.IOException;
 import java.nio.file.Files;
+import java.nio.file.LinkOption;
 import java.nio.file.Path;
+import java.util.Collections;
+import java.util.Set;
+import java.util.TreeSet;
 
 /**
  * Opens any DeepSeek model directory this project reads or writes: a Hugging Face checkpoint directory
@@ -40,5 +45,40 @@ public final class ModelDirectories {
         return isQuantizedArtifact(dir)
                 ? QuantizedArtifact.loadDeepSeek(dir, manager, dtype)
                 : DeepSeekLoader.load(dir, manager, dtype);
+    }
+
+    /**
+     * The tokenizer and generation files ({@code tokenizer.json}, {@code tokenizer_config.json},
+     * {@code generation_config.json}, {@code special_tokens_map.json}, {@code chat_template.jinja|json}) that may be
+     * used with the model in {@code dir}: for a checkpoint directory, those it holds; for a quantized artifact, those
+     * its {@code quantization.json} lists (and checksums), and a file of these names that it holds but does not list
+     * is an error rather than silently used or silently ignored.
+     *
+     * @throws QuantizedArtifactException naming the unlisted files
+     */
+    public static Set<String> tokenizerFiles(Path dir) throws IOException {
+        Set<String> present = new TreeSet<>();
+        for (String name : ExportOptions.COMPANIONS) {
+            if (Files.exists(dir.resolve(name), LinkOption.NOFOLLOW_LINKS)) {
+                present.add(name);
+            }
+        }
+        if (!isQuantizedArtifact(dir)) {
+            present.removeIf(name -> !Files.isRegularFile(dir.resolve(name)));
+            return Collections.unmodifiableSet(present);
+        }
+        Set<String> listed = ArtifactVerifier.readManifest(dir).files().keySet();
+        Set<String> unlisted = new TreeSet<>(present);
+        unlisted.removeAll(listed);
+        if (!unlisted.isEmpty()) {
+            throw new QuantizedArtifactException(dir + ": " + NameLists.abbreviate(unlisted) + " not listed in its "
+                    + QuantizedArtifact.METADATA + ": the artifact was exported without " + (unlisted.size() == 1
+                            ? "this file" : "these files") + ", and an artifact is used only with the files its manifest"
+                    + " lists and checksums. Remove " + (unlisted.size() == 1 ? "it" : "them") + ", or export again"
+                    + " from a model directory that holds " + (unlisted.size() == 1 ? "it" : "them"));
+        }
+        Set<String> usable = new TreeSet<>(ExportOptions.COMPANIONS);
+        usable.retainAll(listed);
+        return Collections.unmodifiableSet(usable);
     }
 }

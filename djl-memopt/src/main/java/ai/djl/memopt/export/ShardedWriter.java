@@ -1,21 +1,19 @@
 package ai.djl.memopt.export;
 
+import ai.djl.memopt.safetensors.CrashPoints;
 import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.memopt.safetensors.SafetensorsDType;
 import ai.djl.memopt.safetensors.SafetensorsWriter;
 import ai.djl.ndarray.NDArray;
 import com.google.gson.JsonObject;
 import java.io.IOException;
-import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.List;
-import java.util.stream.Stream;
 
 /**
  * Writes tensors as {@code model.safetensors}, or, past {@code maxShardBytes}, as Hugging Face shards
- * {@code model-0000i-of-0000n.safetensors} plus {@code model.safetensors.index.json}, each file atomically. Stale
- * weight files of an earlier export in the directory are removed first so the directory has one layout.
+ * {@code model-0000i-of-0000n.safetensors} plus {@code model.safetensors.index.json}, each file atomically.
  */
 final class ShardedWriter {
 
@@ -37,17 +35,8 @@ final class ShardedWriter {
         entries.add(new Entry(name, array));
     }
 
-    /** Writes the files; returns their names, the index last when sharded. */
+    /** Writes the files into {@code dir} (fresh: see {@link ArtifactWriter}); returns their names, the index last. */
     List<String> write(Path dir, long maxShardBytes, String format) throws IOException {
-        try (Stream<Path> files = Files.list(dir)) {
-            for (Path p : (Iterable<Path>) files::iterator) {
-                String n = p.getFileName().toString();
-                if (n.equals(HfCheckpoint.INDEX_FILE) || n.equals(HfCheckpoint.SINGLE_FILE)
-                        || n.matches("model-\\d{5}-of-\\d{5}\\.safetensors")) {
-                    Files.delete(p);
-                }
-            }
-        }
         List<List<Entry>> shards = new ArrayList<>();
         List<Entry> current = new ArrayList<>();
         long size = 0;
@@ -66,6 +55,7 @@ final class ShardedWriter {
         List<String> names = new ArrayList<>();
         if (shards.size() == 1) {
             writeShard(dir.resolve(HfCheckpoint.SINGLE_FILE), shards.get(0), format);
+            CrashPoints.reach("export.shard-written");
             names.add(HfCheckpoint.SINGLE_FILE);
             return names;
         }
@@ -73,6 +63,7 @@ final class ShardedWriter {
         for (int i = 0; i < shards.size(); i++) {
             String name = HfCheckpoint.shardFileName(i, shards.size());
             writeShard(dir.resolve(name), shards.get(i), format);
+            CrashPoints.reach("export.shard-written");
             names.add(name);
             for (Entry e : shards.get(i)) {
                 weightMap.addProperty(e.name, name);

@@ -5,5 +5,9 @@
  * source and artifact files), atomically; {@link ai.djl.memopt.export.QuantizedArtifact#load} and
  * {@link ai.djl.memopt.export.QuantizedArtifact#loadDeepSeek} verify and load it, reproducing the in-memory quantized
  * model exactly.
+ *
+ * <p>Behind that one entry point: {@code ArtifactWriter} (export), {@code ArtifactVerifier} and {@code ManifestParser}
+ * (checksums and the manifest's fields), {@code ArtifactChecks} (every tensor against the block, before it changes) and
+ * {@code ArtifactLoader} (changes the block).
  */
 package ai.djl.memopt.export;

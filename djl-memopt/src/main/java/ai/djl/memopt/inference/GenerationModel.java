@@ -12,6 +12,7 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.List;
 import java.util.Optional;
+import java.util.Set;
 
 /**
  * A DeepSeek checkpoint directory opened for generation: the model ({@link DeepSeekLoader}), the compressed-cache
@@ -55,8 +56,10 @@ public final class GenerationModel implements AutoCloseable {
         NDManager weights = NDManager.newBaseManager(device);
         TextTokenizer tokenizer = null;
         try {
+            // an artifact is used only with the tokenizer files its manifest lists: unlisted ones are refused
+            Set<String> tokenizerFiles = ModelDirectories.tokenizerFiles(dir);
             DeepSeekForCausalLM model = ModelDirectories.loadDeepSeek(dir, weights, dtype);
-            if (Files.isRegularFile(dir.resolve("tokenizer.json"))) {
+            if (tokenizerFiles.contains("tokenizer.json")) {
                 tokenizer = TextTokenizer.fromModelDir(dir);
             }
             List<Long> eos = tokenizer != null ? tokenizer.eosIds() : TextTokenizer.readEosIds(dir);

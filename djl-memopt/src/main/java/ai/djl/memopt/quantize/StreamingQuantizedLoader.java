@@ -6,6 +6,7 @@ import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.safetensors.Halfs;
 import ai.djl.memopt.safetensors.HfCheckpoint;
+import ai.djl.memopt.safetensors.NonFiniteValues;
 import ai.djl.memopt.safetensors.SafetensorsDType;
 import ai.djl.memopt.safetensors.SafetensorsFormatException;
 import ai.djl.memopt.safetensors.TensorInfo;
@@ -19,7 +20,6 @@ import java.io.IOException;
 import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
 import java.nio.channels.FileChannel;
-import java.nio.file.Files;
 import java.nio.file.Path;
 import java.nio.file.StandardOpenOption;
 import java.util.ArrayList;
@@ -115,14 +115,7 @@ public final class StreamingQuantizedLoader {
         Preconditions.checkArgument(dtype == DataType.FLOAT32 || dtype == DataType.FLOAT16,
                 "dtype must be FLOAT32 or FLOAT16 (BF16 checkpoints are converted in Java), got %s", dtype);
         checkRtn(config);
-        if (!Files.isDirectory(dir)) {
-            throw new IOException(dir + ": not a directory");
-        }
-        Path configFile = dir.resolve("config.json");
-        if (!Files.isRegularFile(configFile)) {
-            throw new IOException(dir + ": no config.json");
-        }
-        DeepSeekConfig modelConfig = DeepSeekConfig.fromJson(configFile);
+        DeepSeekConfig modelConfig = DeepSeekLoader.readConfig(dir);
         long start = System.nanoTime();
         try (HfCheckpoint ckpt = HfCheckpoint.open(dir)) {
             // plan on an unallocated model of the same structure: the checkpoint gives each Linear's input size
@@ -232,6 +225,7 @@ public final class StreamingQuantizedLoader {
                 case F16: {
                     int len = Math.toIntExact(info.byteLength());
                     readFully(file, name, info.fileOffset(), window(0, len));
+                    NonFiniteValues.check(file, name, info.dtype(), window(0, len));
                     loaded = manager.create(window(0, len), info.djlShape(), info.dtype().loadedAs());
                     break;
                 }
@@ -240,6 +234,7 @@ public final class StreamingQuantizedLoader {
                     // after bf16 i (at 2n+2i) is read and never reaches a bf16 value still to be read
                     int n = Math.toIntExact(info.numel());
                     readFully(file, name, info.fileOffset(), window(2 * n, 2 * n));
+                    NonFiniteValues.check(file, name, info.dtype(), window(2 * n, 2 * n));
                     for (int i = 0; i < n; i++) {
                         short bits = staging.getShort(2 * n + 2 * i);
                         staging.putFloat(4 * i, Halfs.bf16ToFloat(bits));

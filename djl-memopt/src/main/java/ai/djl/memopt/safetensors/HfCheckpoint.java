@@ -10,7 +10,6 @@ import com.google.gson.GsonBuilder;
 import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParseException;
-import com.google.gson.JsonParser;
 import java.io.IOException;
 import java.nio.ByteBuffer;
 import java.nio.charset.StandardCharsets;
@@ -71,8 +70,10 @@ public final class HfCheckpoint implements AutoCloseable {
     /**
      * Opens the checkpoint of a model directory and validates every file's header (and the index, if sharded).
      *
-     * @throws SafetensorsFormatException naming the file and tensor for a missing shard, a tensor the index lists
-     *     that its shard lacks, a tensor in two shards, or any corrupt or truncated file
+     * @throws SafetensorsFormatException naming the file and tensor for a missing shard, a shard path outside the
+     *     directory, a tensor the index lists that its shard lacks, a tensor in two shards, or any corrupt or
+     *     truncated file
+     * @throws IOException if a file cannot be read or is not a regular file
      */
     public static HfCheckpoint open(Path directory) throws IOException {
         if (!Files.isDirectory(directory)) {
@@ -89,7 +90,12 @@ public final class HfCheckpoint implements AutoCloseable {
                     SafetensorsFile file = byFileName.get(e.getValue());
                     if (file == null) {
                         Path shard = directory.resolve(e.getValue()).normalize();
-                        if (!shard.startsWith(directory.normalize()) || !Files.isRegularFile(shard)) {
+                        if (Path.of(e.getValue()).isAbsolute() || !shard.startsWith(directory.normalize())) {
+                            throw new SafetensorsFormatException(index + ": shard path '" + e.getValue()
+                                    + "' of tensor '" + e.getKey() + "' refused: it is absolute or leaves the model"
+                                    + " directory through '..'; shards must be files inside " + directory);
+                        }
+                        if (!Files.exists(shard)) {
                             throw new SafetensorsFormatException(index + ": shard '" + e.getValue()
                                     + "' of tensor '" + e.getKey() + "' does not exist in " + directory);
                         }
@@ -125,8 +131,9 @@ public final class HfCheckpoint implements AutoCloseable {
     }
 
     private static Map<String, String> readIndex(Path index) throws IOException {
+        RegularFiles.require(index, "shard index");
         try {
-            JsonElement root = JsonParser.parseString(Files.readString(index, StandardCharsets.UTF_8));
+            JsonElement root = StrictJson.parse(Files.readString(index, StandardCharsets.UTF_8));
             if (!root.isJsonObject() || !root.getAsJsonObject().has("weight_map")
                     || !root.getAsJsonObject().get("weight_map").isJsonObject()) {
                 throw new SafetensorsFormatException(index + ": no 'weight_map' object");
@@ -143,6 +150,15 @@ public final class HfCheckpoint implements AutoCloseable {
         } catch (JsonParseException e) {
             throw new SafetensorsFormatException(index + ": not valid JSON: " + e.getMessage(), e);
         }
+    }
+
+    /**
+     * The {@code quantization} entry of the files' {@code __metadata__} (a quantized artifact's weights carry
+     * {@code djl-memopt-quantized}), if any file has one.
+     */
+    public java.util.Optional<String> quantizationMetadata() {
+        return files.stream().map(f -> f.metadata().get("quantization")).filter(java.util.Objects::nonNull)
+                .findFirst();
     }
 
     public Path directory() {
@@ -178,6 +194,11 @@ public final class HfCheckpoint implements AutoCloseable {
 
     public ByteBuffer bytes(String name) throws IOException {
         return fileOf(name).bytes(name);
+    }
+
+    /** {@link SafetensorsFile#checkFinite}. */
+    public void checkFinite(String name) throws IOException {
+        fileOf(name).checkFinite(name);
     }
 
     public float[] readFloats(String name) throws IOException {

@@ -4,22 +4,14 @@ import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import com.google.common.base.Preconditions;
-import com.google.common.collect.ImmutableMap;
 import com.google.common.collect.ImmutableSortedSet;
-import com.google.gson.JsonElement;
-import com.google.gson.JsonObject;
-import com.google.gson.JsonParseException;
-import com.google.gson.JsonParser;
 import java.io.IOException;
 import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
 import java.nio.FloatBuffer;
 import java.nio.channels.FileChannel;
-import java.nio.charset.StandardCharsets;
-import java.nio.file.NoSuchFileException;
 import java.nio.file.Path;
 import java.nio.file.StandardOpenOption;
-import java.util.LinkedHashMap;
 import java.util.Map;
 import java.util.SortedSet;
 
@@ -41,6 +33,12 @@ public final class SafetensorsFile implements AutoCloseable {
     /** The format's own bound on the header (100 MB), which also keeps a corrupt length from allocating gigabytes. */
     static final long MAX_HEADER_BYTES = 100L * 1000 * 1000;
 
+    /**
+     * System property that, set to {@code true}, lets floating tensors holding NaN or infinite values load (they are
+     * refused by default, naming the tensor: a model with them computes NaN).
+     */
+    public static final String ALLOW_NON_FINITE = "memopt.allowNonFinite";
+
     private final Path path;
     private final FileChannel channel;
     private final long dataStart;
@@ -60,134 +58,18 @@ public final class SafetensorsFile implements AutoCloseable {
      * Opens and validates a safetensors file.
      *
      * @throws SafetensorsFormatException if the file is truncated, its header is corrupt or a tensor entry is invalid
-     * @throws IOException if the file cannot be read
+     *     (everything the reference implementation refuses: see {@link HeaderParser})
+     * @throws IOException if the file cannot be read or is not a regular file (a FIFO would block forever)
      */
     public static SafetensorsFile open(Path path) throws IOException {
-        FileChannel channel;
+        RegularFiles.require(path, "safetensors file");
+        FileChannel channel = FileChannel.open(path, StandardOpenOption.READ);
         try {
-            channel = FileChannel.open(path, StandardOpenOption.READ);
-        } catch (NoSuchFileException e) {
-            throw new NoSuchFileException(path.toString(), null, "safetensors file not found");
-        }
-        try {
-            return parse(path, channel);
+            HeaderParser.Header h = HeaderParser.parse(path, channel);
+            return new SafetensorsFile(path, channel, h.dataStart, h.tensors, h.metadata);
         } catch (IOException | RuntimeException e) {
             channel.close();
             throw e;
-        }
-    }
-
-    private static SafetensorsFile parse(Path path, FileChannel channel) throws IOException {
-        long size = channel.size();
-        if (size < 8) {
-            throw new SafetensorsFormatException(path + ": truncated safetensors file (" + size
-                    + " bytes, fewer than the 8-byte header length)");
-        }
-        ByteBuffer lengthBuf = ByteBuffer.allocate(8).order(ByteOrder.LITTLE_ENDIAN);
-        readFully(channel, lengthBuf, 0, path);
-        long headerLength = lengthBuf.flip().getLong();
-        if (headerLength <= 0 || headerLength > MAX_HEADER_BYTES) {
-            throw new SafetensorsFormatException(path + ": corrupt safetensors header length " + headerLength
-                    + " (expected 1.." + MAX_HEADER_BYTES + ")");
-        }
-        if (8 + headerLength > size) {
-            throw new SafetensorsFormatException(path + ": truncated safetensors file: header of " + headerLength
-                    + " bytes runs past the end of the file (" + size + " bytes)");
-        }
-        ByteBuffer headerBuf = ByteBuffer.allocate((int) headerLength);
-        readFully(channel, headerBuf, 8, path);
-        String headerText = new String(headerBuf.array(), StandardCharsets.UTF_8);
-        JsonObject header;
-        try {
-            JsonElement parsed = JsonParser.parseString(headerText);
-            if (!parsed.isJsonObject()) {
-                throw new SafetensorsFormatException(path + ": corrupt safetensors header: not a JSON object");
-            }
-            header = parsed.getAsJsonObject();
-        } catch (JsonParseException e) {
-            throw new SafetensorsFormatException(path + ": corrupt safetensors header: " + e.getMessage(), e);
-        }
-        long dataStart = 8 + headerLength;
-        long dataSize = size - dataStart;
-        Map<String, TensorInfo> tensors = new LinkedHashMap<>();
-        Map<String, String> metadata = new LinkedHashMap<>();
-        for (Map.Entry<String, JsonElement> e : header.entrySet()) {
-            String name = e.getKey();
-            if ("__metadata__".equals(name)) {
-                if (!e.getValue().isJsonObject()) {
-                    throw new SafetensorsFormatException(path + ": __metadata__ is not a JSON object");
-                }
-                for (Map.Entry<String, JsonElement> m : e.getValue().getAsJsonObject().entrySet()) {
-                    if (!m.getValue().isJsonPrimitive() || !m.getValue().getAsJsonPrimitive().isString()) {
-                        throw new SafetensorsFormatException(
-                                path + ": __metadata__ value of '" + m.getKey() + "' is not a string");
-                    }
-                    metadata.put(m.getKey(), m.getValue().getAsString());
-                }
-                continue;
-            }
-            tensors.put(name, parseEntry(path, name, e.getValue(), dataStart, dataSize));
-        }
-        return new SafetensorsFile(path, channel, dataStart, ImmutableMap.copyOf(tensors),
-                ImmutableMap.copyOf(metadata));
-    }
-
-    private static TensorInfo parseEntry(Path path, String name, JsonElement value, long dataStart, long dataSize)
-            throws SafetensorsFormatException {
-        String where = path + ": tensor '" + name + "'";
-        try {
-            JsonObject entry = value.getAsJsonObject();
-            String dtypeName = entry.get("dtype").getAsString();
-            SafetensorsDType dtype = SafetensorsDType.parse(dtypeName);
-            if (dtype == null) {
-                throw new SafetensorsFormatException(where + ": unsupported dtype " + dtypeName
-                        + " (supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)");
-            }
-            var shapeJson = entry.get("shape").getAsJsonArray();
-            long[] shape = new long[shapeJson.size()];
-            long numel = 1;
-            for (int i = 0; i < shape.length; i++) {
-                shape[i] = shapeJson.get(i).getAsLong();
-                if (shape[i] < 0) {
-                    throw new SafetensorsFormatException(where + ": negative dimension " + shape[i]);
-                }
-                numel = Math.multiplyExact(numel, shape[i]);
-            }
-            var offsets = entry.get("data_offsets").getAsJsonArray();
-            if (offsets.size() != 2) {
-                throw new SafetensorsFormatException(where + ": data_offsets must have 2 entries, has "
-                        + offsets.size());
-            }
-            long begin = offsets.get(0).getAsLong();
-            long end = offsets.get(1).getAsLong();
-            if (begin < 0 || end < begin) {
-                throw new SafetensorsFormatException(where + ": invalid data_offsets [" + begin + ", " + end + "]");
-            }
-            if (end > dataSize) {
-                throw new SafetensorsFormatException(where + ": data_offsets [" + begin + ", " + end
-                        + "] point past the end of the file (data section holds " + dataSize
-                        + " bytes): the file is truncated or its header is corrupt");
-            }
-            long expected = Math.multiplyExact(numel, (long) dtype.byteSize());
-            if (end - begin != expected) {
-                throw new SafetensorsFormatException(where + ": " + (end - begin) + " bytes of data but shape "
-                        + java.util.Arrays.toString(shape) + " of " + dtype + " needs " + expected);
-            }
-            return new TensorInfo(name, dtype, shape, dataStart + begin, end - begin);
-        } catch (IllegalStateException | NullPointerException | UnsupportedOperationException
-                | ArithmeticException | NumberFormatException e) {
-            throw new SafetensorsFormatException(where + ": malformed header entry " + value + " (" + e + ")", e);
-        }
-    }
-
-    private static void readFully(FileChannel channel, ByteBuffer buf, long position, Path path) throws IOException {
-        long pos = position;
-        while (buf.hasRemaining()) {
-            int n = channel.read(buf, pos);
-            if (n < 0) {
-                throw new SafetensorsFormatException(path + ": unexpected end of file at byte " + pos);
-            }
-            pos += n;
         }
     }
 
@@ -247,6 +129,15 @@ public final class SafetensorsFile implements AutoCloseable {
     }
 
     /**
+     * Checks that a floating tensor holds no NaN or infinite value, without loading it (integer tensors pass).
+     *
+     * @throws SafetensorsFormatException naming the tensor, unless {@link #ALLOW_NON_FINITE} is set
+     */
+    public void checkFinite(String name) throws IOException {
+        NonFiniteValues.check(path, name, info(name).dtype(), bytes(name));
+    }
+
+    /**
      * A floating-point tensor's values as float32 (F16 and BF16 converted exactly, F64 rounded).
      *
      * @throws IllegalArgumentException if the tensor is not floating point
@@ -256,6 +147,7 @@ public final class SafetensorsFile implements AutoCloseable {
         Preconditions.checkArgument(info.dtype().isFloating(), "%s: tensor '%s' is %s, not floating point",
                 path, name, info.dtype());
         ByteBuffer src = bytes(name);
+        NonFiniteValues.check(path, name, info.dtype(), src);
         int n = Math.toIntExact(info.numel());
         float[] out = new float[n];
         switch (info.dtype()) {
@@ -286,10 +178,14 @@ public final class SafetensorsFile implements AutoCloseable {
     /**
      * Loads a tensor into a new array of {@link SafetensorsDType#loadedAs()} (BF16 becomes FLOAT32, I16 INT32).
      * The array owns a copy of the data: it never aliases the read-only mapping.
+     *
+     * @throws SafetensorsFormatException naming the tensor if a floating tensor holds NaN or infinite values (unless
+     *     {@link #ALLOW_NON_FINITE} is set)
      */
     public NDArray load(NDManager manager, String name) throws IOException {
         TensorInfo info = info(name);
         ByteBuffer src = bytes(name);
+        NonFiniteValues.check(path, name, info.dtype(), src);
         int n = Math.toIntExact(info.numel());
         ByteBuffer direct;
         switch (info.dtype()) {

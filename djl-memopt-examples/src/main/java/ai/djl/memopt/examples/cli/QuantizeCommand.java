@@ -5,6 +5,7 @@ import ai.djl.huggingface.tokenizers.Encoding;
 import ai.djl.huggingface.tokenizers.HuggingFaceTokenizer;
 import ai.djl.memopt.export.ArtifactManifest;
 import ai.djl.memopt.export.ExportOptions;
+import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.export.QuantizedArtifact;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
@@ -21,6 +22,7 @@ import ai.djl.memopt.quantize.QuantizationConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
 import ai.djl.memopt.quantize.Quantizer;
 import ai.djl.memopt.quantize.StreamingQuantizedLoader;
+import ai.djl.memopt.safetensors.RegularFiles;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -170,6 +172,10 @@ public final class QuantizeCommand implements Callable<Integer> {
         if (!Files.isDirectory(model)) {
             throw new IOException("--model " + model + ": not a directory");
         }
+        if (ModelDirectories.isQuantizedArtifact(model)) {
+            throw new IOException("--model " + model + " is already quantized ("
+                    + QuantizedArtifact.readManifest(model).summary() + "); quantize the original model instead");
+        }
 
         // RTN without pruning needs no activations: each layer is read and quantized on its own, so the float model
         // is never in memory (StreamingQuantizedLoader; same codes as load-then-quantize)
@@ -222,7 +228,10 @@ public final class QuantizeCommand implements Callable<Integer> {
             for (Path f : listSafetensors(model)) {
                 sourceBytes += Files.size(f);
             }
-            long artifactBytes = Files.size(out.resolve(QuantizedArtifact.WEIGHTS));
+            long artifactBytes = 0;
+            for (String f : manifest.files().keySet()) {
+                artifactBytes += f.endsWith(".safetensors") ? Files.size(out.resolve(f)) : 0;
+            }
             print(report, pruned, manifest, sourceBytes, artifactBytes);
         }
         return 0;
@@ -294,9 +303,10 @@ public final class QuantizeCommand implements Callable<Integer> {
 
     /** Calibration batches (1, T) of token ids from a .ids file or tokenized text. */
     private List<NDList> calibrationBatches(NDManager manager, long vocab) throws IOException {
-        if (!Files.isRegularFile(calibration)) {
+        if (!Files.exists(calibration)) {
             throw new IOException("--calibration " + calibration + ": no such file");
         }
+        RegularFiles.require(calibration, "--calibration file");
         List<long[]> sequences = new ArrayList<>();
         if (calibration.getFileName().toString().endsWith(".ids")) {
             int lineNo = 0;

@@ -251,4 +251,43 @@ class QuantizeCommandTest {
                 "--calibration", calib.toString(), "--out", tmp.resolve("y").toString()));
         assertTrue(lastOut[1].contains("line 2: token id 99999 outside the model's vocabulary [0, 512)"), lastOut[1]);
     }
+
+    @Test
+    void anArtifactIsRefusedInOneLineAndAMissingManifestIsNamed() throws Exception {
+        Path art = tmp.resolve("q4");
+        assertEquals(0, run("quantize", "--model", V3.toString(), "--scheme", "int4", "--group-size", "64", "--out",
+                art.toString()), lastOut[1]);
+        assertEquals(1, run("quantize", "--model", art.toString(), "--scheme", "int8", "--out",
+                tmp.resolve("again").toString()));
+        String err = lastOut[1].trim();
+        assertTrue(err.contains("already quantized (int4 g64)") && err.contains("quantize the original model instead"),
+                err);
+        assertTrue(!err.contains("\n") && err.length() < 300, err.length() + " characters: " + err);
+
+        Files.delete(art.resolve("quantization.json"));
+        assertEquals(1, run("quantize", "--model", art.toString(), "--scheme", "int8", "--out",
+                tmp.resolve("again").toString()));
+        assertTrue(lastOut[1].contains("quantization.json is missing") && !lastOut[1].contains("unexpected tensor"),
+                lastOut[1]);
+        assertTrue(lastOut[1].trim().length() < 400, lastOut[1]);
+    }
+
+    @Test
+    void reQuantizingReplacesTheArtifactAndCleansWhatAKillLeft() throws Exception {
+        Path out = tmp.resolve("out").resolve("q");
+        assertEquals(0, run("quantize", "--model", V3.toString(), "--scheme", "int8", "--out", out.toString()),
+                lastOut[1]);
+        // what a kill during an earlier run leaves: a partial sibling and a temporary file of the older writer
+        Files.createDirectories(out.getParent().resolve(".q.tmp-4242")).resolve("model.safetensors").toFile()
+                .createNewFile();
+        Files.writeString(out.resolve(".model.safetensors.777.tmp"), "half");
+        assertEquals(0, run("quantize", "--model", V3.toString(), "--scheme", "int4", "--out", out.toString()),
+                lastOut[1]);
+        assertEquals(QuantScheme.INT4_WEIGHT_ONLY,
+                QuantizedArtifact.verify(out).layers().get("model.layers.0.self_attn.o_proj").scheme());
+        try (var s = Files.list(out.getParent())) {
+            assertEquals(java.util.List.of("q"), s.map(p -> p.getFileName().toString()).toList());
+        }
+        assertTrue(!Files.exists(out.resolve(".model.safetensors.777.tmp")));
+    }
 }

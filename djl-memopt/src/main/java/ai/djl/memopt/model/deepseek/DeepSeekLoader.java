@@ -3,6 +3,8 @@ package ai.djl.memopt.model.deepseek;
 import ai.djl.Device;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.safetensors.HfCheckpoint;
+import ai.djl.memopt.safetensors.NameLists;
+import ai.djl.memopt.safetensors.RegularFiles;
 import ai.djl.memopt.safetensors.TensorInfo;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
@@ -55,8 +57,8 @@ public final class DeepSeekLoader {
      * the weights).
      *
      * @param dtype {@link DataType#FLOAT32} or {@link DataType#FLOAT16}
-     * @throws IllegalArgumentException for BF16 (or another type), an invalid config, a missing, unexpected or
-     *     wrongly shaped tensor (naming file and tensor)
+     * @throws IllegalArgumentException for BF16 (or another type), an invalid config, a missing, unexpected, wrongly
+     *     shaped or integer-typed tensor (naming file and tensor), or a quantized artifact (naming what to load it with)
      * @throws IOException if the files cannot be read or are corrupt
      */
     public static DeepSeekForCausalLM load(Path dir, Device device, DataType dtype) throws IOException {
@@ -79,17 +81,28 @@ public final class DeepSeekLoader {
      */
     public static DeepSeekForCausalLM load(Path dir, NDManager manager, DataType dtype) throws IOException {
         DeepSeekForCausalLM.checkDType(dtype);
+        DeepSeekConfig config = readConfig(dir);
+        try (HfCheckpoint ckpt = HfCheckpoint.open(dir)) {
+            return load(config, ckpt, manager, dtype);
+        }
+    }
+
+    /**
+     * The {@code config.json} of a model directory.
+     *
+     * @throws IOException if {@code dir} is not a directory, or its config.json is missing or not a regular file
+     * @throws IllegalArgumentException if the config is invalid
+     */
+    public static DeepSeekConfig readConfig(Path dir) throws IOException {
         if (!Files.isDirectory(dir)) {
             throw new IOException(dir + ": not a directory");
         }
         Path configFile = dir.resolve("config.json");
-        if (!Files.isRegularFile(configFile)) {
+        if (!Files.exists(configFile)) {
             throw new IOException(dir + ": no config.json");
         }
-        DeepSeekConfig config = DeepSeekConfig.fromJson(configFile);
-        try (HfCheckpoint ckpt = HfCheckpoint.open(dir)) {
-            return load(config, ckpt, manager, dtype);
-        }
+        RegularFiles.require(configFile, "config.json");
+        return DeepSeekConfig.fromJson(configFile);
     }
 
     /** Loads an already opened checkpoint for a given config. */
@@ -106,6 +119,7 @@ public final class DeepSeekLoader {
     public static DeepSeekForCausalLM load(DeepSeekConfig config, HfCheckpoint ckpt, NDManager manager, DataType dtype,
             Predicate<String> placeholders) throws IOException {
         DeepSeekForCausalLM.checkDType(dtype);
+        checkNotAnArtifact(ckpt);
         DeepSeekForCausalLM lm = new DeepSeekForCausalLM(config);
         Map<String, Parameter> params = Blocks.parameters(lm);
 
@@ -128,7 +142,8 @@ public final class DeepSeekLoader {
             String first = unexpected.iterator().next();
             throw new IllegalArgumentException(where(ckpt, first) + ": unexpected tensor '" + first
                     + "' (no such parameter in a " + config.modelType() + " model of this config)"
-                    + (unexpected.size() > 1 ? "; " + (unexpected.size() - 1) + " more: " + unexpected : ""));
+                    + (unexpected.size() > 1 ? "; " + unexpected.size() + " unexpected in all: "
+                            + NameLists.abbreviate(unexpected) : ""));
         }
         Set<String> missing = new TreeSet<>();
         for (String name : params.keySet()) {
@@ -137,9 +152,19 @@ public final class DeepSeekLoader {
             }
         }
         if (!missing.isEmpty()) {
+            List<String> files = new ArrayList<>();
+            ckpt.files().forEach(f -> files.add(f.getFileName().toString()));
             throw new IllegalArgumentException(ckpt.directory() + ": missing tensor '" + missing.iterator().next()
-                    + "' in " + ckpt.files() + (missing.size() > 1 ? " (" + missing.size() + " missing: " + missing
-                            + ")" : ""));
+                    + "' in " + NameLists.abbreviate(files) + (missing.size() > 1 ? " (" + missing.size()
+                            + " missing: " + NameLists.abbreviate(missing) + ")" : ""));
+        }
+        for (String name : params.keySet()) {
+            TensorInfo info = ckpt.info(name);
+            if (!info.dtype().isFloating()) {
+                throw new IllegalArgumentException(where(ckpt, name) + ": tensor '" + name + "' is " + info.dtype()
+                        + ", but the model expects a floating-point weight (F32, F16, BF16 or F64): refusing to read"
+                        + " integers as weights");
+            }
         }
         if (!skippedMtp.isEmpty()) {
             LOG.info("{}: skipping {} multi-token-prediction tensors (model.layers.{}.* and later)",
@@ -155,6 +180,24 @@ public final class DeepSeekLoader {
             throw e;
         }
         return lm;
+    }
+
+    /**
+     * A quantized artifact's weights are no Hugging Face checkpoint: say so rather than list its {@code qweight} tensors
+     * as unexpected (the loader cannot import the export package, so the format name is spelled out here).
+     */
+    private static void checkNotAnArtifact(HfCheckpoint ckpt) {
+        if (!ckpt.quantizationMetadata().filter("djl-memopt-quantized"::equals).isPresent()) {
+            return;
+        }
+        Path dir = ckpt.directory();
+        if (Files.exists(dir.resolve("quantization.json"))) {
+            throw new IllegalArgumentException(dir + " is a quantized artifact, not a Hugging Face checkpoint: load it"
+                    + " with QuantizedArtifact.loadDeepSeek (or ModelDirectories.loadDeepSeek, which takes either)");
+        }
+        throw new IllegalArgumentException(dir + " holds the weights of a quantized artifact (safetensors metadata"
+                + " quantization=djl-memopt-quantized), but the artifact's quantization.json is missing (deleted, or"
+                + " written by an export that did not finish): export it again from the original model");
     }
 
     private static String where(HfCheckpoint ckpt, String name) {
