@@ -1,36 +1,16 @@
 package ai.djl.memopt.inference.server;
 
-import ai.djl.memopt.inference.GenerationResult;
 import ai.djl.memopt.inference.Generator;
 import ai.djl.memopt.inference.TextTokenizer;
-import ai.djl.ndarray.NDManager;
 import com.google.common.base.Preconditions;
-import com.google.gson.Gson;
-import com.google.gson.GsonBuilder;
 import com.google.gson.JsonArray;
-import com.google.gson.JsonNull;
 import com.google.gson.JsonObject;
 import io.javalin.Javalin;
 import io.javalin.http.Context;
-import java.io.IOException;
-import java.io.InputStream;
-import java.io.OutputStream;
-import java.nio.charset.StandardCharsets;
 import java.time.Duration;
-import java.util.List;
-import java.util.Set;
-import java.util.UUID;
-import java.util.concurrent.ArrayBlockingQueue;
-import java.util.concurrent.BlockingQueue;
-import java.util.concurrent.CompletableFuture;
-import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.CountDownLatch;
-import java.util.concurrent.ExecutionException;
-import java.util.concurrent.LinkedBlockingQueue;
-import java.util.concurrent.RejectedExecutionException;
-import java.util.concurrent.SynchronousQueue;
-import java.util.concurrent.ThreadPoolExecutor;
 import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicInteger;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
@@ -50,11 +30,14 @@ import org.slf4j.LoggerFactory;
  *     server.awaitStop();
  * }
  * }</pre>
+ *
+ * <p>The pieces: {@link CompletionRoutes} (the two POST routes), {@link RequestReader} and {@link OpenAiRequest}
+ * (body limits and validation), {@link GenerationWorker} and {@link GenerationJob} (the queue and the model thread),
+ * {@link SseStream} (streaming), {@link OpenAiResponses} (the JSON shapes).
  */
 public final class GenerationServer implements AutoCloseable {
 
     private static final Logger logger = LoggerFactory.getLogger(GenerationServer.class);
-    private static final Gson GSON = new GsonBuilder().serializeNulls().disableHtmlEscaping().create();
 
     private final Generator generator;
     private final TextTokenizer tokenizer;
@@ -66,11 +49,10 @@ public final class GenerationServer implements AutoCloseable {
     private final Duration shutdownGrace;
     private final OpenAiRequest.Limits limits;
 
-    private final Set<Job> jobs = ConcurrentHashMap.newKeySet();
     /** HTTP exchanges between Javalin's before and after handlers: responses not yet fully written. */
-    private final java.util.concurrent.atomic.AtomicInteger exchanges = new java.util.concurrent.atomic.AtomicInteger();
+    private final AtomicInteger exchanges = new AtomicInteger();
     private final CountDownLatch stopped = new CountDownLatch(1);
-    private ThreadPoolExecutor worker;
+    private GenerationWorker worker;
     private Javalin app;
     private volatile boolean closing;
 
@@ -94,20 +76,10 @@ public final class GenerationServer implements AutoCloseable {
     /** Binds and starts serving. */
     public synchronized GenerationServer start() {
         Preconditions.checkState(app == null, "server already started");
-        BlockingQueue<Runnable> queue = maxQueue == 0 ? new SynchronousQueue<>() : new ArrayBlockingQueue<>(maxQueue);
-        worker =
-                new ThreadPoolExecutor(
-                        1,
-                        1,
-                        0,
-                        TimeUnit.MILLISECONDS,
-                        queue,
-                        r -> {
-                            Thread t = new Thread(r, "memopt-generation-worker");
-                            t.setDaemon(true);
-                            return t;
-                        },
-                        new ThreadPoolExecutor.AbortPolicy());
+        worker = new GenerationWorker(maxQueue);
+        CompletionRoutes completions =
+                new CompletionRoutes(generator, new RequestReader(maxBodyBytes, tokenizer, limits), worker,
+                        new OpenAiResponses(modelName), () -> closing);
         app =
                 Javalin.create(
                         cfg -> {
@@ -118,23 +90,23 @@ public final class GenerationServer implements AutoCloseable {
                         });
         app.before(ctx -> exchanges.incrementAndGet());
         app.after(ctx -> exchanges.decrementAndGet());
-        app.post("/v1/completions", ctx -> handle(ctx, false));
-        app.post("/v1/chat/completions", ctx -> handle(ctx, true));
+        app.post("/v1/completions", ctx -> completions.handle(ctx, false));
+        app.post("/v1/chat/completions", ctx -> completions.handle(ctx, true));
         app.get("/v1/models", this::models);
         app.get("/health", this::health);
-        app.exception(ApiException.class, (e, ctx) -> error(ctx, e));
+        app.exception(ApiException.class, (e, ctx) -> OpenAiResponses.error(ctx, e));
         app.exception(
                 Exception.class,
                 (e, ctx) -> {
                     logger.error("request failed", e);
-                    error(ctx, new ApiException(500, "server_error", null, "internal error: " + e.getMessage()));
+                    OpenAiResponses.error(ctx, new ApiException(500, "server_error", null, "internal error: " + e.getMessage()));
                 });
         app.error(404, ctx -> {
             if (ctx.res().getContentType() == null || !ctx.res().getContentType().startsWith("application/json")) {
-                error(ctx, new ApiException(404, "invalid_request_error", null, "no route " + ctx.method() + " " + ctx.path()));
+                OpenAiResponses.error(ctx, new ApiException(404, "invalid_request_error", null, "no route " + ctx.method() + " " + ctx.path()));
             }
         });
-        app.error(405, ctx -> error(ctx, new ApiException(405, "invalid_request_error", null, "method not allowed: " + ctx.method() + " " + ctx.path())));
+        app.error(405, ctx -> OpenAiResponses.error(ctx, new ApiException(405, "invalid_request_error", null, "method not allowed: " + ctx.method() + " " + ctx.path())));
         app.start(host, requestedPort);
         logger.info("memopt server on http://{}:{} (model {})", host, app.port(), modelName);
         return this;
@@ -157,15 +129,15 @@ public final class GenerationServer implements AutoCloseable {
 
     /** Requests waiting or running. */
     public int pending() {
-        return jobs.size();
+        return worker == null ? 0 : worker.pending();
     }
 
     private void health(Context ctx) {
         JsonObject o = new JsonObject();
         o.addProperty("status", closing ? "shutting_down" : "ok");
         o.addProperty("model", modelName);
-        o.addProperty("pending", jobs.size());
-        json(ctx, closing ? 503 : 200, o);
+        o.addProperty("pending", pending());
+        OpenAiResponses.json(ctx, closing ? 503 : 200, o);
     }
 
     private void models(Context ctx) {
@@ -178,238 +150,7 @@ public final class GenerationServer implements AutoCloseable {
         JsonObject o = new JsonObject();
         o.addProperty("object", "list");
         o.add("data", data);
-        json(ctx, 200, o);
-    }
-
-    private void handle(Context ctx, boolean chat) throws Exception {
-        if (closing) {
-            throw new ApiException(503, "server_error", null, "the server is shutting down");
-        }
-        OpenAiRequest req = OpenAiRequest.parse(readBody(ctx), chat, tokenizer, limits);
-        Job job = new Job(req);
-        jobs.add(job);
-        try {
-            try {
-                worker.execute(job);
-            } catch (RejectedExecutionException e) {
-                if (closing) {
-                    throw new ApiException(503, "server_error", null, "the server is shutting down");
-                }
-                ctx.header("Retry-After", "1");
-                throw new ApiException(429, "rate_limit_error", null, "the server is busy: " + maxQueue + " requests are already waiting");
-            }
-            if (req.stream) {
-                stream(ctx, job);
-            } else {
-                GenerationResult r = await(job);
-                json(ctx, 200, chat ? chatResponse(job, r) : completionResponse(job, r));
-            }
-        } finally {
-            jobs.remove(job);
-        }
-    }
-
-    private GenerationResult await(Job job) throws InterruptedException {
-        try {
-            GenerationResult r = job.result.get();
-            if (r == null) {
-                throw new ApiException(503, "server_error", null, "the server shut down before the request started");
-            }
-            return r;
-        } catch (ExecutionException e) {
-            Throwable cause = e.getCause();
-            if (cause instanceof IllegalArgumentException) {
-                throw ApiException.badRequest(null, cause.getMessage());
-            }
-            throw new ApiException(500, "server_error", null, "generation failed: " + cause);
-        }
-    }
-
-    private void stream(Context ctx, Job job) throws IOException, InterruptedException {
-        ctx.status(200);
-        ctx.res().setContentType("text/event-stream; charset=utf-8");
-        ctx.res().setHeader("Cache-Control", "no-cache");
-        OutputStream out = ctx.res().getOutputStream();
-        boolean chat = job.req.chat;
-        try {
-            if (chat) {
-                JsonObject delta = new JsonObject();
-                delta.addProperty("role", "assistant");
-                delta.addProperty("content", "");
-                event(out, chunk(job, delta, null));
-            }
-            while (true) {
-                String delta = job.deltas.poll(50, TimeUnit.MILLISECONDS);
-                if (delta != null) {
-                    if (!delta.isEmpty()) {
-                        event(out, chat ? chunk(job, content(delta), null) : textChunk(job, delta, null));
-                    }
-                    continue;
-                }
-                if (job.result.isDone() && job.deltas.isEmpty()) {
-                    break;
-                }
-            }
-            GenerationResult r;
-            try {
-                r = job.result.get();
-            } catch (ExecutionException e) {
-                JsonObject err = errorBody(new ApiException(500, "server_error", null, "generation failed: " + e.getCause()));
-                event(out, err);
-                r = null;
-            }
-            if (r != null) {
-                String reason = r.finishReason().wireName();
-                event(out, chat ? chunk(job, new JsonObject(), reason) : textChunk(job, "", reason));
-            } else if (!job.result.isCompletedExceptionally()) {
-                event(out, errorBody(new ApiException(503, "server_error", null, "the server shut down before the request started")));
-            }
-            out.write("data: [DONE]\n\n".getBytes(StandardCharsets.UTF_8));
-            out.flush();
-        } catch (IOException e) {
-            job.cancelled = true; // the client went away: stop generating for it
-            throw e;
-        }
-    }
-
-    private static void event(OutputStream out, JsonObject o) throws IOException {
-        out.write(("data: " + GSON.toJson(o) + "\n\n").getBytes(StandardCharsets.UTF_8));
-        out.flush();
-    }
-
-    private static JsonObject content(String text) {
-        JsonObject d = new JsonObject();
-        d.addProperty("content", text);
-        return d;
-    }
-
-    private JsonObject header(Job job, String object) {
-        JsonObject o = new JsonObject();
-        o.addProperty("id", job.id);
-        o.addProperty("object", object);
-        o.addProperty("created", job.created);
-        o.addProperty("model", modelName);
-        return o;
-    }
-
-    private JsonObject textChunk(Job job, String text, String finishReason) {
-        JsonObject o = header(job, "text_completion");
-        JsonObject c = new JsonObject();
-        c.addProperty("text", text);
-        c.addProperty("index", 0);
-        c.add("logprobs", JsonNull.INSTANCE);
-        c.addProperty("finish_reason", finishReason);
-        JsonArray choices = new JsonArray();
-        choices.add(c);
-        o.add("choices", choices);
-        return o;
-    }
-
-    private JsonObject chunk(Job job, JsonObject delta, String finishReason) {
-        JsonObject o = header(job, "chat.completion.chunk");
-        JsonObject c = new JsonObject();
-        c.addProperty("index", 0);
-        c.add("delta", delta);
-        c.add("logprobs", JsonNull.INSTANCE);
-        c.addProperty("finish_reason", finishReason);
-        JsonArray choices = new JsonArray();
-        choices.add(c);
-        o.add("choices", choices);
-        return o;
-    }
-
-    private JsonObject completionResponse(Job job, GenerationResult r) {
-        JsonObject o = textChunk(job, text(r), r.finishReason().wireName());
-        o.add("usage", usage(r));
-        return o;
-    }
-
-    private JsonObject chatResponse(Job job, GenerationResult r) {
-        JsonObject o = header(job, "chat.completion");
-        JsonObject message = new JsonObject();
-        message.addProperty("role", "assistant");
-        message.addProperty("content", text(r));
-        JsonObject c = new JsonObject();
-        c.addProperty("index", 0);
-        c.add("message", message);
-        c.add("logprobs", JsonNull.INSTANCE);
-        c.addProperty("finish_reason", r.finishReason().wireName());
-        JsonArray choices = new JsonArray();
-        choices.add(c);
-        o.add("choices", choices);
-        o.add("usage", usage(r));
-        return o;
-    }
-
-    private static String text(GenerationResult r) {
-        return r.text() == null ? "" : r.text();
-    }
-
-    private static JsonObject usage(GenerationResult r) {
-        JsonObject u = new JsonObject();
-        u.addProperty("prompt_tokens", r.promptIds().length);
-        u.addProperty("completion_tokens", r.outputIds().length);
-        u.addProperty("total_tokens", r.promptIds().length + r.outputIds().length);
-        // not in OpenAI's schema: the ids themselves, handy for testing and for id-level clients
-        JsonArray ids = new JsonArray();
-        for (long id : r.outputIds()) {
-            ids.add(id);
-        }
-        u.add("completion_token_ids", ids);
-        return u;
-    }
-
-    private byte[] readBody(Context ctx) throws IOException {
-        long declared = ctx.req().getContentLengthLong();
-        if (declared > maxBodyBytes) {
-            throw tooLarge();
-        }
-        try (InputStream in = ctx.req().getInputStream()) {
-            byte[] body = in.readNBytes((int) Math.min(Integer.MAX_VALUE - 8, maxBodyBytes + 1));
-            if (body.length > maxBodyBytes) {
-                throw tooLarge();
-            }
-            return body;
-        }
-    }
-
-    private ApiException tooLarge() {
-        return new ApiException(413, "invalid_request_error", null, "the request body exceeds " + maxBodyBytes + " bytes");
-    }
-
-    private static JsonObject errorBody(ApiException e) {
-        JsonObject err = new JsonObject();
-        err.addProperty("message", e.getMessage());
-        err.addProperty("type", e.type);
-        err.addProperty("param", e.param);
-        err.add("code", JsonNull.INSTANCE);
-        JsonObject o = new JsonObject();
-        o.add("error", err);
-        return o;
-    }
-
-    private static void error(Context ctx, ApiException e) {
-        json(ctx, e.status, errorBody(e));
-    }
-
-    /**
-     * Writes and flushes a JSON response inside the handler. {@code ctx.result} would leave the writing to Javalin
-     * after the handler returns, so {@link #close()} could stop the connector between a request leaving
-     * {@code jobs} and its bytes reaching the client.
-     */
-    private static void json(Context ctx, int status, JsonObject body) {
-        byte[] bytes = GSON.toJson(body).getBytes(java.nio.charset.StandardCharsets.UTF_8);
-        ctx.status(status);
-        ctx.contentType("application/json");
-        try {
-            ctx.res().setContentLength(bytes.length);
-            java.io.OutputStream out = ctx.res().getOutputStream();
-            out.write(bytes);
-            out.flush();
-        } catch (java.io.IOException e) {
-            // the client went away: nothing to answer
-            logger.debug("response not delivered: {}", e.toString());
-        }
+        OpenAiResponses.json(ctx, 200, o);
     }
 
     /**
@@ -423,21 +164,11 @@ public final class GenerationServer implements AutoCloseable {
         }
         closing = true;
         try {
-            worker.shutdown();
-            if (!worker.awaitTermination(shutdownGrace.toMillis(), TimeUnit.MILLISECONDS)) {
-                logger.info("cancelling {} request(s) still running after {}", jobs.size(), shutdownGrace);
-                for (Job j : jobs) {
-                    j.cancelled = true;
-                }
-                if (!worker.awaitTermination(60, TimeUnit.SECONDS)) {
-                    logger.warn("the generation worker did not stop within 60 s");
-                    worker.shutdownNow();
-                }
-            }
+            worker.shutdown(shutdownGrace.toMillis());
             // let handlers write the last responses (results, cancellations, 503s) before the connector goes away;
             // responses are flushed inside the handlers, so an exchange that reached its after-handler is delivered
             long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(5);
-            while ((!jobs.isEmpty() || exchanges.get() > 0) && System.nanoTime() < deadline) {
+            while ((worker.pending() > 0 || exchanges.get() > 0) && System.nanoTime() < deadline) {
                 Thread.sleep(10);
             }
         } catch (InterruptedException e) {
@@ -445,42 +176,6 @@ public final class GenerationServer implements AutoCloseable {
         } finally {
             app.stop();
             stopped.countDown();
-        }
-    }
-
-    /** One request on the worker. */
-    private final class Job implements Runnable {
-        final OpenAiRequest req;
-        final String id;
-        final long created = System.currentTimeMillis() / 1000;
-        final CompletableFuture<GenerationResult> result = new CompletableFuture<>();
-        final BlockingQueue<String> deltas = new LinkedBlockingQueue<>();
-        volatile boolean cancelled;
-
-        Job(OpenAiRequest req) {
-            this.req = req;
-            this.id = (req.chat ? "chatcmpl-" : "cmpl-") + UUID.randomUUID().toString().replace("-", "");
-        }
-
-        @Override
-        public void run() {
-            if (cancelled) {
-                result.complete(null); // never started
-                return;
-            }
-            try (NDManager manager = NDManager.newBaseManager(generator.model().device())) {
-                List<GenerationResult> r =
-                        generator.generate(
-                                manager,
-                                List.of(req.promptIds),
-                                req.params,
-                                req.stream ? (i, token, delta) -> deltas.add(delta) : null,
-                                () -> cancelled);
-                result.complete(r.get(0));
-            } catch (Throwable t) {
-                logger.error("generation failed", t);
-                result.completeExceptionally(t);
-            }
         }
     }
 

@@ -1,0 +1,56 @@
+package ai.djl.memopt.inference.server;
+
+import ai.djl.memopt.inference.GenerationResult;
+import ai.djl.memopt.inference.Generator;
+import ai.djl.ndarray.NDManager;
+import java.util.List;
+import java.util.UUID;
+import java.util.concurrent.BlockingQueue;
+import java.util.concurrent.CompletableFuture;
+import java.util.concurrent.LinkedBlockingQueue;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+/**
+ * One request on the generation worker: its result (completed with {@code null} if it was cancelled before it
+ * started), the text deltas of a streaming request, and the flag that cancels it before its next decode step.
+ */
+final class GenerationJob implements Runnable {
+
+    private static final Logger logger = LoggerFactory.getLogger(GenerationJob.class);
+
+    final OpenAiRequest req;
+    final String id;
+    final long created = System.currentTimeMillis() / 1000;
+    final CompletableFuture<GenerationResult> result = new CompletableFuture<>();
+    final BlockingQueue<String> deltas = new LinkedBlockingQueue<>();
+    private final Generator generator;
+    volatile boolean cancelled;
+
+    GenerationJob(OpenAiRequest req, Generator generator) {
+        this.req = req;
+        this.generator = generator;
+        this.id = (req.chat ? "chatcmpl-" : "cmpl-") + UUID.randomUUID().toString().replace("-", "");
+    }
+
+    @Override
+    public void run() {
+        if (cancelled) {
+            result.complete(null); // never started
+            return;
+        }
+        try (NDManager manager = NDManager.newBaseManager(generator.model().device())) {
+            List<GenerationResult> r =
+                    generator.generate(
+                            manager,
+                            List.of(req.promptIds),
+                            req.params,
+                            req.stream ? (i, token, delta) -> deltas.add(delta) : null,
+                            () -> cancelled);
+            result.complete(r.get(0));
+        } catch (Throwable t) {
+            logger.error("generation failed", t);
+            result.completeExceptionally(t);
+        }
+    }
+}
