@@ -4,9 +4,15 @@ import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
+import com.google.gson.JsonElement;
+import com.google.gson.JsonParseException;
+import com.google.gson.JsonParser;
 import java.io.IOException;
+import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
+import java.util.Optional;
+import java.util.Set;
 
 /**
  * Opens any DeepSeek model directory this project reads or writes: a Hugging Face checkpoint directory
@@ -25,6 +31,29 @@ public final class ModelDirectories {
     /** Whether {@code dir} is a quantized artifact rather than a plain checkpoint directory. */
     public static boolean isQuantizedArtifact(Path dir) {
         return Files.isRegularFile(dir.resolve(QuantizedArtifact.METADATA));
+    }
+
+    /**
+     * The names of the files an artifact's manifest lists (its {@code files}; only those are part of the artifact and
+     * covered by its checksums, which {@link #loadDeepSeek} verifies); empty for a plain checkpoint directory, whose
+     * every file belongs to the model. Reads the manifest without hashing anything.
+     *
+     * @throws IOException if the manifest is unreadable or has no {@code files} object
+     */
+    public static Optional<Set<String>> listedFiles(Path dir) throws IOException {
+        if (!isQuantizedArtifact(dir)) {
+            return Optional.empty();
+        }
+        Path meta = dir.resolve(QuantizedArtifact.METADATA);
+        try {
+            JsonElement e = JsonParser.parseString(Files.readString(meta, StandardCharsets.UTF_8));
+            if (!e.isJsonObject() || !e.getAsJsonObject().has("files") || !e.getAsJsonObject().get("files").isJsonObject()) {
+                throw new IOException(meta + ": expected a JSON object with a 'files' object");
+            }
+            return Optional.of(Set.copyOf(e.getAsJsonObject().getAsJsonObject("files").keySet()));
+        } catch (JsonParseException e) {
+            throw new IOException(meta + ": invalid JSON: " + e.getMessage(), e);
+        }
     }
 
     /**
