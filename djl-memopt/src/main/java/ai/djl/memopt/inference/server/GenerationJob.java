@@ -2,6 +2,7 @@ package ai.djl.memopt.inference.server;
 
 import ai.djl.memopt.inference.GenerationResult;
 import ai.djl.memopt.inference.Generator;
+import ai.djl.memopt.inference.SamplingParams;
 import ai.djl.ndarray.NDManager;
 import java.util.List;
 import java.util.UUID;
@@ -19,18 +20,26 @@ final class GenerationJob implements Runnable {
 
     private static final Logger logger = LoggerFactory.getLogger(GenerationJob.class);
 
-    final OpenAiRequest req;
+    final boolean chat;
+    final boolean stream;
+    final long[] promptIds;
+    final SamplingParams params;
     final String id;
     final long created = System.currentTimeMillis() / 1000;
     final CompletableFuture<GenerationResult> result = new CompletableFuture<>();
     final BlockingQueue<String> deltas = new LinkedBlockingQueue<>();
     private final Generator generator;
     volatile boolean cancelled;
+    /** The client went away: nothing is answered. */
+    volatile boolean clientGone;
 
-    GenerationJob(OpenAiRequest req, Generator generator) {
-        this.req = req;
+    GenerationJob(boolean chat, boolean stream, long[] promptIds, SamplingParams params, Generator generator) {
+        this.chat = chat;
+        this.stream = stream;
+        this.promptIds = promptIds;
+        this.params = params;
         this.generator = generator;
-        this.id = (req.chat ? "chatcmpl-" : "cmpl-") + UUID.randomUUID().toString().replace("-", "");
+        this.id = (chat ? "chatcmpl-" : "cmpl-") + UUID.randomUUID().toString().replace("-", "");
     }
 
     @Override
@@ -43,9 +52,9 @@ final class GenerationJob implements Runnable {
             List<GenerationResult> r =
                     generator.generate(
                             manager,
-                            List.of(req.promptIds),
-                            req.params,
-                            req.stream ? (i, token, delta) -> deltas.add(delta) : null,
+                            List.of(promptIds),
+                            params,
+                            stream ? (i, token, delta) -> deltas.add(delta) : null,
                             () -> cancelled);
             result.complete(r.get(0));
         } catch (Throwable t) {

@@ -8,6 +8,7 @@ import com.google.gson.JsonObject;
 import io.javalin.Javalin;
 import io.javalin.http.Context;
 import java.time.Duration;
+import java.util.Map;
 import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicInteger;
@@ -19,10 +20,14 @@ import org.slf4j.LoggerFactory;
  * {@code POST /v1/chat/completions} (JSON, or server-sent events ending with {@code data: [DONE]} when
  * {@code "stream": true}), {@code GET /v1/models}, {@code GET /health}.
  *
- * <p>One worker thread runs the model; requests wait in a bounded queue and a full queue is answered 429 at once.
- * Bodies over the size limit get 413, bad JSON or parameters 400, all with {@code {"error": {"message", "type",
- * "param", "code"}}}. {@link #close()} stops taking requests (503), lets running and queued ones finish for the grace
- * period, then cancels the rest (running: {@code finish_reason "cancelled"} with the tokens so far; queued: 503).
+ * <p>One worker thread runs the model. What the server takes on is bounded: the body size (413), a text prompt's
+ * length before it is tokenized (400 {@code context_length_exceeded}), the requests admitted at once (running, queued
+ * or being tokenized: {@code maxQueue + 1}) and the memory they are estimated to hold together (429 at once when the
+ * room is taken, 413 for a request bigger than the whole budget), the open connections, and the time a client may take
+ * to send its request (408). A wrong method gets 405 with {@code Allow}; every error is {@code {"error": {"message",
+ * "type", "param", "code"}}}. A client that goes away cancels its generation. {@link #close()} stops taking requests
+ * (503), lets running and queued ones finish for the grace period, then cancels the rest (running:
+ * {@code finish_reason "cancelled"} with the tokens so far; queued: 503).
  *
  * <pre>{@code
  * try (GenerationServer server = GenerationServer.builder().setGenerator(generator).setTokenizer(tok)
@@ -31,28 +36,36 @@ import org.slf4j.LoggerFactory;
  * }
  * }</pre>
  *
- * <p>The pieces: {@link CompletionRoutes} (the two POST routes), {@link RequestReader} and {@link OpenAiRequest}
- * (body limits and validation), {@link GenerationWorker} and {@link GenerationJob} (the queue and the model thread),
- * {@link SseStream} (streaming), {@link OpenAiResponses} (the JSON shapes).
+ * <p>The pieces: {@link CompletionRoutes} (the two POST routes), {@link RequestReader}, {@link OpenAiRequest} and
+ * {@link Utf8Text} (body limits and validation), {@link Admission} (what is taken on), {@link GenerationWorker} and
+ * {@link GenerationJob} (the queue and the model thread), {@link SseStream} (streaming), {@link ClientConnection}
+ * (is the client still there), {@link HttpConnections} (connections, threads, read timeouts), {@link OpenAiResponses}
+ * (the JSON shapes).
  */
 public final class GenerationServer implements AutoCloseable {
 
     private static final Logger logger = LoggerFactory.getLogger(GenerationServer.class);
 
+    /** The routes and their methods (for 405's {@code Allow}). */
+    private static final Map<String, String> ROUTES =
+            Map.of("/v1/completions", "POST", "/v1/chat/completions", "POST", "/v1/models", "GET", "/health", "GET");
+
     private final Generator generator;
     private final TextTokenizer tokenizer;
     private final String modelName;
     private final String host;
-    private final int requestedPort;
-    private final int maxQueue;
     private final long maxBodyBytes;
+    private final Duration bodyTimeout;
     private final Duration shutdownGrace;
     private final OpenAiRequest.Limits limits;
+    private final Admission admission;
+    private final HttpConnections connections;
 
     /** HTTP exchanges between Javalin's before and after handlers: responses not yet fully written. */
     private final AtomicInteger exchanges = new AtomicInteger();
     private final CountDownLatch stopped = new CountDownLatch(1);
     private GenerationWorker worker;
+    private CompletionRoutes completions;
     private Javalin app;
     private volatile boolean closing;
 
@@ -61,12 +74,13 @@ public final class GenerationServer implements AutoCloseable {
         this.tokenizer = b.tokenizer;
         this.modelName = b.modelName;
         this.host = b.host;
-        this.requestedPort = b.port;
-        this.maxQueue = b.maxQueue;
         this.maxBodyBytes = b.maxBodyBytes;
+        this.bodyTimeout = b.bodyTimeout;
         this.shutdownGrace = b.shutdownGrace;
-        this.limits =
-                new OpenAiRequest.Limits(b.maxTokens, Math.min(16, b.maxTokens), b.maxContextLength, generator.model().vocabSize());
+        int context = Math.min(b.maxContextLength, generator.model().maxLength());
+        this.limits = new OpenAiRequest.Limits(b.maxTokens, Math.min(16, b.maxTokens), context, generator.model().vocabSize());
+        this.admission = new Admission(b.maxQueue + 1, b.maxPendingBytes);
+        this.connections = new HttpConnections(b.host, b.port, b.maxConnections, b.readTimeout);
     }
 
     public static Builder builder() {
@@ -76,17 +90,19 @@ public final class GenerationServer implements AutoCloseable {
     /** Binds and starts serving. */
     public synchronized GenerationServer start() {
         Preconditions.checkState(app == null, "server already started");
-        worker = new GenerationWorker(maxQueue);
-        CompletionRoutes completions =
-                new CompletionRoutes(generator, new RequestReader(maxBodyBytes, tokenizer, limits), worker,
-                        new OpenAiResponses(modelName), () -> closing);
+        worker = new GenerationWorker();
+        completions =
+                new CompletionRoutes(generator, tokenizer, new RequestReader(maxBodyBytes, bodyTimeout, tokenizer, limits),
+                        admission, worker, new OpenAiResponses(modelName), () -> closing);
         app =
                 Javalin.create(
                         cfg -> {
                             cfg.showJavalinBanner = false;
                             cfg.startupWatcherEnabled = false;
                             cfg.http.maxRequestSize = maxBodyBytes;
+                            cfg.http.prefer405over404 = true;
                             cfg.http.disableCompression(); // SSE chunks must reach the client as they are written
+                            connections.configure(cfg);
                         });
         app.before(ctx -> exchanges.incrementAndGet());
         app.after(ctx -> exchanges.decrementAndGet());
@@ -106,8 +122,15 @@ public final class GenerationServer implements AutoCloseable {
                 OpenAiResponses.error(ctx, new ApiException(404, "invalid_request_error", null, "no route " + ctx.method() + " " + ctx.path()));
             }
         });
-        app.error(405, ctx -> OpenAiResponses.error(ctx, new ApiException(405, "invalid_request_error", null, "method not allowed: " + ctx.method() + " " + ctx.path())));
-        app.start(host, requestedPort);
+        app.error(405, ctx -> {
+            String allow = ROUTES.get(ctx.path());
+            if (allow != null) {
+                ctx.header("Allow", allow);
+            }
+            OpenAiResponses.error(ctx, new ApiException(405, "invalid_request_error", null,
+                    "method " + ctx.method() + " not allowed for " + ctx.path() + (allow != null ? ": use " + allow : "")));
+        });
+        app.start();
         logger.info("memopt server on http://{}:{} (model {})", host, app.port(), modelName);
         return this;
     }
@@ -127,16 +150,29 @@ public final class GenerationServer implements AutoCloseable {
         stopped.await();
     }
 
-    /** Requests waiting or running. */
+    /** Requests admitted and not yet answered: being tokenized, queued, running, or being written. */
     public int pending() {
-        return worker == null ? 0 : worker.pending();
+        return admission.usage().requests();
+    }
+
+    /** What the server holds and has done. */
+    public ServerStats stats() {
+        CompletionRoutes c = completions;
+        Admission.Usage u = admission.usage();
+        return new ServerStats(u.requests(), admission.maxRequests(), u.bytes(), u.peakBytes(), admission.maxBytes(),
+                u.peakRequests(), c == null ? 0 : c.tokenized.get(),
+                c == null ? 0 : c.refusedUntokenized.get(), c == null ? 0 : c.cancelledByDisconnect.get(), connections.open(),
+                connections.max());
     }
 
     private void health(Context ctx) {
         JsonObject o = new JsonObject();
         o.addProperty("status", closing ? "shutting_down" : "ok");
         o.addProperty("model", modelName);
-        o.addProperty("pending", pending());
+        Admission.Usage u = admission.usage();
+        o.addProperty("pending", u.requests());
+        o.addProperty("pending_bytes", u.bytes());
+        o.addProperty("max_pending_bytes", admission.maxBytes());
         OpenAiResponses.json(ctx, closing ? 503 : 200, o);
     }
 
@@ -179,6 +215,12 @@ public final class GenerationServer implements AutoCloseable {
         }
     }
 
+    /** The default memory budget of admitted requests: 4 GiB. */
+    public static final long DEFAULT_MAX_PENDING_BYTES = 4L << 30;
+
+    /** The default limit of open connections. */
+    public static final int DEFAULT_MAX_CONNECTIONS = 256;
+
     /** Builder for {@link GenerationServer}. */
     public static final class Builder {
         private Generator generator;
@@ -191,6 +233,10 @@ public final class GenerationServer implements AutoCloseable {
         private int maxTokens = 4096;
         private int maxContextLength = Integer.MAX_VALUE;
         private Duration shutdownGrace = Duration.ofSeconds(30);
+        private long maxPendingBytes = DEFAULT_MAX_PENDING_BYTES;
+        private int maxConnections = DEFAULT_MAX_CONNECTIONS;
+        private Duration readTimeout = Duration.ofSeconds(10);
+        private Duration bodyTimeout = Duration.ofSeconds(30);
 
         private Builder() {}
 
@@ -223,7 +269,7 @@ public final class GenerationServer implements AutoCloseable {
             return this;
         }
 
-        /** Requests that may wait behind the running one; more get 429. */
+        /** Requests that may wait behind the running one (queued or being tokenized); more get 429. */
         public Builder optMaxQueue(int maxQueue) {
             this.maxQueue = maxQueue;
             return this;
@@ -240,9 +286,40 @@ public final class GenerationServer implements AutoCloseable {
             return this;
         }
 
-        /** The model's context: prompt + max_tokens must fit. */
+        /**
+         * The context: prompt + max_tokens must fit. Default and upper bound: the model's
+         * ({@link ai.djl.memopt.inference.LanguageModel#maxLength()}).
+         */
         public Builder optMaxContextLength(int maxContextLength) {
             this.maxContextLength = maxContextLength;
+            return this;
+        }
+
+        /**
+         * The memory admitted requests may hold together, estimated per request: while its text is tokenized, the
+         * tokenizer's working memory ({@link TextTokenizer#encodeMemoryEstimate}); after, its ids, its cache for prompt
+         * + max_tokens and its logits ({@link Generator#memoryEstimate}). Default {@value #DEFAULT_MAX_PENDING_BYTES}.
+         */
+        public Builder optMaxPendingBytes(long maxPendingBytes) {
+            this.maxPendingBytes = maxPendingBytes;
+            return this;
+        }
+
+        /** Open HTTP connections at most; default {@value #DEFAULT_MAX_CONNECTIONS}. */
+        public Builder optMaxConnections(int maxConnections) {
+            this.maxConnections = maxConnections;
+            return this;
+        }
+
+        /** A connection on which no byte arrives for this long is closed (408 while a body is read); default 10 s. */
+        public Builder optReadTimeout(Duration readTimeout) {
+            this.readTimeout = readTimeout;
+            return this;
+        }
+
+        /** A request body must have arrived within this long once its headers have; default 30 s. */
+        public Builder optBodyTimeout(Duration bodyTimeout) {
+            this.bodyTimeout = bodyTimeout;
             return this;
         }
 
@@ -260,6 +337,10 @@ public final class GenerationServer implements AutoCloseable {
             Preconditions.checkArgument(maxTokens >= 1, "maxTokens must be >= 1, got %s", maxTokens);
             Preconditions.checkArgument(maxContextLength >= 2, "maxContextLength must be >= 2, got %s", maxContextLength);
             Preconditions.checkArgument(shutdownGrace != null && !shutdownGrace.isNegative(), "shutdownGrace must be >= 0");
+            Preconditions.checkArgument(maxPendingBytes >= 1, "maxPendingBytes must be >= 1, got %s", maxPendingBytes);
+            Preconditions.checkArgument(maxConnections >= 1, "maxConnections must be >= 1, got %s", maxConnections);
+            Preconditions.checkArgument(readTimeout != null && readTimeout.toMillis() >= 1, "readTimeout must be >= 1 ms, got %s", readTimeout);
+            Preconditions.checkArgument(bodyTimeout != null && bodyTimeout.toMillis() >= 1, "bodyTimeout must be >= 1 ms, got %s", bodyTimeout);
             return new GenerationServer(this);
         }
     }

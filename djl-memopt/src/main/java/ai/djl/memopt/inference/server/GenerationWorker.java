@@ -1,36 +1,34 @@
 package ai.djl.memopt.inference.server;
 
 import java.util.Set;
-import java.util.concurrent.ArrayBlockingQueue;
-import java.util.concurrent.BlockingQueue;
 import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.LinkedBlockingQueue;
 import java.util.concurrent.RejectedExecutionException;
-import java.util.concurrent.SynchronousQueue;
 import java.util.concurrent.ThreadPoolExecutor;
 import java.util.concurrent.TimeUnit;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
-/** The one thread that runs the model, and the bounded queue of jobs waiting for it. */
+/**
+ * The one thread that runs the model and the jobs waiting for it, in order. How many may wait is {@link Admission}'s
+ * business: the queue here takes every admitted job.
+ */
 final class GenerationWorker {
 
     private static final Logger logger = LoggerFactory.getLogger(GenerationWorker.class);
 
-    private final int maxQueue;
     private final ThreadPoolExecutor executor;
-    /** Jobs waiting or running, and those whose response is still being written. */
+    /** Jobs queued or running, and those whose response is still being written. */
     private final Set<GenerationJob> jobs = ConcurrentHashMap.newKeySet();
 
-    GenerationWorker(int maxQueue) {
-        this.maxQueue = maxQueue;
-        BlockingQueue<Runnable> queue = maxQueue == 0 ? new SynchronousQueue<>() : new ArrayBlockingQueue<>(maxQueue);
+    GenerationWorker() {
         executor =
                 new ThreadPoolExecutor(
                         1,
                         1,
                         0,
                         TimeUnit.MILLISECONDS,
-                        queue,
+                        new LinkedBlockingQueue<>(),
                         r -> {
                             Thread t = new Thread(r, "memopt-generation-worker");
                             t.setDaemon(true);
@@ -42,7 +40,7 @@ final class GenerationWorker {
     /**
      * Queues a job; {@link #done} must follow once its response is written.
      *
-     * @throws ApiException 429 when the queue is full, 503 when shutting down
+     * @throws ApiException 503 when shutting down
      */
     void submit(GenerationJob job) {
         jobs.add(job);
@@ -50,10 +48,18 @@ final class GenerationWorker {
             executor.execute(job);
         } catch (RejectedExecutionException e) {
             jobs.remove(job);
-            if (executor.isShutdown()) {
-                throw ApiException.shuttingDown();
-            }
-            throw ApiException.busy("the server is busy: " + maxQueue + " requests are already waiting");
+            throw ApiException.shuttingDown();
+        }
+    }
+
+    /**
+     * Cancels a job whose client went away: a queued one leaves the queue at once (its result is {@code null}), a
+     * running one stops before its next decode step.
+     */
+    void cancel(GenerationJob job) {
+        job.cancelled = true;
+        if (executor.remove(job)) {
+            job.result.complete(null);
         }
     }
 

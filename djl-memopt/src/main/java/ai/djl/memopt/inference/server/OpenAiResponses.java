@@ -114,7 +114,7 @@ final class OpenAiResponses {
         err.addProperty("message", e.getMessage());
         err.addProperty("type", e.type);
         err.addProperty("param", e.param);
-        err.add("code", JsonNull.INSTANCE);
+        err.addProperty("code", e.code);
         JsonObject o = new JsonObject();
         o.add("error", err);
         return o;

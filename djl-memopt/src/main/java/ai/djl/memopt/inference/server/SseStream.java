@@ -8,6 +8,7 @@ import java.io.OutputStream;
 import java.nio.charset.StandardCharsets;
 import java.util.concurrent.ExecutionException;
 import java.util.concurrent.TimeUnit;
+import java.util.function.BooleanSupplier;
 
 /**
  * A generation streamed as server-sent events, as OpenAI streams: one {@code data: {json}} event per text delta (chat
@@ -22,13 +23,16 @@ final class SseStream {
         this.responses = responses;
     }
 
-    /** Streams {@code job} to the client until it finishes. */
-    void stream(Context ctx, GenerationJob job) throws IOException, InterruptedException {
+    /**
+     * Streams {@code job} to the client until it finishes, or until {@code clientGone} (polled while no token comes;
+     * it cancels the job) says the client left.
+     */
+    void stream(Context ctx, GenerationJob job, BooleanSupplier clientGone) throws IOException, InterruptedException {
         ctx.status(200);
         ctx.res().setContentType("text/event-stream; charset=utf-8");
         ctx.res().setHeader("Cache-Control", "no-cache");
         OutputStream out = ctx.res().getOutputStream();
-        boolean chat = job.req.chat;
+        boolean chat = job.chat;
         try {
             if (chat) {
                 JsonObject delta = new JsonObject();
@@ -48,10 +52,13 @@ final class SseStream {
                 if (job.result.isDone() && job.deltas.isEmpty()) {
                     break;
                 }
+                if (clientGone.getAsBoolean()) {
+                    return;
+                }
             }
             finish(out, job, chat);
         } catch (IOException e) {
-            job.cancelled = true; // the client went away: stop generating for it
+            job.clientGone = true; // the client went away: the caller stops generating for it
             throw e;
         }
     }
