@@ -53,7 +53,7 @@ public final class GenerateCommand implements Callable<Integer> {
     @Option(names = "--chat", description = "wrap --prompt as a user message in the model's chat template")
     boolean chat;
 
-    @Option(names = "--max-new-tokens", required = true, paramLabel = "N", description = "tokens to generate at most")
+    @Option(names = "--max-new-tokens", required = true, paramLabel = "N", description = "tokens to generate at most (prompt + N within max_position_embeddings)")
     int maxNewTokens;
 
     @Option(names = "--temperature", paramLabel = "T", description = "sampling temperature (0 = greedy)")

@@ -54,7 +54,7 @@ public final class PerplexityCommand implements Callable<Integer> {
     String device;
 
     @Option(names = "--seq", paramLabel = "N",
-            description = "Window length in tokens (default: min(max_position_embeddings, 1024)).")
+            description = "Window length in tokens, at most max_position_embeddings (default: min(max_position_embeddings, 1024)).")
     Integer seq;
 
     @Option(names = "--dtype", defaultValue = "float32", paramLabel = "float32|float16",
