@@ -87,7 +87,7 @@ final class CompletionRoutes {
             try {
                 ClientConnection client = new ClientConnection(ctx);
                 if (req.stream) {
-                    sse.stream(ctx, job, () -> clientGone(client, job));
+                    sse.stream(ctx, job, () -> clientGone(client, job), () -> cancelForGoneClient(job));
                 } else {
                     GenerationResult r = await(job, client);
                     if (r != null) {
@@ -131,14 +131,17 @@ final class CompletionRoutes {
         }
     }
 
-    /** Whether the client left; if so, the job is cancelled (once). */
+    /** Whether the client left; if so, the job is cancelled. */
     private boolean clientGone(ClientConnection client, GenerationJob job) {
-        if (!job.clientGone && client.gone()) {
-            job.clientGone = true;
-            worker.cancel(job);
-            cancelledByDisconnect.incrementAndGet();
+        if (!job.clientGone() && client.gone() && job.markClientGone()) {
+            cancelForGoneClient(job);
         }
-        return job.clientGone;
+        return job.clientGone();
+    }
+
+    private void cancelForGoneClient(GenerationJob job) {
+        worker.cancel(job);
+        cancelledByDisconnect.incrementAndGet();
     }
 
     /** The result; null if the client went away (nothing to answer). */
@@ -153,7 +156,7 @@ final class CompletionRoutes {
                     clientGone(client, job);
                 }
             }
-            if (job.clientGone) {
+            if (job.clientGone()) {
                 return null;
             }
             if (r == null) {

@@ -9,6 +9,7 @@ import java.util.UUID;
 import java.util.concurrent.BlockingQueue;
 import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.LinkedBlockingQueue;
+import java.util.concurrent.atomic.AtomicBoolean;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 
@@ -30,8 +31,7 @@ final class GenerationJob implements Runnable {
     final BlockingQueue<String> deltas = new LinkedBlockingQueue<>();
     private final Generator generator;
     volatile boolean cancelled;
-    /** The client went away: nothing is answered. */
-    volatile boolean clientGone;
+    private final AtomicBoolean clientGone = new AtomicBoolean();
 
     GenerationJob(boolean chat, boolean stream, long[] promptIds, SamplingParams params, Generator generator) {
         this.chat = chat;
@@ -40,6 +40,16 @@ final class GenerationJob implements Runnable {
         this.params = params;
         this.generator = generator;
         this.id = (chat ? "chatcmpl-" : "cmpl-") + UUID.randomUUID().toString().replace("-", "");
+    }
+
+    /** Notes that the client went away (nothing is answered); true the first time. */
+    boolean markClientGone() {
+        return clientGone.compareAndSet(false, true);
+    }
+
+    /** Whether the client went away. */
+    boolean clientGone() {
+        return clientGone.get();
     }
 
     @Override

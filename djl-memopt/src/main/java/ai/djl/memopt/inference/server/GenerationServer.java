@@ -30,7 +30,7 @@ import org.slf4j.LoggerFactory;
  * {@code finish_reason "cancelled"} with the tokens so far; queued: 503).
  *
  * <pre>{@code
- * try (GenerationServer server = GenerationServer.builder().setGenerator(generator).setTokenizer(tok)
+ * try (GenerationServer server = GenerationServer.builder().setGenerator(generator).optTokenizer(tok)
  *         .optPort(8080).build().start()) {
  *     server.awaitStop();
  * }

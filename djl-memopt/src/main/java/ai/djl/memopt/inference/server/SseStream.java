@@ -24,10 +24,11 @@ final class SseStream {
     }
 
     /**
-     * Streams {@code job} to the client until it finishes, or until {@code clientGone} (polled while no token comes;
-     * it cancels the job) says the client left.
+     * Streams {@code job} to the client until it finishes, or until the client leaves: {@code clientGone} says so (it
+     * is polled while no token comes, and cancels the job), or a write fails ({@code onWriteFailed} then cancels it).
      */
-    void stream(Context ctx, GenerationJob job, BooleanSupplier clientGone) throws IOException, InterruptedException {
+    void stream(Context ctx, GenerationJob job, BooleanSupplier clientGone, Runnable onWriteFailed)
+            throws IOException, InterruptedException {
         ctx.status(200);
         ctx.res().setContentType("text/event-stream; charset=utf-8");
         ctx.res().setHeader("Cache-Control", "no-cache");
@@ -58,8 +59,9 @@ final class SseStream {
             }
             finish(out, job, chat);
         } catch (IOException e) {
-            job.clientGone = true; // the client went away: the caller stops generating for it
-            throw e;
+            if (job.markClientGone()) {
+                onWriteFailed.run(); // nothing more to write
+            }
         }
     }
 

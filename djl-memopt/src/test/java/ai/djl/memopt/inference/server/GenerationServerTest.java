@@ -400,6 +400,7 @@ class GenerationServerTest {
             assertTrue(System.nanoTime() - t0 < TimeUnit.SECONDS.toNanos(5), "429 must not wait");
 
             gated.permits.release(3); // the running request makes 3 tokens, then shutdown cancels it
+            waitFor(() -> gated.steps.get() == 3 && gated.permits.hasQueuedThreads()); // on a loaded machine, not before
             CompletableFuture<Void> closing = CompletableFuture.runAsync(s::close);
             waitFor(() -> unchecked(() -> post(s, "/v1/completions", body)).statusCode() == 503);
             Thread.sleep(1000); // past the 200 ms grace: the cancel flags are set while the worker still waits
