@@ -10,6 +10,7 @@ import java.nio.file.Files;
 import java.nio.file.LinkOption;
 import java.nio.file.Path;
 import java.util.Collections;
+import java.util.Optional;
 import java.util.Set;
 import java.util.TreeSet;
 
@@ -30,6 +31,20 @@ public final class ModelDirectories {
     /** Whether {@code dir} is a quantized artifact rather than a plain checkpoint directory. */
     public static boolean isQuantizedArtifact(Path dir) {
         return Files.isRegularFile(dir.resolve(QuantizedArtifact.METADATA));
+    }
+
+    /**
+     * The names of the files an artifact's manifest lists (its {@code files}; only those are part of the artifact and
+     * covered by its checksums, which {@link #loadDeepSeek} verifies); empty for a plain checkpoint directory, whose
+     * every file belongs to the model. Reads the manifest without hashing anything.
+     *
+     * @throws IOException if the manifest is unreadable or has no {@code files} object
+     */
+    public static Optional<Set<String>> listedFiles(Path dir) throws IOException {
+        if (!isQuantizedArtifact(dir)) {
+            return Optional.empty();
+        }
+        return Optional.of(ArtifactVerifier.readManifest(dir).files().keySet());
     }
 
     /**

@@ -17,7 +17,9 @@ import java.util.Set;
 /**
  * A DeepSeek checkpoint directory opened for generation: the model ({@link DeepSeekLoader}), the compressed-cache
  * decoder, the tokenizer when the directory has a {@code tokenizer.json}, and the EOS ids of
- * {@code generation_config.json}/{@code config.json}. Closing it frees the weights.
+ * {@code generation_config.json}/{@code config.json}. Of a quantized artifact only the files its manifest lists (and
+ * loading has checksummed) are read: a tokenizer or generation config dropped in later is refused ({@link ModelFiles}).
+ * Closing it frees the weights.
  *
  * <pre>{@code
  * try (GenerationModel m = GenerationModel.open(dir, Device.cpu(), DataType.FLOAT32)) {
@@ -32,9 +34,11 @@ public final class GenerationModel implements AutoCloseable {
     private final MlaCachedDecoder decoder;
     private final TextTokenizer tokenizer;
     private final List<Long> eosIds;
+    private final ModelFiles files;
 
-    private GenerationModel(
-            NDManager weights, DeepSeekForCausalLM model, MlaCachedDecoder decoder, TextTokenizer tokenizer, List<Long> eosIds) {
+    private GenerationModel(NDManager weights, DeepSeekForCausalLM model, MlaCachedDecoder decoder, TextTokenizer tokenizer,
+            List<Long> eosIds, ModelFiles files) {
+        this.files = files;
         this.weights = weights;
         this.model = model;
         this.decoder = decoder;
@@ -56,14 +60,13 @@ public final class GenerationModel implements AutoCloseable {
         NDManager weights = NDManager.newBaseManager(device);
         TextTokenizer tokenizer = null;
         try {
-            // an artifact is used only with the tokenizer files its manifest lists: unlisted ones are refused
-            Set<String> tokenizerFiles = ModelDirectories.tokenizerFiles(dir);
-            DeepSeekForCausalLM model = ModelDirectories.loadDeepSeek(dir, weights, dtype);
-            if (tokenizerFiles.contains("tokenizer.json")) {
-                tokenizer = TextTokenizer.fromModelDir(dir);
+            DeepSeekForCausalLM model = ModelDirectories.loadDeepSeek(dir, weights, dtype); // verifies listed files
+            ModelFiles files = ModelFiles.of(dir);
+            if (files.find("tokenizer.json").isPresent()) {
+                tokenizer = TextTokenizer.fromFiles(files);
             }
-            List<Long> eos = tokenizer != null ? tokenizer.eosIds() : TextTokenizer.readEosIds(dir);
-            return new GenerationModel(weights, model, new MlaCachedDecoder(model, device), tokenizer, List.copyOf(eos));
+            List<Long> eos = tokenizer != null ? tokenizer.eosIds() : TextTokenizer.readEosIds(files);
+            return new GenerationModel(weights, model, new MlaCachedDecoder(model, device), tokenizer, List.copyOf(eos), files);
         } catch (IOException | RuntimeException e) {
             if (tokenizer != null) {
                 tokenizer.close();
@@ -87,6 +90,11 @@ public final class GenerationModel implements AutoCloseable {
 
     public Optional<TextTokenizer> tokenizer() {
         return Optional.ofNullable(tokenizer);
+    }
+
+    /** The files of the directory that were read (for an artifact, those its manifest lists). */
+    public ModelFiles files() {
+        return files;
     }
 
     /** The ids that end generation by default. */

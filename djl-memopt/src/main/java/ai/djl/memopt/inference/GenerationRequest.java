@@ -69,6 +69,45 @@ public final class GenerationRequest {
         return tokenizer.encodeChat(messages, true);
     }
 
+    /**
+     * The prompt as token ids, refused if it leaves no room for {@code maxNewTokens} in a context of
+     * {@code contextLength} tokens. A text prompt that is certainly too long is refused without tokenizing it
+     * ({@link TextTokenizer#encode(String, boolean, int)}).
+     *
+     * @throws ContextLengthException if prompt + {@code params().maxNewTokens()} exceed {@code contextLength}
+     */
+    public long[] promptIds(TextTokenizer tokenizer, int contextLength) {
+        int maxNew = params.maxNewTokens();
+        if (promptIds != null) {
+            long total = (long) promptIds.length + maxNew;
+            if (total > contextLength) {
+                throw new ContextLengthException(total, contextLength,
+                        "prompt (" + promptIds.length + " tokens) + max new tokens (" + maxNew + ") = " + total
+                                + " tokens exceed the model's context of " + contextLength + " tokens (max_position_embeddings)");
+            }
+            return promptIds.clone();
+        }
+        int room = contextLength - maxNew;
+        if (room < 1) {
+            throw new ContextLengthException(1L + maxNew, contextLength,
+                    "max new tokens (" + maxNew + ") leave no room for a prompt in the model's context of " + contextLength
+                            + " tokens (max_position_embeddings)");
+        }
+        Preconditions.checkArgument(tokenizer != null, "a text or chat prompt needs a tokenizer (give token ids instead)");
+        try {
+            if (text != null) {
+                return tokenizer.encode(text, true, room);
+            }
+            Preconditions.checkArgument(
+                    tokenizer.chatTemplate().isPresent(), "the model's tokenizer_config.json has no chat_template");
+            return tokenizer.encodeChat(messages, true, room);
+        } catch (ContextLengthException e) {
+            throw new ContextLengthException(e.tokens() + maxNew, contextLength,
+                    "prompt + max new tokens (" + maxNew + ") exceed the model's context of " + contextLength
+                            + " tokens (max_position_embeddings): " + e.getMessage());
+        }
+    }
+
     /** Builder for {@link GenerationRequest}. */
     public static final class Builder {
         private String text;

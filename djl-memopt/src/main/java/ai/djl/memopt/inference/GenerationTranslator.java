@@ -32,6 +32,7 @@ public final class GenerationTranslator implements NoBatchifyTranslator<Generati
 
     private static final String REQUEST = "memopt.generation.request";
     private static final String PROMPT = "memopt.generation.prompt";
+    private static final String MODEL = "memopt.generation.model";
 
     private final TextTokenizer tokenizer;
     private final Function<Block, LanguageModel> languageModel;
@@ -55,9 +56,11 @@ public final class GenerationTranslator implements NoBatchifyTranslator<Generati
 
     @Override
     public NDList processInput(TranslatorContext ctx, GenerationRequest input) {
-        long[] prompt = input.promptIds(tokenizer);
+        LanguageModel lm = languageModel.apply(ctx.getBlock());
+        long[] prompt = input.promptIds(tokenizer, lm.maxLength()); // refused before tokenizing what cannot fit
         ctx.setAttachment(REQUEST, input);
         ctx.setAttachment(PROMPT, prompt);
+        ctx.setAttachment(MODEL, lm);
         NDManager m = ctx.getNDManager();
         long[] mask = new long[prompt.length];
         Arrays.fill(mask, 1);
@@ -68,7 +71,7 @@ public final class GenerationTranslator implements NoBatchifyTranslator<Generati
     public GenerationResult processOutput(TranslatorContext ctx, NDList list) {
         GenerationRequest request = (GenerationRequest) ctx.getAttachment(REQUEST);
         long[] prompt = (long[]) ctx.getAttachment(PROMPT);
-        LanguageModel lm = languageModel.apply(ctx.getBlock());
+        LanguageModel lm = (LanguageModel) ctx.getAttachment(MODEL);
         Generator generator = new Generator(lm, tokenizer);
         List<GenerationResult> results =
                 generator.generate(ctx.getNDManager(), List.of(prompt), request.params(), listener, () -> Thread.currentThread().isInterrupted());

@@ -76,6 +76,34 @@ public final class Generator {
         return model;
     }
 
+    /**
+     * Checks that prompts of {@code promptTokens} and {@code maxNewTokens} new tokens fit the model's context
+     * ({@link LanguageModel#maxLength()}); {@link #generate} does so before allocating anything.
+     *
+     * @throws ContextLengthException naming both numbers and the context
+     */
+    public void checkFits(int promptTokens, int maxNewTokens) {
+        int context = model.maxLength();
+        long total = (long) promptTokens + maxNewTokens;
+        if (total > context) {
+            throw new ContextLengthException(total, context,
+                    "prompt (" + promptTokens + " tokens) + max new tokens (" + maxNewTokens + ") = " + total
+                            + " tokens exceed the model's context of " + context + " tokens (max_position_embeddings)");
+        }
+    }
+
+    /**
+     * An estimate of the memory one sequence of {@code promptTokens} + {@code maxNewTokens} holds while it is generated:
+     * the host's token arrays (prompt, ids, positions, mask, output: 8-byte ids, 32 bytes per token), the model's
+     * cache for every token ({@link LanguageModel#cacheBytesPerToken()}) and the logits of its largest step
+     * ({@link LanguageModel#stepLogitsBytes(int)}). Activations inside a step (the prefill's attention scores, bounded
+     * by the prefill chunk) are not counted. Servers add these up to bound what they admit.
+     */
+    public long memoryEstimate(int promptTokens, int maxNewTokens) {
+        long length = (long) promptTokens + maxNewTokens;
+        return 32 * length + length * model.cacheBytesPerToken() + model.stepLogitsBytes((int) Math.min(length, Integer.MAX_VALUE));
+    }
+
     /** Generates from one prompt, in a manager of its own. */
     public GenerationResult generate(long[] prompt, SamplingParams params) {
         try (NDManager manager = NDManager.newBaseManager(model.device())) {
@@ -104,6 +132,8 @@ public final class Generator {
                         id >= 0 && id < vocab, "prompt %s: token id %s is outside the vocabulary [0, %s)", i, id, vocab);
             }
         }
+        int maxPrompt = prompts.stream().mapToInt(p -> p.length).max().orElseThrow();
+        checkFits(maxPrompt, params.maxNewTokens()); // before any array of that size exists
         List<String> stops = params.stopStrings();
         Preconditions.checkArgument(stops.isEmpty() || tokenizer != null, "stop strings need a tokenizer");
         Set<Long> eos = new HashSet<>();

@@ -21,4 +21,26 @@ public interface LanguageModel {
      * buffers are allocated in (a sub-manager of) {@code manager} and freed by {@link DecodingSession#close()}.
      */
     DecodingSession newSession(NDManager manager, int batchSize, int maxLength);
+
+    /**
+     * The most tokens (prompt + new) one sequence may hold: the model's context ({@code max_position_embeddings} for
+     * DeepSeek). {@link Generator} refuses longer requests before allocating anything. {@link Integer#MAX_VALUE} when
+     * the model does not say.
+     */
+    default int maxLength() {
+        return Integer.MAX_VALUE;
+    }
+
+    /** Bytes a session holds per token of {@code maxLength} (its cache buffers); 0 if unknown. */
+    default long cacheBytesPerToken() {
+        return 0;
+    }
+
+    /**
+     * Bytes of the logits one decoding step of one sequence produces at {@code length} tokens: {@code vocabSize} FP32
+     * values when only the last position is computed (the default).
+     */
+    default long stepLogitsBytes(int length) {
+        return 4L * vocabSize();
+    }
 }

@@ -155,7 +155,14 @@ public final class MlaCachedDecoder implements LanguageModel {
         return config.numAttentionHeads() * (config.qkHeadDim() + config.vHeadDim());
     }
 
+    /** {@code max_position_embeddings}. */
+    @Override
+    public int maxLength() {
+        return config.maxPositionEmbeddings();
+    }
+
     /** Cache bytes per token over all layers, in the model's data type. */
+    @Override
     public long cacheBytesPerToken() {
         return (long) cacheValuesPerTokenPerLayer(config) * layers.length * dtype.getNumOfBytes();
     }

@@ -56,6 +56,18 @@ public final class RecomputingLanguageModel implements LanguageModel {
         return vocabSize;
     }
 
+    /** Ids and positions, INT64, kept for the whole sequence. */
+    @Override
+    public long cacheBytesPerToken() {
+        return 16;
+    }
+
+    /** Every step computes the logits of every position, in the block's type (at most FP32). */
+    @Override
+    public long stepLogitsBytes(int length) {
+        return 4L * vocabSize * length;
+    }
+
     @Override
     public DecodingSession newSession(NDManager manager, int batchSize, int maxLength) {
         return new Session(manager.newSubManager(device), batchSize, maxLength);

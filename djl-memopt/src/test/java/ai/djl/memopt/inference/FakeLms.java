@@ -23,4 +23,9 @@ public final class FakeLms {
     public static TextTokenizer deepSeekTokenizer() throws IOException {
         return TextTokenizer.fromModelDir(TextTokenizerTest.deepSeekTokenizerDir());
     }
+
+    /** The word-level test tokenizer over ids 0..511 ({@code w<i>}): one token per word, with no bound per token. */
+    public static TextTokenizer wordLevelTokenizer() throws IOException {
+        return TextTokenizer.fromModelDir(TextTokenizerTest.tokenizerDir("wordlevel-512"));
+    }
 }

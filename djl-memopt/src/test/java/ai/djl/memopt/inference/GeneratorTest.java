@@ -225,4 +225,19 @@ class GeneratorTest {
                 IllegalArgumentException.class,
                 () -> g.generate(P1, SamplingParams.builder().setMaxNewTokens(2).optStopStrings(List.of("x")).build()));
     }
+
+    @Test
+    void newTokensBeyondTheContextAreRefusedBeforeAnythingIsAllocated() throws Exception {
+        try (TestModel m = TestModel.load(MlaCachedDecoderTest.fixture("tiny-deepseek-v3"), ai.djl.ndarray.types.DataType.FLOAT32)) {
+            Generator g = new Generator(new MlaCachedDecoder(m.model(), Device.cpu()), null);
+            // 1e9 new tokens once took 8 GB of host arrays and died with OutOfMemoryError before the context check
+            IllegalArgumentException e =
+                    assertThrows(IllegalArgumentException.class, () -> g.generate(P2, SamplingParams.greedy(1_000_000_000)));
+            assertTrue(e.getMessage().contains("1000000003") && e.getMessage().contains("256")
+                    && e.getMessage().contains("max_position_embeddings"), e.getMessage());
+            e = assertThrows(IllegalArgumentException.class, () -> g.generate(P2, SamplingParams.greedy(254)));
+            assertTrue(e.getMessage().contains("257"), e.getMessage());
+            assertEquals(253, g.generate(P2, SamplingParams.builder().setMaxNewTokens(253).optIgnoreEos(true).build()).outputIds().length);
+        }
+    }
 }

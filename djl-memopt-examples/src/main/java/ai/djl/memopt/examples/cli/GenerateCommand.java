@@ -1,6 +1,8 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.memopt.inference.ChatMessage;
 import ai.djl.memopt.inference.GenerationModel;
+import ai.djl.memopt.inference.GenerationRequest;
 import ai.djl.memopt.inference.GenerationResult;
 import ai.djl.memopt.inference.Generator;
 import ai.djl.memopt.inference.SamplingParams;
@@ -51,7 +53,7 @@ public final class GenerateCommand implements Callable<Integer> {
     @Option(names = "--chat", description = "wrap --prompt as a user message in the model's chat template")
     boolean chat;
 
-    @Option(names = "--max-new-tokens", required = true, paramLabel = "N", description = "tokens to generate at most")
+    @Option(names = "--max-new-tokens", required = true, paramLabel = "N", description = "tokens to generate at most (prompt + N within max_position_embeddings)")
     int maxNewTokens;
 
     @Option(names = "--temperature", paramLabel = "T", description = "sampling temperature (0 = greedy)")
@@ -107,15 +109,19 @@ public final class GenerateCommand implements Callable<Integer> {
         PrintStream out = new PrintStream(System.out, true, StandardCharsets.UTF_8);
         try (GenerationModel m = GenerationModel.open(model, Devices.parse(device), Devices.dtype(dtype))) {
             TextTokenizer tok = m.tokenizer().orElse(null);
-            long[] ids;
-            if (prompt.ids != null) {
-                ids = prompt.ids;
-            } else {
-                if (tok == null) {
-                    throw new IllegalArgumentException(model.resolve("tokenizer.json") + " not found: give --prompt-ids instead of --prompt");
-                }
-                ids = chat ? tok.encodeChat(List.of(ai.djl.memopt.inference.ChatMessage.user(prompt.text)), true) : tok.encode(prompt.text);
+            if (prompt.ids == null && tok == null) {
+                throw new IllegalArgumentException(m.files().absence("tokenizer.json") + ": give --prompt-ids instead of --prompt");
             }
+            GenerationRequest.Builder request = GenerationRequest.builder().setParams(params);
+            if (prompt.ids != null) {
+                request.optPromptIds(prompt.ids);
+            } else if (chat) {
+                request.optMessages(List.of(ChatMessage.user(prompt.text)));
+            } else {
+                request.optText(prompt.text);
+            }
+            // prompt + --max-new-tokens must fit the context: checked before tokenizing a text that cannot fit
+            long[] ids = request.build().promptIds(tok, m.decoder().maxLength());
             Generator g = m.generator();
             GenerationResult r;
             long t0 = System.nanoTime();

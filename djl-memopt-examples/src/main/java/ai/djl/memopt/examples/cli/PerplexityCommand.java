@@ -3,6 +3,7 @@ package ai.djl.memopt.examples.cli;
 import ai.djl.Device;
 import ai.djl.huggingface.tokenizers.HuggingFaceTokenizer;
 import ai.djl.memopt.export.ModelDirectories;
+import ai.djl.memopt.inference.ModelFiles;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.ndarray.NDArray;
@@ -25,8 +26,10 @@ import picocli.CommandLine.Option;
 
 /**
  * {@code memopt perplexity}: mean next-token cross-entropy (nats) and perplexity of a model on token ids or a text file,
- * printed as one JSON line. Long inputs are cut into consecutive windows of {@code --seq} tokens; the loss is averaged
- * over every predicted token of every window.
+ * printed as one JSON line. Long inputs are cut into consecutive windows of {@code --seq} tokens (at most the model's
+ * context, {@code max_position_embeddings}); the loss is averaged over every predicted token of every window. A bar on
+ * stderr shows the windows done ({@code --no-progress} turns it off). {@code --text} needs the model's
+ * {@code tokenizer.json}; of a quantized artifact only one its manifest lists.
  *
  * <pre>
  * memopt perplexity --model DIR --token-ids 5,17,3,9
@@ -51,7 +54,7 @@ public final class PerplexityCommand implements Callable<Integer> {
     String device;
 
     @Option(names = "--seq", paramLabel = "N",
-            description = "Window length in tokens (default: min(max_position_embeddings, 1024)).")
+            description = "Window length in tokens, at most max_position_embeddings (default: min(max_position_embeddings, 1024)).")
     Integer seq;
 
     @Option(names = "--dtype", defaultValue = "float32", paramLabel = "float32|float16",
@@ -61,6 +64,9 @@ public final class PerplexityCommand implements Callable<Integer> {
     @Option(names = "--json", description = "Accepted for consistency with the other commands: the result is always "
             + "one JSON line.")
     boolean json;
+
+    @Option(names = "--no-progress", description = "No progress bar on stderr.")
+    boolean noProgress;
 
     @Override
     public Integer call() throws Exception {
@@ -78,6 +84,10 @@ public final class PerplexityCommand implements Callable<Integer> {
             if (window < 2) {
                 throw new IllegalArgumentException("--seq must be at least 2, got " + window);
             }
+            if (window > scorer.maxPositions()) {
+                throw new IllegalArgumentException("--seq " + window + " exceeds the model's context of "
+                        + scorer.maxPositions() + " tokens (max_position_embeddings in " + model.resolve("config.json") + ")");
+            }
             for (long id : ids) {
                 if (id < 0 || id >= scorer.vocabSize()) {
                     throw new IllegalArgumentException(
@@ -87,7 +97,13 @@ public final class PerplexityCommand implements Callable<Integer> {
             if (ids.length < 2) {
                 throw new IllegalArgumentException("need at least 2 tokens to predict one, got " + ids.length);
             }
-            Evaluation e = evaluate(scorer, ids, window);
+            int total = windows(ids.length, window);
+            ProgressBar bar = noProgress ? null : new ProgressBar(System.err, "perplexity", total);
+            Evaluation e = evaluate(scorer, ids, window, bar == null ? null
+                    : (done, running) -> bar.update(done, String.format(Locale.ROOT, "windows, loss %.4f", running.loss())));
+            if (bar != null) {
+                bar.finish();
+            }
             double loss = e.loss();
             JsonObject out = new JsonObject();
             out.addProperty("model", model.toString());
@@ -173,6 +189,30 @@ public final class PerplexityCommand implements Callable<Integer> {
 
     /** Scores {@code ids} in consecutive windows (a lone trailing token predicts nothing and is dropped). */
     public static Evaluation evaluate(Scorer scorer, long[] ids, int window) {
+        return evaluate(scorer, ids, window, null);
+    }
+
+    /** Called after each window with the number done and the evaluation so far. */
+    public interface Progress {
+        void windowDone(int done, Evaluation soFar);
+    }
+
+    /** The windows {@link #evaluate} scores for {@code tokens} tokens. */
+    static int windows(int tokens, int window) {
+        int full = tokens / window;
+        return full + (tokens - full * window >= 2 ? 1 : 0);
+    }
+
+    /**
+     * {@link #evaluate(Scorer, long[], int)}, reporting each window to {@code progress} (may be null).
+     *
+     * @throws IllegalArgumentException if the window is longer than the model's context
+     */
+    public static Evaluation evaluate(Scorer scorer, long[] ids, int window, Progress progress) {
+        if (window > scorer.maxPositions()) {
+            throw new IllegalArgumentException("a window of " + window + " tokens exceeds the model's context of "
+                    + scorer.maxPositions() + " tokens (max_position_embeddings)");
+        }
         double nll = 0;
         long predicted = 0;
         int windows = 0;
@@ -185,6 +225,9 @@ public final class PerplexityCommand implements Callable<Integer> {
             nll += s.nll();
             predicted += s.tokens();
             windows++;
+            if (progress != null) {
+                progress.windowDone(windows, new Evaluation(nll, predicted, windows));
+            }
         }
         return new Evaluation(nll, predicted, windows);
     }
@@ -208,10 +251,9 @@ public final class PerplexityCommand implements Callable<Integer> {
         if (!Files.isRegularFile(textFile)) {
             throw new IllegalArgumentException("text file " + textFile + " does not exist");
         }
-        Path tokenizerJson = modelDir.resolve("tokenizer.json");
-        if (!Files.isRegularFile(tokenizerJson)) {
-            throw new IllegalArgumentException(modelDir + " has no tokenizer.json (needed for --text)");
-        }
+        ModelFiles files = ModelFiles.of(modelDir); // of an artifact, only what its manifest lists
+        Path tokenizerJson = files.find("tokenizer.json").orElseThrow(
+                () -> new IllegalArgumentException(files.absence("tokenizer.json") + " (needed for --text)"));
         String content = Files.readString(textFile, StandardCharsets.UTF_8);
         Map<String, String> options = new HashMap<>();
         options.put("truncation", "false"); // windows are cut here, not by the tokenizer

@@ -51,6 +51,22 @@ public final class ServeCommand implements Callable<Integer> {
     @Option(names = "--shutdown-grace", defaultValue = "30", paramLabel = "SECONDS", description = "time running requests get to finish on shutdown (default: ${DEFAULT-VALUE})")
     int shutdownGraceSeconds;
 
+    @Option(names = "--max-pending-bytes", defaultValue = "" + GenerationServer.DEFAULT_MAX_PENDING_BYTES, paramLabel = "N",
+            description = "estimated memory admitted requests may hold together (tokenizing; then ids, cache for prompt + max_tokens, logits); more get 429 (default: ${DEFAULT-VALUE})")
+    long maxPendingBytes;
+
+    @Option(names = "--max-connections", defaultValue = "" + GenerationServer.DEFAULT_MAX_CONNECTIONS, paramLabel = "N",
+            description = "open HTTP connections at most (default: ${DEFAULT-VALUE})")
+    int maxConnections;
+
+    @Option(names = "--read-timeout", defaultValue = "10", paramLabel = "SECONDS",
+            description = "close a connection on which no byte arrives for this long (408 during a body) (default: ${DEFAULT-VALUE})")
+    int readTimeoutSeconds;
+
+    @Option(names = "--body-timeout", defaultValue = "30", paramLabel = "SECONDS",
+            description = "a request body must arrive within this long (408) (default: ${DEFAULT-VALUE})")
+    int bodyTimeoutSeconds;
+
     @Override
     public Integer call() throws Exception {
         try (GenerationModel m = GenerationModel.open(model, Devices.parse(device), Devices.dtype(dtype))) {
@@ -66,6 +82,10 @@ public final class ServeCommand implements Callable<Integer> {
                             .optMaxBodyBytes(maxBodyBytes)
                             .optMaxContextLength(m.config().maxPositionEmbeddings())
                             .optShutdownGrace(Duration.ofSeconds(shutdownGraceSeconds))
+                            .optMaxPendingBytes(maxPendingBytes)
+                            .optMaxConnections(maxConnections)
+                            .optReadTimeout(Duration.ofSeconds(readTimeoutSeconds))
+                            .optBodyTimeout(Duration.ofSeconds(bodyTimeoutSeconds))
                             .build();
             Thread hook = new Thread(server::close, "memopt-serve-shutdown");
             Runtime.getRuntime().addShutdownHook(hook);

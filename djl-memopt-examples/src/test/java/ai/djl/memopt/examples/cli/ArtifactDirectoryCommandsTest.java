@@ -50,4 +50,34 @@ class ArtifactDirectoryCommandsTest {
         assertNotEquals(0, broken.exitCode);
         assertTrue(broken.err.contains("model.safetensors"), broken.err);
     }
+
+    @Test
+    void aTokenizerNotListedInTheManifestIsRefused() throws Exception {
+        Path int8 = tmp.resolve("int8");
+        CliRun q = CliRun.run("quantize", "--model", CliRun.FIXTURES.resolve("tiny-deepseek-v3").toString(), "--scheme", "int8",
+                "--out", int8.toString());
+        assertEquals(0, q.exitCode, q.err);
+        assertTrue(!Files.exists(int8.resolve("tokenizer.json")));
+        // dropped in after the export: not covered by quantization.json's checksums
+        for (String f : new String[] {"tokenizer.json", "tokenizer_config.json"}) {
+            Files.copy(CliRun.WORDLEVEL_TOKENIZER.resolve(f), int8.resolve(f));
+        }
+        CliRun gen = CliRun.run("generate", "--model", int8.toString(), "--prompt", "w17 w99", "--max-new-tokens", "3");
+        assertEquals(1, gen.exitCode, gen.out);
+        assertTrue(gen.err.contains("tokenizer.json") && gen.err.contains("not listed") && gen.err.contains("quantization.json"), gen.err);
+        Path text = tmp.resolve("t.txt");
+        Files.writeString(text, "w17 w99 w3 w5");
+        CliRun ppl = CliRun.run("perplexity", "--model", int8.toString(), "--text", text.toString());
+        assertEquals(1, ppl.exitCode, ppl.out);
+        assertTrue(ppl.err.contains("tokenizer.json") && ppl.err.contains("not listed"), ppl.err);
+        // the artifact is refused as a whole, even where ids need no tokenizer, until the unlisted files are removed
+        CliRun ids = CliRun.run("generate", "--model", int8.toString(), "--prompt-ids", "17,99", "--max-new-tokens", "3");
+        assertEquals(1, ids.exitCode, ids.out);
+        assertTrue(ids.err.contains("not listed"), ids.err);
+        for (String f : new String[] {"tokenizer.json", "tokenizer_config.json"}) {
+            Files.delete(int8.resolve(f));
+        }
+        CliRun clean = CliRun.run("generate", "--model", int8.toString(), "--prompt-ids", "17,99", "--max-new-tokens", "3");
+        assertEquals(0, clean.exitCode, clean.err);
+    }
 }

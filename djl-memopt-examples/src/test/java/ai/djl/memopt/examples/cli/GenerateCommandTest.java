@@ -110,4 +110,13 @@ class GenerateCommandTest {
         r = CliRun.run("generate", "--model", V3, "--max-new-tokens", "4"); // no prompt: picocli usage error
         assertEquals(2, r.exitCode);
     }
+
+    @Test
+    void newTokensBeyondTheContextAreRefusedBeforeAllocating() {
+        // the fixture's context is 256 tokens; 1e9 new tokens once died with OutOfMemoryError
+        CliRun r = CliRun.run("generate", "--model", V3, "--prompt-ids", "1,2", "--max-new-tokens", "1000000000");
+        assertEquals(1, r.exitCode, r.err);
+        assertTrue(r.err.contains("1000000002") && r.err.contains("256") && r.err.contains("max_position_embeddings"), r.err);
+        assertTrue(!r.err.contains("OutOfMemoryError"), r.err);
+    }
 }

@@ -160,4 +160,37 @@ class PerplexityCommandTest {
         assertTrue(r[2].contains("tpu"), r[2]);
         assertTrue(r[1].isEmpty(), r[1]);
     }
+
+    @Test
+    void windowsLongerThanTheContextAreRefused() {
+        // the fixture's context is 256 tokens: positions past it were silently used
+        String[] r = run("perplexity", "--model", FIXTURE.toString(), "--token-ids", "1,2,3", "--seq", "1000");
+        assertEquals("1", r[0], r[2]);
+        assertTrue(r[2].contains("--seq 1000") && r[2].contains("256") && r[2].contains("max_position_embeddings"), r[2]);
+        assertTrue(r[1].isEmpty(), r[1]);
+        r = run("perplexity", "--model", FIXTURE.toString(), "--token-ids", "1,2,3", "--seq", "256");
+        assertEquals("0", r[0], r[2]);
+    }
+
+    @Test
+    void textShowsItsProgressOnStderr() throws Exception {
+        Path dir = CliRun.v3WithTokenizer(Files.createDirectories(tmp.resolve("m")));
+        StringBuilder text = new StringBuilder();
+        for (int i = 0; i < 40; i++) {
+            text.append("w").append(10 + i).append(' ');
+        }
+        Path file = tmp.resolve("t.txt");
+        Files.writeString(file, text.toString());
+        String[] r = run("perplexity", "--model", dir.toString(), "--text", file.toString(), "--seq", "8");
+        assertEquals("0", r[0], r[2]);
+        JsonObject json = JsonParser.parseString(r[1].trim()).getAsJsonObject();
+        int windows = json.get("windows").getAsInt();
+        assertTrue(windows >= 5, r[1]);
+        // a bar per window, ending at windows/windows; stdout keeps exactly the one JSON line
+        assertTrue(r[2].contains(windows + "/" + windows), r[2]);
+        assertTrue(r[2].contains("1/" + windows), r[2]);
+        String[] quiet = run("perplexity", "--model", dir.toString(), "--text", file.toString(), "--seq", "8", "--no-progress");
+        assertEquals("0", quiet[0], quiet[2]);
+        assertTrue(quiet[2].isEmpty(), quiet[2]);
+    }
 }

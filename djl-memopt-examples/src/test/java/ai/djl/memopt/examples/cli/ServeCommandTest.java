@@ -29,7 +29,8 @@ class ServeCommandTest {
         String v3 = CliRun.FIXTURES.resolve("tiny-deepseek-v3").toString();
         CompletableFuture<Integer> exit =
                 CompletableFuture.supplyAsync(
-                        () -> MemoptCli.execute("serve", "--model", v3, "--port", String.valueOf(port), "--max-queue", "2", "--shutdown-grace", "1"));
+                        () -> MemoptCli.execute("serve", "--model", v3, "--port", String.valueOf(port), "--max-queue", "2", "--shutdown-grace", "1",
+                                "--max-pending-bytes", "123456789", "--max-connections", "8", "--read-timeout", "5", "--body-timeout", "7"));
         HttpClient http = HttpClient.newBuilder().connectTimeout(Duration.ofSeconds(2)).build();
         URI base = URI.create("http://127.0.0.1:" + port);
         long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(60);
@@ -62,6 +63,18 @@ class ServeCommandTest {
                 HttpRequest.newBuilder(base.resolve("/v1/completions")).POST(HttpRequest.BodyPublishers.ofString("{\"prompt\":\"hi\"}")).build(),
                 HttpResponse.BodyHandlers.ofString());
         assertEquals(400, r.statusCode());
+
+        JsonObject health = JsonParser.parseString(
+                http.send(HttpRequest.newBuilder(base.resolve("/health")).build(), HttpResponse.BodyHandlers.ofString()).body()).getAsJsonObject();
+        assertEquals(123456789L, health.get("max_pending_bytes").getAsLong());
+        assertEquals(8, ServeCommand.running.stats().maxConnections());
+        // the fixture's context is 256 tokens: the server refuses what cannot fit, before generating
+        r = http.send(
+                HttpRequest.newBuilder(base.resolve("/v1/completions"))
+                        .POST(HttpRequest.BodyPublishers.ofString("{\"prompt\":[451,340],\"max_tokens\":255}")).build(),
+                HttpResponse.BodyHandlers.ofString());
+        assertEquals(400, r.statusCode(), r.body());
+        assertTrue(r.body().contains("context_length_exceeded"), r.body());
 
         assertNotNull(ServeCommand.running);
         ServeCommand.running.close();

@@ -13,33 +13,95 @@ import java.util.ArrayList;
 import java.util.List;
 import java.util.Set;
 
-/** A validated OpenAI completion or chat-completion request: prompt ids, sampling params, streaming flag. */
+/**
+ * A validated OpenAI completion or chat-completion request, not yet tokenized: the prompt as token ids or as the text to
+ * tokenize (a chat already rendered with the model's template), {@code max_tokens} as given, the sampling params, the
+ * streaming flag. {@link #params(int)} completes the params once the prompt's length is known.
+ *
+ * <p>The body must be UTF-8 (400 naming the byte offset of the first malformed sequence) and the prompt Unicode text
+ * (400 for an unpaired surrogate written as a JSON escape).
+ */
 final class OpenAiRequest {
 
     private static final Set<String> ROLES = Set.of("system", "user", "assistant", "tool");
     private static final int MAX_STOPS = 4;
 
     final boolean chat;
+    /** The prompt's ids when the request gave ids; null for text. */
     final long[] promptIds;
-    final SamplingParams params;
+    /** The text to tokenize (a completion's prompt, or the rendered chat); null for ids. */
+    final String promptText;
+    /** {@code max_tokens} (or {@code max_completion_tokens}) as given, in range; null for the default. */
+    final Integer maxTokens;
     final boolean stream;
     final String model;
+    private final SamplingParams.Builder params;
+    private final Limits limits;
 
-    private OpenAiRequest(boolean chat, long[] promptIds, SamplingParams params, boolean stream, String model) {
+    private OpenAiRequest(boolean chat, long[] promptIds, String promptText, Integer maxTokens, SamplingParams.Builder params,
+            boolean stream, String model, Limits limits) {
         this.chat = chat;
         this.promptIds = promptIds;
+        this.promptText = promptText;
+        this.maxTokens = maxTokens;
         this.params = params;
         this.stream = stream;
         this.model = model;
+        this.limits = limits;
     }
 
     /** Limits the server applies to every request. */
     record Limits(int maxTokens, int defaultCompletionTokens, int maxContextLength, int vocabSize) {}
 
+    int contextLength() {
+        return limits.maxContextLength();
+    }
+
+    /** The field a prompt problem is reported under. */
+    String promptParam() {
+        return chat ? "messages" : "prompt";
+    }
+
+    /** Whether tokenizing adds the tokenizer's special tokens (a chat template writes its own). */
+    boolean addSpecialTokens() {
+        return !chat;
+    }
+
+    /** The most prompt tokens the context leaves: room for {@code max_tokens}, or for one new token. */
+    int maxPromptTokens() {
+        return limits.maxContextLength() - (maxTokens != null ? maxTokens : 1);
+    }
+
+    /** New tokens at most for a prompt of {@code promptTokens}: {@code max_tokens}, or the default cut to the context. */
+    int maxNewTokens(int promptTokens) {
+        if (maxTokens != null) {
+            return maxTokens;
+        }
+        int max = chat ? limits.maxTokens() : limits.defaultCompletionTokens();
+        return Math.max(1, Math.min(max, limits.maxContextLength() - promptTokens));
+    }
+
+    /**
+     * The sampling params for a prompt of {@code promptTokens}.
+     *
+     * @throws ApiException 400 ({@code context_length_exceeded}) if the prompt and the new tokens do not fit the context
+     */
+    SamplingParams params(int promptTokens) {
+        int max = maxNewTokens(promptTokens);
+        if ((long) promptTokens + max > limits.maxContextLength()) {
+            throw ApiException.contextLength(maxTokens != null ? "max_tokens" : promptParam(),
+                    maxTokens != null
+                            ? "prompt (" + promptTokens + " tokens) + max_tokens (" + max + ") exceeds the context of "
+                                    + limits.maxContextLength() + " tokens"
+                            : "the prompt (" + promptTokens + " tokens) fills the context of " + limits.maxContextLength() + " tokens");
+        }
+        return params.setMaxNewTokens(max).build();
+    }
+
     static OpenAiRequest parse(byte[] body, boolean chat, TextTokenizer tokenizer, Limits limits) {
         JsonObject o;
         try {
-            JsonElement e = JsonParser.parseString(new String(body, java.nio.charset.StandardCharsets.UTF_8));
+            JsonElement e = JsonParser.parseString(Utf8Text.decode(body, "the request body"));
             if (!e.isJsonObject()) {
                 throw ApiException.badRequest(null, "the request body must be a JSON object");
             }
@@ -48,18 +110,23 @@ final class OpenAiRequest {
             throw ApiException.badRequest(null, "malformed JSON: " + e.getMessage());
         }
         String model = optString(o, "model");
-        long[] prompt;
+        long[] ids = null;
+        String text = null;
         if (chat) {
-            prompt = chatPrompt(o, tokenizer);
+            text = chatPrompt(o, tokenizer);
         } else {
-            prompt = completionPrompt(o, tokenizer);
+            JsonElement p = o.get("prompt");
+            text = promptString(p);
+            if (text == null) {
+                ids = promptIds(p, limits);
+            } else if (tokenizer == null) {
+                throw ApiException.badRequest("prompt", "this server has no tokenizer: send the prompt as token ids");
+            }
         }
-        if (prompt.length == 0) {
-            throw ApiException.badRequest(chat ? "messages" : "prompt", "the prompt is empty");
-        }
-        for (long id : prompt) {
-            if (id < 0 || id >= limits.vocabSize()) {
-                throw ApiException.badRequest("prompt", "token id " + id + " is outside the vocabulary [0, " + limits.vocabSize() + ")");
+        if (text != null) {
+            Utf8Text.checkUnicode(text, chat ? "messages" : "prompt");
+            if (text.isEmpty()) {
+                throw ApiException.badRequest(chat ? "messages" : "prompt", "the prompt is empty");
             }
         }
         Integer n = optInt(o, "n");
@@ -76,25 +143,10 @@ final class OpenAiRequest {
             throw ApiException.badRequest("echo", "echo is not supported");
         }
         Integer maxTokens = optInt(o, chat && o.has("max_completion_tokens") ? "max_completion_tokens" : "max_tokens");
-        int max;
-        if (maxTokens == null) {
-            max = chat ? limits.maxTokens() : limits.defaultCompletionTokens();
-            max = Math.min(max, limits.maxContextLength() - prompt.length);
-            if (max < 1) {
-                throw ApiException.badRequest(chat ? "messages" : "prompt",
-                        "the prompt (" + prompt.length + " tokens) fills the context of " + limits.maxContextLength() + " tokens");
-            }
-        } else {
-            max = maxTokens;
-            if (max < 1 || max > limits.maxTokens()) {
-                throw ApiException.badRequest("max_tokens", "max_tokens must be in [1, " + limits.maxTokens() + "], got " + max);
-            }
-            if ((long) prompt.length + max > limits.maxContextLength()) {
-                throw ApiException.badRequest("max_tokens",
-                        "prompt (" + prompt.length + " tokens) + max_tokens (" + max + ") exceeds the context of " + limits.maxContextLength() + " tokens");
-            }
+        if (maxTokens != null && (maxTokens < 1 || maxTokens > limits.maxTokens())) {
+            throw ApiException.badRequest("max_tokens", "max_tokens must be in [1, " + limits.maxTokens() + "], got " + maxTokens);
         }
-        SamplingParams.Builder p = SamplingParams.builder().setMaxNewTokens(max);
+        SamplingParams.Builder p = SamplingParams.builder();
         Double temperature = optNumber(o, "temperature");
         float t = temperature == null ? 1f : temperature.floatValue();
         if (!(t >= 0 && t <= 2)) {
@@ -126,43 +178,52 @@ final class OpenAiRequest {
             p.optStopStrings(stops);
         }
         boolean stream = o.has("stream") && !o.get("stream").isJsonNull() && bool(o, "stream");
-        return new OpenAiRequest(chat, prompt, p.build(), stream, model);
+        OpenAiRequest req = new OpenAiRequest(chat, ids, text, maxTokens, p, stream, model, limits);
+        if (ids != null) {
+            req.params(ids.length); // an id prompt's context check needs no tokenizer
+        }
+        return req;
     }
 
-    private static long[] completionPrompt(JsonObject o, TextTokenizer tokenizer) {
-        JsonElement e = o.get("prompt");
+    /** A completion prompt given as text (a string, or an array of one string); null if it is not text. */
+    private static String promptString(JsonElement e) {
         if (e == null || e.isJsonNull()) {
             throw ApiException.badRequest("prompt", "prompt is required");
         }
         if (e.isJsonPrimitive() && e.getAsJsonPrimitive().isString()) {
-            return encode(e.getAsString(), tokenizer);
+            return e.getAsString();
         }
         if (e.isJsonArray()) {
             JsonArray a = e.getAsJsonArray();
             if (a.size() == 1 && a.get(0).isJsonPrimitive() && a.get(0).getAsJsonPrimitive().isString()) {
-                return encode(a.get(0).getAsString(), tokenizer);
+                return a.get(0).getAsString();
             }
-            long[] ids = new long[a.size()];
-            for (int i = 0; i < ids.length; i++) {
-                JsonElement x = a.get(i);
-                if (!x.isJsonPrimitive() || !x.getAsJsonPrimitive().isNumber()) {
-                    throw ApiException.badRequest("prompt", "prompt must be a string, or an array of token ids (one prompt per request)");
-                }
-                ids[i] = exactLong(x.getAsJsonPrimitive(), "prompt");
-            }
-            return ids;
+            return null;
         }
         throw ApiException.badRequest("prompt", "prompt must be a string or an array of token ids");
     }
 
-    private static long[] encode(String text, TextTokenizer tokenizer) {
-        if (tokenizer == null) {
-            throw ApiException.badRequest("prompt", "this server has no tokenizer: send the prompt as token ids");
+    private static long[] promptIds(JsonElement e, Limits limits) {
+        JsonArray a = e.getAsJsonArray();
+        if (a.isEmpty()) {
+            throw ApiException.badRequest("prompt", "the prompt is empty");
         }
-        return tokenizer.encode(text);
+        long[] ids = new long[a.size()];
+        for (int i = 0; i < ids.length; i++) {
+            JsonElement x = a.get(i);
+            if (!x.isJsonPrimitive() || !x.getAsJsonPrimitive().isNumber()) {
+                throw ApiException.badRequest("prompt", "prompt must be a string, or an array of token ids (one prompt per request)");
+            }
+            ids[i] = exactLong(x.getAsJsonPrimitive(), "prompt");
+            if (ids[i] < 0 || ids[i] >= limits.vocabSize()) {
+                throw ApiException.badRequest("prompt", "token id " + ids[i] + " is outside the vocabulary [0, " + limits.vocabSize() + ")");
+            }
+        }
+        return ids;
     }
 
-    private static long[] chatPrompt(JsonObject o, TextTokenizer tokenizer) {
+    /** The chat rendered with the model's template, to be tokenized without added special tokens. */
+    private static String chatPrompt(JsonObject o, TextTokenizer tokenizer) {
         JsonElement e = o.get("messages");
         if (e == null || !e.isJsonArray() || e.getAsJsonArray().isEmpty()) {
             throw ApiException.badRequest("messages", "messages must be a non-empty array");
@@ -177,13 +238,15 @@ final class OpenAiRequest {
             if (role == null || !ROLES.contains(role)) {
                 throw ApiException.badRequest("messages", "message role must be one of " + ROLES + ", got " + role);
             }
-            messages.add(new ChatMessage(role, content(mo.get("content"))));
+            String content = content(mo.get("content"));
+            Utf8Text.checkUnicode(content, "messages");
+            messages.add(new ChatMessage(role, content));
         }
         if (tokenizer == null || tokenizer.chatTemplate().isEmpty()) {
             throw ApiException.badRequest("messages", "this model has no chat template (tokenizer_config.json chat_template)");
         }
         try {
-            return tokenizer.encodeChat(messages, true);
+            return tokenizer.applyChatTemplate(messages, true);
         } catch (IllegalArgumentException ex) {
             throw ApiException.badRequest("messages", ex.getMessage());
         }

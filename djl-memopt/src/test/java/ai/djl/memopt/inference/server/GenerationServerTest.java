@@ -258,6 +258,58 @@ class GenerationServerTest {
         assertError(post(server, "/v1/nothing", "{}"), 404, null);
     }
 
+    static HttpResponse<String> send(String method, String path, String body) throws IOException, InterruptedException {
+        HttpRequest req =
+                HttpRequest.newBuilder(URI.create("http://127.0.0.1:" + server.port() + path))
+                        .timeout(Duration.ofSeconds(30))
+                        .method(method, body == null ? HttpRequest.BodyPublishers.noBody() : HttpRequest.BodyPublishers.ofString(body))
+                        .build();
+        return http.send(req, HttpResponse.BodyHandlers.ofString());
+    }
+
+    @Test
+    void wrongMethodAnswers405WithAnAllowHeader() throws Exception {
+        HttpResponse<String> r = send("GET", "/v1/completions", null);
+        assertError(r, 405, null);
+        assertEquals("POST", r.headers().firstValue("Allow").orElse(null), r.headers().map().toString());
+        r = send("PUT", "/v1/chat/completions", "{}");
+        assertError(r, 405, null);
+        assertEquals("POST", r.headers().firstValue("Allow").orElse(null));
+        r = send("POST", "/health", "{}");
+        assertError(r, 405, null);
+        assertEquals("GET", r.headers().firstValue("Allow").orElse(null));
+        r = send("DELETE", "/v1/models", null);
+        assertError(r, 405, null);
+        assertEquals("GET", r.headers().firstValue("Allow").orElse(null));
+        assertError(send("GET", "/v1/nothing", null), 404, null); // an unknown path is still 404
+    }
+
+    @Test
+    void invalidUtf8IsRefusedNamingTheByteOffset() throws Exception {
+        byte[] head = "{\"prompt\":\"caf\u00e9 ".getBytes(java.nio.charset.StandardCharsets.UTF_8);
+        byte[] tail = " au lait\",\"max_tokens\":2}".getBytes(java.nio.charset.StandardCharsets.UTF_8);
+        for (byte[] bad : new byte[][] {{(byte) 0xff}, {(byte) 0xc3}, {(byte) 0xed, (byte) 0xa0, (byte) 0x80}}) {
+            byte[] body = new byte[head.length + bad.length + tail.length];
+            System.arraycopy(head, 0, body, 0, head.length);
+            System.arraycopy(bad, 0, body, head.length, bad.length);
+            System.arraycopy(tail, 0, body, head.length + bad.length, tail.length);
+            HttpRequest req =
+                    HttpRequest.newBuilder(URI.create("http://127.0.0.1:" + server.port() + "/v1/completions"))
+                            .POST(HttpRequest.BodyPublishers.ofByteArray(body))
+                            .build();
+            HttpResponse<String> r = http.send(req, HttpResponse.BodyHandlers.ofString());
+            assertError(r, 400, null);
+            String message = json(r).getAsJsonObject("error").get("message").getAsString();
+            assertTrue(message.contains("UTF-8") && message.contains("byte offset " + head.length), message);
+        }
+        // a lone surrogate written as a JSON escape is not text either
+        assertError(post(server, "/v1/completions", "{\"prompt\":\"ab\\ud800cd\",\"max_tokens\":2}"), 400, "prompt");
+        assertError(post(server, "/v1/chat/completions",
+                "{\"messages\":[{\"role\":\"user\",\"content\":\"x\\udc00\"}],\"max_tokens\":2}"), 400, "messages");
+        // well-formed text outside the BMP is fine
+        assertEquals(200, post(server, "/v1/completions", "{\"prompt\":\"\\ud83d\\ude00 ok\",\"max_tokens\":2}").statusCode());
+    }
+
     @Test
     void oversizedBodyAnswers413() throws Exception {
         String big = "{\"prompt\":\"" + "a".repeat(5000) + "\"}";
@@ -282,6 +334,21 @@ class GenerationServerTest {
         @Override
         public int vocabSize() {
             return inner.vocabSize();
+        }
+
+        @Override
+        public int maxLength() {
+            return inner.maxLength();
+        }
+
+        @Override
+        public long cacheBytesPerToken() {
+            return inner.cacheBytesPerToken();
+        }
+
+        @Override
+        public long stepLogitsBytes(int length) {
+            return inner.stepLogitsBytes(length);
         }
 
         @Override
@@ -333,6 +400,7 @@ class GenerationServerTest {
             assertTrue(System.nanoTime() - t0 < TimeUnit.SECONDS.toNanos(5), "429 must not wait");
 
             gated.permits.release(3); // the running request makes 3 tokens, then shutdown cancels it
+            waitFor(() -> gated.steps.get() == 3 && gated.permits.hasQueuedThreads()); // on a loaded machine, not before
             CompletableFuture<Void> closing = CompletableFuture.runAsync(s::close);
             waitFor(() -> unchecked(() -> post(s, "/v1/completions", body)).statusCode() == 503);
             Thread.sleep(1000); // past the 200 ms grace: the cancel flags are set while the worker still waits
