@@ -284,11 +284,7 @@ public final class LoraConfig {
          * @throws IllegalArgumentException naming the bad value
          */
         public LoraConfig build() {
-            Preconditions.checkArgument(rank > 0, "LoRA rank must be positive, got %s", rank);
-            Preconditions.checkArgument(Float.isFinite(alpha) && alpha > 0, "lora_alpha must be positive, got %s",
-                    alpha);
-            Preconditions.checkArgument(dropout >= 0 && dropout < 1, "lora_dropout must be in [0, 1), got %s",
-                    dropout);
+            checkAdapterSettings();
             Preconditions.checkArgument(targetRegex == null || targetModules.isEmpty(),
                     "give either target module names %s or a target regex '%s', not both", targetModules,
                     targetRegex);
@@ -303,10 +299,29 @@ public final class LoraConfig {
                     excludeRegex);
             checkRegex("target", targetRegex);
             checkRegex("exclude", excludeRegex);
+            return new LoraConfig(this);
+        }
+
+        /**
+         * The settings of one adapter (rank, alpha, dropout, rsLoRA, type), validated, with the targets not required:
+         * what {@link LoraLinear.Builder} builds from.
+         *
+         * @throws IllegalArgumentException naming the bad value
+         */
+        LoraConfig buildAdapterSettings() {
+            checkAdapterSettings();
+            return new LoraConfig(this);
+        }
+
+        private void checkAdapterSettings() {
+            Preconditions.checkArgument(rank > 0, "LoRA rank must be positive, got %s", rank);
+            Preconditions.checkArgument(Float.isFinite(alpha) && alpha > 0, "lora_alpha must be positive, got %s",
+                    alpha);
+            Preconditions.checkArgument(dropout >= 0 && dropout < 1, "lora_dropout must be in [0, 1), got %s",
+                    dropout);
             Preconditions.checkArgument(dataType == DataType.FLOAT32 || dataType == DataType.FLOAT16,
                     "adapter weights must be FLOAT32 or FLOAT16, got %s%s", dataType,
                     dataType == DataType.BFLOAT16 ? " (BFLOAT16 aborts the JVM in DJL 0.36)" : "");
-            return new LoraConfig(this);
         }
 
         private static void checkRegex(String what, String regex) {

@@ -1,11 +1,9 @@
 package ai.djl.memopt.precision;
 
+import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.types.DataType;
-import ai.djl.pytorch.engine.PtNDArray;
-import ai.djl.pytorch.jni.JniUtils;
-import java.util.Arrays;
 
 /** Boundary casts of the floating arrays of an {@link NDList}; other types pass through. */
 final class Casts {
@@ -18,36 +16,13 @@ final class Casts {
         for (NDArray a : list) {
             DataType t = Precisions.checkSupported(a.getDataType());
             if (t.isFloating() && t != to) {
-                NDArray c = cast(a, to);
+                NDArray c = TypeCasts.cast(a, to);
                 c.setName(a.getName());
                 out.add(c);
             } else {
                 out.add(a);
             }
         }
-        return out;
-    }
-
-    /**
-     * A cast autograd can differentiate. DJL's {@code toType} runs {@code Tensor.to} under a {@code NoGradGuard}
-     * (the result has no {@code grad_fn}: the graph is cut), so with grad mode on the cast is done as a copy into a
-     * fresh array of the target type ({@code index_put_} over full slices, i.e. {@code copy_}), whose backward casts
-     * the gradient back to the source type.
-     */
-    static NDArray cast(NDArray a, DataType to) {
-        Precisions.checkSupported(to);
-        if (a.getDataType() == to) {
-            return a;
-        }
-        if (!(a instanceof PtNDArray) || !JniUtils.isGradMode()) {
-            return a.toType(to, false);
-        }
-        long[] shape = a.getShape().getShape();
-        long[] min = new long[shape.length];
-        long[] step = new long[shape.length];
-        Arrays.fill(step, 1);
-        NDArray out = a.getManager().zeros(a.getShape(), to, a.getDevice());
-        JniUtils.indexSet((PtNDArray) out, (PtNDArray) a, min, shape, step);
         return out;
     }
 
