@@ -1,6 +1,7 @@
 package ai.djl.memopt.lora;
 
 import ai.djl.Device;
+import ai.djl.memopt.nn.BlockAdapter;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.nn.StackableProjection;
@@ -42,7 +43,7 @@ import java.util.List;
  * NDArray w = ((LoraLinear) wrapped).weight(manager); // W + scale * B A, (out, in)
  * }</pre>
  */
-public final class LoraLinear extends AbstractBlock implements LinearWeightSource, StackableProjection {
+public final class LoraLinear extends AbstractBlock implements BlockAdapter, LinearWeightSource, StackableProjection {
 
     private static final byte VERSION = 1;
 
@@ -89,6 +90,7 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
     }
 
     /** The wrapped block. */
+    @Override
     public Block base() {
         return base;
     }

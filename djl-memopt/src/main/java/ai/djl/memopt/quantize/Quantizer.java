@@ -1,6 +1,8 @@
 package ai.djl.memopt.quantize;
 
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.nn.BlockDecorator;
+import ai.djl.memopt.nn.BlockSite;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
@@ -59,14 +61,19 @@ public final class Quantizer {
      * Quantizes {@code root} in place.
      *
      * @return what was quantized (SQNR, bytes) and what was skipped and why
-     * @throws IllegalArgumentException if AWQ is asked for without calibration inputs, or the root itself is a Linear
+     * @throws IllegalArgumentException if nothing passes the filter (the message names what was skipped and the layer
+     *     types seen), AWQ is asked for without calibration inputs, or the root itself is a Linear
      */
     public static QuantizationReport quantize(Block root, QuantizationConfig config) {
         Preconditions.checkNotNull(root, "root");
         Preconditions.checkNotNull(config, "config");
         Preconditions.checkArgument(!(root instanceof Linear),
                 "the root block is itself a Linear: wrap it in a parent block (e.g. SequentialBlock) to quantize it");
-        Map<String, Block> blocks = Blocks.walk(root);
+        // decided on what computes at each path, seen through decorators and adapters: a checkpointed, mixed-precision
+        // or LoRA-adapted Linear is quantized in place, inside its wrappers
+        Map<String, BlockSite> sites = Blocks.sites(root);
+        Map<String, Block> blocks = new LinkedHashMap<>();
+        sites.forEach((path, site) -> blocks.put(path, site.core()));
         Map<String, Target> targets = new LinkedHashMap<>();
         Map<String, Target> embeddings = new LinkedHashMap<>();
         Map<String, String> skipped = new LinkedHashMap<>();
@@ -78,14 +85,18 @@ public final class Quantizer {
                     b instanceof Linear ? "Linear" : "embedding", path);
             return weight.getArray().getShape().get(1);
         }, targets, embeddings, skipped);
-        if (root instanceof DeepSeekForCausalLM && ((DeepSeekForCausalLM) root).config().tieWordEmbeddings()) {
+        Block model = BlockDecorator.unwrap(root);
+        if (model instanceof DeepSeekForCausalLM && ((DeepSeekForCausalLM) model).config().tieWordEmbeddings()) {
             for (String path : new ArrayList<>(embeddings.keySet())) {
-                if (blocks.get(path) == ((DeepSeekForCausalLM) root).model().tokenEmbedding()) {
+                if (blocks.get(path) == ((DeepSeekForCausalLM) model).model().tokenEmbedding()) {
                     embeddings.remove(path);
                     skipped.put(path, "embedding tied to the output projection (tie_word_embeddings): its float table"
                             + " computes the logits, kept in full precision");
                 }
             }
+        }
+        if (targets.isEmpty() && embeddings.isEmpty() && !anySelected(blocks, config)) {
+            throw new IllegalArgumentException(nothingMatched(root, sites, skipped));
         }
 
         boolean calibrated = targets.values().stream().anyMatch(t -> t.config.method() != QuantMethod.RTN);
@@ -96,9 +107,10 @@ public final class Quantizer {
                             + " config"));
         }
         Set<Parameter> kept = Collections.newSetFromMap(new IdentityHashMap<>());
-        for (Map.Entry<String, Block> e : blocks.entrySet()) {
-            if (!targets.containsKey(e.getKey()) && !embeddings.containsKey(e.getKey())) {
-                e.getValue().getDirectParameters().values().forEach(kept::add);
+        for (BlockSite site : sites.values()) {
+            site.wrappers().forEach(w -> w.getDirectParameters().values().forEach(kept::add)); // LoRA adapters
+            if (!targets.containsKey(site.path()) && !embeddings.containsKey(site.path())) {
+                site.core().getDirectParameters().values().forEach(kept::add);
             }
         }
         List<QuantizationReport.Layer> layers = new ArrayList<>();
@@ -143,6 +155,39 @@ public final class Quantizer {
             }
         }
         return new QuantizationReport(layers, skipped, passes);
+    }
+
+    /**
+     * Whether the filter and overrides select any layer not yet quantized, whether or not it can then be quantized (a
+     * width that no int4 group divides is reported as skipped, not as a filter that matched nothing).
+     */
+    private static boolean anySelected(Map<String, Block> blocks, QuantizationConfig config) {
+        for (Map.Entry<String, Block> e : blocks.entrySet()) {
+            String path = e.getKey();
+            Block block = e.getValue();
+            boolean table = embeddingTable(block) != null;
+            if (!table && !(block instanceof Linear)) {
+                continue;
+            }
+            Optional<LayerOverride> override = config.overrides().stream().filter(o -> o.matches(path)).findFirst();
+            if (override.isPresent() ? override.get().config().isPresent()
+                    : table ? config.includeEmbeddings() : config.filter().skipReason(path, block).isEmpty()) {
+                return true;
+            }
+        }
+        return false;
+    }
+
+    /** Why nothing was quantized: what the filter skipped and the types of the blocks it saw. */
+    private static String nothingMatched(Block root, Map<String, BlockSite> sites, Map<String, String> skipped) {
+        List<Block> seen = new ArrayList<>();
+        sites.values().stream().filter(s -> !s.path().isEmpty()).forEach(s -> seen.add(s.core()));
+        StringBuilder why = new StringBuilder();
+        skipped.entrySet().stream().limit(4).forEach(e -> why.append(why.length() == 0 ? "" : "; ")
+                .append(e.getKey()).append(": ").append(e.getValue()));
+        return "nothing to quantize in " + root.getClass().getSimpleName() + ": no Linear layer or embedding table"
+                + " passes the filter and overrides" + (skipped.isEmpty() ? "" : " (skipped " + skipped.size() + ": "
+                + why + (skipped.size() > 4 ? "; ..." : "") + ")") + "; layer types seen: " + Blocks.describeTypes(seen);
     }
 
     /**
@@ -291,7 +336,7 @@ public final class Quantizer {
                 if (method == QuantMethod.RTN) {
                     continue;
                 }
-                NDArray w = Blocks.get(root, t.getKey()).getParameters().get("weight").getArray();
+                NDArray w = Blocks.site(root, t.getKey()).core().getParameters().get("weight").getArray();
                 Blocks.replace(root, t.getKey(), linear -> {
                     ActivationRecorder r = new ActivationRecorder(linear, w.getShape().get(1),
                             calibration.maxRowsPerLayer(), method == QuantMethod.GPTQ, w.getManager());
@@ -323,9 +368,11 @@ public final class Quantizer {
     private static QuantizationReport.Layer quantizeLayer(Block root, String path, Linear linear, Target target,
             ActivationRecorder recorder, Set<Parameter> kept) {
         QuantizationConfig config = target.config;
+        BlockSite site = Blocks.site(root, path);
         Parameter weightParam = linear.getParameters().get("weight");
         Parameter biasParam = linear.getParameters().contains("bias") ? linear.getParameters().get("bias") : null;
-        NDArray weight = weightParam.getArray(); // (out, in)
+        // the master copy where a mixed-precision decorator above keeps one: the same values as quantizing first
+        NDArray weight = site.value(weightParam); // (out, in)
         long in = weight.getShape().get(1);
         int groupSize = config.scheme() == QuantScheme.INT8_WEIGHT_ONLY ? (int) in : target.groupSize;
         QuantizedTensor q;
@@ -351,9 +398,9 @@ public final class Quantizer {
         } else {
             q = QuantizedTensor.quantize(weight, config.scheme(), groupSize);
         }
-        Quantized result = finish(path, weight, biasParam == null ? null : biasParam.getArray(), q, config.scheme(),
+        Quantized result = finish(path, weight, biasParam == null ? null : site.value(biasParam), q, config.scheme(),
                 method, groupSize, alpha, note);
-        Blocks.replace(root, path, old -> result.linear);
+        site.replaceCore(old -> result.linear);
         if (!kept.contains(weightParam)) {
             weightParam.close();
         }
@@ -375,7 +422,8 @@ public final class Quantizer {
         QuantizationConfig config = target.config;
         Parameter param = embeddingTable(block);
         String paramName = param.getName(); // "weight" (TokenEmbedding) or "embedding" (DJL Embedding)
-        NDArray table = param.getArray(); // (vocab, hidden)
+        BlockSite site = Blocks.site(root, path);
+        NDArray table = site.value(param); // (vocab, hidden), the master copy under mixed precision
         long vocab = table.getShape().get(0);
         long hidden = table.getShape().get(1);
         int groupSize = config.scheme() == QuantScheme.INT8_WEIGHT_ONLY ? (int) hidden : target.groupSize;
@@ -419,7 +467,7 @@ public final class Quantizer {
         double sqnr = noise == 0 ? Double.POSITIVE_INFINITY : 10 * Math.log10(signal / noise);
         QuantizedEmbedding replacement = QuantizedEmbedding.of(q, table.getDataType(), paramName);
         long before = bytes(table);
-        Blocks.replace(root, path, old -> replacement);
+        site.replaceCore(old -> replacement);
         if (!kept.contains(param)) {
             param.close();
         }
