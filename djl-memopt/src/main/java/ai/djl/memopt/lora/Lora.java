@@ -3,6 +3,7 @@ package ai.djl.memopt.lora;
 import ai.djl.memopt.nn.BlockSite;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.nn.LinearWeightSource;
+import ai.djl.memopt.nn.StackableProjection;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -81,6 +82,10 @@ public final class Lora {
     private static NDManager defaultManager(Block base, Block root) {
         if (base instanceof Linear) {
             return null;
+        }
+        StackableProjection arrays = StackableProjection.of(base);
+        if (arrays != null) {
+            return arrays.weightArrays().get(0).getManager(); // a quantized layer's codes
         }
         for (Block b : new Block[] {base, root}) {
             for (Parameter p : b.getParameters().values()) {

@@ -171,22 +171,29 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
      */
     @Override
     public synchronized void blocksReplaced() {
-        Map<Parameter, String> present = new IdentityHashMap<>();
-        Blocks.parameters(block).forEach((path, p) -> present.putIfAbsent(p, path));
+        Map<Parameter, MasterWeight> current = new IdentityHashMap<>();
+        masters.forEach(w -> current.put(w.parameter(), w));
         List<MasterWeight> kept = new ArrayList<>();
-        Set<Parameter> mastered = Collections.newSetFromMap(new IdentityHashMap<>());
-        for (MasterWeight w : masters) {
-            Parameter p = w.parameter();
-            if (present.containsKey(p) && p.requiresGradient()) {
+        Set<Parameter> seen = Collections.newSetFromMap(new IdentityHashMap<>());
+        for (Map.Entry<String, Parameter> e : Blocks.parameters(block).entrySet()) {
+            Parameter p = e.getValue();
+            if (!seen.add(p) || !p.isInitialized()) {
+                continue;
+            }
+            MasterWeight w = current.remove(p);
+            if (w != null && p.requiresGradient()) {
                 kept.add(w);
-                mastered.add(p);
-            } else if (!(p.isInitialized() && p.getArray() == w.master())) {
-                w.master().close();
+            } else {
+                if (w != null && p.getArray() != w.master()) {
+                    w.master().close(); // frozen since: the FP16 working copy is all it needs
+                }
+                convert(e.getKey(), p, kept);
             }
         }
-        for (Map.Entry<Parameter, String> e : present.entrySet()) {
-            if (!mastered.contains(e.getKey()) && e.getKey().isInitialized()) {
-                convert(e.getValue(), e.getKey(), kept);
+        for (MasterWeight gone : current.values()) {
+            // the parameter left the tree (its layer was quantized or merged)
+            if (!(gone.parameter().isInitialized() && gone.parameter().getArray() == gone.master())) {
+                gone.master().close();
             }
         }
         masters = ImmutableList.copyOf(kept);
