@@ -124,7 +124,8 @@ class DecoratorOrderTest {
 
     /** The one refusal in the matrix: a quantized layer cannot be pruned. */
     private static Optional<String> expectedConflict(Decorator a, Decorator b) {
-        boolean qp = (a == Decorator.QUANTIZE && b == Decorator.PRUNE) || (a == Decorator.PRUNE && b == Decorator.QUANTIZE);
+        boolean qp = (a == Decorator.QUANTIZE && b == Decorator.PRUNE)
+                || (a == Decorator.PRUNE && b == Decorator.QUANTIZE);
         return qp ? Optional.of("already quantized") : Optional.empty();
     }
 

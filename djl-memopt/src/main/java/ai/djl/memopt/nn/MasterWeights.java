@@ -12,7 +12,7 @@ import ai.djl.nn.Parameter;
  */
 public interface MasterWeights {
 
-    /** The array that holds {@code parameter}'s true value (its master), or null if this decorator keeps none for it. */
+    /** The array holding {@code parameter}'s true value (its master), or null if this decorator keeps none for it. */
     NDArray masterOf(Parameter parameter);
 
     /** Called after the master of {@code parameter} was changed in place: refreshes the working copy from it. */

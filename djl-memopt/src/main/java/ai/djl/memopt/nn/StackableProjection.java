@@ -75,8 +75,8 @@ public interface StackableProjection {
     }
 
     /**
-     * Null if {@code b} can share stacks with {@code first} (expert 0's block), else why not: a different class, a block
-     * that cannot be stacked, or the difference {@link #stackMismatch} names.
+     * Null if {@code b} can share stacks with {@code first} (expert 0's block), else why not: a different class, a
+     * block that cannot be stacked, or the difference {@link #stackMismatch} names.
      */
     static String mismatch(Block first, Block b) {
         if (b.getClass() != first.getClass()) {
@@ -84,8 +84,8 @@ public interface StackableProjection {
         }
         StackableProjection view = of(b);
         if (view == null) {
-            return "a " + b.getClass().getName() + " (only plain Linear blocks and StackableProjections such as int8/int4"
-                    + " QuantizedLinear and LoRA over those are gathered)";
+            return "a " + b.getClass().getName() + " (only plain Linear blocks and StackableProjections such as"
+                    + " int8/int4 QuantizedLinear and LoRA over those are gathered)";
         }
         return of(first).stackMismatch(view);
     }

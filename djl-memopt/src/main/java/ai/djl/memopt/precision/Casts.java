@@ -4,6 +4,9 @@ import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.types.DataType;
+import ai.djl.nn.Block;
+import ai.djl.training.ParameterStore;
+import ai.djl.util.PairList;
 
 /** Boundary casts of the floating arrays of an {@link NDList}; other types pass through. */
 final class Casts {
@@ -24,6 +27,22 @@ final class Casts {
             }
         }
         return out;
+    }
+
+    /**
+     * Runs {@code block} with its floating inputs cast to {@code inner} and its floating outputs cast to {@code outer}
+     * (left as they are if null), closing the casts that are no longer needed: the forward of a precision boundary.
+     */
+    static NDList forward(Block block, ParameterStore parameterStore, NDList inputs, boolean training,
+            PairList<String, Object> params, DataType inner, DataType outer) {
+        NDList in = cast(inputs, inner);
+        NDList out = block.forward(parameterStore, in, training, params);
+        NDList result = outer == null ? out : cast(out, outer);
+        closeTemporaries(in, inputs, out);
+        if (result != out) {
+            closeTemporaries(out, result, inputs);
+        }
+        return result;
     }
 
     /** Closes {@code casted[i]} where it differs from {@code original[i]} (it was replaced), unless it is in {@code keep}. */

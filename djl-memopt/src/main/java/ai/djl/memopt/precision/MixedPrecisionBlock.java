@@ -105,7 +105,8 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
         for (String path : islands) {
             BlockSite site = Blocks.site(block, path);
             if (site.wrapper(Fp32Block.class).isEmpty()) {
-                DataType out = policy.islandKeepsFp32Output(path, site.core()) ? DataType.FLOAT32 : policy.computeType();
+                DataType out =
+                        policy.islandKeepsFp32Output(path, site.core()) ? DataType.FLOAT32 : policy.computeType();
                 site.replaceCore(old -> new Fp32Block(old, out));
             }
         }
@@ -294,14 +295,8 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
     @Override
     protected NDList forwardInternal(
             ParameterStore parameterStore, NDList inputs, boolean training, PairList<String, Object> params) {
-        NDList in = Casts.cast(inputs, policy.computeType());
-        NDList out = block.forward(parameterStore, in, training, params);
-        NDList result = policy.fp32Outputs() ? Casts.cast(out, DataType.FLOAT32) : out;
-        Casts.closeTemporaries(in, inputs, out);
-        if (result != out) {
-            Casts.closeTemporaries(out, result, inputs);
-        }
-        return result;
+        return Casts.forward(block, parameterStore, inputs, training, params, policy.computeType(),
+                policy.fp32Outputs() ? DataType.FLOAT32 : null);
     }
 
     /** {@inheritDoc} */

@@ -5,16 +5,11 @@ import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.BlockSite;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
-import ai.djl.ndarray.NDArrays;
-import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
-import ai.djl.ndarray.NDScope;
-import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
 import ai.djl.nn.core.Linear;
-import ai.djl.training.ParameterStore;
 import com.google.common.base.Preconditions;
 import java.util.ArrayList;
 import java.util.Collections;
@@ -115,7 +110,7 @@ public final class Quantizer {
         }
         List<QuantizationReport.Layer> layers = new ArrayList<>();
         for (Map.Entry<String, Target> e : embeddings.entrySet()) {
-            layers.add(quantizeEmbedding(root, e.getKey(), blocks.get(e.getKey()), e.getValue(), kept));
+            layers.add(EmbeddingQuantizer.quantize(root, e.getKey(), blocks.get(e.getKey()), e.getValue(), kept));
         }
         List<String> order = new ArrayList<>(targets.keySet());
         int passes = 0;
@@ -142,7 +137,9 @@ public final class Quantizer {
             }
             Map<String, ActivationRecorder> recorders = Collections.emptyMap();
             if (bytes > 0) {
-                recorders = capture(root, chunk, calibration);
+                Map<String, QuantMethod> methods = new LinkedHashMap<>();
+                chunk.forEach((path, t) -> methods.put(path, t.config.method()));
+                recorders = ActivationRecorder.record(root, methods, calibration);
                 passes++;
             }
             try {
@@ -187,7 +184,8 @@ public final class Quantizer {
                 .append(e.getKey()).append(": ").append(e.getValue()));
         return "nothing to quantize in " + root.getClass().getSimpleName() + ": no Linear layer or embedding table"
                 + " passes the filter and overrides" + (skipped.isEmpty() ? "" : " (skipped " + skipped.size() + ": "
-                + why + (skipped.size() > 4 ? "; ..." : "") + ")") + "; layer types seen: " + Blocks.describeTypes(seen);
+                + why + (skipped.size() > 4 ? "; ..." : "") + ")") + "; layer types seen: "
+                + Blocks.describeTypes(seen);
     }
 
     /**
@@ -327,44 +325,6 @@ public final class Quantizer {
         return "not a Linear layer (" + block.getClass().getSimpleName() + ")";
     }
 
-    private static Map<String, ActivationRecorder> capture(Block root, Map<String, Target> targets,
-            Calibration calibration) {
-        Map<String, ActivationRecorder> recorders = new LinkedHashMap<>();
-        try {
-            for (Map.Entry<String, Target> t : targets.entrySet()) {
-                QuantMethod method = t.getValue().config.method();
-                if (method == QuantMethod.RTN) {
-                    continue;
-                }
-                NDArray w = Blocks.site(root, t.getKey()).core().getParameters().get("weight").getArray();
-                Blocks.replace(root, t.getKey(), linear -> {
-                    ActivationRecorder r = new ActivationRecorder(linear, w.getShape().get(1),
-                            calibration.maxRowsPerLayer(), method == QuantMethod.GPTQ, w.getManager());
-                    recorders.put(t.getKey(), r);
-                    return r;
-                });
-            }
-            for (NDList batch : calibration.batches()) {
-                NDManager manager = batch.head().getManager();
-                // NDScope frees every intermediate of the forward (a generic block leaves them in the input's manager);
-                // the recorders unregister what they keep
-                try (NDManager scope = manager.newSubManager(); NDScope arrays = new NDScope()) {
-                    arrays.suppressNotUsedWarning();
-                    NDList out = root.forward(new ParameterStore(scope, false), batch, false);
-                    out.attach(scope);
-                }
-            }
-        } catch (RuntimeException e) {
-            recorders.values().forEach(ActivationRecorder::close);
-            throw e;
-        } finally {
-            for (Map.Entry<String, ActivationRecorder> r : recorders.entrySet()) {
-                Blocks.replace(root, r.getKey(), rec -> ((ActivationRecorder) rec).inner());
-            }
-        }
-        return recorders;
-    }
-
     private static QuantizationReport.Layer quantizeLayer(Block root, String path, Linear linear, Target target,
             ActivationRecorder recorder, Set<Parameter> kept) {
         QuantizationConfig config = target.config;
@@ -408,71 +368,6 @@ public final class Quantizer {
             biasParam.close();
         }
         return result.layer;
-    }
-
-    /** Rows quantized at once: bounds the float temporaries of a large table (129k x 7168 for DeepSeek-V3). */
-    private static final long EMBEDDING_CHUNK_ELEMENTS = 1L << 22;
-
-    /**
-     * Replaces the embedding block at {@code path} by a {@link QuantizedEmbedding} (RTN, chunks of rows) and frees its
-     * float table unless another block keeps it.
-     */
-    private static QuantizationReport.Layer quantizeEmbedding(Block root, String path, Block block, Target target,
-            Set<Parameter> kept) {
-        QuantizationConfig config = target.config;
-        Parameter param = embeddingTable(block);
-        String paramName = param.getName(); // "weight" (TokenEmbedding) or "embedding" (DJL Embedding)
-        BlockSite site = Blocks.site(root, path);
-        NDArray table = site.value(param); // (vocab, hidden), the master copy under mixed precision
-        long vocab = table.getShape().get(0);
-        long hidden = table.getShape().get(1);
-        int groupSize = config.scheme() == QuantScheme.INT8_WEIGHT_ONLY ? (int) hidden : target.groupSize;
-        String note = target.note;
-        if (config.method() != QuantMethod.RTN) {
-            String rtn = "embedding: a lookup has no input activations for " + config.method().id().toUpperCase(
-                    Locale.ROOT) + ", quantized with RTN";
-            note = note == null ? rtn : note + "; " + rtn;
-        }
-        long rowsPerChunk = Math.max(1, EMBEDDING_CHUNK_ELEMENTS / hidden);
-        NDManager owner = table.getManager();
-        QuantizedTensor q;
-        double signal = 0;
-        double noise = 0;
-        try (NDManager tmp = owner.newSubManager(table.getDevice())) {
-            NDList data = new NDList();
-            NDList scales = new NDList();
-            NDList zeros = new NDList();
-            for (long start = 0; start < vocab; start += rowsPerChunk) {
-                long end = Math.min(vocab, start + rowsPerChunk);
-                // each chunk's float temporaries are freed before the next; its codes move to tmp
-                try (NDManager chunk = tmp.newSubManager(table.getDevice())) {
-                    NDArray rows = table.get(chunk, new NDIndex(start + ":" + end)); // (n, hidden)
-                    QuantizedTensor c = QuantizedTensor.quantize(rows, config.scheme(), groupSize);
-                    NDArray w = Temps.copy(rows, chunk, DataType.FLOAT32);
-                    NDArray d = c.dequantize(chunk, DataType.FLOAT32); // (n, hidden)
-                    signal += w.square().sum().getFloat();
-                    noise += w.sub(d).square().sum().getFloat();
-                    c.attach(tmp);
-                    data.add(c.data());
-                    scales.add(c.scales());
-                    c.zeros().ifPresent(zeros::add);
-                }
-            }
-            NDArray qData = data.size() == 1 ? data.head() : NDArrays.concat(data, 0);
-            NDArray qScales = scales.size() == 1 ? scales.head() : NDArrays.concat(scales, 0);
-            NDArray qZeros = zeros.isEmpty() ? null : zeros.size() == 1 ? zeros.head() : NDArrays.concat(zeros, 0);
-            q = QuantizedTensor.of(config.scheme(), groupSize, table.getShape(), qData, qScales, qZeros, null);
-            q.attach(owner);
-        }
-        double sqnr = noise == 0 ? Double.POSITIVE_INFINITY : 10 * Math.log10(signal / noise);
-        QuantizedEmbedding replacement = QuantizedEmbedding.of(q, table.getDataType(), paramName);
-        long before = bytes(table);
-        site.replaceCore(old -> replacement);
-        if (!kept.contains(param)) {
-            param.close();
-        }
-        return new QuantizationReport.Layer(path, config.scheme(), QuantMethod.RTN, groupSize, before, q.nbytes(), sqnr,
-                null, note, true);
     }
 
     /**
