@@ -16,6 +16,7 @@ import ai.djl.memopt.nn.BlockSite;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
+import ai.djl.memopt.quantize.LayerOverride;
 import ai.djl.memopt.quantize.PruningConfig;
 import ai.djl.memopt.quantize.Pruner;
 import ai.djl.memopt.quantize.QuantizationReport;
@@ -158,6 +159,11 @@ class DecoratorOrderTest {
             IllegalArgumentException c = assertThrows(IllegalArgumentException.class, () -> Checkpointing.wrapChildren(
                     mlp, CheckpointPolicy.matching((name, block) -> false)));
             assertTrue(c.getMessage().contains("4 Linear, 3 LambdaBlock"), c.getMessage());
+            IllegalArgumentException o = assertThrows(IllegalArgumentException.class, () -> Quantizer.quantize(mlp,
+                    Int8WeightOnlyConfig.builder().addOverride(LayerOverride.skip("model.layers.*")).build()));
+            assertTrue(o.getMessage().contains("override 'model.layers.*' matches no Linear layer")
+                    && o.getMessage().contains("4 Linear, 3 LambdaBlock"), o.getMessage());
+            assertEquals(4, Blocks.parameters(mlp).size() / 2, "nothing quantized before the refusal");
             // and a fully quantized model is not quantized again in silence
             Quantizer.quantize(mlp, Int8WeightOnlyConfig.builder().build());
             IllegalArgumentException again = assertThrows(IllegalArgumentException.class,

@@ -34,7 +34,9 @@ import java.util.Map;
  * }</pre>
  *
  * <p>Module paths are {@link Blocks} paths: DJL's ordering prefixes stripped, so on the DeepSeek model they read like
- * Hugging Face module names ({@code model.layers.0.self_attn.q_a_proj}).
+ * Hugging Face module names ({@code model.layers.0.self_attn.q_a_proj}). Projections are found through
+ * {@link Blocks#sites}: an adapter goes around the projection itself, inside checkpointing or mixed-precision
+ * decorators applied before, which gives the same model as applying LoRA first.
  */
 public final class Lora {
 

@@ -47,6 +47,10 @@ import java.util.function.ToLongFunction;
  * {@link QuantizationConfig#includeEmbeddings()} is set or a {@link LayerOverride} names them; then they are replaced
  * by {@link QuantizedEmbedding} (round to nearest, row by row in chunks, before the Linear layers so that calibration
  * sees them quantized). A table tied to the output projection ({@code tie_word_embeddings}) is never quantized.
+ *
+ * <p>Layers are found through {@link Blocks#sites}: a Linear inside checkpointing, mixed-precision or LoRA wrappers is
+ * quantized in place inside them, from its FP32 master under mixed precision, so quantizing before or after applying
+ * those decorators gives the same model. Pass the outermost block.
  */
 public final class Quantizer {
 
@@ -56,8 +60,8 @@ public final class Quantizer {
      * Quantizes {@code root} in place.
      *
      * @return what was quantized (SQNR, bytes) and what was skipped and why
-     * @throws IllegalArgumentException if nothing passes the filter (the message names what was skipped and the layer
-     *     types seen), AWQ is asked for without calibration inputs, or the root itself is a Linear
+     * @throws IllegalArgumentException if nothing passes the filter or an override names no layer (the message names
+     *     the layer types seen), AWQ is asked for without calibration inputs, or the root itself is a Linear
      */
     public static QuantizationReport quantize(Block root, QuantizationConfig config) {
         Preconditions.checkNotNull(root, "root");
@@ -93,6 +97,7 @@ public final class Quantizer {
         if (targets.isEmpty() && embeddings.isEmpty() && !anySelected(blocks, config)) {
             throw new IllegalArgumentException(nothingMatched(root, sites, skipped));
         }
+        checkOverridesMatch(root, blocks, config);
 
         boolean calibrated = targets.values().stream().anyMatch(t -> t.config.method() != QuantMethod.RTN);
         Calibration calibration = null;
@@ -173,6 +178,26 @@ public final class Quantizer {
             }
         }
         return false;
+    }
+
+    /** An override that names no layer is a typo or a different model: said, rather than silently ignored. */
+    private static void checkOverridesMatch(Block root, Map<String, Block> blocks, QuantizationConfig config) {
+        for (LayerOverride o : config.overrides()) {
+            boolean matched = blocks.entrySet().stream().anyMatch(e -> o.matches(e.getKey())
+                    && (e.getValue() instanceof Linear || embeddingTable(e.getValue()) != null
+                            || e.getValue() instanceof QuantizedLinear || e.getValue() instanceof QuantizedEmbedding));
+            if (!matched) {
+                List<Block> seen = new ArrayList<>();
+                blocks.forEach((path, b) -> {
+                    if (!path.isEmpty()) {
+                        seen.add(b);
+                    }
+                });
+                throw new IllegalArgumentException("override '" + o.pattern() + "' matches no Linear layer or"
+                        + " embedding table of " + root.getClass().getSimpleName() + "; layer types seen: "
+                        + Blocks.describeTypes(seen));
+            }
+        }
     }
 
     /** Why nothing was quantized: what the filter skipped and the types of the blocks it saw. */

@@ -227,7 +227,11 @@ final class GatheredExperts {
             int e = blocks.length;
             NDArray[][] arrays = new NDArray[e][];
             for (int i = 0; i < e; i++) {
-                arrays[i] = StackableProjection.of(blocks[i]).weightArrays().toArray(new NDArray[0]);
+                List<NDArray> weights = StackableProjection.of(blocks[i]).weightArrays();
+                arrays[i] = new NDArray[weights.size()];
+                for (int j = 0; j < arrays[i].length; j++) {
+                    arrays[i][j] = weights.get(j);
+                }
             }
             NDArray[] stacks = new NDArray[arrays[0].length];
             for (int j = 0; j < stacks.length; j++) {
