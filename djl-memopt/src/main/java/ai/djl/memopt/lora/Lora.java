@@ -79,15 +79,12 @@ public final class Lora {
 
     /**
      * Null for a Linear (its weight's manager is used); for another projection, whose arrays may not be parameters
-     * (a quantized block), the manager of its first parameter or else of the model's.
+     * (a quantized block), the manager of its first parameter or else of the model's, or else (a model without float
+     * parameters) the manager of the projection's quantized arrays.
      */
     private static NDManager defaultManager(Block base, Block root) {
         if (base instanceof Linear) {
             return null;
-        }
-        StackableProjection arrays = StackableProjection.of(base);
-        if (arrays != null) {
-            return arrays.weightArrays().get(0).getManager(); // a quantized layer's codes
         }
         for (Block b : new Block[] {base, root}) {
             for (Parameter p : b.getParameters().values()) {
@@ -95,6 +92,11 @@ public final class Lora {
                     return p.getArray().getManager();
                 }
             }
+        }
+        StackableProjection arrays = StackableProjection.of(base);
+        if (arrays != null) {
+            // a model without float parameters (every layer quantized): the manager of the layer's codes
+            return arrays.weightArrays().get(0).getManager();
         }
         throw new IllegalArgumentException("cannot tell which NDManager should own adapters for "
                 + base.getClass().getName() + ": pass one to Lora.apply(root, config, manager)");
