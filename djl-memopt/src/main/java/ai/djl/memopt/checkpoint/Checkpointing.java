@@ -1,11 +1,14 @@
 package ai.djl.memopt.checkpoint;
 
 import ai.djl.memopt.nn.BlockDecorator;
+import ai.djl.memopt.nn.BlockSite;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.nn.Block;
 import ai.djl.nn.SequentialBlock;
 import com.google.common.base.Preconditions;
 import com.google.common.collect.ImmutableList;
+import com.google.common.collect.Lists;
+import java.util.ArrayList;
 import java.util.List;
 
 /**
@@ -36,15 +39,25 @@ public final class Checkpointing {
      * @param policy which children
      * @param verifyDeterminism check each recomputation against a fingerprint of the forward output
      * @return the names of the wrapped children, in order
-     * @throws IllegalArgumentException if the policy's plan is malformed, a child is already checkpointed, or a
-     *     multi-child segment is planned for a parent that is not a {@link SequentialBlock}
+     * @throws IllegalArgumentException if the policy matches no child (the message names the children's types), its
+     *     plan is malformed, a child is already checkpointed, or a multi-child segment is planned for a parent that is
+     *     not a {@link SequentialBlock}
      */
     public static List<String> wrapChildren(Block parent, CheckpointPolicy policy, boolean verifyDeterminism) {
         Preconditions.checkNotNull(parent, "parent");
         Preconditions.checkNotNull(policy, "policy");
         List<String> names = Blocks.childNames(parent);
         List<Block> children = BlockDecorator.unwrap(parent).getChildren().values();
-        List<CheckpointPolicy.Range> plan = policy.plan(names, children);
+        List<BlockSite> sites = new ArrayList<>();
+        for (int i = 0; i < names.size(); i++) {
+            sites.add(Blocks.site(parent, names.get(i)));
+        }
+        // the policy sees what computes (through decorators and adapters): a quantized or FP32-island child is matched
+        // as what it is
+        List<CheckpointPolicy.Range> plan = policy.plan(names, Lists.transform(sites, BlockSite::core));
+        Preconditions.checkArgument(!plan.isEmpty(), "the checkpoint policy matches none of the %s children of %s"
+                + " (children: %s)", names.size(), parent.getClass().getSimpleName(),
+                Blocks.describeTypes(Lists.transform(sites, BlockSite::core)));
         int end = 0;
         for (CheckpointPolicy.Range r : plan) {
             Preconditions.checkArgument(
@@ -61,7 +74,7 @@ public final class Checkpointing {
             }
             for (int i = r.from(); i < r.to(); i++) {
                 Preconditions.checkArgument(
-                        !(children.get(i) instanceof CheckpointBlock), "child '%s' is already checkpointed",
+                        sites.get(i).wrapper(CheckpointBlock.class).isEmpty(), "child '%s' is already checkpointed",
                         names.get(i));
             }
         }

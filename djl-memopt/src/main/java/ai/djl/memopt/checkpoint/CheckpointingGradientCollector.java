@@ -24,6 +24,10 @@ import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.concurrent.atomic.AtomicReference;
 
+// One piece, a little over 500 lines (issue 16): recording a segment in the forward and replaying it in the backward
+// share the per-thread segment stack and its invariants (reverse order, span runs, when a graph must be retained), and
+// most of the length is the documentation of those invariants; split apart, each half would need the other's to read.
+
 /**
  * A {@link GradientCollector} that drives activation checkpointing: {@link CheckpointBlock}s record a segment (block,
  * input, detached output) in each training forward on this thread; {@link #backward(NDArray)} runs the loss backward,

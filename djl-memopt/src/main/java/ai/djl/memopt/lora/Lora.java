@@ -1,8 +1,9 @@
 package ai.djl.memopt.lora;
 
-import ai.djl.memopt.nn.BlockDecorator;
+import ai.djl.memopt.nn.BlockSite;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.nn.LinearWeightSource;
+import ai.djl.memopt.nn.StackableProjection;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -33,7 +34,9 @@ import java.util.Map;
  * }</pre>
  *
  * <p>Module paths are {@link Blocks} paths: DJL's ordering prefixes stripped, so on the DeepSeek model they read like
- * Hugging Face module names ({@code model.layers.0.self_attn.q_a_proj}).
+ * Hugging Face module names ({@code model.layers.0.self_attn.q_a_proj}). Projections are found through
+ * {@link Blocks#sites}: an adapter goes around the projection itself, inside checkpointing or mixed-precision
+ * decorators applied before, which gives the same model as applying LoRA first.
  */
 public final class Lora {
 
@@ -56,7 +59,14 @@ public final class Lora {
      */
     public static LoraReport apply(Block root, LoraConfig config, NDManager manager) {
         List<String> targets = targets(root, config);
+        Map<String, LoraLinear> earlier = adapters(root);
         root.freezeParameters(true);
+        // adapters from an earlier apply stay trainable (unfrozen before the new ones go in, so that a mixed-precision
+        // decorator above, told of each replacement, sees the final trainable set)
+        for (LoraLinear l : earlier.values()) {
+            l.loraA().freeze(false);
+            l.loraB().freeze(false);
+        }
         for (String path : targets) {
             Blocks.replace(root, path, base -> LoraLinear.builder()
                     .setBase(base)
@@ -64,17 +74,13 @@ public final class Lora {
                     .optManager(manager != null ? manager : defaultManager(base, root))
                     .build());
         }
-        // adapters from an earlier apply stay trainable: the freeze above covered them too
-        for (LoraLinear l : adapters(root).values()) {
-            l.loraA().freeze(false);
-            l.loraB().freeze(false);
-        }
         return report(root, targets);
     }
 
     /**
      * Null for a Linear (its weight's manager is used); for another projection, whose arrays may not be parameters
-     * (a quantized block), the manager of its first parameter or else of the model's.
+     * (a quantized block), the manager of its first parameter or else of the model's, or else (a model without float
+     * parameters) the manager of the projection's quantized arrays.
      */
     private static NDManager defaultManager(Block base, Block root) {
         if (base instanceof Linear) {
@@ -87,6 +93,11 @@ public final class Lora {
                 }
             }
         }
+        StackableProjection arrays = StackableProjection.of(base);
+        if (arrays != null) {
+            // a model without float parameters (every layer quantized): the manager of the layer's codes
+            return arrays.weightArrays().get(0).getManager();
+        }
         throw new IllegalArgumentException("cannot tell which NDManager should own adapters for "
                 + base.getClass().getName() + ": pass one to Lora.apply(root, config, manager)");
     }
@@ -94,28 +105,24 @@ public final class Lora {
     /**
      * The paths {@link #apply} would wrap, in model order, without changing anything.
      *
-     * @throws IllegalArgumentException if nothing matches, or a match is not a Linear / LinearWeightSource or already
-     *     has an adapter (the message names the path)
+     * @throws IllegalArgumentException if nothing matches (the message names the projections and the layer types
+     *     seen), or a match is not a Linear / LinearWeightSource or already has an adapter (the message names the path)
      */
     public static List<String> targets(Block root, LoraConfig config) {
-        Map<String, Block> modules = peftModules(root);
+        Map<String, BlockSite> sites = Blocks.sites(root);
         List<String> out = new ArrayList<>();
-        for (Map.Entry<String, Block> e : modules.entrySet()) {
-            String path = e.getKey();
+        for (BlockSite site : sites.values()) {
+            String path = site.path();
             if (path.isEmpty() || !config.matches(path)) {
                 continue;
             }
-            Block block = e.getValue();
-            if (block instanceof LoraLinear) {
+            if (site.wrapper(LoraLinear.class).isPresent()) {
                 throw new IllegalArgumentException("'" + path + "' already has a LoRA adapter; merge or unload it first");
             }
-            Block inner = BlockDecorator.unwrap(block);
-            if (inner != block && (inner instanceof Linear || inner instanceof LinearWeightSource)) {
-                throw new IllegalArgumentException("'" + path + "' is a " + block.getClass().getSimpleName()
-                        + " around a projection: apply LoRA before decorating projections (FP16 wrappers), so the "
-                        + "decorator wraps the adapter's base instead");
-            }
-            if (!(block instanceof Linear) && !(block instanceof LinearWeightSource)) {
+            // the projection that computes here, through checkpointing or mixed-precision decorators: the adapter goes
+            // around it, inside them, as if LoRA had been applied first
+            Block block = site.core();
+            if (!isProjection(block)) {
                 throw new IllegalArgumentException("LoRA target " + describeTargets(config) + " matches '" + path
                         + "', a " + block.getClass().getSimpleName()
                         + ", which is not a projection (Linear or LinearWeightSource); narrow the targets");
@@ -124,17 +131,25 @@ public final class Lora {
         }
         if (out.isEmpty()) {
             List<String> examples = new ArrayList<>();
-            for (Map.Entry<String, Block> e : modules.entrySet()) {
-                if ((e.getValue() instanceof Linear || e.getValue() instanceof LinearWeightSource)
-                        && examples.size() < 8) {
-                    examples.add(e.getKey());
+            List<Block> seen = new ArrayList<>();
+            for (BlockSite site : sites.values()) {
+                if (!site.path().isEmpty()) {
+                    seen.add(site.core());
+                }
+                if (isProjection(site.core()) && examples.size() < 8) {
+                    examples.add(site.path());
                 }
             }
             throw new IllegalArgumentException("no module matches LoRA target " + describeTargets(config)
                     + (config.routedExperts() ? "" : " (routed experts excluded)") + "; projections in the model: "
-                    + examples + (examples.size() == 8 ? " ..." : ""));
+                    + examples + (examples.size() == 8 ? " ..." : "") + "; layer types seen: "
+                    + Blocks.describeTypes(seen));
         }
         return ImmutableList.copyOf(out);
+    }
+
+    private static boolean isProjection(Block block) {
+        return block instanceof Linear || block instanceof LinearWeightSource;
     }
 
     private static String describeTargets(LoraConfig config) {
@@ -143,20 +158,13 @@ public final class Lora {
     }
 
     /**
-     * The modules of the tree as PEFT sees them: every block by path, with the inside of an adapter hidden (the
-     * adapter stands at its base's path).
+     * The modules of the tree as PEFT sees them: every block by path, seen through decorators, with the inside of an
+     * adapter hidden (the adapter stands at its base's path).
      */
     static Map<String, Block> peftModules(Block root) {
         Map<String, Block> out = new LinkedHashMap<>();
-        String inside = null;
-        // Blocks.walk is pre-order: an adapter's own children follow it directly
-        for (Map.Entry<String, Block> e : Blocks.walk(root).entrySet()) {
-            String path = e.getKey();
-            if (inside != null && path.startsWith(inside)) {
-                continue;
-            }
-            inside = e.getValue() instanceof LoraLinear ? (path.isEmpty() ? "" : path + ".") : null;
-            out.put(path, e.getValue());
+        for (BlockSite site : Blocks.sites(root).values()) {
+            out.put(site.path(), site.wrapper(LoraLinear.class).map(Block.class::cast).orElse(site.core()));
         }
         return out;
     }
@@ -164,10 +172,8 @@ public final class Lora {
     /** Every adapter of the tree by module path, in model order. */
     public static Map<String, LoraLinear> adapters(Block root) {
         ImmutableMap.Builder<String, LoraLinear> out = ImmutableMap.builder();
-        for (Map.Entry<String, Block> e : peftModules(root).entrySet()) {
-            if (e.getValue() instanceof LoraLinear) {
-                out.put(e.getKey(), (LoraLinear) e.getValue());
-            }
+        for (BlockSite site : Blocks.sites(root).values()) {
+            site.wrapper(LoraLinear.class).ifPresent(l -> out.put(site.path(), l));
         }
         return out.build();
     }
@@ -237,7 +243,7 @@ public final class Lora {
                     replacement = linear;
                 }
             }
-            Blocks.replace(root, e.getKey(), old -> replacement);
+            Blocks.site(root, e.getKey()).replaceWrapper(lora, replacement);
             lora.loraA().close();
             lora.loraB().close();
         }
@@ -283,7 +289,7 @@ public final class Lora {
         Map<String, LoraLinear> adapters = adapters(root);
         for (Map.Entry<String, LoraLinear> e : adapters.entrySet()) {
             LoraLinear lora = e.getValue();
-            Blocks.replace(root, e.getKey(), old -> lora.base());
+            Blocks.site(root, e.getKey()).replaceWrapper(lora, lora.base());
             lora.loraA().close();
             lora.loraB().close();
         }

@@ -5,7 +5,6 @@ import com.google.common.base.Preconditions;
 import com.google.common.collect.ImmutableList;
 import java.util.Arrays;
 import java.util.List;
-import java.util.Objects;
 import java.util.regex.Pattern;
 import java.util.regex.PatternSyntaxException;
 
@@ -35,32 +34,15 @@ public final class LoraConfig {
     /** The exclusion that keeps adapters off routed experts, as a PEFT-compatible (Python {@code re}) expression. */
     static final String ROUTED_EXPERTS_REGEX = ".*\\.experts\\.[0-9]+\\..*";
 
-    private final int rank;
-    private final float alpha;
-    private final float dropout;
-    private final boolean useRslora;
-    private final ImmutableList<String> targetModules;
-    private final String targetRegex;
-    private final ImmutableList<String> excludeModules;
-    private final String excludeRegex;
-    private final boolean routedExperts;
-    private final DataType dataType;
+    /** The values: a private copy of the builder that built this config, never changed. */
+    private final Builder values;
     private final Pattern targetPattern;
     private final Pattern excludePattern;
 
     private LoraConfig(Builder b) {
-        rank = b.rank;
-        alpha = b.alpha;
-        dropout = b.dropout;
-        useRslora = b.useRslora;
-        targetModules = b.targetModules;
-        targetRegex = b.targetRegex;
-        excludeModules = b.excludeModules;
-        excludeRegex = b.excludeRegex;
-        routedExperts = b.routedExperts;
-        dataType = b.dataType;
-        targetPattern = targetRegex == null ? null : Pattern.compile(targetRegex);
-        excludePattern = excludeRegex == null ? null : Pattern.compile(excludeRegex);
+        values = b.copy();
+        targetPattern = values.targetRegex == null ? null : Pattern.compile(values.targetRegex);
+        excludePattern = values.excludeRegex == null ? null : Pattern.compile(values.excludeRegex);
     }
 
     /** A new builder. */
@@ -70,43 +52,32 @@ public final class LoraConfig {
 
     /** A builder holding this configuration's values, to derive a variant. */
     public Builder toBuilder() {
-        Builder b = new Builder();
-        b.rank = rank;
-        b.alpha = alpha;
-        b.dropout = dropout;
-        b.useRslora = useRslora;
-        b.targetModules = targetModules;
-        b.targetRegex = targetRegex;
-        b.excludeModules = excludeModules;
-        b.excludeRegex = excludeRegex;
-        b.routedExperts = routedExperts;
-        b.dataType = dataType;
-        return b;
+        return values.copy();
     }
 
     /** The adapter rank r (PEFT {@code r}). */
     public int rank() {
-        return rank;
+        return values.rank;
     }
 
     /** PEFT {@code lora_alpha}. */
     public float alpha() {
-        return alpha;
+        return values.alpha;
     }
 
     /** Dropout applied to the adapter's input while training (PEFT {@code lora_dropout}). */
     public float dropout() {
-        return dropout;
+        return values.dropout;
     }
 
     /** PEFT {@code use_rslora}: scale by {@code alpha / sqrt(r)} instead of {@code alpha / r}. */
     public boolean useRslora() {
-        return useRslora;
+        return values.useRslora;
     }
 
     /** The multiplier of the adapter's output: {@code alpha / r}, or {@code alpha / sqrt(r)} with rsLoRA. */
     public float scale() {
-        return scale(alpha, rank, useRslora);
+        return scale(values.alpha, values.rank, values.useRslora);
     }
 
     static float scale(float alpha, int rank, boolean useRslora) {
@@ -115,32 +86,32 @@ public final class LoraConfig {
 
     /** Target names (list form of PEFT {@code target_modules}); empty when {@link #targetRegex()} is set. */
     public List<String> targetModules() {
-        return targetModules;
+        return values.targetModules;
     }
 
     /** Target regular expression on the whole dotted path (string form of PEFT {@code target_modules}), or null. */
     public String targetRegex() {
-        return targetRegex;
+        return values.targetRegex;
     }
 
     /** Names excluded (list form of PEFT {@code exclude_modules}). */
     public List<String> excludeModules() {
-        return excludeModules;
+        return values.excludeModules;
     }
 
     /** Exclusion regular expression on the whole dotted path, or null. */
     public String excludeRegex() {
-        return excludeRegex;
+        return values.excludeRegex;
     }
 
     /** Whether routed MoE experts ({@code .experts.<n>.}) may get adapters. */
     public boolean routedExperts() {
-        return routedExperts;
+        return values.routedExperts;
     }
 
     /** The type adapter weights are stored in (FLOAT32 by default). */
     public DataType dataType() {
-        return dataType;
+        return values.dataType;
     }
 
     /**
@@ -148,14 +119,15 @@ public final class LoraConfig {
      * after a dot, a regex must match the whole path; exclusions win.
      */
     public boolean matches(String path) {
-        boolean target = targetPattern != null ? targetPattern.matcher(path).matches() : matchesAny(targetModules, path);
+        boolean target = targetPattern != null ? targetPattern.matcher(path).matches()
+                : matchesAny(values.targetModules, path);
         if (!target) {
             return false;
         }
-        if (excludePattern != null ? excludePattern.matcher(path).matches() : matchesAny(excludeModules, path)) {
+        if (excludePattern != null ? excludePattern.matcher(path).matches() : matchesAny(values.excludeModules, path)) {
             return false;
         }
-        return routedExperts || !Pattern.matches(ROUTED_EXPERTS_REGEX, path);
+        return values.routedExperts || !Pattern.matches(ROUTED_EXPERTS_REGEX, path);
     }
 
     static boolean matchesAny(List<String> names, String path) {
@@ -169,37 +141,32 @@ public final class LoraConfig {
 
     @Override
     public boolean equals(Object o) {
-        if (this == o) {
-            return true;
-        }
-        if (!(o instanceof LoraConfig)) {
-            return false;
-        }
-        LoraConfig c = (LoraConfig) o;
-        return rank == c.rank && Float.compare(alpha, c.alpha) == 0 && Float.compare(dropout, c.dropout) == 0
-                && useRslora == c.useRslora && targetModules.equals(c.targetModules)
-                && Objects.equals(targetRegex, c.targetRegex) && excludeModules.equals(c.excludeModules)
-                && Objects.equals(excludeRegex, c.excludeRegex) && routedExperts == c.routedExperts
-                && dataType == c.dataType;
+        return o instanceof LoraConfig && key().equals(((LoraConfig) o).key());
     }
 
     @Override
     public int hashCode() {
-        return Objects.hash(rank, alpha, dropout, useRslora, targetModules, targetRegex, excludeModules, excludeRegex,
-                routedExperts, dataType);
+        return key().hashCode();
+    }
+
+    /** Every value, for equality. */
+    private List<Object> key() {
+        return Arrays.asList(rank(), alpha(), dropout(), useRslora(), targetModules(), targetRegex(), excludeModules(),
+                excludeRegex(), routedExperts(), dataType());
     }
 
     @Override
     public String toString() {
-        return "LoraConfig{r=" + rank + ", alpha=" + alpha + ", dropout=" + dropout + (useRslora ? ", rslora" : "")
-                + ", targets=" + (targetRegex != null ? "/" + targetRegex + "/" : targetModules)
-                + (excludeRegex != null ? ", exclude=/" + excludeRegex + "/"
-                        : excludeModules.isEmpty() ? "" : ", exclude=" + excludeModules)
-                + (routedExperts ? ", routedExperts" : "") + ", " + dataType + "}";
+        return "LoraConfig{r=" + rank() + ", alpha=" + alpha() + ", dropout=" + dropout()
+                + (useRslora() ? ", rslora" : "")
+                + ", targets=" + (targetRegex() != null ? "/" + targetRegex() + "/" : targetModules())
+                + (excludeRegex() != null ? ", exclude=/" + excludeRegex() + "/"
+                        : excludeModules().isEmpty() ? "" : ", exclude=" + excludeModules())
+                + (routedExperts() ? ", routedExperts" : "") + ", " + dataType() + "}";
     }
 
     /** Builds a {@link LoraConfig}: {@code setRank} and one of the target options are required. */
-    public static final class Builder {
+    public static final class Builder implements Cloneable {
         private int rank;
         private float alpha = 8;
         private float dropout;
@@ -212,6 +179,15 @@ public final class LoraConfig {
         private DataType dataType = DataType.FLOAT32;
 
         private Builder() {}
+
+        /** A copy (every field is immutable or a primitive, so a shallow one). */
+        Builder copy() {
+            try {
+                return (Builder) clone();
+            } catch (CloneNotSupportedException e) {
+                throw new AssertionError(e);
+            }
+        }
 
         /** The rank r (required, positive). */
         public Builder setRank(int rank) {
@@ -284,11 +260,7 @@ public final class LoraConfig {
          * @throws IllegalArgumentException naming the bad value
          */
         public LoraConfig build() {
-            Preconditions.checkArgument(rank > 0, "LoRA rank must be positive, got %s", rank);
-            Preconditions.checkArgument(Float.isFinite(alpha) && alpha > 0, "lora_alpha must be positive, got %s",
-                    alpha);
-            Preconditions.checkArgument(dropout >= 0 && dropout < 1, "lora_dropout must be in [0, 1), got %s",
-                    dropout);
+            checkAdapterSettings();
             Preconditions.checkArgument(targetRegex == null || targetModules.isEmpty(),
                     "give either target module names %s or a target regex '%s', not both", targetModules,
                     targetRegex);
@@ -303,10 +275,29 @@ public final class LoraConfig {
                     excludeRegex);
             checkRegex("target", targetRegex);
             checkRegex("exclude", excludeRegex);
+            return new LoraConfig(this);
+        }
+
+        /**
+         * The settings of one adapter (rank, alpha, dropout, rsLoRA, type), validated, with the targets not required:
+         * what {@link LoraLinear.Builder} builds from.
+         *
+         * @throws IllegalArgumentException naming the bad value
+         */
+        LoraConfig buildAdapterSettings() {
+            checkAdapterSettings();
+            return new LoraConfig(this);
+        }
+
+        private void checkAdapterSettings() {
+            Preconditions.checkArgument(rank > 0, "LoRA rank must be positive, got %s", rank);
+            Preconditions.checkArgument(Float.isFinite(alpha) && alpha > 0, "lora_alpha must be positive, got %s",
+                    alpha);
+            Preconditions.checkArgument(dropout >= 0 && dropout < 1, "lora_dropout must be in [0, 1), got %s",
+                    dropout);
             Preconditions.checkArgument(dataType == DataType.FLOAT32 || dataType == DataType.FLOAT16,
                     "adapter weights must be FLOAT32 or FLOAT16, got %s%s", dataType,
                     dataType == DataType.BFLOAT16 ? " (BFLOAT16 aborts the JVM in DJL 0.36)" : "");
-            return new LoraConfig(this);
         }
 
         private static void checkRegex(String what, String regex) {

@@ -1,8 +1,11 @@
 package ai.djl.memopt.lora;
 
 import ai.djl.Device;
+import ai.djl.memopt.nn.BlockAdapter;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.memopt.nn.Scalars;
+import ai.djl.memopt.nn.StackableProjection;
+import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -16,6 +19,8 @@ import ai.djl.nn.norm.Dropout;
 import ai.djl.training.ParameterStore;
 import ai.djl.util.PairList;
 import com.google.common.base.Preconditions;
+import java.util.ArrayList;
+import java.util.List;
 
 /**
  * A LoRA adapter around a projection: {@code y = base(x) + scale * (x A^T) B^T} with {@code scale = alpha / r}
@@ -38,7 +43,7 @@ import com.google.common.base.Preconditions;
  * NDArray w = ((LoraLinear) wrapped).weight(manager); // W + scale * B A, (out, in)
  * }</pre>
  */
-public final class LoraLinear extends AbstractBlock implements LinearWeightSource {
+public final class LoraLinear extends AbstractBlock implements BlockAdapter, LinearWeightSource, StackableProjection {
 
     private static final byte VERSION = 1;
 
@@ -46,21 +51,16 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
     private Block base;
     private final Parameter loraA;
     private final Parameter loraB;
-    private final int rank;
-    private final float alpha;
-    private final boolean useRslora;
+    /** Rank, alpha, dropout, rsLoRA and adapter type; its targets mean nothing here. */
+    private final LoraConfig settings;
     private final float scale;
-    private final float dropout;
     private final long inFeatures;
     private final long outFeatures;
 
-    private LoraLinear(Builder b, long inFeatures, long outFeatures, Device device) {
+    private LoraLinear(Builder b, LoraConfig settings, long inFeatures, long outFeatures, Device device) {
         super(VERSION);
-        this.rank = b.rank;
-        this.alpha = b.alpha;
-        this.useRslora = b.useRslora;
-        this.scale = LoraConfig.scale(alpha, rank, useRslora);
-        this.dropout = b.dropout;
+        this.settings = settings;
+        this.scale = settings.scale();
         this.inFeatures = inFeatures;
         this.outFeatures = outFeatures;
         base = addChildBlock("base_layer", b.base);
@@ -72,13 +72,15 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
         NDManager manager = b.manager;
         float bound = (float) (1.0 / Math.sqrt(inFeatures));
         // kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + 5)), bound gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in)
-        NDArray a = manager.randomUniform(-bound, bound, new Shape(rank, inFeatures), b.dataType, device); // (r, in)
-        NDArray z = manager.zeros(new Shape(outFeatures, rank), b.dataType, device); // (out, r)
+        int rank = settings.rank();
+        DataType type = settings.dataType();
+        NDArray a = manager.randomUniform(-bound, bound, new Shape(rank, inFeatures), type, device); // (r, in)
+        NDArray z = manager.zeros(new Shape(outFeatures, rank), type, device); // (out, r)
         loraA.setArray(a);
         loraB.setArray(z);
         // with the arrays set, initialize only marks them as requiring gradients
-        loraA.initialize(manager, b.dataType);
-        loraB.initialize(manager, b.dataType);
+        loraA.initialize(manager, type);
+        loraB.initialize(manager, type);
         beforeInitialize(new Shape(inFeatures));
     }
 
@@ -88,28 +90,29 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
     }
 
     /** The wrapped block. */
+    @Override
     public Block base() {
         return base;
     }
 
     /** The rank r. */
     public int rank() {
-        return rank;
+        return settings.rank();
     }
 
     /** {@code lora_alpha}. */
     public float alpha() {
-        return alpha;
+        return settings.alpha();
     }
 
     /** Whether the scale is {@code alpha / sqrt(r)}. */
     public boolean useRslora() {
-        return useRslora;
+        return settings.useRslora();
     }
 
     /** Dropout on the adapter input while training. */
     public float dropout() {
-        return dropout;
+        return settings.dropout();
     }
 
     /** The multiplier of the adapter output. */
@@ -144,6 +147,7 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
      * @throws IllegalArgumentException if a shape differs
      */
     public void setAdapterWeights(NDArray a, NDArray b) {
+        int rank = rank();
         Preconditions.checkArgument(a.getShape().equals(new Shape(rank, inFeatures)),
                 "lora_A must have shape (%s, %s), got %s", rank, inFeatures, a.getShape());
         Preconditions.checkArgument(b.getShape().equals(new Shape(outFeatures, rank)),
@@ -188,6 +192,7 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
         NDArray b = parameterStore.getValue(loraB(), device, training); // (out, r)
         NDArray aCast = cast(a, type);
         NDArray bCast = cast(b, type);
+        float dropout = dropout();
         NDArray xd = training && dropout > 0 ? Dropout.dropout(x, dropout, true).singletonOrThrow() : x;
         NDArray down = Linear.linear(xd, aCast).singletonOrThrow(); // (..., r)
         NDArray up = Linear.linear(down, bCast).singletonOrThrow(); // (..., out)
@@ -216,17 +221,48 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
     }
 
     /**
-     * Casts keeping the autograd graph. DJL's {@code toType} runs under a no-grad guard in the PyTorch JNI, so a weight
-     * cast with it would get no gradient; {@code cumprod} over a new axis of size one is the identity, takes a result
-     * type and is differentiable (its backward casts the gradient back).
+     * Casts keeping the autograd graph ({@link TypeCasts#cast}): DJL's {@code toType} runs under a no-grad guard in the
+     * PyTorch JNI, so a weight cast with it would get no gradient.
      */
     static NDArray cast(NDArray array, DataType type) {
-        if (array.getDataType() == type) {
-            return array;
+        return TypeCasts.cast(array, type);
+    }
+
+    /** The base's stackable arrays, then {@code A (r, in)} and {@code B (out, r)}. */
+    @Override
+    public List<NDArray> weightArrays() {
+        List<NDArray> arrays = new ArrayList<>(StackableProjection.of(base).weightArrays());
+        arrays.add(loraA.getArray());
+        arrays.add(loraB.getArray());
+        return arrays;
+    }
+
+    @Override
+    public String stackMismatch(StackableProjection other) {
+        LoraLinear l = (LoraLinear) other;
+        NDArray a = l.loraA().getArray();
+        NDArray a0 = loraA().getArray();
+        if (l.rank() != rank() || l.scale() != scale() || a.getDataType() != a0.getDataType()
+                || l.loraB().getArray().getDataType() != loraB().getArray().getDataType()
+                || !a.getDevice().equals(a0.getDevice())) {
+            return "LoRA rank " + l.rank() + ", scale " + l.scale() + ", " + a.getDataType() + " differ from expert 0's";
         }
-        try (NDArray expanded = array.expandDims(0); NDArray cast = expanded.cumProd(0, type)) {
-            return cast.squeeze(0);
-        }
+        String why = StackableProjection.mismatch(base, l.base());
+        return why == null ? null : "LoRA base: " + why;
+    }
+
+    /**
+     * The base's output plus {@code scale (x A^T) B^T}, computed as {@link #forward} does at inference (adapters cast to
+     * the input's type, the delta cast to the base output's).
+     */
+    @Override
+    public NDArray project(List<NDArray> rows, NDArray x, DataType type) {
+        int n = rows.size();
+        NDArray y = StackableProjection.of(base).project(rows.subList(0, n - 2), x, type); // (c, 1, out)
+        NDArray down = StackableProjection.times(rows.get(n - 2).toType(type, false), x); // (c, 1, r)
+        NDArray up = StackableProjection.times(rows.get(n - 1).toType(type, false), down); // (c, 1, out)
+        NDArray delta = Scalars.mul(up, scale);
+        return y.add(delta.toType(y.getDataType(), false));
     }
 
     /**
@@ -293,22 +329,19 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
 
     @Override
     public String toString() {
-        return "LoraLinear(" + inFeatures + " -> " + outFeatures + ", r=" + rank + ", alpha=" + alpha
-                + (useRslora ? ", rslora" : "") + (dropout > 0 ? ", dropout=" + dropout : "") + ", base="
+        return "LoraLinear(" + inFeatures + " -> " + outFeatures + ", r=" + rank() + ", alpha=" + alpha()
+                + (useRslora() ? ", rslora" : "") + (dropout() > 0 ? ", dropout=" + dropout() : "") + ", base="
                 + base.getClass().getSimpleName() + ")";
     }
 
     /**
      * Builds a {@link LoraLinear}: {@code setBase} and {@code setRank} are required; rank, alpha, dropout and type can
-     * also come from a {@link LoraConfig} ({@link #optConfig}).
+     * also come from a {@link LoraConfig} ({@link #optConfig}). The settings are a {@link LoraConfig}'s, with its
+     * defaults and checks.
      */
     public static final class Builder {
         private Block base;
-        private int rank;
-        private float alpha = 8;
-        private float dropout;
-        private boolean useRslora;
-        private DataType dataType = DataType.FLOAT32;
+        private LoraConfig.Builder settings = LoraConfig.builder();
         private NDManager manager;
 
         private Builder() {}
@@ -321,41 +354,37 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
 
         /** The rank r (required). */
         public Builder setRank(int rank) {
-            this.rank = rank;
+            settings.setRank(rank);
             return this;
         }
 
         /** {@code lora_alpha} (default 8). */
         public Builder optAlpha(float alpha) {
-            this.alpha = alpha;
+            settings.optAlpha(alpha);
             return this;
         }
 
         /** Dropout on the adapter input while training (default 0). */
         public Builder optDropout(float dropout) {
-            this.dropout = dropout;
+            settings.optDropout(dropout);
             return this;
         }
 
         /** rsLoRA scaling {@code alpha / sqrt(r)}. */
         public Builder optUseRslora(boolean useRslora) {
-            this.useRslora = useRslora;
+            settings.optUseRslora(useRslora);
             return this;
         }
 
         /** Adapter weight type, FLOAT32 (default) or FLOAT16. */
         public Builder optDataType(DataType dataType) {
-            this.dataType = dataType;
+            settings.optDataType(dataType);
             return this;
         }
 
-        /** Rank, alpha, dropout, rsLoRA and type from a config. */
+        /** Rank, alpha, dropout, rsLoRA and type from a config (its targets are not used). */
         public Builder optConfig(LoraConfig config) {
-            this.rank = config.rank();
-            this.alpha = config.alpha();
-            this.dropout = config.dropout();
-            this.useRslora = config.useRslora();
-            this.dataType = config.dataType();
+            this.settings = config.toBuilder();
             return this;
         }
 
@@ -379,13 +408,7 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
                     base);
             Preconditions.checkArgument(base instanceof Linear || base instanceof LinearWeightSource,
                     "LoRA wraps a Linear or a LinearWeightSource, got %s", base.getClass().getName());
-            Preconditions.checkArgument(rank > 0, "LoRA rank must be positive, got %s", rank);
-            Preconditions.checkArgument(Float.isFinite(alpha) && alpha > 0, "lora_alpha must be positive, got %s",
-                    alpha);
-            Preconditions.checkArgument(dropout >= 0 && dropout < 1, "lora_dropout must be in [0, 1), got %s",
-                    dropout);
-            Preconditions.checkArgument(dataType == DataType.FLOAT32 || dataType == DataType.FLOAT16,
-                    "adapter weights must be FLOAT32 or FLOAT16, got %s", dataType);
+            LoraConfig adapter = settings.buildAdapterSettings();
             long in;
             long out;
             Device device;
@@ -416,7 +439,7 @@ public final class LoraLinear extends AbstractBlock implements LinearWeightSourc
                     manager = probeParent;
                 }
             }
-            return new LoraLinear(this, in, out, device);
+            return new LoraLinear(this, adapter, in, out, device);
         }
 
         private static NDManager anyParameterManager(Block block) {

@@ -38,7 +38,8 @@ import java.util.Set;
  * }</pre>
  *
  * <p>A {@link BlockDecorator} is transparent here: paths, children and parameters below it are those of the block it
- * wraps.
+ * wraps. {@link #sites} sees through {@link BlockAdapter}s as well: it is the traversal every pass uses, and
+ * {@link #replace} changes the block inside the wrappers, so that decorators compose in any order.
  */
 public final class Blocks {
 
@@ -146,19 +147,90 @@ public final class Blocks {
     }
 
     /**
-     * Replaces the block at {@code path} by {@code wrap.apply(old)}.
+     * Every place of the tree in depth-first pre-order, keyed by its dotted path, with the block that computes there
+     * seen through the decorators and adapters around it ({@link BlockSite}). The passes (quantize, prune, LoRA, mixed
+     * precision, checkpointing) walk this, so a decorator applied first never hides a layer from a later pass. The
+     * inside of an adapter is its base, at the adapter's own path (PEFT's module view).
+     *
+     * @param root the root block
+     * @return an unmodifiable, ordered map of path to site
+     */
+    public static Map<String, BlockSite> sites(Block root) {
+        Map<String, BlockSite> out = new LinkedHashMap<>();
+        visit(BlockSite.of("", null, null, root, List.of()), out);
+        return Collections.unmodifiableMap(out);
+    }
+
+    private static void visit(BlockSite site, Map<String, BlockSite> out) {
+        out.put(site.path(), site);
+        Block core = site.core();
+        List<String> names = childNames(core);
+        List<Block> children = core.getChildren().values();
+        List<Block> above = site.wrappersAbove();
+        for (int i = 0; i < names.size(); i++) {
+            visit(BlockSite.of(join(site.path(), names.get(i)), core, names.get(i), children.get(i), above), out);
+        }
+    }
+
+    /**
+     * The site at a dotted path: a module path as {@link #sites} gives it, or a structural one that names an adapter's
+     * own child ({@code lm_head.base_layer}).
+     *
+     * @throws IllegalArgumentException naming the first path element that does not exist
+     */
+    public static BlockSite site(Block root, String path) {
+        BlockSite site = BlockSite.of("", null, null, root, List.of());
+        if (path.isEmpty()) {
+            return site;
+        }
+        for (String part : path.split("\\.")) {
+            Block holder = site.core();
+            int index = childNames(holder).indexOf(part);
+            for (int w = site.wrappers().size() - 1; index < 0 && w >= 0; w--) {
+                Block wrapper = site.wrappers().get(w);
+                if (wrapper instanceof BlockAdapter) {
+                    holder = wrapper;
+                    index = childNames(holder).indexOf(part);
+                }
+            }
+            if (index < 0) {
+                throw new IllegalArgumentException("No block '" + part + "' under '" + site.path() + "' (looking for '"
+                        + path + "'); children are " + childNames(site.core()));
+            }
+            site = BlockSite.of(join(site.path(), part), holder, part, holder.getChildren().valueAt(index),
+                    site.wrappersAbove());
+        }
+        return site;
+    }
+
+    /**
+     * Replaces the block that computes at {@code path} by {@code wrap.apply(old)}: below the decorators and adapters
+     * there, which stay and keep wrapping it (see {@link BlockSite#replaceCore}). Without any, that is the block the
+     * parent holds.
      *
      * @return the replacement
      */
     public static Block replace(Block root, String path, Function<Block, Block> wrap) {
         Preconditions.checkArgument(!path.isEmpty(), "cannot replace the root block itself");
-        int dot = path.lastIndexOf('.');
-        Block parent = dot < 0 ? root : get(root, path.substring(0, dot));
-        String name = dot < 0 ? path : path.substring(dot + 1);
-        Block old = get(parent, name);
-        Block replacement = wrap.apply(old);
-        replaceChild(parent, name, replacement);
-        return replacement;
+        return site(root, path).replaceCore(wrap);
+    }
+
+    /**
+     * The classes of {@code blocks} with their counts, most frequent first ({@code "3 Linear, 2 LambdaBlock"}): what a
+     * filter that matched nothing saw.
+     */
+    public static String describeTypes(Iterable<? extends Block> blocks) {
+        Map<String, Integer> counts = new LinkedHashMap<>();
+        for (Block b : blocks) {
+            counts.merge(b.getClass().getSimpleName(), 1, Integer::sum);
+        }
+        StringBuilder out = new StringBuilder();
+        counts.entrySet().stream()
+                .sorted((a, b) -> a.getValue().equals(b.getValue()) ? a.getKey().compareTo(b.getKey())
+                        : b.getValue() - a.getValue())
+                .forEach(e -> out.append(out.length() == 0 ? "" : ", ").append(e.getValue()).append(' ')
+                        .append(e.getKey()));
+        return out.length() == 0 ? "no blocks" : out.toString();
     }
 
     /**
@@ -182,6 +254,26 @@ public final class Blocks {
         Block old = children.valueAt(index);
         children.remove(index);
         children.add(index, key, replacement);
+        replaceFieldReferences(parent, old, replacement);
+    }
+
+    /**
+     * Replaces the child {@code old} (by identity) of {@code parent} itself, a decorator or adapter included, in its
+     * children list and its fields.
+     */
+    static void replaceChildBlock(Block parent, Block old, Block replacement) {
+        Preconditions.checkArgument(parent instanceof AbstractBlock,
+                "cannot replace children of %s: only AbstractBlock subclasses keep a replaceable children list",
+                parent.getClass().getName());
+        PairList<String, Block> children = childrenOf((AbstractBlock) parent);
+        int index = -1;
+        for (int i = 0; i < children.size() && index < 0; i++) {
+            index = children.valueAt(i) == old ? i : -1;
+        }
+        Preconditions.checkArgument(index >= 0, "%s does not hold %s", parent.getClass().getSimpleName(), old);
+        String key = children.keyAt(index);
+        children.remove(index);
+        children.add(index, key, Preconditions.checkNotNull(replacement, "replacement"));
         replaceFieldReferences(parent, old, replacement);
     }
 

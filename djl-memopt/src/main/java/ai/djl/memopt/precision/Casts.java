@@ -1,11 +1,12 @@
 package ai.djl.memopt.precision;
 
+import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.types.DataType;
-import ai.djl.pytorch.engine.PtNDArray;
-import ai.djl.pytorch.jni.JniUtils;
-import java.util.Arrays;
+import ai.djl.nn.Block;
+import ai.djl.training.ParameterStore;
+import ai.djl.util.PairList;
 
 /** Boundary casts of the floating arrays of an {@link NDList}; other types pass through. */
 final class Casts {
@@ -18,7 +19,7 @@ final class Casts {
         for (NDArray a : list) {
             DataType t = Precisions.checkSupported(a.getDataType());
             if (t.isFloating() && t != to) {
-                NDArray c = cast(a, to);
+                NDArray c = TypeCasts.cast(a, to);
                 c.setName(a.getName());
                 out.add(c);
             } else {
@@ -29,26 +30,19 @@ final class Casts {
     }
 
     /**
-     * A cast autograd can differentiate. DJL's {@code toType} runs {@code Tensor.to} under a {@code NoGradGuard}
-     * (the result has no {@code grad_fn}: the graph is cut), so with grad mode on the cast is done as a copy into a
-     * fresh array of the target type ({@code index_put_} over full slices, i.e. {@code copy_}), whose backward casts
-     * the gradient back to the source type.
+     * Runs {@code block} with its floating inputs cast to {@code inner} and its floating outputs cast to {@code outer}
+     * (left as they are if null), closing the casts that are no longer needed: the forward of a precision boundary.
      */
-    static NDArray cast(NDArray a, DataType to) {
-        Precisions.checkSupported(to);
-        if (a.getDataType() == to) {
-            return a;
+    static NDList forward(Block block, ParameterStore parameterStore, NDList inputs, boolean training,
+            PairList<String, Object> params, DataType inner, DataType outer) {
+        NDList in = cast(inputs, inner);
+        NDList out = block.forward(parameterStore, in, training, params);
+        NDList result = outer == null ? out : cast(out, outer);
+        closeTemporaries(in, inputs, out);
+        if (result != out) {
+            closeTemporaries(out, result, inputs);
         }
-        if (!(a instanceof PtNDArray) || !JniUtils.isGradMode()) {
-            return a.toType(to, false);
-        }
-        long[] shape = a.getShape().getShape();
-        long[] min = new long[shape.length];
-        long[] step = new long[shape.length];
-        Arrays.fill(step, 1);
-        NDArray out = a.getManager().zeros(a.getShape(), to, a.getDevice());
-        JniUtils.indexSet((PtNDArray) out, (PtNDArray) a, min, shape, step);
-        return out;
+        return result;
     }
 
     /** Closes {@code casted[i]} where it differs from {@code original[i]} (it was replaced), unless it is in {@code keep}. */

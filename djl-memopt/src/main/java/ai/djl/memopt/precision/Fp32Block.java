@@ -46,12 +46,7 @@ public final class Fp32Block extends AbstractBlock implements BlockDecorator {
     @Override
     protected NDList forwardInternal(
             ParameterStore parameterStore, NDList inputs, boolean training, PairList<String, Object> params) {
-        NDList in = Casts.cast(inputs, DataType.FLOAT32);
-        NDList out = block.forward(parameterStore, in, training, params);
-        NDList result = Casts.cast(out, outer);
-        Casts.closeTemporaries(in, inputs, out);
-        Casts.closeTemporaries(out, result, inputs);
-        return result;
+        return Casts.forward(block, parameterStore, inputs, training, params, DataType.FLOAT32, outer);
     }
 
     /** {@inheritDoc} */

@@ -1,15 +1,19 @@
 package ai.djl.memopt.precision;
 
 import ai.djl.memopt.nn.BlockDecorator;
+import ai.djl.memopt.nn.BlockSite;
 import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.MasterWeights;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.AbstractBlock;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
+import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.ParameterStore;
 import ai.djl.util.PairList;
 import com.google.common.base.Preconditions;
@@ -47,13 +51,13 @@ import java.util.Map;
  * <p>A {@link ai.djl.training.ParameterStore} caches parameter arrays on first use: wrap before creating the trainer
  * or store that will run the block. Transparent to {@link Blocks} paths: {@code Blocks.parameters} names are unchanged.
  */
-public final class MixedPrecisionBlock extends AbstractBlock implements BlockDecorator {
+public final class MixedPrecisionBlock extends AbstractBlock implements BlockDecorator, MasterWeights {
 
     private static final byte VERSION = 1;
 
     private final Block block;
     private final PrecisionPolicy policy;
-    private final List<MasterWeight> masters;
+    private volatile List<MasterWeight> masters;
     private final List<String> fp32Paths;
 
     private MixedPrecisionBlock(Block block, PrecisionPolicy policy) {
@@ -85,12 +89,13 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
 
     private List<String> markFp32Islands() {
         List<String> islands = new ArrayList<>();
-        for (Map.Entry<String, Block> e : Blocks.walk(block).entrySet()) {
-            String path = e.getKey();
+        for (BlockSite site : Blocks.sites(block).values()) {
+            String path = site.path();
             if (under(path, islands)) {
                 continue;
             }
-            if (e.getValue() instanceof Fp32Block || policy.keepFp32(path, e.getValue())) {
+            // decided on what computes there, through checkpointing or LoRA wrappers
+            if (site.wrapper(Fp32Block.class).isPresent() || policy.keepFp32(path, site.core())) {
                 Preconditions.checkArgument(
                         !path.isEmpty(), "the policy keeps the whole %s in FP32: nothing to run in FP16",
                         block.getClass().getSimpleName());
@@ -98,58 +103,128 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
             }
         }
         for (String path : islands) {
-            Block b = Blocks.get(block, path);
-            if (!(b instanceof Fp32Block)) {
-                DataType out = policy.islandKeepsFp32Output(path, b) ? DataType.FLOAT32 : policy.computeType();
-                Blocks.replace(block, path, old -> new Fp32Block(old, out));
+            BlockSite site = Blocks.site(block, path);
+            if (site.wrapper(Fp32Block.class).isEmpty()) {
+                DataType out =
+                        policy.islandKeepsFp32Output(path, site.core()) ? DataType.FLOAT32 : policy.computeType();
+                site.replaceCore(old -> new Fp32Block(old, out));
             }
         }
         return ImmutableList.copyOf(islands);
     }
 
     private List<MasterWeight> convertParameters() {
-        ImmutableList.Builder<MasterWeight> out = ImmutableList.builder();
+        List<MasterWeight> out = new ArrayList<>();
+        Set<Parameter> seen = Collections.newSetFromMap(new IdentityHashMap<>());
+        for (Map.Entry<String, Parameter> e : Blocks.parameters(block).entrySet()) {
+            if (seen.add(e.getValue())) { // a parameter shared by two blocks is converted once
+                convert(e.getKey(), e.getValue(), out);
+            }
+        }
+        return ImmutableList.copyOf(out);
+    }
+
+    /**
+     * Converts one parameter as the class documentation says: FP32 in an island, else an FP16 working copy, with an
+     * FP32 master (added to {@code masters}) if it is trainable.
+     */
+    private void convert(String path, Parameter p, List<MasterWeight> masters) {
+        NDArray a = p.getArray();
+        DataType t = Precisions.checkSupported(a.getDataType());
+        if (!t.isFloating()) {
+            return;
+        }
+        if (under(path, fp32Paths)) {
+            if (t != DataType.FLOAT32) { // e.g. a model loaded in FP16: its islands must compute in FP32
+                replaceArray(p, a, a.toType(DataType.FLOAT32, true));
+                a.close();
+            }
+            return;
+        }
+        if (!p.requiresGradient()) {
+            // frozen (a LoRA base, say): never updated, so it needs no FP32 master, only its working copy
+            if (t != policy.computeType()) {
+                replaceArray(p, a, a.toType(policy.computeType(), true));
+                a.close();
+            }
+            return;
+        }
+        NDArray master = t == DataType.FLOAT32 ? a : a.toType(DataType.FLOAT32, true);
+        NDArray working = t == policy.computeType() ? a : a.toType(policy.computeType(), true);
+        if (working != a) {
+            replaceArray(p, a, working);
+        }
+        if (master != a) {
+            master.attach(a.getManager());
+        }
+        master.setName(a.getName());
+        if (master.hasGradient()) {
+            master.setRequiresGradient(false); // updated by the optimizer only, never differentiated
+        }
+        masters.add(new MasterWeight(path, p, master));
+    }
+
+    /**
+     * Follows a change below (a layer quantized or adapted through {@link Blocks}, after this block was made): the
+     * masters of parameters that left the tree or were frozen are freed, and new parameters are converted as at
+     * wrapping (a new trainable adapter gets its FP16 working copy and FP32 master). The result is the model that
+     * wrapping after the change would have given.
+     */
+    @Override
+    public synchronized void blocksReplaced() {
+        Map<Parameter, MasterWeight> current = new IdentityHashMap<>();
+        masters.forEach(w -> current.put(w.parameter(), w));
+        List<MasterWeight> kept = new ArrayList<>();
         Set<Parameter> seen = Collections.newSetFromMap(new IdentityHashMap<>());
         for (Map.Entry<String, Parameter> e : Blocks.parameters(block).entrySet()) {
             Parameter p = e.getValue();
-            if (!seen.add(p)) {
-                continue; // a parameter shared by two blocks is converted once
-            }
-            NDArray a = p.getArray();
-            DataType t = Precisions.checkSupported(a.getDataType());
-            if (!t.isFloating()) {
+            if (!seen.add(p) || !p.isInitialized()) {
                 continue;
             }
-            if (under(e.getKey(), fp32Paths)) {
-                if (t != DataType.FLOAT32) { // e.g. a model loaded in FP16: its islands must compute in FP32
-                    replaceArray(p, a, a.toType(DataType.FLOAT32, true));
-                    a.close();
+            MasterWeight w = current.remove(p);
+            if (w != null && p.requiresGradient()) {
+                kept.add(w);
+            } else {
+                if (w != null && p.getArray() != w.master()) {
+                    w.master().close(); // frozen since: the FP16 working copy is all it needs
                 }
-                continue;
+                convert(e.getKey(), p, kept);
             }
-            if (!p.requiresGradient()) {
-                // frozen (a LoRA base, say): never updated, so it needs no FP32 master, only its working copy
-                if (t != policy.computeType()) {
-                    replaceArray(p, a, a.toType(policy.computeType(), true));
-                    a.close();
-                }
-                continue;
-            }
-            NDArray master = t == DataType.FLOAT32 ? a : a.toType(DataType.FLOAT32, true);
-            NDArray working = t == policy.computeType() ? a : a.toType(policy.computeType(), true);
-            if (working != a) {
-                replaceArray(p, a, working);
-            }
-            if (master != a) {
-                master.attach(a.getManager());
-            }
-            master.setName(a.getName());
-            if (master.hasGradient()) {
-                master.setRequiresGradient(false); // updated by the optimizer only, never differentiated
-            }
-            out.add(new MasterWeight(e.getKey(), p, master));
         }
-        return out.build();
+        for (MasterWeight gone : current.values()) {
+            // the parameter left the tree (its layer was quantized or merged)
+            if (!(gone.parameter().isInitialized() && gone.parameter().getArray() == gone.master())) {
+                gone.master().close();
+            }
+        }
+        masters = ImmutableList.copyOf(kept);
+    }
+
+    /** {@inheritDoc} */
+    @Override
+    public NDArray masterOf(Parameter parameter) {
+        for (MasterWeight w : masters) {
+            if (w.parameter() == parameter) {
+                return w.master();
+            }
+        }
+        return null;
+    }
+
+    /** Copies the master into the FP16 working copy, in place (the working array keeps its identity). */
+    @Override
+    public void masterChanged(Parameter parameter) {
+        NDArray master = Preconditions.checkNotNull(masterOf(parameter), "no master weight for %s", parameter);
+        NDArray w = parameter.getArray();
+        try (NDArray copy = master.toType(w.getDataType(), true)) {
+            boolean gradMode = JniUtils.isGradMode();
+            JniUtils.setGradMode(false); // an in-place write into a leaf that requires grad
+            try {
+                w.set(new NDIndex("..."), copy);
+            } finally {
+                JniUtils.setGradMode(gradMode);
+            }
+        }
     }
 
     private static void replaceArray(Parameter p, NDArray old, NDArray replacement) {
@@ -220,14 +295,8 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
     @Override
     protected NDList forwardInternal(
             ParameterStore parameterStore, NDList inputs, boolean training, PairList<String, Object> params) {
-        NDList in = Casts.cast(inputs, policy.computeType());
-        NDList out = block.forward(parameterStore, in, training, params);
-        NDList result = policy.fp32Outputs() ? Casts.cast(out, DataType.FLOAT32) : out;
-        Casts.closeTemporaries(in, inputs, out);
-        if (result != out) {
-            Casts.closeTemporaries(out, result, inputs);
-        }
-        return result;
+        return Casts.forward(block, parameterStore, inputs, training, params, policy.computeType(),
+                policy.fp32Outputs() ? DataType.FLOAT32 : null);
     }
 
     /** {@inheritDoc} */

@@ -1,5 +1,6 @@
 package ai.djl.memopt.precision;
 
+import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.types.DataType;
 import java.util.Locale;
@@ -7,8 +8,7 @@ import java.util.Locale;
 /** Data type checks shared by the mixed-precision classes. */
 public final class Precisions {
 
-    static final String BF16_MESSAGE =
-            "BF16 is not supported: DJL 0.36's PyTorch engine aborts the JVM on BFLOAT16; use FP16";
+    static final String BF16_MESSAGE = TypeCasts.BF16_MESSAGE;
 
     private Precisions() {}
 
@@ -49,7 +49,7 @@ public final class Precisions {
      * @throws UnsupportedOperationException for BF16
      */
     public static NDArray cast(NDArray array, DataType type) {
-        return Casts.cast(array, type);
+        return TypeCasts.cast(array, type);
     }
 
     /**
@@ -59,9 +59,6 @@ public final class Precisions {
      * @throws UnsupportedOperationException for BF16
      */
     public static DataType checkSupported(DataType type) {
-        if (type == DataType.BFLOAT16) {
-            throw new UnsupportedOperationException(BF16_MESSAGE);
-        }
-        return type;
+        return TypeCasts.checkSupported(type);
     }
 }

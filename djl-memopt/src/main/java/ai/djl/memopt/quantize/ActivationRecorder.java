@@ -1,5 +1,6 @@
 package ai.djl.memopt.quantize;
 
+import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
@@ -11,6 +12,8 @@ import ai.djl.nn.AbstractBlock;
 import ai.djl.nn.Block;
 import ai.djl.training.ParameterStore;
 import ai.djl.util.PairList;
+import java.util.LinkedHashMap;
+import java.util.Map;
 
 /**
  * Temporary decorator that records the inputs of a Linear during calibration: the per-channel sum of {@code |x|}
@@ -127,5 +130,49 @@ final class ActivationRecorder extends AbstractBlock {
     @Override
     public Shape[] getOutputShapes(Shape[] inputShapes) {
         return inner.getOutputShapes(inputShapes);
+    }
+
+    /**
+     * Runs the calibration batches through {@code root} with a recorder on each layer whose method needs activations
+     * (AWQ, GPTQ), put inside any decorators there and taken out again, also on failure.
+     *
+     * @return the recorders by layer path (the caller closes them)
+     */
+    static Map<String, ActivationRecorder> record(Block root, Map<String, QuantMethod> methods,
+            Calibration calibration) {
+        Map<String, ActivationRecorder> recorders = new LinkedHashMap<>();
+        try {
+            for (Map.Entry<String, QuantMethod> t : methods.entrySet()) {
+                QuantMethod method = t.getValue();
+                if (method == QuantMethod.RTN) {
+                    continue;
+                }
+                NDArray w = Blocks.site(root, t.getKey()).core().getParameters().get("weight").getArray();
+                Blocks.replace(root, t.getKey(), linear -> {
+                    ActivationRecorder r = new ActivationRecorder(linear, w.getShape().get(1),
+                            calibration.maxRowsPerLayer(), method == QuantMethod.GPTQ, w.getManager());
+                    recorders.put(t.getKey(), r);
+                    return r;
+                });
+            }
+            for (NDList batch : calibration.batches()) {
+                NDManager manager = batch.head().getManager();
+                // NDScope frees every intermediate of the forward (a generic block leaves them in the input's manager);
+                // the recorders unregister what they keep
+                try (NDManager scope = manager.newSubManager(); NDScope arrays = new NDScope()) {
+                    arrays.suppressNotUsedWarning();
+                    NDList out = root.forward(new ParameterStore(scope, false), batch, false);
+                    out.attach(scope);
+                }
+            }
+        } catch (RuntimeException e) {
+            recorders.values().forEach(ActivationRecorder::close);
+            throw e;
+        } finally {
+            for (Map.Entry<String, ActivationRecorder> r : recorders.entrySet()) {
+                Blocks.replace(root, r.getKey(), rec -> ((ActivationRecorder) rec).inner());
+            }
+        }
+        return recorders;
     }
 }

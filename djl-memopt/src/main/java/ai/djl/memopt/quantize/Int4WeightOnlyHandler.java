@@ -77,19 +77,19 @@ final class Int4WeightOnlyHandler implements SchemeHandler {
     }
 
     @Override
-    public NDArray dequantize(QuantizedTensor t, NDManager manager) {
-        long out = t.shape().get(0);
-        long in = t.shape().get(1);
-        long groups = in / t.groupSize();
-        NDArray q = Int4Packing.unpack(t.data()); // (out, in) FP32 in 0..15
+    public NDArray dequantize(NDArray data, NDArray scales, NDArray zeros, int groupSize, NDManager manager) {
+        NDArray q = Int4Packing.unpack(data); // (..., out, in) FP32 in 0..15
         q.attach(manager);
-        NDArray z = t.zeros().orElseThrow().toType(DataType.FLOAT32, true);
+        Shape shape = q.getShape();
+        Shape rows = shape.slice(0, shape.dimension() - 1); // (..., out)
+        long groups = shape.get(shape.dimension() - 1) / groupSize;
+        NDArray z = zeros.toType(DataType.FLOAT32, true);
         z.attach(manager);
-        NDArray s = t.scales().reshape(out, groups, 1); // (out, G, 1); a new handle in the scales' manager
+        NDArray s = scales.reshape(rows.add(groups, 1)); // (..., out, G, 1); a new handle in the scales' manager
         s.attach(manager);
-        return q.reshape(out, groups, t.groupSize()) // (out, G, g)
-                .sub(z.reshape(out, groups, 1))
+        return q.reshape(rows.add(groups, groupSize)) // (..., out, G, g)
+                .sub(z.reshape(rows.add(groups, 1)))
                 .mul(s)
-                .reshape(out, in); // (out, in)
+                .reshape(shape); // (..., out, in)
     }
 }

@@ -47,9 +47,9 @@ final class Int8WeightOnlyHandler implements SchemeHandler {
     }
 
     @Override
-    public NDArray dequantize(QuantizedTensor t, NDManager manager) {
-        NDArray q = t.data().toType(DataType.FLOAT32, true);
+    public NDArray dequantize(NDArray data, NDArray scales, NDArray zeros, int groupSize, NDManager manager) {
+        NDArray q = data.toType(DataType.FLOAT32, true);
         q.attach(manager);
-        return q.mul(t.scales()); // (out, in) * (out, 1)
+        return q.mul(scales); // (..., out, in) * (..., out, 1)
     }
 }

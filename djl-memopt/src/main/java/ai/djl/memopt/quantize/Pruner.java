@@ -1,5 +1,6 @@
 package ai.djl.memopt.quantize;
 
+import ai.djl.memopt.nn.BlockSite;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
@@ -8,6 +9,7 @@ import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.Block;
+import ai.djl.nn.Parameter;
 import ai.djl.nn.core.Linear;
 import com.google.common.base.Preconditions;
 import java.util.ArrayList;
@@ -29,7 +31,8 @@ import java.util.Optional;
  * </ul>
  *
  * Prune before quantizing: int8 and int4 (whose zero point is an integer) both represent 0 exactly, so the pattern
- * survives quantization.
+ * survives quantization; pruning a quantized layer is refused. Decorators (checkpointing, mixed precision, LoRA) may be
+ * applied before or after: the Linear layers inside them are pruned (under mixed precision, the FP32 masters).
  *
  * <pre>{@code
  * PruningReport r = Pruner.prune(model, PruningConfig.twoFour());
@@ -43,37 +46,57 @@ public final class Pruner {
      * Prunes {@code root} in place.
      *
      * @return measured sparsity per layer, and the Linear layers left dense with why
+     * @throws IllegalArgumentException if a layer the filter selects is already quantized (prune first), or no Linear
+     *     layer passes the filter (the message names the layer types seen)
      */
     public static PruningReport prune(Block root, PruningConfig config) {
-        Map<String, Linear> targets = new LinkedHashMap<>();
+        // decided on what computes at each path, seen through decorators and adapters; under mixed precision the FP32
+        // masters are pruned (and the FP16 working copies follow), as if pruning had come first
+        Map<String, BlockSite> sites = Blocks.sites(root);
+        Map<String, BlockSite> targets = new LinkedHashMap<>();
         Map<String, String> skipped = new LinkedHashMap<>();
-        for (Map.Entry<String, Block> e : Blocks.walk(root).entrySet()) {
-            String path = e.getKey();
-            if (e.getValue() instanceof QuantizedLinear) {
-                skipped.put(path, "already quantized: prune before quantizing");
+        boolean selected = false;
+        for (BlockSite site : sites.values()) {
+            String path = site.path();
+            Block core = site.core();
+            boolean quantized = core instanceof QuantizedLinear;
+            if (!quantized && !(core instanceof Linear)) {
                 continue;
             }
-            if (!(e.getValue() instanceof Linear)) {
-                continue;
-            }
-            Optional<String> reason = config.filter().skipReason(path, e.getValue());
+            Optional<String> reason = config.filter().skipReason(path, core);
             if (reason.isPresent()) {
                 skipped.put(path, reason.get());
                 continue;
             }
-            long in = weight((Linear) e.getValue()).getShape().get(1);
+            selected = true;
+            if (quantized) {
+                throw new IllegalArgumentException("cannot prune '" + path + "': it is already quantized (" + core
+                        + "); prune before quantizing (int8 and int4 keep pruned zeros exact), or skip it in the"
+                        + " pruning filter");
+            }
+            long in = weight(site).getShape().get(1);
             if (config.pattern() == PruningConfig.Pattern.SEMI_STRUCTURED_2_4 && in % 4 != 0) {
                 skipped.put(path, String.format(Locale.ROOT, "input dimension %d is not a multiple of 4", in));
                 continue;
             }
-            targets.put(path, (Linear) e.getValue());
+            targets.put(path, site);
+        }
+        if (!selected) {
+            List<Block> seen = new ArrayList<>();
+            sites.values().stream().filter(s -> !s.path().isEmpty()).forEach(s -> seen.add(s.core()));
+            throw new IllegalArgumentException("nothing to prune in " + root.getClass().getSimpleName()
+                    + ": no Linear layer passes the filter" + (skipped.isEmpty() ? "" : " (skipped: " + skipped + ")")
+                    + "; layer types seen: " + Blocks.describeTypes(seen));
         }
         List<PruningReport.Layer> layers = new ArrayList<>();
-        if (config.pattern() == PruningConfig.Pattern.UNSTRUCTURED && config.global() && !targets.isEmpty()) {
-            pruneGlobal(new ArrayList<>(targets.values()), config.sparsity());
+        if (config.pattern() == PruningConfig.Pattern.UNSTRUCTURED && config.global()) {
+            List<NDArray> weights = new ArrayList<>();
+            targets.values().forEach(site -> weights.add(weight(site)));
+            pruneGlobal(weights, config.sparsity());
         }
-        for (Map.Entry<String, Linear> t : targets.entrySet()) {
-            NDArray w = weight(t.getValue());
+        for (Map.Entry<String, BlockSite> t : targets.entrySet()) {
+            BlockSite site = t.getValue();
+            NDArray w = weight(site);
             if (config.pattern() == PruningConfig.Pattern.SEMI_STRUCTURED_2_4) {
                 prune24(w);
             } else if (!config.global()) {
@@ -81,6 +104,7 @@ public final class Pruner {
             }
             // -w * 0 is -0.0: adding +0 turns it into +0.0, so pruned weights compare and serialise as plain zeros
             w.addi(0f);
+            site.valueChanged(weightParameter(site));
             long zeros;
             try (NDArray z = w.eq(0f)) {
                 try (NDArray c = z.countNonzero()) {
@@ -92,8 +116,13 @@ public final class Pruner {
         return new PruningReport(config.pattern(), config.sparsity(), layers, skipped);
     }
 
-    private static NDArray weight(Linear linear) {
-        return linear.getParameters().get("weight").getArray();
+    private static Parameter weightParameter(BlockSite site) {
+        return site.core().getParameters().get("weight");
+    }
+
+    /** The weight values of the Linear at {@code site}: its master copy under mixed precision. */
+    private static NDArray weight(BlockSite site) {
+        return site.value(weightParameter(site));
     }
 
     /** Keep mask of the 2 largest of every 4 along the last axis of {@code abs (..., 4)}: exactly 2 true per group. */
@@ -120,13 +149,13 @@ public final class Pruner {
         }
     }
 
-    private static void pruneGlobal(List<Linear> layers, double sparsity) {
-        NDArray first = weight(layers.get(0));
+    private static void pruneGlobal(List<NDArray> weights, double sparsity) {
+        NDArray first = weights.get(0);
         try (NDManager tmp = first.getManager().newSubManager(first.getDevice())) {
             NDList flat = new NDList();
             long total = 0;
-            for (Linear l : layers) {
-                NDArray a = Temps.copy(weight(l), tmp, DataType.FLOAT32).abs().flatten();
+            for (NDArray w : weights) {
+                NDArray a = Temps.copy(w, tmp, DataType.FLOAT32).abs().flatten();
                 flat.add(a);
                 total += a.size();
             }
@@ -134,8 +163,7 @@ public final class Pruner {
             NDArray ranks = NDArrays.concat(flat).argSort().argSort(); // (total)
             ranks.attach(tmp);
             long offset = 0;
-            for (Linear l : layers) {
-                NDArray w = weight(l);
+            for (NDArray w : weights) {
                 Preconditions.checkState(w.getDevice().equals(first.getDevice()),
                         "global pruning needs every layer on one device");
                 NDArray r = ranks.get(offset + ":" + (offset + w.size()));

@@ -1,6 +1,7 @@
 package ai.djl.memopt.quantize;
 
 import ai.djl.memopt.nn.LinearWeightSource;
+import ai.djl.memopt.nn.StackableProjection;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -13,6 +14,8 @@ import ai.djl.training.ParameterStore;
 import ai.djl.util.PairList;
 import com.google.common.base.Preconditions;
 import java.io.DataOutputStream;
+import java.util.ArrayList;
+import java.util.List;
 import java.util.Optional;
 
 /**
@@ -38,7 +41,7 @@ import java.util.Optional;
  * <p>DJL's {@code saveParameters} cannot represent this block: save quantized models with
  * {@code ai.djl.memopt.export.QuantizedArtifact}.
  */
-public final class QuantizedLinear extends AbstractBlock implements LinearWeightSource {
+public final class QuantizedLinear extends AbstractBlock implements LinearWeightSource, StackableProjection {
 
     private static final byte VERSION = 1;
 
@@ -121,6 +124,44 @@ public final class QuantizedLinear extends AbstractBlock implements LinearWeight
     @Override
     public NDArray weight(NDManager manager) {
         return weight.dequantize(manager, weightType);
+    }
+
+    /** The quantized arrays, stackable over experts: data, scales, then the zero points and AWQ scales if present. */
+    @Override
+    public List<NDArray> weightArrays() {
+        List<NDArray> arrays = new ArrayList<>(List.of(weight.data(), weight.scales()));
+        weight.zeros().ifPresent(arrays::add);
+        weight.inputScales().ifPresent(arrays::add);
+        return arrays;
+    }
+
+    @Override
+    public String stackMismatch(StackableProjection other) {
+        QuantizedLinear q = (QuantizedLinear) other;
+        QuantizedTensor t = q.quantizedWeight();
+        if (q.bias().isPresent()) {
+            return "a quantized projection with a bias";
+        }
+        if (t.scheme() != weight.scheme() || t.groupSize() != weight.groupSize() || !t.shape().equals(weight.shape())
+                || t.inputScales().isPresent() != weight.inputScales().isPresent()
+                || !t.data().getDevice().equals(weight.data().getDevice())) {
+            return t + " differs from expert 0's " + weight;
+        }
+        if (t.scheme() != QuantScheme.INT8_WEIGHT_ONLY && t.scheme() != QuantScheme.INT4_WEIGHT_ONLY) {
+            return "scheme " + t.scheme() + " is not supported";
+        }
+        return null;
+    }
+
+    /** Only the gathered rows are dequantized, with {@link QuantizedTensor}'s formula. */
+    @Override
+    public NDArray project(List<NDArray> rows, NDArray x, DataType type) {
+        NDArray data = rows.get(0);
+        NDArray zeros = weight.zeros().isPresent() ? rows.get(2) : null;
+        NDArray inputScales = weight.inputScales().isPresent() ? rows.get(rows.size() - 1) : null;
+        NDArray w = QuantizedTensor.dequantize(weight.scheme(), weight.groupSize(), data, rows.get(1), zeros,
+                inputScales, data.getManager()); // (c, out, in) FP32
+        return StackableProjection.times(w.toType(type, false), x);
     }
 
     @Override

@@ -122,14 +122,31 @@ public final class QuantizedTensor implements AutoCloseable {
         Preconditions.checkArgument(type == DataType.FLOAT32 || type == DataType.FLOAT16 || type == DataType.FLOAT64,
                 "can only dequantize to FLOAT32, FLOAT16 or FLOAT64, not %s", type);
         try (NDManager tmp = manager.newSubManager(data.getDevice())) {
-            NDArray w = SchemeHandler.of(scheme).dequantize(this, tmp); // (out, in) FP32
-            if (inputScales != null) {
-                w = w.div(inputScales); // (out, in) / (in)
-            }
+            NDArray w = dequantize(scheme, groupSize, data, scales, zeros, inputScales, tmp); // (out, in) FP32
             NDArray out = w.toType(type, true);
             out.attach(manager);
             return out;
         }
+    }
+
+    /**
+     * The effective FP32 weight {@code (..., out, in)} of quantized arrays with any leading dimensions: one weight's
+     * (shapes as in the class table) or the rows of stacked experts' ({@code (c, out, in/2)}, {@code (c, out, in/g)},
+     * AWQ {@code (c, in)}). The one dequantization formula of each scheme; temporaries and the result are attached to
+     * {@code manager}.
+     *
+     * @param zeros int4 zero points, null for int8
+     * @param inputScales AWQ input-channel scales {@code (..., in)}, or null
+     */
+    static NDArray dequantize(QuantScheme scheme, int groupSize, NDArray data, NDArray scales, NDArray zeros,
+            NDArray inputScales, NDManager manager) {
+        NDArray w = SchemeHandler.of(scheme).dequantize(data, scales, zeros, groupSize, manager); // (..., out, in)
+        if (inputScales == null) {
+            return w;
+        }
+        NDArray perColumn = inputScales.expandDims(-2); // (..., 1, in)
+        perColumn.attach(manager);
+        return w.div(perColumn);
     }
 
     /** The scheme. */

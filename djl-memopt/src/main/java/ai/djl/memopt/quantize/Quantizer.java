@@ -1,18 +1,15 @@
 package ai.djl.memopt.quantize;
 
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.nn.BlockDecorator;
+import ai.djl.memopt.nn.BlockSite;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.ndarray.NDArray;
-import ai.djl.ndarray.NDArrays;
-import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
-import ai.djl.ndarray.NDScope;
-import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
 import ai.djl.nn.core.Linear;
-import ai.djl.training.ParameterStore;
 import com.google.common.base.Preconditions;
 import java.util.ArrayList;
 import java.util.Collections;
@@ -50,6 +47,10 @@ import java.util.function.ToLongFunction;
  * {@link QuantizationConfig#includeEmbeddings()} is set or a {@link LayerOverride} names them; then they are replaced
  * by {@link QuantizedEmbedding} (round to nearest, row by row in chunks, before the Linear layers so that calibration
  * sees them quantized). A table tied to the output projection ({@code tie_word_embeddings}) is never quantized.
+ *
+ * <p>Layers are found through {@link Blocks#sites}: a Linear inside checkpointing, mixed-precision or LoRA wrappers is
+ * quantized in place inside them, from its FP32 master under mixed precision, so quantizing before or after applying
+ * those decorators gives the same model. Pass the outermost block.
  */
 public final class Quantizer {
 
@@ -59,14 +60,19 @@ public final class Quantizer {
      * Quantizes {@code root} in place.
      *
      * @return what was quantized (SQNR, bytes) and what was skipped and why
-     * @throws IllegalArgumentException if AWQ is asked for without calibration inputs, or the root itself is a Linear
+     * @throws IllegalArgumentException if nothing passes the filter or an override names no layer (the message names
+     *     the layer types seen), AWQ is asked for without calibration inputs, or the root itself is a Linear
      */
     public static QuantizationReport quantize(Block root, QuantizationConfig config) {
         Preconditions.checkNotNull(root, "root");
         Preconditions.checkNotNull(config, "config");
         Preconditions.checkArgument(!(root instanceof Linear),
                 "the root block is itself a Linear: wrap it in a parent block (e.g. SequentialBlock) to quantize it");
-        Map<String, Block> blocks = Blocks.walk(root);
+        // decided on what computes at each path, seen through decorators and adapters: a checkpointed, mixed-precision
+        // or LoRA-adapted Linear is quantized in place, inside its wrappers
+        Map<String, BlockSite> sites = Blocks.sites(root);
+        Map<String, Block> blocks = new LinkedHashMap<>();
+        sites.forEach((path, site) -> blocks.put(path, site.core()));
         Map<String, Target> targets = new LinkedHashMap<>();
         Map<String, Target> embeddings = new LinkedHashMap<>();
         Map<String, String> skipped = new LinkedHashMap<>();
@@ -78,15 +84,20 @@ public final class Quantizer {
                     b instanceof Linear ? "Linear" : "embedding", path);
             return weight.getArray().getShape().get(1);
         }, targets, embeddings, skipped);
-        if (root instanceof DeepSeekForCausalLM && ((DeepSeekForCausalLM) root).config().tieWordEmbeddings()) {
+        Block model = BlockDecorator.unwrap(root);
+        if (model instanceof DeepSeekForCausalLM && ((DeepSeekForCausalLM) model).config().tieWordEmbeddings()) {
             for (String path : new ArrayList<>(embeddings.keySet())) {
-                if (blocks.get(path) == ((DeepSeekForCausalLM) root).model().tokenEmbedding()) {
+                if (blocks.get(path) == ((DeepSeekForCausalLM) model).model().tokenEmbedding()) {
                     embeddings.remove(path);
                     skipped.put(path, "embedding tied to the output projection (tie_word_embeddings): its float table"
                             + " computes the logits, kept in full precision");
                 }
             }
         }
+        if (targets.isEmpty() && embeddings.isEmpty() && !anySelected(blocks, config)) {
+            throw new IllegalArgumentException(nothingMatched(root, sites, skipped));
+        }
+        checkOverridesMatch(root, blocks, config);
 
         boolean calibrated = targets.values().stream().anyMatch(t -> t.config.method() != QuantMethod.RTN);
         Calibration calibration = null;
@@ -96,14 +107,15 @@ public final class Quantizer {
                             + " config"));
         }
         Set<Parameter> kept = Collections.newSetFromMap(new IdentityHashMap<>());
-        for (Map.Entry<String, Block> e : blocks.entrySet()) {
-            if (!targets.containsKey(e.getKey()) && !embeddings.containsKey(e.getKey())) {
-                e.getValue().getDirectParameters().values().forEach(kept::add);
+        for (BlockSite site : sites.values()) {
+            site.wrappers().forEach(w -> w.getDirectParameters().values().forEach(kept::add)); // LoRA adapters
+            if (!targets.containsKey(site.path()) && !embeddings.containsKey(site.path())) {
+                site.core().getDirectParameters().values().forEach(kept::add);
             }
         }
         List<QuantizationReport.Layer> layers = new ArrayList<>();
         for (Map.Entry<String, Target> e : embeddings.entrySet()) {
-            layers.add(quantizeEmbedding(root, e.getKey(), blocks.get(e.getKey()), e.getValue(), kept));
+            layers.add(EmbeddingQuantizer.quantize(root, e.getKey(), blocks.get(e.getKey()), e.getValue(), kept));
         }
         List<String> order = new ArrayList<>(targets.keySet());
         int passes = 0;
@@ -130,7 +142,9 @@ public final class Quantizer {
             }
             Map<String, ActivationRecorder> recorders = Collections.emptyMap();
             if (bytes > 0) {
-                recorders = capture(root, chunk, calibration);
+                Map<String, QuantMethod> methods = new LinkedHashMap<>();
+                chunk.forEach((path, t) -> methods.put(path, t.config.method()));
+                recorders = ActivationRecorder.record(root, methods, calibration);
                 passes++;
             }
             try {
@@ -143,6 +157,60 @@ public final class Quantizer {
             }
         }
         return new QuantizationReport(layers, skipped, passes);
+    }
+
+    /**
+     * Whether the filter and overrides select any layer not yet quantized, whether or not it can then be quantized (a
+     * width that no int4 group divides is reported as skipped, not as a filter that matched nothing).
+     */
+    private static boolean anySelected(Map<String, Block> blocks, QuantizationConfig config) {
+        for (Map.Entry<String, Block> e : blocks.entrySet()) {
+            String path = e.getKey();
+            Block block = e.getValue();
+            boolean table = embeddingTable(block) != null;
+            if (!table && !(block instanceof Linear)) {
+                continue;
+            }
+            Optional<LayerOverride> override = config.overrides().stream().filter(o -> o.matches(path)).findFirst();
+            if (override.isPresent() ? override.get().config().isPresent()
+                    : table ? config.includeEmbeddings() : config.filter().skipReason(path, block).isEmpty()) {
+                return true;
+            }
+        }
+        return false;
+    }
+
+    /** An override that names no layer is a typo or a different model: said, rather than silently ignored. */
+    private static void checkOverridesMatch(Block root, Map<String, Block> blocks, QuantizationConfig config) {
+        for (LayerOverride o : config.overrides()) {
+            boolean matched = blocks.entrySet().stream().anyMatch(e -> o.matches(e.getKey())
+                    && (e.getValue() instanceof Linear || embeddingTable(e.getValue()) != null
+                            || e.getValue() instanceof QuantizedLinear || e.getValue() instanceof QuantizedEmbedding));
+            if (!matched) {
+                List<Block> seen = new ArrayList<>();
+                blocks.forEach((path, b) -> {
+                    if (!path.isEmpty()) {
+                        seen.add(b);
+                    }
+                });
+                throw new IllegalArgumentException("override '" + o.pattern() + "' matches no Linear layer or"
+                        + " embedding table of " + root.getClass().getSimpleName() + "; layer types seen: "
+                        + Blocks.describeTypes(seen));
+            }
+        }
+    }
+
+    /** Why nothing was quantized: what the filter skipped and the types of the blocks it saw. */
+    private static String nothingMatched(Block root, Map<String, BlockSite> sites, Map<String, String> skipped) {
+        List<Block> seen = new ArrayList<>();
+        sites.values().stream().filter(s -> !s.path().isEmpty()).forEach(s -> seen.add(s.core()));
+        StringBuilder why = new StringBuilder();
+        skipped.entrySet().stream().limit(4).forEach(e -> why.append(why.length() == 0 ? "" : "; ")
+                .append(e.getKey()).append(": ").append(e.getValue()));
+        return "nothing to quantize in " + root.getClass().getSimpleName() + ": no Linear layer or embedding table"
+                + " passes the filter and overrides" + (skipped.isEmpty() ? "" : " (skipped " + skipped.size() + ": "
+                + why + (skipped.size() > 4 ? "; ..." : "") + ")") + "; layer types seen: "
+                + Blocks.describeTypes(seen);
     }
 
     /**
@@ -282,50 +350,14 @@ public final class Quantizer {
         return "not a Linear layer (" + block.getClass().getSimpleName() + ")";
     }
 
-    private static Map<String, ActivationRecorder> capture(Block root, Map<String, Target> targets,
-            Calibration calibration) {
-        Map<String, ActivationRecorder> recorders = new LinkedHashMap<>();
-        try {
-            for (Map.Entry<String, Target> t : targets.entrySet()) {
-                QuantMethod method = t.getValue().config.method();
-                if (method == QuantMethod.RTN) {
-                    continue;
-                }
-                NDArray w = Blocks.get(root, t.getKey()).getParameters().get("weight").getArray();
-                Blocks.replace(root, t.getKey(), linear -> {
-                    ActivationRecorder r = new ActivationRecorder(linear, w.getShape().get(1),
-                            calibration.maxRowsPerLayer(), method == QuantMethod.GPTQ, w.getManager());
-                    recorders.put(t.getKey(), r);
-                    return r;
-                });
-            }
-            for (NDList batch : calibration.batches()) {
-                NDManager manager = batch.head().getManager();
-                // NDScope frees every intermediate of the forward (a generic block leaves them in the input's manager);
-                // the recorders unregister what they keep
-                try (NDManager scope = manager.newSubManager(); NDScope arrays = new NDScope()) {
-                    arrays.suppressNotUsedWarning();
-                    NDList out = root.forward(new ParameterStore(scope, false), batch, false);
-                    out.attach(scope);
-                }
-            }
-        } catch (RuntimeException e) {
-            recorders.values().forEach(ActivationRecorder::close);
-            throw e;
-        } finally {
-            for (Map.Entry<String, ActivationRecorder> r : recorders.entrySet()) {
-                Blocks.replace(root, r.getKey(), rec -> ((ActivationRecorder) rec).inner());
-            }
-        }
-        return recorders;
-    }
-
     private static QuantizationReport.Layer quantizeLayer(Block root, String path, Linear linear, Target target,
             ActivationRecorder recorder, Set<Parameter> kept) {
         QuantizationConfig config = target.config;
+        BlockSite site = Blocks.site(root, path);
         Parameter weightParam = linear.getParameters().get("weight");
         Parameter biasParam = linear.getParameters().contains("bias") ? linear.getParameters().get("bias") : null;
-        NDArray weight = weightParam.getArray(); // (out, in)
+        // the master copy where a mixed-precision decorator above keeps one: the same values as quantizing first
+        NDArray weight = site.value(weightParam); // (out, in)
         long in = weight.getShape().get(1);
         int groupSize = config.scheme() == QuantScheme.INT8_WEIGHT_ONLY ? (int) in : target.groupSize;
         QuantizedTensor q;
@@ -351,9 +383,9 @@ public final class Quantizer {
         } else {
             q = QuantizedTensor.quantize(weight, config.scheme(), groupSize);
         }
-        Quantized result = finish(path, weight, biasParam == null ? null : biasParam.getArray(), q, config.scheme(),
+        Quantized result = finish(path, weight, biasParam == null ? null : site.value(biasParam), q, config.scheme(),
                 method, groupSize, alpha, note);
-        Blocks.replace(root, path, old -> result.linear);
+        site.replaceCore(old -> result.linear);
         if (!kept.contains(weightParam)) {
             weightParam.close();
         }
@@ -361,70 +393,6 @@ public final class Quantizer {
             biasParam.close();
         }
         return result.layer;
-    }
-
-    /** Rows quantized at once: bounds the float temporaries of a large table (129k x 7168 for DeepSeek-V3). */
-    private static final long EMBEDDING_CHUNK_ELEMENTS = 1L << 22;
-
-    /**
-     * Replaces the embedding block at {@code path} by a {@link QuantizedEmbedding} (RTN, chunks of rows) and frees its
-     * float table unless another block keeps it.
-     */
-    private static QuantizationReport.Layer quantizeEmbedding(Block root, String path, Block block, Target target,
-            Set<Parameter> kept) {
-        QuantizationConfig config = target.config;
-        Parameter param = embeddingTable(block);
-        String paramName = param.getName(); // "weight" (TokenEmbedding) or "embedding" (DJL Embedding)
-        NDArray table = param.getArray(); // (vocab, hidden)
-        long vocab = table.getShape().get(0);
-        long hidden = table.getShape().get(1);
-        int groupSize = config.scheme() == QuantScheme.INT8_WEIGHT_ONLY ? (int) hidden : target.groupSize;
-        String note = target.note;
-        if (config.method() != QuantMethod.RTN) {
-            String rtn = "embedding: a lookup has no input activations for " + config.method().id().toUpperCase(
-                    Locale.ROOT) + ", quantized with RTN";
-            note = note == null ? rtn : note + "; " + rtn;
-        }
-        long rowsPerChunk = Math.max(1, EMBEDDING_CHUNK_ELEMENTS / hidden);
-        NDManager owner = table.getManager();
-        QuantizedTensor q;
-        double signal = 0;
-        double noise = 0;
-        try (NDManager tmp = owner.newSubManager(table.getDevice())) {
-            NDList data = new NDList();
-            NDList scales = new NDList();
-            NDList zeros = new NDList();
-            for (long start = 0; start < vocab; start += rowsPerChunk) {
-                long end = Math.min(vocab, start + rowsPerChunk);
-                // each chunk's float temporaries are freed before the next; its codes move to tmp
-                try (NDManager chunk = tmp.newSubManager(table.getDevice())) {
-                    NDArray rows = table.get(chunk, new NDIndex(start + ":" + end)); // (n, hidden)
-                    QuantizedTensor c = QuantizedTensor.quantize(rows, config.scheme(), groupSize);
-                    NDArray w = Temps.copy(rows, chunk, DataType.FLOAT32);
-                    NDArray d = c.dequantize(chunk, DataType.FLOAT32); // (n, hidden)
-                    signal += w.square().sum().getFloat();
-                    noise += w.sub(d).square().sum().getFloat();
-                    c.attach(tmp);
-                    data.add(c.data());
-                    scales.add(c.scales());
-                    c.zeros().ifPresent(zeros::add);
-                }
-            }
-            NDArray qData = data.size() == 1 ? data.head() : NDArrays.concat(data, 0);
-            NDArray qScales = scales.size() == 1 ? scales.head() : NDArrays.concat(scales, 0);
-            NDArray qZeros = zeros.isEmpty() ? null : zeros.size() == 1 ? zeros.head() : NDArrays.concat(zeros, 0);
-            q = QuantizedTensor.of(config.scheme(), groupSize, table.getShape(), qData, qScales, qZeros, null);
-            q.attach(owner);
-        }
-        double sqnr = noise == 0 ? Double.POSITIVE_INFINITY : 10 * Math.log10(signal / noise);
-        QuantizedEmbedding replacement = QuantizedEmbedding.of(q, table.getDataType(), paramName);
-        long before = bytes(table);
-        Blocks.replace(root, path, old -> replacement);
-        if (!kept.contains(param)) {
-            param.close();
-        }
-        return new QuantizationReport.Layer(path, config.scheme(), QuantMethod.RTN, groupSize, before, q.nbytes(), sqnr,
-                null, note, true);
     }
 
     /**

@@ -18,8 +18,12 @@ interface SchemeHandler {
      */
     NDArray fakeQuantize(NDArray w, int groupSize);
 
-    /** FP32 {@code (out, in)} without the AWQ input scales, attached to {@code manager}. */
-    NDArray dequantize(QuantizedTensor tensor, NDManager manager);
+    /**
+     * FP32 {@code (..., out, in)} without the AWQ input scales, from this scheme's arrays with any leading dimensions
+     * (one weight {@code (out, in)}, or stacked experts {@code (E, out, in)}); temporaries and the result are attached
+     * to {@code manager}.
+     */
+    NDArray dequantize(NDArray data, NDArray scales, NDArray zeros, int groupSize, NDManager manager);
 
     static SchemeHandler of(QuantScheme scheme) {
         switch (scheme) {

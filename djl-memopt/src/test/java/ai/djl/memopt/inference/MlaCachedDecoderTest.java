@@ -474,6 +474,7 @@ class MlaCachedDecoderTest {
                 "model/deepseek/TokenEmbedding.java", "model/deepseek/DeepSeekMlp.java", "model/deepseek/MoeGate.java",
                 "model/deepseek/DeepSeekMoE.java", "model/deepseek/GatheredExperts.java",
                 "model/deepseek/Projections.java", "model/deepseek/Scoped.java", "nn/Scalars.java",
+                "nn/StackableProjection.java", "lora/LoraLinear.java",
                 "quantize/QuantizedLinear.java", "quantize/QuantizedTensor.java",
                 "quantize/Int8WeightOnlyHandler.java", "quantize/Int4WeightOnlyHandler.java");
         Pattern read = Pattern.compile("\\.(toLongArray|toFloatArray|toIntArray|toDoubleArray|toBooleanArray"

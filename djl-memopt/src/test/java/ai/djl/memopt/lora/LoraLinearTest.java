@@ -3,7 +3,9 @@ package ai.djl.memopt.lora;
 import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertInstanceOf;
 import static org.junit.jupiter.api.Assertions.assertNotEquals;
+import static org.junit.jupiter.api.Assertions.assertSame;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
@@ -412,13 +414,19 @@ class LoraLinearTest {
     }
 
     @Test
-    void aDecoratedProjectionIsRefusedWithTheOrderToUse() {
+    void aDecoratedProjectionGetsItsAdapterInsideTheDecorator() {
+        // issue 14: decorators compose in any order; LoRA after a decorator goes inside it, as if applied first
         try (NDManager m = NDManager.newBaseManager()) {
-            SequentialBlock root = new SequentialBlock().add(new Wrapper(ToyBlocks.linear(m, 4, 3, DataType.FLOAT32)));
-            IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
-                    () -> Lora.apply(root, LoraConfig.builder().setRank(2).optTargetModules("0").build()));
-            assertTrue(e.getMessage().contains("'0' is a Wrapper around a projection: apply LoRA before decorating"),
-                    e.getMessage());
+            Linear linear = ToyBlocks.linear(m, 4, 3, DataType.FLOAT32);
+            Wrapper wrapper = new Wrapper(linear);
+            SequentialBlock root = new SequentialBlock().add(wrapper);
+            Lora.apply(root, LoraConfig.builder().setRank(2).optTargetModules("0").build());
+            assertSame(wrapper, Blocks.get(root, "0"), "the decorator stays outermost");
+            LoraLinear adapter = assertInstanceOf(LoraLinear.class, wrapper.delegate());
+            assertSame(linear, adapter.base());
+            assertEquals(List.of("0"), List.copyOf(Lora.adapters(root).keySet()));
+            assertEquals(List.of("0"), Lora.unload(root));
+            assertSame(linear, wrapper.delegate(), "unloading puts the base back inside the decorator");
         }
     }
 }

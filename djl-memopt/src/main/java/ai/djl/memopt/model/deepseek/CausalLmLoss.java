@@ -1,6 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
-import ai.djl.memopt.precision.Precisions;
+import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.index.NDIndex;
@@ -78,7 +78,7 @@ public final class CausalLmLoss {
                 "logits (B, T, V) and input_ids (B, T) must agree, got %s and %s", ls, is);
         Preconditions.checkArgument(is.get(1) >= 2, "need at least 2 tokens per row to predict one, got %s", is);
         return Scoped.run(() -> {
-            NDArray pred = Precisions.cast(logits.get(new NDIndex(":, :-1, :")), DataType.FLOAT32); // (B, T-1, V)
+            NDArray pred = TypeCasts.cast(logits.get(new NDIndex(":, :-1, :")), DataType.FLOAT32); // (B, T-1, V)
             NDArray targets = inputIds.get(new NDIndex(":, 1:")).toType(DataType.INT64, false); // (B, T-1)
             NDArray logp = pred.logSoftmax(-1); // (B, T-1, V)
             NDArray picked = logp.gather(targets.expandDims(-1), 2).squeeze(-1); // (B, T-1)

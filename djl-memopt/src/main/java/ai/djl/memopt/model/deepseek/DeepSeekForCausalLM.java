@@ -1,8 +1,8 @@
 package ai.djl.memopt.model.deepseek;
 
-import ai.djl.memopt.precision.Precisions;
 import ai.djl.Device;
 import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -193,8 +193,8 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
                         training);
                 out = hidden.matMul(table.transpose()); // (B, T, V)
             }
-            // Precisions.cast, not toType: DJL runs toType without autograd, which would cut an FP16 training graph
-            return new NDList(Precisions.cast(out, DataType.FLOAT32));
+            // TypeCasts.cast, not toType: DJL runs toType without autograd, which would cut an FP16 training graph
+            return new NDList(TypeCasts.cast(out, DataType.FLOAT32));
         }).head();
     }
 

@@ -2,7 +2,7 @@ package ai.djl.memopt.model.deepseek;
 
 import ai.djl.Device;
 import ai.djl.memopt.nn.HostReads;
-import ai.djl.memopt.precision.Precisions;
+import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
@@ -329,15 +329,15 @@ public final class DeepSeekMoE extends AbstractBlock {
         long k = topkWeight.getShape().get(1);
         long h = out.getShape().get(1);
         DataType type = out.getDataType();
-        NDArray w = Precisions.cast(topkWeight.reshape(n * k, 1), type); // (N*k, 1)
+        NDArray w = TypeCasts.cast(topkWeight.reshape(n * k, 1), type); // (N*k, 1)
         NDArray weighted = out.mul(w); // (N*k, H)
-        NDArray weighted32 = Precisions.cast(weighted, DataType.FLOAT32);
+        NDArray weighted32 = TypeCasts.cast(weighted, DataType.FLOAT32);
         if (weighted32 != weighted) {
             weighted.close();
         }
         NDArray summed = weighted32.reshape(n, k, h).sum(new int[] {1}); // (N, H) FP32
         weighted32.close();
-        return Precisions.cast(summed, type);
+        return TypeCasts.cast(summed, type);
     }
 
     /**

@@ -1,13 +1,7 @@
 package ai.djl.memopt.model.deepseek;
 
 import ai.djl.Device;
-import ai.djl.memopt.lora.LoraLinear;
-import ai.djl.memopt.nn.Scalars;
-import ai.djl.memopt.precision.Precisions;
-import ai.djl.memopt.quantize.Int4Packing;
-import ai.djl.memopt.quantize.QuantScheme;
-import ai.djl.memopt.quantize.QuantizedLinear;
-import ai.djl.memopt.quantize.QuantizedTensor;
+import ai.djl.memopt.nn.StackableProjection;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
@@ -18,9 +12,7 @@ import ai.djl.ndarray.types.Shape;
 import ai.djl.ndarray.types.SparseFormat;
 import ai.djl.nn.Activation;
 import ai.djl.nn.Block;
-import ai.djl.nn.Parameter;
 import ai.djl.nn.core.Embedding;
-import ai.djl.nn.core.Linear;
 import ai.djl.util.NativeResource;
 import java.util.ArrayList;
 import java.util.List;
@@ -36,16 +28,16 @@ import java.util.function.Function;
  * data {@code (E, out, in/2)}, scales and zero points {@code (E, out, in/g)}; AWQ input scales {@code (E, in)}; LoRA:
  * the base as above and the adapters {@code A (E, r, in)}, {@code B (E, out, r)}) and
  * every per-expert array is then turned, in place, into a view of its slice, its own storage released. The Java
- * objects stay the same ({@code NDArray.intern}): a {@link Linear}'s parameter, a parameter store or predictor that
- * cached it, an optimizer, a {@link QuantizedTensor} all keep working and now read and write the stack, so in-place
+ * objects stay the same ({@code NDArray.intern}): a {@code Linear}'s parameter, a parameter store or predictor that
+ * cached it, an optimizer, a quantized tensor all keep working and now read and write the stack, so in-place
  * updates (an optimizer step) are seen by the gathered path. Replacing an expert's projection block or interning a
  * new array into it afterwards is detected by {@link #isCurrent} (block identity and native handle), and the owner
  * rebuilds.
  *
  * <p><b>Forward</b> (inference only: gradients do not reach the stacks). Per chunk of {@code c} assignments (token,
  * choice) in token-major order: {@code W = stack[ids]} {@code (c, out, in)} (an {@code index_select} through the
- * embedding op; quantized: only the gathered rows are dequantized, with the same ops as
- * {@link QuantizedTensor#dequantize}), {@code W x^T (c, out, 1) -> (c, 1, out)},
+ * embedding op), then the projection's own {@link StackableProjection#project} (quantized: only the gathered rows are
+ * dequantized, with the quantized tensor's formula), {@code W x^T (c, out, 1) -> (c, 1, out)},
  * SwiGLU, then the outputs weighted by the FP32 router weights and summed over the {@code k} choices, as the sorted
  * dispatch does. Each gathered weight is closed right after its matmul, so the temporaries are one projection of
  * {@code c} experts ({@code c} chosen so that its FP32 size stays under the chunk budget).
@@ -90,59 +82,7 @@ final class GatheredExperts {
 
     /** Null if {@code b} can share a stack with {@code first}, else why not. */
     private static String kindMismatch(Block first, Block b) {
-        if (b.getClass() == Linear.class) {
-            if (first.getClass() != Linear.class) {
-                return "a Linear among " + first.getClass().getSimpleName() + " experts";
-            }
-            if (b.getParameters().size() != 1 || b.getParameters().get("weight") == null) {
-                return "a Linear with a bias";
-            }
-            NDArray w = b.getParameters().get("weight").getArray();
-            NDArray w0 = first.getParameters().get("weight").getArray();
-            if (!w.getShape().equals(w0.getShape()) || w.getDataType() != w0.getDataType()
-                    || !w.getDevice().equals(w0.getDevice())) {
-                return "weight " + w.getShape() + " " + w.getDataType() + " differs from expert 0's";
-            }
-            return null;
-        }
-        if (b instanceof QuantizedLinear) {
-            if (!(first instanceof QuantizedLinear)) {
-                return "a QuantizedLinear among " + first.getClass().getSimpleName() + " experts";
-            }
-            QuantizedLinear q = (QuantizedLinear) b;
-            QuantizedTensor t = q.quantizedWeight();
-            QuantizedTensor t0 = ((QuantizedLinear) first).quantizedWeight();
-            if (q.bias().isPresent()) {
-                return "a quantized projection with a bias";
-            }
-            if (t.scheme() != t0.scheme() || t.groupSize() != t0.groupSize() || !t.shape().equals(t0.shape())
-                    || t.inputScales().isPresent() != t0.inputScales().isPresent()
-                    || !t.data().getDevice().equals(t0.data().getDevice())) {
-                return t + " differs from expert 0's " + t0;
-            }
-            if (t.scheme() != QuantScheme.INT8_WEIGHT_ONLY && t.scheme() != QuantScheme.INT4_WEIGHT_ONLY) {
-                return "scheme " + t.scheme() + " is not supported";
-            }
-            return null;
-        }
-        if (b instanceof LoraLinear) {
-            if (!(first instanceof LoraLinear)) {
-                return "a LoraLinear among " + first.getClass().getSimpleName() + " experts";
-            }
-            LoraLinear l = (LoraLinear) b;
-            LoraLinear l0 = (LoraLinear) first;
-            NDArray a = l.loraA().getArray();
-            NDArray a0 = l0.loraA().getArray();
-            if (l.rank() != l0.rank() || l.scale() != l0.scale() || a.getDataType() != a0.getDataType()
-                    || l.loraB().getArray().getDataType() != l0.loraB().getArray().getDataType()
-                    || !a.getDevice().equals(a0.getDevice())) {
-                return "LoRA rank " + l.rank() + ", scale " + l.scale() + ", " + a.getDataType() + " differ from expert 0's";
-            }
-            String base = kindMismatch(l0.base(), l.base());
-            return base == null ? null : "LoRA base: " + base;
-        }
-        return "a " + b.getClass().getName()
-                + " (only plain Linear, int8/int4 QuantizedLinear and LoRA over those are gathered)";
+        return StackableProjection.mismatch(first, b);
     }
 
     /**
@@ -166,17 +106,9 @@ final class GatheredExperts {
             for (int i = 0; i < e; i++) {
                 blocks[i] = GETTERS.get(p).apply(mlps[i]);
             }
-            stacks[p] = stackOf(blocks);
+            stacks[p] = Stack.build(blocks);
         }
         return new GatheredExperts(mlps, stacks);
-    }
-
-    /** The stack for one projection of every expert (same kind, checked by {@link #kindMismatch}). */
-    private static Stack stackOf(Block[] blocks) {
-        if (blocks[0] instanceof LoraLinear) {
-            return LoraStack.build(blocks);
-        }
-        return blocks[0] instanceof QuantizedLinear ? QuantizedStack.build(blocks) : FloatStack.build(blocks);
     }
 
     /** Whether every expert still runs on the arrays this object stacked. */
@@ -255,13 +187,6 @@ final class GatheredExperts {
         return Scoped.run(() -> new NDList(stack.project(ids, x, type))).head();
     }
 
-    /** {@code x (c, 1, in) x w^T} for gathered weights {@code w (c, out, in)}: {@code (c, 1, out)}. */
-    private static NDArray times(NDArray w, NDArray x) {
-        Shape s = w.getShape();
-        // W x^T rather than x W^T: the gathered weight is used as laid out, only the small x is transposed
-        return w.matMul(x.transpose(0, 2, 1)).reshape(s.get(0), 1, s.get(1)); // (c, out, 1) -> (c, 1, out)
-    }
-
     /**
      * Rows {@code ids} of {@code stack (E, ...)}: {@code (c, ...)}. Through the embedding op, i.e. {@code index_select}
      * (whole contiguous rows copied at once), rather than advanced indexing, which copies element by element on CPU.
@@ -273,254 +198,87 @@ final class GatheredExperts {
         return picked.reshape(new Shape(ids.getShape().get(0)).addAll(shape.slice(1)));
     }
 
-    /** One projection of all experts. */
-    private abstract static class Stack {
+    /**
+     * One projection of all experts: each of the projections' {@link StackableProjection#weightArrays() weight arrays}
+     * stacked {@code (E, ...)}, the per-expert arrays turned into views of the stacks.
+     */
+    private static final class Stack {
         final long out;
         final long in;
-
-        Stack(long out, long in) {
-            this.out = out;
-            this.in = in;
-        }
-
-        /** The chosen experts' effective weights {@code (c, out, in)} in {@code type}. */
-        abstract NDArray gather(NDArray ids, DataType type);
-
-        /** {@code x (c, 1, in)} through the chosen experts' projections: {@code (c, 1, out)}. */
-        NDArray project(NDArray ids, NDArray x, DataType type) {
-            return times(gather(ids, type), x);
-        }
-
-        /** Whether {@code projection}, expert {@code e}'s block now, still runs on this stack. */
-        abstract boolean isCurrent(Block projection, int e);
-
-        abstract Device device();
-    }
-
-    /** Plain {@link Linear} experts: the stack is the storage of their weight parameters. */
-    private static final class FloatStack extends Stack {
-        private final NDArray stack; // (E, out, in)
+        private final StackableProjection kind; // expert 0's, which computes for all
+        private final NDArray[] stacks; // one per weight array: (E, ...)
         private final Block[] blocks;
-        private final Parameter[] params;
-        private final NDArray[] views;
-        private final Object[] handles;
+        private final NDArray[][] arrays; // per expert: the weight arrays that became views
+        private final Object[][] handles; // their native handles after adoption
 
-        private FloatStack(NDArray stack, Block[] blocks, Parameter[] params, NDArray[] views, Object[] handles) {
-            super(stack.getShape().get(1), stack.getShape().get(2));
-            this.stack = stack;
-            this.blocks = blocks;
-            this.params = params;
-            this.views = views;
-            this.handles = handles;
-        }
-
-        static FloatStack build(Block[] blocks) {
-            int e = blocks.length;
-            Parameter[] params = new Parameter[e];
-            NDList arrays = new NDList(e);
-            for (int i = 0; i < e; i++) {
-                params[i] = blocks[i].getParameters().get("weight");
-                arrays.add(params[i].getArray());
-            }
-            NDArray stack = stackArrays(arrays); // (E, out, in)
-            NDArray[] views = new NDArray[e];
-            Object[] handles = new Object[e];
-            for (int i = 0; i < e; i++) {
-                views[i] = arrays.get(i);
-                handles[i] = adopt(views[i], stack, i);
-            }
-            return new FloatStack(stack, blocks, params, views, handles);
-        }
-
-        @Override
-        Device device() {
-            return stack.getDevice();
-        }
-
-        @Override
-        NDArray gather(NDArray ids, DataType type) {
-            return rows(stack, ids); // (c, out, in); a Linear runs in its weight's type
-        }
-
-        @Override
-        boolean isCurrent(Block projection, int e) {
-            // a Linear's weight Parameter is fixed, but its array can be swapped (precision) or interned
-            return projection == blocks[e]
-                    && params[e].getArray() == views[e]
-                    && Objects.equals(handle(views[e]), handles[e]);
-        }
-    }
-
-    /** int8 / int4 {@link QuantizedLinear} experts: their quantized arrays become views of the stacks. */
-    private static final class QuantizedStack extends Stack {
-        private final QuantScheme scheme;
-        private final int groupSize;
-        private final NDArray data; // int8 (E, out, in) INT8; int4 (E, out, in/2) UINT8
-        private final NDArray scales; // (E, out, 1) or (E, out, in/g) FP32
-        private final NDArray zeros; // int4: (E, out, in/g) UINT8
-        private final NDArray inputScales; // AWQ: (E, in) FP32, else null
-        private final QuantizedLinear[] blocks;
-        private final Object[] handles;
-
-        private QuantizedStack(QuantizedTensor first, NDArray data, NDArray scales, NDArray zeros, NDArray inputScales,
-                QuantizedLinear[] blocks, Object[] handles) {
-            super(first.shape().get(0), first.shape().get(1));
-            this.scheme = first.scheme();
-            this.groupSize = first.groupSize();
-            this.data = data;
-            this.scales = scales;
-            this.zeros = zeros;
-            this.inputScales = inputScales;
-            this.blocks = blocks;
-            this.handles = handles;
-        }
-
-        static QuantizedStack build(Block[] projections) {
-            int e = projections.length;
-            QuantizedLinear[] blocks = new QuantizedLinear[e];
-            for (int i = 0; i < e; i++) {
-                blocks[i] = (QuantizedLinear) projections[i];
-            }
-            QuantizedTensor first = blocks[0].quantizedWeight();
-            NDArray data = stackParts(blocks, QuantizedTensor::data);
-            NDArray scales = stackParts(blocks, QuantizedTensor::scales);
-            NDArray zeros = first.zeros().isPresent() ? stackParts(blocks, t -> t.zeros().orElseThrow()) : null;
-            NDArray inputScales =
-                    first.inputScales().isPresent() ? stackParts(blocks, t -> t.inputScales().orElseThrow()) : null;
-            Object[] handles = new Object[e];
-            for (int i = 0; i < e; i++) {
-                QuantizedTensor t = blocks[i].quantizedWeight();
-                handles[i] = adopt(t.data(), data, i);
-                adopt(t.scales(), scales, i);
-                if (zeros != null) {
-                    adopt(t.zeros().orElseThrow(), zeros, i);
-                }
-                if (inputScales != null) {
-                    adopt(t.inputScales().orElseThrow(), inputScales, i);
-                }
-            }
-            return new QuantizedStack(first, data, scales, zeros, inputScales, blocks, handles);
-        }
-
-        private static NDArray stackParts(QuantizedLinear[] blocks, Function<QuantizedTensor, NDArray> part) {
-            NDList list = new NDList(blocks.length);
-            for (QuantizedLinear b : blocks) {
-                list.add(part.apply(b.quantizedWeight()));
-            }
-            return stackArrays(list);
-        }
-
-        @Override
-        Device device() {
-            return data.getDevice();
-        }
-
-        @Override
-        NDArray gather(NDArray ids, DataType type) {
-            long c = ids.getShape().get(0);
-            NDArray w; // (c, out, in) FP32, as the scheme handlers dequantize
-            if (scheme == QuantScheme.INT8_WEIGHT_ONLY) {
-                w = rows(data, ids).toType(DataType.FLOAT32, false).mul(rows(scales, ids)); // (c, out, in) * (c, out, 1)
-            } else {
-                long groups = in / groupSize;
-                NDArray q = Int4Packing.unpack(rows(data, ids)); // (c, out, in) FP32 in 0..15
-                NDArray z = rows(zeros, ids).toType(DataType.FLOAT32, false).reshape(c, out, groups, 1);
-                NDArray s = rows(scales, ids).reshape(c, out, groups, 1);
-                w = q.reshape(c, out, groups, groupSize).sub(z).mul(s).reshape(c, out, in);
-            }
-            if (inputScales != null) {
-                w = w.div(rows(inputScales, ids).expandDims(1)); // / (c, 1, in)
-            }
-            return w.toType(type, false);
-        }
-
-        @Override
-        boolean isCurrent(Block projection, int e) {
-            return projection == blocks[e]
-                    && Objects.equals(handle(blocks[e].quantizedWeight().data()), handles[e]);
-        }
-    }
-
-    /**
-     * {@link LoraLinear} experts (over plain or quantized bases): the base stacked as above, the adapters as
-     * {@code A (E, r, in)} and {@code B (E, out, r)}; the output is the base's plus {@code scale (x A^T) B^T}, computed
-     * as {@link LoraLinear} does at inference (adapters cast to the input's type, the delta cast to the base output's).
-     */
-    private static final class LoraStack extends Stack {
-        private final Stack base;
-        private final NDArray a; // (E, r, in)
-        private final NDArray b; // (E, out, r)
-        private final float scale;
-        private final LoraLinear[] blocks;
-        private final NDArray[] arrays; // per expert: A, B
-        private final Object[] handles;
-
-        private LoraStack(Stack base, NDArray a, NDArray b, float scale, LoraLinear[] blocks, NDArray[] arrays,
-                Object[] handles) {
-            super(base.out, base.in);
-            this.base = base;
-            this.a = a;
-            this.b = b;
-            this.scale = scale;
+        private Stack(StackableProjection kind, NDArray[] stacks, Block[] blocks, NDArray[][] arrays,
+                Object[][] handles) {
+            this.out = kind.outFeatures();
+            this.in = kind.inFeatures();
+            this.kind = kind;
+            this.stacks = stacks;
             this.blocks = blocks;
             this.arrays = arrays;
             this.handles = handles;
         }
 
-        static LoraStack build(Block[] projections) {
-            int e = projections.length;
-            LoraLinear[] blocks = new LoraLinear[e];
-            Block[] bases = new Block[e];
-            NDList as = new NDList(e);
-            NDList bs = new NDList(e);
+        /** Stacks one projection of every expert (all of one kind, checked by {@link #kindMismatch}). */
+        static Stack build(Block[] blocks) {
+            int e = blocks.length;
+            NDArray[][] arrays = new NDArray[e][];
             for (int i = 0; i < e; i++) {
-                blocks[i] = (LoraLinear) projections[i];
-                bases[i] = blocks[i].base();
-                as.add(blocks[i].loraA().getArray());
-                bs.add(blocks[i].loraB().getArray());
+                List<NDArray> weights = StackableProjection.of(blocks[i]).weightArrays();
+                arrays[i] = new NDArray[weights.size()];
+                for (int j = 0; j < arrays[i].length; j++) {
+                    arrays[i][j] = weights.get(j);
+                }
             }
-            Stack base = stackOf(bases);
-            NDArray a = stackArrays(as); // (E, r, in)
-            NDArray b = stackArrays(bs); // (E, out, r)
-            NDArray[] arrays = new NDArray[2 * e];
-            Object[] handles = new Object[2 * e];
+            NDArray[] stacks = new NDArray[arrays[0].length];
+            for (int j = 0; j < stacks.length; j++) {
+                NDList list = new NDList(e);
+                for (int i = 0; i < e; i++) {
+                    list.add(arrays[i][j]);
+                }
+                stacks[j] = stackArrays(list);
+            }
+            Object[][] handles = new Object[e][stacks.length];
             for (int i = 0; i < e; i++) {
-                arrays[2 * i] = as.get(i);
-                arrays[2 * i + 1] = bs.get(i);
-                handles[2 * i] = adopt(arrays[2 * i], a, i);
-                handles[2 * i + 1] = adopt(arrays[2 * i + 1], b, i);
+                for (int j = 0; j < stacks.length; j++) {
+                    handles[i][j] = adopt(arrays[i][j], stacks[j], i);
+                }
             }
-            return new LoraStack(base, a, b, blocks[0].scale(), blocks, arrays, handles);
+            return new Stack(StackableProjection.of(blocks[0]), stacks, blocks, arrays, handles);
         }
 
-        @Override
-        NDArray gather(NDArray ids, DataType type) {
-            throw new UnsupportedOperationException("a LoRA projection is applied by project(), not materialised");
-        }
-
-        @Override
+        /** {@code x (c, 1, in)} through the chosen experts' projections: {@code (c, 1, out)}. */
         NDArray project(NDArray ids, NDArray x, DataType type) {
-            NDArray y = base.project(ids, x, type); // (c, 1, out)
-            NDArray down = times(rows(a, ids).toType(type, false), x); // (c, 1, r)
-            NDArray up = times(rows(b, ids).toType(type, false), down); // (c, 1, out)
-            NDArray delta = Scalars.mul(up, scale);
-            return y.add(delta.toType(y.getDataType(), false));
+            List<NDArray> rows = new ArrayList<>(stacks.length);
+            for (NDArray stack : stacks) {
+                rows.add(rows(stack, ids)); // (c, ...)
+            }
+            return kind.project(rows, x, type);
         }
 
-        @Override
+        /** Whether {@code projection}, expert {@code e}'s block now, still runs on this stack. */
         boolean isCurrent(Block projection, int e) {
-            LoraLinear l = blocks[e];
-            return projection == l
-                    && base.isCurrent(l.base(), e)
-                    && l.loraA().getArray() == arrays[2 * e]
-                    && l.loraB().getArray() == arrays[2 * e + 1]
-                    && Objects.equals(handle(arrays[2 * e]), handles[2 * e])
-                    && Objects.equals(handle(arrays[2 * e + 1]), handles[2 * e + 1]);
+            if (projection != blocks[e]) {
+                return false;
+            }
+            // a Linear's weight Parameter is fixed, but its array can be swapped (precision) or interned
+            List<NDArray> now = StackableProjection.of(projection).weightArrays();
+            if (now.size() != arrays[e].length) {
+                return false;
+            }
+            for (int j = 0; j < now.size(); j++) {
+                if (now.get(j) != arrays[e][j] || !Objects.equals(handle(arrays[e][j]), handles[e][j])) {
+                    return false;
+                }
+            }
+            return true;
         }
 
-        @Override
         Device device() {
-            return base.device();
+            return stacks[0].getDevice();
         }
     }
 

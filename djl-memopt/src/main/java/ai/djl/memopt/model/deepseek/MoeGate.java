@@ -1,7 +1,7 @@
 package ai.djl.memopt.model.deepseek;
 
 import ai.djl.memopt.nn.Scalars;
-import ai.djl.memopt.precision.Precisions;
+import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -71,8 +71,8 @@ public final class MoeGate extends AbstractBlock {
             ParameterStore ps, NDList inputs, boolean training, PairList<String, Object> params) {
         NDArray x = inputs.head();
         return Scoped.run(() -> {
-            NDArray w = Precisions.cast(ps.getValue(weight, x.getDevice(), training), DataType.FLOAT32);
-            NDArray logits = Precisions.cast(x, DataType.FLOAT32).matMul(w.transpose()); // (N, E)
+            NDArray w = TypeCasts.cast(ps.getValue(weight, x.getDevice(), training), DataType.FLOAT32);
+            NDArray logits = TypeCasts.cast(x, DataType.FLOAT32).matMul(w.transpose()); // (N, E)
             return config.isV3() ? routeV3(ps, logits, training) : routeV2(logits);
         });
     }

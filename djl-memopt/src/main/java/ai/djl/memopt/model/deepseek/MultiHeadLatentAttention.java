@@ -1,7 +1,7 @@
 package ai.djl.memopt.model.deepseek;
 
 import ai.djl.memopt.nn.Scalars;
-import ai.djl.memopt.precision.Precisions;
+import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDArrays;
@@ -190,7 +190,7 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
             keyT.close();
             NDArray scores = Scalars.mul(raw, softmaxScale);
             raw.close();
-            NDArray s32 = Precisions.cast(scores, DataType.FLOAT32);
+            NDArray s32 = TypeCasts.cast(scores, DataType.FLOAT32);
             closeIfNew(scores, s32);
             NDArray additive = mask != null ? mask : causalMask(query.getManager(), query.getShape().get(2),
                     key.getShape().get(2));
@@ -199,7 +199,7 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
             s32.close();
             NDArray p32 = masked.softmax(-1);
             masked.close();
-            NDArray probs = Precisions.cast(p32, query.getDataType()); // (B, H, T, S)
+            NDArray probs = TypeCasts.cast(p32, query.getDataType()); // (B, H, T, S)
             closeIfNew(p32, probs);
             NDArray out = probs.matMul(value); // (B, H, T, v)
             probs.close();

@@ -1,7 +1,7 @@
 package ai.djl.memopt.model.deepseek;
 
 import ai.djl.memopt.nn.Scalars;
-import ai.djl.memopt.precision.Precisions;
+import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.types.DataType;
@@ -62,10 +62,10 @@ public final class RmsNorm extends AbstractBlock {
     public NDArray apply(NDArray x, NDArray w) {
         return Scoped.run(() -> {
             DataType in = x.getDataType();
-            NDArray x32 = Precisions.cast(x, DataType.FLOAT32);
+            NDArray x32 = TypeCasts.cast(x, DataType.FLOAT32);
             NDArray variance = x32.square().mean(new int[] {-1}, true); // (..., 1)
             NDArray normed = x32.div(Scalars.add(variance, eps).sqrt()); // (..., dim)
-            return new NDList(w.mul(Precisions.cast(normed, in)));
+            return new NDList(w.mul(TypeCasts.cast(normed, in)));
         }).head();
     }
 

@@ -1,6 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
-import ai.djl.memopt.precision.Precisions;
+import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -157,13 +157,13 @@ public final class RotaryEmbedding extends AbstractBlock {
             DataType type = x.getDataType();
             if (complexPairs) {
                 // (a + ib) * (c + is) over adjacent pairs, computed in FP32 as transformers' view_as_complex
-                NDArray pairs = Precisions.cast(x, DataType.FLOAT32).reshape(pairShape(s)); // (..., d/2, 2)
+                NDArray pairs = TypeCasts.cast(x, DataType.FLOAT32).reshape(pairShape(s)); // (..., d/2, 2)
                 NDList ab = pairs.split(2, nd);
                 NDArray a = ab.get(0).squeeze(nd); // (..., d/2)
                 NDArray b = ab.get(1).squeeze(nd);
                 NDArray re = a.mul(cos).sub(b.mul(sin));
                 NDArray im = a.mul(sin).add(b.mul(cos));
-                return new NDList(Precisions.cast(re.stack(im, nd).reshape(s), type));
+                return new NDList(TypeCasts.cast(re.stack(im, nd).reshape(s), type));
             }
             NDArray xr = x;
             if (deinterleave) {
