@@ -537,7 +537,7 @@ public final class QuantizedArtifact {
         long in = shape.get(1);
         if (scheme == QuantScheme.INT8_WEIGHT_ONLY) {
             expect(st, join(path, "qweight"), SafetensorsDType.I8, new Shape(out, in));
-            expect(st, join(path, "scales"), SafetensorsDType.F32, new Shape(out, 1));
+            expect(st, join(path, "scales"), SafetensorsDType.F32, new Shape(out, in / Math.max(1, groupSize)));
         } else {
             if (in % groupSize != 0 || in % 2 != 0) {
                 throw new QuantizedArtifactException(where + ": group_size " + groupSize + " does not divide "
@@ -642,7 +642,7 @@ public final class QuantizedArtifact {
             }
             Shape shape = shape(l, lw);
             int group = integer(l, "group_size", lw);
-            if (group <= 0 || (scheme == QuantScheme.INT8_WEIGHT_ONLY && group != shape.get(1))) {
+            if (group <= 0 || (scheme == QuantScheme.INT8_WEIGHT_ONLY && shape.get(1) % group != 0)) {
                 throw new QuantizedArtifactException(lw + ": bad group_size " + group);
             }
             String method = string(l, "method", lw);
@@ -690,7 +690,7 @@ public final class QuantizedArtifact {
                 }
                 Shape shape = shape(l, lw);
                 int group = integer(l, "group_size", lw);
-                boolean groupOk = scheme == QuantScheme.INT8_WEIGHT_ONLY ? group == shape.get(1)
+                boolean groupOk = scheme == QuantScheme.INT8_WEIGHT_ONLY ? group > 0 && shape.get(1) % group == 0
                         : (group == 32 || group == 64 || group == 128) && shape.get(1) % group == 0;
                 if (!groupOk) {
                     throw new QuantizedArtifactException(lw + ": bad group_size " + group + " for " + scheme.id()

@@ -50,6 +50,14 @@ final class Int8WeightOnlyHandler implements SchemeHandler {
     public NDArray dequantize(QuantizedTensor t, NDManager manager) {
         NDArray q = t.data().toType(DataType.FLOAT32, true);
         q.attach(manager);
-        return q.mul(t.scales()); // (out, in) * (out, 1)
+        long out = t.shape().get(0);
+        long in = t.shape().get(1);
+        if (t.groupSize() == in) {
+            return q.mul(t.scales()); // (out, in) * (out, 1)
+        }
+        long groups = in / t.groupSize();
+        NDArray s = t.scales().reshape(out, groups, 1); // a new handle in the scales' manager
+        s.attach(manager);
+        return q.reshape(out, groups, t.groupSize()).mul(s).reshape(out, in); // (out, G, g) * (out, G, 1)
     }
 }
