@@ -1,5 +1,6 @@
 package ai.djl.memopt.export;
 
+import ai.djl.memopt.gguf.GgufLoader;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.ndarray.NDManager;
@@ -11,7 +12,7 @@ import java.nio.file.Path;
 /**
  * Opens any DeepSeek model directory this project reads or writes: a Hugging Face checkpoint directory
  * ({@code config.json} + safetensors, BF16/F16/F32) or a quantized artifact written by {@link QuantizedArtifact}
- * (recognised by its {@code quantization.json}). Every tool that takes {@code --model DIR} goes through here, so an
+ * (recognised by its {@code quantization.json}), or a GGUF file of llama.cpp's {@code deepseek2} architecture. Every tool that takes {@code --model DIR} goes through here, so an
  * artifact works wherever a model directory does.
  *
  * <pre>{@code
@@ -34,6 +35,9 @@ public final class ModelDirectories {
      * @throws IOException naming the file and what is wrong, for a missing, corrupt or mismatched directory
      */
     public static DeepSeekForCausalLM loadDeepSeek(Path dir, NDManager manager, DataType dtype) throws IOException {
+        if (GgufLoader.isGguf(dir)) {
+            return GgufLoader.load(dir, manager, dtype, true); // Q8_0/Q4_0 stay quantized
+        }
         if (!Files.isDirectory(dir)) {
             throw new IOException(dir + ": not a model directory");
         }

@@ -15,7 +15,7 @@ import java.util.Optional;
  *   <tr><td>block_count, context_length, embedding_length, feed_forward_length, vocab_size</td>
  *       <td>num_hidden_layers, max_position_embeddings, hidden_size, intermediate_size, vocab_size</td></tr>
  *   <tr><td>attention.head_count / head_count_kv</td><td>num_attention_heads / 1 (MLA runs as MQA)</td></tr>
- *   <tr><td>attention.q_lora_rank, attention.kv_lora_rank</td><td>q_lora_rank (absent for V2-Lite), kv_lora_rank</td></tr>
+ *   <tr><td>attention.q_lora_rank, attention.kv_lora_rank</td><td>q_lora_rank (0 for V2-Lite), kv_lora_rank</td></tr>
  *   <tr><td>attention.key_length / value_length</td><td>kv_lora_rank + qk_rope_head_dim / kv_lora_rank</td></tr>
  *   <tr><td>attention.key_length_mla / value_length_mla</td><td>qk_nope + qk_rope / v_head_dim</td></tr>
  *   <tr><td>rope.dimension_count, rope.freq_base</td><td>qk_rope_head_dim, rope_theta</td></tr>
@@ -76,9 +76,9 @@ public final class DeepSeek2Metadata {
         w.put(P + "attention.head_count", GgufValue.uint32(c.numAttentionHeads()));
         w.put(P + "attention.head_count_kv", GgufValue.uint32(1));
         w.put(P + "attention.layer_norm_rms_epsilon", GgufValue.float32(c.rmsNormEps()));
-        if (c.qLoraRank().isPresent()) {
-            w.put(P + "attention.q_lora_rank", GgufValue.uint32(c.qLoraRank().getAsInt()));
-        }
+        // 0 for a model without a query compression (V2-Lite): llama.cpp requires the key unless it recognises a
+        // Lite model by its layer count (26, 27, or 48 with a 128256 vocabulary), and with 0 loads attn_q instead
+        w.put(P + "attention.q_lora_rank", GgufValue.uint32(c.qLoraRank().orElse(0)));
         w.put(P + "attention.kv_lora_rank", GgufValue.uint32(c.kvLoraRank()));
         w.put(P + "attention.key_length", GgufValue.uint32(c.kvLoraRank() + c.qkRopeHeadDim()));
         w.put(P + "attention.value_length", GgufValue.uint32(c.kvLoraRank()));
@@ -186,7 +186,8 @@ public final class DeepSeek2Metadata {
                 .ropeTheta(optFlt(f, "rope.freq_base").orElse(10000.0))
                 .ropeInterleave(true)
                 .tieWordEmbeddings(!f.tensors().containsKey("output.weight"));
-        b.qLoraRank(optUint(f, "attention.q_lora_rank").isPresent() ? uint(f, "attention.q_lora_rank") : null);
+        int qLora = optUint(f, "attention.q_lora_rank").orElse(0L).intValue();
+        b.qLoraRank(qLora > 0 ? qLora : null);
         int dense = optUint(f, "leading_dense_block_count").orElse((long) 0).intValue();
         b.firstKDenseReplace(experts > 0 ? dense : layers);
         b.nRoutedExperts(experts);

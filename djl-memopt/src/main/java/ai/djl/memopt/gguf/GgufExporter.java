@@ -65,7 +65,8 @@ public final class GgufExporter {
      *
      * @param sourceDir the model's directory, for its tokenizer files (null: none)
      * @param type F32, F16, Q8_0 or Q4_0
-     * @param pre llama.cpp's pre-tokenizer name, or null to recognise it
+     * @param pre llama.cpp's pre-tokenizer name, or null to recognise it; {@link GgufTokenizer#NONE} writes llama.cpp's
+     *     no-vocabulary mode for a model without a tokenizer (else a placeholder byte vocabulary)
      * @throws IllegalArgumentException for a config llama.cpp cannot express
      * @throws IOException if the tokenizer cannot be converted or the file cannot be written
      */

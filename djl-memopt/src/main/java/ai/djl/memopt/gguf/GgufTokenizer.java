@@ -25,8 +25,9 @@ import java.util.Optional;
  * ({@code gpt2} for the plain ByteLevel pre-tokenizer, {@code deepseek-v3} for DeepSeek-V3's split sequence), the
  * BOS/EOS ids, {@code add_bos_token} and the chat template. The original {@code tokenizer.json} is kept under
  * {@code tokenizer.huggingface.json}, which llama.cpp ignores and our import reads back. A model without a tokenizer
- * (the tiny test fixtures) gets {@code tokenizer.ggml.model = "none"}: llama.cpp then makes {@code vocab_size} dummy
- * tokens, and token ids work as usual.
+ * (the tiny test fixtures) can get {@code tokenizer.ggml.model = "none"}: llama.cpp then makes {@code vocab_size} dummy
+ * tokens, and token ids work as usual, but front ends that tokenize at load time abort on it, so by default such a
+ * model gets a placeholder byte vocabulary instead ({@link #writePlaceholder}).
  *
  * <p><b>Import</b>: {@link #materialize} writes {@code tokenizer.json}, {@code tokenizer_config.json} and
  * {@code generation_config.json} into a directory for {@code TextTokenizer.fromModelDir}: the embedded original when
@@ -35,6 +36,10 @@ import java.util.Optional;
 public final class GgufTokenizer {
 
     static final String HF_JSON = "tokenizer.huggingface.json";
+    /** The {@code pre} argument that asks for llama.cpp's no-vocabulary mode for a model without a tokenizer. */
+    public static final String NONE = "none";
+    static final String PLACEHOLDER = "placeholder";
+    static final String PLACEHOLDER_KEY = "memopt.tokenizer";
     private static final String[] DEEPSEEK_V3_SPLITS = {
         "\\p{N}{1,3}",
         "[一-龥぀-ゟ゠-ヿ]+",
@@ -59,8 +64,12 @@ public final class GgufTokenizer {
     static String write(GgufWriter w, Path modelDir, int vocabSize, String pre) throws IOException {
         Path file = modelDir == null ? null : modelDir.resolve("tokenizer.json");
         if (file == null || !Files.isRegularFile(file)) {
-            w.put("tokenizer.ggml.model", GgufValue.string("none"));
-            return "none";
+            if (NONE.equals(pre)) {
+                w.put("tokenizer.ggml.model", GgufValue.string("none"));
+                return NONE;
+            }
+            writePlaceholder(w, modelDir, vocabSize);
+            return PLACEHOLDER;
         }
         String text = Files.readString(file, StandardCharsets.UTF_8);
         JsonObject root = JsonParser.parseString(text).getAsJsonObject();
@@ -132,6 +141,52 @@ public final class GgufTokenizer {
         return name;
     }
 
+    /**
+     * A vocabulary for a model that has none: ids below 256 are the byte-level tokens of bytes 0..255, the rest
+     * {@code [PAD<i>]}, no merges. llama.cpp's own no-vocabulary mode ({@code "none"}) loads in llama.cpp, but
+     * front ends that tokenize anything at load time (node-llama-cpp resolves its BOS text) abort on it; this loads
+     * everywhere, and token ids mean what the model learned. Marked {@code memopt.tokenizer = placeholder}, which our
+     * import reads as "no tokenizer".
+     */
+    private static void writePlaceholder(GgufWriter w, Path modelDir, int vocabSize) throws IOException {
+        char[] byteChars = byteToUnicode();
+        List<String> tokens = new ArrayList<>();
+        List<Long> types = new ArrayList<>();
+        for (int i = 0; i < vocabSize; i++) {
+            tokens.add(i < 256 ? String.valueOf(byteChars[i]) : "[PAD" + i + "]");
+            types.add((long) (i < 256 ? NORMAL : UNUSED));
+        }
+        w.put("tokenizer.ggml.model", GgufValue.string("gpt2"));
+        w.put("tokenizer.ggml.pre", GgufValue.string("default"));
+        w.put("tokenizer.ggml.tokens", GgufValue.array(GgufValueType.STRING, tokens));
+        w.put("tokenizer.ggml.token_type", GgufValue.array(GgufValueType.INT32, types));
+        w.put("tokenizer.ggml.merges", GgufValue.array(GgufValueType.STRING, List.of()));
+        if (modelDir != null) {
+            for (String name : new String[] {"generation_config.json", "config.json"}) {
+                JsonObject o = readJson(modelDir.resolve(name));
+                for (String key : new String[] {"bos_token_id", "eos_token_id"}) {
+                    String gguf = "tokenizer.ggml." + key;
+                    if (o != null && o.has(key) && o.get(key).isJsonPrimitive() && o.get(key).getAsInt() < vocabSize
+                            && !w.has(gguf)) {
+                        w.put(gguf, GgufValue.uint32(o.get(key).getAsInt()));
+                    }
+                }
+            }
+        }
+        w.put(PLACEHOLDER_KEY, GgufValue.string(PLACEHOLDER));
+    }
+
+    /** GPT-2's reversible map from bytes to printable characters (the ByteLevel pre-tokenizer's alphabet). */
+    private static char[] byteToUnicode() {
+        char[] map = new char[256];
+        int next = 0;
+        for (int b = 0; b < 256; b++) {
+            boolean printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+            map[b] = printable ? (char) b : (char) (256 + next++);
+        }
+        return map;
+    }
+
     private static void put(String[] tokens, int[] types, int id, String token, int type, Path file)
             throws IOException {
         if (id < 0 || id >= tokens.length) {
@@ -201,7 +256,8 @@ public final class GgufTokenizer {
      */
     public static boolean materialize(GgufFile f, Path dir) throws IOException {
         String model = f.string("tokenizer.ggml.model").orElse("none");
-        if ("none".equals(model) || "no_vocab".equals(model)) {
+        if ("none".equals(model) || "no_vocab".equals(model)
+                || PLACEHOLDER.equals(f.string(PLACEHOLDER_KEY).orElse(null))) {
             return false;
         }
         if (!"gpt2".equals(model)) {

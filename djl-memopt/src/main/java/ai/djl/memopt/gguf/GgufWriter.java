@@ -72,6 +72,11 @@ public final class GgufWriter {
         return this;
     }
 
+    /** Whether a metadata key is set. */
+    public boolean has(String key) {
+        return metadata.containsKey(key);
+    }
+
     /** Number of tensors added. */
     public int tensorCount() {
         return tensors.size();

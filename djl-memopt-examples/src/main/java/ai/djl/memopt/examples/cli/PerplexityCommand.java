@@ -3,6 +3,8 @@ package ai.djl.memopt.examples.cli;
 import ai.djl.Device;
 import ai.djl.huggingface.tokenizers.HuggingFaceTokenizer;
 import ai.djl.memopt.export.ModelDirectories;
+import ai.djl.memopt.gguf.GgufFile;
+import ai.djl.memopt.gguf.GgufModelFiles;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.ndarray.NDArray;
@@ -67,7 +69,7 @@ public final class PerplexityCommand implements Callable<Integer> {
         if ((tokenIds == null) == (text == null)) {
             throw new IllegalArgumentException("give exactly one of --token-ids or --text");
         }
-        if (!Files.isDirectory(model)) {
+        if (!Files.isDirectory(model) && !GgufFile.isGguf(model)) {
             throw new IllegalArgumentException("model directory " + model + " does not exist");
         }
         Device dev = Devices.parse(device);
@@ -208,7 +210,7 @@ public final class PerplexityCommand implements Callable<Integer> {
         if (!Files.isRegularFile(textFile)) {
             throw new IllegalArgumentException("text file " + textFile + " does not exist");
         }
-        Path tokenizerJson = modelDir.resolve("tokenizer.json");
+        Path tokenizerJson = GgufModelFiles.directoryOf(modelDir).resolve("tokenizer.json");
         if (!Files.isRegularFile(tokenizerJson)) {
             throw new IllegalArgumentException(modelDir + " has no tokenizer.json (needed for --text)");
         }

@@ -6,6 +6,8 @@ import ai.djl.huggingface.tokenizers.HuggingFaceTokenizer;
 import ai.djl.memopt.export.ArtifactManifest;
 import ai.djl.memopt.export.ExportOptions;
 import ai.djl.memopt.export.QuantizedArtifact;
+import ai.djl.memopt.gguf.GgufFile;
+import ai.djl.memopt.gguf.GgufModelFiles;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.quantize.Calibration;
@@ -167,13 +169,14 @@ public final class QuantizeCommand implements Callable<Integer> {
         }
         PruningConfig pruning = prune == null ? null
                 : PruningConfig.parse(prune).withFilter(LayerFilter.defaults(includeLmHead));
-        if (!Files.isDirectory(model)) {
+        boolean gguf = GgufFile.isGguf(model);
+        if (!Files.isDirectory(model) && !gguf) {
             throw new IOException("--model " + model + ": not a directory");
         }
 
         // RTN without pruning needs no activations: each layer is read and quantized on its own, so the float model
         // is never in memory (StreamingQuantizedLoader; same codes as load-then-quantize)
-        boolean streaming = quantize && pruning == null && quantMethod == QuantMethod.RTN;
+        boolean streaming = quantize && pruning == null && quantMethod == QuantMethod.RTN && !gguf;
         try (NDManager manager = NDManager.newBaseManager(dev)) {
             DeepSeekForCausalLM lm;
             PruningReport pruned = null;
@@ -219,7 +222,7 @@ public final class QuantizeCommand implements Callable<Integer> {
             }
             ArtifactManifest manifest = QuantizedArtifact.export(lm, out, options.build());
             long sourceBytes = 0;
-            for (Path f : listSafetensors(model)) {
+            for (Path f : gguf ? List.of(model) : listSafetensors(model)) {
                 sourceBytes += Files.size(f);
             }
             long artifactBytes = Files.size(out.resolve(QuantizedArtifact.WEIGHTS));
@@ -323,7 +326,7 @@ public final class QuantizeCommand implements Callable<Integer> {
                 sequences.add(ids);
             }
         } else {
-            Path tokenizerJson = model.resolve("tokenizer.json");
+            Path tokenizerJson = GgufModelFiles.directoryOf(model).resolve("tokenizer.json");
             if (!Files.isRegularFile(tokenizerJson)) {
                 throw new IOException("--calibration " + calibration + " is text but " + model
                         + " has no tokenizer.json; pass a .ids file of token ids instead");

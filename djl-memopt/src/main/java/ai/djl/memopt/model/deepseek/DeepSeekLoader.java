@@ -1,6 +1,7 @@
 package ai.djl.memopt.model.deepseek;
 
 import ai.djl.Device;
+import ai.djl.memopt.gguf.GgufLoader;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.memopt.safetensors.TensorInfo;
@@ -79,6 +80,9 @@ public final class DeepSeekLoader {
      */
     public static DeepSeekForCausalLM load(Path dir, NDManager manager, DataType dtype) throws IOException {
         DeepSeekForCausalLM.checkDType(dtype);
+        if (GgufLoader.isGguf(dir)) {
+            return GgufLoader.load(dir, manager, dtype, false); // a GGUF file, dequantized: a float model
+        }
         if (!Files.isDirectory(dir)) {
             throw new IOException(dir + ": not a directory");
         }
