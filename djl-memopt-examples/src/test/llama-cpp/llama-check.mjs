@@ -4,6 +4,7 @@
 //              "greedy": {"prompt": [ids], "newTokens": 16},         -> "greedy": [new ids]
 //              "logprobs": [[ids], ...],                              -> "logprobs": [[log p(ids[i+1] | ids[..i])], ...]
 //              "bench": {"prompt": [ids], "newTokens": 128}}]}       -> "bench": {promptSeconds, decodeSeconds, ...}
+//   or {"model": "x.gguf", "vocabOnly": true, "tokenize": ["text", ...]} -> "tokens": [[ids], ...] (no special tokens)
 // Log-probabilities are the log of llama.cpp's softmax over the full vocabulary (greedy sampler, no truncation).
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
 import fs from "node:fs";
@@ -12,7 +13,12 @@ const request = JSON.parse(fs.readFileSync(0, "utf8"));
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});
 const results = [];
 for (const job of request.jobs) {
-    const model = await llama.loadModel({modelPath: job.model});
+    const model = await llama.loadModel({modelPath: job.model, vocabOnly: job.vocabOnly === true});
+    if (job.vocabOnly) {
+        results.push({model: job.model, tokens: (job.tokenize ?? []).map(t => Array.from(model.tokenize(t, false)))});
+        await model.dispose();
+        continue;
+    }
     const contextSize = job.contextSize ?? 256;
     const context = await model.createContext({
         contextSize, batchSize: Math.min(contextSize, 512), threads: job.threads ?? 1});

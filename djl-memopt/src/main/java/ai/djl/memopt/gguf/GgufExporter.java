@@ -118,6 +118,21 @@ public final class GgufExporter {
         return new Report(out, type, Collections.unmodifiableList(entries), tokenizer, java.nio.file.Files.size(out));
     }
 
+    /**
+     * Writes a vocabulary-only GGUF file (metadata and tokenizer, no tensors), as llama.cpp's converter does with
+     * {@code --vocab-only}: for tokenizer tests and tools that only tokenize.
+     *
+     * @return the pre-tokenizer name written
+     */
+    public static String exportVocabulary(DeepSeekConfig c, Path tokenizerDir, Path out, String pre)
+            throws IOException {
+        GgufWriter w = new GgufWriter();
+        DeepSeek2Metadata.write(w, c, "vocabulary", GgmlType.F32);
+        String name = GgufTokenizer.write(w, tokenizerDir, c.vocabSize(), pre);
+        w.write(out);
+        return name;
+    }
+
     /** Splits kv_b_proj (heads * (nope + v), kv_lora) into attn_k_b (transposed) and attn_v_b. */
     private static void addKvB(GgufWriter w, List<TensorEntry> entries, Weights weights, String hf, String kbName,
             DeepSeekConfig c, GgmlType type) {

@@ -22,7 +22,7 @@ import java.util.Optional;
  * <p><b>Export</b>: a byte-level BPE {@code tokenizer.json} becomes llama.cpp's {@code gpt2} tokenizer: every id's
  * token ({@code [PAD<i>]} for ids the tokenizer does not use, as llama.cpp's converter writes them), token types
  * (control for special added tokens), the merges, the pre-tokenizer name llama.cpp knows the regexes by
- * ({@code gpt2} for the plain ByteLevel pre-tokenizer, {@code deepseek-v3} for DeepSeek-V3's split sequence), the
+ * ({@code gpt-2} for the plain ByteLevel pre-tokenizer, {@code deepseek-v3} for DeepSeek-V3's split sequence), the
  * BOS/EOS ids, {@code add_bos_token} and the chat template. The original {@code tokenizer.json} is kept under
  * {@code tokenizer.huggingface.json}, which llama.cpp ignores and our import reads back. A model without a tokenizer
  * (the tiny test fixtures) can get {@code tokenizer.ggml.model = "none"}: llama.cpp then makes {@code vocab_size} dummy
@@ -203,7 +203,7 @@ public final class GgufTokenizer {
             JsonObject p = pre.getAsJsonObject();
             String type = str(p.get("type"));
             if ("ByteLevel".equals(type) && bool(p.get("use_regex"), true) && !bool(p.get("add_prefix_space"), false)) {
-                return "gpt2";
+                return "gpt-2";
             }
             if ("Sequence".equals(type)) {
                 JsonArray list = p.getAsJsonArray("pretokenizers");
@@ -223,7 +223,7 @@ public final class GgufTokenizer {
             }
         }
         throw new IOException(file + ": pre-tokenizer " + pre + " is not one this exporter can name for llama.cpp"
-                + " (plain ByteLevel = gpt2, DeepSeek-V3's split sequence = deepseek-v3); name it with --tokenizer-pre");
+                + " (plain ByteLevel = gpt-2, DeepSeek-V3's split sequence = deepseek-v3); name it with --tokenizer-pre");
     }
 
     private static Integer specialId(JsonObject tc, String field, Map<String, Integer> ids, Path dir, String idField)
@@ -329,7 +329,7 @@ public final class GgufTokenizer {
         }
         root.add("added_tokens", added);
         root.add("normalizer", JsonNull.INSTANCE);
-        if ("gpt2".equals(pre)) {
+        if ("gpt-2".equals(pre)) {
             root.add("pre_tokenizer", byteLevel(true));
         } else if ("deepseek-v3".equals(pre)) {
             JsonObject seq = new JsonObject();
@@ -350,7 +350,7 @@ public final class GgufTokenizer {
             root.add("pre_tokenizer", seq);
         } else {
             throw new GgufFormatException(f.path() + ": tokenizer.ggml.pre '" + pre + "' cannot be rebuilt as a"
-                    + " Hugging Face tokenizer (gpt2 or deepseek-v3); use token ids");
+                    + " Hugging Face tokenizer (gpt-2 or deepseek-v3); use token ids");
         }
         root.add("post_processor", JsonNull.INSTANCE);
         root.add("decoder", byteLevel(true));

@@ -67,7 +67,7 @@ public final class GgufCommand implements Runnable {
         Path out;
 
         @Option(names = "--tokenizer-pre", paramLabel = "NAME",
-                description = "llama.cpp's pre-tokenizer name (default: recognised from tokenizer.json: gpt2 or "
+                description = "llama.cpp's pre-tokenizer name (default: recognised from tokenizer.json: gpt-2 or "
                         + "deepseek-v3).")
         String tokenizerPre;
 
