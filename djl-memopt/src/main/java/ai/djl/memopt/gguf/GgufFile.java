@@ -118,7 +118,7 @@ public final class GgufFile implements AutoCloseable {
         long nKv = c.u64("metadata count");
         // every tensor entry takes at least 24 bytes and every metadata entry 12: a larger count is corrupt
         if (nTensors > size / 24 || nKv > size / 12) {
-            throw new GgufFormatException(path + ": corrupt header: " + nTensors + " tensors and " + nKv
+            throw new GgufFormatException(path + ": truncated or corrupt header: " + nTensors + " tensors and " + nKv
                     + " metadata entries cannot fit in " + size + " bytes");
         }
         Map<String, GgufValue> metadata = new LinkedHashMap<>();
