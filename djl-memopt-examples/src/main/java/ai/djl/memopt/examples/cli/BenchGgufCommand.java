@@ -18,6 +18,7 @@ import java.time.ZoneOffset;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.Locale;
+import java.util.Map;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
 import picocli.CommandLine.Option;
@@ -86,6 +87,10 @@ public final class BenchGgufCommand implements Callable<Integer> {
     @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
     Path out;
 
+    @Option(names = "--profile", description = "Also profile a few of our decode steps with PyTorch's profiler "
+            + "(operator self time per step, in our JSON line).")
+    boolean profile;
+
     @Override
     public Integer call() throws Exception {
         DeepSeekConfig config = DeepSeekConfig.preset(preset);
@@ -108,9 +113,13 @@ public final class BenchGgufCommand implements Callable<Integer> {
                         DataType.FLOAT32)) {
                     GgufExporter.export(lm, null, t, file, null);
                 }
-                JsonObject ours = BenchGenerateCommand.lastJson(FreshJvm.run(heap, timeout, GgufBenchWorker.class,
-                        List.of(file.toString(), Integer.toString(promptTokens), Integer.toString(newTokens),
-                                Long.toString(seed))), "djl-memopt " + t);
+                List<String> jvm = new ArrayList<>(List.of("-Xmx" + heap));
+                if (profile) {
+                    jvm.add("-Dmemopt.bench.profile=true");
+                }
+                JsonObject ours = BenchGenerateCommand.lastJson(FreshJvm.run(jvm, Map.of(), timeout,
+                        GgufBenchWorker.class, List.of(file.toString(), Integer.toString(promptTokens),
+                                Integer.toString(newTokens), Long.toString(seed))), "djl-memopt " + t);
                 ours.addProperty("preset", preset);
                 ours.addProperty("type", t.name());
                 System.out.println(ours);
