@@ -95,6 +95,36 @@ class GgufDeepSeekTest {
     }
 
     @Test
+    void ropeHalvesArePermutedToLlamaCppsAdjacentPairs() throws Exception {
+        // the V3 fixture's weights read as a model whose rotary embedding rotates halves (rope_interleave false):
+        // llama.cpp rotates adjacent pairs, so the export permutes the rotary rows, and the loaded model (adjacent
+        // pairs) must compute what the source computes
+        Path dir = java.nio.file.Files.createDirectories(tmp.resolve("halves"));
+        for (String f : new String[] {"model.safetensors", "generation_config.json"}) {
+            java.nio.file.Files.copy(V3.resolve(f), dir.resolve(f));
+        }
+        String config = java.nio.file.Files.readString(V3.resolve("config.json"));
+        assertTrue(config.contains("\"rope_interleave\": true"));
+        java.nio.file.Files.writeString(dir.resolve("config.json"),
+                config.replace("\"rope_interleave\": true", "\"rope_interleave\": false"));
+        Path file = tmp.resolve("halves.gguf");
+        try (NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM source = DeepSeekLoader.load(dir, m, DataType.FLOAT32);
+            assertTrue(!source.config().ropeInterleave());
+            GgufExporter.export(source, dir, GgmlType.F32, file, null);
+            DeepSeekForCausalLM loaded = GgufLoader.load(file, m, DataType.FLOAT32, true);
+            assertTrue(loaded.config().ropeInterleave());
+            NDArray ids = m.create(new long[] {1, 5, 9, 200, 17, 3, 44, 101, 7, 7}).reshape(1, 10);
+            NDArray a = logits(source, ids);
+            float d = a.sub(logits(loaded, ids)).abs().max().getFloat();
+            assertTrue(d < 1e-5, "permuted rotary rows: logits differ by " + d);
+            DeepSeekForCausalLM interleaved = DeepSeekLoader.load(V3, m, DataType.FLOAT32);
+            float other = a.sub(logits(interleaved, ids)).abs().max().getFloat();
+            assertTrue(other > 1e-3, "the two rotary layouts should differ (" + other + ")");
+        }
+    }
+
+    @Test
     void floatLoadOfAQuantizedFileDequantizes() throws Exception {
         Path file = tmp.resolve("v3-q4.gguf");
         try (NDManager m = NDManager.newBaseManager()) {
