@@ -258,6 +258,12 @@ public final class GgufTokenizer {
         String model = f.string("tokenizer.ggml.model").orElse("none");
         if ("none".equals(model) || "no_vocab".equals(model)
                 || PLACEHOLDER.equals(f.string(PLACEHOLDER_KEY).orElse(null))) {
+            Optional<GgufValue> eos = f.get("tokenizer.ggml.eos_token_id");
+            if (eos.isPresent()) { // the EOS id still ends generation by token ids
+                JsonObject gc = new JsonObject();
+                gc.addProperty("eos_token_id", eos.get().asLong());
+                Files.writeString(dir.resolve("generation_config.json"), gc.toString(), StandardCharsets.UTF_8);
+            }
             return false;
         }
         if (!"gpt2".equals(model)) {
