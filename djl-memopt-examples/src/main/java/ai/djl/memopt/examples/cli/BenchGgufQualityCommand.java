@@ -43,7 +43,7 @@ public final class BenchGgufQualityCommand implements Callable<Integer> {
 
     static final String TABLE = "bench-gguf-quality";
     static final List<String> HEADER = List.of("model", "type", "tokens", "ours loss", "GGUF loaded loss",
-            "llama.cpp loss", "|ours - llama.cpp| / ours", "mean |d log p| per token", "date");
+            "llama.cpp loss", "abs(ours - llama.cpp) / ours", "mean abs(d log p) per token", "date");
     static final List<String> ALIGN = List.of("---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---");
 
     @Option(names = "--model", required = true, paramLabel = "DIR", description = "Model directory (tokenizer.json).")
