@@ -100,6 +100,62 @@ final class DeepSeek2Tensors {
         return new Source(blk + name, Kind.DIRECT, -1);
     }
 
+    /** GGUF dimensions (innermost first) of a PyTorch shape (outermost first), and the other way round. */
+    static long[] reverse(long[] dims) {
+        long[] out = new long[dims.length];
+        for (int i = 0; i < dims.length; i++) {
+            out[i] = dims[dims.length - 1 - i];
+        }
+        return out;
+    }
+
+    /**
+     * Splits {@code kv_b_proj (heads * (nope + v), kv_lora)} into llama.cpp's {@code attn_k_b}, per head the key rows
+     * transposed ({@code ne [nope, kv_lora, heads]}), and {@code attn_v_b}, the value rows as they are
+     * ({@code ne [kv_lora, v, heads]}).
+     */
+    static float[][] splitKvB(float[] kv, DeepSeekConfig c) {
+        int heads = c.numAttentionHeads();
+        int nope = c.qkNopeHeadDim();
+        int v = c.vHeadDim();
+        int rank = c.kvLoraRank();
+        float[] k = new float[heads * rank * nope];
+        float[] vb = new float[heads * v * rank];
+        for (int h = 0; h < heads; h++) {
+            for (int r = 0; r < rank; r++) {
+                for (int j = 0; j < nope; j++) {
+                    k[(h * rank + r) * nope + j] = kv[(h * (nope + v) + j) * rank + r];
+                }
+            }
+            System.arraycopy(kv, (h * (nope + v) + nope) * rank, vb, h * v * rank, v * rank);
+        }
+        return new float[][] {k, vb};
+    }
+
+    /** The inverse of {@link #splitKvB}. */
+    static float[] joinKvB(float[] k, float[] vb, DeepSeekConfig c) {
+        int heads = c.numAttentionHeads();
+        int nope = c.qkNopeHeadDim();
+        int v = c.vHeadDim();
+        int rank = c.kvLoraRank();
+        float[] kv = new float[heads * (nope + v) * rank];
+        for (int h = 0; h < heads; h++) {
+            for (int r = 0; r < rank; r++) {
+                for (int j = 0; j < nope; j++) {
+                    kv[(h * (nope + v) + j) * rank + r] = k[(h * rank + r) * nope + j];
+                }
+            }
+            System.arraycopy(vb, h * v * rank, kv, (h * (nope + v) + nope) * rank, v * rank);
+        }
+        return kv;
+    }
+
+    /** {@code ne} of attn_k_b and of attn_v_b. */
+    static long[][] kvBDims(DeepSeekConfig c) {
+        return new long[][] {{c.qkNopeHeadDim(), c.kvLoraRank(), c.numAttentionHeads()},
+            {c.kvLoraRank(), c.vHeadDim(), c.numAttentionHeads()}};
+    }
+
     /** The value-half name next to an {@code attn_k_b} name. */
     static String valueHalf(String kb) {
         return kb.replace("attn_k_b", "attn_v_b");

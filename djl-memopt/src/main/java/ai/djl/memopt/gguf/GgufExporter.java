@@ -88,7 +88,7 @@ public final class GgufExporter {
             switch (s.kind()) {
                 case DIRECT:
                     long[] shape = weights.shape(hf);
-                    long[] ne = reverse(shape);
+                    long[] ne = DeepSeek2Tensors.reverse(shape);
                     GgmlType t = typeFor(s.gguf(), ne, type);
                     int[] perm = ropeRows(hf, c, ropePerm);
                     entries.add(new TensorEntry(s.gguf(), t, ne));
@@ -136,37 +136,15 @@ public final class GgufExporter {
     /** Splits kv_b_proj (heads * (nope + v), kv_lora) into attn_k_b (transposed) and attn_v_b. */
     private static void addKvB(GgufWriter w, List<TensorEntry> entries, Weights weights, String hf, String kbName,
             DeepSeekConfig c, GgmlType type) {
-        int heads = c.numAttentionHeads();
-        int nope = c.qkNopeHeadDim();
-        int v = c.vHeadDim();
-        int rank = c.kvLoraRank();
-        long[] kb = {nope, rank, heads};
-        long[] vb = {rank, v, heads};
-        GgmlType tk = typeFor(kbName, kb, type);
-        String vbName = DeepSeek2Tensors.valueHalf(kbName);
-        GgmlType tv = typeFor(vbName, vb, type);
-        entries.add(new TensorEntry(kbName, tk, kb));
-        entries.add(new TensorEntry(vbName, tv, vb));
-        w.addTensor(kbName, tk, kb, os -> {
-            float[] kv = weights.floats(hf); // (heads * (nope + v), rank)
-            float[] out = new float[heads * rank * nope];
-            for (int h = 0; h < heads; h++) {
-                for (int r = 0; r < rank; r++) {
-                    for (int n = 0; n < nope; n++) {
-                        out[(h * rank + r) * nope + n] = kv[(h * (nope + v) + n) * rank + r];
-                    }
-                }
-            }
-            encode(tk, out, nope, os);
-        });
-        w.addTensor(vbName, tv, vb, os -> {
-            float[] kv = weights.floats(hf);
-            float[] out = new float[heads * v * rank];
-            for (int h = 0; h < heads; h++) {
-                System.arraycopy(kv, (h * (nope + v) + nope) * rank, out, h * v * rank, v * rank);
-            }
-            encode(tv, out, rank, os);
-        });
+        long[][] dims = DeepSeek2Tensors.kvBDims(c);
+        String[] names = {kbName, DeepSeek2Tensors.valueHalf(kbName)};
+        for (int half = 0; half < 2; half++) {
+            int which = half;
+            GgmlType t = typeFor(names[half], dims[half], type);
+            entries.add(new TensorEntry(names[half], t, dims[half]));
+            w.addTensor(names[half], t, dims[half], os -> encode(t,
+                    DeepSeek2Tensors.splitKvB(weights.floats(hf), c)[which], (int) dims[which][0], os));
+        }
     }
 
     /** The type of a tensor in a file of type {@code fileType}, as llama.cpp's converter chooses it. */
@@ -212,14 +190,6 @@ public final class GgufExporter {
             r[i] = i;
         }
         return r;
-    }
-
-    private static long[] reverse(long[] shape) {
-        long[] ne = new long[shape.length];
-        for (int i = 0; i < shape.length; i++) {
-            ne[i] = shape[shape.length - 1 - i];
-        }
-        return ne;
     }
 
     static void encode(GgmlType type, float[] values, int rowLength, OutputStream os) throws IOException {

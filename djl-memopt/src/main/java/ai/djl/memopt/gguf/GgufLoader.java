@@ -208,7 +208,7 @@ public final class GgufLoader {
             GgufTensorInfo t = f.tensor(s.gguf());
             long[] dims = shape.getShape();
             long[] expected = s.kind() == DeepSeek2Tensors.Kind.EXPERT
-                    ? new long[] {dims[1], dims[0], c.nRoutedExperts()} : reverse(dims);
+                    ? new long[] {dims[1], dims[0], c.nRoutedExperts()} : DeepSeek2Tensors.reverse(dims);
             expect(t, expected);
         }
 
@@ -236,32 +236,18 @@ public final class GgufLoader {
 
         /** kv_b_proj (heads * (nope + v), rank) from attn_k_b (transposed per head) and attn_v_b. */
         private float[] kvB(String kbName, Shape shape) throws IOException {
-            int heads = c.numAttentionHeads();
-            int nope = c.qkNopeHeadDim();
-            int v = c.vHeadDim();
-            int rank = c.kvLoraRank();
             String legacy = kbName.replace("_k_b", "_kv_b");
             if (!f.tensors().containsKey(kbName) && f.tensors().containsKey(legacy)) {
                 GgufTensorInfo t = f.tensor(legacy);
-                expect(t, reverse(shape.getShape()));
+                expect(t, DeepSeek2Tensors.reverse(shape.getShape()));
                 return f.readFloats(t, 0, shape.size());
             }
             GgufTensorInfo kb = f.tensor(kbName);
             GgufTensorInfo vb = f.tensor(DeepSeek2Tensors.valueHalf(kbName));
-            expect(kb, new long[] {nope, rank, heads});
-            expect(vb, new long[] {rank, v, heads});
-            float[] k = f.readFloats(kb, 0, kb.numel());
-            float[] vv = f.readFloats(vb, 0, vb.numel());
-            float[] out = new float[heads * (nope + v) * rank];
-            for (int h = 0; h < heads; h++) {
-                for (int r = 0; r < rank; r++) {
-                    for (int j = 0; j < nope; j++) {
-                        out[(h * (nope + v) + j) * rank + r] = k[(h * rank + r) * nope + j];
-                    }
-                }
-                System.arraycopy(vv, h * v * rank, out, (h * (nope + v) + nope) * rank, v * rank);
-            }
-            return out;
+            long[][] dims = DeepSeek2Tensors.kvBDims(c);
+            expect(kb, dims[0]);
+            expect(vb, dims[1]);
+            return DeepSeek2Tensors.joinKvB(f.readFloats(kb, 0, kb.numel()), f.readFloats(vb, 0, vb.numel()), c);
         }
 
         private void expect(GgufTensorInfo t, long[] ne) throws GgufFormatException {
@@ -270,13 +256,5 @@ public final class GgufLoader {
                         + Arrays.toString(t.ne()) + ", the model (" + hf + ") expects " + Arrays.toString(ne));
             }
         }
-    }
-
-    private static long[] reverse(long[] shape) {
-        long[] ne = new long[shape.length];
-        for (int i = 0; i < shape.length; i++) {
-            ne[i] = shape[shape.length - 1 - i];
-        }
-        return ne;
     }
 }

@@ -61,11 +61,7 @@ public final class GgufQuantizer {
                 roundKvB(w, c, type);
                 continue;
             }
-            long[] ne = new long[shape.length];
-            for (int i = 0; i < shape.length; i++) {
-                ne[i] = shape[shape.length - 1 - i];
-            }
-            GgmlType t = GgufExporter.typeFor(s.gguf(), ne, type);
+            GgmlType t = GgufExporter.typeFor(s.gguf(), DeepSeek2Tensors.reverse(shape), type);
             if (t == GgmlType.F32) {
                 continue;
             }
@@ -97,34 +93,14 @@ public final class GgufQuantizer {
 
     /** Rounds kv_b_proj through the types of attn_k_b and attn_v_b, as the file will hold it. */
     private static void roundKvB(NDArray w, DeepSeekConfig c, GgmlType type) {
-        int heads = c.numAttentionHeads();
-        int nope = c.qkNopeHeadDim();
-        int v = c.vHeadDim();
-        int rank = c.kvLoraRank();
-        float[] kv = floats(w);
-        float[] k = new float[heads * rank * nope];
-        float[] vv = new float[heads * v * rank];
-        for (int h = 0; h < heads; h++) {
-            for (int r = 0; r < rank; r++) {
-                for (int j = 0; j < nope; j++) {
-                    k[(h * rank + r) * nope + j] = kv[(h * (nope + v) + j) * rank + r];
-                }
-            }
-            System.arraycopy(kv, (h * (nope + v) + nope) * rank, vv, h * v * rank, v * rank);
+        float[][] halves = DeepSeek2Tensors.splitKvB(floats(w), c);
+        long[][] dims = DeepSeek2Tensors.kvBDims(c);
+        String[] names = {"attn_k_b.weight", "attn_v_b.weight"};
+        for (int i = 0; i < 2; i++) {
+            GgmlType t = GgufExporter.typeFor(names[i], dims[i], type);
+            halves[i] = GgmlQuants.dequantize(t, ByteBuffer.wrap(GgmlQuants.quantize(t, halves[i])), halves[i].length);
         }
-        GgmlType tk = GgufExporter.typeFor("attn_k_b.weight", new long[] {nope, rank, heads}, type);
-        GgmlType tv = GgufExporter.typeFor("attn_v_b.weight", new long[] {rank, v, heads}, type);
-        k = GgmlQuants.dequantize(tk, ByteBuffer.wrap(GgmlQuants.quantize(tk, k)), k.length);
-        vv = GgmlQuants.dequantize(tv, ByteBuffer.wrap(GgmlQuants.quantize(tv, vv)), vv.length);
-        for (int h = 0; h < heads; h++) {
-            for (int r = 0; r < rank; r++) {
-                for (int j = 0; j < nope; j++) {
-                    kv[(h * (nope + v) + j) * rank + r] = k[(h * rank + r) * nope + j];
-                }
-            }
-            System.arraycopy(vv, h * v * rank, kv, (h * (nope + v) + nope) * rank, v * rank);
-        }
-        set(w, kv);
+        set(w, DeepSeek2Tensors.joinKvB(halves[0], halves[1], c));
     }
 
     private static float[] floats(NDArray w) {
