@@ -132,7 +132,7 @@ final class ArtifactChecks {
         long in = shape.get(1);
         if (scheme == QuantScheme.INT8_WEIGHT_ONLY) {
             expect(st, join(path, "qweight"), SafetensorsDType.I8, new Shape(out, in));
-            expect(st, join(path, "scales"), SafetensorsDType.F32, new Shape(out, 1));
+            expect(st, join(path, "scales"), SafetensorsDType.F32, new Shape(out, in / Math.max(1, groupSize)));
         } else {
             if (in % groupSize != 0 || in % 2 != 0) {
                 throw new QuantizedArtifactException(where + ": group_size " + groupSize + " does not divide "

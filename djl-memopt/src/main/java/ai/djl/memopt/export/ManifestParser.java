@@ -48,7 +48,7 @@ final class ManifestParser {
             }
             Shape shape = shape(l, lw);
             int group = integer(l, "group_size", lw);
-            if (group <= 0 || (scheme == QuantScheme.INT8_WEIGHT_ONLY && group != shape.get(1))) {
+            if (group <= 0 || (scheme == QuantScheme.INT8_WEIGHT_ONLY && shape.get(1) % group != 0)) {
                 throw new QuantizedArtifactException(lw + ": bad group_size " + group);
             }
             String method = string(l, "method", lw);
@@ -96,7 +96,7 @@ final class ManifestParser {
                 }
                 Shape shape = shape(l, lw);
                 int group = integer(l, "group_size", lw);
-                boolean groupOk = scheme == QuantScheme.INT8_WEIGHT_ONLY ? group == shape.get(1)
+                boolean groupOk = scheme == QuantScheme.INT8_WEIGHT_ONLY ? group > 0 && shape.get(1) % group == 0
                         : (group == 32 || group == 64 || group == 128) && shape.get(1) % group == 0;
                 if (!groupOk) {
                     throw new QuantizedArtifactException(lw + ": bad group_size " + group + " for " + scheme.id()

@@ -1,5 +1,6 @@
 package ai.djl.memopt.export;
 
+import ai.djl.memopt.gguf.GgufLoader;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.safetensors.NameLists;
@@ -17,7 +18,7 @@ import java.util.TreeSet;
 /**
  * Opens any DeepSeek model directory this project reads or writes: a Hugging Face checkpoint directory
  * ({@code config.json} + safetensors, BF16/F16/F32) or a quantized artifact written by {@link QuantizedArtifact}
- * (recognised by its {@code quantization.json}). Every tool that takes {@code --model DIR} goes through here, so an
+ * (recognised by its {@code quantization.json}), or a GGUF file of llama.cpp's {@code deepseek2} architecture. Every tool that takes {@code --model DIR} goes through here, so an
  * artifact works wherever a model directory does.
  *
  * <pre>{@code
@@ -48,12 +49,41 @@ public final class ModelDirectories {
     }
 
     /**
+     * Loads a DeepSeek model with float weights only: a checkpoint directory, or a GGUF file dequantized (a quantized
+     * artifact is refused by {@link DeepSeekLoader}: use {@link #loadDeepSeek} to keep its layers quantized). The
+     * model owns a new manager on {@code device}.
+     */
+    public static DeepSeekForCausalLM loadFloat(Path path, ai.djl.Device device, DataType dtype) throws IOException {
+        if (!GgufLoader.isGguf(path)) {
+            return DeepSeekLoader.load(path, device, dtype);
+        }
+        NDManager manager = NDManager.newBaseManager(device);
+        try {
+            DeepSeekForCausalLM lm = GgufLoader.load(path, manager, dtype, false);
+            lm.ownManager();
+            return lm;
+        } catch (IOException | RuntimeException e) {
+            manager.close();
+            throw e;
+        }
+    }
+
+    /** {@link #loadFloat(Path, ai.djl.Device, DataType)} with weights on {@code manager} (the caller owns it). */
+    public static DeepSeekForCausalLM loadFloat(Path path, NDManager manager, DataType dtype) throws IOException {
+        return GgufLoader.isGguf(path) ? GgufLoader.load(path, manager, dtype, false)
+                : DeepSeekLoader.load(path, manager, dtype);
+    }
+
+    /**
      * Loads a DeepSeek model from a checkpoint directory or a quantized artifact (checksums verified).
      *
      * @param dtype FLOAT32 or FLOAT16: the type of the (unquantized) weights and of the computation
      * @throws IOException naming the file and what is wrong, for a missing, corrupt or mismatched directory
      */
     public static DeepSeekForCausalLM loadDeepSeek(Path dir, NDManager manager, DataType dtype) throws IOException {
+        if (GgufLoader.isGguf(dir)) {
+            return GgufLoader.load(dir, manager, dtype, true); // Q8_0/Q4_0 stay quantized
+        }
         if (!Files.isDirectory(dir)) {
             throw new IOException(dir + ": not a model directory");
         }

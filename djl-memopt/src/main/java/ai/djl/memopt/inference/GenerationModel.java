@@ -2,6 +2,7 @@ package ai.djl.memopt.inference;
 
 import ai.djl.Device;
 import ai.djl.memopt.export.ModelDirectories;
+import ai.djl.memopt.gguf.GgufModelFiles;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.ndarray.NDManager;
@@ -47,21 +48,22 @@ public final class GenerationModel implements AutoCloseable {
     }
 
     /**
-     * Opens a Hugging Face DeepSeek-V2/V3 directory or a quantized artifact of one.
+     * Opens a Hugging Face DeepSeek-V2/V3 directory, a quantized artifact of one, or a GGUF file.
      *
      * @param dtype {@link DataType#FLOAT32} or {@link DataType#FLOAT16} (BF16 checkpoints are converted on load)
      * @throws IOException if the directory, config, weights or tokenizer files are missing or malformed
      */
     public static GenerationModel open(Path dir, Device device, DataType dtype) throws IOException {
         Preconditions.checkArgument(dir != null, "model directory is required");
-        if (!Files.isDirectory(dir)) {
+        Path sideFiles = GgufModelFiles.directoryOf(dir); // a GGUF file's tokenizer as side files, else dir itself
+        if (!Files.isDirectory(sideFiles)) {
             throw new IOException(dir + ": not a directory");
         }
         NDManager weights = NDManager.newBaseManager(device);
         TextTokenizer tokenizer = null;
         try {
             DeepSeekForCausalLM model = ModelDirectories.loadDeepSeek(dir, weights, dtype); // verifies listed files
-            ModelFiles files = ModelFiles.of(dir);
+            ModelFiles files = ModelFiles.of(sideFiles);
             if (files.find("tokenizer.json").isPresent()) {
                 tokenizer = TextTokenizer.fromFiles(files);
             }

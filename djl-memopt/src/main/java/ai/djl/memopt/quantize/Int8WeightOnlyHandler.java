@@ -50,6 +50,20 @@ final class Int8WeightOnlyHandler implements SchemeHandler {
     public NDArray dequantize(NDArray data, NDArray scales, NDArray zeros, int groupSize, NDManager manager) {
         NDArray q = data.toType(DataType.FLOAT32, true);
         q.attach(manager);
-        return q.mul(scales); // (..., out, in) * (..., out, 1)
+        long[] dims = data.getShape().getShape(); // (..., out, in)
+        long in = dims[dims.length - 1];
+        if (groupSize == in) {
+            return q.mul(scales); // (..., out, in) * (..., out, 1)
+        }
+        long groups = in / groupSize;
+        long[] grouped = java.util.Arrays.copyOf(dims, dims.length + 1);
+        grouped[dims.length - 1] = groups;
+        grouped[dims.length] = groupSize;
+        long[] scaleDims = grouped.clone();
+        scaleDims[dims.length] = 1;
+        NDArray s = scales.reshape(new ai.djl.ndarray.types.Shape(scaleDims)); // a new handle in the scales' manager
+        s.attach(manager);
+        // (..., out, G, g) * (..., out, G, 1)
+        return q.reshape(new ai.djl.ndarray.types.Shape(grouped)).mul(s).reshape(new ai.djl.ndarray.types.Shape(dims));
     }
 }

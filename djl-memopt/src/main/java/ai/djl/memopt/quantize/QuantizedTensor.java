@@ -16,7 +16,8 @@ import java.util.Optional;
  * <table>
  *   <caption>Arrays by scheme</caption>
  *   <tr><th>scheme</th><th>data</th><th>scales</th><th>zeros</th></tr>
- *   <tr><td>int8</td><td>INT8 (out, in)</td><td>FP32 (out, 1)</td><td>none (symmetric)</td></tr>
+ *   <tr><td>int8</td><td>INT8 (out, in)</td><td>FP32 (out, 1), or (out, in/g) when grouped (GGUF Q8_0 loads
+ *       as g = 32)</td><td>none (symmetric)</td></tr>
  *   <tr><td>int4</td><td>UINT8 (out, in/2), {@link Int4Packing}</td><td>FP32 (out, in/g)</td>
  *       <td>UINT8 (out, in/g), values 0..15</td></tr>
  * </table>
@@ -85,10 +86,11 @@ public final class QuantizedTensor implements AutoCloseable {
         long in = shape.get(1);
         switch (scheme) {
             case INT8_WEIGHT_ONLY:
-                Preconditions.checkArgument(groupSize == in,
-                        "int8 is per output channel: group size must equal in=%s, got %s", in, groupSize);
+                // per output channel (group size = in), or per group of g inputs as ggml's Q8_0 blocks (g = 32)
+                Preconditions.checkArgument(groupSize == in || (groupSize > 0 && in % groupSize == 0),
+                        "int8 group size must equal in=%s or divide it, got %s", in, groupSize);
                 check("qweight", data, DataType.INT8, new Shape(out, in));
-                check("scales", scales, DataType.FLOAT32, new Shape(out, 1));
+                check("scales", scales, DataType.FLOAT32, new Shape(out, in / groupSize));
                 Preconditions.checkArgument(zeros == null, "int8 is symmetric and has no zero points");
                 break;
             case INT4_WEIGHT_ONLY:

@@ -118,7 +118,7 @@ public final class GenerateBenchWorker {
      * Greedy decoding of {@code batch} random prompts; {@code seconds} (if not null) receives the prefill and decode
      * times. Returns the session's cache bytes. Every per-step array lives in a scope closed at the end of the step.
      */
-    private static long decode(MlaCachedDecoder decoder, NDManager manager, DeepSeekConfig config,
+    static long decode(MlaCachedDecoder decoder, NDManager manager, DeepSeekConfig config,
             SplittableRandom random, int batch, int prompt, int newTokens, int chunk, double[] seconds) {
         int total = prompt + newTokens;
         long[] ids = new long[batch * prompt];

@@ -9,7 +9,7 @@ import picocli.CommandLine.Command;
         mixinStandardHelpOptions = true,
         description = "Benchmarks (memory, speed, quality); each configuration runs in a fresh JVM.",
         subcommands = {BenchTrainCommand.class, BenchGenerateCommand.class, BenchQuantCommand.class,
-            BenchLoadCommand.class})
+            BenchLoadCommand.class, BenchGgufCommand.class, BenchGgufQualityCommand.class})
 public final class BenchCommand implements Runnable {
 
     @CommandLine.Spec CommandLine.Model.CommandSpec spec;

@@ -1,6 +1,7 @@
 package ai.djl.memopt.examples.cli;
 
 import ai.djl.Device;
+import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.finetune.FineTuner;
 import ai.djl.memopt.finetune.LearningRateSchedule;
 import ai.djl.memopt.finetune.StatefulOptimizer;
@@ -8,6 +9,8 @@ import ai.djl.memopt.finetune.StepResult;
 import ai.djl.memopt.finetune.TextCorpus;
 import ai.djl.memopt.finetune.TokenBatch;
 import ai.djl.memopt.finetune.TokenDataset;
+import ai.djl.memopt.gguf.GgufFile;
+import ai.djl.memopt.gguf.GgufModelFiles;
 import ai.djl.memopt.lora.Lora;
 import ai.djl.memopt.lora.LoraConfig;
 import ai.djl.memopt.lora.LoraReport;
@@ -196,7 +199,8 @@ public final class FinetuneCommand implements Callable<Integer> {
         StatefulOptimizer.Kind kind = StatefulOptimizer.Kind.parse(optimizer);
         FineTuner.checkpointPolicy(checkpoint); // validates the spec before any heavy work
         LoraConfig lora = loraConfig();
-        Path tokenizerJson = source.model != null ? source.model.resolve("tokenizer.json") : tokenizer;
+        Path tokenizerJson = source.model != null
+                ? GgufModelFiles.directoryOf(source.model).resolve("tokenizer.json") : tokenizer;
         if (!Files.isRegularFile(tokenizerJson)) {
             throw new IllegalArgumentException(source.model != null
                     ? source.model + " has no tokenizer.json (needed to tokenize --data)"
@@ -251,7 +255,7 @@ public final class FinetuneCommand implements Callable<Integer> {
 
     private DeepSeekForCausalLM loadBase(Device dev) throws IOException {
         return source.model != null
-                ? DeepSeekLoader.load(source.model, dev, DataType.FLOAT32)
+                ? ModelDirectories.loadFloat(source.model, dev, DataType.FLOAT32)
                 : DeepSeekForCausalLM.random(DeepSeekConfig.preset(source.preset), seed, dev, DataType.FLOAT32);
     }
 
@@ -286,7 +290,8 @@ public final class FinetuneCommand implements Callable<Integer> {
             Lora.merge(lm);
             DeepSeekCheckpointWriter.save(lm, lm.config(), out);
         }
-        Path tokenizerJson = source.model != null ? source.model.resolve("tokenizer.json") : tokenizer;
+        Path tokenizerJson = source.model != null
+                ? GgufModelFiles.directoryOf(source.model).resolve("tokenizer.json") : tokenizer;
         copyTokenizer(tokenizerJson, out);
         System.err.println("memopt finetune: merged model written to " + out);
     }
@@ -298,7 +303,7 @@ public final class FinetuneCommand implements Callable<Integer> {
         if (source.model != null && tokenizer != null) {
             throw new IllegalArgumentException("--tokenizer is for --preset; --model uses DIR/tokenizer.json");
         }
-        if (source.model != null && !Files.isDirectory(source.model)) {
+        if (source.model != null && !Files.isDirectory(source.model) && !GgufFile.isGguf(source.model)) {
             throw new IllegalArgumentException("model directory " + source.model + " does not exist");
         }
         positive("--steps", steps);

@@ -20,6 +20,7 @@ import picocli.CommandLine.Command;
             GenerateCommand.class,
             ServeCommand.class,
             BenchCommand.class,
+            GgufCommand.class,
             CommandLine.HelpCommand.class
         })
 public final class MemoptCli implements Runnable {

@@ -4,6 +4,8 @@ import ai.djl.Device;
 import ai.djl.huggingface.tokenizers.HuggingFaceTokenizer;
 import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.inference.ModelFiles;
+import ai.djl.memopt.gguf.GgufFile;
+import ai.djl.memopt.gguf.GgufModelFiles;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.ndarray.NDArray;
@@ -73,7 +75,7 @@ public final class PerplexityCommand implements Callable<Integer> {
         if ((tokenIds == null) == (text == null)) {
             throw new IllegalArgumentException("give exactly one of --token-ids or --text");
         }
-        if (!Files.isDirectory(model)) {
+        if (!Files.isDirectory(model) && !GgufFile.isGguf(model)) {
             throw new IllegalArgumentException("model directory " + model + " does not exist");
         }
         Device dev = Devices.parse(device);
@@ -251,7 +253,7 @@ public final class PerplexityCommand implements Callable<Integer> {
         if (!Files.isRegularFile(textFile)) {
             throw new IllegalArgumentException("text file " + textFile + " does not exist");
         }
-        ModelFiles files = ModelFiles.of(modelDir); // of an artifact, only what its manifest lists
+        ModelFiles files = ModelFiles.of(GgufModelFiles.directoryOf(modelDir)); // of an artifact, only what its manifest lists
         Path tokenizerJson = files.find("tokenizer.json").orElseThrow(
                 () -> new IllegalArgumentException(files.absence("tokenizer.json") + " (needed for --text)"));
         String content = Files.readString(textFile, StandardCharsets.UTF_8);

@@ -7,6 +7,8 @@ import ai.djl.memopt.export.ArtifactManifest;
 import ai.djl.memopt.export.ExportOptions;
 import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.export.QuantizedArtifact;
+import ai.djl.memopt.gguf.GgufFile;
+import ai.djl.memopt.gguf.GgufModelFiles;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.quantize.Calibration;
@@ -169,7 +171,8 @@ public final class QuantizeCommand implements Callable<Integer> {
         }
         PruningConfig pruning = prune == null ? null
                 : PruningConfig.parse(prune).withFilter(LayerFilter.defaults(includeLmHead));
-        if (!Files.isDirectory(model)) {
+        boolean gguf = GgufFile.isGguf(model);
+        if (!Files.isDirectory(model) && !gguf) {
             throw new IOException("--model " + model + ": not a directory");
         }
         if (ModelDirectories.isQuantizedArtifact(model)) {
@@ -179,7 +182,7 @@ public final class QuantizeCommand implements Callable<Integer> {
 
         // RTN without pruning needs no activations: each layer is read and quantized on its own, so the float model
         // is never in memory (StreamingQuantizedLoader; same codes as load-then-quantize)
-        boolean streaming = quantize && pruning == null && quantMethod == QuantMethod.RTN;
+        boolean streaming = quantize && pruning == null && quantMethod == QuantMethod.RTN && !gguf;
         try (NDManager manager = NDManager.newBaseManager(dev)) {
             DeepSeekForCausalLM lm;
             PruningReport pruned = null;
@@ -198,7 +201,7 @@ public final class QuantizeCommand implements Callable<Integer> {
                     report = report.combine(Quantizer.quantize(lm, build(tables)));
                 }
             } else {
-                lm = DeepSeekLoader.load(model, manager, type);
+                lm = ModelDirectories.loadFloat(model, manager, type); // a GGUF file dequantized
                 pruned = pruning == null ? null : Pruner.prune(lm, pruning);
                 if (quantize) {
                     try (NDManager calibManager = manager.newSubManager()) {
@@ -225,7 +228,7 @@ public final class QuantizeCommand implements Callable<Integer> {
             }
             ArtifactManifest manifest = QuantizedArtifact.export(lm, out, options.build());
             long sourceBytes = 0;
-            for (Path f : listSafetensors(model)) {
+            for (Path f : gguf ? List.of(model) : listSafetensors(model)) {
                 sourceBytes += Files.size(f);
             }
             long artifactBytes = 0;
@@ -333,7 +336,7 @@ public final class QuantizeCommand implements Callable<Integer> {
                 sequences.add(ids);
             }
         } else {
-            Path tokenizerJson = model.resolve("tokenizer.json");
+            Path tokenizerJson = GgufModelFiles.directoryOf(model).resolve("tokenizer.json");
             if (!Files.isRegularFile(tokenizerJson)) {
                 throw new IOException("--calibration " + calibration + " is text but " + model
                         + " has no tokenizer.json; pass a .ids file of token ids instead");

@@ -126,7 +126,11 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
         this.manager = manager;
     }
 
-    void ownManager() {
+    /**
+     * Makes {@link #close()} close the weights' manager too: for loaders outside this package that create the manager
+     * themselves (as {@code DeepSeekLoader.load(dir, device, dtype)} does).
+     */
+    public void ownManager() {
         ownsManager = true;
     }
 
