@@ -30,7 +30,7 @@ class PackageDependenciesTest {
         ArchRule rule = noClasses().that().resideInAPackage("ai.djl.memopt.model..")
                 .should().dependOnClassesThat().resideInAnyPackage(
                         "ai.djl.memopt.quantize..", "ai.djl.memopt.lora..", "ai.djl.memopt.precision..",
-                        "ai.djl.memopt.checkpoint..")
+                        "ai.djl.memopt.checkpoint..", "ai.djl.memopt.gguf..", "ai.djl.memopt.export..")
                 .because("a model is wrapped by the decorators and sees them only through ai.djl.memopt.nn"
                         + " (LinearWeightSource, StackableProjection, BlockDecorator, TypeCasts)");
         rule.check(classes);
@@ -42,8 +42,9 @@ class PackageDependenciesTest {
                         "ai.djl.memopt.quantize..", "ai.djl.memopt.lora..", "ai.djl.memopt.precision..",
                         "ai.djl.memopt.checkpoint..")
                 .should().dependOnClassesThat().resideInAnyPackage(
-                        "ai.djl.memopt.finetune..", "ai.djl.memopt.export..", "ai.djl.memopt.inference..")
-                .because("fine-tuning, export and inference are built on the decorators, not the other way round");
+                        "ai.djl.memopt.finetune..", "ai.djl.memopt.export..", "ai.djl.memopt.inference..",
+                        "ai.djl.memopt.gguf..")
+                .because("fine-tuning, export (safetensors artifacts and GGUF) and inference are built on the decorators, not the other way round");
         rule.check(classes);
     }
 }
