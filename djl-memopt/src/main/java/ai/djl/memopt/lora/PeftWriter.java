@@ -51,16 +51,7 @@ final class PeftWriter {
         LoraTargets.View view = new LoraTargets.View(root);
         List<String> warnings = new ArrayList<>();
         LoraLinear first = adapters.values().iterator().next();
-        List<LoraTargets.Target> targets = new ArrayList<>();
-        for (Map.Entry<String, LoraLinear> e : adapters.entrySet()) {
-            LoraLinear l = e.getValue();
-            if (l.useRslora() != first.useRslora()) {
-                throw new IllegalArgumentException("adapters differ: '" + adapters.keySet().iterator().next()
-                        + "' is " + first + " but '" + e.getKey() + "' is " + l + "; PEFT's use_rslora is one setting"
-                        + " for the whole adapter");
-            }
-            targets.add(new LoraTargets.Target(e.getKey(), keyOf(e.getKey(), view), l.rank(), l.alpha()));
-        }
+        List<LoraTargets.Target> targets = targets(adapters, view);
         SafetensorsWriter writer = new SafetensorsWriter().putMetadata("format", "pt");
         List<PeftLayout.Unit> units = new ArrayList<>();
         boolean parameters = false;
@@ -90,6 +81,35 @@ final class PeftWriter {
             LOG.warn("{}: {}", directory, w);
         }
         return ImmutableList.copyOf(warnings);
+    }
+
+    /** The model's adapters as targets under the keys PEFT knows them by. */
+    private static List<LoraTargets.Target> targets(Map<String, LoraLinear> adapters, LoraTargets.View view) {
+        LoraLinear first = adapters.values().iterator().next();
+        List<LoraTargets.Target> targets = new ArrayList<>();
+        for (Map.Entry<String, LoraLinear> e : adapters.entrySet()) {
+            LoraLinear l = e.getValue();
+            if (l.useRslora() != first.useRslora()) {
+                throw new IllegalArgumentException("adapters differ: '" + adapters.keySet().iterator().next()
+                        + "' is " + first + " but '" + e.getKey() + "' is " + l + "; PEFT's use_rslora is one setting"
+                        + " for the whole adapter");
+            }
+            targets.add(new LoraTargets.Target(e.getKey(), keyOf(e.getKey(), view), l.rank(), l.alpha()));
+        }
+        return targets;
+    }
+
+    /**
+     * The names PEFT will report for the saved adapter ({@code targeted_module_names} and
+     * {@code targeted_parameter_names}): module paths, {@code <path>.weight} and fused expert parameter keys.
+     */
+    static List<String> peftKeys(Block root) {
+        LoraTargets.View view = new LoraTargets.View(root);
+        List<String> out = new ArrayList<>();
+        for (PeftLayout.Unit u : PeftLayout.units(view, targets(Lora.adapters(root), view))) {
+            out.add(u.key);
+        }
+        return out;
     }
 
     /**
