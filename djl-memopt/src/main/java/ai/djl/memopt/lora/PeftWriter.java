@@ -58,7 +58,7 @@ final class PeftWriter {
         try (NDManager scope = first.loraA().getArray().getManager().newSubManager()) {
             for (PeftLayout.Unit u : PeftLayout.units(view, targets)) {
                 if (u.fused()) {
-                    units.add(writeFused(u, adapters, view, root, writer, scope));
+                    units.add(writeFused(u, adapters, view, root, writer, scope, warnings));
                 } else {
                     LoraLinear l = adapters.get(u.paths.get(0));
                     writer.add(u.nameA(), l.loraA().getArray());
@@ -126,7 +126,7 @@ final class PeftWriter {
 
     /** Writes a fused parameter's tensors; returns the unit with the rank and alpha written. */
     private static PeftLayout.Unit writeFused(PeftLayout.Unit u, Map<String, LoraLinear> adapters,
-            LoraTargets.View view, Block root, SafetensorsWriter writer, NDManager scope) {
+            LoraTargets.View view, Block root, SafetensorsWriter writer, NDManager scope, List<String> warnings) {
         List<FusedExperts.Part[]> parts = new ArrayList<>();
         LoraLinear reference = null;
         String referencePath = null;
@@ -156,6 +156,14 @@ final class PeftWriter {
             parts.add(p);
         }
         FusedExperts.Fused fused = FusedExperts.fuse(parts);
+        Set<Integer> ranks = new java.util.TreeSet<>();
+        parts.forEach(p -> java.util.Arrays.stream(p).forEach(q -> ranks.add(q.rank)));
+        if (ranks.size() > 1) {
+            warnings.add("the routed experts' adapters under '" + u.key + "' have ranks " + ranks + " (0: none): "
+                    + "PEFT has one rank per fused parameter, so they are written as one rank-" + fused.rank
+                    + " adapter padded with zeros (the same outputs; loaded back, every expert gets rank "
+                    + fused.rank + ")");
+        }
         long[][] shapes = PeftLayout.shapes(new PeftLayout.Unit(u.kind, u.key, u.prefix, u.paths, u.experts,
                 fused.rank, 1), view.modules, root);
         add(writer, u.nameA(), shapes[0], fused.a, half);

@@ -169,6 +169,22 @@ class PeftCompatibilityTest {
                     .build(), 34, out, ids, m, c -> assertEquals("[\"layers.1.self_attn.q_a_proj\"]",
                             c.get("target_modules").toString())));
 
+            // routed experts PEFT's one rank per fused parameter does not describe: an expert without an up_proj
+            // adapter, another whose down_proj adapter has rank 3 (same scale): zero-padded, with a warning each
+            DeepSeekForCausalLM partial = model(m);
+            Lora.apply(partial, LoraConfig.builder().setRank(2).optAlpha(4).optTargetModules("gate_proj", "up_proj",
+                    "down_proj").build());
+            ai.djl.memopt.nn.Blocks.replace(partial, "model.layers.1.mlp.experts.5.up_proj",
+                    old -> ((LoraLinear) old).base());
+            ai.djl.memopt.nn.Blocks.replace(partial, "model.layers.2.mlp.experts.0.down_proj",
+                    old -> LoraLinear.builder().setBase(((LoraLinear) old).base()).setRank(3).optAlpha(6).build());
+            randomize(partial, m, 35);
+            cases.add(writeCase("experts_partial", partial, m, ids, out, List.of(
+                    "'model.layers.1.mlp.experts.gate_up_proj' have ranks [0, 2]",
+                    "'model.layers.2.mlp.experts.down_proj' have ranks [2, 3] (0: none): PEFT has one rank per fused "
+                            + "parameter, "
+                            + "so they are written as one rank-3 adapter padded with zeros")));
+
             // PEFT's own fused-expert adapter, loaded and saved again: the same tensors, the same logits
             DeepSeekForCausalLM lm = model(m);
             Lora.load(lm, MLP_ADAPTER);
