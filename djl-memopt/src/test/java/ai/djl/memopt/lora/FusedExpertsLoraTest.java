@@ -105,10 +105,45 @@ class FusedExpertsLoraTest {
             assertTrue(diff < 1e-4, "sorted dispatch: logits_with_adapter differ by " + diff);
             assertTrue(gatheredDiff < 1e-4, "gathered dispatch: logits_with_adapter differ by " + gatheredDiff);
 
+            // loading again onto the adapted model overwrites the experts' adapters in place
+            gate.setAdapterWeights(gate.loraA().getArray().zerosLike(), gate.loraB().getArray().zerosLike());
+            Lora.load(lm, MLP_ADAPTER);
+            assertArrayEquals(rows, gate.loraA().getArray().toFloatArray(), 0f);
+            assertTrue(maxAbsDiff(logits(lm, m, ids), expected) < 1e-4);
+
             // and merged into the weights
             Lora.merge(lm);
             float merged = maxAbsDiff(logits(lm, m, ids), expected);
             assertTrue(merged < 1e-4, "merged: " + merged);
+        }
+    }
+
+    @Test
+    void fp16AdaptersAreSavedAsF16AndLoadBack(@org.junit.jupiter.api.io.TempDir Path tmp) throws Exception {
+        try (NDManager m = NDManager.newBaseManager();
+                SafetensorsFile ref = SafetensorsFile.open(MLP_ADAPTER.resolve("reference.safetensors"))) {
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(MODEL, m, DataType.FLOAT32);
+            Lora.apply(lm, LoraConfig.builder().setRank(2).optAlpha(4).optDataType(DataType.FLOAT16)
+                    .optTargetModules("gate_proj", "up_proj", "down_proj").build());
+            ai.djl.engine.Engine.getInstance().setRandomSeed(7);
+            for (LoraLinear l : Lora.adapters(lm).values()) {
+                l.setAdapterWeights(l.loraA().getArray(), m.randomNormal(0, 0.05f, l.loraB().getArray().getShape(),
+                        DataType.FLOAT32));
+            }
+            NDArray ids = ref.load(m, "input_ids");
+            NDArray want = logits(lm, m, ids);
+            Lora.save(lm, tmp);
+            try (SafetensorsFile f = SafetensorsFile.open(tmp.resolve(PeftAdapters.WEIGHTS_FILE))) {
+                for (String name : f.names()) {
+                    assertEquals(ai.djl.memopt.safetensors.SafetensorsDType.F16, f.info(name).dtype(), name);
+                }
+            }
+            DeepSeekForCausalLM back = DeepSeekLoader.load(MODEL, m, DataType.FLOAT32);
+            Lora.load(back, tmp);
+            assertEquals(DataType.FLOAT32, Lora.adapters(back).values().iterator().next().loraA().getArray()
+                    .getDataType(), "a file's adapters load in the default type");
+            float diff = maxAbsDiff(logits(back, m, ids), want);
+            assertTrue(diff < 1e-6f, "FP16 values survive the fused form exactly: " + diff);
         }
     }
 
