@@ -42,14 +42,14 @@ class DeepSeekLoraTest {
         System.gc();
     }
 
-    private static float maxAbsDiff(NDArray a, NDArray b) {
+    static float maxAbsDiff(NDArray a, NDArray b) {
         try (NDArray d = a.toType(DataType.FLOAT32, false).sub(b.toType(DataType.FLOAT32, false)).abs();
                 NDArray max = d.max()) {
             return max.getFloat();
         }
     }
 
-    private static NDArray logits(DeepSeekForCausalLM lm, NDManager m, NDArray ids) {
+    static NDArray logits(DeepSeekForCausalLM lm, NDManager m, NDArray ids) {
         return lm.forward(new ParameterStore(m, false), new NDList(ids), false).head();
     }
 

@@ -11,12 +11,9 @@ import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.model.deepseek.DeepSeekMoE;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
-import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
-import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.Block;
-import ai.djl.training.ParameterStore;
 import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.List;
@@ -33,14 +30,11 @@ class FusedExpertsLoraTest {
     static final Path MLP_ADAPTER = Path.of("src/test/resources/fixtures/tiny-deepseek-v3-lora-mlp");
 
     static float maxAbsDiff(NDArray a, NDArray b) {
-        try (NDArray d = a.toType(DataType.FLOAT32, false).sub(b.toType(DataType.FLOAT32, false)).abs();
-                NDArray max = d.max()) {
-            return max.getFloat();
-        }
+        return DeepSeekLoraTest.maxAbsDiff(a, b);
     }
 
     static NDArray logits(DeepSeekForCausalLM lm, NDManager m, NDArray ids) {
-        return lm.forward(new ParameterStore(m, false), new NDList(ids), false).head();
+        return DeepSeekLoraTest.logits(lm, m, ids);
     }
 
     static List<DeepSeekMoE> moes(DeepSeekForCausalLM lm) {
