@@ -15,6 +15,8 @@ import java.util.Map;
 import java.util.Set;
 import java.util.regex.Matcher;
 import java.util.regex.Pattern;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
 
 /**
  * Which projections a {@link LoraConfig} adapts in a block tree, decided as PEFT 0.21 decides it on the matching
@@ -38,6 +40,8 @@ import java.util.regex.Pattern;
  * {@code alpha_pattern} are looked up with the module path, or with the parameter key for parameter targets.
  */
 final class LoraTargets {
+
+    private static final Logger LOG = LoggerFactory.getLogger(LoraTargets.class);
 
     /** A routed expert's projection: group (the experts container), expert index, projection. */
     static final Pattern ROUTED = Pattern.compile("(.+\\.experts|experts)\\.([0-9]+)\\.(gate_proj|up_proj|down_proj)");
@@ -255,6 +259,9 @@ final class LoraTargets {
             if (names.isEmpty()) {
                 return config; // nothing matches: the caller says so
             }
+            LOG.warn("LoRA target regex '{}' is read as PEFT 0.21 reads it on a model with routed experts: as the "
+                    + "names {} (every module ending so); list whole paths to single out modules", config.targetRegex(),
+                    names);
         } else {
             names = new LinkedHashSet<>(config.targetModules());
         }
