@@ -239,7 +239,10 @@ class DecoratorOrderTest {
                     lora.optTargetRegex("[0-9]+\\.[02]");
                 } else {
                     // attention, the dense MLP, shared and routed experts (the gathered path stacks LoRA experts)
-                    lora.optTargetModules("q_a_proj", "kv_b_proj", "o_proj", "up_proj").optRoutedExperts(true);
+                    // (PEFT's rules: expert names in target_modules mean the routed experts; the dense MLP and the
+                    // shared experts are reached through their weights)
+                    lora.optTargetModules("q_a_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+                            .optTargetParameters("mlp.up_proj.weight", "shared_experts.up_proj.weight");
                 }
                 Lora.apply(root, lora.build());
                 return root;

@@ -18,6 +18,7 @@ import com.google.common.collect.ImmutableMap;
 import java.io.IOException;
 import java.nio.file.Path;
 import java.util.ArrayList;
+import java.util.HashMap;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
@@ -58,7 +59,7 @@ public final class Lora {
      * each base weight).
      */
     public static LoraReport apply(Block root, LoraConfig config, NDManager manager) {
-        List<String> targets = targets(root, config);
+        List<LoraTargets.Target> targets = LoraTargets.resolve(root, config, false);
         Map<String, LoraLinear> earlier = adapters(root);
         root.freezeParameters(true);
         // adapters from an earlier apply stay trainable (unfrozen before the new ones go in, so that a mixed-precision
@@ -67,14 +68,20 @@ public final class Lora {
             l.loraA().freeze(false);
             l.loraB().freeze(false);
         }
-        for (String path : targets) {
-            Blocks.replace(root, path, base -> LoraLinear.builder()
+        Map<String, LoraConfig> variants = new HashMap<>(); // one config per (rank, alpha) for the builders
+        List<String> paths = new ArrayList<>(targets.size());
+        for (LoraTargets.Target t : targets) {
+            LoraConfig variant = variants.computeIfAbsent(t.rank + "/" + t.alpha, k -> t.rank == config.rank()
+                    && Float.compare(t.alpha, config.alpha()) == 0 ? config
+                    : config.toBuilder().setRank(t.rank).optAlpha(t.alpha).build());
+            Blocks.replace(root, t.path, base -> LoraLinear.builder()
                     .setBase(base)
-                    .optConfig(config)
+                    .optConfig(variant)
                     .optManager(manager != null ? manager : defaultManager(base, root))
                     .build());
+            paths.add(t.path);
         }
-        return report(root, targets);
+        return report(root, paths);
     }
 
     /**
@@ -103,58 +110,22 @@ public final class Lora {
     }
 
     /**
-     * The paths {@link #apply} would wrap, in model order, without changing anything.
+     * The paths {@link #apply} would wrap, in model order, without changing anything. Targets are chosen as PEFT 0.21
+     * chooses them on the matching transformers 5 model ({@link LoraConfig} explains the rules): on a model with routed
+     * MoE experts, the names {@code gate_proj}, {@code up_proj} and {@code down_proj} in {@code target_modules} mean
+     * every routed expert's projections, never the dense MLP or the shared experts (reach those with
+     * {@code target_parameters} such as {@code mlp.gate_proj.weight}).
      *
      * @throws IllegalArgumentException if nothing matches (the message names the projections and the layer types
-     *     seen), or a match is not a Linear / LinearWeightSource or already has an adapter (the message names the path)
+     *     seen), a match is not a Linear / LinearWeightSource or already has an adapter, or the targets are ones PEFT
+     *     refuses (the message names the path or target)
      */
     public static List<String> targets(Block root, LoraConfig config) {
-        Map<String, BlockSite> sites = Blocks.sites(root);
         List<String> out = new ArrayList<>();
-        for (BlockSite site : sites.values()) {
-            String path = site.path();
-            if (path.isEmpty() || !config.matches(path)) {
-                continue;
-            }
-            if (site.wrapper(LoraLinear.class).isPresent()) {
-                throw new IllegalArgumentException("'" + path + "' already has a LoRA adapter; merge or unload it first");
-            }
-            // the projection that computes here, through checkpointing or mixed-precision decorators: the adapter goes
-            // around it, inside them, as if LoRA had been applied first
-            Block block = site.core();
-            if (!isProjection(block)) {
-                throw new IllegalArgumentException("LoRA target " + describeTargets(config) + " matches '" + path
-                        + "', a " + block.getClass().getSimpleName()
-                        + ", which is not a projection (Linear or LinearWeightSource); narrow the targets");
-            }
-            out.add(path);
-        }
-        if (out.isEmpty()) {
-            List<String> examples = new ArrayList<>();
-            List<Block> seen = new ArrayList<>();
-            for (BlockSite site : sites.values()) {
-                if (!site.path().isEmpty()) {
-                    seen.add(site.core());
-                }
-                if (isProjection(site.core()) && examples.size() < 8) {
-                    examples.add(site.path());
-                }
-            }
-            throw new IllegalArgumentException("no module matches LoRA target " + describeTargets(config)
-                    + (config.routedExperts() ? "" : " (routed experts excluded)") + "; projections in the model: "
-                    + examples + (examples.size() == 8 ? " ..." : "") + "; layer types seen: "
-                    + Blocks.describeTypes(seen));
+        for (LoraTargets.Target t : LoraTargets.resolve(root, config, false)) {
+            out.add(t.path);
         }
         return ImmutableList.copyOf(out);
-    }
-
-    private static boolean isProjection(Block block) {
-        return block instanceof Linear || block instanceof LinearWeightSource;
-    }
-
-    private static String describeTargets(LoraConfig config) {
-        return config.targetRegex() != null ? "regex '" + config.targetRegex() + "'"
-                : "modules " + config.targetModules();
     }
 
     /**
@@ -299,20 +270,22 @@ public final class Lora {
     /**
      * Saves the adapters alone in PEFT's layout ({@link PeftAdapters#save}).
      *
+     * @return warnings about what the files say differently from the model without changing its outputs
      * @throws IOException if writing fails (files already there are left as they were)
      */
-    public static void save(Block root, Path directory) throws IOException {
-        PeftAdapters.save(root, directory, null);
+    public static List<String> save(Block root, Path directory) throws IOException {
+        return PeftAdapters.save(root, directory, null);
     }
 
     /**
      * As {@link #save(Block, Path)}, recording {@code base_model_name_or_path} (a Hugging Face model id or directory)
      * for PEFT's {@code from_pretrained}.
      *
+     * @return warnings, as {@link #save(Block, Path)}
      * @throws IOException if writing fails
      */
-    public static void save(Block root, Path directory, String baseModelNameOrPath) throws IOException {
-        PeftAdapters.save(root, directory, baseModelNameOrPath);
+    public static List<String> save(Block root, Path directory, String baseModelNameOrPath) throws IOException {
+        return PeftAdapters.save(root, directory, baseModelNameOrPath);
     }
 
     /**

@@ -42,14 +42,14 @@ class DeepSeekLoraTest {
         System.gc();
     }
 
-    private static float maxAbsDiff(NDArray a, NDArray b) {
+    static float maxAbsDiff(NDArray a, NDArray b) {
         try (NDArray d = a.toType(DataType.FLOAT32, false).sub(b.toType(DataType.FLOAT32, false)).abs();
                 NDArray max = d.max()) {
             return max.getFloat();
         }
     }
 
-    private static NDArray logits(DeepSeekForCausalLM lm, NDManager m, NDArray ids) {
+    static NDArray logits(DeepSeekForCausalLM lm, NDManager m, NDArray ids) {
         return lm.forward(new ParameterStore(m, false), new NDList(ids), false).head();
     }
 
@@ -123,10 +123,12 @@ class DeepSeekLoraTest {
                     .optTargetModules("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                             "gate_proj", "up_proj", "down_proj")
                     .build());
-            // routed experts are skipped by default; shared experts and the dense MLP are adapted
-            assertFalse(report.wrappedPaths().stream().anyMatch(p -> p.contains(".experts.")));
-            assertTrue(report.wrappedPaths().contains("model.layers.1.mlp.shared_experts.down_proj"));
-            assertTrue(report.wrappedPaths().contains("model.layers.0.mlp.gate_proj"));
+            // as in PEFT on transformers 5: the expert names mean the fused routed experts, every one of them, and
+            // neither the dense MLP nor the shared experts
+            assertEquals(15 + 2 * 8 * 3, report.wrappedPaths().size(), report.wrappedPaths().toString());
+            assertTrue(report.wrappedPaths().contains("model.layers.2.mlp.experts.7.down_proj"));
+            assertFalse(report.wrappedPaths().stream().anyMatch(p -> p.contains("shared_experts")
+                    || p.startsWith("model.layers.0.mlp.")), report.wrappedPaths().toString());
             System.out.println("LoRA training on tiny V3: " + report);
 
             Map<String, Parameter> params = Blocks.parameters(lm);
@@ -179,15 +181,19 @@ class DeepSeekLoraTest {
             System.out.printf("LoRA training: loss %.5f -> %.5f over 6 steps%n", first, last);
             assertTrue(last < first - 1e-3, "loss must fall: " + first + " -> " + last);
             int changed = 0;
+            int expertsChanged = 0;
             for (Map.Entry<String, Parameter> e : params.entrySet()) {
                 boolean same = java.util.Arrays.equals(before.get(e.getKey()), e.getValue().getArray().toFloatArray());
-                if (e.getKey().contains(".lora_")) {
-                    changed += same ? 0 : 1;
-                } else {
+                if (!e.getKey().contains(".lora_")) {
                     assertTrue(same, e.getKey() + " is frozen");
+                } else if (e.getKey().contains(".experts.")) {
+                    expertsChanged += same ? 0 : 1; // only experts the router picked get gradients
+                } else {
+                    changed += same ? 0 : 1;
                 }
             }
-            assertEquals(2 * report.wrappedPaths().size(), changed, "every A and B trained");
+            assertEquals(2 * 15, changed, "every attention A and B trained");
+            assertTrue(expertsChanged >= 2 * 2 * 3, "routed experts' adapters trained: " + expertsChanged);
         }
     }
 
@@ -201,9 +207,12 @@ class DeepSeekLoraTest {
                 SafetensorsFile ref = SafetensorsFile.open(MODEL.resolve("reference.safetensors"))) {
             Engine.getInstance().setRandomSeed(22);
             DeepSeekForCausalLM lm = DeepSeekLoader.load(MODEL, m, DataType.FLOAT32);
-            Lora.apply(lm, LoraConfig.builder().setRank(4).optAlpha(8).optRoutedExperts(true)
+            // module names: attention, lm_head and (PEFT's rewriting) the routed experts; parameter names: the dense
+            // MLP and the shared experts
+            Lora.apply(lm, LoraConfig.builder().setRank(4).optAlpha(8)
                     .optTargetModules("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                             "gate_proj", "up_proj", "down_proj", "lm_head")
+                    .optTargetParameters("gate_proj.weight", "up_proj.weight", "down_proj.weight")
                     .build());
             NDArray ids = ref.load(m, "input_ids");
             settleGarbage();

@@ -98,7 +98,7 @@ class LoraFineTunerTest {
     }
 
     private static LoraConfig attentionAndMlp() {
-        return LoraConfig.builder().setRank(4).optAlpha(8).optTargetModules(QLoraTest.TARGETS).build();
+        return QLoraTest.attentionAndMlp();
     }
 
     @Test

@@ -303,7 +303,7 @@ class LoraLinearTest {
                     () -> LoraConfig.builder().setRank(0).optTargetModules("x").build());
             assertTrue(e.getMessage().contains("rank must be positive, got 0"), e.getMessage());
             e = assertThrows(IllegalArgumentException.class, () -> LoraConfig.builder().setRank(2).build());
-            assertTrue(e.getMessage().contains("no target modules"), e.getMessage());
+            assertTrue(e.getMessage().contains("no targets"), e.getMessage());
             e = assertThrows(IllegalArgumentException.class, () -> LoraConfig.builder().setRank(2)
                     .optTargetModules("x").optDataType(DataType.BFLOAT16).build());
             assertTrue(e.getMessage().contains("BFLOAT16"), e.getMessage());
@@ -321,10 +321,21 @@ class LoraLinearTest {
         assertTrue(names.matches("q_a_proj"));
         assertFalse(names.matches("model.layers.0.self_attn.xq_a_proj"), "whole components only");
         assertTrue(names.matches("model.layers.3.self_attn.o_proj"));
-        LoraConfig mlp = LoraConfig.builder().setRank(2).optTargetModules("gate_proj").build();
-        assertTrue(mlp.matches("model.layers.3.mlp.shared_experts.gate_proj"));
-        assertFalse(mlp.matches("model.layers.3.mlp.experts.7.gate_proj"), "routed experts off by default");
-        assertTrue(mlp.toBuilder().optRoutedExperts(true).build().matches("model.layers.3.mlp.experts.7.gate_proj"));
+        LoraConfig params = LoraConfig.builder().setRank(2).optTargetParameters("mlp.gate_proj.weight", "gate_up_proj")
+                .optExcludeModules(List.of("gate_proj")).build();
+        assertTrue(params.matchesParameter("model.layers.0.mlp.gate_proj.weight"));
+        assertFalse(params.matchesParameter("model.layers.3.mlp.shared_experts.gate_proj.weight"));
+        assertTrue(params.matchesParameter("model.layers.3.mlp.experts.gate_up_proj"), "exclude_modules ignored");
+        assertFalse(params.matches("model.layers.0.mlp.gate_proj"), "not a module target");
+        // PEFT's get_pattern_key: the first key matching the end of the name after a dot
+        LoraConfig patterns = LoraConfig.builder().setRank(4).optAlpha(8).optTargetModules("o_proj")
+                .optRankPattern(Map.of(".*\\.gate_up_proj", 8)).optAlphaPattern(Map.of("layers\\.1\\.self_attn\\.o_proj", 3f))
+                .build();
+        assertEquals(8, patterns.rankFor("model.layers.3.mlp.experts.gate_up_proj"));
+        assertEquals(4, patterns.rankFor("model.layers.3.mlp.experts.gate_up_projx"));
+        assertEquals(4, patterns.rankFor("model.layers.3.mlp.experts.down_proj"));
+        assertEquals(3f, patterns.alphaFor("model.layers.1.self_attn.o_proj"));
+        assertEquals(8f, patterns.alphaFor("model.layers.11.self_attn.o_proj"), "whole components only");
         LoraConfig regex = LoraConfig.builder().setRank(2).optTargetRegex(".*layers\\.[01]\\..*_proj")
                 .optExcludeModules(List.of("o_proj")).build();
         assertTrue(regex.matches("model.layers.1.self_attn.q_b_proj"));

@@ -194,31 +194,77 @@ class PeftAdaptersTest {
     }
 
     @Test
-    void targetModulesAreWrittenSoPeftSelectsExactlyTheAdaptedModules() throws IOException {
+    void targetsAreWrittenSoPeftSelectsExactlyTheAdaptedModules() throws IOException {
         try (NDManager m = NDManager.newBaseManager()) {
-            // routed experts skipped: the names plus an exclude pattern
+            // the dense MLP and the shared experts: parameter targets, which PEFT does not rewrite
             Block model = ToyBlocks.deepSeekLike(m, 2);
-            List<String> wrapped = Lora.apply(model, LoraConfig.builder().setRank(2).optTargetModules("gate_proj")
-                    .build()).wrappedPaths();
+            List<String> wrapped = Lora.apply(model, LoraConfig.builder().setRank(2)
+                    .optTargetParameters("gate_proj.weight").build()).wrappedPaths();
             assertEquals(List.of("model.layers.0.mlp.gate_proj", "model.layers.1.mlp.shared_experts.gate_proj"),
                     wrapped);
+            Path dir = tmp.resolve("dense");
+            assertEquals(List.of(), Lora.save(model, dir));
+            JsonObject config = json(dir.resolve(PeftAdapters.CONFIG_FILE));
+            assertEquals(Set.of(), strings(config.get("target_modules")));
+            assertEquals(Set.of("gate_proj.weight"), strings(config.get("target_parameters")));
+            assertTrue(config.get("exclude_modules").isJsonNull());
+            try (SafetensorsFile f = SafetensorsFile.open(dir.resolve(PeftAdapters.WEIGHTS_FILE))) {
+                assertTrue(f.contains(PeftAdapters.PREFIX + "model.layers.0.mlp.gate_proj.lora_A.weight"), "as a module");
+            }
+            assertEquals(wrapped, Lora.load(ToyBlocks.deepSeekLike(m, 2), dir).wrappedPaths());
+
+            // one layer's projection: its whole path, which PEFT matches exactly (a regex would not survive: on a MoE
+            // model PEFT turns a regex into the last components of what it matches, i.e. every layer's q_a_proj)
+            Block one = ToyBlocks.deepSeekLike(m, 2);
+            Lora.apply(one, LoraConfig.builder().setRank(2).optTargetModules("model.layers.1.self_attn.q_a_proj")
+                    .build());
+            Path dir2 = tmp.resolve("one");
+            Lora.save(one, dir2);
+            assertEquals(Set.of("layers.1.self_attn.q_a_proj"),
+                    strings(json(dir2.resolve(PeftAdapters.CONFIG_FILE)).get("target_modules")));
+            assertEquals(List.of("model.layers.1.self_attn.q_a_proj"),
+                    Lora.load(ToyBlocks.deepSeekLike(m, 2), dir2).wrappedPaths());
+            assertEquals(List.of("model.layers.0.self_attn.q_a_proj", "model.layers.1.self_attn.q_a_proj"),
+                    Lora.targets(ToyBlocks.deepSeekLike(m, 2), LoraConfig.builder().setRank(2)
+                            .optTargetRegex("model\\.layers\\.1\\..*q_a_proj").build()), "PEFT's regex rewriting");
+            // without routed experts a regex keeps its meaning
+            assertEquals(List.of("2"), Lora.targets(ToyBlocks.mlp(m, 4, 8, 2, DataType.FLOAT32),
+                    LoraConfig.builder().setRank(2).optTargetRegex("[2]").build()));
+        }
+    }
+
+    @Test
+    void expertNamesInTargetModulesMeanTheRoutedExpertsAsInPeft() throws IOException {
+        try (NDManager m = NDManager.newBaseManager()) {
+            Block model = ToyBlocks.deepSeekLike(m, 2); // layer 1: routed experts 0 and 1, shared experts
+            IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> Lora.apply(model,
+                    LoraConfig.builder().setRank(2).optTargetModules("q_a_proj", "gate_proj").build()));
+            assertTrue(e.getMessage().contains("LoRA target gate_proj without up_proj"), e.getMessage());
+            assertTrue(Lora.adapters(model).isEmpty());
+
+            // a path ending in up_proj is rewritten too: PEFT keeps only the name of the fused parameter
+            List<String> wrapped = Lora.apply(model, LoraConfig.builder().setRank(2).optAlpha(4)
+                    .optTargetModules("q_a_proj", "gate_proj", "shared_experts.up_proj").build()).wrappedPaths();
+            assertEquals(List.of("model.layers.0.self_attn.q_a_proj", "model.layers.1.self_attn.q_a_proj",
+                    "model.layers.1.mlp.experts.0.gate_proj", "model.layers.1.mlp.experts.0.up_proj",
+                    "model.layers.1.mlp.experts.1.gate_proj", "model.layers.1.mlp.experts.1.up_proj"), wrapped);
             Path dir = tmp.resolve("experts");
             Lora.save(model, dir);
             JsonObject config = json(dir.resolve(PeftAdapters.CONFIG_FILE));
-            assertEquals(Set.of("gate_proj"), strings(config.get("target_modules")));
-            assertEquals(LoraConfig.ROUTED_EXPERTS_REGEX, config.get("exclude_modules").getAsString());
-            Block other = ToyBlocks.deepSeekLike(m, 2);
-            assertEquals(wrapped, Lora.load(other, dir).wrappedPaths());
-
-            // a selection no list of names expresses: an exact regex of the paths
-            Block one = ToyBlocks.deepSeekLike(m, 2);
-            Lora.apply(one, LoraConfig.builder().setRank(2).optTargetRegex("model\\.layers\\.1\\..*q_a_proj").build());
-            Path dir2 = tmp.resolve("regex");
-            Lora.save(one, dir2);
-            JsonElement targets = json(dir2.resolve(PeftAdapters.CONFIG_FILE)).get("target_modules");
-            assertEquals("(?:model\\.layers\\.1\\.self_attn\\.q_a_proj)", targets.getAsString());
-            assertEquals(List.of("model.layers.1.self_attn.q_a_proj"),
-                    Lora.load(ToyBlocks.deepSeekLike(m, 2), dir2).wrappedPaths());
+            assertEquals(Set.of("q_a_proj"), strings(config.get("target_modules")));
+            assertEquals(2, config.get("r").getAsInt());
+            assertEquals(Set.of("gate_up_proj"), strings(config.get("target_parameters")));
+            // separate rank-2 gate and up adapters: PEFT's block-diagonal rank 4, alpha doubled (same scale)
+            assertEquals(4, config.getAsJsonObject("rank_pattern").get("gate_up_proj").getAsInt(), config.toString());
+            assertEquals(8, config.getAsJsonObject("alpha_pattern").get("gate_up_proj").getAsInt(), config.toString());
+            try (SafetensorsFile f = SafetensorsFile.open(dir.resolve(PeftAdapters.WEIGHTS_FILE))) {
+                String prefix = PeftAdapters.PREFIX + "model.layers.1.mlp.experts.";
+                assertTrue(f.names().containsAll(Set.of(prefix + "lora_A.weight", prefix + "lora_B.weight")));
+                assertEquals(2 + 4, f.names().size());
+                assertArrayEquals(new long[] {2 * 4, 64}, f.info(prefix + "lora_A.weight").shape());
+                assertArrayEquals(new long[] {32 + 32, 4 * 2}, f.info(prefix + "lora_B.weight").shape());
+            }
+            assertEquals(wrapped, Lora.load(ToyBlocks.deepSeekLike(m, 2), dir).wrappedPaths());
         }
     }
 
@@ -231,7 +277,8 @@ class PeftAdaptersTest {
             IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> Lora.load(model, r8));
             assertTrue(e.getMessage().contains(
                     "'base_model.model.model.layers.0.self_attn.q_a_proj.lora_A.weight' has shape [4, 64], "
-                            + "expected [8, 64] (rank 4 in the tensor, r=8 in adapter_config.json)"), e.getMessage());
+                            + "expected [8, 64] (rank 4 in the tensor, r=8 in adapter_config.json for "
+                            + "'model.layers.0.self_attn.q_a_proj')"), e.getMessage());
             assertTrue(Lora.adapters(model).isEmpty(), "validation happens before wrapping");
             assertTrue(Blocks.parameters(model).values().stream().allMatch(Parameter::requiresGradient),
                     "nothing frozen either");
@@ -242,10 +289,15 @@ class PeftAdaptersTest {
                     + ".lora_A.weight' does not fit the model: the model has no module"), e.getMessage());
 
             // the config targets a module the file has no tensors for
-            Path more = fixtureWithConfig("more", c -> c.getAsJsonArray("target_modules").add("gate_proj"));
+            Path more = fixtureWithConfig("more", c -> c.getAsJsonArray("target_modules").add("lm_head"));
             e = assertThrows(IllegalArgumentException.class, () -> Lora.load(ToyBlocks.deepSeekLike(m, 3), more));
-            assertTrue(e.getMessage().contains("no tensor 'base_model.model.model.layers.0.mlp.gate_proj.lora_A"
-                    + ".weight'"), e.getMessage());
+            assertTrue(e.getMessage().contains("no tensor 'base_model.model.lm_head.lora_A.weight'"), e.getMessage());
+            Path experts = fixtureWithConfig("experts", c -> c.add("target_parameters", new JsonArray()));
+            Files.writeString(experts.resolve(PeftAdapters.CONFIG_FILE), json(experts.resolve(PeftAdapters.CONFIG_FILE))
+                    .toString().replace("\"target_parameters\":[]", "\"target_parameters\":[\"down_proj\"]"));
+            e = assertThrows(IllegalArgumentException.class, () -> Lora.load(ToyBlocks.deepSeekLike(m, 3), experts));
+            assertTrue(e.getMessage().contains("no tensor 'base_model.model.model.layers.2.mlp.experts.lora_A.weight'"
+                    + " for the fused routed-expert parameter 'model.layers.2.mlp.experts.down_proj'"), e.getMessage());
 
             // the model's projection has other dimensions
             Block narrow = ToyBlocks.deepSeekLike(m, 3);
@@ -265,7 +317,11 @@ class PeftAdaptersTest {
                 c.add("rank_pattern", rp);
             });
             e = assertThrows(IllegalArgumentException.class, () -> Lora.load(ToyBlocks.deepSeekLike(m, 3), pattern));
-            assertTrue(e.getMessage().contains("rank_pattern = {\"o_proj\":8} is not supported"), e.getMessage());
+            assertTrue(e.getMessage().contains("o_proj.lora_A.weight' has shape [4, 64], expected [8, 64] (rank 4 in "
+                    + "the tensor, r=8 in adapter_config.json for 'model.layers.0.self_attn.o_proj')"), e.getMessage());
+            Path layers = fixtureWithConfig("layers", c -> c.addProperty("layers_pattern", "layers"));
+            e = assertThrows(IllegalArgumentException.class, () -> Lora.load(ToyBlocks.deepSeekLike(m, 3), layers));
+            assertTrue(e.getMessage().contains("layers_pattern = \"layers\" is not supported"), e.getMessage());
             Path notLora = fixtureWithConfig("ia3", c -> c.addProperty("peft_type", "IA3"));
             e = assertThrows(IllegalArgumentException.class, () -> Lora.load(ToyBlocks.deepSeekLike(m, 3), notLora));
             assertTrue(e.getMessage().contains("peft_type is 'IA3', expected 'LORA'"), e.getMessage());
@@ -298,17 +354,33 @@ class PeftAdaptersTest {
     }
 
     @Test
-    void saveRefusesMixedRanksAndWritesNothing() {
+    void mixedRanksAreWrittenAsPatternsAndMixedRsloraIsRefused() throws IOException {
         try (NDManager m = NDManager.newBaseManager()) {
-            Block model = ToyBlocks.deepSeekLike(m, 1);
+            Block model = ToyBlocks.deepSeekLike(m, 2);
             Lora.apply(model, LoraConfig.builder().setRank(2).optTargetModules("q_a_proj").build());
-            Blocks.replace(model, "model.layers.0.self_attn.o_proj", old -> LoraLinear.builder().setBase(old)
-                    .setRank(4).build());
+            Blocks.replace(model, "model.layers.1.self_attn.o_proj", old -> LoraLinear.builder().setBase(old)
+                    .setRank(4).optAlpha(3).build());
             Path dir = tmp.resolve("mixed");
-            IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> Lora.save(model, dir));
-            assertTrue(e.getMessage().contains("adapters differ") && e.getMessage().contains("r=4"), e.getMessage());
-            assertFalse(Files.exists(dir));
-            assertThrows(IllegalStateException.class, () -> Lora.save(ToyBlocks.deepSeekLike(m, 1), dir));
+            Lora.save(model, dir);
+            JsonObject config = json(dir.resolve(PeftAdapters.CONFIG_FILE));
+            assertEquals(2, config.get("r").getAsInt(), "the most common rank");
+            // the shortest names that single out the adapter among the adapted modules
+            assertEquals("{\"o_proj\":4}", config.get("rank_pattern").toString());
+            assertEquals("{\"o_proj\":3}", config.get("alpha_pattern").toString());
+            Block back = ToyBlocks.deepSeekLike(m, 2);
+            Lora.load(back, dir);
+            LoraLinear o = Lora.adapters(back).get("model.layers.1.self_attn.o_proj");
+            assertEquals(4, o.rank());
+            assertEquals(3f, o.alpha());
+            assertEquals(2, Lora.adapters(back).get("model.layers.1.self_attn.q_a_proj").rank());
+
+            Blocks.replace(model, "model.layers.0.self_attn.o_proj", old -> LoraLinear.builder().setBase(old)
+                    .setRank(4).optUseRslora(true).build());
+            Path dir2 = tmp.resolve("rslora");
+            IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> Lora.save(model, dir2));
+            assertTrue(e.getMessage().contains("use_rslora is one setting"), e.getMessage());
+            assertFalse(Files.exists(dir2), "nothing written");
+            assertThrows(IllegalStateException.class, () -> Lora.save(ToyBlocks.deepSeekLike(m, 1), dir2));
         }
     }
 

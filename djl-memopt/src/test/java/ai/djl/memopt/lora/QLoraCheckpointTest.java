@@ -37,7 +37,7 @@ class QLoraCheckpointTest {
             }
             List<String> wrapped = Checkpointing.wrapChildren(models[1], "model.layers", CheckpointPolicy.all());
             assertEquals(3, wrapped.size());
-            LoraConfig config = LoraConfig.builder().setRank(4).optTargetModules(QLoraTest.TARGETS).build();
+            LoraConfig config = QLoraTest.attentionAndMlp();
             LoraReport plain = Lora.apply(models[0], config);
             LoraReport checkpointed = Lora.apply(models[1], config);
             assertEquals(plain.wrappedPaths(), checkpointed.wrappedPaths(), "checkpointing keeps the module paths");

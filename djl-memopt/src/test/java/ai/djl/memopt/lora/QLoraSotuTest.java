@@ -35,7 +35,8 @@ import org.junit.jupiter.api.Test;
 /**
  * Issue #8's proof "QLoRA fine-tuning on sotu lowers held-out loss on a small model": a small DeepSeek-V2-style model
  * (the tiny fixture's config) with an int4 base (RTN, groups of 32), every decoder layer checkpointed and rank-8
- * adapters on the attention and MLP projections and on {@code lm_head} is fine-tuned through {@link FineTuner} on the
+ * adapters on the attention and MLP projections (the routed experts through PEFT's names, the dense MLP and shared
+ * experts through parameter targets) and on {@code lm_head} is fine-tuned through {@link FineTuner} on the
  * opening of Kennedy's 1963 address and evaluated on the opening of Johnson's 1964 address, another speaker's text
  * (test resources {@code text/sotu}, see PROVENANCE.md there).
  *
@@ -139,7 +140,7 @@ class QLoraSotuTest {
             QuantizationReport q = Quantizer.quantize(lm, Int4WeightOnlyConfig.builder().optGroupSize(32).build());
             Engine.getInstance().setRandomSeed(8);
             LoraReport adapters = Lora.apply(lm, LoraConfig.builder().setRank(8).optAlpha(16)
-                    .optTargetModules(TARGETS).build());
+                    .optTargetModules(TARGETS).optTargetParameters(QLoraTest.DENSE_AND_SHARED_MLP).build());
             // kv_b_proj reads the 16-wide latent, which groups of 32 do not divide, and lm_head is not quantized by
             // default: those stay in float; every other adapter sits on an int4 projection
             for (Map.Entry<String, LoraLinear> e : Lora.adapters(lm).entrySet()) {

@@ -38,8 +38,19 @@ class QLoraTest {
 
     static final Path MODEL = DeepSeekLoraTest.MODEL;
     static final Path ADAPTER = DeepSeekLoraTest.ADAPTER;
+    /** Attention and, as PEFT reads these names on a MoE model, every routed expert. */
     static final String[] TARGETS = {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
         "up_proj", "down_proj"};
+    /** The five attention projections. */
+    static final String[] ATTENTION = {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"};
+    /** The dense MLP and the shared experts, as parameter targets (routed experts left out). */
+    static final String[] DENSE_AND_SHARED_MLP = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"};
+
+    /** Rank 4, alpha 8 on the attention projections, the dense MLP and the shared experts: every one gets gradients. */
+    static LoraConfig attentionAndMlp() {
+        return LoraConfig.builder().setRank(4).optAlpha(8).optTargetModules(ATTENTION)
+                .optTargetParameters(DENSE_AND_SHARED_MLP).build();
+    }
 
     private static float maxAbsDiff(NDArray a, NDArray b) {
         try (NDArray d = a.toType(DataType.FLOAT32, false).sub(b.toType(DataType.FLOAT32, false)).abs();

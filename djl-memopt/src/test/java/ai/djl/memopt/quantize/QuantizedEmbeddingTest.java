@@ -297,8 +297,8 @@ class QuantizedEmbeddingTest {
             }
             QuantizedEmbedding qe = (QuantizedEmbedding) Blocks.get(lm, "model.embed_tokens");
             twin.model().tokenEmbedding().weight().getArray().set(qe.table(m).toByteBuffer());
-            LoraConfig config = LoraConfig.builder().setRank(4).optAlpha(8).optTargetModules("q_a_proj", "o_proj",
-                    "up_proj").build();
+            LoraConfig config = LoraConfig.builder().setRank(4).optAlpha(8).optTargetModules("q_a_proj", "o_proj")
+                    .optTargetParameters("up_proj.weight").build(); // the dense MLP's and shared experts' up_proj
             Lora.apply(lm, config);
             Lora.apply(twin, config);
             Map<String, LoraLinear> twinAdapters = SharedAdapters.randomizeAndCopy(lm, twin, m, 33);

@@ -205,8 +205,9 @@ public final class TrainBenchWorker {
      * quantized to int4 and frozen, rank-8 adapters (alpha 16) on the attention and MLP projections, trained in FP32.
      */
     static final class Qlora {
-        static final String[] TARGETS = {"q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
-            "gate_proj", "up_proj", "down_proj"};
+        static final String[] TARGETS = {"q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"};
+        /** The dense and shared-expert MLPs (as target_parameters: PEFT reads the names as the routed experts). */
+        static final String[] MLP = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"};
         final long quantizedBytes;
         final long trainable;
 
@@ -219,14 +220,16 @@ public final class TrainBenchWorker {
 
         static Qlora apply(DeepSeekForCausalLM lm) {
             QuantizationReport q = Quantizer.quantize(lm, QUANTIZATION);
-            LoraReport l = Lora.apply(lm, LoraConfig.builder().setRank(8).optAlpha(16).optTargetModules(TARGETS).build());
+            LoraReport l = Lora.apply(lm, LoraConfig.builder().setRank(8).optAlpha(16).optTargetModules(TARGETS)
+                    .optTargetParameters(MLP).build());
             return new Qlora(q.bytesAfter(), l.trainableParameters());
         }
 
         /** The adapters on a model the streaming loader already quantized with {@link #QUANTIZATION}. */
         static Qlora adaptLoaded(DeepSeekForCausalLM lm) {
             long packed = QuantBenchWorker.quantizedBytes(lm);
-            LoraReport l = Lora.apply(lm, LoraConfig.builder().setRank(8).optAlpha(16).optTargetModules(TARGETS).build());
+            LoraReport l = Lora.apply(lm, LoraConfig.builder().setRank(8).optAlpha(16).optTargetModules(TARGETS)
+                    .optTargetParameters(MLP).build());
             return new Qlora(packed, l.trainableParameters());
         }
     }

@@ -24,6 +24,7 @@ import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.Quantizer;
 import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.ndarray.types.DataType;
+import com.google.gson.JsonArray;
 import com.google.gson.JsonObject;
 import java.io.IOException;
 import java.io.PrintStream;
@@ -172,8 +173,15 @@ public final class FinetuneCommand implements Callable<Integer> {
 
     @Option(names = "--lora-targets", split = ",", paramLabel = "NAMES",
             defaultValue = "q_a_proj,q_b_proj,q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj",
-            description = "Projections that get adapters, PEFT target_modules style (default: the attention ones).")
+            description = "Projections that get adapters, as PEFT's target_modules on transformers 5 (default: the "
+                    + "attention ones). On a MoE model gate_proj,up_proj,down_proj mean every routed expert, not the "
+                    + "dense MLP or the shared experts.")
     List<String> loraTargets;
+
+    @Option(names = "--lora-target-parameters", split = ",", paramLabel = "NAMES",
+            description = "Also adapt these parameters, as PEFT's target_parameters: mlp.gate_proj.weight (dense "
+                    + "MLPs), shared_experts.up_proj.weight, gate_proj.weight (both), gate_up_proj (routed experts).")
+    List<String> loraTargetParameters;
 
     @Option(names = "--lora-dropout", defaultValue = "0", paramLabel = "P", description = "LoRA dropout (default 0).")
     float loraDropout;
@@ -275,7 +283,8 @@ public final class FinetuneCommand implements Callable<Integer> {
             throw new IllegalArgumentException("unknown --quantize '" + quantize + "': expected int8 or int4");
         }
         return LoraConfig.builder().setRank(loraRank).optAlpha(loraAlpha != null ? loraAlpha : 2f * loraRank)
-                .optDropout(loraDropout).optTargetModules(loraTargets).build();
+                .optDropout(loraDropout).optTargetModules(loraTargets)
+                .optTargetParameters(loraTargetParameters != null ? loraTargetParameters : List.of()).build();
     }
 
     /**
@@ -379,8 +388,11 @@ public final class FinetuneCommand implements Callable<Integer> {
         }
         double elapsed = (System.nanoTime() - start) / 1e9;
         writeCheckpoint(tuner, checkpoints);
+        List<String> loraWarnings = List.of();
         if (loraTrainable >= 0) {
-            Lora.save(tuner.model(), save, source.model != null ? source.model.toString() : source.preset);
+            // warnings (what PEFT's file says differently, without changing outputs) are also logged
+            loraWarnings = Lora.save(tuner.model(), save, source.model != null ? source.model.toString()
+                    : source.preset);
         } else {
             tuner.saveModel(save);
         }
@@ -410,6 +422,11 @@ public final class FinetuneCommand implements Callable<Integer> {
             o.addProperty("lora_rank", loraRank);
             o.addProperty("lora_trainable_parameters", loraTrainable);
             o.addProperty("quantized_base", quantize != null ? quantize.toLowerCase(Locale.ROOT) : "none");
+            if (!loraWarnings.isEmpty()) {
+                JsonArray w = new JsonArray();
+                loraWarnings.forEach(w::add);
+                o.add("lora_save_warnings", w);
+            }
         }
         o.addProperty("save", save.toString());
         if (json) {

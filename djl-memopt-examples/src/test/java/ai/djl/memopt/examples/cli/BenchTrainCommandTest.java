@@ -105,8 +105,8 @@ class BenchTrainCommandTest {
             DeepSeekForCausalLM lm = DeepSeekLoader.load(dir, m, DataType.FLOAT32);
             QuantizationReport q = Quantizer.quantize(lm, Int4WeightOnlyConfig.builder().optGroupSize(64).build());
             LoraReport l = Lora.apply(lm, LoraConfig.builder().setRank(8).optAlpha(16).optTargetModules("q_a_proj",
-                    "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
-                    "down_proj").build());
+                    "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj").optTargetParameters(
+                    "gate_proj.weight", "up_proj.weight", "down_proj.weight").build());
             assertEquals(q.bytesAfter(), o.get("quantized_weight_bytes").getAsLong(), o.toString());
             assertEquals(l.trainableParameters(), o.get("trainable_parameters").getAsLong(), o.toString());
         }

@@ -119,6 +119,28 @@ class FinetuneLoraCommandTest {
         }
     }
 
+    /** PEFT's list: the expert names mean the routed experts; the dense MLP through --lora-target-parameters. */
+    @Test
+    void loraTargetsFollowPeftOnTheMoeModel() throws Exception {
+        Path save = tmp.resolve("experts");
+        CliRun r = finetune(save, "--lora-targets", "q_a_proj,gate_proj,up_proj,down_proj",
+                "--lora-target-parameters", "mlp.gate_proj.weight", "--lora-dropout", "0.1");
+        assertEquals(0, r.exitCode, r.err);
+        // 3 q_a_proj, 2 MoE layers x 8 routed experts x 3 projections, the dense layer's gate_proj
+        assertTrue(r.err.contains("LoRA on " + (3 + 2 * 8 * 3 + 1) + " modules"), r.err);
+        JsonObject d = done(r.out);
+        assertTrue(d.get("lora_save_warnings").toString().contains("lora_dropout 0.1 written as 0"), r.out);
+        JsonObject config = JsonParser.parseString(Files.readString(save.resolve(PeftAdapters.CONFIG_FILE)))
+                .getAsJsonObject();
+        assertEquals("[\"q_a_proj\"]", config.get("target_modules").toString());
+        assertEquals("[\"mlp.gate_proj.weight\",\"gate_up_proj\",\"down_proj\"]",
+                config.get("target_parameters").toString());
+        assertEquals(8, config.getAsJsonObject("rank_pattern").get("gate_up_proj").getAsInt(), config.toString());
+
+        r = finetune(tmp.resolve("gate-only"), "--lora-targets", "q_a_proj,gate_proj");
+        assertTrue(r.exitCode != 0 && r.err.contains("LoRA target gate_proj without up_proj"), r.err);
+    }
+
     @Test
     void loraOptionsAreChecked() {
         CliRun r = CliRun.run("finetune", "--model", modelDir.toString(), "--data", text.toString(), "--steps", "1",
