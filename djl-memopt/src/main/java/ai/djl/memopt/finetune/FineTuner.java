@@ -333,6 +333,9 @@ public final class FineTuner implements AutoCloseable {
             update.setScaler(progress.scaler());
         }
         update.zeroGradients();
+        if (progress.step() > 0) {
+            update.createGradients();
+        }
         step = progress.step();
         dataPosition = progress.dataPosition();
     }

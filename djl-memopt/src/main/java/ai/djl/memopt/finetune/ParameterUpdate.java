@@ -181,6 +181,39 @@ final class ParameterUpdate {
         }
     }
 
+    /**
+     * Gives every trainable parameter a zero gradient buffer, the state of a run after its first step (gradients are
+     * zeroed, not freed). A restored run resumes from there: with the buffers, its next step takes the paths the
+     * uninterrupted run took (the embedding gradient row by row, the head's chunks by hand; both need the buffer),
+     * summing in the same order, so it gives the same weights bit for bit.
+     */
+    void createGradients() {
+        boolean gradMode = JniUtils.isGradMode();
+        JniUtils.setGradMode(true);
+        try {
+            for (Parameter p : parameters.values()) {
+                if (!p.requiresGradient() || !(p.getArray() instanceof PtNDArray)) {
+                    continue;
+                }
+                PtNDArray w = (PtNDArray) p.getArray();
+                PtNDArray existing = JniUtils.getGradient(w);
+                if (existing != null) {
+                    existing.close();
+                    continue;
+                }
+                try (NDManager m = w.getManager().newSubManager()) {
+                    NDArray sum = w.sum(); // d sum / d w = 1, times a zero seed: a zero gradient of w's shape and type
+                    sum.attach(m);
+                    NDArray seed = sum.zerosLike();
+                    seed.attach(m);
+                    JniUtils.backward((PtNDArray) sum, (PtNDArray) seed, false, false);
+                }
+            }
+        } finally {
+            JniUtils.setGradMode(gradMode);
+        }
+    }
+
     /** Whether every element of {@code a} is finite, checked in blocks of rows (block-sized boolean temporaries). */
     static boolean allFinite(NDArray a) {
         long rows = RowBlocks.rowsPerBlock(a.getShape(), RowBlocks.DEFAULT_BLOCK_ELEMENTS);
