@@ -20,6 +20,24 @@ final class ActivationCheckpoints {
     private static final CheckpointPolicy SUBLAYERS =
             CheckpointPolicy.matching((name, block) -> name.equals("self_attn") || name.equals("mlp"));
 
+    /**
+     * What to checkpoint: the decoder layers {@code policy} picks (none if null), inside each its attention and MLP
+     * ({@code sublayers}) and the routed experts of an MoE MLP ({@code experts}); {@code name} is recorded.
+     */
+    record Spec(CheckpointPolicy policy, String name, boolean sublayers, boolean experts) {
+        static final Spec NONE = new Spec(null, "none", false, false);
+
+        Spec {
+            name = policy == null ? "none" : name != null ? name : "custom";
+        }
+
+        /** The spec of a name ({@code none}, {@code all}, {@code nested}, ...; see {@link #policy(String)}). */
+        static Spec parse(String spec) {
+            String s = spec.trim().toLowerCase(Locale.ROOT);
+            return new Spec(ActivationCheckpoints.policy(s), s, s.startsWith("nested"), s.equals("nested+experts"));
+        }
+    }
+
     private ActivationCheckpoints() {}
 
     /**
@@ -64,19 +82,21 @@ final class ActivationCheckpoints {
     }
 
     /**
-     * Checkpoints {@code model.layers} of {@code lm} with {@code policy}, and inside each checkpointed layer its
-     * attention and MLP ({@code sublayers}) and the routed experts of an MoE MLP ({@code experts}).
+     * Checkpoints the decoder layers of {@code lm} as {@code spec} says.
      *
      * @return the names of the checkpointed decoder layers
      */
-    static List<String> apply(DeepSeekForCausalLM lm, CheckpointPolicy policy, boolean sublayers, boolean experts) {
-        List<String> layers = Checkpointing.wrapChildren(Blocks.get(lm, "model.layers"), policy);
+    static List<String> apply(DeepSeekForCausalLM lm, Spec spec) {
+        if (spec.policy() == null) {
+            return List.of();
+        }
+        List<String> layers = Checkpointing.wrapChildren(Blocks.get(lm, "model.layers"), spec.policy());
         for (String layer : layers) {
             String path = "model.layers." + layer;
-            if (sublayers) {
+            if (spec.sublayers()) {
                 Checkpointing.wrapChildren(Blocks.get(lm, path), SUBLAYERS);
             }
-            if (experts && BlockDecorator.unwrap(Blocks.get(lm, path + ".mlp")) instanceof DeepSeekMoE) {
+            if (spec.experts() && BlockDecorator.unwrap(Blocks.get(lm, path + ".mlp")) instanceof DeepSeekMoE) {
                 Checkpointing.wrapChildren(Blocks.get(lm, path + ".mlp.experts"), CheckpointPolicy.all());
             }
         }

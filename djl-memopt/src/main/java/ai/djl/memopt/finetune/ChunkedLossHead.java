@@ -1,5 +1,6 @@
 package ai.djl.memopt.finetune;
 
+import ai.djl.memopt.checkpoint.CheckpointingGradientCollector;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.nn.Scalars;
@@ -17,30 +18,62 @@ import ai.djl.training.GradientCollector;
 import ai.djl.training.ParameterStore;
 
 /**
- * The loss head of a training micro-batch ({@code lm_head}, softmax, cross-entropy) with its backward: the decoder's
- * final hidden states {@code (b, T, H)} become the mean next-token loss, and its gradient flows into {@code lm_head}
- * and the decoder stack. With more positions than one chunk holds, the head runs in chunks of positions
- * ({@link #chunkedLoss}), so that the {@code (b, T, vocab)} logits and their gradients never exist at once; a plain
- * head's chunks are differentiated by hand ({@link #headChunk}) so its weight gradient is added into the gradient
- * buffer in blocks of vocabulary rows.
+ * Forward and backward of a training micro-batch, built around its loss head ({@code lm_head}, softmax, cross-entropy):
+ * the decoder's final hidden states {@code (b, T, H)} become the mean next-token loss, and its gradient flows into
+ * {@code lm_head} and the decoder stack (through the checkpointing gradient collector when layers are checkpointed, and
+ * into the token embedding row by row, {@link EmbeddingRows}). With more positions than one chunk holds, the head runs
+ * in chunks of positions ({@link #chunkedLoss}), so that the {@code (b, T, vocab)} logits and their gradients never
+ * exist at once; a plain head's chunks are differentiated by hand ({@link #headChunk}) so its weight gradient is added
+ * into the gradient buffer in blocks of vocabulary rows.
  *
  * <pre>{@code
- * double loss = head.backward(gc, m, ps, ids, embedding, lossFactor, true); // (b, T) ids; gradients accumulate
+ * double loss = head.forwardBackward(micro, lossFactor, true); // (b, T) tokens; gradients accumulate
  * }</pre>
  */
 final class ChunkedLossHead {
 
     private final DeepSeekForCausalLM lm;
     private final int chunkTokens;
-    /** Head chunks differentiated by hand so far (for tests). */
+    private final boolean checkpointed;
+    /** Micro-batches whose embedding gradient went row by row, and head chunks differentiated by hand (for tests). */
+    long rowwiseEmbeddings;
     long manualChunks;
 
     /**
      * @param chunkTokens about this many tokens ({@code rows x positions}, at least 8 positions) per chunk
+     * @param checkpointed whether layers of {@code lm} are checkpointed (the backward goes through their collector)
      */
-    ChunkedLossHead(DeepSeekForCausalLM lm, int chunkTokens) {
+    ChunkedLossHead(DeepSeekForCausalLM lm, int chunkTokens, boolean checkpointed) {
         this.lm = lm;
         this.chunkTokens = chunkTokens;
+        this.checkpointed = checkpointed;
+    }
+
+    /**
+     * Forward and backward of one micro-batch with the loss times {@code lossFactor}; returns its mean loss.
+     * Gradients accumulate into the parameters.
+     *
+     * @param rowwise whether the embedding gradient may go row by row and a plain head's chunks be differentiated by
+     *     hand (off only to compare with autograd)
+     */
+    double forwardBackward(TokenBatch micro, float lossFactor, boolean rowwise) {
+        try (NDManager m = lm.manager().newSubManager()) {
+            NDArray ids = micro.toNDArray(m); // (b, T)
+            ParameterStore ps = new ParameterStore(m, false);
+            try (GradientCollector gc = checkpointed
+                    ? CheckpointingGradientCollector.open(m)
+                    : m.getEngine().newGradientCollector()) {
+                EmbeddingRows embedding = rowwise
+                        ? EmbeddingRows.gather(lm.model(), micro.ids(), micro.rows(), micro.seq(), m)
+                        : null;
+                rowwiseEmbeddings += embedding != null ? 1 : 0;
+                double loss = backward(gc, m, ps, ids, embedding, lossFactor, rowwise);
+                if (embedding != null) {
+                    embedding.accumulate();
+                }
+                return loss;
+            }
+        }
     }
 
     /**
@@ -50,7 +83,7 @@ final class ChunkedLossHead {
      * @param embedding the row-wise embedding of {@code ids}, or null to embed through the model
      * @param byHand whether a plain head's chunks may be differentiated by hand (off only to compare with autograd)
      */
-    double backward(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids, EmbeddingRows embedding,
+    private double backward(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids, EmbeddingRows embedding,
             float lossFactor, boolean byHand) {
         long rows = ids.getShape().get(0);
         long seq = ids.getShape().get(1);
@@ -58,6 +91,19 @@ final class ChunkedLossHead {
         return positions >= seq - 1
                 ? wholeLoss(gc, m, ps, ids, embedding, lossFactor)
                 : chunkedLoss(gc, m, ps, ids, embedding, lossFactor, positions, byHand);
+    }
+
+    /** Mean next-token loss of a batch without gradients, through the whole head at once; closes what it creates. */
+    double evaluate(TokenBatch batch) {
+        try (NDManager m = lm.manager().newSubManager()) {
+            NDArray ids = batch.toNDArray(m);
+            NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), false).head();
+            try (NDArray loss = CausalLmLoss.mean(logits, ids)) {
+                return loss.getFloat();
+            } finally {
+                logits.close();
+            }
+        }
     }
 
     /** The final hidden states {@code (b, T, H)}, from the row-wise embedding when there is one. */

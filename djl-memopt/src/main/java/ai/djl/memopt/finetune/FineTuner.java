@@ -1,21 +1,15 @@
 package ai.djl.memopt.finetune;
 
 import ai.djl.memopt.checkpoint.CheckpointPolicy;
-import ai.djl.memopt.checkpoint.CheckpointingGradientCollector;
 import ai.djl.memopt.memory.NativeMemory;
-import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.precision.DynamicLossScaler;
 import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.ndarray.NDArray;
-import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Parameter;
-import ai.djl.training.GradientCollector;
-import ai.djl.training.ParameterStore;
 import com.google.common.base.Preconditions;
-import com.google.common.collect.ImmutableList;
 import java.io.IOException;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -89,6 +83,7 @@ public final class FineTuner implements AutoCloseable {
     private final Precision precision;
     private final Map<String, Parameter> parameters;
     private final long seed;
+    private final RunIdentity identity;
     private long step;
     private long dataPosition;
     private boolean closed;
@@ -102,18 +97,12 @@ public final class FineTuner implements AutoCloseable {
         this.lm = b.model;
         this.precision = b.precision;
         this.gradientAccumulation = b.gradientAccumulation;
-        this.lossHead = new ChunkedLossHead(lm, b.lossChunkTokens);
         this.seed = b.seed;
         this.releaseFreedMemory = b.releaseFreedMemory;
         this.schedule = b.schedule != null ? b.schedule : LearningRateSchedule.constant(b.learningRate);
-        if (b.checkpointPolicy != null) {
-            this.checkpointedLayers = ActivationCheckpoints.apply(lm, b.checkpointPolicy, b.checkpointSublayers,
-                    b.checkpointExperts);
-            this.checkpointing = b.checkpointName != null ? b.checkpointName : "custom";
-        } else {
-            this.checkpointedLayers = ImmutableList.of();
-            this.checkpointing = "none";
-        }
+        this.checkpointedLayers = ActivationCheckpoints.apply(lm, b.checkpoints);
+        this.checkpointing = b.checkpoints.name();
+        this.lossHead = new ChunkedLossHead(lm, b.lossChunkTokens, !checkpointedLayers.isEmpty());
         this.parameters = ParameterUpdate.uniqueParameters(lm);
         this.stateManager = lm.manager().newSubManager();
         this.optimizer = b.optimizerSettings.setManager(stateManager).optLearningRate(schedule.at(0)).build();
@@ -121,6 +110,7 @@ public final class FineTuner implements AutoCloseable {
                 ? ParameterUpdate.fp16(lm, parameters, optimizer,
                         b.lossScaler != null ? b.lossScaler : DynamicLossScaler.create())
                 : ParameterUpdate.fp32(parameters, optimizer);
+        this.identity = TrainingCheckpoints.runIdentity(this).with(b.runIdentity);
     }
 
     public static Builder builder() {
@@ -184,6 +174,14 @@ public final class FineTuner implements AutoCloseable {
         return seed;
     }
 
+    /**
+     * The identity of this run, recorded in its checkpoints: the model's configuration and trainable parameters,
+     * precision, optimizer, schedule, gradient accumulation and seed, and what {@link Builder#optRunIdentity} adds.
+     */
+    public RunIdentity runIdentity() {
+        return identity;
+    }
+
     /** The loss scale the next step will use (1 in FP32). */
     public float lossScale() {
         return update.lossScale();
@@ -208,6 +206,7 @@ public final class FineTuner implements AutoCloseable {
      *
      * @throws IllegalArgumentException if the rows do not split into the accumulation steps or an id is outside the
      *     vocabulary
+     * @throws NonFiniteLossException if the loss is not finite, or an FP32 gradient (nothing is updated)
      */
     public StepResult step(TokenBatch batch) {
         Preconditions.checkState(!closed, "the FineTuner is closed");
@@ -221,9 +220,15 @@ public final class FineTuner implements AutoCloseable {
         int micro = batch.rows() / k;
         double lossSum = 0;
         for (int i = 0; i < k; i++) {
-            lossSum += forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k);
+            double loss = forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k);
+            if (!Double.isFinite(loss)) { // not a scaling matter: the forward pass itself overflowed or met NaN
+                update.zeroGradients();
+                throw new NonFiniteLossException(step + 1, "the loss is " + loss + " (" + precision + "): the"
+                        + " weights, the activations or the data hold non-finite values; nothing was updated");
+            }
+            lossSum += loss;
         }
-        boolean skipped = !update.apply(scale);
+        boolean skipped = !update.apply(scale, step + 1);
         if (releaseFreedMemory && !lm.manager().getDevice().isGpu()) {
             NativeMemory.releaseFreed();
         }
@@ -247,38 +252,16 @@ public final class FineTuner implements AutoCloseable {
 
     /** Forward and backward of one micro-batch; returns its mean loss. Gradients accumulate into the parameters. */
     private double forwardBackward(TokenBatch micro, float lossFactor) {
-        try (NDManager m = lm.manager().newSubManager()) {
-            NDArray ids = micro.toNDArray(m); // (b, T)
-            ParameterStore ps = new ParameterStore(m, false);
-            try (GradientCollector gc = checkpointedLayers.isEmpty()
-                    ? m.getEngine().newGradientCollector()
-                    : CheckpointingGradientCollector.open(m)) {
-                EmbeddingRows embedding = rowwiseGradients
-                        ? EmbeddingRows.gather(lm.model(), micro.ids(), micro.rows(), micro.seq(), m)
-                        : null;
-                rowwiseEmbeddings += embedding != null ? 1 : 0;
-                double loss = lossHead.backward(gc, m, ps, ids, embedding, lossFactor, rowwiseGradients);
-                manualHeadChunks = lossHead.manualChunks;
-                if (embedding != null) {
-                    embedding.accumulate();
-                }
-                return loss;
-            }
-        }
+        double loss = lossHead.forwardBackward(micro, lossFactor, rowwiseGradients);
+        rowwiseEmbeddings = lossHead.rowwiseEmbeddings;
+        manualHeadChunks = lossHead.manualChunks;
+        return loss;
     }
 
     /** Mean next-token loss of a batch without gradients (held-out evaluation); closes what it creates. */
     public double evaluate(TokenBatch batch) {
         checkIds(batch);
-        try (NDManager m = lm.manager().newSubManager()) {
-            NDArray ids = batch.toNDArray(m);
-            NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), false).head();
-            try (NDArray loss = CausalLmLoss.mean(logits, ids)) {
-                return loss.getFloat();
-            } finally {
-                logits.close();
-            }
-        }
+        return lossHead.evaluate(batch);
     }
 
     /** Bytes of weights, FP32 masters, existing gradients and optimizer state, from the arrays. */
@@ -321,28 +304,25 @@ public final class FineTuner implements AutoCloseable {
 
     /**
      * Restores weights, FP32 masters, optimizer state, loss scaler, step counter and data position from a checkpoint
-     * written by {@link #saveCheckpoint} for the same architecture, precision and optimizer.
+     * that {@link #saveCheckpoint} wrote for a run of the same {@linkplain #runIdentity identity}, after checking every
+     * file against the checkpoint's checksums.
      *
-     * @throws IllegalArgumentException naming the file and field that does not match
-     * @throws IOException if a file is missing or corrupt
+     * @throws IllegalArgumentException naming the file and field that does not match, or what differs between the runs
+     * @throws IOException if a file is missing or corrupt (a checksum differs)
      */
     public void restoreCheckpoint(Path dir) throws IOException {
         Preconditions.checkState(!closed, "the FineTuner is closed");
         TrainingCheckpoints.Progress progress = TrainingCheckpoints.restore(this, dir);
-        if (progress.scaler() != null) {
-            update.setScaler(progress.scaler());
-        }
-        update.zeroGradients();
-        if (progress.step() > 0) {
-            update.createGradients();
-        }
         step = progress.step();
         dataPosition = progress.dataPosition();
     }
 
-    /** The newest checkpoint directory (highest step) among {@code dir}'s children written by {@link #saveCheckpoint}. */
+    /**
+     * The newest training checkpoint (highest step) among {@code dir}'s children, of any run, or {@code dir} itself if
+     * it is one; checkpoint writes a crash interrupted in {@code dir} are finished or rolled back first.
+     */
     public static Path latestCheckpoint(Path dir) throws IOException {
-        return TrainingCheckpoints.latest(dir);
+        return CheckpointDirectory.latest(dir);
     }
 
     /** The step recorded in a checkpoint's {@code trainer_state.json}. */
@@ -363,10 +343,7 @@ public final class FineTuner implements AutoCloseable {
     /** Builder: {@code setModel} required. */
     public static final class Builder {
         private DeepSeekForCausalLM model;
-        private CheckpointPolicy checkpointPolicy;
-        private String checkpointName;
-        private boolean checkpointSublayers;
-        private boolean checkpointExperts;
+        private ActivationCheckpoints.Spec checkpoints = ActivationCheckpoints.Spec.NONE;
         private Precision precision = Precision.FP32;
         // kind, betas, epsilon, weight decay and momentum, with the optimizer's own defaults and validation
         private final StatefulOptimizer.Builder optimizerSettings = StatefulOptimizer.builder();
@@ -377,6 +354,7 @@ public final class FineTuner implements AutoCloseable {
         private DynamicLossScaler lossScaler;
         private long seed;
         private boolean releaseFreedMemory = true;
+        private Map<String, String> runIdentity = Map.of();
 
         private Builder() {}
 
@@ -393,10 +371,7 @@ public final class FineTuner implements AutoCloseable {
 
         /** As {@link #optCheckpointing(CheckpointPolicy)} with a name recorded in checkpoints. */
         public Builder optCheckpointing(CheckpointPolicy policy, String name) {
-            this.checkpointPolicy = policy;
-            this.checkpointName = name;
-            this.checkpointSublayers = false;
-            this.checkpointExperts = false;
+            this.checkpoints = new ActivationCheckpoints.Spec(policy, name, false, false);
             return this;
         }
 
@@ -405,10 +380,7 @@ public final class FineTuner implements AutoCloseable {
          * {@link FineTuner#checkpointPolicy}.
          */
         public Builder optCheckpointing(String spec) {
-            String s = spec.trim().toLowerCase(Locale.ROOT);
-            optCheckpointing(checkpointPolicy(s), s);
-            this.checkpointSublayers = s.startsWith("nested");
-            this.checkpointExperts = s.equals("nested+experts");
+            this.checkpoints = ActivationCheckpoints.Spec.parse(spec);
             return this;
         }
 
@@ -490,6 +462,15 @@ public final class FineTuner implements AutoCloseable {
          */
         public Builder optReleaseFreedMemory(boolean release) {
             this.releaseFreedMemory = release;
+            return this;
+        }
+
+        /**
+         * What the caller knows that makes this run the run it is (the data's fingerprint, sequence length, batch,
+         * the base model...), added to the {@linkplain FineTuner#runIdentity identity} its checkpoints record.
+         */
+        public Builder optRunIdentity(Map<String, String> fields) {
+            this.runIdentity = Map.copyOf(fields);
             return this;
         }
 

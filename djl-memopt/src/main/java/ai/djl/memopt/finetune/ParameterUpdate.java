@@ -103,16 +103,31 @@ final class ParameterUpdate {
     }
 
     /**
-     * Applies the accumulated gradients, computed with the loss times {@code scale}, and zeroes them.
+     * Applies the accumulated gradients of step {@code step}, computed with the loss times {@code scale}, and zeroes
+     * them.
      *
      * @return false if the step was skipped (an FP16 overflow; the scale is lowered)
+     * @throws NonFiniteLossException if an FP32 gradient is not finite, or FP16 gradients overflow at the minimum
+     *     scale (nothing is updated)
      */
-    boolean apply(float scale) {
+    boolean apply(float scale, long step) {
+        String nonFinite = firstNonFiniteGradient();
         if (scaler == null) {
+            if (nonFinite != null) {
+                zeroGradients();
+                throw new NonFiniteLossException(step, "the gradient of " + nonFinite + " holds NaN or infinite"
+                        + " values (FP32 training, so not a loss-scale overflow); nothing was updated");
+            }
             updateFp32();
             return true;
         }
-        return updateFp16(scale);
+        float minScale = Float.parseFloat(scaler.state().get("min_scale"));
+        if (nonFinite != null && scale <= minScale) {
+            zeroGradients();
+            throw new NonFiniteLossException(step, "the FP16 gradient of " + nonFinite + " overflows even at the"
+                    + " minimum loss scale " + minScale + "; nothing was updated");
+        }
+        return updateFp16(scale, nonFinite == null);
     }
 
     private void updateFp32() {
@@ -129,15 +144,18 @@ final class ParameterUpdate {
     }
 
     /**
-     * The FP16 update, parameter by parameter: first one pass that only counts inf/NaN in the (scaled) gradients as
-     * they are, then, if there are none, for each parameter its gradient is unscaled into FP32, applied to the FP32
-     * master and the master copied into the FP16 working weight, block of rows by block of rows
+     * The FP16 update, parameter by parameter: after one pass that only looks for inf/NaN in the (scaled) gradients
+     * as they are ({@link #firstNonFiniteGradient}), if there are none, for each parameter its gradient is unscaled
+     * into FP32, applied to the FP32 master and the master copied into the FP16 working weight, block of rows by block
+     * of rows
      * ({@link StatefulOptimizer#update(String, NDArray, NDArray, float, NDArray)}): only one block's FP32 gradient and
      * FP16 copy exist at a time. {@code MixedPrecisionOptimizer} unscales every gradient to FP32 before the check, a
      * transient copy of 4 bytes per FP16 parameter (about 1.1 GB for bench-small) that would dominate a step's memory.
+     *
+     * @param finite whether every gradient is finite (the result of the counting pass)
      */
-    private boolean updateFp16(float scale) {
-        if (!scaler.update(!gradientsFinite())) {
+    private boolean updateFp16(float scale, boolean finite) {
+        if (!scaler.update(!finite)) {
             zeroGradients();
             return false;
         }
@@ -157,19 +175,20 @@ final class ParameterUpdate {
         return true;
     }
 
-    /** Whether every trainable parameter's gradient is finite. */
-    private boolean gradientsFinite() {
-        for (Parameter p : parameters.values()) {
-            if (!p.requiresGradient()) {
+    /** The name of the first trainable parameter whose gradient holds inf or NaN, or null if all are finite. */
+    private String firstNonFiniteGradient() {
+        for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+            Parameter p = e.getValue();
+            if (!p.requiresGradient() || !(p.getArray() instanceof PtNDArray)) {
                 continue;
             }
-            try (NDArray g = p.getArray().getGradient()) {
-                if (!allFinite(g)) {
-                    return false;
+            try (NDArray g = JniUtils.getGradient((PtNDArray) p.getArray())) {
+                if (g != null && !allFinite(g)) {
+                    return e.getKey();
                 }
             }
         }
-        return true;
+        return null;
     }
 
     /** Zeroes the gradient buffers of the trainable parameters that have one. */

@@ -3,6 +3,7 @@ package ai.djl.memopt.finetune;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.precision.DynamicLossScaler;
 import ai.djl.memopt.safetensors.AtomicFiles;
+import ai.djl.memopt.safetensors.CrashPoints;
 import ai.djl.memopt.safetensors.SafetensorsDType;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.memopt.safetensors.SafetensorsWriter;
@@ -13,34 +14,72 @@ import ai.djl.nn.Parameter;
 import ai.djl.pytorch.jni.JniUtils;
 import com.google.common.base.Preconditions;
 import com.google.gson.GsonBuilder;
+import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
-import java.nio.file.StandardCopyOption;
 import java.util.LinkedHashMap;
+import java.util.List;
 import java.util.Locale;
 import java.util.Map;
-import java.util.stream.Stream;
 
 /**
  * Training checkpoints of a {@link FineTuner}: a directory with {@code config.json} and {@code model.safetensors} (FP32
  * weights - the masters in FP16 mode - under the Hugging Face names, so the directory also loads as a model),
- * {@code optimizer.safetensors} ({@code <name>.exp_avg}, {@code <name>.exp_avg_sq} or {@code <name>.momentum_buffer})
- * and {@code trainer_state.json} (step, data position, seed, per-parameter optimizer steps, loss scaler, settings).
- * Saving writes a temporary sibling directory and renames it into place; restoring puts all of it back, so N steps,
- * save, restore, M steps gives the weights of N + M uninterrupted steps.
+ * {@code optimizer.safetensors} ({@code <name>.exp_avg}, {@code <name>.exp_avg_sq} or {@code <name>.momentum_buffer}),
+ * {@code trainer_state.json} (step, data position, seed, per-parameter optimizer steps, loss scaler, settings, and the
+ * {@link RunIdentity} of the run) and, written last, {@code manifest.json} (the size and SHA-256 of each file; see
+ * {@link CheckpointManifest}).
+ *
+ * <p>A checkpoint is written into a hidden sibling directory and put in place as a whole
+ * ({@link AtomicFiles#replaceDirectory}): a crash leaves it complete or absent. Restoring verifies the checksums and
+ * that the checkpoint belongs to this run before it puts weights, FP32 masters and optimizer state back, so that N
+ * steps, save, restore, M steps gives the weights of N + M uninterrupted steps, bit for bit.
+ *
+ * <p>Crash points ({@link CrashPoints}) of a save: {@code checkpoint.weights-written},
+ * {@code checkpoint.optimizer-written}, {@code checkpoint.state-written}, {@code checkpoint.manifest-written}, then
+ * those of {@link AtomicFiles#replaceDirectory}.
  */
 final class TrainingCheckpoints {
 
-    private static final int STATE_FORMAT = 1;
+    private static final int STATE_FORMAT = 2;
 
-    /** What a restore gives back besides the weights and optimizer state. */
-    record Progress(long step, long dataPosition, DynamicLossScaler scaler) {}
+    /** Where a restored run continues. */
+    record Progress(long step, long dataPosition) {}
 
     private TrainingCheckpoints() {}
+
+    /**
+     * The identity {@link FineTuner} gives a run from its own settings: the model's configuration and trainable
+     * parameters (names, shapes, types), precision, optimizer, learning-rate schedule, gradient accumulation and seed.
+     */
+    static RunIdentity runIdentity(FineTuner tuner) {
+        StringBuilder params = new StringBuilder();
+        for (Map.Entry<String, Parameter> e : tuner.parameters().entrySet()) {
+            NDArray a = e.getValue().getArray();
+            params.append(e.getKey()).append(' ').append(a.getShape()).append(' ').append(a.getDataType())
+                    .append(e.getValue().requiresGradient() ? " trained\n" : " frozen\n");
+        }
+        StatefulOptimizer o = tuner.optimizer();
+        LearningRateSchedule lr = tuner.schedule();
+        Map<String, String> m = new LinkedHashMap<>();
+        m.put("model_config", "sha256:" + RunIdentity.sha256(tuner.model().config().toJson()
+                .getBytes(StandardCharsets.UTF_8)).substring(0, 16));
+        m.put("parameters", tuner.parameters().size() + " tensors, sha256:"
+                + RunIdentity.sha256(params.toString().getBytes(StandardCharsets.UTF_8)).substring(0, 16));
+        m.put("precision", tuner.precision().name().toLowerCase(Locale.ROOT));
+        m.put("optimizer", String.format(Locale.ROOT, "%s betas=(%s, %s) eps=%s weight_decay=%s momentum=%s",
+                o.kind().name().toLowerCase(Locale.ROOT), o.beta1(), o.beta2(), o.epsilon(), o.weightDecay(),
+                o.momentum()));
+        m.put("schedule", String.format(Locale.ROOT, "peak=%s warmup=%s total=%s min_ratio=%s", lr.peak(),
+                lr.warmup(), lr.total(), lr.minRatio()));
+        m.put("gradient_accumulation", Integer.toString(tuner.gradientAccumulation()));
+        m.put("seed", Long.toString(tuner.seed()));
+        return RunIdentity.of(m);
+    }
 
     /** Writes FP32 weights by name into a safetensors file (atomically). */
     static void writeWeights(Path file, Map<String, NDArray> weights) throws IOException {
@@ -63,13 +102,9 @@ final class TrainingCheckpoints {
 
     /** Saves {@code tuner}'s training state as the directory {@code dir} (replacing an older one of that name). */
     static void save(FineTuner tuner, Path dir) throws IOException {
-        Path target = dir.toAbsolutePath();
-        Path parent = target.getParent();
-        Files.createDirectories(parent);
-        Path tmp = Files.createTempDirectory(parent, "." + target.getFileName() + ".tmp-");
-        try {
+        AtomicFiles.replaceDirectory(dir, tmp -> {
             writeWeights(tmp.resolve("model.safetensors"), tuner.update().fp32Weights());
-            AtomicFiles.writeString(tmp.resolve("config.json"), tuner.model().config().toJson() + "\n");
+            CrashPoints.reach("checkpoint.weights-written");
             StatefulOptimizer optimizer = tuner.optimizer();
             SafetensorsWriter opt = new SafetensorsWriter().putMetadata("format", "pt");
             JsonObject steps = new JsonObject();
@@ -81,23 +116,14 @@ final class TrainingCheckpoints {
                 }
             }
             opt.write(tmp.resolve("optimizer.safetensors"));
+            CrashPoints.reach("checkpoint.optimizer-written");
+            AtomicFiles.writeString(tmp.resolve("config.json"), tuner.model().config().toJson() + "\n");
             AtomicFiles.writeString(tmp.resolve("trainer_state.json"),
                     new GsonBuilder().setPrettyPrinting().create().toJson(state(tuner, steps)) + "\n");
-            Path old = null;
-            if (Files.exists(target)) {
-                old = Files.createTempDirectory(parent, "." + target.getFileName() + ".old-");
-                Files.delete(old);
-                Files.move(target, old, StandardCopyOption.ATOMIC_MOVE);
-            }
-            Files.move(tmp, target, StandardCopyOption.ATOMIC_MOVE);
-            if (old != null) {
-                AtomicFiles.deleteTree(old);
-            }
-        } finally {
-            if (Files.exists(tmp)) {
-                AtomicFiles.deleteTree(tmp);
-            }
-        }
+            CrashPoints.reach("checkpoint.state-written");
+            CheckpointManifest.write(tmp);
+            CrashPoints.reach("checkpoint.manifest-written");
+        });
     }
 
     /** The content of {@code trainer_state.json}. */
@@ -111,6 +137,8 @@ final class TrainingCheckpoints {
         state.addProperty("precision", tuner.precision().name().toLowerCase(Locale.ROOT));
         state.addProperty("checkpointing", tuner.checkpointing());
         state.addProperty("gradient_accumulation", tuner.gradientAccumulation());
+        state.addProperty("run_id", tuner.runIdentity().id());
+        state.add("identity", tuner.runIdentity().toJson());
         JsonObject o = new JsonObject();
         o.addProperty("kind", optimizer.kind().name().toLowerCase(Locale.ROOT));
         o.addProperty("beta1", optimizer.beta1());
@@ -140,10 +168,12 @@ final class TrainingCheckpoints {
     }
 
     /**
-     * Restores weights, FP32 masters and optimizer state into {@code tuner} from a checkpoint of the same architecture,
-     * precision and optimizer; returns the step, data position and loss scaler to continue from.
+     * Restores weights, FP32 masters, optimizer state and loss scaler into {@code tuner} from a checkpoint of the same
+     * run (see {@link RunIdentity}) and gives it zero gradient buffers, the state of an uninterrupted run
+     * ({@link ParameterUpdate#createGradients}); returns the step and data position to continue from. Nothing is
+     * restored unless every file matches the manifest's checksums and the identities agree.
      *
-     * @throws IllegalArgumentException naming the file and field that does not match
+     * @throws IllegalArgumentException naming the file and field that does not match, or what differs between the runs
      * @throws IOException if a file is missing or corrupt
      */
     static Progress restore(FineTuner tuner, Path dir) throws IOException {
@@ -151,15 +181,12 @@ final class TrainingCheckpoints {
         if (!isCheckpoint(dir)) {
             throw new IOException(dir + " is not a training checkpoint (no trainer_state.json / model.safetensors)");
         }
-        JsonObject state;
-        try {
-            state = JsonParser.parseString(Files.readString(stateFile, StandardCharsets.UTF_8)).getAsJsonObject();
-        } catch (RuntimeException e) {
-            throw new IOException(stateFile + " is not a JSON object: " + e.getMessage(), e);
-        }
+        JsonObject state = readState(dir);
         int format = intField(state, "format", stateFile);
-        Preconditions.checkArgument(format == STATE_FORMAT, "%s: format %s, this version reads %s", stateFile,
-                format, STATE_FORMAT);
+        Preconditions.checkArgument(format == STATE_FORMAT, "%s: format %s, this version reads %s%s", stateFile,
+                format, STATE_FORMAT, format < STATE_FORMAT ? " (the checkpoint was written by an earlier version,"
+                        + " without checksums or run identity, and cannot be verified: start the run again)" : "");
+        CheckpointManifest.verify(dir);
         DeepSeekConfig config = DeepSeekConfig.fromJson(dir.resolve("config.json"));
         Preconditions.checkArgument(config.equals(tuner.model().config()),
                 "%s: the checkpoint's model config differs from the model being trained", dir.resolve("config.json"));
@@ -174,6 +201,9 @@ final class TrainingCheckpoints {
         Preconditions.checkArgument(StatefulOptimizer.Kind.parse(kind) == optimizer.kind(),
                 "%s: the checkpoint's optimizer is %s, this run uses %s", stateFile, kind,
                 optimizer.kind().name().toLowerCase(Locale.ROOT));
+        List<String> differences = tuner.runIdentity().differences(identity(state, stateFile));
+        Preconditions.checkArgument(differences.isEmpty(), "%s was written by a different run; it differs in:\n  %s",
+                dir, String.join("\n  ", differences));
         JsonObject steps = o.getAsJsonObject("parameter_steps");
         Preconditions.checkArgument(steps != null, "%s has no optimizer.parameter_steps", stateFile);
         long newStep = longField(state, "step", stateFile);
@@ -186,7 +216,14 @@ final class TrainingCheckpoints {
             scaler = DynamicLossScaler.fromJson(state.get("loss_scaler").toString());
         }
         restoreArrays(tuner, dir, steps);
-        return new Progress(newStep, newPosition, scaler);
+        if (scaler != null) {
+            tuner.update().setScaler(scaler);
+        }
+        tuner.update().zeroGradients();
+        if (newStep > 0) {
+            tuner.update().createGradients();
+        }
+        return new Progress(newStep, newPosition);
     }
 
     /** Copies the weights and optimizer state of the checkpoint {@code dir} into {@code tuner}. */
@@ -227,43 +264,41 @@ final class TrainingCheckpoints {
         }
     }
 
-    /** The newest checkpoint directory (highest step) among {@code dir}'s children, or {@code dir} itself. */
-    static Path latest(Path dir) throws IOException {
-        if (isCheckpoint(dir)) {
-            return dir;
+    /** The parsed {@code trainer_state.json} of a checkpoint. */
+    private static JsonObject readState(Path checkpoint) throws IOException {
+        Path f = checkpoint.resolve("trainer_state.json");
+        try {
+            return JsonParser.parseString(Files.readString(f, StandardCharsets.UTF_8)).getAsJsonObject();
+        } catch (RuntimeException e) {
+            throw new IOException(f + " is not a JSON object: " + e.getMessage(), e);
         }
-        if (!Files.isDirectory(dir)) {
-            throw new IOException(dir + " does not exist");
-        }
-        Path best = null;
-        long bestStep = -1;
-        try (Stream<Path> s = Files.list(dir)) {
-            for (Path c : (Iterable<Path>) s::iterator) {
-                if (c.getFileName().toString().startsWith(".") || !isCheckpoint(c)) {
-                    continue;
-                }
-                long st = readStep(c);
-                if (st > bestStep) {
-                    bestStep = st;
-                    best = c;
-                }
-            }
-        }
-        if (best == null) {
-            throw new IOException(dir + " holds no training checkpoint (a directory with trainer_state.json)");
-        }
-        return best;
     }
 
     /** The step recorded in a checkpoint's {@code trainer_state.json}. */
     static long readStep(Path checkpoint) throws IOException {
+        return longField(readState(checkpoint), "step", checkpoint.resolve("trainer_state.json"));
+    }
+
+    /** A checkpoint's step and run id ({@code null} for a checkpoint of an earlier format, which has none). */
+    static CheckpointDirectory.Entry entry(Path checkpoint) throws IOException {
+        JsonObject state = readState(checkpoint);
         Path f = checkpoint.resolve("trainer_state.json");
-        try {
-            return longField(JsonParser.parseString(Files.readString(f, StandardCharsets.UTF_8)).getAsJsonObject(),
-                    "step", f);
-        } catch (IllegalStateException | com.google.gson.JsonParseException e) {
-            throw new IOException(f + " is not a JSON object: " + e.getMessage(), e);
+        String runId = state.has("run_id") ? stringField(state, "run_id", f) : null;
+        return new CheckpointDirectory.Entry(checkpoint, longField(state, "step", f), runId);
+    }
+
+    /** The run identity a checkpoint records (empty for an earlier format). */
+    static RunIdentity identity(Path checkpoint) throws IOException {
+        return identity(readState(checkpoint), checkpoint.resolve("trainer_state.json"));
+    }
+
+    private static RunIdentity identity(JsonObject state, Path stateFile) {
+        JsonElement id = state.get("identity");
+        if (id == null) {
+            return RunIdentity.of(Map.of());
         }
+        Preconditions.checkArgument(id.isJsonObject(), "%s: identity is not a JSON object", stateFile);
+        return RunIdentity.fromJson(id.getAsJsonObject(), stateFile.toString());
     }
 
     private static String stringField(JsonObject o, String key, Path file) {

@@ -42,7 +42,7 @@ class RepeatedResumeTest {
                 .optOptimizer(StatefulOptimizer.Kind.ADAMW).optLossChunkTokens(16).optSeed(5).build();
     }
 
-    /** Forked: {@code args[0]} a fresh directory, {@code args[1]} the precision. Prints the sessions and "identical". */
+    /** Forked: {@code args[0]} a fresh directory, {@code args[1]} the precision. Prints the sessions, "identical". */
     public static void main(String[] args) throws Exception {
         Path dir = Path.of(args[0]);
         FineTuner.Precision precision = FineTuner.Precision.parse(args[1]);
