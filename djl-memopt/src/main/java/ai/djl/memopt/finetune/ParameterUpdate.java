@@ -7,6 +7,7 @@ import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.index.NDIndex;
+import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Parameter;
 import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
@@ -233,25 +234,20 @@ final class ParameterUpdate {
         }
     }
 
-    /** Whether every element of {@code a} is finite, checked in blocks of rows (block-sized boolean temporaries). */
+    /**
+     * Whether every element of {@code a} is finite: its maximum and minimum are (both reductions propagate NaN), two
+     * read-only passes with scalar results and no temporaries.
+     */
     static boolean allFinite(NDArray a) {
-        long rows = RowBlocks.rowsPerBlock(a.getShape(), RowBlocks.DEFAULT_BLOCK_ELEMENTS);
-        long total = a.getShape().dimension() == 0 ? 1 : a.getShape().get(0);
-        for (long r0 = 0; r0 < total; r0 += rows) {
-            try (NDManager t = a.getManager().newSubManager()) {
-                NDArray block = RowBlocks.rows(a, r0, Math.min(total, r0 + rows), rows, total, t);
-                // results land in the block's manager, which is the caller's when the block is the whole array
-                try (NDArray inf = block.isInfinite();
-                        NDArray nan = block.isNaN();
-                        NDArray either = inf.logicalOr(nan);
-                        NDArray any = either.any()) {
-                    if (any.getBoolean()) {
-                        return false;
-                    }
-                }
-            }
+        if (a.isEmpty()) {
+            return true;
         }
-        return true;
+        try (NDArray max = a.max();
+                NDArray min = a.min();
+                NDArray wideMax = max.toType(DataType.FLOAT32, false);
+                NDArray wideMin = min.toType(DataType.FLOAT32, false)) {
+            return Float.isFinite(wideMax.getFloat()) && Float.isFinite(wideMin.getFloat());
+        }
     }
 
     /** The FP32 value of each weight (the master in FP16 mode), by Hugging Face name. */

@@ -255,4 +255,47 @@ class TrainingCheckpointsTest {
         AtomicFiles.deleteTree(tmp.resolve("model.safetensors"));
         assertEquals(before, RunIdentity.modelFingerprint(tmp));
     }
+
+    @Test
+    void allFiniteFindsEveryKindOfNonFiniteValue() {
+        try (ai.djl.ndarray.NDManager m = ai.djl.ndarray.NDManager.newBaseManager()) {
+            for (DataType type : new DataType[] {DataType.FLOAT32, DataType.FLOAT16}) {
+                float[] values = new float[3000];
+                for (int i = 0; i < values.length; i++) {
+                    values[i] = (i % 7 - 3) * 1000f; // large finite values of both signs (FP16 holds them)
+                }
+                NDArray finite = m.create(values, new ai.djl.ndarray.types.Shape(1000, 3)).toType(type, false);
+                assertTrue(ParameterUpdate.allFinite(finite), type.toString());
+                for (float bad : new float[] {Float.NaN, Float.POSITIVE_INFINITY, Float.NEGATIVE_INFINITY}) {
+                    float[] v = values.clone();
+                    v[1777] = bad;
+                    NDArray a = m.create(v, new ai.djl.ndarray.types.Shape(1000, 3)).toType(type, false);
+                    assertFalse(ParameterUpdate.allFinite(a), type + " " + bad);
+                }
+            }
+        }
+    }
+
+    /**
+     * FP16 gradients that overflow are a skipped step while the scale can back off, and an error once it cannot: at
+     * the minimum scale no step would ever be applied again.
+     */
+    @Test
+    void fp16OverflowSkipsStepsUntilTheMinimumScaleThenStops() throws Exception {
+        ai.djl.memopt.precision.DynamicLossScaler scaler = ai.djl.memopt.precision.DynamicLossScaler.builder()
+                .optInitialScale(4e30f).optMaxScale(4e30f).optMinScale(1e30f).optBackoffFactor(0.5f).build();
+        try (DeepSeekForCausalLM lm = model(1);
+                FineTuner tuner = FineTuner.builder().setModel(lm).optPrecision(FineTuner.Precision.FP16)
+                        .optLossScaler(scaler).build()) {
+            float[] embedding = lm.model().tokenEmbedding().weight().getArray().toFloatArray();
+            assertTrue(tuner.step(DATA.trainBatch(0, 4)).skipped(), "4e30: skipped");
+            assertTrue(tuner.step(DATA.trainBatch(4, 4)).skipped(), "2e30: skipped");
+            NonFiniteLossException e = assertThrows(NonFiniteLossException.class,
+                    () -> tuner.step(DATA.trainBatch(8, 4)));
+            assertTrue(e.getMessage().startsWith("step 3: the FP16 gradient of "), e.getMessage());
+            assertTrue(e.getMessage().contains("overflows even at the minimum loss scale 1.0E30"), e.getMessage());
+            assertEquals(2, tuner.step());
+            assertArrayEquals(embedding, lm.model().tokenEmbedding().weight().getArray().toFloatArray());
+        }
+    }
 }
