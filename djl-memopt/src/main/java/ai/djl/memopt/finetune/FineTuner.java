@@ -31,8 +31,9 @@ import java.util.Map;
  *
  * <p>The step is the loop; the work is done by {@link ChunkedLossHead} (the loss head, its chunks differentiated by
  * hand), {@link ParameterUpdate} (the FP32 or FP16 update with the loss scaler) and {@link TrainingCheckpoints}
- * (directories that {@link #saveCheckpoint} writes and {@link #restoreCheckpoint} puts back, so that N steps, save,
- * restore, M steps gives the weights of N + M uninterrupted steps).
+ * (directories that {@link #saveCheckpoint} writes whole, with checksums and the {@link #runIdentity}, and
+ * {@link #restoreCheckpoint} verifies and puts back, so that N steps, save, restore, M steps gives the weights of N + M
+ * uninterrupted steps, bit for bit). A non-finite loss is a {@link NonFiniteLossException}, never an update.
  *
  * <pre>{@code
  * DeepSeekForCausalLM lm = DeepSeekLoader.load(modelDir, Device.cpu(), DataType.FLOAT32);
