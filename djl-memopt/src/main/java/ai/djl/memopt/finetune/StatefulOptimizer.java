@@ -163,14 +163,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
                 try (NDManager b = manager.newSubManager(weight.getDevice())) {
                     NDArray w = RowBlocks.rows(weight, r0, r1, rows, total, b);
                     NDArray g = RowBlocks.rows(grad, r0, r1, rows, total, b);
-                    if (g.getDataType() != DataType.FLOAT32 || gradDivisor != 1f) {
-                        // unscale in FP32: the unscaled value may not be representable in FP16
-                        g = g.toType(DataType.FLOAT32, true);
-                        g.attach(b);
-                        if (gradDivisor != 1f) {
-                            g.divi(gradDivisor);
-                        }
-                    }
+                    g = unscaled(g, gradDivisor, b);
                     NDArray first = s.first == null ? null : RowBlocks.rows(s.first, r0, r1, rows, total, b);
                     if (adam) {
                         adam(s.step, w, g, first, RowBlocks.rows(s.second, r0, r1, rows, total, b), b);
@@ -188,6 +181,24 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         } finally {
             JniUtils.setGradMode(gradMode);
         }
+    }
+
+    /**
+     * A gradient block in FP32 divided by {@code divisor}, in FP32 because the unscaled value may not be representable
+     * in FP16. Never in place on the gradient: {@code toType} of an FP32 array returns the array itself.
+     */
+    private static NDArray unscaled(NDArray grad, float divisor, NDManager tmp) {
+        NDArray g = grad;
+        if (g.getDataType() != DataType.FLOAT32) {
+            g = g.toType(DataType.FLOAT32, false); // a new array
+            g.attach(tmp);
+            return divisor == 1f ? g : g.divi(divisor);
+        }
+        if (divisor != 1f) {
+            g = g.div(divisor);
+            g.attach(tmp);
+        }
+        return g;
     }
 
     /** One block of the Adam/AdamW rule, in place on views of the weight and moments. */
@@ -266,7 +277,8 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     }
 
     /**
-     * Restores the state of a parameter (arrays are copied into this optimizer's manager).
+     * Restores the state of a parameter: the arrays are copied into new arrays of this optimizer's manager, so the
+     * caller may close or reuse them.
      *
      * @param arrays by kind as {@link #stateArrays} names them; empty for a parameter without moments
      * @throws IllegalArgumentException naming the parameter and the missing or misshaped array
@@ -284,8 +296,11 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
                 Preconditions.checkArgument(a.getShape().equals(weight.getShape()),
                         "optimizer state %s.%s has shape %s, the parameter %s", name, keys[i], a.getShape(),
                         weight.getShape());
-                NDArray copy = a.toType(DataType.FLOAT32, true).toDevice(weight.getDevice(), false);
-                copy.attach(manager);
+                // a copy into memory of this optimizer's own: toType(FLOAT32, true) of an FP32 array is an alias in
+                // DJL's PyTorch engine, and the arrays a restore gets are loaded over Java direct buffers that the
+                // garbage collector frees once their manager is closed (later updates wrote into freed memory)
+                NDArray copy = zeros(weight);
+                copy.set(new NDIndex("..."), a);
                 if (i == 0) {
                     s.first = copy;
                 } else {

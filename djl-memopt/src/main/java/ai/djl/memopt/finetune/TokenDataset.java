@@ -6,6 +6,8 @@ import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import java.io.IOException;
+import java.nio.ByteBuffer;
+import java.nio.ByteOrder;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -115,6 +117,19 @@ public final class TokenDataset {
                 "the text has %s tokens: too short for one training sequence of %s tokens%s", stream.length, seq,
                 held > 0 ? " plus " + held + " held-out sequence(s)" : "");
         return new TokenDataset(stream, seq, n - held, held, seed);
+    }
+
+    /**
+     * The identity of this data for a training run ({@link RunIdentity}): {@code data} is the SHA-256 of the token
+     * stream with its length, {@code seq} the sequence length and {@code held_out} the training and held-out
+     * sequence counts. (The shuffling seed is the run's {@code seed}.)
+     */
+    public Map<String, String> identity() {
+        ByteBuffer bytes = ByteBuffer.allocate(4 * tokens.length).order(ByteOrder.LITTLE_ENDIAN);
+        bytes.asIntBuffer().put(tokens);
+        return Map.of("data", "sha256:" + RunIdentity.sha256(bytes.array()).substring(0, 16) + " ("
+                        + tokens.length + " tokens)", "seq", Integer.toString(seq),
+                "held_out", trainSequences + " training + " + heldOutSequences + " held-out sequences");
     }
 
     /** Tokens per sequence. */

@@ -1,5 +1,6 @@
 package ai.djl.memopt.finetune;
 
+import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
@@ -173,6 +174,44 @@ class StatefulOptimizerTest {
             assertEquals(masters[1][i], masters[0][i], 1e-7, "master element " + i);
             assertEquals(working[1][i], working[0][i], 0.0, "working element " + i);
             assertEquals(masters[0][i], working[0][i], Math.abs(masters[0][i]) * 1e-3, "working copy of element " + i);
+        }
+    }
+
+    /**
+     * Restored state is this optimizer's own memory. The arrays a checkpoint restore passes in are loaded from
+     * safetensors into a temporary manager over Java direct buffers, which the garbage collector frees once that
+     * manager is closed; state that still pointed into them (DJL's {@code toType(same type, true)} returns an alias,
+     * not a copy) was written into freed native memory by every later update: the heap corruption of
+     * {@code finetune --resume}. Writing into the source after the restore must not change the state.
+     */
+    @Test
+    void restoreCopiesTheStateOutOfTheArraysItIsGiven() {
+        for (StatefulOptimizer.Kind kind : new StatefulOptimizer.Kind[] {StatefulOptimizer.Kind.ADAMW,
+                StatefulOptimizer.Kind.SGD}) {
+            try (NDManager m = NDManager.newBaseManager();
+                    StatefulOptimizer opt = StatefulOptimizer.builder().setManager(m).optKind(kind).optMomentum(0.9f)
+                            .build()) {
+                NDArray w = m.create(W);
+                java.util.Map<String, NDArray> given = new java.util.LinkedHashMap<>();
+                try (NDManager source = m.newSubManager()) {
+                    for (String key : kind == StatefulOptimizer.Kind.SGD ? new String[] {"momentum_buffer"}
+                            : new String[] {"exp_avg", "exp_avg_sq"}) {
+                        java.nio.ByteBuffer direct = java.nio.ByteBuffer.allocateDirect(4 * W.length)
+                                .order(java.nio.ByteOrder.nativeOrder());
+                        direct.asFloatBuffer().put(new float[] {1f, 2f, 3f});
+                        given.put(key, source.create(direct, new Shape(W.length), DataType.FLOAT32));
+                    }
+                    opt.restore("p", "w", 3, given, w);
+                    for (NDArray a : given.values()) {
+                        a.muli(0); // the caller reuses or frees what it passed in
+                    }
+                }
+                for (Map.Entry<String, NDArray> e : opt.stateArrays("p").entrySet()) {
+                    assertArrayEquals(new float[] {1f, 2f, 3f}, e.getValue().toFloatArray(), kind + " " + e.getKey()
+                            + " aliases the array it was restored from");
+                    assertTrue(e.getValue().getManager() != given.get(e.getKey()).getManager(), e.getKey());
+                }
+            }
         }
     }
 }

@@ -2,19 +2,19 @@ package ai.djl.memopt.examples.cli;
 
 import ai.djl.Device;
 import ai.djl.memopt.export.ModelDirectories;
+import ai.djl.memopt.finetune.CheckpointChoice;
+import ai.djl.memopt.finetune.CheckpointDirectory;
 import ai.djl.memopt.finetune.FineTuner;
 import ai.djl.memopt.finetune.LearningRateSchedule;
+import ai.djl.memopt.finetune.RunIdentity;
 import ai.djl.memopt.finetune.StatefulOptimizer;
-import ai.djl.memopt.finetune.StepResult;
 import ai.djl.memopt.finetune.TextCorpus;
-import ai.djl.memopt.finetune.TokenBatch;
 import ai.djl.memopt.finetune.TokenDataset;
 import ai.djl.memopt.gguf.GgufFile;
 import ai.djl.memopt.gguf.GgufModelFiles;
 import ai.djl.memopt.lora.Lora;
 import ai.djl.memopt.lora.LoraConfig;
 import ai.djl.memopt.lora.LoraReport;
-import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.model.deepseek.DeepSeekCheckpointWriter;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
@@ -23,6 +23,7 @@ import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.Quantizer;
 import ai.djl.memopt.safetensors.AtomicFiles;
+import ai.djl.memopt.safetensors.CrashPoints;
 import ai.djl.ndarray.types.DataType;
 import com.google.gson.JsonArray;
 import com.google.gson.JsonObject;
@@ -30,10 +31,10 @@ import java.io.IOException;
 import java.io.PrintStream;
 import java.nio.file.Files;
 import java.nio.file.Path;
-import java.util.ArrayList;
-import java.util.Comparator;
+import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Locale;
+import java.util.Map;
 import java.util.concurrent.Callable;
 import java.util.stream.Collectors;
 import java.util.stream.Stream;
@@ -47,10 +48,13 @@ import picocli.CommandLine.Option;
  *
  * <p>Layout of {@code --save DIR}: the final model ({@code config.json}, {@code model.safetensors} with FP32 weights,
  * {@code tokenizer.json} and {@code tokenizer_config.json} copied), and {@code DIR/checkpoints/step-NNNNNNNN/} training
- * checkpoints (every {@code --checkpoint-every} steps and at the end; the newest {@code --keep-checkpoints} are kept),
- * each written to a temporary directory and renamed into place. {@code --resume} takes one checkpoint directory or a
- * directory holding them (the newest is used); {@code --steps} is the total step count, so a resumed run continues to
- * it.
+ * checkpoints (every {@code --checkpoint-every} steps and at the end; this run's newest {@code --keep-checkpoints} are
+ * kept, other runs' never deleted), each written whole or not at all, with the run's identity and checksums. The
+ * directory is replaced as a whole when the run ends (its checkpoints carried over): a crash or an error leaves the old
+ * one. {@code --resume} takes one checkpoint directory or a directory holding them (this run's newest is used; see
+ * {@link CheckpointDirectory#find}); {@code --steps} is the total step count, so a resumed run continues to it, and a
+ * checkpoint at {@code --steps} only writes the output. A loss that is not finite ends the run with an error naming
+ * the step; numbers that are not finite are {@code null} in the JSON.
  *
  * <pre>
  * memopt finetune --model DIR --data speeches/ --steps 200 --batch 4 --seq 256 --checkpoint all --precision fp16 \
@@ -138,7 +142,8 @@ public final class FinetuneCommand implements Callable<Integer> {
     int lossChunk;
 
     @Option(names = "--save", required = true, paramLabel = "DIR",
-            description = "Output: the final model, and training checkpoints under DIR/checkpoints.")
+            description = "Output: the final model, and training checkpoints under DIR/checkpoints. Replaced as a whole"
+                    + " when the run ends (checkpoints carried over).")
     Path save;
 
     @Option(names = "--checkpoint-every", defaultValue = "0", paramLabel = "N",
@@ -146,11 +151,12 @@ public final class FinetuneCommand implements Callable<Integer> {
     int checkpointEvery;
 
     @Option(names = "--keep-checkpoints", defaultValue = "2", paramLabel = "N",
-            description = "Training checkpoints kept (newest; default 2).")
+            description = "This run's training checkpoints kept (newest; default 2); other runs' are never deleted.")
     int keepCheckpoints;
 
     @Option(names = "--resume", paramLabel = "DIR",
-            description = "Continue from a training checkpoint (or the newest one in DIR).")
+            description = "Continue from a training checkpoint, or this run's newest one in DIR (same settings and data;"
+                    + " checksums verified).")
     Path resume;
 
     @Option(names = "--held-out", defaultValue = "0.05", paramLabel = "F",
@@ -214,52 +220,140 @@ public final class FinetuneCommand implements Callable<Integer> {
                     ? source.model + " has no tokenizer.json (needed to tokenize --data)"
                     : "tokenizer " + tokenizerJson + " does not exist");
         }
-        Path resumeFrom = resume != null ? FineTuner.latestCheckpoint(resume) : null;
+        AtomicFiles.recoverDirectory(save); // a save a crash interrupted: its old or its new version, complete
+        checkSaveTarget();
+        if (resume != null) {
+            FineTuner.latestCheckpoint(resume); // says now, before any heavy work, if there is none
+        }
         TokenDataset dataset = TokenDataset.tokenize(TextCorpus.read(data), tokenizerJson, seq, heldOut, seed);
         PrintStream err = System.err;
         err.printf(Locale.ROOT, "memopt finetune: %d tokens -> %d training + %d held-out sequences of %d%n",
                 dataset.tokenCount(), dataset.trainSequences(), dataset.heldOutSequences(), seq);
-        int code;
-        try (DeepSeekForCausalLM lm = loadBase(dev)) {
-            if (dataset.maxTokenId() >= lm.config().vocabSize()) {
-                throw new IllegalArgumentException("the tokenizer produces id " + dataset.maxTokenId()
-                        + " but the model's vocabulary has " + lm.config().vocabSize() + " entries");
-            }
-            if (seq > lm.config().maxPositionEmbeddings()) {
-                throw new IllegalArgumentException("--seq " + seq + " exceeds the model's max_position_embeddings "
-                        + lm.config().maxPositionEmbeddings());
-            }
-            if (lora != null) {
-                if (quantize != null) {
-                    Quantizer.quantize(lm, quantize.equalsIgnoreCase("int8") ? Int8WeightOnlyConfig.builder().build()
-                            : Int4WeightOnlyConfig.builder().build());
+        Map<String, String> identity = runIdentity(dataset);
+        JsonObject[] done = new JsonObject[1];
+        // --save is replaced as a whole once everything is written: a crash or an error before leaves the old one
+        AtomicFiles.replaceDirectory(save, out -> {
+            try (DeepSeekForCausalLM lm = loadBase(dev)) {
+                prepare(lm, dataset, lora);
+                LearningRateSchedule schedule = LearningRateSchedule.of(lr, warmup, cosine ? steps : 0, 0.1f);
+                try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpoint)
+                        .optPrecision(prec).optOptimizer(kind).optSchedule(schedule).optWeightDecay(weightDecay)
+                        .optGradientAccumulation(gradAccum).optLossChunkTokens(lossChunk).optSeed(seed)
+                        .optRunIdentity(identity).build()) {
+                    resume(tuner);
+                    done[0] = new FinetuneLoop(this).train(tuner, dataset, dev, tokenizerJson, out);
                 }
-                LoraReport report = Lora.apply(lm, lora);
-                loraTrainable = report.trainableParameters();
-                err.println("memopt finetune: " + report + (quantize != null ? " on a " + quantize + " base" : ""));
             }
-            LearningRateSchedule schedule = LearningRateSchedule.of(lr, warmup, cosine ? steps : 0, 0.1f);
-            try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpoint).optPrecision(prec)
-                    .optOptimizer(kind).optSchedule(schedule).optWeightDecay(weightDecay)
-                    .optGradientAccumulation(gradAccum).optLossChunkTokens(lossChunk).optSeed(seed).build()) {
-                if (resumeFrom != null) {
-                    tuner.restoreCheckpoint(resumeFrom);
-                    err.printf(Locale.ROOT, "memopt finetune: resumed from %s at step %d%n", resumeFrom, tuner.step());
-                    if (tuner.step() >= steps) {
-                        throw new IllegalArgumentException("the checkpoint is at step " + tuner.step()
-                                + ": --steps " + steps + " is the total step count and must exceed it");
-                    }
-                }
-                code = train(tuner, dataset, dev, tokenizerJson);
+            if (merge) {
+                writeMerged(dev, out);
+                CrashPoints.reach("finetune-save.merged-written");
             }
-        }
-        if (code == 0 && merge) {
-            writeMerged(dev);
-        }
-        return code;
+            CheckpointDirectory.carryInto(save.resolve("checkpoints"), out.resolve("checkpoints"));
+            CrashPoints.reach("finetune-save.checkpoints-carried");
+        });
+        new FinetuneLoop(this).report(done[0]);
+        return 0;
     }
 
-    private long loraTrainable = -1;
+    /**
+     * What makes this run the run it is, besides what the tuner knows itself: recorded in its checkpoints, which a
+     * resume must match.
+     */
+    private Map<String, String> runIdentity(TokenDataset dataset) throws IOException {
+        Map<String, String> id = new LinkedHashMap<>(dataset.identity());
+        id.put("model", source.model != null ? RunIdentity.modelFingerprint(source.model)
+                : "preset " + source.preset + " seed " + seed);
+        id.put("batch", batch + " x " + gradAccum);
+        id.put("lora", loraRank == 0 ? "none" : String.format(Locale.ROOT, "rank=%d alpha=%s dropout=%s targets=%s",
+                loraRank, loraAlpha != null ? loraAlpha : 2f * loraRank, loraDropout, loraTargets));
+        id.put("quantize_base", quantize == null ? "none" : quantize.toLowerCase(Locale.ROOT));
+        return id;
+    }
+
+    /**
+     * Refuses a {@code --save} that replacing as a whole would lose something in: a directory holding neither a model,
+     * an adapter nor checkpoints, or one that holds the input data or model.
+     */
+    private void checkSaveTarget() throws IOException {
+        Path target = save.toAbsolutePath().normalize();
+        for (Path input : new Path[] {data, source.model, tokenizer}) {
+            if (input != null && input.toAbsolutePath().normalize().startsWith(target)
+                    && !input.toAbsolutePath().normalize().equals(target)) {
+                throw new IllegalArgumentException("--save " + save + " holds the input " + input + ": fine-tuning"
+                        + " replaces the --save directory as a whole; save elsewhere");
+            }
+        }
+        if (!Files.exists(save)) {
+            return;
+        }
+        if (!Files.isDirectory(save)) {
+            throw new IllegalArgumentException("--save " + save + " is a file, not a directory");
+        }
+        List<String> names;
+        try (Stream<Path> s = Files.list(save)) {
+            names = s.map(p -> p.getFileName().toString()).sorted().collect(Collectors.toList());
+        }
+        boolean output = names.isEmpty() || names.contains("config.json") || names.contains("adapter_config.json")
+                || names.contains("checkpoints");
+        if (!output) {
+            throw new IllegalArgumentException("--save " + save + " holds " + names.size() + " file(s) (" + names.get(0)
+                    + (names.size() > 1 ? ", ..." : "") + ") but no model, adapter or checkpoints: fine-tuning"
+                    + " replaces the --save directory as a whole; give a new or empty directory or an earlier output");
+        }
+    }
+
+    /** Checks the model against the data and puts LoRA adapters (on a quantized base) on it when asked to. */
+    private void prepare(DeepSeekForCausalLM lm, TokenDataset dataset, LoraConfig lora) {
+        if (dataset.maxTokenId() >= lm.config().vocabSize()) {
+            throw new IllegalArgumentException("the tokenizer produces id " + dataset.maxTokenId()
+                    + " but the model's vocabulary has " + lm.config().vocabSize() + " entries");
+        }
+        if (seq > lm.config().maxPositionEmbeddings()) {
+            throw new IllegalArgumentException("--seq " + seq + " exceeds the model's max_position_embeddings "
+                    + lm.config().maxPositionEmbeddings());
+        }
+        if (lora != null) {
+            if (quantize != null) {
+                Quantizer.quantize(lm, quantize.equalsIgnoreCase("int8") ? Int8WeightOnlyConfig.builder().build()
+                        : Int4WeightOnlyConfig.builder().build());
+            }
+            LoraReport report = Lora.apply(lm, lora);
+            loraTrainable = report.trainableParameters();
+            System.err.println("memopt finetune: " + report + (quantize != null ? " on a " + quantize + " base" : ""));
+        }
+    }
+
+    /**
+     * With {@code --resume}: restores this run's newest checkpoint (others are passed over, and said so). A checkpoint
+     * at {@code --steps} (a run that a crash stopped while it saved) leaves nothing to train but the output to write.
+     */
+    private void resume(FineTuner tuner) throws IOException {
+        PrintStream err = System.err;
+        if (resume == null) {
+            List<Path> others = CheckpointDirectory.otherRuns(save.resolve("checkpoints"), tuner.runIdentity());
+            if (!others.isEmpty()) {
+                err.printf(Locale.ROOT, "memopt finetune: %s holds %d checkpoint(s) of other runs (%s%s): they are"
+                        + " kept, and neither resumed from nor pruned by this run%n", save.resolve("checkpoints"),
+                        others.size(), others.get(0).getFileName(), others.size() > 1 ? ", ..." : "");
+            }
+            return;
+        }
+        CheckpointChoice from = CheckpointDirectory.find(resume, tuner.runIdentity());
+        if (from.note() != null) {
+            err.println("memopt finetune: " + from.note());
+        }
+        tuner.restoreCheckpoint(from.checkpoint());
+        err.printf(Locale.ROOT, "memopt finetune: resumed from %s at step %d%n", from.checkpoint(), tuner.step());
+        if (tuner.step() > steps) {
+            throw new IllegalArgumentException("the checkpoint is at step " + tuner.step()
+                    + ": --steps " + steps + " is the total step count and may not be below it");
+        }
+        if (tuner.step() == steps) {
+            err.println("memopt finetune: the checkpoint is at --steps: nothing to train, writing the output");
+        }
+    }
+
+    long loraTrainable = -1;
 
     private DeepSeekForCausalLM loadBase(Device dev) throws IOException {
         return source.model != null
@@ -288,21 +382,20 @@ public final class FinetuneCommand implements Callable<Integer> {
     }
 
     /**
-     * Rebuilds the FP32 base (the training model may be quantized or wrapped for FP16), puts the saved adapter on it,
-     * merges and writes a plain model directory to {@code DIR/merged}. Merging onto the full-precision base rather
-     * than the quantized one is what QLoRA users deploy (or quantize again).
+     * Rebuilds the FP32 base (the training model may be quantized or wrapped for FP16), puts the adapter saved in
+     * {@code dir} on it, merges and writes a plain model directory to {@code dir/merged}. Merging onto the
+     * full-precision base rather than the quantized one is what QLoRA users deploy (or quantize again).
      */
-    private void writeMerged(Device dev) throws IOException {
-        Path out = save.resolve("merged");
+    private void writeMerged(Device dev, Path dir) throws IOException {
+        Path out = dir.resolve("merged");
         try (DeepSeekForCausalLM lm = loadBase(dev)) {
-            Lora.load(lm, save);
+            Lora.load(lm, dir);
             Lora.merge(lm);
             DeepSeekCheckpointWriter.save(lm, lm.config(), out);
         }
         Path tokenizerJson = source.model != null
                 ? GgufModelFiles.directoryOf(source.model).resolve("tokenizer.json") : tokenizer;
         copyTokenizer(tokenizerJson, out);
-        System.err.println("memopt finetune: merged model written to " + out);
     }
 
     private void validate() {
@@ -340,140 +433,7 @@ public final class FinetuneCommand implements Callable<Integer> {
         }
     }
 
-    private int train(FineTuner tuner, TokenDataset dataset, Device dev, Path tokenizerJson) throws IOException {
-        PrintStream out = System.out;
-        Path checkpoints = save.resolve("checkpoints");
-        int rows = batch * gradAccum;
-        Double heldOutBefore = tuner.step() == 0 ? heldOutLoss(tuner, dataset) : null;
-        ProgressBar bar = noProgress ? null : new ProgressBar(System.err, "train", steps);
-        long start = System.nanoTime();
-        long tokens = 0;
-        long startStep = tuner.step();
-        StepResult last = null;
-        double firstLoss = Double.NaN;
-        long skipped = 0;
-        while (tuner.step() < steps) {
-            TokenBatch b = dataset.trainBatch(tuner.dataPosition(), rows);
-            long t0 = System.nanoTime();
-            last = tuner.step(b);
-            double seconds = (System.nanoTime() - t0) / 1e9;
-            tokens += last.tokens();
-            skipped += last.skipped() ? 1 : 0;
-            if (Double.isNaN(firstLoss)) {
-                firstLoss = last.loss();
-            }
-            long memory = MemoryStats.deviceBytesInUse(dev);
-            if (json) {
-                JsonObject o = new JsonObject();
-                o.addProperty("event", "step");
-                o.addProperty("step", last.step());
-                o.addProperty("loss", last.loss());
-                o.addProperty("lr", last.learningRate());
-                o.addProperty("loss_scale", last.lossScale());
-                o.addProperty("skipped", last.skipped());
-                o.addProperty("tokens", last.tokens());
-                o.addProperty("step_seconds", seconds);
-                o.addProperty("memory_bytes", memory);
-                out.println(o);
-            }
-            if (bar != null) {
-                bar.update(last.step(), stepStatus(last, last.tokens() / seconds, memory));
-            }
-            if (checkpointEvery > 0 && tuner.step() % checkpointEvery == 0 && tuner.step() < steps) {
-                writeCheckpoint(tuner, checkpoints);
-            }
-        }
-        if (bar != null) {
-            bar.finish();
-        }
-        double elapsed = (System.nanoTime() - start) / 1e9;
-        writeCheckpoint(tuner, checkpoints);
-        List<String> loraWarnings = List.of();
-        if (loraTrainable >= 0) {
-            // warnings (what PEFT's file says differently, without changing outputs) are also logged
-            loraWarnings = Lora.save(tuner.model(), save, source.model != null ? source.model.toString()
-                    : source.preset);
-        } else {
-            tuner.saveModel(save);
-        }
-        copyTokenizer(tokenizerJson, save);
-        Double heldOutAfter = heldOutLoss(tuner, dataset);
-        JsonObject o = new JsonObject();
-        o.addProperty("event", "done");
-        o.addProperty("steps", tuner.step());
-        o.addProperty("steps_run", tuner.step() - startStep);
-        o.addProperty("first_loss", firstLoss);
-        o.addProperty("last_loss", last.loss());
-        if (heldOutBefore != null) {
-            o.addProperty("held_out_loss_before", heldOutBefore);
-        }
-        if (heldOutAfter != null) {
-            o.addProperty("held_out_loss", heldOutAfter);
-        }
-        o.addProperty("held_out_sequences", dataset.heldOutSequences());
-        o.addProperty("skipped_steps", skipped);
-        o.addProperty("loss_scale", tuner.lossScale());
-        o.addProperty("tokens_per_second", tokens / elapsed);
-        o.addProperty("peak_memory_bytes", dev.isGpu() ? MemoryStats.deviceBytesInUse(dev)
-                : MemoryStats.peakResidentBytes());
-        o.addProperty("precision", tuner.precision().name().toLowerCase(Locale.ROOT));
-        o.addProperty("checkpointing", tuner.checkpointing());
-        if (loraTrainable >= 0) {
-            o.addProperty("lora_rank", loraRank);
-            o.addProperty("lora_trainable_parameters", loraTrainable);
-            o.addProperty("quantized_base", quantize != null ? quantize.toLowerCase(Locale.ROOT) : "none");
-            if (!loraWarnings.isEmpty()) {
-                JsonArray w = new JsonArray();
-                loraWarnings.forEach(w::add);
-                o.add("lora_save_warnings", w);
-            }
-        }
-        o.addProperty("save", save.toString());
-        if (json) {
-            out.println(o);
-        } else {
-            out.printf(Locale.ROOT, "trained to step %d: loss %.4f -> %.4f%s; %s saved to %s%n", tuner.step(),
-                    firstLoss, last.loss(), heldOutAfter != null
-                            ? String.format(Locale.ROOT, ", held-out loss %.4f", heldOutAfter) : "",
-                    loraTrainable >= 0 ? "LoRA adapter" : "model", save);
-        }
-        return 0;
-    }
-
-    /** Mean loss over the held-out sequences (in micro-batches of --batch), or null without a held-out split. */
-    private Double heldOutLoss(FineTuner tuner, TokenDataset dataset) {
-        int n = dataset.heldOutSequences();
-        if (n == 0) {
-            return null;
-        }
-        double sum = 0;
-        for (int from = 0; from < n; from += batch) {
-            int to = Math.min(n, from + batch);
-            sum += tuner.evaluate(dataset.heldOutBatch(from, to)) * (to - from);
-        }
-        return sum / n;
-    }
-
-    private void writeCheckpoint(FineTuner tuner, Path checkpoints) throws IOException {
-        Path dir = checkpoints.resolve(String.format(Locale.ROOT, "step-%08d", tuner.step()));
-        tuner.saveCheckpoint(dir);
-        List<Path> all;
-        try (Stream<Path> s = Files.list(checkpoints)) {
-            all = s.filter(p -> p.getFileName().toString().startsWith("step-") && FineTuner.isCheckpoint(p))
-                    .sorted(Comparator.comparing(p -> p.getFileName().toString()))
-                    .collect(Collectors.toCollection(ArrayList::new));
-        }
-        while (all.size() > keepCheckpoints) {
-            Path old = all.remove(0);
-            try (Stream<Path> w = Files.walk(old)) {
-                for (Path p : (Iterable<Path>) w.sorted(Comparator.reverseOrder())::iterator) {
-                    Files.deleteIfExists(p);
-                }
-            }
-        }
-    }
-
-    private static void copyTokenizer(Path tokenizerJson, Path dir) throws IOException {
+    static void copyTokenizer(Path tokenizerJson, Path dir) throws IOException {
         Path from = tokenizerJson.toAbsolutePath().getParent();
         for (String name : new String[] {"tokenizer.json", "tokenizer_config.json"}) {
             Path src = name.equals("tokenizer.json") ? tokenizerJson : from.resolve(name);
@@ -485,10 +445,4 @@ public final class FinetuneCommand implements Callable<Integer> {
         }
     }
 
-    private static String stepStatus(StepResult r, double tokensPerSecond, long memory) {
-        float scale = r.lossScale();
-        return String.format(Locale.ROOT, "loss %.4f  %.0f tok/s  scale %s  mem %.1f MB%s", r.loss(), tokensPerSecond,
-                scale == Math.rint(scale) ? Long.toString((long) scale) : Float.toString(scale), memory / 1e6,
-                r.skipped() ? " (skipped)" : "");
-    }
 }

@@ -36,14 +36,23 @@ class FinetuneCommandTest {
     static Path modelDir;
     static Path text;
 
-    /** A tiny DeepSeek-V3 model with random weights and a 320-token byte-level BPE trained on the text. */
     @BeforeAll
     static void setUp() throws Exception {
+        Path[] made = tinyModelAndSpeech(shared);
+        modelDir = made[0];
+        text = made[1];
+    }
+
+    /**
+     * A tiny DeepSeek-V3 model with random weights and a 320-token byte-level BPE trained on 6000 characters of a
+     * speech, in {@code dir}: returns the model directory and the text file.
+     */
+    static Path[] tinyModelAndSpeech(Path dir) throws Exception {
         String speech = Files.readString(SOTU.resolve("1961_john_f_kennedy_d.txt"), StandardCharsets.UTF_8);
         speech = speech.substring(0, 6000);
-        text = shared.resolve("speech.txt");
+        Path text = dir.resolve("speech.txt");
         Files.writeString(text, speech);
-        modelDir = shared.resolve("model");
+        Path modelDir = dir.resolve("model");
         DeepSeekConfig config = DeepSeekConfig.builder(DeepSeekConfig.DEEPSEEK_V3).vocabSize(320).hiddenSize(32)
                 .intermediateSize(64).moeIntermediateSize(16).numHiddenLayers(3).numAttentionHeads(2).qLoraRank(16)
                 .kvLoraRank(16).qkNopeHeadDim(8).qkRopeHeadDim(4).vHeadDim(8).nRoutedExperts(4).nSharedExperts(1)
@@ -52,6 +61,7 @@ class FinetuneCommandTest {
             DeepSeekCheckpointWriter.save(lm, config, modelDir);
         }
         ByteLevelBpeTrainer.train(List.of(speech), 320).writeTo(modelDir);
+        return new Path[] {modelDir, text};
     }
 
     /** Exit code, stdout and stderr of an in-process run ({@link CliRun}). */
