@@ -1,5 +1,6 @@
 package ai.djl.memopt.export;
 
+import ai.djl.memopt.safetensors.OwnedArrays;
 import static ai.djl.memopt.export.QuantizedArtifact.CONFIG;
 import static ai.djl.memopt.export.QuantizedArtifact.DEEPSEEK;
 import static ai.djl.memopt.export.QuantizedArtifact.METADATA;
@@ -138,8 +139,7 @@ final class ArtifactLoader {
             try (NDManager tmp = w.getManager().newSubManager(w.getDevice())) {
                 Sparse24 s = Sparse24.of(st.load(tmp, join(path, "sparse24_values")),
                         st.load(tmp, join(path, "sparse24_indices")), w.getShape());
-                NDArray dense = s.decompress(tmp).toType(w.getDataType(), false);
-                w.set(dense.toByteBuffer());
+                OwnedArrays.copyInto(w, s.decompress(tmp));
             } catch (IllegalArgumentException ex) {
                 throw new QuantizedArtifactException("2:4 layer '" + path + "': " + ex.getMessage(), ex);
             }
@@ -150,8 +150,7 @@ final class ArtifactLoader {
             }
             NDArray target = p.getValue().getArray();
             try (NDManager tmp = target.getManager().newSubManager(target.getDevice())) {
-                NDArray v = st.load(tmp, p.getKey(), target.getDataType());
-                target.set(v.toByteBuffer());
+                OwnedArrays.copyInto(target, st.load(tmp, p.getKey(), target.getDataType()));
             }
         }
     }

@@ -8,7 +8,6 @@ import com.google.common.collect.ImmutableSortedSet;
 import java.io.IOException;
 import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
-import java.nio.FloatBuffer;
 import java.nio.channels.FileChannel;
 import java.nio.file.Path;
 import java.nio.file.StandardOpenOption;
@@ -177,7 +176,8 @@ public final class SafetensorsFile implements AutoCloseable {
 
     /**
      * Loads a tensor into a new array of {@link SafetensorsDType#loadedAs()} (BF16 becomes FLOAT32, I16 INT32).
-     * The array owns a copy of the data: it never aliases the read-only mapping.
+     * The array's memory is libtorch's own ({@link OwnedArrays}), written once from the read-only mapping: it never
+     * aliases the mapping or a Java buffer, so views and no-op conversions of it stay valid after it is closed.
      *
      * @throws SafetensorsFormatException naming the tensor if a floating tensor holds NaN or infinite values (unless
      *     {@link #ALLOW_NON_FINITE} is set)
@@ -186,32 +186,24 @@ public final class SafetensorsFile implements AutoCloseable {
         TensorInfo info = info(name);
         ByteBuffer src = bytes(name);
         NonFiniteValues.check(path, name, info.dtype(), src);
-        int n = Math.toIntExact(info.numel());
-        ByteBuffer direct;
         switch (info.dtype()) {
             case BF16:
-                direct = ByteBuffer.allocateDirect(4 * n).order(ByteOrder.nativeOrder());
-                FloatBuffer fb = direct.asFloatBuffer();
-                for (int i = 0; i < n; i++) {
-                    fb.put(i, Halfs.bf16ToFloat(src.getShort(2 * i)));
-                }
-                break;
+                return OwnedArrays.create(manager, info.djlShape(), DataType.FLOAT32, (window, offset) -> {
+                    int first = Math.toIntExact(offset / 4);
+                    for (int i = 0, n = window.remaining() / 4; i < n; i++) {
+                        window.putFloat(4 * i, Halfs.bf16ToFloat(src.getShort(2 * (first + i))));
+                    }
+                });
             case I16:
-                direct = ByteBuffer.allocateDirect(4 * n).order(ByteOrder.nativeOrder());
-                for (int i = 0; i < n; i++) {
-                    direct.putInt(4 * i, src.getShort(2 * i));
-                }
-                break;
+                return OwnedArrays.create(manager, info.djlShape(), DataType.INT32, (window, offset) -> {
+                    int first = Math.toIntExact(offset / 4);
+                    for (int i = 0, n = window.remaining() / 4; i < n; i++) {
+                        window.putInt(4 * i, src.getShort(2 * (first + i)));
+                    }
+                });
             default:
-                direct = ByteBuffer.allocateDirect(src.remaining()).order(ByteOrder.nativeOrder());
-                if (ByteOrder.nativeOrder() == ByteOrder.LITTLE_ENDIAN) {
-                    direct.put(src);
-                } else {
-                    throw new UnsupportedOperationException("big-endian hosts are not supported");
-                }
-                direct.rewind();
+                return OwnedArrays.copyOf(manager, src, info.djlShape(), info.dtype().loadedAs());
         }
-        return manager.create(direct, info.djlShape(), info.dtype().loadedAs());
     }
 
     /**
