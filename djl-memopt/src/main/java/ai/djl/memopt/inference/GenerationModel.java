@@ -48,6 +48,15 @@ public final class GenerationModel implements AutoCloseable {
      * @throws IOException if the directory, config, weights or tokenizer files are missing or malformed
      */
     public static GenerationModel open(Path dir, Device device, DataType dtype) throws IOException {
+        return open(dir, device, dtype, null);
+    }
+
+    /**
+     * As {@link #open(Path, Device, DataType)}, with a LoRA adapter (PEFT layout) put on the model first, unmerged.
+     *
+     * @param adapter the adapter directory, or null for none
+     */
+    public static GenerationModel open(Path dir, Device device, DataType dtype, Path adapter) throws IOException {
         Preconditions.checkArgument(dir != null, "model directory is required");
         if (!Files.isDirectory(dir)) {
             throw new IOException(dir + ": not a directory");
@@ -55,7 +64,7 @@ public final class GenerationModel implements AutoCloseable {
         NDManager weights = NDManager.newBaseManager(device);
         TextTokenizer tokenizer = null;
         try {
-            DeepSeekForCausalLM model = ModelDirectories.loadDeepSeek(dir, weights, dtype);
+            DeepSeekForCausalLM model = ModelDirectories.loadDeepSeek(dir, weights, dtype, adapter);
             if (Files.isRegularFile(dir.resolve("tokenizer.json"))) {
                 tokenizer = TextTokenizer.fromModelDir(dir);
             }

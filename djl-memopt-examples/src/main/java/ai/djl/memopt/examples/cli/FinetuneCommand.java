@@ -68,7 +68,8 @@ public final class FinetuneCommand implements Callable<Integer> {
 
     static final class Source {
         @Option(names = "--model", paramLabel = "DIR",
-                description = "Hugging Face model directory (config.json, safetensors, tokenizer.json).")
+                description = "Model directory with tokenizer.json: a Hugging Face checkpoint, or a quantized artifact"
+                        + " (then LoRA adapters train over its quantized layers: QLoRA; needs --lora-rank).")
         Path model;
 
         @Option(names = "--preset", paramLabel = "NAME",
@@ -105,7 +106,7 @@ public final class FinetuneCommand implements Callable<Integer> {
                     + " chain, so Chen's multi-layer segments do not apply.")
     String checkpoint;
 
-    @Option(names = "--precision", defaultValue = "fp32", paramLabel = "fp32|fp16",
+    @Option(names = {"--dtype", "--precision"}, defaultValue = "fp32", paramLabel = "fp32|fp16",
             description = "fp16: the model in FP16 (norms and router FP32) with FP32 masters and dynamic loss scaling "
                     + "(default fp32).")
     String precision;
@@ -133,7 +134,7 @@ public final class FinetuneCommand implements Callable<Integer> {
             description = "Compute the loss head in chunks of about this many tokens (default 64).")
     int lossChunk;
 
-    @Option(names = "--save", required = true, paramLabel = "DIR",
+    @Option(names = {"--out", "--save"}, required = true, paramLabel = "DIR",
             description = "Output: the final model, and training checkpoints under DIR/checkpoints.")
     Path save;
 
@@ -160,7 +161,7 @@ public final class FinetuneCommand implements Callable<Integer> {
             description = "Seed of the data order (and of --preset weights; default 42).")
     long seed;
 
-    @Option(names = {"--lora", "--lora-rank"}, defaultValue = "0", paramLabel = "R",
+    @Option(names = {"--lora-rank", "--lora"}, defaultValue = "0", paramLabel = "R",
             description = "Train LoRA adapters of rank R instead of all weights (default 0: full fine-tuning).")
     int loraRank;
 
