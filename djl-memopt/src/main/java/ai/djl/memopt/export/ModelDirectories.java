@@ -1,5 +1,6 @@
 package ai.djl.memopt.export;
 
+import ai.djl.Device;
 import ai.djl.memopt.lora.Lora;
 import ai.djl.memopt.lora.PeftAdapters;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
@@ -57,6 +58,22 @@ public final class ModelDirectories {
         return isQuantizedArtifact(dir)
                 ? QuantizedArtifact.loadDeepSeek(dir, manager, dtype)
                 : DeepSeekLoader.load(dir, manager, dtype);
+    }
+
+    /**
+     * As {@link #loadDeepSeek(Path, NDManager, DataType)}, with the weights on a manager of {@code device} that the
+     * model owns: closing the model frees them.
+     */
+    public static DeepSeekForCausalLM loadDeepSeek(Path dir, Device device, DataType dtype) throws IOException {
+        NDManager manager = NDManager.newBaseManager(device);
+        try {
+            DeepSeekForCausalLM lm = loadDeepSeek(dir, manager, dtype);
+            lm.ownManager();
+            return lm;
+        } catch (IOException | RuntimeException e) {
+            manager.close();
+            throw e;
+        }
     }
 
     /**

@@ -15,7 +15,7 @@ import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.model.deepseek.DeepSeekCheckpointWriter;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.Quantizer;
@@ -225,7 +225,8 @@ public final class FinetuneCommand implements Callable<Integer> {
                 }
                 LoraReport report = Lora.apply(lm, lora);
                 loraTrainable = report.trainableParameters();
-                err.println("memopt finetune: " + report + (quantize != null ? " on a " + quantize + " base" : ""));
+                err.println("memopt finetune: " + report + (quantize != null ? " on a " + quantize + " base" : "")
+                        + ArtifactBase.describe(source.model));
             }
             LearningRateSchedule schedule = LearningRateSchedule.of(lr, warmup, cosine ? steps : 0, 0.1f);
             try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpoint).optPrecision(prec)
@@ -252,7 +253,7 @@ public final class FinetuneCommand implements Callable<Integer> {
 
     private DeepSeekForCausalLM loadBase(Device dev) throws IOException {
         return source.model != null
-                ? DeepSeekLoader.load(source.model, dev, DataType.FLOAT32)
+                ? ModelDirectories.loadDeepSeek(source.model, dev, DataType.FLOAT32) // HF directory or artifact
                 : DeepSeekForCausalLM.random(DeepSeekConfig.preset(source.preset), seed, dev, DataType.FLOAT32);
     }
 
@@ -302,6 +303,7 @@ public final class FinetuneCommand implements Callable<Integer> {
         if (source.model != null && !Files.isDirectory(source.model)) {
             throw new IllegalArgumentException("model directory " + source.model + " does not exist");
         }
+        ArtifactBase.check(source.model, loraRank, quantize, merge);
         positive("--steps", steps);
         positive("--batch", batch);
         positive("--grad-accum", gradAccum);

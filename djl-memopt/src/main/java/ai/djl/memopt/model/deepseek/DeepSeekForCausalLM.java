@@ -126,7 +126,11 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
         this.manager = manager;
     }
 
-    void ownManager() {
+    /**
+     * Hands the model its manager: {@link #close()} then frees the weights. For loaders outside this package that
+     * allocate a manager for the model they return, as {@link DeepSeekLoader#load(java.nio.file.Path, Device, DataType)} does.
+     */
+    public void ownManager() {
         ownsManager = true;
     }
 
