@@ -43,17 +43,23 @@ import picocli.CommandLine.Option;
 /**
  * {@code memopt demo}: the tour. Builds a small DeepSeek-V3-style model, trains a byte-level BPE tokenizer and
  * fine-tunes the model on State of the Union addresses shipped with the tool (public domain) with activation
- * checkpointing and FP16 mixed precision on, quantizes it to int8 and int4, exports the artifacts, loads each variant
+ * checkpointing and FP16 mixed precision, quantizes it to int8 and int4, exports the artifacts, loads each variant
  * back in a fresh JVM, generates a sample from each, and ends with one table: peak memory, weight bytes, held-out
  * perplexity and tokens per second, every figure measured in this run.
+ *
+ * <p>How it trains depends on what the machine computes fast ({@link TrainingPlan}): on a GPU, or a CPU with FP16
+ * arithmetic, every step runs in FP16 with FP32 masters; on a CPU without it (FP16 measured 4x slower than FP32 on an
+ * AVX2 AMD EPYC), the steps run in FP32 and FP16 mixed precision is shown on a short run from the same start, its losses
+ * compared with FP32's. The first line it prints says which, and why.
  *
  * <p>With {@code --out DIR} it keeps {@code DIR/model} (Hugging Face layout with its tokenizer), {@code DIR/int8},
  * {@code DIR/int4} (quantized artifacts) and {@code DIR/report.html}; {@code memopt perplexity} and
  * {@code memopt generate} run on each of them.
  */
 @Command(name = "demo", mixinStandardHelpOptions = true,
-        description = "Fine-tune a small DeepSeek-style model with checkpointing + FP16, quantize it to int8/int4, "
-                + "export, reload, generate, and compare every variant in one table.")
+        description = "Fine-tune a small DeepSeek-style model with activation checkpointing and FP16 mixed precision"
+                + " (FP32 beside a short FP16 run where this CPU has no fast FP16), quantize it to int8/int4, export,"
+                + " reload, generate, and compare every variant in one table.")
 public final class DemoCommand implements Callable<Integer> {
 
     /** The shipped corpus: the last address is held out for perplexity. */
@@ -115,7 +121,8 @@ public final class DemoCommand implements Callable<Integer> {
     @Option(names = "--no-progress", description = "No progress bars on stderr.")
     boolean noProgress;
 
-    @Option(names = "--json", description = "Print one JSON line per variant instead of the table.")
+    @Option(names = "--json", description = "Print JSON lines (the training, then one per variant) instead of the"
+            + " table.")
     boolean json;
 
     @Override
