@@ -85,7 +85,8 @@ public final class DemoCommand implements Callable<Integer> {
     String dtype;
 
     @Option(names = "--steps", paramLabel = "N",
-            description = "Training steps (default: 300 in FP16, 200 in FP32).")
+            description = "Training steps (default: " + TrainingPlan.FP16_STEPS + " in FP16, " + TrainingPlan.FP32_STEPS
+                    + " in FP32).")
     Integer steps;
 
     @Option(names = "--batch", defaultValue = "8", paramLabel = "B", description = "Sequences per step (default 8).")
@@ -151,6 +152,7 @@ public final class DemoCommand implements Callable<Integer> {
         PrintStream err = System.err;
         try {
             long start = System.nanoTime();
+            startNanos = start;
             CpuProfile cpu = CpuProfile.current();
             TrainingPlan plan = TrainingPlan.choose(dtype, steps, dev.isGpu(), cpu,
                     () -> Fp16Probe.measure(PROBE_MILLIS));
@@ -174,7 +176,7 @@ public final class DemoCommand implements Callable<Integer> {
             DemoTraining.Result trained = new DemoTraining(config, dev, dataset, batch, lr, seed,
                     noProgress ? null : err).run(plan, model);
             if (trained.showcase() != null) {
-                say(err, "      %s", trained.showcase());
+                err.println("      " + trained.showcase());
             }
 
             say(err, "3/5 quantize: int8 (per channel) and int4 (group-wise), exported as artifacts");
@@ -328,8 +330,12 @@ public final class DemoCommand implements Callable<Integer> {
         return texts;
     }
 
+    /** When the tour started, for the elapsed time each stage line shows. */
+    private long startNanos = System.nanoTime();
+
     private void say(PrintStream err, String format, Object... args) {
-        err.printf(Locale.ROOT, "memopt demo: " + format + "%n", args);
+        err.printf(Locale.ROOT, "memopt demo: [%s] " + format + "%n", ProgressBar.clock(System.nanoTime() - startNanos),
+                args);
     }
 
     private static String human(long bytes) {

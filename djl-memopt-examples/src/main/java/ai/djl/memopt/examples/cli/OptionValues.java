@@ -45,27 +45,35 @@ final class OptionValues {
         return (int) v;
     }
 
-    /** An integer of at least 1. */
-    static final class Positive implements ITypeConverter<Integer> {
+    /** An integer of at least {@code min}. */
+    private abstract static class AtLeast implements ITypeConverter<Integer> {
+        private final long min;
+
+        AtLeast(long min) {
+            this.min = min;
+        }
+
         @Override
         public Integer convert(String value) {
             long v = parseLong(value);
-            if (v < 1) {
-                throw new TypeConversionException("must be at least 1, got " + value);
+            if (v < min) {
+                throw new TypeConversionException("must be at least " + min + ", got " + value);
             }
             return toInt(v, value);
         }
     }
 
+    /** An integer of at least 1. */
+    static final class Positive extends AtLeast {
+        Positive() {
+            super(1);
+        }
+    }
+
     /** An integer of at least 0. */
-    static final class NonNegative implements ITypeConverter<Integer> {
-        @Override
-        public Integer convert(String value) {
-            long v = parseLong(value);
-            if (v < 0) {
-                throw new TypeConversionException("must be at least 0, got " + value);
-            }
-            return toInt(v, value);
+    static final class NonNegative extends AtLeast {
+        NonNegative() {
+            super(0);
         }
     }
 

@@ -52,10 +52,10 @@ public final class DemoTraining {
 
         @Override
         public String toString() {
-            return String.format(Locale.ROOT, "FP16 mixed precision, %d steps from the same start: losses within"
-                    + " %.2f%% of FP32's, %d skipped for overflow, loss scale %.0f; %.0f tokens/s against FP32's %.0f",
-                    steps, 100 * maxRelativeLossDifference, skippedSteps, finalLossScale, fp16TokensPerSecond,
-                    fp32TokensPerSecond);
+            return String.format(Locale.ROOT, "FP16 mixed precision, %d steps from the same start (FP32 masters,"
+                    + " dynamic loss scaling, checkpointing): losses within %.2f%% of FP32's, %d skipped for overflow,"
+                    + " loss scale %.0f; %.0f tokens/s against FP32's %.0f", steps, 100 * maxRelativeLossDifference,
+                    skippedSteps, finalLossScale, fp16TokensPerSecond, fp32TokensPerSecond);
         }
     }
 

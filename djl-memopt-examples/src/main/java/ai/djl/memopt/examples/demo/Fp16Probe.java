@@ -16,9 +16,9 @@ import java.util.Locale;
  * against FP32, the two interleaved so that a busy machine slows both alike. Matrix products are most of a training
  * step, and they are where a CPU without FP16 arithmetic loses: libtorch converts each element through FP32.
  *
- * <p>Measured on a 2-core AMD EPYC (AVX2 + F16C, no AVX512-FP16): FP16 took 4x to 10x the time of FP32, matching
- * the 4x slower FP16 fine-tuning seen there; on a Xeon with AVX512-FP16 and AMX the demo's FP16 training ran at
- * FP32's speed or better.
+ * <p>Measured on a 2-core AMD EPYC (AVX2 + F16C, no AVX512-FP16): FP16 took 47x the time of FP32 for this product
+ * (the whole FP16 training step, where products are part of the work, was 4x slower); on a Xeon with AVX512-FP16 and
+ * AMX the demo's FP16 training ran at FP32's speed or better.
  *
  * @param fp32Seconds median seconds of one FP32 product
  * @param fp16Seconds median seconds of one FP16 product
@@ -65,7 +65,7 @@ public record Fp16Probe(double fp32Seconds, double fp16Seconds) {
 
     @Override
     public String toString() {
-        return String.format(Locale.ROOT, "FP16 matmul %.1fx the time of FP32 (%.0f vs %.0f us)", slowdown(),
-                fp16Seconds * 1e6, fp32Seconds * 1e6);
+        return String.format(Locale.ROOT, "an FP16 matrix product took %.1fx the time of FP32's (%.0f vs %.0f us)",
+                slowdown(), fp16Seconds * 1e6, fp32Seconds * 1e6);
     }
 }

@@ -35,7 +35,7 @@ public record TrainingPlan(FineTuner.Precision precision, int steps, int fp16Ste
     /** Steps when training in FP32. */
     public static final int FP32_STEPS = 200;
     /** Steps of the FP16 showcase run beside an FP32 main run. */
-    public static final int FP16_SHOWCASE_STEPS = 16;
+    public static final int FP16_SHOWCASE_STEPS = 8;
 
     public TrainingPlan {
         Preconditions.checkArgument(steps >= 1, "steps %s", steps);
@@ -66,8 +66,8 @@ public record TrainingPlan(FineTuner.Precision precision, int steps, int fp16Ste
                 } else {
                     Fp16Probe p = probe.get();
                     fp16 = p.slowdown() <= FAST_FP16_MAX_SLOWDOWN;
-                    why = String.format(Locale.ROOT, "%s: %s, so FP16 is %s here", cpu.describe(), p,
-                            fp16 ? "fast" : "slow (no FP16 arithmetic: every element goes through FP32)");
+                    why = String.format(Locale.ROOT, "%s: %s, so FP16 is %s", cpu.describe(), p,
+                            fp16 ? "fast here" : "slow here (no FP16 arithmetic)");
                 }
                 break;
             case "fp16":
@@ -90,7 +90,7 @@ public record TrainingPlan(FineTuner.Precision precision, int steps, int fp16Ste
         }
         int n = steps != null ? steps : FP32_STEPS;
         int showcase = Math.min(FP16_SHOWCASE_STEPS, n);
-        return new TrainingPlan(FineTuner.Precision.FP32, n, showcase, why + ": training in FP32, and FP16 mixed"
-                + " precision on a " + showcase + "-step run beside it");
+        return new TrainingPlan(FineTuner.Precision.FP32, n, showcase, why + ": training in FP32, with FP16 mixed"
+                + " precision shown on a " + showcase + "-step run beside it");
     }
 }

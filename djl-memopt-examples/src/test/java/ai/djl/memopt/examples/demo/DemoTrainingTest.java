@@ -30,11 +30,15 @@ class DemoTrainingTest {
         return TokenDataset.fromTokens(stream, 16, 0.0, 7);
     }
 
+    /** The demo's training at toy size: 2 layers of width 32, batches of 2 x 16 tokens. */
+    private static DemoTraining training() {
+        DeepSeekConfig config = DemoCommand.demoConfig(300, 32, 2, 16);
+        return new DemoTraining(config, Device.cpu(), data(), 2, 3e-3f, 7, null);
+    }
+
     @Test
     void fp32RunWithTheFp16ShowcaseComparesTheSameStepsAndSavesTheModel() throws Exception {
-        DeepSeekConfig config = DemoCommand.demoConfig(300, 32, 2, 16);
-        DemoTraining training = new DemoTraining(config, Device.cpu(), data(), 2, 3e-3f, 7, null);
-        DemoTraining.Result r = training.run(new TrainingPlan(FineTuner.Precision.FP32, 4, 3, "test"),
+        DemoTraining.Result r = training().run(new TrainingPlan(FineTuner.Precision.FP32, 4, 3, "test"),
                 tmp.resolve("model"));
         assertEquals(4, r.lossCurve().size());
         assertTrue(Files.isRegularFile(tmp.resolve("model/model.safetensors")), "the main run's model is saved");
@@ -56,8 +60,7 @@ class DemoTrainingTest {
 
     @Test
     void fp16RunNeedsNoShowcaseAndStartsFromTheSameModel() throws Exception {
-        DeepSeekConfig config = DemoCommand.demoConfig(300, 32, 2, 16);
-        DemoTraining training = new DemoTraining(config, Device.cpu(), data(), 2, 3e-3f, 7, null);
+        DemoTraining training = training();
         DemoTraining.Result fp16 = training.run(new TrainingPlan(FineTuner.Precision.FP16, 2, 0, "test"),
                 tmp.resolve("fp16"));
         assertNull(fp16.showcase());

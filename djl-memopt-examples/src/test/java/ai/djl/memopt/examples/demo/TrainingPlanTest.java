@@ -49,7 +49,7 @@ class TrainingPlanTest {
         assertEquals(FineTuner.Precision.FP32, plan.precision());
         assertEquals(TrainingPlan.FP32_STEPS, plan.steps());
         assertEquals(TrainingPlan.FP16_SHOWCASE_STEPS, plan.fp16Steps());
-        assertTrue(plan.reason().contains("AMD EPYC") && plan.reason().contains("4.3x the time of FP32")
+        assertTrue(plan.reason().contains("AMD EPYC") && plan.reason().contains("took 4.3x the time of FP32's")
                 && plan.reason().contains("training in FP32"), plan.reason());
         assertEquals(1, probes.get());
     }
@@ -60,7 +60,7 @@ class TrainingPlanTest {
         assertEquals(FineTuner.Precision.FP16, plan.precision());
         assertEquals(TrainingPlan.FP16_STEPS, plan.steps());
         assertEquals(0, plan.fp16Steps());
-        assertTrue(plan.reason().contains("so FP16 is fast here"), plan.reason());
+        assertTrue(plan.reason().contains("so FP16 is fast here: training in FP16"), plan.reason());
         // the threshold itself counts as fast
         assertEquals(FineTuner.Precision.FP16, TrainingPlan.choose("auto", null, false, CpuProfile.parse(XEON),
                 probe(1e-4, TrainingPlan.FAST_FP16_MAX_SLOWDOWN * 1e-4)).precision());

@@ -9,6 +9,7 @@ import ai.djl.Device;
 import ai.djl.Model;
 import ai.djl.engine.Engine;
 import ai.djl.memopt.examples.wrap.UserModels;
+import ai.djl.memopt.examples.wrap.WrapUserModelExample;
 import ai.djl.memopt.inference.GenerationModel;
 import ai.djl.memopt.inference.GenerationResult;
 import ai.djl.memopt.inference.SamplingParams;
@@ -64,19 +65,8 @@ class GuideSnippetsTest {
     /** {@code n} seeded batches of IMAGES with labels 0..9, on sub-managers of {@code m}. */
     private static List<Batch> batches(NDManager m, int n, long seed) {
         List<Batch> out = new ArrayList<>();
-        Random r = new Random(seed);
         for (int b = 0; b < n; b++) {
-            NDManager sub = m.newSubManager();
-            float[] x = new float[(int) IMAGES.size()];
-            for (int i = 0; i < x.length; i++) {
-                x[i] = r.nextFloat() * 2 - 1;
-            }
-            float[] y = new float[(int) IMAGES.get(0)];
-            for (int i = 0; i < y.length; i++) {
-                y[i] = r.nextInt(10);
-            }
-            out.add(new Batch(sub, new NDList(sub.create(x, IMAGES)), new NDList(sub.create(y, new Shape(y.length))),
-                    y.length, null, null, 0, 1));
+            out.add(WrapUserModelExample.syntheticBatch(m, IMAGES, seed + b));
         }
         return out;
     }
