@@ -334,8 +334,8 @@ public final class DemoCommand implements Callable<Integer> {
     private long startNanos = System.nanoTime();
 
     private void say(PrintStream err, String format, Object... args) {
-        err.printf(Locale.ROOT, "memopt demo: [%s] " + format + "%n", ProgressBar.clock(System.nanoTime() - startNanos),
-                args);
+        err.println("memopt demo: [" + ProgressBar.clock(System.nanoTime() - startNanos) + "] "
+                + String.format(Locale.ROOT, format, args));
     }
 
     private static String human(long bytes) {
