@@ -91,6 +91,6 @@ public record TrainingPlan(FineTuner.Precision precision, int steps, int fp16Ste
         int n = steps != null ? steps : FP32_STEPS;
         int showcase = Math.min(FP16_SHOWCASE_STEPS, n);
         return new TrainingPlan(FineTuner.Precision.FP32, n, showcase, why + ": training in FP32, with FP16 mixed"
-                + " precision shown on a " + showcase + "-step run beside it");
+                + " precision shown on a short run of " + showcase + " steps beside it");
     }
 }
