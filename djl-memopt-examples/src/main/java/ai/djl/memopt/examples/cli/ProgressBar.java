@@ -6,7 +6,7 @@ import java.util.function.LongSupplier;
 
 /**
  * A one-line progress bar on stderr, redrawn with a carriage return:
- * {@code label [=====>    ] 12/40 0:15, ETA 0:50  status}.
+ * {@code label [=====>    ] 12/40 status  (0:15, ETA 0:50)}: the elapsed time and the time left.
  *
  * <p>The ETA is the time per unit measured from the first update to the latest, times the units left: the first
  * update's work (JIT and libtorch warm-up, or the steps a resumed run already had) does not skew it. Until two updates
@@ -58,8 +58,8 @@ public final class ProgressBar {
         } else {
             eta = "ETA --:--";
         }
-        String line = String.format(Locale.ROOT, "%s[%s] %d/%d %s, %s  %s", label, bar, done, total,
-                clock(now - startNanos), eta, status);
+        String line = String.format(Locale.ROOT, "%s[%s] %d/%d %s  (%s, %s)", label, bar, done, total, status,
+                clock(now - startNanos), eta);
         // pad over the end of a longer previous line
         int pad = Math.max(0, lastLength - line.length());
         lastLength = line.length();
