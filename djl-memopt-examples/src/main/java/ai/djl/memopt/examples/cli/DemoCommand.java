@@ -304,7 +304,7 @@ public final class DemoCommand implements Callable<Integer> {
             done++;
         }
         if (bar != null) {
-            bar.update(done, "done");
+            bar.update(done, "");
             bar.finish();
         }
         return results;

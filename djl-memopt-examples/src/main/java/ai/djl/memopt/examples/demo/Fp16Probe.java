@@ -16,9 +16,9 @@ import java.util.Locale;
  * against FP32, the two interleaved so that a busy machine slows both alike. Matrix products are most of a training
  * step, and they are where a CPU without FP16 arithmetic loses: libtorch converts each element through FP32.
  *
- * <p>Measured on a 2-core AMD EPYC (AVX2 + F16C, no AVX512-FP16): FP16 took 47x the time of FP32 for this product
- * (the whole FP16 training step, where products are part of the work, was 4x slower); on a Xeon with AVX512-FP16 and
- * AMX the demo's FP16 training ran at FP32's speed or better.
+ * <p>Measured on a 2-core AMD EPYC (AVX2 + F16C, no AVX512-FP16): FP16 took 15x to 47x the time of FP32 for this
+ * product in four runs on a shared machine (the whole FP16 training step, where products are part of the work, was 4x
+ * to 9x slower); on a Xeon with AVX512-FP16 and AMX the demo's FP16 training ran at FP32's speed or better.
  *
  * @param fp32Seconds median seconds of one FP32 product
  * @param fp16Seconds median seconds of one FP16 product
