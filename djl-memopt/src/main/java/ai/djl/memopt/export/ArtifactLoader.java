@@ -1,6 +1,5 @@
 package ai.djl.memopt.export;
 
-import ai.djl.memopt.safetensors.OwnedArrays;
 import static ai.djl.memopt.export.QuantizedArtifact.CONFIG;
 import static ai.djl.memopt.export.QuantizedArtifact.DEEPSEEK;
 import static ai.djl.memopt.export.QuantizedArtifact.METADATA;
@@ -17,6 +16,7 @@ import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
 import ai.djl.memopt.quantize.Sparse24;
 import ai.djl.memopt.safetensors.HfCheckpoint;
+import ai.djl.memopt.safetensors.OwnedArrays;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
