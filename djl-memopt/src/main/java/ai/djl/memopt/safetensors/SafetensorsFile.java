@@ -133,7 +133,12 @@ public final class SafetensorsFile implements AutoCloseable {
      * @throws SafetensorsFormatException naming the tensor, unless {@link #ALLOW_NON_FINITE} is set
      */
     public void checkFinite(String name) throws IOException {
-        NonFiniteValues.check(path, name, info(name).dtype(), bytes(name));
+        ByteBuffer src = bytes(name);
+        try {
+            NonFiniteValues.check(path, name, info(name).dtype(), src);
+        } finally {
+            MappedBuffers.unmap(src);
+        }
     }
 
     /**
@@ -146,32 +151,36 @@ public final class SafetensorsFile implements AutoCloseable {
         Preconditions.checkArgument(info.dtype().isFloating(), "%s: tensor '%s' is %s, not floating point",
                 path, name, info.dtype());
         ByteBuffer src = bytes(name);
-        NonFiniteValues.check(path, name, info.dtype(), src);
-        int n = Math.toIntExact(info.numel());
-        float[] out = new float[n];
-        switch (info.dtype()) {
-            case F32:
-                src.asFloatBuffer().get(out);
-                break;
-            case F16:
-                for (int i = 0; i < n; i++) {
-                    out[i] = Halfs.f16ToFloat(src.getShort(2 * i));
-                }
-                break;
-            case BF16:
-                for (int i = 0; i < n; i++) {
-                    out[i] = Halfs.bf16ToFloat(src.getShort(2 * i));
-                }
-                break;
-            case F64:
-                for (int i = 0; i < n; i++) {
-                    out[i] = (float) src.getDouble(8 * i);
-                }
-                break;
-            default:
-                throw new AssertionError(info.dtype());
+        try {
+            NonFiniteValues.check(path, name, info.dtype(), src);
+            int n = Math.toIntExact(info.numel());
+            float[] out = new float[n];
+            switch (info.dtype()) {
+                case F32:
+                    src.asFloatBuffer().get(out);
+                    break;
+                case F16:
+                    for (int i = 0; i < n; i++) {
+                        out[i] = Halfs.f16ToFloat(src.getShort(2 * i));
+                    }
+                    break;
+                case BF16:
+                    for (int i = 0; i < n; i++) {
+                        out[i] = Halfs.bf16ToFloat(src.getShort(2 * i));
+                    }
+                    break;
+                case F64:
+                    for (int i = 0; i < n; i++) {
+                        out[i] = (float) src.getDouble(8 * i);
+                    }
+                    break;
+                default:
+                    throw new AssertionError(info.dtype());
+            }
+            return out;
+        } finally {
+            MappedBuffers.unmap(src);
         }
-        return out;
     }
 
     /**
@@ -185,24 +194,28 @@ public final class SafetensorsFile implements AutoCloseable {
     public NDArray load(NDManager manager, String name) throws IOException {
         TensorInfo info = info(name);
         ByteBuffer src = bytes(name);
-        NonFiniteValues.check(path, name, info.dtype(), src);
-        switch (info.dtype()) {
-            case BF16:
-                return OwnedArrays.create(manager, info.djlShape(), DataType.FLOAT32, (window, offset) -> {
-                    int first = Math.toIntExact(offset / 4);
-                    for (int i = 0, n = window.remaining() / 4; i < n; i++) {
-                        window.putFloat(4 * i, Halfs.bf16ToFloat(src.getShort(2 * (first + i))));
-                    }
-                });
-            case I16:
-                return OwnedArrays.create(manager, info.djlShape(), DataType.INT32, (window, offset) -> {
-                    int first = Math.toIntExact(offset / 4);
-                    for (int i = 0, n = window.remaining() / 4; i < n; i++) {
-                        window.putInt(4 * i, src.getShort(2 * (first + i)));
-                    }
-                });
-            default:
-                return OwnedArrays.copyOf(manager, src, info.djlShape(), info.dtype().loadedAs());
+        try {
+            NonFiniteValues.check(path, name, info.dtype(), src);
+            switch (info.dtype()) {
+                case BF16:
+                    return OwnedArrays.create(manager, info.djlShape(), DataType.FLOAT32, (window, offset) -> {
+                        int first = Math.toIntExact(offset / 4);
+                        for (int i = 0, n = window.remaining() / 4; i < n; i++) {
+                            window.putFloat(4 * i, Halfs.bf16ToFloat(src.getShort(2 * (first + i))));
+                        }
+                    });
+                case I16:
+                    return OwnedArrays.create(manager, info.djlShape(), DataType.INT32, (window, offset) -> {
+                        int first = Math.toIntExact(offset / 4);
+                        for (int i = 0, n = window.remaining() / 4; i < n; i++) {
+                            window.putInt(4 * i, src.getShort(2 * (first + i)));
+                        }
+                    });
+                default:
+                    return OwnedArrays.copyOf(manager, src, info.djlShape(), info.dtype().loadedAs());
+            }
+        } finally {
+            MappedBuffers.unmap(src); // its pages stop counting as resident now, not at the next GC
         }
     }
 
