@@ -13,7 +13,7 @@ import ai.djl.memopt.lora.LoraConfig;
 import ai.djl.memopt.lora.LoraLinear;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.nn.BlockSite;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.LayerOverride;
@@ -163,7 +163,7 @@ class DecoratorOrderTest {
                     Int8WeightOnlyConfig.builder().addOverride(LayerOverride.skip("model.layers.*")).build()));
             assertTrue(o.getMessage().contains("override 'model.layers.*' matches no Linear layer")
                     && o.getMessage().contains("4 Linear, 3 LambdaBlock"), o.getMessage());
-            assertEquals(4, Blocks.parameters(mlp).size() / 2, "nothing quantized before the refusal");
+            assertEquals(4, BlockTrees.parameters(mlp).size() / 2, "nothing quantized before the refusal");
             // and a fully quantized model is not quantized again in silence
             Quantizer.quantize(mlp, Int8WeightOnlyConfig.builder().build());
             IllegalArgumentException again = assertThrows(IllegalArgumentException.class,
@@ -220,7 +220,7 @@ class DecoratorOrderTest {
                 } else if (model == Model.RESIDUAL) {
                     Checkpointing.wrapChildren(root, CheckpointPolicy.all());
                 } else {
-                    Checkpointing.wrapChildren(Blocks.get(root, "model.layers"), CheckpointPolicy.all());
+                    Checkpointing.wrapChildren(BlockTrees.get(root, "model.layers"), CheckpointPolicy.all());
                 }
                 return root;
             case MIXED_PRECISION:
@@ -257,7 +257,7 @@ class DecoratorOrderTest {
      */
     private static void setAdapters(Block root) {
         for (Map.Entry<String, LoraLinear> e : Lora.adapters(root).entrySet()) {
-            BlockSite site = Blocks.site(root, e.getKey());
+            BlockSite site = BlockTrees.site(root, e.getKey());
             Random random = new Random(e.getKey().hashCode());
             for (Parameter p : List.of(e.getValue().loraA(), e.getValue().loraB())) {
                 NDArray value = site.value(p);
@@ -276,7 +276,7 @@ class DecoratorOrderTest {
     /** Every path with the wrappers and the class of the block that computes there. */
     private static List<String> structure(Block root) {
         List<String> out = new ArrayList<>();
-        for (BlockSite s : Blocks.sites(root).values()) {
+        for (BlockSite s : BlockTrees.sites(root).values()) {
             StringBuilder line = new StringBuilder(s.path()).append(':');
             s.wrappers().forEach(w -> line.append(w.getClass().getSimpleName()).append('/'));
             out.add(line.append(s.core().getClass().getSimpleName()).toString());
@@ -287,7 +287,7 @@ class DecoratorOrderTest {
     /** Gradients of a fixed linear loss for every trainable parameter (and the input, for float inputs). */
     private static Map<String, float[]> gradients(Block root, NDArray input, NDManager m) {
         Map<String, Parameter> trainable = new LinkedHashMap<>();
-        Blocks.parameters(root).forEach((k, p) -> {
+        BlockTrees.parameters(root).forEach((k, p) -> {
             if (p.requiresGradient()) {
                 trainable.put(k, p);
             }
@@ -378,8 +378,8 @@ class DecoratorOrderTest {
 
     /** The template's parameter values, by path, into an identically built copy. */
     private static void copyValues(Block from, Block to) {
-        Map<String, Parameter> source = Blocks.parameters(from);
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(to).entrySet()) {
+        Map<String, Parameter> source = BlockTrees.parameters(from);
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(to).entrySet()) {
             e.getValue().getArray().set(source.get(e.getKey()).getArray().toByteBuffer());
         }
     }

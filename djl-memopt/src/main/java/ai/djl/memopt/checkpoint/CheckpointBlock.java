@@ -25,7 +25,7 @@ import org.slf4j.LoggerFactory;
  * <p>Shapes and types are those of the wrapped block: {@code (B, T, H) -> (B, T, H)} for a decoder layer.
  *
  * <pre>{@code
- * Checkpointing.wrapChildren(Blocks.get(model, "model.layers"), CheckpointPolicy.all());
+ * Checkpointing.wrapChildren(BlockTrees.get(model, "model.layers"), CheckpointPolicy.all());
  * try (Trainer trainer = new CheckpointingTrainer(model, config)) {  // or CheckpointingGradientCollector.open(..)
  *     EasyTrain.trainBatch(trainer, batch);
  *     trainer.step();
@@ -34,8 +34,8 @@ import org.slf4j.LoggerFactory;
  *
  * <p><b>Paths.</b> The wrapped block is registered as the only child (named {@code checkpointed}), so DJL's own
  * initialisation, {@code getParameters()} and {@code saveParameters} reach it; the block is a {@link BlockDecorator},
- * which makes {@link ai.djl.memopt.nn.Blocks} transparent to it: {@code Blocks.parameters(model)} keeps the Hugging
- * Face names ({@code model.layers.0.mlp.gate_proj.weight}) and {@code Blocks.replace} below it edits the wrapped block.
+ * which makes {@link ai.djl.memopt.nn.BlockTrees} transparent to it: {@code BlockTrees.parameters(model)} keeps the Hugging
+ * Face names ({@code model.layers.0.mlp.gate_proj.weight}) and {@code BlockTrees.replace} below it edits the wrapped block.
  *
  * <p><b>When it checkpoints.</b> Only in a training forward on the PyTorch engine, with autograd recording on this
  * thread and a {@link CheckpointingGradientCollector} open (it drives the recomputation). Otherwise (inference,

@@ -29,7 +29,7 @@ public interface CheckpointPolicy {
     /**
      * Plans the segments for a parent's children.
      *
-     * @param names the children's names as {@link ai.djl.memopt.nn.Blocks#childNames} gives them
+     * @param names the children's names as {@link ai.djl.memopt.nn.BlockTrees#childNames} gives them
      * @param children the children, same order
      * @return non-overlapping, increasing ranges of child indices; each range is one checkpoint segment
      */

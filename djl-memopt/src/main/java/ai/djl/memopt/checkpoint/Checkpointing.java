@@ -2,7 +2,7 @@ package ai.djl.memopt.checkpoint;
 
 import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.BlockSite;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.nn.Block;
 import ai.djl.nn.SequentialBlock;
 import com.google.common.base.Preconditions;
@@ -16,7 +16,7 @@ import java.util.List;
  *
  * <pre>{@code
  * // every decoder layer of the DeepSeek model
- * Checkpointing.wrapChildren(Blocks.get(model, "model.layers"), CheckpointPolicy.all());
+ * Checkpointing.wrapChildren(BlockTrees.get(model, "model.layers"), CheckpointPolicy.all());
  * // Chen et al.'s sqrt(n) schedule on a user's SequentialBlock
  * Checkpointing.wrapChildren(mlp, CheckpointPolicy.sqrtN());
  * }</pre>
@@ -32,7 +32,7 @@ public final class Checkpointing {
 
     /**
      * Replaces the children of {@code parent} chosen by {@code policy} with {@link CheckpointBlock}s (via
-     * {@link Blocks#replaceChild}, so the parent's forward, its children list and any field holding a child all see
+     * {@link BlockTrees#replaceChild}, so the parent's forward, its children list and any field holding a child all see
      * the decorator; parameter paths do not change).
      *
      * @param parent the block whose children are checkpointed ({@code SequentialBlock}, a decoder-layer list...)
@@ -46,18 +46,18 @@ public final class Checkpointing {
     public static List<String> wrapChildren(Block parent, CheckpointPolicy policy, boolean verifyDeterminism) {
         Preconditions.checkNotNull(parent, "parent");
         Preconditions.checkNotNull(policy, "policy");
-        List<String> names = Blocks.childNames(parent);
+        List<String> names = BlockTrees.childNames(parent);
         List<Block> children = BlockDecorator.unwrap(parent).getChildren().values();
         List<BlockSite> sites = new ArrayList<>();
         for (int i = 0; i < names.size(); i++) {
-            sites.add(Blocks.site(parent, names.get(i)));
+            sites.add(BlockTrees.site(parent, names.get(i)));
         }
         // the policy sees what computes (through decorators and adapters): a quantized or FP32-island child is matched
         // as what it is
         List<CheckpointPolicy.Range> plan = policy.plan(names, Lists.transform(sites, BlockSite::core));
         Preconditions.checkArgument(!plan.isEmpty(), "the checkpoint policy matches none of the %s children of %s"
                 + " (children: %s)", names.size(), parent.getClass().getSimpleName(),
-                Blocks.describeTypes(Lists.transform(sites, BlockSite::core)));
+                BlockTrees.describeTypes(Lists.transform(sites, BlockSite::core)));
         int end = 0;
         for (CheckpointPolicy.Range r : plan) {
             Preconditions.checkArgument(
@@ -83,7 +83,7 @@ public final class Checkpointing {
             if (r.size() == 1) {
                 String name = names.get(r.from());
                 Block child = children.get(r.from());
-                Blocks.replaceChild(
+                BlockTrees.replaceChild(
                         parent, name,
                         CheckpointBlock.builder().setBlock(child).optName(name)
                                 .optVerifyDeterminism(verifyDeterminism).build());
@@ -93,7 +93,7 @@ public final class Checkpointing {
                 List<Block> members = ImmutableList.copyOf(children.subList(r.from(), r.to()));
                 for (int k = 0; k < members.size(); k++) {
                     String name = names.get(r.from() + k);
-                    Blocks.replaceChild(
+                    BlockTrees.replaceChild(
                             parent, name, CheckpointBlock.spanMember(members.get(k), name, verifyDeterminism, span, k));
                     wrapped.add(name);
                 }
@@ -104,6 +104,6 @@ public final class Checkpointing {
 
     /** Wraps the children of the block at {@code path} under {@code root}; see {@link #wrapChildren}. */
     public static List<String> wrapChildren(Block root, String path, CheckpointPolicy policy) {
-        return wrapChildren(Blocks.get(root, path), policy, false);
+        return wrapChildren(BlockTrees.get(root, path), policy, false);
     }
 }

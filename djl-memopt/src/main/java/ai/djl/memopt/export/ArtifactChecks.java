@@ -3,7 +3,7 @@ package ai.djl.memopt.export;
 import static ai.djl.memopt.export.QuantizedArtifact.join;
 import static ai.djl.memopt.export.QuantizedArtifact.parentOf;
 
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.QuantScheme;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.safetensors.HfCheckpoint;
@@ -33,7 +33,7 @@ final class ArtifactChecks {
 
     /** Checks {@code st} (the artifact's weights) against {@code block}; throws naming the entry or tensor at fault. */
     static void check(Path dir, HfCheckpoint st, Block block, ArtifactManifest manifest) throws IOException {
-        Map<String, Parameter> params = Blocks.parameters(block);
+        Map<String, Parameter> params = BlockTrees.parameters(block);
         for (Map.Entry<String, ArtifactManifest.LayerEntry> e : manifest.layers().entrySet()) {
             String path = e.getKey();
             ArtifactManifest.LayerEntry l = e.getValue();
@@ -148,7 +148,7 @@ final class ArtifactChecks {
     static Parameter embeddingAt(Block block, String path) throws QuantizedArtifactException {
         Block b;
         try {
-            b = Blocks.get(block, path);
+            b = BlockTrees.get(block, path);
         } catch (IllegalArgumentException e) {
             throw new QuantizedArtifactException("embedding '" + path + "' is not in the block: " + e.getMessage(), e);
         }
@@ -164,7 +164,7 @@ final class ArtifactChecks {
     static Linear linearAt(Block block, String path, String what) throws QuantizedArtifactException {
         Block b;
         try {
-            b = Blocks.get(block, path);
+            b = BlockTrees.get(block, path);
         } catch (IllegalArgumentException e) {
             throw new QuantizedArtifactException(what + " '" + path + "' is not in the block: " + e.getMessage(), e);
         }

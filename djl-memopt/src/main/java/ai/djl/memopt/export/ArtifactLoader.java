@@ -8,7 +8,7 @@ import static ai.djl.memopt.export.QuantizedArtifact.parentOf;
 
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.QuantMethod;
 import ai.djl.memopt.quantize.QuantScheme;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
@@ -66,12 +66,12 @@ final class ArtifactLoader {
         try {
             load(dir, lm, manifest);
         } catch (IOException | RuntimeException e) {
-            for (Parameter p : Blocks.parameters(lm).values()) {
+            for (Parameter p : BlockTrees.parameters(lm).values()) {
                 p.close();
             }
-            Blocks.walk(lm).values().stream().filter(b -> b instanceof QuantizedLinear)
+            BlockTrees.walk(lm).values().stream().filter(b -> b instanceof QuantizedLinear)
                     .forEach(b -> ((QuantizedLinear) b).close());
-            Blocks.walk(lm).values().stream().filter(b -> b instanceof QuantizedEmbedding)
+            BlockTrees.walk(lm).values().stream().filter(b -> b instanceof QuantizedEmbedding)
                     .forEach(b -> ((QuantizedEmbedding) b).close());
             throw e;
         }
@@ -90,7 +90,7 @@ final class ArtifactLoader {
         for (Map.Entry<String, ArtifactManifest.LayerEntry> e : manifest.layers().entrySet()) {
             String path = e.getKey();
             ArtifactManifest.LayerEntry l = e.getValue();
-            Linear linear = (Linear) Blocks.get(block, path);
+            Linear linear = (Linear) BlockTrees.get(block, path);
             Parameter w = linear.getParameters().get("weight");
             NDManager m = w.getArray().getManager();
             NDArray data = st.load(m, join(path, "qweight"));
@@ -112,12 +112,12 @@ final class ArtifactLoader {
             }
             w.close();
             QuantizedLinear replacement = QuantizedLinear.of(q, bias, weightType, QuantMethod.fromId(l.method()));
-            Blocks.replace(block, path, old -> replacement);
+            BlockTrees.replace(block, path, old -> replacement);
         }
         for (Map.Entry<String, ArtifactManifest.EmbeddingEntry> e : manifest.embeddings().entrySet()) {
             String path = e.getKey();
             ArtifactManifest.EmbeddingEntry l = e.getValue();
-            Parameter table = QuantizedEmbedding.tableParameter(Blocks.get(block, path));
+            Parameter table = QuantizedEmbedding.tableParameter(BlockTrees.get(block, path));
             NDManager m = table.getArray().getManager();
             NDArray data = st.load(m, join(path, "qweight"));
             NDArray scales = st.load(m, join(path, "scales"));
@@ -131,10 +131,10 @@ final class ArtifactLoader {
             DataType type = table.getArray().getDataType();
             table.close();
             QuantizedEmbedding replacement = QuantizedEmbedding.of(q, type, l.parameter());
-            Blocks.replace(block, path, old -> replacement);
+            BlockTrees.replace(block, path, old -> replacement);
         }
         for (String path : manifest.sparse24().keySet()) {
-            Linear linear = (Linear) Blocks.get(block, path);
+            Linear linear = (Linear) BlockTrees.get(block, path);
             NDArray w = linear.getParameters().get("weight").getArray();
             try (NDManager tmp = w.getManager().newSubManager(w.getDevice())) {
                 Sparse24 s = Sparse24.of(st.load(tmp, join(path, "sparse24_values")),
@@ -144,7 +144,7 @@ final class ArtifactLoader {
                 throw new QuantizedArtifactException("2:4 layer '" + path + "': " + ex.getMessage(), ex);
             }
         }
-        for (Map.Entry<String, Parameter> p : Blocks.parameters(block).entrySet()) {
+        for (Map.Entry<String, Parameter> p : BlockTrees.parameters(block).entrySet()) {
             if (manifest.sparse24().containsKey(parentOf(p.getKey())) && p.getKey().endsWith(".weight")) {
                 continue;
             }

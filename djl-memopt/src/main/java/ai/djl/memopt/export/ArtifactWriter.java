@@ -16,7 +16,7 @@ import static ai.djl.memopt.export.QuantizedArtifact.join;
 import static ai.djl.memopt.export.QuantizedArtifact.sha256;
 
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
@@ -71,7 +71,7 @@ final class ArtifactWriter {
 
     /** Writes every file of the artifact into the empty directory {@code dir}, the manifest last; returns it. */
     private static JsonObject writeInto(Block root, Path dir, ExportOptions options) throws IOException {
-        Map<String, Block> blocks = Blocks.walk(root);
+        Map<String, Block> blocks = BlockTrees.walk(root);
         ShardedWriter writer = new ShardedWriter();
         List<String> weightFiles;
         JsonObject layers = new JsonObject();
@@ -102,7 +102,7 @@ final class ArtifactWriter {
                 e.addProperty("dtype", dtypeName(w.getDataType()));
                 sparse.add(path, e);
             }
-            for (Map.Entry<String, Parameter> p : Blocks.parameters(root).entrySet()) {
+            for (Map.Entry<String, Parameter> p : BlockTrees.parameters(root).entrySet()) {
                 if (!sparseWeights.contains(p.getKey())) {
                     writer.add(p.getKey(), p.getValue().getArray());
                 }

@@ -5,7 +5,7 @@ import ai.djl.memopt.checkpoint.Checkpointing;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekMoE;
 import ai.djl.memopt.nn.BlockDecorator;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import com.google.common.base.Preconditions;
 import java.util.List;
 import java.util.Locale;
@@ -90,14 +90,14 @@ final class ActivationCheckpoints {
         if (spec.policy() == null) {
             return List.of();
         }
-        List<String> layers = Checkpointing.wrapChildren(Blocks.get(lm, "model.layers"), spec.policy());
+        List<String> layers = Checkpointing.wrapChildren(BlockTrees.get(lm, "model.layers"), spec.policy());
         for (String layer : layers) {
             String path = "model.layers." + layer;
             if (spec.sublayers()) {
-                Checkpointing.wrapChildren(Blocks.get(lm, path), SUBLAYERS);
+                Checkpointing.wrapChildren(BlockTrees.get(lm, path), SUBLAYERS);
             }
-            if (spec.experts() && BlockDecorator.unwrap(Blocks.get(lm, path + ".mlp")) instanceof DeepSeekMoE) {
-                Checkpointing.wrapChildren(Blocks.get(lm, path + ".mlp.experts"), CheckpointPolicy.all());
+            if (spec.experts() && BlockDecorator.unwrap(BlockTrees.get(lm, path + ".mlp")) instanceof DeepSeekMoE) {
+                Checkpointing.wrapChildren(BlockTrees.get(lm, path + ".mlp.experts"), CheckpointPolicy.all());
             }
         }
         return layers;

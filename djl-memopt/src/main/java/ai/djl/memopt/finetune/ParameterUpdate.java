@@ -1,7 +1,7 @@
 package ai.djl.memopt.finetune;
 
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.precision.DynamicLossScaler;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.ndarray.NDArray;
@@ -76,7 +76,7 @@ final class ParameterUpdate {
     static Map<String, Parameter> uniqueParameters(DeepSeekForCausalLM lm) {
         Map<String, Parameter> params = new LinkedHashMap<>();
         Set<Parameter> seen = Collections.newSetFromMap(new IdentityHashMap<>());
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(lm).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(lm).entrySet()) {
             if (seen.add(e.getValue())) {
                 params.put(e.getKey(), e.getValue());
             }

@@ -2,7 +2,7 @@ package ai.djl.memopt.gguf;
 
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantizedLinear;
@@ -83,7 +83,7 @@ public final class GgufExporter {
         Weights weights = new Weights(lm);
         int[] ropePerm = DeepSeek2Tensors.ropePermutation(c);
         // the model's names in order, from an unallocated copy (quantized layers have no weight parameter)
-        for (String hf : Blocks.parameters(new DeepSeekForCausalLM(c)).keySet()) {
+        for (String hf : BlockTrees.parameters(new DeepSeekForCausalLM(c)).keySet()) {
             DeepSeek2Tensors.Source s = DeepSeek2Tensors.source(hf);
             switch (s.kind()) {
                 case DIRECT:
@@ -210,7 +210,7 @@ public final class GgufExporter {
 
         Weights(DeepSeekForCausalLM lm) {
             this.lm = lm;
-            this.params = Blocks.parameters(lm);
+            this.params = BlockTrees.parameters(lm);
         }
 
         long[] shape(String hf) {
@@ -229,7 +229,7 @@ public final class GgufExporter {
         }
 
         private Block owner(String hf) {
-            return Blocks.get(lm, hf.substring(0, hf.lastIndexOf('.')));
+            return BlockTrees.get(lm, hf.substring(0, hf.lastIndexOf('.')));
         }
 
         Optional<QuantizedTensor> quantized(String hf) {

@@ -3,7 +3,7 @@ package ai.djl.memopt.gguf;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.TokenEmbedding;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.QuantMethod;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantizedLinear;
@@ -85,7 +85,7 @@ public final class GgufLoader {
             throws IOException {
         DeepSeekConfig c = DeepSeek2Metadata.config(f);
         DeepSeekForCausalLM lm = new DeepSeekForCausalLM(c);
-        Map<String, Parameter> params = Blocks.parameters(lm);
+        Map<String, Parameter> params = BlockTrees.parameters(lm);
         Set<String> used = new HashSet<>();
         Map<String, Block> quantized = new LinkedHashMap<>();
         for (String hf : params.keySet()) {
@@ -104,7 +104,7 @@ public final class GgufLoader {
             }
             GgufTensorInfo t = f.tensor(s.gguf());
             used.add(t.name());
-            Block owner = Blocks.get(lm, hf.substring(0, hf.lastIndexOf('.')));
+            Block owner = BlockTrees.get(lm, hf.substring(0, hf.lastIndexOf('.')));
             boolean matrix = owner instanceof Linear || owner instanceof TokenEmbedding;
             if (nativeQuantized && matrix && t.type().isQuantized()) {
                 quantized.put(hf, owner);
@@ -125,9 +125,9 @@ public final class GgufLoader {
             QuantizedTensor q = readQuantized(f, hf, manager);
             String path = hf.substring(0, hf.lastIndexOf('.'));
             if (quantized.get(hf) instanceof TokenEmbedding) {
-                Blocks.replace(lm, path, old -> QuantizedEmbedding.of(q, dtype, "weight"));
+                BlockTrees.replace(lm, path, old -> QuantizedEmbedding.of(q, dtype, "weight"));
             } else {
-                Blocks.replace(lm, path, old -> QuantizedLinear.of(q, null, dtype, QuantMethod.RTN));
+                BlockTrees.replace(lm, path, old -> QuantizedLinear.of(q, null, dtype, QuantMethod.RTN));
             }
         }
         return lm;

@@ -3,7 +3,7 @@ package ai.djl.memopt.gguf;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.TokenEmbedding;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.QuantMethod;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantizedLinear;
@@ -52,7 +52,7 @@ public final class GgufQuantizer {
                 "quantize to F16, Q8_0 or Q4_0, not %s", type);
         DeepSeekConfig c = lm.config();
         List<String> quantized = new ArrayList<>();
-        Map<String, Parameter> params = Blocks.parameters(lm);
+        Map<String, Parameter> params = BlockTrees.parameters(lm);
         for (Map.Entry<String, Parameter> e : params.entrySet()) {
             String hf = e.getKey();
             NDArray w = e.getValue().getArray();
@@ -73,16 +73,16 @@ public final class GgufQuantizer {
                 continue;
             }
             String path = hf.substring(0, hf.lastIndexOf('.'));
-            Block owner = Blocks.get(lm, path);
+            Block owner = BlockTrees.get(lm, path);
             NDManager m = w.getManager();
             QuantizedTensor q = GgufBlocks.toQuantized(t, ByteBuffer.wrap(blocks), shape[0], shape[1], m);
             DataType dtype = w.getDataType();
             if (owner instanceof TokenEmbedding) {
                 e.getValue().close();
-                Blocks.replace(lm, path, old -> QuantizedEmbedding.of(q, dtype, "weight"));
+                BlockTrees.replace(lm, path, old -> QuantizedEmbedding.of(q, dtype, "weight"));
             } else if (owner instanceof Linear) {
                 e.getValue().close();
-                Blocks.replace(lm, path, old -> QuantizedLinear.of(q, null, dtype, QuantMethod.RTN));
+                BlockTrees.replace(lm, path, old -> QuantizedLinear.of(q, null, dtype, QuantMethod.RTN));
             } else {
                 q.close();
                 throw new IllegalArgumentException("'" + hf + "' is not a Linear or embedding weight");

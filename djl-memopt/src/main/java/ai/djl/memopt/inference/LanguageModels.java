@@ -2,7 +2,7 @@ package ai.djl.memopt.inference;
 
 import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
 import java.util.Map;
@@ -37,7 +37,7 @@ public final class LanguageModels {
 
     /** The device of a block's first initialised parameter. */
     static Device deviceOf(Block block) {
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(block).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(block).entrySet()) {
             if (e.getValue().isInitialized()) {
                 return e.getValue().getArray().getDevice();
             }

@@ -9,7 +9,7 @@ import ai.djl.memopt.model.deepseek.DeepSeekModel;
 import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
 import ai.djl.memopt.model.deepseek.RotaryEmbedding;
 import ai.djl.memopt.nn.BlockDecorator;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
@@ -121,7 +121,7 @@ public final class MlaCachedDecoder implements LanguageModel {
         if (selfAttn instanceof MultiHeadLatentAttention) {
             return (MultiHeadLatentAttention) selfAttn;
         }
-        for (Block b : Blocks.walk(selfAttn).values()) {
+        for (Block b : BlockTrees.walk(selfAttn).values()) {
             if (b instanceof MultiHeadLatentAttention) {
                 return (MultiHeadLatentAttention) b;
             }

@@ -1,7 +1,7 @@
 package ai.djl.memopt.lora;
 
 import ai.djl.memopt.nn.BlockSite;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.memopt.nn.StackableProjection;
 import ai.djl.ndarray.NDArray;
@@ -34,9 +34,9 @@ import java.util.Map;
  * Lora.merge(model);                            // W += scale * B A; the projections are plain Linear blocks again
  * }</pre>
  *
- * <p>Module paths are {@link Blocks} paths: DJL's ordering prefixes stripped, so on the DeepSeek model they read like
+ * <p>Module paths are {@link BlockTrees} paths: DJL's ordering prefixes stripped, so on the DeepSeek model they read like
  * Hugging Face module names ({@code model.layers.0.self_attn.q_a_proj}). Projections are found through
- * {@link Blocks#sites}: an adapter goes around the projection itself, inside checkpointing or mixed-precision
+ * {@link BlockTrees#sites}: an adapter goes around the projection itself, inside checkpointing or mixed-precision
  * decorators applied before, which gives the same model as applying LoRA first.
  */
 public final class Lora {
@@ -74,7 +74,7 @@ public final class Lora {
             LoraConfig variant = variants.computeIfAbsent(t.rank + "/" + t.alpha, k -> t.rank == config.rank()
                     && Float.compare(t.alpha, config.alpha()) == 0 ? config
                     : config.toBuilder().setRank(t.rank).optAlpha(t.alpha).build());
-            Blocks.replace(root, t.path, base -> LoraLinear.builder()
+            BlockTrees.replace(root, t.path, base -> LoraLinear.builder()
                     .setBase(base)
                     .optConfig(variant)
                     .optManager(manager != null ? manager : defaultManager(base, root))
@@ -134,7 +134,7 @@ public final class Lora {
      */
     static Map<String, Block> peftModules(Block root) {
         Map<String, Block> out = new LinkedHashMap<>();
-        for (BlockSite site : Blocks.sites(root).values()) {
+        for (BlockSite site : BlockTrees.sites(root).values()) {
             out.put(site.path(), site.wrapper(LoraLinear.class).map(Block.class::cast).orElse(site.core()));
         }
         return out;
@@ -143,7 +143,7 @@ public final class Lora {
     /** Every adapter of the tree by module path, in model order. */
     public static Map<String, LoraLinear> adapters(Block root) {
         ImmutableMap.Builder<String, LoraLinear> out = ImmutableMap.builder();
-        for (BlockSite site : Blocks.sites(root).values()) {
+        for (BlockSite site : BlockTrees.sites(root).values()) {
             site.wrapper(LoraLinear.class).ifPresent(l -> out.put(site.path(), l));
         }
         return out.build();
@@ -168,7 +168,7 @@ public final class Lora {
             }
         }
         // a quantized base's weights are packed arrays, not parameters: count them as the weights they stand for
-        for (Block b : Blocks.walk(root).values()) {
+        for (Block b : BlockTrees.walk(root).values()) {
             if (b instanceof LinearWeightSource) {
                 total += ((LinearWeightSource) b).storedWeightCount();
             }
@@ -220,7 +220,7 @@ public final class Lora {
                     replacement = linear;
                 }
             }
-            Blocks.site(root, e.getKey()).replaceWrapper(lora, replacement);
+            BlockTrees.site(root, e.getKey()).replaceWrapper(lora, replacement);
             lora.loraA().close();
             lora.loraB().close();
         }
@@ -266,7 +266,7 @@ public final class Lora {
         Map<String, LoraLinear> adapters = adapters(root);
         for (Map.Entry<String, LoraLinear> e : adapters.entrySet()) {
             LoraLinear lora = e.getValue();
-            Blocks.site(root, e.getKey()).replaceWrapper(lora, lora.base());
+            BlockTrees.site(root, e.getKey()).replaceWrapper(lora, lora.base());
             lora.loraA().close();
             lora.loraB().close();
         }

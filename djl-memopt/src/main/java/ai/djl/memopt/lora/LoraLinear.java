@@ -27,7 +27,7 @@ import java.util.List;
  * (or {@code alpha / sqrt(r)} with rsLoRA). The base is a plain DJL {@link Linear} or any {@link LinearWeightSource}
  * (a quantized projection, for QLoRA); its parameters are left as they are (frozen by {@link Lora#apply}).
  *
- * <p>Named as in Hugging Face PEFT, so that {@code Blocks.parameters} gives PEFT's names: the child
+ * <p>Named as in Hugging Face PEFT, so that {@code BlockTrees.parameters} gives PEFT's names: the child
  * {@code base_layer} (the wrapped block) and the parameters {@code lora_A.weight} {@code (r, in)}, kaiming-uniform with
  * a = sqrt(5) like PEFT, i.e. uniform in {@code [-1/sqrt(in), 1/sqrt(in)]}, and {@code lora_B.weight}
  * {@code (out, r)}, zero, so a fresh adapter leaves the model's outputs unchanged. The adapter matrices are plain

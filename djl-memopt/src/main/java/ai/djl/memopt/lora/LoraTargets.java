@@ -1,6 +1,6 @@
 package ai.djl.memopt.lora;
 
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.nn.Block;
@@ -209,7 +209,7 @@ final class LoraTargets {
             throw new IllegalArgumentException("no module matches LoRA target " + describe(c)
                     + (c.targetParameters().isEmpty() ? "" : " or parameters " + c.targetParameters())
                     + "; projections in the model: " + examples + (examples.size() >= 8 ? " ..." : "")
-                    + "; layer types seen: " + Blocks.describeTypes(seenBlocks(view)));
+                    + "; layer types seen: " + BlockTrees.describeTypes(seenBlocks(view)));
         }
         List<Target> out = new ArrayList<>();
         for (String path : view.modules.keySet()) {

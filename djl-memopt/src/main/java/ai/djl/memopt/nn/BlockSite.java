@@ -21,7 +21,7 @@ import java.util.function.Function;
  * So any two decorators give the same model in either order, or one of them refuses, naming the conflict.
  *
  * <pre>{@code
- * for (BlockSite site : Blocks.sites(model).values()) {
+ * for (BlockSite site : BlockTrees.sites(model).values()) {
  *     if (site.core() instanceof Linear) {
  *         site.replaceCore(linear -> new MyQuantizedLinear((Linear) linear));
  *     }
@@ -159,9 +159,9 @@ public final class BlockSite {
     private void put(Block into, Block old, Block replacement) {
         Preconditions.checkArgument(into != null, "cannot replace the root block itself");
         if (into == holder && old == outer) {
-            Blocks.replaceChild(holder, name, replacement);
+            BlockTrees.replaceChild(holder, name, replacement);
         } else {
-            Blocks.replaceChildBlock(into, old, replacement);
+            BlockTrees.replaceChildBlock(into, old, replacement);
         }
     }
 

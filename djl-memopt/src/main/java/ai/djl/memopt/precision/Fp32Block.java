@@ -13,7 +13,7 @@ import ai.djl.util.PairList;
 /**
  * An FP32 island inside an FP16 {@link MixedPrecisionBlock}: casts floating FP16 inputs to FP32, runs the wrapped block
  * (norm, router, softmax) with FP32 parameters, and casts floating outputs back to FP16 for the FP16 code around it.
- * Shapes are the wrapped block's. Transparent to {@link ai.djl.memopt.nn.Blocks} paths.
+ * Shapes are the wrapped block's. Transparent to {@link ai.djl.memopt.nn.BlockTrees} paths.
  */
 public final class Fp32Block extends AbstractBlock implements BlockDecorator {
 

@@ -2,7 +2,7 @@ package ai.djl.memopt.precision;
 
 import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.BlockSite;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.MasterWeights;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -49,7 +49,7 @@ import java.util.Map;
  * }</pre>
  *
  * <p>A {@link ai.djl.training.ParameterStore} caches parameter arrays on first use: wrap before creating the trainer
- * or store that will run the block. Transparent to {@link Blocks} paths: {@code Blocks.parameters} names are unchanged.
+ * or store that will run the block. Transparent to {@link BlockTrees} paths: {@code BlockTrees.parameters} names are unchanged.
  */
 public final class MixedPrecisionBlock extends AbstractBlock implements BlockDecorator, MasterWeights {
 
@@ -89,7 +89,7 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
 
     private List<String> markFp32Islands() {
         List<String> islands = new ArrayList<>();
-        for (BlockSite site : Blocks.sites(block).values()) {
+        for (BlockSite site : BlockTrees.sites(block).values()) {
             String path = site.path();
             if (under(path, islands)) {
                 continue;
@@ -103,7 +103,7 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
             }
         }
         for (String path : islands) {
-            BlockSite site = Blocks.site(block, path);
+            BlockSite site = BlockTrees.site(block, path);
             if (site.wrapper(Fp32Block.class).isEmpty()) {
                 DataType out =
                         policy.islandKeepsFp32Output(path, site.core()) ? DataType.FLOAT32 : policy.computeType();
@@ -116,7 +116,7 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
     private List<MasterWeight> convertParameters() {
         List<MasterWeight> out = new ArrayList<>();
         Set<Parameter> seen = Collections.newSetFromMap(new IdentityHashMap<>());
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(block).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(block).entrySet()) {
             if (seen.add(e.getValue())) { // a parameter shared by two blocks is converted once
                 convert(e.getKey(), e.getValue(), out);
             }
@@ -165,7 +165,7 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
     }
 
     /**
-     * Follows a change below (a layer quantized or adapted through {@link Blocks}, after this block was made): the
+     * Follows a change below (a layer quantized or adapted through {@link BlockTrees}, after this block was made): the
      * masters of parameters that left the tree or were frozen are freed, and new parameters are converted as at
      * wrapping (a new trainable adapter gets its FP16 working copy and FP32 master). The result is the model that
      * wrapping after the change would have given.
@@ -176,7 +176,7 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
         masters.forEach(w -> current.put(w.parameter(), w));
         List<MasterWeight> kept = new ArrayList<>();
         Set<Parameter> seen = Collections.newSetFromMap(new IdentityHashMap<>());
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(block).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(block).entrySet()) {
             Parameter p = e.getValue();
             if (!seen.add(p) || !p.isInitialized()) {
                 continue;

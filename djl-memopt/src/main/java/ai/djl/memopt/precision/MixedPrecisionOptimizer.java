@@ -1,7 +1,7 @@
 package ai.djl.memopt.precision;
 
 import ai.djl.memopt.nn.BlockDecorator;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
@@ -41,7 +41,7 @@ public final class MixedPrecisionOptimizer {
         this.optimizer = b.optimizer;
         this.scaler = b.scaler != null ? b.scaler : DynamicLossScaler.create();
         Map<Parameter, NDArray> masters = new IdentityHashMap<>();
-        for (Block block : Blocks.walk(b.block).values()) {
+        for (Block block : BlockTrees.walk(b.block).values()) {
             for (Block level = block; ; level = ((BlockDecorator) level).delegate()) {
                 if (level instanceof MixedPrecisionBlock) {
                     for (MixedPrecisionBlock.MasterWeight w : ((MixedPrecisionBlock) level).masterWeights()) {
@@ -55,7 +55,7 @@ public final class MixedPrecisionOptimizer {
         }
         ImmutableList.Builder<Entry> list = ImmutableList.builder();
         Set<Parameter> seen = Collections.newSetFromMap(new IdentityHashMap<>());
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(b.block).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(b.block).entrySet()) {
             Parameter p = e.getValue();
             if (!p.requiresGradient() || !seen.add(p)) {
                 continue;

@@ -1,6 +1,6 @@
 package ai.djl.memopt.quantize;
 
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
@@ -147,8 +147,8 @@ final class ActivationRecorder extends AbstractBlock {
                 if (method == QuantMethod.RTN) {
                     continue;
                 }
-                NDArray w = Blocks.site(root, t.getKey()).core().getParameters().get("weight").getArray();
-                Blocks.replace(root, t.getKey(), linear -> {
+                NDArray w = BlockTrees.site(root, t.getKey()).core().getParameters().get("weight").getArray();
+                BlockTrees.replace(root, t.getKey(), linear -> {
                     ActivationRecorder r = new ActivationRecorder(linear, w.getShape().get(1),
                             calibration.maxRowsPerLayer(), method == QuantMethod.GPTQ, w.getManager());
                     recorders.put(t.getKey(), r);
@@ -170,7 +170,7 @@ final class ActivationRecorder extends AbstractBlock {
             throw e;
         } finally {
             for (Map.Entry<String, ActivationRecorder> r : recorders.entrySet()) {
-                Blocks.replace(root, r.getKey(), rec -> ((ActivationRecorder) rec).inner());
+                BlockTrees.replace(root, r.getKey(), rec -> ((ActivationRecorder) rec).inner());
             }
         }
         return recorders;

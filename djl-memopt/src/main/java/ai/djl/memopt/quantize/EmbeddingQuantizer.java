@@ -1,7 +1,7 @@
 package ai.djl.memopt.quantize;
 
 import ai.djl.memopt.nn.BlockSite;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
@@ -33,7 +33,7 @@ final class EmbeddingQuantizer {
         QuantizationConfig config = target.config;
         Parameter param = QuantizedEmbedding.tableParameter(block);
         String paramName = param.getName(); // "weight" (TokenEmbedding) or "embedding" (DJL Embedding)
-        BlockSite site = Blocks.site(root, path);
+        BlockSite site = BlockTrees.site(root, path);
         NDArray table = site.value(param); // (vocab, hidden), the master copy under mixed precision
         long vocab = table.getShape().get(0);
         long hidden = table.getShape().get(1);

@@ -1,7 +1,7 @@
 package ai.djl.memopt.quantize;
 
 import ai.djl.memopt.nn.BlockSite;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
@@ -52,7 +52,7 @@ public final class Pruner {
     public static PruningReport prune(Block root, PruningConfig config) {
         // decided on what computes at each path, seen through decorators and adapters; under mixed precision the FP32
         // masters are pruned (and the FP16 working copies follow), as if pruning had come first
-        Map<String, BlockSite> sites = Blocks.sites(root);
+        Map<String, BlockSite> sites = BlockTrees.sites(root);
         Map<String, BlockSite> targets = new LinkedHashMap<>();
         Map<String, String> skipped = new LinkedHashMap<>();
         boolean selected = false;
@@ -86,7 +86,7 @@ public final class Pruner {
             sites.values().stream().filter(s -> !s.path().isEmpty()).forEach(s -> seen.add(s.core()));
             throw new IllegalArgumentException("nothing to prune in " + root.getClass().getSimpleName()
                     + ": no Linear layer passes the filter" + (skipped.isEmpty() ? "" : " (skipped: " + skipped + ")")
-                    + "; layer types seen: " + Blocks.describeTypes(seen));
+                    + "; layer types seen: " + BlockTrees.describeTypes(seen));
         }
         List<PruningReport.Layer> layers = new ArrayList<>();
         if (config.pattern() == PruningConfig.Pattern.UNSTRUCTURED && config.global()) {

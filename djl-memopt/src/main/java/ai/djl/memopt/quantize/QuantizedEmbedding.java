@@ -36,7 +36,7 @@ import java.io.DataOutputStream;
  * <pre>{@code
  * Quantizer.quantize(model, Int8WeightOnlyConfig.builder().optIncludeEmbeddings(true).build());
  * // or by hand:
- * Blocks.replace(model, "model.embed_tokens", e -> QuantizedEmbedding.of(
+ * BlockTrees.replace(model, "model.embed_tokens", e -> QuantizedEmbedding.of(
  *         QuantizedTensor.quantize(table, QuantScheme.INT8_WEIGHT_ONLY, hidden), DataType.FLOAT32, "weight"));
  * }</pre>
  *

@@ -34,7 +34,7 @@ import java.util.Optional;
  * <pre>{@code
  * Quantizer.quantize(model, Int4WeightOnlyConfig.builder().optGroupSize(128).build());
  * // or by hand:
- * Blocks.replace(model, "mlp.up_proj", l -> QuantizedLinear.of(QuantizedTensor.quantize(w, INT8_WEIGHT_ONLY, 0),
+ * BlockTrees.replace(model, "mlp.up_proj", l -> QuantizedLinear.of(QuantizedTensor.quantize(w, INT8_WEIGHT_ONLY, 0),
  *         null, DataType.FLOAT32));
  * }</pre>
  *

@@ -3,7 +3,7 @@ package ai.djl.memopt.quantize;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.BlockSite;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -48,7 +48,7 @@ import java.util.function.ToLongFunction;
  * by {@link QuantizedEmbedding} (round to nearest, row by row in chunks, before the Linear layers so that calibration
  * sees them quantized). A table tied to the output projection ({@code tie_word_embeddings}) is never quantized.
  *
- * <p>Layers are found through {@link Blocks#sites}: a Linear inside checkpointing, mixed-precision or LoRA wrappers is
+ * <p>Layers are found through {@link BlockTrees#sites}: a Linear inside checkpointing, mixed-precision or LoRA wrappers is
  * quantized in place inside them, from its FP32 master under mixed precision, so quantizing before or after applying
  * those decorators gives the same model. Pass the outermost block.
  */
@@ -75,7 +75,7 @@ public final class Quantizer {
                 "the root block is itself a Linear: wrap it in a parent block (e.g. SequentialBlock) to quantize it");
         // decided on what computes at each path, seen through decorators and adapters: a checkpointed, mixed-precision
         // or LoRA-adapted Linear is quantized in place, inside its wrappers
-        Map<String, BlockSite> sites = Blocks.sites(root);
+        Map<String, BlockSite> sites = BlockTrees.sites(root);
         Map<String, Block> blocks = new LinkedHashMap<>();
         sites.forEach((path, site) -> blocks.put(path, site.core()));
         Map<String, Target> targets = new LinkedHashMap<>();
@@ -209,7 +209,7 @@ public final class Quantizer {
                 });
                 throw new IllegalArgumentException("override '" + o.pattern() + "' matches no Linear layer or"
                         + " embedding table of " + root.getClass().getSimpleName() + "; layer types seen: "
-                        + Blocks.describeTypes(seen));
+                        + BlockTrees.describeTypes(seen));
             }
         }
     }
@@ -224,7 +224,7 @@ public final class Quantizer {
         return "nothing to quantize in " + root.getClass().getSimpleName() + ": no Linear layer or embedding table"
                 + " passes the filter and overrides" + (skipped.isEmpty() ? "" : " (skipped " + skipped.size() + ": "
                 + why + (skipped.size() > 4 ? "; ..." : "") + ")") + "; layer types seen: "
-                + Blocks.describeTypes(seen);
+                + BlockTrees.describeTypes(seen);
     }
 
     /**
@@ -367,7 +367,7 @@ public final class Quantizer {
     private static QuantizationReport.Layer quantizeLayer(Block root, String path, Linear linear, Target target,
             ActivationRecorder recorder, Set<Parameter> kept) {
         QuantizationConfig config = target.config;
-        BlockSite site = Blocks.site(root, path);
+        BlockSite site = BlockTrees.site(root, path);
         Parameter weightParam = linear.getParameters().get("weight");
         Parameter biasParam = linear.getParameters().contains("bias") ? linear.getParameters().get("bias") : null;
         // the master copy where a mixed-precision decorator above keeps one: the same values as quantizing first

@@ -3,7 +3,7 @@ package ai.djl.memopt.quantize;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.Halfs;
 import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.memopt.safetensors.NonFiniteValues;
@@ -121,7 +121,7 @@ public final class StreamingQuantizedLoader {
             // plan on an unallocated model of the same structure: the checkpoint gives each Linear's input size
             Map<String, Quantizer.Target> targets = new LinkedHashMap<>();
             Map<String, String> skipped = new LinkedHashMap<>();
-            Quantizer.plan(Blocks.walk(new DeepSeekForCausalLM(modelConfig)), config,
+            Quantizer.plan(BlockTrees.walk(new DeepSeekForCausalLM(modelConfig)), config,
                     path -> inFeatures(ckpt, path + ".weight"), targets, skipped);
             Set<String> placeholders = new HashSet<>();
             for (String path : targets.keySet()) {
@@ -135,10 +135,10 @@ public final class StreamingQuantizedLoader {
                     layers.add(quantizeLayer(lm, t.getKey(), t.getValue(), reader, manager, dtype));
                 }
             } catch (IOException | RuntimeException e) {
-                for (Parameter p : Blocks.parameters(lm).values()) {
+                for (Parameter p : BlockTrees.parameters(lm).values()) {
                     p.close();
                 }
-                Blocks.walk(lm).values().stream().filter(b -> b instanceof QuantizedLinear)
+                BlockTrees.walk(lm).values().stream().filter(b -> b instanceof QuantizedLinear)
                         .forEach(b -> ((QuantizedLinear) b).close());
                 throw e;
             }
@@ -171,7 +171,7 @@ public final class StreamingQuantizedLoader {
 
     private static QuantizationReport.Layer quantizeLayer(DeepSeekForCausalLM lm, String path, Quantizer.Target target,
             Reader reader, NDManager manager, DataType dtype) throws IOException {
-        Block linear = Blocks.get(lm, path);
+        Block linear = BlockTrees.get(lm, path);
         Parameter weightParam = linear.getParameters().get("weight");
         Parameter biasParam = linear.getParameters().contains("bias") ? linear.getParameters().get("bias") : null;
         Quantizer.Quantized q;
@@ -180,7 +180,7 @@ public final class StreamingQuantizedLoader {
             q = Quantizer.quantizeRtn(path, w, biasParam == null ? null : biasParam.getArray(), target);
             q.linear.quantizedWeight().attach(manager);
         } // frees the float weight and every temporary before the next layer is read
-        Blocks.replace(lm, path, old -> q.linear);
+        BlockTrees.replace(lm, path, old -> q.linear);
         weightParam.close(); // the 1-element placeholder
         if (biasParam != null) {
             biasParam.close();

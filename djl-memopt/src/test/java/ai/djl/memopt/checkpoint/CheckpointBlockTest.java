@@ -10,7 +10,7 @@ import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.engine.Engine;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -159,7 +159,7 @@ class CheckpointBlockTest {
     @Test
     void sqrtScheduleGroupsChildren() {
         SequentialBlock mlp = CheckpointTestModels.mlp(); // 9 children -> runs of 3
-        List<CheckpointPolicy.Range> plan = CheckpointPolicy.sqrtN().plan(Blocks.childNames(mlp),
+        List<CheckpointPolicy.Range> plan = CheckpointPolicy.sqrtN().plan(BlockTrees.childNames(mlp),
                 mlp.getChildren().values());
         assertEquals(List.of(new CheckpointPolicy.Range(0, 3), new CheckpointPolicy.Range(3, 6),
                 new CheckpointPolicy.Range(6, 9)), plan);
@@ -195,10 +195,10 @@ class CheckpointBlockTest {
     @Test
     void parameterPathsAreUnchangedByWrapping() {
         Block model = init(new CheckpointTestModels.Branches(), new Shape(3, 6), 1);
-        List<String> before = List.copyOf(Blocks.parameters(model).keySet());
+        List<String> before = List.copyOf(BlockTrees.parameters(model).keySet());
         Checkpointing.wrapChildren(model, CheckpointPolicy.all());
-        assertEquals(before, List.copyOf(Blocks.parameters(model).keySet()));
-        assertEquals(List.of("stem", "left", "right", "shared"), Blocks.childNames(model));
+        assertEquals(before, List.copyOf(BlockTrees.parameters(model).keySet()));
+        assertEquals(List.of("stem", "left", "right", "shared"), BlockTrees.childNames(model));
         assertTrue(before.contains("shared.weight"), before.toString());
         assertThrows(IllegalArgumentException.class, () -> Checkpointing.wrapChildren(model, CheckpointPolicy.all()));
     }
@@ -247,10 +247,10 @@ class CheckpointBlockTest {
         float[] before = stack.forward(ps, new NDList(x), false).head().toFloatArray();
         // "1.2" is the second Linear inside the checkpointed layer 1: the path goes through the decorator
         Block zero = new ai.djl.nn.LambdaBlock(a -> new NDList(a.head().mul(0)));
-        Blocks.replace(stack, "1.2", old -> zero);
-        assertTrue(Blocks.get(stack, "1.2") == zero);
-        assertInstanceOf(CheckpointBlock.class, Blocks.get(stack, "1"));
-        assertTrue(((CheckpointBlock) Blocks.get(stack, "1")).delegate().getChildren().valueAt(2) == zero,
+        BlockTrees.replace(stack, "1.2", old -> zero);
+        assertTrue(BlockTrees.get(stack, "1.2") == zero);
+        assertInstanceOf(CheckpointBlock.class, BlockTrees.get(stack, "1"));
+        assertTrue(((CheckpointBlock) BlockTrees.get(stack, "1")).delegate().getChildren().valueAt(2) == zero,
                 "the wrapped block that runs was edited");
         float[] after = stack.forward(ps, new NDList(x), false).head().toFloatArray();
         assertFalse(java.util.Arrays.equals(before, after), "the replacement runs");

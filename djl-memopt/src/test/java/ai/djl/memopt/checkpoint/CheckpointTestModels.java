@@ -1,6 +1,6 @@
 package ai.djl.memopt.checkpoint;
 
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -135,7 +135,7 @@ final class CheckpointTestModels {
                 gc.backward(loss);
             }
             Map<String, float[]> grads = new LinkedHashMap<>();
-            for (Map.Entry<String, Parameter> e : Blocks.parameters(model).entrySet()) {
+            for (Map.Entry<String, Parameter> e : BlockTrees.parameters(model).entrySet()) {
                 try (NDArray g = e.getValue().getArray().getGradient()) {
                     grads.put(e.getKey(), g.toFloatArray());
                 }

@@ -5,7 +5,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Model;
 import ai.djl.engine.Engine;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.Shape;
@@ -61,7 +61,7 @@ class CheckpointingTrainerTest {
                     }
                 }
                 Map<String, float[]> out = new LinkedHashMap<>();
-                for (Map.Entry<String, Parameter> e : Blocks.parameters(mlp).entrySet()) {
+                for (Map.Entry<String, Parameter> e : BlockTrees.parameters(mlp).entrySet()) {
                     out.put(e.getKey(), e.getValue().getArray().toFloatArray());
                 }
                 return out;

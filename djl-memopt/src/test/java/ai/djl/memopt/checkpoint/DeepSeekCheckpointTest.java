@@ -7,7 +7,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -36,7 +36,7 @@ class DeepSeekCheckpointTest {
 
     static Map<String, float[]> gradients(
             DeepSeekForCausalLM lm, NDManager manager, long[] ids, Supplier<GradientCollector> collector) {
-        for (Parameter p : Blocks.parameters(lm).values()) {
+        for (Parameter p : BlockTrees.parameters(lm).values()) {
             JniUtils.zeroGrad((PtNDArray) p.getArray());
         }
         try (NDManager step = manager.newSubManager()) {
@@ -49,7 +49,7 @@ class DeepSeekCheckpointTest {
                 gc.backward(CausalLmLoss.mean(logits, input, mask));
             }
             Map<String, float[]> grads = new LinkedHashMap<>();
-            for (Map.Entry<String, Parameter> e : Blocks.parameters(lm).entrySet()) {
+            for (Map.Entry<String, Parameter> e : BlockTrees.parameters(lm).entrySet()) {
                 if (e.getValue().requiresGradient()) {
                     try (NDArray g = e.getValue().getArray().getGradient()) {
                         grads.put(e.getKey(), g.toFloatArray());
@@ -86,8 +86,8 @@ class DeepSeekCheckpointTest {
                 long[] ids = ids(53, 7);
                 Map<String, float[]> expected = gradients(lm, manager, ids, () -> manager.getEngine()
                         .newGradientCollector());
-                List<String> before = List.copyOf(Blocks.parameters(lm).keySet());
-                for (String layer : Checkpointing.wrapChildren(Blocks.get(lm, "model.layers"), CheckpointPolicy.all())) {
+                List<String> before = List.copyOf(BlockTrees.parameters(lm).keySet());
+                for (String layer : Checkpointing.wrapChildren(BlockTrees.get(lm, "model.layers"), CheckpointPolicy.all())) {
                     assertEquals(List.of("self_attn", "mlp"), Checkpointing.wrapChildren(lm, "model.layers." + layer,
                             CheckpointPolicy.matching((n, b) -> n.equals("self_attn") || n.equals("mlp"))));
                 }
@@ -96,7 +96,7 @@ class DeepSeekCheckpointTest {
                     assertEquals(8, Checkpointing.wrapChildren(lm, "model.layers." + layer + ".mlp.experts",
                             CheckpointPolicy.all()).size());
                 }
-                assertEquals(before, List.copyOf(Blocks.parameters(lm).keySet()), "HF parameter names unchanged");
+                assertEquals(before, List.copyOf(BlockTrees.parameters(lm).keySet()), "HF parameter names unchanged");
                 CheckpointingGradientCollector[] gc = new CheckpointingGradientCollector[1];
                 Map<String, float[]> actual = gradients(lm, manager, ids,
                         () -> gc[0] = CheckpointingGradientCollector.open(manager));
@@ -117,12 +117,12 @@ class DeepSeekCheckpointTest {
                 long[] ids = ids(37, 11);
                 Map<String, float[]> expected = gradients(lm, manager, ids, () -> manager.getEngine()
                         .newGradientCollector());
-                List<String> before = List.copyOf(Blocks.parameters(lm).keySet());
+                List<String> before = List.copyOf(BlockTrees.parameters(lm).keySet());
                 List<String> wrapped = Checkpointing.wrapChildren(
-                        Blocks.get(lm, "model.layers"), CheckpointPolicy.all(), true);
+                        BlockTrees.get(lm, "model.layers"), CheckpointPolicy.all(), true);
                 assertEquals(List.of("0", "1", "2"), wrapped);
                 assertInstanceOf(CheckpointBlock.class, lm.model().layers().get(1));
-                assertEquals(before, List.copyOf(Blocks.parameters(lm).keySet()), "HF parameter names unchanged");
+                assertEquals(before, List.copyOf(BlockTrees.parameters(lm).keySet()), "HF parameter names unchanged");
                 CheckpointingGradientCollector[] gc = new CheckpointingGradientCollector[1];
                 Map<String, float[]> actual = gradients(lm, manager, ids,
                         () -> gc[0] = CheckpointingGradientCollector.open(manager));

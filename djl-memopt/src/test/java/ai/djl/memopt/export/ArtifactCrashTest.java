@@ -7,7 +7,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantScheme;
@@ -81,7 +81,7 @@ class ArtifactCrashTest {
         ArtifactManifest manifest = QuantizedArtifact.verify(dir);
         try (NDManager m = NDManager.newBaseManager()) {
             DeepSeekForCausalLM lm = QuantizedArtifact.loadDeepSeek(dir, m, DataType.FLOAT32);
-            QuantizedLinear o = (QuantizedLinear) Blocks.get(lm, "model.layers.0.self_attn.o_proj");
+            QuantizedLinear o = (QuantizedLinear) BlockTrees.get(lm, "model.layers.0.self_attn.o_proj");
             assertEquals(manifest.layers().get("model.layers.0.self_attn.o_proj").scheme(), o.quantizedWeight().scheme());
             return o.quantizedWeight().scheme();
         }

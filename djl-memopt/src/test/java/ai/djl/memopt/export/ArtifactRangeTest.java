@@ -4,7 +4,7 @@ import static org.junit.jupiter.api.Assertions.assertInstanceOf;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.Calibration;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
@@ -113,7 +113,7 @@ class ArtifactRangeTest {
             assertTrue(m.contains(w), "'" + w + "' not in: " + m);
         }
         for (String layer : new String[] {"0", "2", "4"}) {
-            assertInstanceOf(Linear.class, Blocks.get(block, layer), "the block is untouched");
+            assertInstanceOf(Linear.class, BlockTrees.get(block, layer), "the block is untouched");
         }
     }
 

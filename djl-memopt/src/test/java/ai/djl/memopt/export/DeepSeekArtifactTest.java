@@ -8,7 +8,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
@@ -107,8 +107,8 @@ class DeepSeekArtifactTest {
                     + " includes the MTP layer%n", sourceBytes, artifactBytes, (double) sourceBytes / artifactBytes);
 
             DeepSeekForCausalLM loaded = QuantizedArtifact.loadDeepSeek(dir, m, DataType.FLOAT32);
-            assertInstanceOf(QuantizedLinear.class, Blocks.get(loaded, "model.layers.2.mlp.experts.7.up_proj"));
-            assertInstanceOf(QuantizedLinear.class, Blocks.get(loaded, "lm_head"));
+            assertInstanceOf(QuantizedLinear.class, BlockTrees.get(loaded, "model.layers.2.mlp.experts.7.up_proj"));
+            assertInstanceOf(QuantizedLinear.class, BlockTrees.get(loaded, "lm_head"));
             assertArrayEquals(expected, logits(loaded, ids), "artifact must reproduce the in-memory model exactly");
 
             // a generic artifact is not a DeepSeek artifact

@@ -11,7 +11,7 @@ import ai.djl.Device;
 import ai.djl.memopt.inference.GenerationModel;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.Quantizer;
@@ -63,7 +63,7 @@ class ModelDirectoriesTest {
                     "companions are checksummed like the weights");
 
             DeepSeekForCausalLM loaded = ModelDirectories.loadDeepSeek(artifact, m, DataType.FLOAT32);
-            assertInstanceOf(QuantizedLinear.class, Blocks.get(loaded, "model.layers.0.self_attn.o_proj"));
+            assertInstanceOf(QuantizedLinear.class, BlockTrees.get(loaded, "model.layers.0.self_attn.o_proj"));
             assertArrayEquals(quantized, logits(loaded, m));
 
             Files.writeString(artifact.resolve("tokenizer.json"), "{\"tampered\": true}");

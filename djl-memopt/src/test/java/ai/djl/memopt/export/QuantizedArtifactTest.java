@@ -6,7 +6,7 @@ import static org.junit.jupiter.api.Assertions.assertInstanceOf;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.Calibration;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
@@ -76,7 +76,7 @@ class QuantizedArtifactTest {
                 .add(Linear.builder().setUnits(64).build());
         b.initialize(m, DataType.FLOAT32, new Shape(1, 128));
         m.getEngine().setRandomSeed(seed);
-        for (Map.Entry<String, Parameter> p : Blocks.parameters(b).entrySet()) {
+        for (Map.Entry<String, Parameter> p : BlockTrees.parameters(b).entrySet()) {
             NDArray a = p.getValue().getArray();
             float std = p.getKey().endsWith("bias") ? 0.1f : (float) (1 / Math.sqrt(a.getShape().get(1)));
             a.set(m.randomNormal(0f, std, a.getShape(), DataType.FLOAT32).toFloatArray());
@@ -125,7 +125,7 @@ class QuantizedArtifactTest {
             assertEquals(32, manifest.layers().get("0").groupSize());
             assertEquals(QuantScheme.INT8_WEIGHT_ONLY, manifest.layers().get("2").scheme());
             assertEquals(64, manifest.layers().get("4").groupSize());
-            assertInstanceOf(QuantizedLinear.class, Blocks.get(fresh, "4"));
+            assertInstanceOf(QuantizedLinear.class, BlockTrees.get(fresh, "4"));
             JsonObject meta = json(dir);
             assertEquals(1, meta.get("format_version").getAsInt());
             assertTrue(meta.getAsJsonObject("packing").get("int4").getAsString().contains("2i in the low nibble"));
@@ -308,7 +308,7 @@ class QuantizedArtifactTest {
             SequentialBlock untouched = mlp(m, 1, 256);
             String missing = loadError(dir, untouched);
             assertTrue(missing.contains("tensor '4.scales' is missing"), missing);
-            assertInstanceOf(Linear.class, Blocks.get(untouched, "0"), "nothing replaced when loading fails");
+            assertInstanceOf(Linear.class, BlockTrees.get(untouched, "0"), "nothing replaced when loading fails");
             restore(pristine, dir);
 
             // wrong shape: a block of another architecture (hidden 128 instead of 256)

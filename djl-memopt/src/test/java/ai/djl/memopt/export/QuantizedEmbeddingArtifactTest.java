@@ -10,7 +10,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.model.deepseek.TokenEmbedding;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.LayerOverride;
@@ -136,7 +136,7 @@ class QuantizedEmbeddingArtifactTest {
                 // every tool's path into a model directory
                 DeepSeekForCausalLM loaded = ModelDirectories.loadDeepSeek(dir, m, type);
                 QuantizedEmbedding qe = assertInstanceOf(QuantizedEmbedding.class,
-                        Blocks.get(loaded, "model.embed_tokens"));
+                        BlockTrees.get(loaded, "model.embed_tokens"));
                 assertEquals(type, qe.outputType());
                 assertEquals(type, loaded.dataType());
                 assertArrayEquals(expected[0], DeepSeekArtifactTest.logits(loaded, ids(m)),
@@ -170,8 +170,8 @@ class QuantizedEmbeddingArtifactTest {
         DeepSeekForCausalLM fresh = DeepSeekLoader.load(V3, m, DataType.FLOAT32);
         String message = assertThrows(IOException.class, () -> QuantizedArtifact.load(dir, fresh)).getMessage();
         // nothing was changed before the error
-        assertInstanceOf(TokenEmbedding.class, Blocks.get(fresh, "model.embed_tokens"));
-        assertInstanceOf(Linear.class, Blocks.get(fresh, "model.layers.0.self_attn.o_proj"));
+        assertInstanceOf(TokenEmbedding.class, BlockTrees.get(fresh, "model.embed_tokens"));
+        assertInstanceOf(Linear.class, BlockTrees.get(fresh, "model.layers.0.self_attn.o_proj"));
         assertThrows(IOException.class, () -> QuantizedArtifact.loadDeepSeek(dir, m, DataType.FLOAT32));
         return message;
     }
@@ -251,7 +251,7 @@ class QuantizedEmbeddingArtifactTest {
             assertEquals("embedding", QuantizedArtifact.verify(dir).embeddings().get("0").parameter());
             SequentialBlock fresh = net(m, m.zeros(new Shape(30, 64)));
             QuantizedArtifact.load(dir, fresh);
-            assertInstanceOf(QuantizedEmbedding.class, Blocks.get(fresh, "0"));
+            assertInstanceOf(QuantizedEmbedding.class, BlockTrees.get(fresh, "0"));
             assertArrayEquals(expected,
                     fresh.forward(new ParameterStore(m, false), new NDList(ids), false).head().toFloatArray());
         }

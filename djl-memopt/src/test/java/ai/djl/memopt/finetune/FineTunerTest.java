@@ -10,7 +10,7 @@ import ai.djl.memopt.checkpoint.CheckpointBlock;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Parameter;
@@ -157,10 +157,10 @@ class FineTunerTest {
                     assertFalse(tuner.checkpointedLayers().isEmpty());
                 }
                 // nested: each layer's attention and MLP are checkpoint blocks inside the checkpointed layer
-                assertEquals(v[0].startsWith("nested"), Blocks.get(lm, "model.layers.1.mlp") instanceof CheckpointBlock,
+                assertEquals(v[0].startsWith("nested"), BlockTrees.get(lm, "model.layers.1.mlp") instanceof CheckpointBlock,
                         v[0]);
                 assertEquals(v[0].equals("nested+experts"),
-                        Blocks.get(lm, "model.layers.1.mlp.experts.0") instanceof CheckpointBlock, v[0]);
+                        BlockTrees.get(lm, "model.layers.1.mlp.experts.0") instanceof CheckpointBlock, v[0]);
             }
         }
         for (double loss : losses) {
@@ -230,7 +230,7 @@ class FineTunerTest {
     /** Every trainable parameter's gradient as FP32 values, by name. */
     private static Map<String, float[]> gradients(DeepSeekForCausalLM lm) {
         Map<String, float[]> out = new LinkedHashMap<>();
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(lm).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(lm).entrySet()) {
             if (!e.getValue().requiresGradient() || out.containsKey(e.getKey())) {
                 continue;
             }
@@ -349,7 +349,7 @@ class FineTunerTest {
             StateBytes s = tuner.stateBytes();
             long params = 0;
             long trainable = 0;
-            for (Parameter p : Blocks.parameters(lm).values()) {
+            for (Parameter p : BlockTrees.parameters(lm).values()) {
                 params += p.getArray().size();
                 trainable += p.requiresGradient() ? p.getArray().size() : 0;
             }

@@ -9,7 +9,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
@@ -220,7 +220,7 @@ class TrainingCheckpointsTest {
         for (FineTuner.Precision precision : FineTuner.Precision.values()) {
             try (DeepSeekForCausalLM lm = model(1); FineTuner tuner = tuner(lm, "a", precision)) {
                 train(tuner, 2);
-                NDArray norm = Blocks.parameters(lm).get("model.norm.weight").getArray();
+                NDArray norm = BlockTrees.parameters(lm).get("model.norm.weight").getArray();
                 boolean gradMode = JniUtils.isGradMode();
                 JniUtils.setGradMode(false); // an in-place write into a leaf that requires grad
                 try {

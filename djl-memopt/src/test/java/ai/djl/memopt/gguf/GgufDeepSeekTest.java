@@ -9,7 +9,7 @@ import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.QuantScheme;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantizedLinear;
@@ -76,11 +76,11 @@ class GgufDeepSeekTest {
             if (type.isQuantized()) {
                 assertTrue(blocks.contains("model.layers.1.mlp.experts.3.down_proj.weight"), blocks.toString());
                 QuantScheme scheme = type == GgmlType.Q8_0 ? QuantScheme.INT8_WEIGHT_ONLY : QuantScheme.INT4_WEIGHT_ONLY;
-                QuantizedLinear q = (QuantizedLinear) Blocks.get(loaded, "model.layers.1.mlp.experts.3.down_proj");
+                QuantizedLinear q = (QuantizedLinear) BlockTrees.get(loaded, "model.layers.1.mlp.experts.3.down_proj");
                 assertEquals(scheme, q.quantizedWeight().scheme());
                 assertEquals(32, q.quantizedWeight().groupSize());
-                assertTrue(Blocks.get(loaded, "model.embed_tokens") instanceof QuantizedEmbedding);
-                assertTrue(Blocks.get(loaded, "lm_head") instanceof QuantizedLinear);
+                assertTrue(BlockTrees.get(loaded, "model.embed_tokens") instanceof QuantizedEmbedding);
+                assertTrue(BlockTrees.get(loaded, "lm_head") instanceof QuantizedLinear);
             }
             NDArray a = logits(ours, ids);
             NDArray b = logits(loaded, ids);
@@ -134,7 +134,7 @@ class GgufDeepSeekTest {
             GgufQuantizer.quantize(ours, GgmlType.Q4_0);
             GgufExporter.export(ours, V3, GgmlType.Q4_0, file, null);
             DeepSeekForCausalLM plain = GgufLoader.load(file, m, DataType.FLOAT32, false);
-            assertTrue(Blocks.walk(plain).values().stream().noneMatch(b -> b instanceof QuantizedLinear));
+            assertTrue(BlockTrees.walk(plain).values().stream().noneMatch(b -> b instanceof QuantizedLinear));
             NDArray ids = m.create(new long[] {1, 5, 9, 200, 17, 3}).reshape(1, 6);
             float d = logits(ours, ids).sub(logits(plain, ids)).abs().max().getFloat();
             assertTrue(d < 1e-5, "dequantized load differs by " + d);

@@ -7,7 +7,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
 import ai.djl.memopt.memory.MemoryStats;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekMoE;
@@ -165,7 +165,7 @@ class MlaCachedDecoderTest {
         try (TestModel plain = TestModel.load(dir, DataType.FLOAT32);
                 TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
             for (int i = 0; i < loaded.config().numHiddenLayers(); i++) {
-                Blocks.replace(loaded.model(), "model.layers." + i + ".self_attn.kv_b_proj", b -> new RoundedLinear((Linear) b));
+                BlockTrees.replace(loaded.model(), "model.layers." + i + ".self_attn.kv_b_proj", b -> new RoundedLinear((Linear) b));
             }
             LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu());
             for (float d : stepDifferences(cached, LanguageModels.recomputing(loaded.model()), prompts, next)) {
@@ -262,7 +262,7 @@ class MlaCachedDecoderTest {
         try (TestModel loaded = TestModel.load(base, DataType.FLOAT32)) {
             ai.djl.memopt.lora.Lora.load(loaded.model(), adapter);
             assertTrue(
-                    Blocks.get(loaded.model(), "model.layers.1.self_attn.kv_b_proj") instanceof ai.djl.memopt.nn.LinearWeightSource,
+                    BlockTrees.get(loaded.model(), "model.layers.1.self_attn.kv_b_proj") instanceof ai.djl.memopt.nn.LinearWeightSource,
                     "kv_b_proj carries the adapter");
             float d = maxDifferenceToReference(new MlaCachedDecoder(loaded.model(), Device.cpu()), ids, 2, 12, reference, 1);
             assertTrue(d < 1e-4f, "max |cached with LoRA - peft| = " + d);
@@ -275,7 +275,7 @@ class MlaCachedDecoderTest {
         try (TestModel loaded = TestModel.load(dir, DataType.FLOAT32)) {
             ai.djl.memopt.quantize.Quantizer.quantize(loaded.model(), ai.djl.memopt.quantize.Int8WeightOnlyConfig.builder().build());
             assertTrue(
-                    Blocks.get(loaded.model(), "model.layers.0.self_attn.kv_b_proj") instanceof ai.djl.memopt.nn.LinearWeightSource,
+                    BlockTrees.get(loaded.model(), "model.layers.0.self_attn.kv_b_proj") instanceof ai.djl.memopt.nn.LinearWeightSource,
                     "kv_b_proj was quantized");
             LanguageModel cached = new MlaCachedDecoder(loaded.model(), Device.cpu(), ExpertDispatch.GATHERED);
             long[][] prompts = {{451, 340, 497, 361, 133, 474}};
@@ -387,7 +387,7 @@ class MlaCachedDecoderTest {
                 NDManager m = NDManager.newBaseManager()) {
             List<DeepSeekMoE> moes = new ArrayList<>();
             for (int i = 0; i < loaded.config().numHiddenLayers(); i++) {
-                if (Blocks.get(loaded.model(), "model.layers." + i + ".mlp") instanceof DeepSeekMoE moe) {
+                if (BlockTrees.get(loaded.model(), "model.layers." + i + ".mlp") instanceof DeepSeekMoE moe) {
                     moes.add(moe);
                 }
             }

@@ -9,7 +9,7 @@ import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekCheckpointWriter;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
@@ -131,7 +131,7 @@ class DeepSeekLoraTest {
                     || p.startsWith("model.layers.0.mlp.")), report.wrappedPaths().toString());
             System.out.println("LoRA training on tiny V3: " + report);
 
-            Map<String, Parameter> params = Blocks.parameters(lm);
+            Map<String, Parameter> params = BlockTrees.parameters(lm);
             Map<String, float[]> before = new java.util.HashMap<>();
             params.forEach((k, p) -> before.put(k, p.getArray().toFloatArray()));
             final float lr = 0.05f;

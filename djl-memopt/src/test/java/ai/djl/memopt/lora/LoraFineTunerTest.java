@@ -11,7 +11,7 @@ import ai.djl.memopt.finetune.StepResult;
 import ai.djl.memopt.finetune.TokenBatch;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.Quantizer;
@@ -45,7 +45,7 @@ class LoraFineTunerTest {
         TokenBatch batch = fixtureBatch();
         ai.djl.engine.Engine.getInstance().setRandomSeed(51);
         Map<String, float[]> before = new HashMap<>();
-        Blocks.parameters(lm).forEach((k, p) -> before.put(k, p.getArray().toFloatArray()));
+        BlockTrees.parameters(lm).forEach((k, p) -> before.put(k, p.getArray().toFloatArray()));
         double first;
         double last;
         try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpoint).optPrecision(precision)
@@ -68,7 +68,7 @@ class LoraFineTunerTest {
             // only what trains has an FP32 master: the frozen base is held once, as its FP16 working copy
             assertTrue(masters.keySet().stream().allMatch(k -> k.contains(".lora_")), masters.keySet().toString());
             int moved = 0;
-            for (Map.Entry<String, Parameter> e : Blocks.parameters(lm).entrySet()) {
+            for (Map.Entry<String, Parameter> e : BlockTrees.parameters(lm).entrySet()) {
                 float[] was = before.get(e.getKey());
                 if (was == null) {
                     continue; // FP16 working copies the tuner added

@@ -11,7 +11,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Model;
 import ai.djl.engine.Engine;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -64,7 +64,7 @@ class LoraLinearTest {
             assertEquals(List.of("0", "2"), report.wrappedPaths());
             assertEquals(4 * 16 + 32 * 4 + 4 * 32 + 8 * 4, report.trainableParameters());
             assertEquals(16 * 32 + 32 + 32 * 8 + report.trainableParameters(), report.totalParameters());
-            LoraLinear first = (LoraLinear) Blocks.get(mlp, "0");
+            LoraLinear first = (LoraLinear) BlockTrees.get(mlp, "0");
             float bound = (float) (1 / Math.sqrt(16));
             NDArray a = first.loraA().getArray();
             assertTrue(a.abs().max().getFloat() <= bound, "kaiming-uniform(a=sqrt 5) bound 1/sqrt(in)");
@@ -76,7 +76,7 @@ class LoraLinearTest {
             // PEFT names: the base is base_layer, the adapter weights lora_A.weight / lora_B.weight
             assertEquals(List.of("0.lora_A.weight", "0.lora_B.weight", "0.base_layer.weight", "0.base_layer.bias",
                     "2.lora_A.weight", "2.lora_B.weight", "2.base_layer.weight"),
-                    List.copyOf(Blocks.parameters(mlp).keySet()));
+                    List.copyOf(BlockTrees.parameters(mlp).keySet()));
         }
     }
 
@@ -87,7 +87,7 @@ class LoraLinearTest {
             SequentialBlock root = new SequentialBlock().add(ToyBlocks.linear(m, 12, 6, DataType.FLOAT32));
             Lora.apply(root, LoraConfig.builder().setRank(3).optAlpha(6).optTargetModules("0").build());
             randomizeB(root, m, 0.5f);
-            LoraLinear lora = (LoraLinear) Blocks.get(root, "0");
+            LoraLinear lora = (LoraLinear) BlockTrees.get(root, "0");
             NDArray w = ((Linear) lora.base()).getParameters().get("weight").getArray(); // (6, 12)
             NDArray a = lora.loraA().getArray(); // (3, 12)
             NDArray b = lora.loraB().getArray(); // (6, 3)
@@ -118,7 +118,7 @@ class LoraLinearTest {
             SequentialBlock mlp = ToyBlocks.mlp(m, 16, 32, 8, DataType.FLOAT32);
             Lora.apply(mlp, LoraConfig.builder().setRank(4).optTargetModules("0", "2").build());
             Map<String, float[]> before = new LinkedHashMap<>();
-            Blocks.parameters(mlp).forEach((k, p) -> before.put(k, p.getArray().toFloatArray()));
+            BlockTrees.parameters(mlp).forEach((k, p) -> before.put(k, p.getArray().toFloatArray()));
             model.setBlock(mlp);
             NDArray x = m.randomNormal(new Shape(6, 16));
             NDArray target = m.randomNormal(new Shape(6, 8));
@@ -129,18 +129,18 @@ class LoraLinearTest {
                     NDArray pred = trainer.forward(new NDList(x)).singletonOrThrow();
                     gc.backward(pred.sub(target).square().mean());
                 }
-                for (Map.Entry<String, Parameter> e : Blocks.parameters(mlp).entrySet()) {
+                for (Map.Entry<String, Parameter> e : BlockTrees.parameters(mlp).entrySet()) {
                     NDArray arr = e.getValue().getArray();
                     boolean adapter = e.getKey().contains(".lora_");
                     assertEquals(adapter, e.getValue().requiresGradient(), e.getKey());
                     assertEquals(adapter, arr.hasGradient(), e.getKey());
                 }
                 // with B = 0 the first step moves B only; A's gradient is s (g B)^T x = 0
-                assertTrue(((LoraLinear) Blocks.get(mlp, "2")).loraB().getArray().getGradient().abs().sum()
+                assertTrue(((LoraLinear) BlockTrees.get(mlp, "2")).loraB().getArray().getGradient().abs().sum()
                         .getFloat() > 0);
                 trainer.step();
             }
-            for (Map.Entry<String, Parameter> e : Blocks.parameters(mlp).entrySet()) {
+            for (Map.Entry<String, Parameter> e : BlockTrees.parameters(mlp).entrySet()) {
                 float[] now = e.getValue().getArray().toFloatArray();
                 if (e.getKey().contains(".lora_B")) {
                     assertFalse(java.util.Arrays.equals(before.get(e.getKey()), now), e.getKey() + " trained");
@@ -162,19 +162,19 @@ class LoraLinearTest {
             randomizeB(mlp, m, 0.2f);
             NDArray adapted = forward(mlp, m, x, false);
             assertTrue(maxAbsDiff(base, adapted) > 1e-2f, "the adapters change the output");
-            LoraLinear l0 = (LoraLinear) Blocks.get(mlp, "0");
+            LoraLinear l0 = (LoraLinear) BlockTrees.get(mlp, "0");
             NDArray w0 = l0.weight(m);
             NDArray expectW0 = ((Linear) l0.base()).getParameters().get("weight").getArray()
                     .add(l0.loraB().getArray().matMul(l0.loraA().getArray()).mul(4f));
             assertTrue(maxAbsDiff(expectW0, w0) < 1e-6f);
 
             assertEquals(List.of("0", "2"), Lora.merge(mlp));
-            assertTrue(Blocks.get(mlp, "0") instanceof Linear && Blocks.get(mlp, "2") instanceof Linear);
-            assertEquals(List.of("0.weight", "0.bias", "2.weight"), List.copyOf(Blocks.parameters(mlp).keySet()));
+            assertTrue(BlockTrees.get(mlp, "0") instanceof Linear && BlockTrees.get(mlp, "2") instanceof Linear);
+            assertEquals(List.of("0.weight", "0.bias", "2.weight"), List.copyOf(BlockTrees.parameters(mlp).keySet()));
             NDArray merged = forward(mlp, m, x, false);
             float diff = maxAbsDiff(adapted, merged);
             assertTrue(diff < 1e-5f, "merged vs adapted max abs diff " + diff);
-            assertTrue(maxAbsDiff(w0, LinearWeightSource.weightOf(Blocks.get(mlp, "0"), m)) == 0f);
+            assertTrue(maxAbsDiff(w0, LinearWeightSource.weightOf(BlockTrees.get(mlp, "0"), m)) == 0f);
         }
     }
 
@@ -184,14 +184,14 @@ class LoraLinearTest {
             Engine.getInstance().setRandomSeed(5);
             SequentialBlock f32 = new SequentialBlock().add(ToyBlocks.linear(m, 32, 16, DataType.FLOAT32));
             SequentialBlock f16 = new SequentialBlock().add(ToyBlocks.linear(m, 32, 16, DataType.FLOAT16));
-            NDArray w = Blocks.parameters(f32).get("0.weight").getArray();
-            Blocks.parameters(f16).get("0.weight").getArray().intern(w.toType(DataType.FLOAT16, true));
+            NDArray w = BlockTrees.parameters(f32).get("0.weight").getArray();
+            BlockTrees.parameters(f16).get("0.weight").getArray().intern(w.toType(DataType.FLOAT16, true));
             LoraConfig config = LoraConfig.builder().setRank(4).optTargetModules("0").build();
             Lora.apply(f32, config);
             Lora.apply(f16, config);
             randomizeB(f32, m, 0.3f);
-            LoraLinear l32 = (LoraLinear) Blocks.get(f32, "0");
-            LoraLinear l16 = (LoraLinear) Blocks.get(f16, "0");
+            LoraLinear l32 = (LoraLinear) BlockTrees.get(f32, "0");
+            LoraLinear l16 = (LoraLinear) BlockTrees.get(f16, "0");
             assertEquals(DataType.FLOAT32, l16.loraA().getArray().getDataType(), "adapters stay FP32");
             l16.setAdapterWeights(l32.loraA().getArray(), l32.loraB().getArray());
 
@@ -245,7 +245,7 @@ class LoraLinearTest {
             // the model's other arrays (none here) would own the adapters: give the manager explicitly
             Lora.apply(root, LoraConfig.builder().setRank(4).optTargetModules("0").build(), m);
             randomizeB(root, m, 0.3f);
-            LoraLinear lora = (LoraLinear) Blocks.get(root, "0");
+            LoraLinear lora = (LoraLinear) BlockTrees.get(root, "0");
             assertEquals(24, lora.inFeatures());
             assertEquals(10, lora.outFeatures());
             NDArray x = m.randomNormal(new Shape(3, 24));
@@ -260,7 +260,7 @@ class LoraLinearTest {
             assertTrue(maxAbsDiff(expectedW, lora.weight(m)) < 1e-6f);
 
             Lora.merge(root);
-            Block merged = Blocks.get(root, "0");
+            Block merged = BlockTrees.get(root, "0");
             assertTrue(merged instanceof Linear, "full-precision Linear, ready to be quantized again");
             assertEquals(DataType.FLOAT32, merged.getParameters().get("weight").getArray().getDataType());
             assertTrue(merged.getParameters().get("bias").isInitialized(), "the base's bias is carried over");
@@ -308,7 +308,7 @@ class LoraLinearTest {
                     .optTargetModules("x").optDataType(DataType.BFLOAT16).build());
             assertTrue(e.getMessage().contains("BFLOAT16"), e.getMessage());
             e = assertThrows(IllegalArgumentException.class,
-                    () -> ((LoraLinear) Blocks.get(mlp, "0")).setAdapterWeights(m.zeros(new Shape(3, 4)),
+                    () -> ((LoraLinear) BlockTrees.get(mlp, "0")).setAdapterWeights(m.zeros(new Shape(3, 4)),
                             m.zeros(new Shape(8, 2))));
             assertTrue(e.getMessage().contains("lora_A must have shape (2, 4), got (3, 4)"), e.getMessage());
         }
@@ -353,11 +353,11 @@ class LoraLinearTest {
                     .optTargetModules("2").build());
             assertEquals(List.of("2"), second.wrappedPaths());
             assertEquals(2 * 4 + 8 * 2 + 3 * 8 + 2 * 3, second.trainableParameters());
-            for (Map.Entry<String, Parameter> e : Blocks.parameters(mlp).entrySet()) {
+            for (Map.Entry<String, Parameter> e : BlockTrees.parameters(mlp).entrySet()) {
                 assertEquals(e.getKey().contains(".lora_"), e.getValue().requiresGradient(), e.getKey());
             }
             assertEquals("LoraLinear(8 -> 2, r=3, alpha=8.0, dropout=0.1, base=Linear)",
-                    Blocks.get(mlp, "2").toString());
+                    BlockTrees.get(mlp, "2").toString());
         }
     }
 
@@ -373,7 +373,7 @@ class LoraLinearTest {
             SequentialBlock root = new SequentialBlock().add(ToyBlocks.linear(m, 8, 5, DataType.FLOAT32));
             Lora.apply(root, LoraConfig.builder().setRank(2).optAlpha(6).optTargetModules("0").build());
             randomizeB(root, m, 0.5f);
-            LoraLinear lora = (LoraLinear) Blocks.get(root, "0");
+            LoraLinear lora = (LoraLinear) BlockTrees.get(root, "0");
             NDArray x = m.randomNormal(new Shape(3, 8));
             NDArray a = lora.loraA().getArray();
             try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
@@ -432,7 +432,7 @@ class LoraLinearTest {
             Wrapper wrapper = new Wrapper(linear);
             SequentialBlock root = new SequentialBlock().add(wrapper);
             Lora.apply(root, LoraConfig.builder().setRank(2).optTargetModules("0").build());
-            assertSame(wrapper, Blocks.get(root, "0"), "the decorator stays outermost");
+            assertSame(wrapper, BlockTrees.get(root, "0"), "the decorator stays outermost");
             LoraLinear adapter = assertInstanceOf(LoraLinear.class, wrapper.delegate());
             assertSame(linear, adapter.base());
             assertEquals(List.of("0"), List.copyOf(Lora.adapters(root).keySet()));

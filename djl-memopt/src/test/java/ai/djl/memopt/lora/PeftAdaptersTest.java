@@ -7,7 +7,7 @@ import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.engine.Engine;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.memopt.safetensors.SafetensorsWriter;
 import ai.djl.ndarray.NDArray;
@@ -114,8 +114,8 @@ class PeftAdaptersTest {
             NDArray got = forward(kvb, m, x);
             assertTrue(want.sub(got).abs().max().getFloat() < 1e-5f);
             // nothing but the attention projections changed: MLPs, experts and lm_head are as they were
-            assertTrue(Blocks.get(model, "lm_head") instanceof Linear);
-            assertTrue(Blocks.get(model, "model.layers.0.mlp.gate_proj") instanceof Linear);
+            assertTrue(BlockTrees.get(model, "lm_head") instanceof Linear);
+            assertTrue(BlockTrees.get(model, "model.layers.0.mlp.gate_proj") instanceof Linear);
         }
     }
 
@@ -153,8 +153,8 @@ class PeftAdaptersTest {
     }
 
     private static void copyBaseWeights(Block from, Block to) {
-        Map<String, Parameter> src = Blocks.parameters(from);
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(to).entrySet()) {
+        Map<String, Parameter> src = BlockTrees.parameters(from);
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(to).entrySet()) {
             e.getValue().getArray().intern(src.get(e.getKey()).getArray().duplicate());
         }
     }
@@ -182,12 +182,12 @@ class PeftAdaptersTest {
             assertTrue(config.get("use_rslora").getAsBoolean());
             LoraReport report = Lora.load(fresh, tmp);
             assertEquals(List.of("0", "2"), report.wrappedPaths());
-            assertEquals((float) (5 / Math.sqrt(3)), ((LoraLinear) Blocks.get(fresh, "0")).scale(), 1e-7f);
+            assertEquals((float) (5 / Math.sqrt(3)), ((LoraLinear) BlockTrees.get(fresh, "0")).scale(), 1e-7f);
             assertArrayEquals(want, forward(fresh, m, x).toFloatArray(), 0f);
 
             // loading again onto the adapted model overwrites the adapter weights in place
-            ((LoraLinear) Blocks.get(fresh, "2")).setAdapterWeights(
-                    ((LoraLinear) Blocks.get(fresh, "2")).loraA().getArray(), m.zeros(new Shape(8, 3)));
+            ((LoraLinear) BlockTrees.get(fresh, "2")).setAdapterWeights(
+                    ((LoraLinear) BlockTrees.get(fresh, "2")).loraA().getArray(), m.zeros(new Shape(8, 3)));
             Lora.load(fresh, tmp);
             assertArrayEquals(want, forward(fresh, m, x).toFloatArray(), 0f);
         }
@@ -280,7 +280,7 @@ class PeftAdaptersTest {
                             + "expected [8, 64] (rank 4 in the tensor, r=8 in adapter_config.json for "
                             + "'model.layers.0.self_attn.q_a_proj')"), e.getMessage());
             assertTrue(Lora.adapters(model).isEmpty(), "validation happens before wrapping");
-            assertTrue(Blocks.parameters(model).values().stream().allMatch(Parameter::requiresGradient),
+            assertTrue(BlockTrees.parameters(model).values().stream().allMatch(Parameter::requiresGradient),
                     "nothing frozen either");
 
             // the model lacks a layer the adapter has
@@ -301,7 +301,7 @@ class PeftAdaptersTest {
 
             // the model's projection has other dimensions
             Block narrow = ToyBlocks.deepSeekLike(m, 3);
-            Blocks.replace(narrow, "model.layers.0.self_attn.o_proj", old -> ToyBlocks.linear(m, 48, 64,
+            BlockTrees.replace(narrow, "model.layers.0.self_attn.o_proj", old -> ToyBlocks.linear(m, 48, 64,
                     DataType.FLOAT32));
             e = assertThrows(IllegalArgumentException.class, () -> Lora.load(narrow, FIXTURE));
             assertTrue(e.getMessage().contains("o_proj.lora_A.weight' has shape [4, 64], expected [4, 48]"),
@@ -358,7 +358,7 @@ class PeftAdaptersTest {
         try (NDManager m = NDManager.newBaseManager()) {
             Block model = ToyBlocks.deepSeekLike(m, 2);
             Lora.apply(model, LoraConfig.builder().setRank(2).optTargetModules("q_a_proj").build());
-            Blocks.replace(model, "model.layers.1.self_attn.o_proj", old -> LoraLinear.builder().setBase(old)
+            BlockTrees.replace(model, "model.layers.1.self_attn.o_proj", old -> LoraLinear.builder().setBase(old)
                     .setRank(4).optAlpha(3).build());
             Path dir = tmp.resolve("mixed");
             Lora.save(model, dir);
@@ -374,7 +374,7 @@ class PeftAdaptersTest {
             assertEquals(3f, o.alpha());
             assertEquals(2, Lora.adapters(back).get("model.layers.1.self_attn.q_a_proj").rank());
 
-            Blocks.replace(model, "model.layers.0.self_attn.o_proj", old -> LoraLinear.builder().setBase(old)
+            BlockTrees.replace(model, "model.layers.0.self_attn.o_proj", old -> LoraLinear.builder().setBase(old)
                     .setRank(4).optUseRslora(true).build());
             Path dir2 = tmp.resolve("rslora");
             IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> Lora.save(model, dir2));

@@ -284,12 +284,12 @@ class PeftCompatibilityTest {
         }
     }
 
-    /** Replaces the adapter at {@code path} itself ({@code Blocks.replace} would hand over the projection inside it). */
+    /** Replaces the adapter at {@code path} itself ({@code BlockTrees.replace} would hand over the projection inside it). */
     private static void replaceAdapter(ai.djl.nn.Block root, String path,
             java.util.function.Function<LoraLinear, ai.djl.nn.Block> replacement) {
         int dot = path.lastIndexOf('.');
-        LoraLinear old = (LoraLinear) ai.djl.memopt.nn.Blocks.get(root, path);
-        ai.djl.memopt.nn.Blocks.replaceChild(ai.djl.memopt.nn.Blocks.get(root, path.substring(0, dot)),
+        LoraLinear old = (LoraLinear) ai.djl.memopt.nn.BlockTrees.get(root, path);
+        ai.djl.memopt.nn.BlockTrees.replaceChild(ai.djl.memopt.nn.BlockTrees.get(root, path.substring(0, dot)),
                 path.substring(dot + 1), replacement.apply(old));
     }
 }

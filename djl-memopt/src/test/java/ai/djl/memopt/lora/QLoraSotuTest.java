@@ -11,7 +11,7 @@ import ai.djl.memopt.finetune.TokenBatch;
 import ai.djl.memopt.inference.TextTokenizer;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
 import ai.djl.memopt.quantize.QuantizedLinear;
@@ -71,7 +71,7 @@ class QLoraSotuTest {
     /** The dequantized weight of every int4 projection (under its adapter), by path. */
     private static Map<String, float[]> dequantizedBase(DeepSeekForCausalLM lm, NDManager manager) {
         Map<String, float[]> out = new TreeMap<>();
-        for (Map.Entry<String, Block> e : Blocks.walk(lm).entrySet()) {
+        for (Map.Entry<String, Block> e : BlockTrees.walk(lm).entrySet()) {
             if (e.getValue() instanceof QuantizedLinear) {
                 try (NDManager m = manager.newSubManager()) {
                     out.put(e.getKey(), ((QuantizedLinear) e.getValue()).weight(m).toFloatArray());

@@ -9,7 +9,7 @@ import ai.djl.memopt.export.QuantizedArtifact;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
@@ -66,10 +66,10 @@ class QLoraTest {
     /** The float model whose every quantized projection of {@code quantized} is replaced by its dequantized weight. */
     private static DeepSeekForCausalLM dequantizedTwin(DeepSeekForCausalLM quantized, NDManager m) throws Exception {
         DeepSeekForCausalLM twin = DeepSeekLoader.load(MODEL, m, DataType.FLOAT32);
-        for (Map.Entry<String, Block> e : Blocks.walk(quantized).entrySet()) {
+        for (Map.Entry<String, Block> e : BlockTrees.walk(quantized).entrySet()) {
             if (e.getValue() instanceof QuantizedLinear) {
                 NDArray w = ((QuantizedLinear) e.getValue()).weight(m);
-                Blocks.get(twin, e.getKey()).getParameters().get("weight").getArray().intern(w);
+                BlockTrees.get(twin, e.getKey()).getParameters().get("weight").getArray().intern(w);
             }
         }
         return twin;
@@ -109,13 +109,13 @@ class QLoraTest {
             // merging hands back full-precision weights: the merged model equals the twin's merge
             NDArray beforeMerge = q;
             Lora.merge(lm);
-            assertTrue(Blocks.get(lm, "model.layers.0.self_attn.q_a_proj") instanceof Linear);
+            assertTrue(BlockTrees.get(lm, "model.layers.0.self_attn.q_a_proj") instanceof Linear);
             float merged = maxAbsDiff(beforeMerge, logits(lm, m, ids, false));
             System.out.printf("QLoRA %s merged: %.3g vs unmerged%n", scheme.describe(), merged);
             assertTrue(merged < 1e-5, "merged vs unmerged " + merged);
             // ... ready to be quantized again
             Quantizer.quantize(lm, scheme);
-            assertTrue(Blocks.get(lm, "model.layers.0.self_attn.q_a_proj") instanceof QuantizedLinear);
+            assertTrue(BlockTrees.get(lm, "model.layers.0.self_attn.q_a_proj") instanceof QuantizedLinear);
             float requantized = maxAbsDiff(beforeMerge, logits(lm, m, ids, false));
             float effect = maxAbsDiff(beforeMerge, withoutAdapter);
             System.out.printf("QLoRA %s re-quantized after merge: %.3g vs unmerged (the adapter moves logits by %.3g)%n",
@@ -170,7 +170,7 @@ class QLoraTest {
                     worst = Math.max(worst, d);
                 }
             }
-            for (Map.Entry<String, Parameter> e : Blocks.parameters(lm).entrySet()) {
+            for (Map.Entry<String, Parameter> e : BlockTrees.parameters(lm).entrySet()) {
                 assertEquals(e.getKey().contains(".lora_"), e.getValue().getArray().hasGradient(), e.getKey());
             }
             System.out.printf("QLoRA int4 gradients vs LoRA on the dequantized model: max abs diff %.3g%n", worst);

@@ -46,7 +46,7 @@ final class ToyBlocks {
         @Override
         protected NDList forwardInternal(ParameterStore ps, NDList in, boolean training, PairList<String, Object> p) {
             NDList x = in;
-            // children are re-read from the children list, where Blocks.replaceChild puts decorators
+            // children are re-read from the children list, where BlockTrees.replaceChild puts decorators
             for (Block b : getChildren().values()) {
                 x = b.forward(ps, x, training, p);
             }

@@ -8,7 +8,7 @@ import ai.djl.memopt.checkpoint.CheckpointPolicy;
 import ai.djl.memopt.checkpoint.Checkpointing;
 import ai.djl.memopt.checkpoint.CheckpointingGradientCollector;
 import ai.djl.memopt.memory.MemoryStats;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -66,7 +66,7 @@ class CheckpointedMixedPrecisionTest {
             }
         }
         Map<String, float[]> out = new LinkedHashMap<>();
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(model).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(model).entrySet()) {
             try (NDArray g = e.getValue().getArray().getGradient()) {
                 out.put(e.getKey(), g.toType(DataType.FLOAT32, false).toFloatArray());
             }

@@ -7,7 +7,7 @@ import ai.djl.memopt.checkpoint.DeepSeekCheckpointTestAccess;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -33,7 +33,7 @@ class DeepSeekMixedPrecisionTest {
             }
         }
         Map<String, float[]> out = new LinkedHashMap<>();
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(model).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(model).entrySet()) {
             if (e.getValue().requiresGradient()) {
                 try (NDArray g = e.getValue().getArray().getGradient()) {
                     float[] v = g.toType(DataType.FLOAT32, false).toFloatArray();
@@ -67,11 +67,11 @@ class DeepSeekMixedPrecisionTest {
                     .build();
             MixedPrecisionBlock mp = MixedPrecisionBlock.wrap(DeepSeekForCausalLM.random(c, 7, manager,
                     DataType.FLOAT32), policy);
-            assertEquals(DataType.FLOAT16, Blocks.parameters(mp).get("model.embed_tokens.weight").getArray()
+            assertEquals(DataType.FLOAT16, BlockTrees.parameters(mp).get("model.embed_tokens.weight").getArray()
                     .getDataType());
-            assertEquals(DataType.FLOAT16, Blocks.parameters(mp).get("model.layers.0.mlp.up_proj.weight").getArray()
+            assertEquals(DataType.FLOAT16, BlockTrees.parameters(mp).get("model.layers.0.mlp.up_proj.weight").getArray()
                     .getDataType());
-            assertEquals(DataType.FLOAT32, Blocks.parameters(mp).get("model.layers.1.mlp.gate.weight").getArray()
+            assertEquals(DataType.FLOAT32, BlockTrees.parameters(mp).get("model.layers.1.mlp.gate.weight").getArray()
                     .getDataType());
             System.out.println("fp32 islands: " + mp.fp32Paths());
             Map<String, float[]> half = grads(mp, manager, ids, 1024);

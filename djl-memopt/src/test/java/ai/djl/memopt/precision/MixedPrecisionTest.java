@@ -8,7 +8,7 @@ import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.engine.Engine;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -182,8 +182,8 @@ class MixedPrecisionTest {
                 }
             }
         }
-        Map<String, Parameter> a = Blocks.parameters(ref);
-        Map<String, Parameter> b = Blocks.parameters(mp);
+        Map<String, Parameter> a = BlockTrees.parameters(ref);
+        Map<String, Parameter> b = BlockTrees.parameters(mp);
         double worst = 0;
         for (String path : a.keySet()) {
             float[] g32 = a.get(path).getArray().getGradient().toFloatArray();
@@ -293,12 +293,12 @@ class MixedPrecisionTest {
     @Test
     void precisionSensitiveBlocksStayFp32AndPathsAreUnchanged() {
         SequentialBlock model = regressionModel(new Shape(2, 8), 1);
-        List<String> paths = List.copyOf(Blocks.parameters(model).keySet());
+        List<String> paths = List.copyOf(BlockTrees.parameters(model).keySet());
         MixedPrecisionBlock mp = MixedPrecisionBlock.wrap(model);
-        assertEquals(paths, List.copyOf(Blocks.parameters(mp).keySet()));
+        assertEquals(paths, List.copyOf(BlockTrees.parameters(mp).keySet()));
         assertEquals(List.of("1"), mp.fp32Paths()); // the LayerNorm
         assertInstanceOf(Fp32Block.class, model.getChildren().valueAt(1));
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(mp).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(mp).entrySet()) {
             DataType expected = e.getKey().startsWith("1.") ? DataType.FLOAT32 : DataType.FLOAT16;
             assertEquals(expected, e.getValue().getArray().getDataType(), e.getKey());
         }
@@ -313,7 +313,7 @@ class MixedPrecisionTest {
         NDList out = r.forward(new ParameterStore(manager, false), new NDList(manager.ones(new Shape(2, 4))), false);
         assertEquals(DataType.FLOAT32, out.get(1).getDataType());
         assertEquals(DataType.FLOAT16, routed.up.getParameters().valueAt(0).getArray().getDataType());
-        assertEquals(DataType.FLOAT32, Blocks.parameters(r).get("gate.weight").getArray().getDataType());
+        assertEquals(DataType.FLOAT32, BlockTrees.parameters(r).get("gate.weight").getArray().getDataType());
     }
 
     @Test

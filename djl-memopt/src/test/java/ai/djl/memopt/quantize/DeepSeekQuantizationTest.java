@@ -6,7 +6,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -83,19 +83,19 @@ class DeepSeekQuantizationTest {
         assertTrue(report.skipped().get("lm_head").startsWith("lm_head"), report.skipped().toString());
         assertTrue(report.skipped().get("model.embed_tokens").startsWith("embedding"));
         assertTrue(report.skipped().get("model.norm").startsWith("normalization"));
-        assertInstanceOf(Linear.class, Blocks.get(lm, "lm_head"));
+        assertInstanceOf(Linear.class, BlockTrees.get(lm, "lm_head"));
         for (int i = 0; i < layers; i++) {
             String p = "model.layers." + i;
             assertTrue(report.skipped().get(p + ".input_layernorm").startsWith("normalization"));
-            assertInstanceOf(QuantizedLinear.class, Blocks.get(lm, p + ".self_attn.o_proj"));
-            assertInstanceOf(QuantizedLinear.class, Blocks.get(lm, p + ".self_attn.kv_a_proj_with_mqa"));
-            boolean moe = Blocks.walk(lm).containsKey(p + ".mlp.experts");
+            assertInstanceOf(QuantizedLinear.class, BlockTrees.get(lm, p + ".self_attn.o_proj"));
+            assertInstanceOf(QuantizedLinear.class, BlockTrees.get(lm, p + ".self_attn.kv_a_proj_with_mqa"));
+            boolean moe = BlockTrees.walk(lm).containsKey(p + ".mlp.experts");
             if (moe) {
                 assertTrue(report.skipped().get(p + ".mlp.gate").startsWith("MoE router"));
-                assertInstanceOf(QuantizedLinear.class, Blocks.get(lm, p + ".mlp.experts.0.down_proj"));
-                assertInstanceOf(QuantizedLinear.class, Blocks.get(lm, p + ".mlp.shared_experts.up_proj"));
+                assertInstanceOf(QuantizedLinear.class, BlockTrees.get(lm, p + ".mlp.experts.0.down_proj"));
+                assertInstanceOf(QuantizedLinear.class, BlockTrees.get(lm, p + ".mlp.shared_experts.up_proj"));
             } else {
-                assertInstanceOf(QuantizedLinear.class, Blocks.get(lm, p + ".mlp.gate_proj"));
+                assertInstanceOf(QuantizedLinear.class, BlockTrees.get(lm, p + ".mlp.gate_proj"));
             }
             if (config.scheme() == QuantScheme.INT4_WEIGHT_ONLY) {
                 // kv_b_proj reads the 16-wide latent: not a multiple of the group size, reported as skipped

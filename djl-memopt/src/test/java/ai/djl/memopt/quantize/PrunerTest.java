@@ -5,7 +5,7 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -35,7 +35,7 @@ class PrunerTest {
 
     private static Map<String, float[]> weights(SequentialBlock b) {
         Map<String, float[]> out = new java.util.LinkedHashMap<>();
-        for (Map.Entry<String, Parameter> p : Blocks.parameters(b).entrySet()) {
+        for (Map.Entry<String, Parameter> p : BlockTrees.parameters(b).entrySet()) {
             if (p.getKey().endsWith("weight")) {
                 out.put(p.getKey(), p.getValue().getArray().toFloatArray());
             }
@@ -161,7 +161,7 @@ class PrunerTest {
             try (NDManager m = manager.newSubManager()) {
                 SequentialBlock b = QuantizerTest.mlp(m, 24);
                 Pruner.prune(b, PruningConfig.twoFour());
-                NDArray w = Blocks.parameters(b).get("2.weight").getArray().toType(type, true);
+                NDArray w = BlockTrees.parameters(b).get("2.weight").getArray().toType(type, true);
                 Sparse24 s = Sparse24.compress(w);
                 assertEquals(new Shape(256, 128), s.values().getShape());
                 assertEquals(new Shape(256, 32), s.indices().getShape());
@@ -195,9 +195,9 @@ class PrunerTest {
         try (NDManager m = manager.newSubManager()) {
             SequentialBlock b = QuantizerTest.mlp(m, 25);
             Pruner.prune(b, PruningConfig.twoFour());
-            float[] pruned = Blocks.parameters(b).get("2.weight").getArray().toFloatArray();
+            float[] pruned = BlockTrees.parameters(b).get("2.weight").getArray().toFloatArray();
             Quantizer.quantize(b, Int4WeightOnlyConfig.builder().optGroupSize(32).build());
-            float[] deq = ((QuantizedLinear) Blocks.get(b, "2")).weight(m).toFloatArray();
+            float[] deq = ((QuantizedLinear) BlockTrees.get(b, "2")).weight(m).toFloatArray();
             for (int i = 0; i < pruned.length; i++) {
                 if (pruned[i] == 0) {
                     assertEquals(0f, deq[i], "element " + i);

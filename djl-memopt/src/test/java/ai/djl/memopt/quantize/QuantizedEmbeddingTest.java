@@ -15,7 +15,7 @@ import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.model.deepseek.TokenEmbedding;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -179,7 +179,7 @@ class QuantizedEmbeddingTest {
             QuantizationReport d = Quantizer.quantize(byDefault, Int8WeightOnlyConfig.builder().build());
             assertTrue(d.skipped().get("model.embed_tokens").startsWith("embedding kept in full precision by default"),
                     d.skipped().toString());
-            assertInstanceOf(TokenEmbedding.class, Blocks.get(byDefault, "model.embed_tokens"));
+            assertInstanceOf(TokenEmbedding.class, BlockTrees.get(byDefault, "model.embed_tokens"));
 
             for (Object[] c : new Object[][] {
                 {Int8WeightOnlyConfig.builder().addOverride(LayerOverride.skip("model.layers.**"))
@@ -194,7 +194,7 @@ class QuantizedEmbeddingTest {
                 assertEquals(QuantMethod.RTN, row.method());
                 assertEquals(64, row.groupSize()); // int8: one scale per row of 64; int4: g128 falls back to 64
                 assertEquals(512L * 64 * 4, row.bytesBefore());
-                QuantizedEmbedding qe = assertInstanceOf(QuantizedEmbedding.class, Blocks.get(lm, "model.embed_tokens"));
+                QuantizedEmbedding qe = assertInstanceOf(QuantizedEmbedding.class, BlockTrees.get(lm, "model.embed_tokens"));
                 assertEquals(row.bytesAfter(), qe.nbytes());
                 assertEquals(DataType.FLOAT32, lm.dataType()); // the float table is gone; the type is remembered
                 assertTrue(!lm.model().tokenEmbedding().weight().isInitialized(), "float table freed");
@@ -242,7 +242,7 @@ class QuantizedEmbeddingTest {
             QuantizationReport r = Quantizer.quantize(lm, Int8WeightOnlyConfig.builder().optIncludeEmbeddings(true)
                     .build());
             assertTrue(r.skipped().get("model.embed_tokens").contains("tie_word_embeddings"), r.toString());
-            assertInstanceOf(TokenEmbedding.class, Blocks.get(lm, "model.embed_tokens"));
+            assertInstanceOf(TokenEmbedding.class, BlockTrees.get(lm, "model.embed_tokens"));
             assertTrue(Double.isFinite(logits(lm, m.create(new long[] {1, 2, 3}, new Shape(1, 3)), false)
                     .sum().getFloat()));
         }
@@ -266,7 +266,7 @@ class QuantizedEmbeddingTest {
             NDArray ids = m.create(new long[] {0, 1, 2, 3, 4, 5}, new Shape(2, 3));
             QuantizationReport r = Quantizer.quantize(net, Int8WeightOnlyConfig.builder().optIncludeEmbeddings(true)
                     .addOverride(LayerOverride.skip("1")).build());
-            QuantizedEmbedding qe = assertInstanceOf(QuantizedEmbedding.class, Blocks.get(net, "0"));
+            QuantizedEmbedding qe = assertInstanceOf(QuantizedEmbedding.class, BlockTrees.get(net, "0"));
             assertEquals("embedding", qe.parameterName());
             assertTrue(r.layer("0").embedding());
             NDArray rows = net.getChildren().get(0).getValue()
@@ -289,13 +289,13 @@ class QuantizedEmbeddingTest {
             DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT32);
             Quantizer.quantize(lm, Int8WeightOnlyConfig.builder().optIncludeEmbeddings(true).build());
             DeepSeekForCausalLM twin = DeepSeekLoader.load(V3, m, DataType.FLOAT32);
-            for (Map.Entry<String, ai.djl.nn.Block> e : Blocks.walk(lm).entrySet()) {
+            for (Map.Entry<String, ai.djl.nn.Block> e : BlockTrees.walk(lm).entrySet()) {
                 if (e.getValue() instanceof QuantizedLinear) {
                     NDArray w = ((QuantizedLinear) e.getValue()).weight(m);
-                    Blocks.get(twin, e.getKey()).getParameters().get("weight").getArray().set(w.toByteBuffer());
+                    BlockTrees.get(twin, e.getKey()).getParameters().get("weight").getArray().set(w.toByteBuffer());
                 }
             }
-            QuantizedEmbedding qe = (QuantizedEmbedding) Blocks.get(lm, "model.embed_tokens");
+            QuantizedEmbedding qe = (QuantizedEmbedding) BlockTrees.get(lm, "model.embed_tokens");
             twin.model().tokenEmbedding().weight().getArray().set(qe.table(m).toByteBuffer());
             LoraConfig config = LoraConfig.builder().setRank(4).optAlpha(8).optTargetModules("q_a_proj", "o_proj")
                     .optTargetParameters("up_proj.weight").build(); // the dense MLP's and shared experts' up_proj
@@ -321,7 +321,7 @@ class QuantizedEmbeddingTest {
                 }
             }
             assertTrue(checked >= 6, checked + " adapter gradients checked");
-            for (Map.Entry<String, Parameter> e : Blocks.parameters(lm).entrySet()) {
+            for (Map.Entry<String, Parameter> e : BlockTrees.parameters(lm).entrySet()) {
                 assertEquals(e.getKey().contains(".lora_"), e.getValue().getArray().hasGradient(), e.getKey());
             }
         }

@@ -7,7 +7,7 @@ import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.memopt.memory.MemoryStats;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -50,7 +50,7 @@ class QuantizerTest {
                 .add(Linear.builder().setUnits(64).build());
         b.initialize(m, DataType.FLOAT32, new Shape(1, 128));
         m.getEngine().setRandomSeed(seed);
-        for (Map.Entry<String, Parameter> p : Blocks.parameters(b).entrySet()) {
+        for (Map.Entry<String, Parameter> p : BlockTrees.parameters(b).entrySet()) {
             NDArray a = p.getValue().getArray();
             float std = p.getKey().endsWith("bias") ? 0.1f : (float) (1 / Math.sqrt(a.getShape().get(1)));
             a.set(m.randomNormal(0f, std, a.getShape(), DataType.FLOAT32).toFloatArray());
@@ -86,9 +86,9 @@ class QuantizerTest {
                 assertEquals(List.of("0", "2", "4"), report.layers().stream().map(QuantizationReport.Layer::path)
                         .collect(java.util.stream.Collectors.toList()));
                 for (String p : List.of("0", "2", "4")) {
-                    assertInstanceOf(QuantizedLinear.class, Blocks.get(b, p));
+                    assertInstanceOf(QuantizedLinear.class, BlockTrees.get(b, p));
                 }
-                assertTrue(Blocks.parameters(b).isEmpty(), "quantized MLP has no trainable parameters left");
+                assertTrue(BlockTrees.parameters(b).isEmpty(), "quantized MLP has no trainable parameters left");
                 NDArray y = run(b, x);
                 double err = relErr(y, ref);
                 System.out.printf("MLP %s: rel err %.4f, min SQNR %.2f dB, bytes %d -> %d (%.2fx)%n",
@@ -127,7 +127,7 @@ class QuantizerTest {
             SequentialBlock b = mlp(m, 5);
             NDArray w = b.getChildren().get(0).getValue().getParameters().get("weight").getArray().duplicate();
             Quantizer.quantize(b, Int8WeightOnlyConfig.builder().build());
-            NDArray wq = LinearWeightSource.weightOf(Blocks.get(b, "0"), m);
+            NDArray wq = LinearWeightSource.weightOf(BlockTrees.get(b, "0"), m);
             assertEquals(w.getShape(), wq.getShape());
             assertTrue(relErr(wq, w) < 0.01);
         }
@@ -140,7 +140,7 @@ class QuantizerTest {
             SequentialBlock b = new SequentialBlock().add(Linear.builder().setUnits(32).optBias(false).build());
             b.initialize(m, DataType.FLOAT32, new Shape(1, 64));
             Quantizer.quantize(b, Int4WeightOnlyConfig.builder().optGroupSize(32).build());
-            NDArray w = ((QuantizedLinear) Blocks.get(b, "0")).weight(m); // (32, 64)
+            NDArray w = ((QuantizedLinear) BlockTrees.get(b, "0")).weight(m); // (32, 64)
             NDArray x = m.randomNormal(new Shape(3, 64));
             x.setRequiresGradient(true);
             try (ai.djl.training.GradientCollector gc = m.getEngine().newGradientCollector()) {
@@ -190,7 +190,7 @@ class QuantizerTest {
                     .addOverride(LayerOverride.use("1.*", Int8WeightOnlyConfig.builder().build()))
                     .build());
             assertEquals("override '0': skip", r.skipped().get("0"));
-            assertInstanceOf(Linear.class, Blocks.get(b, "0"));
+            assertInstanceOf(Linear.class, BlockTrees.get(b, "0"));
             assertEquals(QuantScheme.INT8_WEIGHT_ONLY, r.layer("1.0").scheme());
             assertEquals(QuantScheme.INT4_WEIGHT_ONLY, r.layer("2").scheme());
             assertEquals(64, r.layer("2").groupSize());
@@ -225,7 +225,7 @@ class QuantizerTest {
             QuantizationReport r = Quantizer.quantize(b, Int4WeightOnlyConfig.builder().optGroupSize(128).build());
             assertEquals(32, r.layer("0").groupSize());
             assertEquals("group size 32: input dimension 96 is not a multiple of 128", r.layer("0").note());
-            assertEquals(32, ((QuantizedLinear) Blocks.get(b, "0")).quantizedWeight().groupSize());
+            assertEquals(32, ((QuantizedLinear) BlockTrees.get(b, "0")).quantizedWeight().groupSize());
             assertTrue(r.toString().contains("note 0: group size 32"), r.toString());
 
             SequentialBlock strict = new SequentialBlock().add(Linear.builder().setUnits(8).build());
@@ -315,7 +315,7 @@ class QuantizerTest {
                     if (k == 1) {
                         System.out.printf("AWQ %s: alpha %.2f%n", scheme.id(), r.layer("0").awqAlpha().getAsDouble());
                         assertTrue(r.layer("0").awqAlpha().getAsDouble() > 0, "AWQ must pick a non-zero exponent");
-                        assertTrue(((QuantizedLinear) Blocks.get(b, "0")).quantizedWeight().inputScales().isPresent());
+                        assertTrue(((QuantizedLinear) BlockTrees.get(b, "0")).quantizedWeight().inputScales().isPresent());
                     }
                 }
                 System.out.printf("outlier layer %s: RTN MSE %.6g, AWQ MSE %.6g (%.2fx lower)%n", scheme.id(), mse[0],
@@ -384,7 +384,7 @@ class QuantizerTest {
                     QuantizationReport r = Quantizer.quantize(b, cfg);
                     assertEquals(k == 1 ? QuantMethod.GPTQ : QuantMethod.RTN, r.layer("0").method());
                     assertEquals(k == 1 ? QuantMethod.GPTQ : QuantMethod.RTN,
-                            ((QuantizedLinear) Blocks.get(b, "0")).method());
+                            ((QuantizedLinear) BlockTrees.get(b, "0")).method());
                     mse[k] = run(b, test).sub(ref).square().mean().getFloat();
                 }
                 System.out.printf("correlated layer %s: RTN MSE %.6g, GPTQ MSE %.6g (%.2fx lower)%n", scheme.id(),
@@ -401,7 +401,7 @@ class QuantizerTest {
             IllegalArgumentException e = assertThrows(IllegalArgumentException.class,
                     () -> Quantizer.quantize(b, Int8WeightOnlyConfig.builder().optMethod(QuantMethod.AWQ).build()));
             assertTrue(e.getMessage().contains("calibration"), e.getMessage());
-            assertInstanceOf(Linear.class, Blocks.get(b, "0"), "nothing replaced on failure");
+            assertInstanceOf(Linear.class, BlockTrees.get(b, "0"), "nothing replaced on failure");
         }
     }
 }

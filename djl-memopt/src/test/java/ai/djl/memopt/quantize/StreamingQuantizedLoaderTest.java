@@ -8,7 +8,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.Halfs;
 import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.memopt.safetensors.SafetensorsDType;
@@ -60,8 +60,8 @@ class StreamingQuantizedLoaderTest {
             // nothing but the model's arrays is left: no float weight, placeholder or temporary
             assertEquals(refManager.getManagedArrays().size(), streamManager.getManagedArrays().size());
 
-            Map<String, Block> refBlocks = Blocks.walk(reference);
-            Map<String, Block> blocks = Blocks.walk(lm);
+            Map<String, Block> refBlocks = BlockTrees.walk(reference);
+            Map<String, Block> blocks = BlockTrees.walk(lm);
             assertEquals(refBlocks.keySet(), blocks.keySet());
             int quantized = 0;
             for (Map.Entry<String, Block> e : refBlocks.entrySet()) {
@@ -82,8 +82,8 @@ class StreamingQuantizedLoaderTest {
                 }
             }
             assertTrue(quantized > 20, "only " + quantized + " layers quantized");
-            Map<String, Parameter> refParams = Blocks.parameters(reference);
-            Map<String, Parameter> params = Blocks.parameters(lm);
+            Map<String, Parameter> refParams = BlockTrees.parameters(reference);
+            Map<String, Parameter> params = BlockTrees.parameters(lm);
             assertEquals(refParams.keySet(), params.keySet());
             for (Map.Entry<String, Parameter> p : refParams.entrySet()) {
                 NDArray a = params.get(p.getKey()).getArray();
@@ -163,7 +163,7 @@ class StreamingQuantizedLoaderTest {
         assertSameAsLoadThenQuantize(V3, DataType.FLOAT32, config);
         try (NDManager m = NDManager.newBaseManager()) {
             StreamingQuantizedLoader.Result r = StreamingQuantizedLoader.load(V3, m, DataType.FLOAT32, config);
-            assertInstanceOf(QuantizedLinear.class, Blocks.get(r.model(), "lm_head"));
+            assertInstanceOf(QuantizedLinear.class, BlockTrees.get(r.model(), "lm_head"));
             assertEquals(QuantScheme.INT8_WEIGHT_ONLY, r.report().layer("model.layers.1.self_attn.o_proj").scheme());
             assertTrue(r.report().skipped().containsKey("model.layers.0.self_attn.q_a_proj"));
         }

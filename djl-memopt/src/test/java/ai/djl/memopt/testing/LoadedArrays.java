@@ -3,7 +3,7 @@ package ai.djl.memopt.testing;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
@@ -40,12 +40,12 @@ public final class LoadedArrays {
     /** Every array of {@code root}: initialized parameters, and the codes, scales and zeros of quantized layers. */
     public static Map<String, NDArray> of(Block root) {
         Map<String, NDArray> out = new TreeMap<>();
-        for (Map.Entry<String, Parameter> p : Blocks.parameters(root).entrySet()) {
+        for (Map.Entry<String, Parameter> p : BlockTrees.parameters(root).entrySet()) {
             if (p.getValue().isInitialized()) {
                 out.put(p.getKey(), p.getValue().getArray());
             }
         }
-        for (Map.Entry<String, Block> b : Blocks.walk(root).entrySet()) {
+        for (Map.Entry<String, Block> b : BlockTrees.walk(root).entrySet()) {
             QuantizedTensor q = b.getValue() instanceof QuantizedLinear ql ? ql.quantizedWeight()
                     : b.getValue() instanceof QuantizedEmbedding qe ? qe.quantizedTable() : null;
             if (q != null) {

@@ -7,7 +7,7 @@ import ai.djl.memopt.export.QuantizedArtifact;
 import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.Calibration;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
@@ -173,7 +173,7 @@ public final class QuantBenchWorker {
     /** Bytes of the model's (initialized) parameters: the weights kept in float. */
     static long floatBytes(Block root) {
         long bytes = 0;
-        for (Parameter p : Blocks.parameters(root).values()) {
+        for (Parameter p : BlockTrees.parameters(root).values()) {
             if (p.isInitialized()) {
                 NDArray a = p.getArray();
                 bytes += a.size() * a.getDataType().getNumOfBytes();
@@ -185,7 +185,7 @@ public final class QuantBenchWorker {
     /** Bytes of the quantized layers' tensors (codes, scales, zero points and biases), which are not parameters. */
     static long quantizedBytes(Block root) {
         long bytes = 0;
-        for (Block b : Blocks.walk(root).values()) {
+        for (Block b : BlockTrees.walk(root).values()) {
             if (b instanceof QuantizedLinear) {
                 QuantizedLinear q = (QuantizedLinear) b;
                 bytes += q.quantizedWeight().nbytes();

@@ -376,7 +376,7 @@ public final class QuantizeCommand implements Callable<Integer> {
 
     /** A still-float Linear whose input width is a multiple of 8 (what compact 2:4 storage needs). */
     private static boolean compactable(ai.djl.nn.Block root, String path) {
-        ai.djl.nn.Block b = ai.djl.memopt.nn.Blocks.get(root, path);
+        ai.djl.nn.Block b = ai.djl.memopt.nn.BlockTrees.get(root, path);
         return b instanceof ai.djl.nn.core.Linear
                 && b.getParameters().get("weight").getShape().get(1) % 8 == 0;
     }

@@ -17,7 +17,7 @@ import ai.djl.memopt.inference.TextTokenizer;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.memopt.precision.MixedPrecisionOptimizer;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
@@ -109,7 +109,7 @@ public final class DeepSeekExample {
                 gc.backward(loss);
             }
             Map<String, float[]> grads = new LinkedHashMap<>();
-            for (Map.Entry<String, Parameter> e : Blocks.parameters(lm).entrySet()) {
+            for (Map.Entry<String, Parameter> e : BlockTrees.parameters(lm).entrySet()) {
                 if (e.getValue().requiresGradient()) {
                     try (NDArray g = e.getValue().getArray().getGradient()) {
                         grads.put(e.getKey(), g.toFloatArray());

@@ -11,7 +11,7 @@ import ai.djl.memopt.export.QuantizedArtifact;
 import ai.djl.memopt.lora.Lora;
 import ai.djl.memopt.lora.LoraConfig;
 import ai.djl.memopt.lora.LoraReport;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.memopt.precision.MixedPrecisionOptimizer;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
@@ -147,7 +147,7 @@ public final class WrapUserModelExample {
                 float[] adapted = predict(net, model.getNDManager(), batch.getData());
                 Lora.merge(net);
                 float[] merged = predict(net, model.getNDManager(), batch.getData());
-                boolean linear = targets.stream().allMatch(t -> Blocks.get(net, t) instanceof ai.djl.nn.core.Linear);
+                boolean linear = targets.stream().allMatch(t -> BlockTrees.get(net, t) instanceof ai.djl.nn.core.Linear);
                 return new LoraResult(report.wrappedPaths(), report.trainableParameters(), report.totalParameters(),
                         first, last, frozenChange, maxAbsDiff(adapted, merged), linear);
             }
@@ -324,7 +324,7 @@ public final class WrapUserModelExample {
 
     private static Map<String, float[]> gradients(Block net) {
         Map<String, float[]> out = new LinkedHashMap<>();
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(net).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(net).entrySet()) {
             if (e.getValue().requiresGradient()) {
                 try (NDArray g = e.getValue().getArray().getGradient()) {
                     out.put(e.getKey(), g.toFloatArray());
@@ -337,7 +337,7 @@ public final class WrapUserModelExample {
     /** Trained parameters, or the others (BatchNorm running mean and variance). */
     private static Map<String, float[]> weights(Block net, boolean trained) {
         Map<String, float[]> out = new LinkedHashMap<>();
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(net).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(net).entrySet()) {
             if (e.getValue().requiresGradient() == trained) {
                 out.put(e.getKey(), e.getValue().getArray().toFloatArray());
             }

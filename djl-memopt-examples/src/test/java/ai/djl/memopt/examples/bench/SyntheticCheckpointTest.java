@@ -8,7 +8,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.memopt.safetensors.SafetensorsDType;
 import ai.djl.ndarray.NDManager;
@@ -55,7 +55,7 @@ class SyntheticCheckpointTest {
             assertEquals(2 * params, s.bytes());
             // the model's own loader checks every name and shape against the config
             DeepSeekForCausalLM lm = DeepSeekLoader.load(dir, m, DataType.FLOAT32);
-            assertEquals(Blocks.parameters(lm).keySet(), ckpt.names());
+            assertEquals(BlockTrees.parameters(lm).keySet(), ckpt.names());
             for (float v : ckpt.readFloats("model.layers.1.post_attention_layernorm.weight")) {
                 assertEquals(1f, v);
             }

@@ -8,7 +8,7 @@ import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.lora.LoraLinear;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
@@ -117,7 +117,7 @@ class AdapterAndArtifactFinetuneTest {
         try (NDManager m = NDManager.newBaseManager()) {
             DeepSeekForCausalLM plain = ModelDirectories.loadDeepSeek(artifact, m, DataType.FLOAT32);
             DeepSeekForCausalLM adapted = ModelDirectories.loadDeepSeek(artifact, m, DataType.FLOAT32, out);
-            LoraLinear lora = (LoraLinear) Blocks.get(adapted, "model.layers.0.self_attn.o_proj");
+            LoraLinear lora = (LoraLinear) BlockTrees.get(adapted, "model.layers.0.self_attn.o_proj");
             assertTrue(lora.base() instanceof QuantizedLinear, "the adapter wraps the artifact's int4 layer");
             NDArray input = m.create(prompt, new Shape(1, prompt.length));
             NDArray a = adapted.forward(new ParameterStore(m, false), new NDList(input), false).head();

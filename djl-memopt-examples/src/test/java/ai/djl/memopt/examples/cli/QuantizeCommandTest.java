@@ -93,7 +93,7 @@ class QuantizeCommandTest {
         try (NDManager m = NDManager.newBaseManager()) {
             DeepSeekForCausalLM lm = QuantizedArtifact.loadDeepSeek(out, m, DataType.FLOAT32);
             assertEquals(ai.djl.memopt.quantize.QuantMethod.GPTQ, ((ai.djl.memopt.quantize.QuantizedLinear)
-                    ai.djl.memopt.nn.Blocks.get(lm, "model.layers.0.self_attn.q_a_proj")).method());
+                    ai.djl.memopt.nn.BlockTrees.get(lm, "model.layers.0.self_attn.q_a_proj")).method());
         }
     }
 
@@ -132,7 +132,7 @@ class QuantizeCommandTest {
         assertTrue(manifest.layers().containsKey("model.layers.0.self_attn.o_proj"));
         try (NDManager m = NDManager.newBaseManager()) {
             DeepSeekForCausalLM lm = QuantizedArtifact.loadDeepSeek(out, m, DataType.FLOAT32);
-            float[] w = ((ai.djl.memopt.quantize.QuantizedLinear) ai.djl.memopt.nn.Blocks.get(lm,
+            float[] w = ((ai.djl.memopt.quantize.QuantizedLinear) ai.djl.memopt.nn.BlockTrees.get(lm,
                     "model.layers.0.self_attn.o_proj")).weight(m).toFloatArray();
             for (int g = 0; g < w.length / 4; g++) {
                 int zeros = 0;

@@ -103,7 +103,7 @@ final class GuideDocs {
         return out;
     }
 
-    /** Blocks by key, for lookups. */
+    /** BlockTrees by key, for lookups. */
     static Map<String, Block> byKey(List<Block> blocks, String kind) {
         Map<String, Block> out = new LinkedHashMap<>();
         for (Block b : blocks) {

@@ -17,7 +17,7 @@ import ai.djl.memopt.lora.LoraReport;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
 import ai.djl.memopt.quantize.QuantizedLinear;
@@ -200,7 +200,7 @@ class GuideSnippetsTest {
     void streamingInt4LoadEqualsLoadThenQuantize() throws Exception {
         try (NDManager m = NDManager.newBaseManager()) {
             DeepSeekForCausalLM streamed = StreamingLoadSnippet.loadInt4(V3, m);
-            assertInstanceOf(QuantizedLinear.class, Blocks.get(streamed, "model.layers.0.self_attn.o_proj"));
+            assertInstanceOf(QuantizedLinear.class, BlockTrees.get(streamed, "model.layers.0.self_attn.o_proj"));
             DeepSeekForCausalLM loaded = DeepSeekLoader.load(V3, m, DataType.FLOAT16);
             Quantizer.quantize(loaded, Int4WeightOnlyConfig.builder().optGroupSize(128).build());
             NDList input = new NDList(m.create(new long[] {3, 14, 15, 92}, new Shape(1, 4)));
@@ -236,7 +236,7 @@ class GuideSnippetsTest {
             DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT32);
             PeftTargetsSnippet.adaptAttentionAndMlp(lm);
             java.util.Set<String> adapted = new java.util.TreeSet<>();
-            Blocks.walk(lm).forEach((path, b) -> {
+            BlockTrees.walk(lm).forEach((path, b) -> {
                 if (b instanceof ai.djl.memopt.lora.LoraLinear) {
                     adapted.add(path);
                 }

@@ -145,7 +145,7 @@ public final class GenerationServer implements AutoCloseable {
         return host;
     }
 
-    /** Blocks until {@link #close()} has finished. */
+    /** BlockTrees until {@link #close()} has finished. */
     public void awaitStop() throws InterruptedException {
         stopped.await();
     }

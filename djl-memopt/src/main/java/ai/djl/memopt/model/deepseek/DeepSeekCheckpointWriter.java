@@ -1,6 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.memopt.safetensors.SafetensorsWriter;
 import ai.djl.nn.Parameter;
@@ -32,8 +32,8 @@ public final class DeepSeekCheckpointWriter {
         if (!config.equals(model.config())) {
             throw new IllegalArgumentException("config " + config + " differs from the model's " + model.config());
         }
-        Map<String, Parameter> params = Blocks.parameters(model);
-        java.util.Set<String> expected = Blocks.parameters(new DeepSeekForCausalLM(config)).keySet();
+        Map<String, Parameter> params = BlockTrees.parameters(model);
+        java.util.Set<String> expected = BlockTrees.parameters(new DeepSeekForCausalLM(config)).keySet();
         for (String name : params.keySet()) {
             if (!expected.contains(name)) {
                 throw new IllegalArgumentException("parameter '" + name + "' is not a Hugging Face tensor of this "

@@ -1,7 +1,7 @@
 package ai.djl.memopt.model.deepseek;
 
 import ai.djl.Device;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.memopt.safetensors.OwnedArrays;
 import ai.djl.ndarray.NDArray;
@@ -25,7 +25,7 @@ import java.util.stream.IntStream;
 /**
  * DeepSeek-V3/V2 causal language model (Hugging Face {@code DeepseekV3ForCausalLM}/{@code DeepseekV2ForCausalLM}):
  * children {@code model} ({@link DeepSeekModel}) and {@code lm_head} (a bias-free {@code Linear}; absent when
- * {@code tie_word_embeddings}, the logits then use {@code model.embed_tokens.weight}). {@code Blocks.parameters(model)}
+ * {@code tie_word_embeddings}, the logits then use {@code model.embed_tokens.weight}). {@code BlockTrees.parameters(model)}
  * keys equal the checkpoint tensor names.
  *
  * <p>Shapes: {@code input_ids (B, T)} INT64 [, {@code attention_mask (B, T)} 1 keep / 0 padding] -> {@code logits (B, T,
@@ -116,12 +116,12 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
      */
     public void initializeWith(NDManager manager, DataType dtype, Function<String, Initializer> init) {
         checkDType(dtype);
-        for (Map.Entry<String, Parameter> e : Blocks.parameters(this).entrySet()) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(this).entrySet()) {
             e.getValue().setInitializer(init.apply(e.getKey()));
         }
         initialize(manager, dtype, new Shape(1, 1));
         // weights live as long as their manager, even when loaded inside a caller's NDScope
-        for (Parameter p : Blocks.parameters(this).values()) {
+        for (Parameter p : BlockTrees.parameters(this).values()) {
             NDScope.unregister(p.getArray());
         }
         this.manager = manager;

@@ -1,7 +1,7 @@
 package ai.djl.memopt.model.deepseek;
 
 import ai.djl.Device;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.memopt.safetensors.NameLists;
 import ai.djl.memopt.safetensors.RegularFiles;
@@ -121,7 +121,7 @@ public final class DeepSeekLoader {
         DeepSeekForCausalLM.checkDType(dtype);
         checkNotAnArtifact(ckpt);
         DeepSeekForCausalLM lm = new DeepSeekForCausalLM(config);
-        Map<String, Parameter> params = Blocks.parameters(lm);
+        Map<String, Parameter> params = BlockTrees.parameters(lm);
 
         List<String> skippedMtp = new ArrayList<>();
         Set<String> unexpected = new TreeSet<>();

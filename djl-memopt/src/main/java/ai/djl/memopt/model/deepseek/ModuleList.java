@@ -13,7 +13,7 @@ import java.util.List;
 /**
  * An indexed container like PyTorch's {@code nn.ModuleList}: children named {@code 0..n-1} so that dotted paths read
  * {@code model.layers.3...} or {@code mlp.experts.17...}. Its owner calls the children itself, always through
- * {@link #get(int)}, so a child swapped by {@code Blocks.replaceChild} is the one that runs.
+ * {@link #get(int)}, so a child swapped by {@code BlockTrees.replaceChild} is the one that runs.
  */
 public final class ModuleList extends AbstractBlock {
 

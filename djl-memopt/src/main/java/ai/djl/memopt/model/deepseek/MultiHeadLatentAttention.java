@@ -34,7 +34,7 @@ import ai.djl.util.PairList;
  * }</pre>
  *
  * <p>The children and dimensions are public so that an absorbed-latent KV cache can reuse the weights; every projection
- * is read through its field, so a decorator put in place by {@code Blocks.replaceChild} is the one used.
+ * is read through its field, so a decorator put in place by {@code BlockTrees.replaceChild} is the one used.
  */
 public final class MultiHeadLatentAttention extends AbstractBlock {
 

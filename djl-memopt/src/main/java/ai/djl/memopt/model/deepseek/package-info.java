@@ -8,7 +8,7 @@
  *       -> {@link ai.djl.memopt.model.deepseek.DeepSeekDecoderLayer} ({@link
  *       ai.djl.memopt.model.deepseek.MultiHeadLatentAttention}, {@link ai.djl.memopt.model.deepseek.DeepSeekMoE} /
  *       {@link ai.djl.memopt.model.deepseek.DeepSeekMlp}, {@link ai.djl.memopt.model.deepseek.RmsNorm}), with the
- *       block tree named like the Hugging Face modules so {@code Blocks.parameters(model)} keys are the checkpoint
+ *       block tree named like the Hugging Face modules so {@code BlockTrees.parameters(model)} keys are the checkpoint
  *       tensor names.
  *   <li>{@link ai.djl.memopt.model.deepseek.DeepSeekLoader} / {@link
  *       ai.djl.memopt.model.deepseek.DeepSeekCheckpointWriter}: Hugging Face safetensors in and out.
@@ -16,7 +16,7 @@
  * </ul>
  *
  * <p>Every projection is a bias-free DJL {@code Linear} held in a {@code Block} field and called through it, so
- * decorators (checkpointing, precision, quantization, LoRA) replace them with {@code Blocks.replace}. Temporaries of
+ * decorators (checkpointing, precision, quantization, LoRA) replace them with {@code BlockTrees.replace}. Temporaries of
  * each forward are closed as soon as the block returns (an {@code NDScope} per block); only outputs survive.
  */
 package ai.djl.memopt.model.deepseek;

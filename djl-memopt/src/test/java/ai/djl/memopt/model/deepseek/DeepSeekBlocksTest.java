@@ -6,7 +6,7 @@ import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.engine.Engine;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -232,7 +232,7 @@ class DeepSeekBlocksTest {
         DeepSeekConfig c = tiny(DeepSeekConfig.DEEPSEEK_V3).tieWordEmbeddings(true).build();
         try (NDManager m = NDManager.newBaseManager()) {
             DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(c, 5, m, DataType.FLOAT32);
-            Map<String, Parameter> params = Blocks.parameters(lm);
+            Map<String, Parameter> params = BlockTrees.parameters(lm);
             assertFalse(params.containsKey("lm_head.weight"));
             assertEquals(c.parameterCount(), params.values().stream().filter(Parameter::requiresGradient)
                     .mapToLong(p -> p.getArray().size()).sum());
@@ -280,7 +280,7 @@ class DeepSeekBlocksTest {
                     gc.close();
                 }
                 ids.close();
-                for (Parameter p : Blocks.parameters(lm).values()) {
+                for (Parameter p : BlockTrees.parameters(lm).values()) {
                     if (p.requiresGradient()) {
                         try (NDArray g = p.getArray().getGradient(); NDArray upd = g.mul(0.5f)) {
                             p.getArray().subi(upd);
@@ -347,14 +347,14 @@ class DeepSeekBlocksTest {
                 "model.layers.0.mlp.gate_proj", "model.layers.2", "lm_head", "model.norm"};
             java.util.List<Counting> wrappers = new java.util.ArrayList<>();
             for (String p : paths) {
-                wrappers.add((Counting) Blocks.replace(lm, p, b -> new Counting(b, 1f)));
+                wrappers.add((Counting) BlockTrees.replace(lm, p, b -> new Counting(b, 1f)));
             }
             NDArray same = lm.forward(ps, new NDList(ids), false).head();
             assertTrue(Fixtures.maxAbsDiff(base, same) == 0f);
             for (int i = 0; i < paths.length; i++) {
                 assertTrue(wrappers.get(i).calls > 0, paths[i] + " decorator was not called");
             }
-            Blocks.replace(lm, "model.layers.1.self_attn.o_proj", b -> new Counting(b, 2f));
+            BlockTrees.replace(lm, "model.layers.1.self_attn.o_proj", b -> new Counting(b, 2f));
             NDArray changed = lm.forward(ps, new NDList(ids), false).head();
             assertTrue(Fixtures.maxAbsDiff(base, changed) > 1e-3);
             IllegalArgumentException e = org.junit.jupiter.api.Assertions.assertThrows(IllegalArgumentException.class,

@@ -3,7 +3,7 @@ package ai.djl.memopt.model.deepseek;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.engine.Engine;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -30,7 +30,7 @@ class DeepSeekFp16GradientTest {
         try (NDManager m = NDManager.newBaseManager();
                 SafetensorsFile reference = SafetensorsFile.open(V3.resolve("reference.safetensors"))) {
             DeepSeekForCausalLM lm = fp16ModelRecordingGradients(m);
-            Map<String, Parameter> params = Blocks.parameters(lm);
+            Map<String, Parameter> params = BlockTrees.parameters(lm);
             NDArray ids = reference.load(m, "input_ids");
             try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
                 NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), true).head();
@@ -65,7 +65,7 @@ class DeepSeekFp16GradientTest {
         try (NDManager m = NDManager.newBaseManager();
                 SafetensorsFile reference = SafetensorsFile.open(V3.resolve("reference.safetensors"))) {
             DeepSeekForCausalLM lm = fp16ModelRecordingGradients(m);
-            Map<String, Parameter> params = Blocks.parameters(lm);
+            Map<String, Parameter> params = BlockTrees.parameters(lm);
             NDArray ids = reference.load(m, "input_ids");
             try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
                 NDArray logits = lm.forward(new ParameterStore(m, false), new NDList(ids), true).head();
@@ -115,7 +115,7 @@ class DeepSeekFp16GradientTest {
     /** The V3 fixture model in FP16 with every trainable parameter recording its gradient. */
     private static DeepSeekForCausalLM fp16ModelRecordingGradients(NDManager m) throws java.io.IOException {
         DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT16);
-        for (Parameter p : Blocks.parameters(lm).values()) {
+        for (Parameter p : BlockTrees.parameters(lm).values()) {
             if (p.requiresGradient()) {
                 p.getArray().setRequiresGradient(true);
             }

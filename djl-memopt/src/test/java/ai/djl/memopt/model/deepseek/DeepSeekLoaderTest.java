@@ -8,7 +8,7 @@ import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.Halfs;
 import ai.djl.memopt.safetensors.SafetensorsDType;
 import ai.djl.memopt.safetensors.SafetensorsFile;
@@ -89,7 +89,7 @@ class DeepSeekLoaderTest {
         try (NDManager m = NDManager.newBaseManager();
                 SafetensorsFile f = SafetensorsFile.open(Fixtures.V3.resolve("model.safetensors"))) {
             DeepSeekForCausalLM lm = DeepSeekLoader.load(dir, m, DataType.FLOAT32);
-            for (Map.Entry<String, Parameter> e : Blocks.parameters(lm).entrySet()) {
+            for (Map.Entry<String, Parameter> e : BlockTrees.parameters(lm).entrySet()) {
                 float[] original = f.readFloats(e.getKey());
                 float[] expected = new float[original.length];
                 for (int i = 0; i < original.length; i++) {
@@ -186,8 +186,8 @@ class DeepSeekLoaderTest {
             }
             DeepSeekForCausalLM back = DeepSeekLoader.load(out, m, DataType.FLOAT32);
             assertEquals(lm.config(), back.config());
-            Map<String, Parameter> a = Blocks.parameters(lm);
-            Map<String, Parameter> b = Blocks.parameters(back);
+            Map<String, Parameter> a = BlockTrees.parameters(lm);
+            Map<String, Parameter> b = BlockTrees.parameters(back);
             assertEquals(a.keySet(), b.keySet());
             for (String k : a.keySet()) {
                 assertArrayEquals(a.get(k).getArray().toFloatArray(), b.get(k).getArray().toFloatArray(), 0f, k);
@@ -226,9 +226,9 @@ class DeepSeekLoaderTest {
                 .qLoraRank(16).kvLoraRank(16).qkNopeHeadDim(8).qkRopeHeadDim(4).vHeadDim(8)
                 .build().toJson());
         try (NDManager m = NDManager.newBaseManager()) {
-            Map<String, Parameter> a = Blocks.parameters(DeepSeekForCausalLM.random(c, 7, m, DataType.FLOAT32));
-            Map<String, Parameter> b = Blocks.parameters(DeepSeekForCausalLM.random(c, 7, m, DataType.FLOAT32));
-            Map<String, Parameter> other = Blocks.parameters(DeepSeekForCausalLM.random(c, 8, m, DataType.FLOAT32));
+            Map<String, Parameter> a = BlockTrees.parameters(DeepSeekForCausalLM.random(c, 7, m, DataType.FLOAT32));
+            Map<String, Parameter> b = BlockTrees.parameters(DeepSeekForCausalLM.random(c, 7, m, DataType.FLOAT32));
+            Map<String, Parameter> other = BlockTrees.parameters(DeepSeekForCausalLM.random(c, 8, m, DataType.FLOAT32));
             String w = "model.layers.1.mlp.experts.3.up_proj.weight";
             for (String k : a.keySet()) {
                 assertArrayEquals(a.get(k).getArray().toFloatArray(), b.get(k).getArray().toFloatArray(), 0f, k);
@@ -278,8 +278,8 @@ class DeepSeekLoaderTest {
         Files.writeString(dir.resolve("model.safetensors.index.json"),
                 "{\"metadata\": {}, \"weight_map\": {" + map + "}}");
         try (NDManager m = NDManager.newBaseManager()) {
-            Map<String, Parameter> one = Blocks.parameters(DeepSeekLoader.load(Fixtures.V3, m, DataType.FLOAT32));
-            Map<String, Parameter> two = Blocks.parameters(DeepSeekLoader.load(dir, m, DataType.FLOAT32));
+            Map<String, Parameter> one = BlockTrees.parameters(DeepSeekLoader.load(Fixtures.V3, m, DataType.FLOAT32));
+            Map<String, Parameter> two = BlockTrees.parameters(DeepSeekLoader.load(dir, m, DataType.FLOAT32));
             for (String k : one.keySet()) {
                 assertArrayEquals(one.get(k).getArray().toFloatArray(), two.get(k).getArray().toFloatArray(), 0f, k);
             }

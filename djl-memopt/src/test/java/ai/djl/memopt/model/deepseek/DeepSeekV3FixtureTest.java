@@ -5,7 +5,7 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.engine.Engine;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -64,7 +64,7 @@ class DeepSeekV3FixtureTest {
 
     @Test
     void gradientsMatchTransformers() throws Exception {
-        Map<String, Parameter> params = Blocks.parameters(lm);
+        Map<String, Parameter> params = BlockTrees.parameters(lm);
         try (NDManager m = manager.newSubManager()) {
             NDArray ids = reference.load(m, "input_ids");
             ParameterStore ps = new ParameterStore(m, false);

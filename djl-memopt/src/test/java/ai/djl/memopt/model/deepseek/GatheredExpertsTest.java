@@ -8,7 +8,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.engine.Engine;
 import ai.djl.memopt.lora.LoraLinear;
-import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.HostReads;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
@@ -154,7 +154,7 @@ class GatheredExpertsTest {
                 for (int e = 0; e < moe.experts().size(); e++) {
                     for (String p : List.of("gate_proj", "up_proj", "down_proj")) {
                         String path = "model.layers.1.mlp.experts." + e + "." + p;
-                        Blocks.replace(lm, path, b -> {
+                        BlockTrees.replace(lm, path, b -> {
                             NDArray w = b.getParameters().get("weight").getArray();
                             NDArray s = m.randomUniform(0.5f, 2f, new Shape(w.getShape().get(1)));
                             return QuantizedLinear.of(
@@ -204,7 +204,7 @@ class GatheredExpertsTest {
             DeepSeekMlp expert = (DeepSeekMlp) moe.experts().get(chosen);
             Linear fresh = Projections.linear(64);
             fresh.initialize(m, DataType.FLOAT32, new Shape(1, 128));
-            Blocks.replaceChild(expert, "gate_proj", fresh);
+            BlockTrees.replaceChild(expert, "gate_proj", fresh);
             assertSame(fresh, expert.gateProj());
             NDArray replaced = moe.dispatchGathered(x, route.get(0), route.get(1), 1L << 20);
             assertTrue(Fixtures.maxAbsDiff(replaced, doubled) > 1e-5f, "the new projection changed nothing");
@@ -263,7 +263,7 @@ class GatheredExpertsTest {
             DeepSeekMoE moe = moe(lm, 1);
             for (int e = 0; e < moe.experts().size(); e++) {
                 for (String p : List.of("gate_proj", "up_proj", "down_proj")) {
-                    Blocks.replace(lm, "model.layers.1.mlp.experts." + e + "." + p, b -> {
+                    BlockTrees.replace(lm, "model.layers.1.mlp.experts." + e + "." + p, b -> {
                         LoraLinear l = LoraLinear.builder().setBase(b).setRank(2).optAlpha(4).optManager(m).build();
                         // a trained-looking B: a fresh adapter (B = 0) would leave the outputs unchanged
                         l.setAdapterWeights(l.loraA().getArray(),
@@ -295,7 +295,7 @@ class GatheredExpertsTest {
         try (NDManager m = NDManager.newBaseManager()) {
             Engine.getInstance().setRandomSeed(2);
             DeepSeekForCausalLM lm = random(m, DataType.FLOAT32);
-            Blocks.replace(lm, "model.layers.1.mlp.experts.3.up_proj",
+            BlockTrees.replace(lm, "model.layers.1.mlp.experts.3.up_proj",
                     b -> LoraLinear.builder().setBase(b).setRank(2).optManager(m).build());
             DeepSeekMoE moe = moe(lm, 1);
             assertFalse(moe.enableGatheredDispatch());

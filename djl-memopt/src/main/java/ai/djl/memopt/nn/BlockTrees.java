@@ -24,6 +24,9 @@ import java.util.Set;
 /**
  * Utilities over a DJL block tree, addressed by Hugging Face-style dotted paths.
  *
+ * <p>Named {@code BlockTrees} rather than {@code Blocks} so that it never clashes with DJL's {@code ai.djl.nn.Blocks}, which
+ * most DJL code imports.
+ *
  * <p>DJL's {@link AbstractBlock#getChildren()} names each child {@code "%02d" + name} ({@code 01embed_tokens}); the
  * paths here strip that prefix, so the DeepSeek model's parameters read exactly as the tensors of a Hugging Face
  * checkpoint ({@code model.layers.0.self_attn.q_a_proj.weight}).
@@ -34,14 +37,14 @@ import java.util.Set;
  * blocks call directly).
  *
  * <pre>{@code
- * Blocks.replace(model, "model.layers.0.self_attn.q_a_proj", linear -> new MyDecorator(linear));
+ * BlockTrees.replace(model, "model.layers.0.self_attn.q_a_proj", linear -> new MyDecorator(linear));
  * }</pre>
  *
  * <p>A {@link BlockDecorator} is transparent here: paths, children and parameters below it are those of the block it
  * wraps. {@link #sites} sees through {@link BlockAdapter}s as well: it is the traversal every pass uses, and
  * {@link #replace} changes the block inside the wrappers, so that decorators compose in any order.
  */
-public final class Blocks {
+public final class BlockTrees {
 
     private static final Field CHILDREN_FIELD;
 
@@ -54,7 +57,7 @@ public final class Blocks {
         }
     }
 
-    private Blocks() {}
+    private BlockTrees() {}
 
     /**
      * The names of a block's direct children, in order, as paths use them: DJL's {@code "%02d"} ordering prefix removed

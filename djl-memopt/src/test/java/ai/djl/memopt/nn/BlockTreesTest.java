@@ -22,7 +22,7 @@ import ai.djl.util.PairList;
 import java.util.List;
 import org.junit.jupiter.api.Test;
 
-class BlocksTest {
+class BlockTreesTest {
 
     /** A hand-written block that calls its child through a field, as the DeepSeek blocks do. */
     static final class Attn extends AbstractBlock {
@@ -54,15 +54,15 @@ class BlocksTest {
                 .add(Linear.builder().setUnits(8).build())
                 .add(Activation::relu)
                 .add(Linear.builder().setUnits(2).build());
-        assertEquals(List.of("0", "1", "2"), Blocks.childNames(seq));
+        assertEquals(List.of("0", "1", "2"), BlockTrees.childNames(seq));
         SequentialBlock root = new SequentialBlock().add(new Attn());
-        assertEquals(List.of("", "0", "0.q_a_proj"), List.copyOf(Blocks.walk(root).keySet()));
+        assertEquals(List.of("", "0", "0.q_a_proj"), List.copyOf(BlockTrees.walk(root).keySet()));
         try (NDManager m = NDManager.newBaseManager()) {
             seq.initialize(m, DataType.FLOAT32, new Shape(1, 3));
             assertEquals(List.of("0.weight", "0.bias", "2.weight", "2.bias"),
-                    List.copyOf(Blocks.parameters(seq).keySet()));
+                    List.copyOf(BlockTrees.parameters(seq).keySet()));
         }
-        IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> Blocks.get(root, "0.nope"));
+        IllegalArgumentException e = assertThrows(IllegalArgumentException.class, () -> BlockTrees.get(root, "0.nope"));
         assertTrue(e.getMessage().contains("'nope'") && e.getMessage().contains("[q_a_proj]"), e.getMessage());
     }
 
@@ -77,17 +77,17 @@ class BlocksTest {
             ParameterStore ps = new ParameterStore(m, false);
             NDArray before = seq.forward(ps, new NDList(x), false).singletonOrThrow();
             // negate after the Linear: the sequential's forward must now run the replacement
-            Block replaced = Blocks.replace(seq, "0", old -> new SequentialBlock().add(old).add(a -> new NDList(a.singletonOrThrow().neg())));
+            Block replaced = BlockTrees.replace(seq, "0", old -> new SequentialBlock().add(old).add(a -> new NDList(a.singletonOrThrow().neg())));
             assertSame(replaced, seq.getChildren().valueAt(0));
             NDArray after = seq.forward(ps, new NDList(x), false).singletonOrThrow();
-            NDArray lin = Blocks.get(seq, "0.0").forward(ps, new NDList(x), false).singletonOrThrow();
+            NDArray lin = BlockTrees.get(seq, "0.0").forward(ps, new NDList(x), false).singletonOrThrow();
             assertArrayEquals(Activation.relu(lin.neg()).toFloatArray(), after.toFloatArray(), 0f);
             assertTrue(before.sub(Activation.relu(lin)).abs().max().getFloat() == 0f);
 
             Attn attn = new Attn();
             attn.initialize(m, DataType.FLOAT32, new Shape(2, 3));
             LambdaBlock zero = new LambdaBlock(list -> new NDList(list.singletonOrThrow().zerosLike()));
-            Blocks.replaceChild(attn, "q_a_proj", zero);
+            BlockTrees.replaceChild(attn, "q_a_proj", zero);
             assertSame(zero, attn.proj, "the field the block calls was updated");
             assertArrayEquals(new float[6], attn.forward(ps, new NDList(x), false).singletonOrThrow().toFloatArray());
         }
