@@ -139,7 +139,8 @@ public final class OwnedArrays {
      * Copies {@code source} into {@code target}'s own memory, converting type and device, outside autograd (a
      * parameter that requires gradients can be written). On CPU, {@code target.set(source.toByteBuffer())} would
      * instead make {@code target} use a Java buffer's memory, which anything else holding {@code target}'s tensor would
-     * then read after the collector frees it.
+     * then read after the collector frees it (and DJL's native {@code torchSet} prints libtorch's deprecation warning
+     * for {@code AutoNonVariableTypeMode} on first use; {@code index_put_} here does not).
      *
      * @throws IllegalArgumentException if the shapes differ
      */
