@@ -64,10 +64,10 @@ public final class JavaBuffers {
      */
     public static void overwriteFreedMemory() throws InterruptedException {
         System.gc();
-        Thread.sleep(20);
+        Thread.sleep(50); // the cleaner thread frees them
         List<ByteBuffer> fill = new ArrayList<>();
         for (int size = 64; size <= 1 << 20; size *= 2) {
-            for (int i = 0; i < 4; i++) {
+            for (int i = 0; i < (size <= 1 << 16 ? 8 : 4); i++) {
                 ByteBuffer b = ByteBuffer.allocateDirect(size);
                 while (b.hasRemaining()) {
                     b.put((byte) 0x7f);
