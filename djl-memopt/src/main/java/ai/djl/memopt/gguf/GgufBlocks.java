@@ -3,6 +3,7 @@ package ai.djl.memopt.gguf;
 import ai.djl.memopt.quantize.QuantScheme;
 import ai.djl.memopt.quantize.QuantizedTensor;
 import ai.djl.memopt.safetensors.Halfs;
+import ai.djl.memopt.safetensors.OwnedArrays;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -50,8 +51,8 @@ public final class GgufBlocks {
                 scales[g] = Halfs.f16ToFloat(b.getShort());
                 b.get(q, g * QK, QK);
             }
-            NDArray data = manager.create(ByteBuffer.wrap(q), new Shape(rows, in), DataType.INT8);
-            NDArray s = manager.create(scales, new Shape(rows, in / QK));
+            NDArray data = OwnedArrays.copyOf(manager, ByteBuffer.wrap(q), new Shape(rows, in), DataType.INT8);
+            NDArray s = OwnedArrays.of(manager, scales, new Shape(rows, in / QK));
             return QuantizedTensor.of(QuantScheme.INT8_WEIGHT_ONLY, QK, shape, data, s, null, null);
         }
         if (type == GgmlType.Q4_0) {
@@ -69,9 +70,9 @@ public final class GgufBlocks {
                     packed[base + k] = (byte) (nibble(qs, 2 * k) | (nibble(qs, 2 * k + 1) << 4));
                 }
             }
-            NDArray data = manager.create(ByteBuffer.wrap(packed), new Shape(rows, in / 2), DataType.UINT8);
-            NDArray s = manager.create(scales, new Shape(rows, in / QK));
-            NDArray z = manager.create(ByteBuffer.wrap(zeros), new Shape(rows, in / QK), DataType.UINT8);
+            NDArray data = OwnedArrays.copyOf(manager, ByteBuffer.wrap(packed), new Shape(rows, in / 2), DataType.UINT8);
+            NDArray s = OwnedArrays.of(manager, scales, new Shape(rows, in / QK));
+            NDArray z = OwnedArrays.copyOf(manager, ByteBuffer.wrap(zeros), new Shape(rows, in / QK), DataType.UINT8);
             return QuantizedTensor.of(QuantScheme.INT4_WEIGHT_ONLY, QK, shape, data, s, z, null);
         }
         throw new IllegalArgumentException(type + " has no quantized layout of ours");

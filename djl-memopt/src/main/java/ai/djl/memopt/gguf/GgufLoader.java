@@ -8,6 +8,7 @@ import ai.djl.memopt.quantize.QuantMethod;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
+import ai.djl.memopt.safetensors.OwnedArrays;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -191,7 +192,7 @@ public final class GgufLoader {
                     check(shape);
                     return manager.zeros(new Shape(1), dataType);
                 }
-                NDArray a = manager.create(values, shape);
+                NDArray a = OwnedArrays.of(manager, values, shape);
                 if (dataType == DataType.FLOAT32) {
                     return a;
                 }

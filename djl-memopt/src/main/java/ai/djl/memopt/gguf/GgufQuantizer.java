@@ -8,6 +8,7 @@ import ai.djl.memopt.quantize.QuantMethod;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.QuantizedTensor;
+import ai.djl.memopt.safetensors.OwnedArrays;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -110,8 +111,8 @@ public final class GgufQuantizer {
     }
 
     private static void set(NDArray w, float[] values) {
-        try (NDArray f = w.getManager().create(values, w.getShape()); NDArray t = f.toType(w.getDataType(), false)) {
-            w.set(t.toByteBuffer());
+        try (NDArray f = OwnedArrays.of(w.getManager(), values, w.getShape())) {
+            OwnedArrays.copyInto(w, f);
         }
     }
 }

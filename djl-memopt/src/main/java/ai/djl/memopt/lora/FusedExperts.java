@@ -1,5 +1,6 @@
 package ai.djl.memopt.lora;
 
+import ai.djl.memopt.safetensors.OwnedArrays;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -143,7 +144,8 @@ final class FusedExperts {
                             + (long) k * experts + e)];
                 }
             }
-            out[p] = new NDArray[] {manager.create(ae, new Shape(rank, in)), manager.create(be, new Shape(outs[p], rank))};
+            out[p] = new NDArray[] {OwnedArrays.of(manager, ae, new Shape(rank, in)),
+                OwnedArrays.of(manager, be, new Shape(outs[p], rank))};
             row += outs[p];
         }
         if (row != total) {

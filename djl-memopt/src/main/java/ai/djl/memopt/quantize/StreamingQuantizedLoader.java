@@ -7,7 +7,7 @@ import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.safetensors.Halfs;
 import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.memopt.safetensors.NonFiniteValues;
-import ai.djl.memopt.safetensors.SafetensorsDType;
+import ai.djl.memopt.safetensors.OwnedArrays;
 import ai.djl.memopt.safetensors.SafetensorsFormatException;
 import ai.djl.memopt.safetensors.TensorInfo;
 import ai.djl.ndarray.NDArray;
@@ -37,8 +37,8 @@ import org.slf4j.LoggerFactory;
  * quantized model, never holding the full-precision weights: every Linear the config quantizes is read on its own,
  * quantized with the same round-to-nearest code as {@link Quantizer#quantize}, installed as a {@link QuantizedLinear}
  * and its float tensor freed before the next one is read. Peak host memory is the quantized model plus the weights
- * kept in float (embeddings, norms, routers, {@code lm_head} by default) plus one staging buffer the size of the
- * largest quantized tensor as FP32 plus that layer's quantization temporaries (a few times the tensor).
+ * kept in float (embeddings, norms, routers, {@code lm_head} by default) plus the layer being quantized and its
+ * quantization temporaries (a few times the tensor).
  *
  * <pre>{@code
  * try (NDManager manager = NDManager.newBaseManager()) {
@@ -55,9 +55,9 @@ import org.slf4j.LoggerFactory;
  * quantized tensor is converted to {@code dtype} first, as the non-streaming path holds it, so an FP16 model gets the
  * codes of its FP16 weights.
  *
- * <p>Quantized tensors are read with positional reads into one reusable direct buffer rather than through the
- * memory map: touched mapped pages count as resident until the mapping is garbage collected, and DJL keeps a direct
- * buffer of every array it creates from one alive until a GC, so neither would return memory between layers.
+ * <p>Quantized tensors are read with positional reads straight into the memory of their arrays (libtorch's own, see
+ * {@link OwnedArrays}) rather than through the memory map: touched mapped pages count as resident until the mapping is
+ * garbage collected, so they would not return memory between layers.
  *
  * <p>On glibc, run the JVM with {@code MALLOC_MMAP_THRESHOLD_=131072}: glibc otherwise raises its mmap threshold to
  * the size of every freed large block, so each layer's multi-MB temporaries are carved from the heap arena between
@@ -124,22 +124,13 @@ public final class StreamingQuantizedLoader {
             Quantizer.plan(BlockTrees.walk(new DeepSeekForCausalLM(modelConfig)), config,
                     path -> inFeatures(ckpt, path + ".weight"), targets, skipped);
             Set<String> placeholders = new HashSet<>();
-            long staging = 0;
             for (String path : targets.keySet()) {
-                String name = path + ".weight";
-                placeholders.add(name);
-                if (ckpt.contains(name)) {
-                    staging = Math.max(staging, stagingBytes(ckpt.info(name)));
-                }
-            }
-            if (staging > Integer.MAX_VALUE) {
-                throw new SafetensorsFormatException(dir + ": a quantized tensor needs " + staging
-                        + " bytes as FP32; tensors over 2 GiB are not supported");
+                placeholders.add(path + ".weight");
             }
             // checks every tensor (names, shapes) and loads the ones kept in float; placeholders for the others
             DeepSeekForCausalLM lm = DeepSeekLoader.load(modelConfig, ckpt, manager, dtype, placeholders::contains);
             List<QuantizationReport.Layer> layers = new ArrayList<>();
-            try (Reader reader = new Reader(ckpt, (int) staging)) {
+            try (Reader reader = new Reader(ckpt)) {
                 for (Map.Entry<String, Quantizer.Target> t : targets.entrySet()) {
                     layers.add(quantizeLayer(lm, t.getKey(), t.getValue(), reader, manager, dtype));
                 }
@@ -178,10 +169,6 @@ public final class StreamingQuantizedLoader {
         return shape.length == 2 ? shape[1] : 0;
     }
 
-    private static long stagingBytes(TensorInfo info) {
-        return info.dtype() == SafetensorsDType.F16 ? info.byteLength() : 4 * info.numel();
-    }
-
     private static QuantizationReport.Layer quantizeLayer(DeepSeekForCausalLM lm, String path, Quantizer.Target target,
             Reader reader, NDManager manager, DataType dtype) throws IOException {
         Block linear = BlockTrees.get(lm, path);
@@ -201,20 +188,18 @@ public final class StreamingQuantizedLoader {
         return q.layer;
     }
 
-    /** Positional reads of one tensor at a time into a reused direct buffer. */
+    /** Positional reads of one tensor at a time straight into the memory of its array. */
     private static final class Reader implements AutoCloseable {
         private final HfCheckpoint ckpt;
-        private final ByteBuffer staging;
         private final Map<Path, FileChannel> channels = new HashMap<>();
 
-        Reader(HfCheckpoint ckpt, int capacity) {
+        Reader(HfCheckpoint ckpt) {
             this.ckpt = ckpt;
-            this.staging = ByteBuffer.allocateDirect(capacity).order(ByteOrder.LITTLE_ENDIAN);
         }
 
         /**
-         * The tensor converted to {@code dtype} as {@code SafetensorsFile.load(manager, name, dtype)} converts it.
-         * The array may alias the staging buffer: it must be closed before the next read.
+         * The tensor converted to {@code dtype} as {@code SafetensorsFile.load(manager, name, dtype)} converts it, in
+         * memory of its own ({@link OwnedArrays}).
          */
         NDArray read(String name, NDManager manager, DataType dtype) throws IOException {
             TensorInfo info = ckpt.info(name);
@@ -222,26 +207,26 @@ public final class StreamingQuantizedLoader {
             NDArray loaded;
             switch (info.dtype()) {
                 case F32:
-                case F16: {
-                    int len = Math.toIntExact(info.byteLength());
-                    readFully(file, name, info.fileOffset(), window(0, len));
-                    NonFiniteValues.check(file, name, info.dtype(), window(0, len));
-                    loaded = manager.create(window(0, len), info.djlShape(), info.dtype().loadedAs());
+                case F16:
+                    loaded = OwnedArrays.create(manager, info.djlShape(), info.dtype().loadedAs(), (window, offset) -> {
+                        readFully(file, name, info.fileOffset() + offset, window);
+                        NonFiniteValues.check(file, name, info.dtype(), window.flip());
+                    });
                     break;
-                }
-                case BF16: {
-                    // read the 2n bytes into the upper half, widen in place: float i (bytes 4i..4i+3) is written
-                    // after bf16 i (at 2n+2i) is read and never reaches a bf16 value still to be read
-                    int n = Math.toIntExact(info.numel());
-                    readFully(file, name, info.fileOffset(), window(2 * n, 2 * n));
-                    NonFiniteValues.check(file, name, info.dtype(), window(2 * n, 2 * n));
-                    for (int i = 0; i < n; i++) {
-                        short bits = staging.getShort(2 * n + 2 * i);
-                        staging.putFloat(4 * i, Halfs.bf16ToFloat(bits));
-                    }
-                    loaded = manager.create(window(0, 4 * n), info.djlShape(), DataType.FLOAT32);
+                case BF16:
+                    loaded = OwnedArrays.create(manager, info.djlShape(), DataType.FLOAT32, (window, offset) -> {
+                        // read the window's 2k bytes of bf16 into its upper half, widen in place: float i (bytes
+                        // 4i..4i+3) is written after bf16 i (at 2k+2i) is read and never reaches a bf16 value still
+                        // to be read
+                        int k = window.remaining() / 4;
+                        ByteBuffer upper = window.duplicate().position(2 * k).slice().order(ByteOrder.LITTLE_ENDIAN);
+                        readFully(file, name, info.fileOffset() + offset / 2, upper);
+                        NonFiniteValues.check(file, name, info.dtype(), upper.flip());
+                        for (int i = 0; i < k; i++) {
+                            window.putFloat(4 * i, Halfs.bf16ToFloat(window.getShort(2 * k + 2 * i)));
+                        }
+                    });
                     break;
-                }
                 default:
                     // F64 and integer weights are unusual; the mapped reader handles them
                     return ckpt.load(manager, name, dtype);
@@ -252,11 +237,6 @@ public final class StreamingQuantizedLoader {
             try (NDArray ignored = loaded) {
                 return loaded.toType(dtype, false);
             }
-        }
-
-        private ByteBuffer window(int offset, int length) {
-            return staging.duplicate().position(offset).limit(offset + length).slice()
-                    .order(ByteOrder.LITTLE_ENDIAN);
         }
 
         private void readFully(Path file, String name, long offset, ByteBuffer dst) throws IOException {

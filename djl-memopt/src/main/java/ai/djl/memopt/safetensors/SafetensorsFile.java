@@ -8,7 +8,6 @@ import com.google.common.collect.ImmutableSortedSet;
 import java.io.IOException;
 import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
-import java.nio.FloatBuffer;
 import java.nio.channels.FileChannel;
 import java.nio.file.Path;
 import java.nio.file.StandardOpenOption;
@@ -134,7 +133,12 @@ public final class SafetensorsFile implements AutoCloseable {
      * @throws SafetensorsFormatException naming the tensor, unless {@link #ALLOW_NON_FINITE} is set
      */
     public void checkFinite(String name) throws IOException {
-        NonFiniteValues.check(path, name, info(name).dtype(), bytes(name));
+        ByteBuffer src = bytes(name);
+        try {
+            NonFiniteValues.check(path, name, info(name).dtype(), src);
+        } finally {
+            MappedBuffers.unmap(src);
+        }
     }
 
     /**
@@ -147,37 +151,42 @@ public final class SafetensorsFile implements AutoCloseable {
         Preconditions.checkArgument(info.dtype().isFloating(), "%s: tensor '%s' is %s, not floating point",
                 path, name, info.dtype());
         ByteBuffer src = bytes(name);
-        NonFiniteValues.check(path, name, info.dtype(), src);
-        int n = Math.toIntExact(info.numel());
-        float[] out = new float[n];
-        switch (info.dtype()) {
-            case F32:
-                src.asFloatBuffer().get(out);
-                break;
-            case F16:
-                for (int i = 0; i < n; i++) {
-                    out[i] = Halfs.f16ToFloat(src.getShort(2 * i));
-                }
-                break;
-            case BF16:
-                for (int i = 0; i < n; i++) {
-                    out[i] = Halfs.bf16ToFloat(src.getShort(2 * i));
-                }
-                break;
-            case F64:
-                for (int i = 0; i < n; i++) {
-                    out[i] = (float) src.getDouble(8 * i);
-                }
-                break;
-            default:
-                throw new AssertionError(info.dtype());
+        try {
+            NonFiniteValues.check(path, name, info.dtype(), src);
+            int n = Math.toIntExact(info.numel());
+            float[] out = new float[n];
+            switch (info.dtype()) {
+                case F32:
+                    src.asFloatBuffer().get(out);
+                    break;
+                case F16:
+                    for (int i = 0; i < n; i++) {
+                        out[i] = Halfs.f16ToFloat(src.getShort(2 * i));
+                    }
+                    break;
+                case BF16:
+                    for (int i = 0; i < n; i++) {
+                        out[i] = Halfs.bf16ToFloat(src.getShort(2 * i));
+                    }
+                    break;
+                case F64:
+                    for (int i = 0; i < n; i++) {
+                        out[i] = (float) src.getDouble(8 * i);
+                    }
+                    break;
+                default:
+                    throw new AssertionError(info.dtype());
+            }
+            return out;
+        } finally {
+            MappedBuffers.unmap(src);
         }
-        return out;
     }
 
     /**
      * Loads a tensor into a new array of {@link SafetensorsDType#loadedAs()} (BF16 becomes FLOAT32, I16 INT32).
-     * The array owns a copy of the data: it never aliases the read-only mapping.
+     * The array's memory is libtorch's own ({@link OwnedArrays}), written once from the read-only mapping: it never
+     * aliases the mapping or a Java buffer, so views and no-op conversions of it stay valid after it is closed.
      *
      * @throws SafetensorsFormatException naming the tensor if a floating tensor holds NaN or infinite values (unless
      *     {@link #ALLOW_NON_FINITE} is set)
@@ -185,33 +194,29 @@ public final class SafetensorsFile implements AutoCloseable {
     public NDArray load(NDManager manager, String name) throws IOException {
         TensorInfo info = info(name);
         ByteBuffer src = bytes(name);
-        NonFiniteValues.check(path, name, info.dtype(), src);
-        int n = Math.toIntExact(info.numel());
-        ByteBuffer direct;
-        switch (info.dtype()) {
-            case BF16:
-                direct = ByteBuffer.allocateDirect(4 * n).order(ByteOrder.nativeOrder());
-                FloatBuffer fb = direct.asFloatBuffer();
-                for (int i = 0; i < n; i++) {
-                    fb.put(i, Halfs.bf16ToFloat(src.getShort(2 * i)));
-                }
-                break;
-            case I16:
-                direct = ByteBuffer.allocateDirect(4 * n).order(ByteOrder.nativeOrder());
-                for (int i = 0; i < n; i++) {
-                    direct.putInt(4 * i, src.getShort(2 * i));
-                }
-                break;
-            default:
-                direct = ByteBuffer.allocateDirect(src.remaining()).order(ByteOrder.nativeOrder());
-                if (ByteOrder.nativeOrder() == ByteOrder.LITTLE_ENDIAN) {
-                    direct.put(src);
-                } else {
-                    throw new UnsupportedOperationException("big-endian hosts are not supported");
-                }
-                direct.rewind();
+        try {
+            NonFiniteValues.check(path, name, info.dtype(), src);
+            switch (info.dtype()) {
+                case BF16:
+                    return OwnedArrays.create(manager, info.djlShape(), DataType.FLOAT32, (window, offset) -> {
+                        int first = Math.toIntExact(offset / 4);
+                        for (int i = 0, n = window.remaining() / 4; i < n; i++) {
+                            window.putFloat(4 * i, Halfs.bf16ToFloat(src.getShort(2 * (first + i))));
+                        }
+                    });
+                case I16:
+                    return OwnedArrays.create(manager, info.djlShape(), DataType.INT32, (window, offset) -> {
+                        int first = Math.toIntExact(offset / 4);
+                        for (int i = 0, n = window.remaining() / 4; i < n; i++) {
+                            window.putInt(4 * i, src.getShort(2 * (first + i)));
+                        }
+                    });
+                default:
+                    return OwnedArrays.copyOf(manager, src, info.djlShape(), info.dtype().loadedAs());
+            }
+        } finally {
+            MappedBuffers.unmap(src); // its pages stop counting as resident now, not at the next GC
         }
-        return manager.create(direct, info.djlShape(), info.dtype().loadedAs());
     }
 
     /**

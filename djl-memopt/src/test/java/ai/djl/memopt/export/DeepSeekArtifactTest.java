@@ -15,6 +15,7 @@ import ai.djl.memopt.quantize.QuantizationReport;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.quantize.Quantizer;
 import ai.djl.memopt.safetensors.SafetensorsFile;
+import ai.djl.memopt.testing.LoadedArrays;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -116,6 +117,22 @@ class DeepSeekArtifactTest {
             QuantizedArtifactException e = assertThrows(QuantizedArtifactException.class,
                     () -> QuantizedArtifact.loadDeepSeek(tmp.resolve("mlp"), m, DataType.FLOAT32));
             assertTrue(e.getMessage().contains("architecture is 'generic', not 'deepseek'"), e.getMessage());
+        }
+    }
+
+
+    /** Issue 13: an artifact's codes, scales and float weights are loaded into libtorch's memory. */
+    @Test
+    void loadedArtifactOwnsItsMemory() throws Exception {
+        try (NDManager m = manager.newSubManager()) {
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(V3, m, DataType.FLOAT32);
+            Quantizer.quantize(lm, Int4WeightOnlyConfig.builder().optGroupSize(32).build());
+            Path dir = tmp.resolve("owned");
+            QuantizedArtifact.export(lm, dir, ExportOptions.builder().optSourceModel(V3).build());
+            for (DataType dtype : new DataType[] {DataType.FLOAT32, DataType.FLOAT16}) {
+                NDManager loaded = m.newSubManager();
+                LoadedArrays.assertOwned(LoadedArrays.of(QuantizedArtifact.loadDeepSeek(dir, loaded, dtype)), loaded);
+            }
         }
     }
 }

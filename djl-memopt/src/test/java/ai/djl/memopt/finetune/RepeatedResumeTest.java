@@ -6,8 +6,8 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.testing.ForkedJvm;
+import ai.djl.memopt.testing.JavaBuffers;
 import ai.djl.ndarray.types.DataType;
-import java.nio.ByteBuffer;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.time.Duration;
@@ -69,13 +69,13 @@ class RepeatedResumeTest {
                     tuner.restoreCheckpoint(FineTuner.latestCheckpoint(checkpoints));
                 }
                 long from = tuner.step();
-                overwriteFreedMemory();
+                JavaBuffers.overwriteFreedMemory();
                 for (int i = 0; i < SESSIONS[session] && tuner.step() < STEPS; i++) {
                     tuner.step(data.trainBatch(tuner.dataPosition(), 4));
                     if (tuner.step() % CHECKPOINT_EVERY == 0) {
                         tuner.saveCheckpoint(checkpoints.resolve(String.format("step-%08d", tuner.step())));
                     }
-                    overwriteFreedMemory();
+                    JavaBuffers.overwriteFreedMemory();
                 }
                 System.out.println("session " + session + ": steps " + from + " -> " + tuner.step());
                 if (tuner.step() == STEPS) {
@@ -90,26 +90,6 @@ class RepeatedResumeTest {
             }
         }
         System.out.println(differ.isEmpty() ? "identical" : "resumed weights differ: " + differ);
-    }
-
-    /**
-     * Lets the garbage collector free unreachable direct buffers (their native memory goes back to malloc), then
-     * allocates and fills native memory, which malloc hands out from what was just freed.
-     */
-    private static void overwriteFreedMemory() throws InterruptedException {
-        System.gc();
-        Thread.sleep(50);
-        List<ByteBuffer> fill = new ArrayList<>();
-        for (int size = 64; size <= 1 << 16; size *= 2) {
-            for (int i = 0; i < 8; i++) {
-                ByteBuffer b = ByteBuffer.allocateDirect(size);
-                while (b.hasRemaining()) {
-                    b.put((byte) 0x7f);
-                }
-                fill.add(b);
-            }
-        }
-        fill.clear();
     }
 
     @ParameterizedTest

@@ -4,6 +4,7 @@ import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
@@ -13,6 +14,7 @@ import ai.djl.memopt.quantize.QuantScheme;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantizedLinear;
 import ai.djl.memopt.safetensors.SafetensorsFile;
+import ai.djl.memopt.testing.LoadedArrays;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -145,5 +147,37 @@ class GgufDeepSeekTest {
 
     static DeepSeekConfig config(DeepSeekForCausalLM lm) {
         return lm.config();
+    }
+
+
+    /** Issue 13: GGUF weights, float or kept in their blocks, are libtorch's memory, not a Java buffer's. */
+    @ParameterizedTest
+    @ValueSource(strings = {"F32", "Q8_0", "Q4_0"})
+    void loadedWeightsOwnTheirMemory(String typeName) throws Exception {
+        GgmlType type = GgmlType.valueOf(typeName);
+        Path file = tmp.resolve("owned-" + typeName + ".gguf");
+        try (NDManager m = NDManager.newBaseManager(Device.cpu())) {
+            DeepSeekForCausalLM ours = DeepSeekLoader.load(V3, m, DataType.FLOAT32);
+            if (type != GgmlType.F32) {
+                GgufQuantizer.quantize(ours, type);
+            }
+            GgufExporter.export(ours, V3, type, file, null);
+            NDManager loaded = m.newSubManager();
+            LoadedArrays.assertOwned(LoadedArrays.of(GgufLoader.load(file, loaded, DataType.FLOAT32, true)), loaded);
+            NDManager dequantized = m.newSubManager();
+            LoadedArrays.assertOwned(LoadedArrays.of(GgufLoader.load(file, dequantized, DataType.FLOAT32, false)),
+                    dequantized);
+        }
+    }
+
+    /** GgufQuantizer writes the rounded values into the model's own weights, not over a Java buffer. */
+    @Test
+    void quantizerKeepsTheWeightsInTheirOwnMemory() throws Exception {
+        try (NDManager m = NDManager.newBaseManager(Device.cpu())) {
+            NDManager loaded = m.newSubManager();
+            DeepSeekForCausalLM ours = DeepSeekLoader.load(V3, loaded, DataType.FLOAT32);
+            GgufQuantizer.quantize(ours, GgmlType.Q4_0);
+            LoadedArrays.assertOwned(LoadedArrays.of(ours), loaded);
+        }
     }
 }

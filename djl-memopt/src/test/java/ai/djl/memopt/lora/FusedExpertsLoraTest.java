@@ -10,6 +10,7 @@ import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
 import ai.djl.memopt.model.deepseek.DeepSeekMoE;
 import ai.djl.memopt.safetensors.SafetensorsFile;
+import ai.djl.memopt.testing.LoadedArrays;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -159,6 +160,21 @@ class FusedExpertsLoraTest {
             assertTrue(diff < 2e-2 * scale && gathered < 2e-2 * scale, "FP16 logits differ by " + diff + " / "
                     + gathered);
             assertTrue(diff < baseDiff / 4, "the FP16 error must be far below the adapter's effect " + baseDiff);
+        }
+    }
+
+
+    /** Issue 13: PEFT adapters (attention and fused experts) are loaded into libtorch's memory. */
+    @Test
+    void loadedAdaptersOwnTheirMemory() throws Exception {
+        try (NDManager m = NDManager.newBaseManager()) {
+            NDManager loaded = m.newSubManager();
+            DeepSeekForCausalLM lm = DeepSeekLoader.load(MODEL, loaded, DataType.FLOAT32);
+            Lora.load(lm, MLP_ADAPTER);
+            Map<String, NDArray> arrays = LoadedArrays.of(lm);
+            assertTrue(arrays.keySet().stream().anyMatch(n -> n.contains("experts") && n.contains("lora")),
+                    arrays.keySet().toString());
+            LoadedArrays.assertOwned(arrays, loaded);
         }
     }
 }

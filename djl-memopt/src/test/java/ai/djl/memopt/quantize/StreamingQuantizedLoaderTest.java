@@ -14,6 +14,7 @@ import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.memopt.safetensors.SafetensorsDType;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.memopt.safetensors.SafetensorsWriter;
+import ai.djl.memopt.testing.LoadedArrays;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -310,5 +311,18 @@ class StreamingQuantizedLoaderTest {
             }
         }
         return b.flip();
+    }
+
+
+    /** Issue 13: the streamed model's float weights and codes are libtorch's memory, not a Java buffer's. */
+    @Test
+    void streamedModelOwnsItsMemory() throws Exception {
+        try (NDManager m = NDManager.newBaseManager()) {
+            for (QuantizationConfig config : new QuantizationConfig[] {INT8, INT4}) {
+                NDManager loaded = m.newSubManager();
+                StreamingQuantizedLoader.Result r = StreamingQuantizedLoader.load(V3, loaded, DataType.FLOAT32, config);
+                LoadedArrays.assertOwned(LoadedArrays.of(r.model()), loaded);
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@ package ai.djl.memopt.model.deepseek;
 import ai.djl.Device;
 import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.TypeCasts;
+import ai.djl.memopt.safetensors.OwnedArrays;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -235,7 +236,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
                     values[i] = (float) random.nextGaussian() * std;
                 }
             });
-            NDArray created = manager.create(values, shape);
+            NDArray created = OwnedArrays.of(manager, values, shape); // never over a Java buffer: see OwnedArrays
             if (dataType == DataType.FLOAT32) {
                 return created;
             }

@@ -14,6 +14,7 @@ import ai.djl.memopt.safetensors.SafetensorsDType;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.memopt.safetensors.SafetensorsWriter;
 import ai.djl.memopt.safetensors.TensorInfo;
+import ai.djl.memopt.testing.LoadedArrays;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -282,6 +283,22 @@ class DeepSeekLoaderTest {
             for (String k : one.keySet()) {
                 assertArrayEquals(one.get(k).getArray().toFloatArray(), two.get(k).getArray().toFloatArray(), 0f, k);
             }
+        }
+    }
+
+
+    /** Issue 13: loaded and randomly initialized weights are libtorch's memory, not a Java buffer's (LoadedArrays). */
+    @Test
+    void loadedAndRandomWeightsOwnTheirMemory() throws Exception {
+        try (NDManager m = NDManager.newBaseManager(Device.cpu())) {
+            for (DataType dtype : new DataType[] {DataType.FLOAT32, DataType.FLOAT16}) {
+                NDManager loaded = m.newSubManager();
+                LoadedArrays.assertOwned(LoadedArrays.of(DeepSeekLoader.load(Fixtures.V3, loaded, dtype)), loaded);
+            }
+            NDManager random = m.newSubManager();
+            DeepSeekConfig config = DeepSeekConfig.fromJson(Fixtures.V3.resolve("config.json"));
+            LoadedArrays.assertOwned(LoadedArrays.of(DeepSeekForCausalLM.random(config, 7, random, DataType.FLOAT32)),
+                    random);
         }
     }
 }
