@@ -3,6 +3,7 @@ package ai.djl.memopt.export;
 import ai.djl.memopt.gguf.GgufLoader;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.memopt.model.deepseek.LayerPlacement;
 import ai.djl.memopt.safetensors.NameLists;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -81,15 +82,30 @@ public final class ModelDirectories {
      * @throws IOException naming the file and what is wrong, for a missing, corrupt or mismatched directory
      */
     public static DeepSeekForCausalLM loadDeepSeek(Path dir, NDManager manager, DataType dtype) throws IOException {
+        checkModelPath(dir);
+        return loadDeepSeek(dir, LayerPlacement.single(manager), dtype);
+    }
+
+    /**
+     * {@link #loadDeepSeek(Path, NDManager, DataType)} with each weight read straight onto its stage's manager of
+     * {@code placement} (decoder layers split over devices; quantized layers too). The caller owns the placement, or
+     * hands it to the model with {@link DeepSeekForCausalLM#ownManager()}.
+     */
+    public static DeepSeekForCausalLM loadDeepSeek(Path dir, LayerPlacement placement, DataType dtype)
+            throws IOException {
+        checkModelPath(dir);
         if (GgufLoader.isGguf(dir)) {
-            return GgufLoader.load(dir, manager, dtype, true); // Q8_0/Q4_0 stay quantized
-        }
-        if (!Files.isDirectory(dir)) {
-            throw new IOException(dir + ": not a model directory");
+            return GgufLoader.load(dir, placement, dtype, true); // Q8_0/Q4_0 stay quantized
         }
         return isQuantizedArtifact(dir)
-                ? QuantizedArtifact.loadDeepSeek(dir, manager, dtype)
-                : DeepSeekLoader.load(dir, manager, dtype);
+                ? QuantizedArtifact.loadDeepSeek(dir, placement, dtype)
+                : DeepSeekLoader.load(dir, placement, dtype);
+    }
+
+    private static void checkModelPath(Path dir) throws IOException {
+        if (!GgufLoader.isGguf(dir) && !Files.isDirectory(dir)) {
+            throw new IOException(dir + ": not a model directory");
+        }
     }
 
     /**
