@@ -19,6 +19,7 @@ import java.util.Locale;
 import java.util.Map;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Mixin;
 import picocli.CommandLine.Option;
 import org.jfree.data.category.DefaultCategoryDataset;
 
@@ -39,7 +40,8 @@ import org.jfree.data.category.DefaultCategoryDataset;
  */
 @Command(name = "train", mixinStandardHelpOptions = true,
         description = "Training memory and step time per mode (fp32, checkpoint, fp16, fp16+checkpoint), each in a"
-                + " fresh JVM.")
+                + " fresh JVM whose heap is fixed and touched at start (-Xms = -Xmx = --heap, -XX:+AlwaysPreTouch), so"
+                + " that its growth is not counted as activation memory.")
 public final class BenchTrainCommand implements Callable<Integer> {
 
     /** The modes run by default. */
@@ -96,28 +98,11 @@ public final class BenchTrainCommand implements Callable<Integer> {
             description = "Loss head computed in chunks of about this many tokens, in every mode (default 64).")
     int lossChunk;
 
-    @Option(names = "--heap", defaultValue = "512m", paramLabel = "SIZE",
-            description = "The worker's Java heap, fixed and touched at start (-Xms = -Xmx, -XX:+AlwaysPreTouch) so"
-                    + " that its growth is not counted as activation memory (default 512m; the weights live outside"
-                    + " the heap).")
-    String heap;
-
-    @Option(names = "--timeout", defaultValue = "3600", paramLabel = "SECONDS",
-            description = "Per-mode time limit (default 3600).")
-    long timeout;
-
-    @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
-    Path out;
-
-    @Option(names = "--chart", paramLabel = "FILE.png",
-            description = "Also write a bar chart (PNG) of activation and state bytes per mode.")
-    Path chart;
-
-    @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
-    boolean json;
+    @Mixin BenchOptions bench = new BenchOptions("512m", 3600);
 
     @Override
     public Integer call() throws Exception {
+        bench.validate();
         List<String> selected = modes == null || modes.isEmpty() ? MODES : normalise(modes);
         if (model != null) {
             if (!java.nio.file.Files.isRegularFile(model.resolve("config.json"))) {
@@ -152,7 +137,7 @@ public final class BenchTrainCommand implements Callable<Integer> {
             if (model != null) {
                 workerArgs.add(model.toString());
             }
-            List<String> lines = FreshJvm.run(workerJvm(heap), ALLOCATOR, timeout, TrainBenchWorker.class, workerArgs);
+            List<String> lines = FreshJvm.run(workerJvm(bench.heap), ALLOCATOR, bench.timeout, TrainBenchWorker.class, workerArgs);
             JsonObject result = null;
             for (String line : lines) {
                 if (line.startsWith("{")) {
@@ -166,18 +151,18 @@ public final class BenchTrainCommand implements Callable<Integer> {
             System.out.flush();
             results.add(result);
         }
-        if (chart != null) {
+        if (bench.chart != null) {
             DefaultCategoryDataset data = new DefaultCategoryDataset();
             for (JsonObject r : results) {
                 String mode = r.get("mode").getAsString();
                 data.addValue(r.get("activation_bytes").getAsLong() / 1e6, "activation MB", mode);
                 data.addValue(r.get("state_bytes").getAsLong() / 1e6, "state MB", mode);
             }
-            BarChart.write(chart, "Training memory, " + preset + " (batch " + batch + ", seq " + seq + ")", "mode",
+            BarChart.write(bench.chart, "Training memory, " + preset + " (batch " + batch + ", seq " + seq + ")", "mode",
                     "MB", data);
         }
-        if (out != null) {
-            updateTable(out, results);
+        if (bench.out != null) {
+            updateTable(bench.out, results);
         }
         return 0;
     }
