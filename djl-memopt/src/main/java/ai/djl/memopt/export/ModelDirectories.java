@@ -186,7 +186,17 @@ public final class ModelDirectories {
      */
     public static DeepSeekForCausalLM loadDeepSeek(Path dir, NDManager manager, DataType dtype, Path adapter)
             throws IOException {
-        DeepSeekForCausalLM lm = loadDeepSeek(dir, manager, dtype);
+        checkModelPath(dir);
+        return loadDeepSeek(dir, LayerPlacement.single(manager), dtype, adapter);
+    }
+
+    /**
+     * {@link #loadDeepSeek(Path, NDManager, DataType, Path)} with each weight on its stage's manager of
+     * {@code placement}; the adapter's matrices go where the layers they adapt are.
+     */
+    public static DeepSeekForCausalLM loadDeepSeek(Path dir, LayerPlacement placement, DataType dtype, Path adapter)
+            throws IOException {
+        DeepSeekForCausalLM lm = loadDeepSeek(dir, placement, dtype);
         if (adapter != null) {
             if (!Files.isRegularFile(adapter.resolve(PeftAdapters.CONFIG_FILE))) {
                 throw new IOException(adapter + ": not a LoRA adapter directory (no " + PeftAdapters.CONFIG_FILE

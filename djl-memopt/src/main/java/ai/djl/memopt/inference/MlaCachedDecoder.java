@@ -188,6 +188,11 @@ public final class MlaCachedDecoder implements LanguageModel {
         return List.copyOf(out);
     }
 
+    /** The model this decoder runs. */
+    public DeepSeekForCausalLM model() {
+        return model;
+    }
+
     /** The stages this decoder runs. */
     public StagePlan plan() {
         return plan;

@@ -1,9 +1,14 @@
 package ai.djl.memopt.inference;
 
 import ai.djl.Device;
+import ai.djl.memopt.export.ModelSizes;
+import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.model.deepseek.LayerPlacement;
+import ai.djl.ndarray.types.DataType;
 import com.google.common.base.Preconditions;
 import com.google.common.collect.ImmutableList;
+import java.io.IOException;
+import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.Locale;
@@ -80,18 +85,47 @@ public final class StagePlan {
     }
 
     /**
-     * A split given by hand: {@code split} lists one inclusive layer range per device, {@code first-last} or a single
-     * layer {@code n}, separated by commas, in order and covering layers {@code 0} to {@code numLayers - 1}
-     * ({@code 0-13,14-26} for 27 layers on two devices).
+     * A split given by hand, one entry per device, in order, separated by commas: either the number of layers each
+     * device holds ({@code 14,13} for 27 layers on two devices), or inclusive layer ranges {@code first-last} (or a
+     * single layer {@code n}) covering layers {@code 0} to {@code numLayers - 1} ({@code 0-13,14-26}).
      *
-     * @throws IllegalArgumentException naming the bad range and what was expected
+     * @throws IllegalArgumentException naming the bad entry and what was expected: a count or range per device,
+     *     counts that sum to the layer count, no device without a layer
      */
     public static StagePlan parse(List<Device> devices, String split, int numLayers) {
-        Preconditions.checkArgument(split != null && !split.isBlank(), "the split is empty: expected layer ranges such"
-                + " as 0-%s,%s-%s", numLayers / 2 - 1, numLayers / 2, numLayers - 1);
+        Preconditions.checkArgument(split != null && !split.isBlank(), "the split is empty: expected the layers of"
+                + " each device such as %s,%s", (numLayers + 1) / 2, numLayers / 2);
+        Preconditions.checkArgument(numLayers >= devices.size(), "%s devices need at least as many decoder layers,"
+                + " the model has %s", devices.size(), numLayers);
         String[] parts = split.split(",", -1);
-        Preconditions.checkArgument(parts.length == devices.size(), "split '%s' has %s layer ranges for %s devices:"
-                + " give one range per device", split, parts.length, devices.size());
+        Preconditions.checkArgument(parts.length == devices.size(), "split '%s' has %s entries for %s devices (%s):"
+                + " give one per device", split, parts.length, devices.size(), devices);
+        return split.contains("-") ? parseRanges(devices, split, parts, numLayers)
+                : parseCounts(devices, split, parts, numLayers);
+    }
+
+    private static StagePlan parseCounts(List<Device> devices, String split, String[] parts, int numLayers) {
+        int[] first = new int[parts.length];
+        int sum = 0;
+        for (int s = 0; s < parts.length; s++) {
+            int count;
+            try {
+                count = Integer.parseInt(parts[s].trim());
+            } catch (NumberFormatException e) {
+                throw new IllegalArgumentException("split '" + split + "': entry " + (s + 1) + " '" + parts[s].trim()
+                        + "' is not a layer count (or a range FIRST-LAST)", e);
+            }
+            Preconditions.checkArgument(count >= 1, "split '%s': %s gets %s layers; every device needs at least one",
+                    split, devices.get(s), count);
+            first[s] = sum;
+            sum += count;
+        }
+        Preconditions.checkArgument(sum == numLayers, "split '%s' places %s layers; the model has %s decoder layers",
+                split, sum, numLayers);
+        return of(devices, first, numLayers);
+    }
+
+    private static StagePlan parseRanges(List<Device> devices, String split, String[] parts, int numLayers) {
         int[] first = new int[parts.length];
         int expected = 0;
         for (int s = 0; s < parts.length; s++) {
@@ -187,10 +221,51 @@ public final class StagePlan {
                 sb.append(s == 0 ? " " : ", ").append(gib(load)).append(" on ").append(st.device()).append(" (")
                         .append(gib(Math.max(0, capacity[s]))).append(" free for weights)");
             }
-            throw new IllegalArgumentException(sb.append(": add devices, quantize the model (int4), or give --split by"
-                    + " hand").toString());
+            throw new IllegalArgumentException(sb.append(": add devices, quantize the model (int4), or give the split by"
+                    + " hand (memopt: --layer-split)").toString());
         }
         return plan;
+    }
+
+    /** The share of a device's free memory kept back from the weights for the cache, activations and logits. */
+    static final double RESERVE_FRACTION = 0.1;
+
+    /** What a GPU keeps back besides {@link #RESERVE_FRACTION}: the CUDA context and libtorch's workspaces. */
+    static final long GPU_RESERVE_BYTES = 512L << 20;
+
+    /**
+     * The stage plan for the model at {@code path} (a checkpoint directory, quantized artifact or GGUF file) over
+     * {@code devices}: {@link #parse} of {@code split} when given, else {@link #byMemory} with each weight's bytes as
+     * loaded (read from the file headers, {@link ModelSizes}) and each device's free memory now
+     * ({@link MemoryStats#deviceBytesFree}: {@code cudaMemGetInfo} on a GPU, {@code MemAvailable} on the CPU), less
+     * {@link #RESERVE_FRACTION} of it (and {@link #GPU_RESERVE_BYTES} on a GPU); a device listed twice shares its free
+     * memory between its stages.
+     *
+     * @param split layers per device or layer ranges ({@link #parse}), or null to choose by memory
+     * @throws IOException if the model's files cannot be read
+     * @throws IllegalArgumentException for a bad split, or weights that fit no split of the devices' free memory
+     */
+    public static StagePlan choose(Path path, List<Device> devices, DataType dtype, String split) throws IOException {
+        Preconditions.checkArgument(devices != null && !devices.isEmpty(), "a stage plan needs at least one device");
+        ModelSizes.Sizes sizes = ModelSizes.of(path, dtype);
+        int n = sizes.layers().length;
+        if (split != null) {
+            return parse(devices, split, n);
+        }
+        if (devices.size() == 1) {
+            return single(devices.get(0), n);
+        }
+        Preconditions.checkArgument(n >= devices.size(), "%s devices need at least as many decoder layers, the model has %s"
+                + " (%s)", devices.size(), n, path);
+        long[] capacity = new long[devices.size()];
+        for (int s = 0; s < capacity.length; s++) {
+            Device d = devices.get(s);
+            long free = MemoryStats.deviceBytesFree(d);
+            Preconditions.checkArgument(free >= 0, "cannot read the free memory of %s: give the split by hand", d);
+            long sharing = devices.stream().filter(d::equals).count();
+            capacity[s] = (long) (free / sharing * (1 - RESERVE_FRACTION)) - (d.isGpu() ? GPU_RESERVE_BYTES : 0);
+        }
+        return byMemory(devices, sizes.layers(), sizes.embedding(), sizes.head(), capacity);
     }
 
     private static double ratio(long load, long capacity) {
