@@ -253,6 +253,11 @@ public final class DataParallelFineTuner implements AutoCloseable {
     /** {@link FineTuner#restoreCheckpoint} into the primary, then its weights copied to every replica. */
     public void restoreCheckpoint(Path dir) throws IOException {
         primary.restoreCheckpoint(dir);
+        copyWeightsToReplicas();
+    }
+
+    /** Copies every weight of the primary into the other replicas (after changing the primary's weights directly). */
+    public void copyWeightsToReplicas() {
         broadcast(false);
     }
 
