@@ -7,6 +7,8 @@ import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
+import ai.djl.memopt.lora.Lora;
+import ai.djl.memopt.lora.LoraConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.nn.Blocks;
@@ -103,6 +105,34 @@ class DataParallelFineTunerTest {
                 for (float v : g) {
                     assertEquals(0f, v, "the replica's gradients were summed into the primary's and zeroed");
                 }
+            }
+        }
+    }
+
+    @Test
+    void loraReplicasTakeThePrimarysAdaptersAndGiveItsGradients() {
+        TokenBatch batch = FineTunerTest.data(6).trainBatch(0, 4);
+        LoraConfig lora = LoraConfig.builder().setRank(4).optTargetModules("q_a_proj", "kv_a_proj_with_mqa", "o_proj")
+                .build();
+        try (DeepSeekForCausalLM a = model(8); DeepSeekForCausalLM b = model(8)) {
+            Lora.apply(a, lora);
+            Lora.apply(b, lora); // other random adapter values than a's
+            Map<String, float[]> parallel;
+            try (DataParallelFineTuner dp = DataParallelFineTuner.create(FineTuner.builder(), List.of(a, b))) {
+                Map<String, float[]> first = values(a);
+                Map<String, float[]> second = values(b);
+                for (String name : first.keySet()) {
+                    assertArrayEquals(first.get(name), second.get(name), name);
+                }
+                dp.accumulateGradients(batch, 1f);
+                parallel = gradients(a);
+                dp.primary().update().zeroGradients();
+            }
+            assertTrue(parallel.keySet().stream().allMatch(n -> n.contains("lora_")), parallel.keySet().toString());
+            // the same model on one device, over the whole batch
+            try (FineTuner single = FineTuner.builder().setModel(a).build()) {
+                single.accumulateGradients(batch, 1f);
+                assertClose(gradients(a), parallel, 1e-5, "LoRA");
             }
         }
     }

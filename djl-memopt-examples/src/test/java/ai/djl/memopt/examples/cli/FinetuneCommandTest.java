@@ -164,6 +164,11 @@ class FinetuneCommandTest {
                 assertArrayEquals(x.readFloats(n), y.readFloats(n), 1e-5f, n);
             }
         }
+        // LoRA over replicas: the adapter is trained and saved (its values: DataParallelFineTunerTest)
+        Path lora = tmp.resolve("lora");
+        String[] adapter = finetune(lora, 2, "--no-progress", "--lora-rank", "4", "--devices", "cpu,cpu");
+        assertEquals("0", adapter[0], adapter[2]);
+        assertTrue(Files.isRegularFile(lora.resolve("adapter_model.safetensors")));
         String[] odd = finetune(tmp.resolve("odd"), 1, "--devices", "cpu,cpu,cpu");
         assertEquals("1", odd[0]);
         assertTrue(odd[2].contains("--batch 2 does not split evenly between the 3 --devices cpu,cpu,cpu"), odd[2]);
