@@ -4,6 +4,7 @@ import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.nn.Parameter;
 import ai.djl.pytorch.engine.PtNDArray;
@@ -208,17 +209,17 @@ public final class DataParallelFineTuner implements AutoCloseable {
                     }
                     PtNDArray w = (PtNDArray) p.getArray();
                     PtNDArray into = (PtNDArray) mine.get(e.getKey()).getArray();
-                    try (NDArray g = JniUtils.getGradient(w); NDArray sum = JniUtils.getGradient(into)) {
+                    try (NDManager scratch = into.getManager().newSubManager(into.getDevice())) {
+                        NDArray g = JniUtils.getGradient(w);
                         if (g == null) {
                             continue;
                         }
+                        g.attach(scratch);
+                        NDArray sum = JniUtils.getGradient(into);
                         Preconditions.checkState(sum != null, "%s has a gradient on replica %s but none on the"
                                 + " primary", e.getKey(), r);
-                        NDArray moved = g.toDevice(sum.getDevice(), false);
-                        sum.addi(moved);
-                        if (moved != g) {
-                            moved.close();
-                        }
+                        sum.attach(scratch);
+                        sum.addi(onto(g, scratch));
                     }
                     JniUtils.zeroGrad(w);
                 }
@@ -226,6 +227,15 @@ public final class DataParallelFineTuner implements AutoCloseable {
         } finally {
             JniUtils.setGradMode(gradMode);
         }
+    }
+
+    /**
+     * {@code array} (a handle {@code scratch} owns) on {@code scratch}'s device, created in {@code scratch}: a
+     * cross-device {@code toDevice} creates its result in a new sub-manager of the source's manager, which would
+     * otherwise be a long-lived weights' manager collecting one per copy.
+     */
+    private static NDArray onto(NDArray array, NDManager scratch) {
+        return array.toDevice(scratch.getDevice(), false);
     }
 
     private void zeroGradients() {
@@ -331,10 +341,10 @@ public final class DataParallelFineTuner implements AutoCloseable {
                                     && from.getDataType() == to.getDataType(),
                             "%s is %s %s on the first replica, %s %s here", e.getKey(), from.getDataType(),
                             from.getShape(), to.getDataType(), to.getShape());
-                    NDArray moved = from.toDevice(to.getDevice(), false);
-                    to.set(new NDIndex("..."), moved);
-                    if (moved != from) {
-                        moved.close();
+                    try (NDManager scratch = to.getManager().newSubManager(to.getDevice())) {
+                        NDArray view = from.get(new NDIndex("...")); // a handle of its own, sharing the storage
+                        view.attach(scratch);
+                        to.set(new NDIndex("..."), onto(view, scratch));
                     }
                 }
             } finally {
