@@ -8,6 +8,7 @@ import static ai.djl.memopt.export.QuantizedArtifact.parentOf;
 
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.LayerPlacement;
 import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.QuantMethod;
 import ai.djl.memopt.quantize.QuantScheme;
@@ -41,7 +42,7 @@ final class ArtifactLoader {
     private ArtifactLoader() {}
 
     /** {@link QuantizedArtifact#loadDeepSeek}. */
-    static DeepSeekForCausalLM loadDeepSeek(Path dir, NDManager manager, DataType dtype) throws IOException {
+    static DeepSeekForCausalLM loadDeepSeek(Path dir, LayerPlacement placement, DataType dtype) throws IOException {
         ArtifactManifest manifest = ArtifactVerifier.verify(dir);
         if (!DEEPSEEK.equals(manifest.architecture())) {
             throw new QuantizedArtifactException(dir + ": artifact architecture is '" + manifest.architecture()
@@ -62,7 +63,8 @@ final class ArtifactLoader {
         manifest.layers().keySet().forEach(p -> placeholders.add(join(p, "weight")));
         manifest.embeddings().forEach((p, e) -> placeholders.add(join(p, e.parameter())));
         Initializer placeholder = (m, shape, type) -> m.zeros(new Shape(1), type);
-        lm.initializeWith(manager, dtype, name -> placeholders.contains(name) ? placeholder : Initializer.ZEROS);
+        // quantized tensors are read onto their placeholder's manager below, so they follow the placement too
+        lm.initializeWith(placement, dtype, name -> placeholders.contains(name) ? placeholder : Initializer.ZEROS);
         try {
             load(dir, lm, manifest);
         } catch (IOException | RuntimeException e) {

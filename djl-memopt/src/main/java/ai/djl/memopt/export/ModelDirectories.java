@@ -6,6 +6,7 @@ import ai.djl.memopt.lora.Lora;
 import ai.djl.memopt.lora.PeftAdapters;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.memopt.model.deepseek.LayerPlacement;
 import ai.djl.memopt.safetensors.NameLists;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -82,11 +83,20 @@ public final class ModelDirectories {
      *     a LoRA adapter directory (saying what to load instead)
      */
     public static DeepSeekForCausalLM loadDeepSeek(Path dir, NDManager manager, DataType dtype) throws IOException {
+        checkModelPath(dir);
+        return loadDeepSeek(dir, LayerPlacement.single(manager), dtype);
+    }
+
+    /**
+     * {@link #loadDeepSeek(Path, NDManager, DataType)} with each weight read straight onto its stage's manager of
+     * {@code placement} (decoder layers split over devices; quantized layers too). The caller owns the placement, or
+     * hands it to the model with {@link DeepSeekForCausalLM#ownManager()}.
+     */
+    public static DeepSeekForCausalLM loadDeepSeek(Path dir, LayerPlacement placement, DataType dtype)
+            throws IOException {
+        checkModelPath(dir);
         if (GgufLoader.isGguf(dir)) {
-            return GgufLoader.load(dir, manager, dtype, true); // Q8_0/Q4_0 stay quantized
-        }
-        if (!Files.isDirectory(dir)) {
-            throw new IOException(dir + ": not a model directory");
+            return GgufLoader.load(dir, placement, dtype, true); // Q8_0/Q4_0 stay quantized
         }
         if (isAdapter(dir)) {
             throw new IOException(dir + " is a LoRA adapter (" + PeftAdapters.CONFIG_FILE + "), not a model: load "
@@ -95,8 +105,14 @@ public final class ModelDirectories {
                     + "loadDeepSeek(base, manager, dtype, adapter))" + baseOf(dir));
         }
         return isQuantizedArtifact(dir)
-                ? QuantizedArtifact.loadDeepSeek(dir, manager, dtype)
-                : DeepSeekLoader.load(dir, manager, dtype);
+                ? QuantizedArtifact.loadDeepSeek(dir, placement, dtype)
+                : DeepSeekLoader.load(dir, placement, dtype);
+    }
+
+    private static void checkModelPath(Path dir) throws IOException {
+        if (!GgufLoader.isGguf(dir) && !Files.isDirectory(dir)) {
+            throw new IOException(dir + ": not a model directory");
+        }
     }
 
     /**
@@ -170,7 +186,17 @@ public final class ModelDirectories {
      */
     public static DeepSeekForCausalLM loadDeepSeek(Path dir, NDManager manager, DataType dtype, Path adapter)
             throws IOException {
-        DeepSeekForCausalLM lm = loadDeepSeek(dir, manager, dtype);
+        checkModelPath(dir);
+        return loadDeepSeek(dir, LayerPlacement.single(manager), dtype, adapter);
+    }
+
+    /**
+     * {@link #loadDeepSeek(Path, NDManager, DataType, Path)} with each weight on its stage's manager of
+     * {@code placement}; the adapter's matrices go where the layers they adapt are.
+     */
+    public static DeepSeekForCausalLM loadDeepSeek(Path dir, LayerPlacement placement, DataType dtype, Path adapter)
+            throws IOException {
+        DeepSeekForCausalLM lm = loadDeepSeek(dir, placement, dtype);
         if (adapter != null) {
             if (!Files.isRegularFile(adapter.resolve(PeftAdapters.CONFIG_FILE))) {
                 throw new IOException(adapter + ": not a LoRA adapter directory (no " + PeftAdapters.CONFIG_FILE

@@ -1,6 +1,7 @@
 package ai.djl.memopt.export;
 
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.LayerPlacement;
 import ai.djl.memopt.quantize.Int4Packing;
 import ai.djl.memopt.quantize.QuantizedEmbedding;
 import ai.djl.memopt.quantize.QuantizedLinear;
@@ -138,7 +139,13 @@ public final class QuantizedArtifact {
      * @throws QuantizedArtifactException for an artifact of another architecture or any corruption (see {@link #load})
      */
     public static DeepSeekForCausalLM loadDeepSeek(Path dir, NDManager manager, DataType dtype) throws IOException {
-        return ArtifactLoader.loadDeepSeek(dir, manager, dtype);
+        return ArtifactLoader.loadDeepSeek(dir, LayerPlacement.single(manager), dtype);
+    }
+
+    /** {@link #loadDeepSeek(Path, NDManager, DataType)} with each weight on its stage's manager of {@code placement}. */
+    public static DeepSeekForCausalLM loadDeepSeek(Path dir, LayerPlacement placement, DataType dtype)
+            throws IOException {
+        return ArtifactLoader.loadDeepSeek(dir, placement, dtype);
     }
 
     /** Hex sha256 of a file, streamed. */

@@ -57,22 +57,34 @@ final class ChunkedLossHead {
      *     hand (off only to compare with autograd)
      */
     double forwardBackward(TokenBatch micro, float lossFactor, boolean rowwise) {
+        try (GradientCollector gc = openCollector(lm.manager())) {
+            return forwardBackward(micro, lossFactor, rowwise, gc);
+        }
+    }
+
+    /** The collector this head's backward needs: the checkpointing one when layers are checkpointed. */
+    GradientCollector openCollector(NDManager manager) {
+        return checkpointed ? CheckpointingGradientCollector.open(manager) : manager.getEngine().newGradientCollector();
+    }
+
+    /**
+     * {@link #forwardBackward(TokenBatch, float, boolean)} through a collector that is already open, possibly on
+     * another thread (DJL allows one collector in the process: data-parallel replicas share it, each on its own thread
+     * with grad mode on).
+     */
+    double forwardBackward(TokenBatch micro, float lossFactor, boolean rowwise, GradientCollector gc) {
         try (NDManager m = lm.manager().newSubManager()) {
             NDArray ids = micro.toNDArray(m); // (b, T)
             ParameterStore ps = new ParameterStore(m, false);
-            try (GradientCollector gc = checkpointed
-                    ? CheckpointingGradientCollector.open(m)
-                    : m.getEngine().newGradientCollector()) {
-                EmbeddingRows embedding = rowwise
-                        ? EmbeddingRows.gather(lm.model(), micro.ids(), micro.rows(), micro.seq(), m)
-                        : null;
-                rowwiseEmbeddings += embedding != null ? 1 : 0;
-                double loss = backward(gc, m, ps, ids, embedding, lossFactor, rowwise);
-                if (embedding != null) {
-                    embedding.accumulate();
-                }
-                return loss;
+            EmbeddingRows embedding = rowwise
+                    ? EmbeddingRows.gather(lm.model(), micro.ids(), micro.rows(), micro.seq(), m)
+                    : null;
+            rowwiseEmbeddings += embedding != null ? 1 : 0;
+            double loss = backward(gc, m, ps, ids, embedding, lossFactor, rowwise);
+            if (embedding != null) {
+                embedding.accumulate();
             }
+            return loss;
         }
     }
 

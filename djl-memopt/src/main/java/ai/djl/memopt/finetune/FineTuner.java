@@ -74,7 +74,9 @@ public final class FineTuner implements AutoCloseable {
     private final DeepSeekForCausalLM lm;
     private final StatefulOptimizer optimizer;
     private final ParameterUpdate update;
-    private final ChunkedLossHead lossHead;
+    final ChunkedLossHead lossHead;
+    final ActivationCheckpoints.Spec checkpointSpec; // and the loss chunk: what a data-parallel replica repeats
+    final int lossChunkTokens;
     private final NDManager stateManager;
     private final LearningRateSchedule schedule;
     private final int gradientAccumulation;
@@ -103,6 +105,8 @@ public final class FineTuner implements AutoCloseable {
         this.schedule = b.schedule != null ? b.schedule : LearningRateSchedule.constant(b.learningRate);
         this.checkpointedLayers = ActivationCheckpoints.apply(lm, b.checkpoints);
         this.checkpointing = b.checkpoints.name();
+        this.checkpointSpec = b.checkpoints;
+        this.lossChunkTokens = b.lossChunkTokens;
         this.lossHead = new ChunkedLossHead(lm, b.lossChunkTokens, !checkpointedLayers.isEmpty());
         this.parameters = ParameterUpdate.uniqueParameters(lm);
         this.stateManager = lm.manager().newSubManager();
@@ -229,13 +233,18 @@ public final class FineTuner implements AutoCloseable {
             }
             lossSum += loss;
         }
+        return finishStep(batch, lossSum / k, scale, lr);
+    }
+
+    /** The update once the gradients of {@code batch} are in this tuner's parameters; counts the step. */
+    StepResult finishStep(TokenBatch batch, double loss, float scale, float lr) {
         boolean skipped = !update.apply(scale, step + 1);
         if (releaseFreedMemory && !lm.manager().getDevice().isGpu()) {
             NativeMemory.releaseFreed();
         }
         step++;
         dataPosition += batch.rows();
-        return new StepResult(step, lossSum / k, scale, skipped, batch.tokens(), lr);
+        return new StepResult(step, loss, scale, skipped, batch.tokens(), lr);
     }
 
     /** Forward and backward of a whole batch with the loss times {@code lossFactor}, no update (for tests). */
@@ -244,7 +253,7 @@ public final class FineTuner implements AutoCloseable {
         return forwardBackward(batch, lossFactor);
     }
 
-    private void checkIds(TokenBatch batch) {
+    void checkIds(TokenBatch batch) {
         long max = batch.maxId();
         Preconditions.checkArgument(max < lm.config().vocabSize(),
                 "token id %s is outside the model's vocabulary of %s (does the tokenizer belong to this model?)", max,

@@ -2,6 +2,7 @@ package ai.djl.memopt.gguf;
 
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.LayerPlacement;
 import ai.djl.memopt.model.deepseek.TokenEmbedding;
 import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.quantize.QuantMethod;
@@ -80,9 +81,23 @@ public final class GgufLoader {
         }
     }
 
+    /** Loads with each weight on its stage's manager of {@code placement} (decoder layers split over devices). */
+    public static DeepSeekForCausalLM load(Path file, LayerPlacement placement, DataType dtype, boolean nativeQuantized)
+            throws IOException {
+        try (GgufFile f = GgufFile.open(file)) {
+            return load(f, placement, dtype, nativeQuantized);
+        }
+    }
+
     /** Loads from an opened file. */
     public static DeepSeekForCausalLM load(GgufFile f, NDManager manager, DataType dtype, boolean nativeQuantized)
             throws IOException {
+        return load(f, LayerPlacement.single(manager), dtype, nativeQuantized);
+    }
+
+    /** Loads from an opened file, each weight on its stage's manager of {@code placement}. */
+    public static DeepSeekForCausalLM load(GgufFile f, LayerPlacement placement, DataType dtype,
+            boolean nativeQuantized) throws IOException {
         DeepSeekConfig c = DeepSeek2Metadata.config(f);
         DeepSeekForCausalLM lm = new DeepSeekForCausalLM(c);
         Map<String, Parameter> params = BlockTrees.parameters(lm);
@@ -112,7 +127,7 @@ public final class GgufLoader {
         }
         checkUnexpected(f, used, c);
         try {
-            lm.initializeWith(manager, dtype, hf -> new FromGguf(f, c, hf, quantized.containsKey(hf)));
+            lm.initializeWith(placement, dtype, hf -> new FromGguf(f, c, hf, quantized.containsKey(hf)));
         } catch (UncheckedIOException e) {
             lm.getParameters().forEach(p -> p.getValue().close());
             throw e.getCause();
@@ -121,8 +136,9 @@ public final class GgufLoader {
             throw e;
         }
         for (String hf : quantized.keySet()) {
+            NDManager stage = params.get(hf).getArray().getManager(); // the placeholder's: its stage's manager
             params.get(hf).close(); // the 1-element placeholder
-            QuantizedTensor q = readQuantized(f, hf, manager);
+            QuantizedTensor q = readQuantized(f, hf, stage);
             String path = hf.substring(0, hf.lastIndexOf('.'));
             if (quantized.get(hf) instanceof TokenEmbedding) {
                 BlockTrees.replace(lm, path, old -> QuantizedEmbedding.of(q, dtype, "weight"));

@@ -5,6 +5,7 @@ import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.gguf.GgufModelFiles;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.LayerPlacement;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import com.google.common.base.Preconditions;
@@ -30,14 +31,14 @@ import java.util.Set;
  */
 public final class GenerationModel implements AutoCloseable {
 
-    private final NDManager weights;
+    private final Runnable weights; // frees the weights
     private final DeepSeekForCausalLM model;
     private final MlaCachedDecoder decoder;
     private final TextTokenizer tokenizer;
     private final List<Long> eosIds;
     private final ModelFiles files;
 
-    private GenerationModel(NDManager weights, DeepSeekForCausalLM model, MlaCachedDecoder decoder, TextTokenizer tokenizer,
+    private GenerationModel(Runnable weights, DeepSeekForCausalLM model, MlaCachedDecoder decoder, TextTokenizer tokenizer,
             List<Long> eosIds, ModelFiles files) {
         this.files = files;
         this.weights = weights;
@@ -63,27 +64,67 @@ public final class GenerationModel implements AutoCloseable {
      * @param adapter the adapter directory, or null for none
      */
     public static GenerationModel open(Path dir, Device device, DataType dtype, Path adapter) throws IOException {
-        Preconditions.checkArgument(dir != null, "model directory is required");
-        Path sideFiles = GgufModelFiles.directoryOf(dir); // a GGUF file's tokenizer as side files, else dir itself
-        if (!Files.isDirectory(sideFiles)) {
-            throw new IOException(dir + ": not a directory");
-        }
+        checkDirectory(dir);
         NDManager weights = NDManager.newBaseManager(device);
+        return open(dir, weights::close, () -> {
+            DeepSeekForCausalLM model = ModelDirectories.loadDeepSeek(dir, weights, dtype, adapter);
+            return new MlaCachedDecoder(model, device); // verifies listed files
+        });
+    }
+
+    /**
+     * As {@link #open(Path, Device, DataType, Path)}, with the decoder layers split over devices: each stage's weights
+     * are read straight onto its device, each layer's cache lives there, and only the hidden state moves between stages
+     * ({@link MlaCachedDecoder}). A one-device plan is {@link #open(Path, Device, DataType, Path)}.
+     *
+     * <pre>{@code
+     * StagePlan plan = StagePlan.choose(dir, List.of(Device.gpu(0), Device.gpu(1)), DataType.FLOAT16, null);
+     * try (GenerationModel m = GenerationModel.open(dir, plan, DataType.FLOAT16, null)) { ... }
+     * }</pre>
+     *
+     * @param plan the stages ({@link StagePlan#choose}: by hand or by free memory)
+     * @param adapter the adapter directory, or null for none
+     * @throws IllegalArgumentException if the plan does not cover the model's decoder layers
+     */
+    public static GenerationModel open(Path dir, StagePlan plan, DataType dtype, Path adapter) throws IOException {
+        Preconditions.checkNotNull(plan, "plan");
+        checkDirectory(dir);
+        LayerPlacement placement = plan.newPlacement();
+        return open(dir, placement::close, () -> new MlaCachedDecoder(
+                ModelDirectories.loadDeepSeek(dir, placement, dtype, adapter), plan, ExpertDispatch.AUTO));
+    }
+
+    /** Loads the model (its weights freed by {@code release}), then reads the side files beside it. */
+    private static GenerationModel open(Path dir, Runnable release, DecoderLoader loader) throws IOException {
         TextTokenizer tokenizer = null;
         try {
-            DeepSeekForCausalLM model = ModelDirectories.loadDeepSeek(dir, weights, dtype, adapter); // verifies listed files
-            ModelFiles files = ModelFiles.of(sideFiles);
+            MlaCachedDecoder decoder = loader.load();
+            ModelFiles files = ModelFiles.of(GgufModelFiles.directoryOf(dir));
             if (files.find("tokenizer.json").isPresent()) {
                 tokenizer = TextTokenizer.fromFiles(files);
             }
             List<Long> eos = tokenizer != null ? tokenizer.eosIds() : TextTokenizer.readEosIds(files);
-            return new GenerationModel(weights, model, new MlaCachedDecoder(model, device), tokenizer, List.copyOf(eos), files);
+            return new GenerationModel(release, decoder.model(), decoder, tokenizer, List.copyOf(eos), files);
         } catch (IOException | RuntimeException e) {
             if (tokenizer != null) {
                 tokenizer.close();
             }
-            weights.close();
+            release.run();
             throw e;
+        }
+    }
+
+    /** Loads a model and makes its decoder. */
+    @FunctionalInterface
+    private interface DecoderLoader {
+        MlaCachedDecoder load() throws IOException;
+    }
+
+    private static void checkDirectory(Path dir) throws IOException {
+        Preconditions.checkArgument(dir != null, "model directory is required");
+        Path sideFiles = GgufModelFiles.directoryOf(dir); // a GGUF file's tokenizer as side files, else dir itself
+        if (!Files.isDirectory(sideFiles)) {
+            throw new IOException(dir + ": not a directory");
         }
     }
 
@@ -123,6 +164,6 @@ public final class GenerationModel implements AutoCloseable {
         if (tokenizer != null) {
             tokenizer.close();
         }
-        weights.close();
+        weights.run();
     }
 }

@@ -37,6 +37,19 @@ public interface LanguageModel {
     }
 
     /**
+     * Cache bytes per token held on each device the model spans, in stage order ({@link StagePlan}): one entry, equal
+     * to {@link #cacheBytesPerToken()}, for a model on one device.
+     */
+    default long[] cacheBytesPerTokenByStage() {
+        return new long[] {cacheBytesPerToken()};
+    }
+
+    /** The stage whose device holds the logits (the last; 0 for a model on one device). */
+    default int logitsStage() {
+        return cacheBytesPerTokenByStage().length - 1;
+    }
+
+    /**
      * Bytes of the logits one decoding step of one sequence produces at {@code length} tokens: {@code vocabSize} FP32
      * values when only the last position is computed (the default).
      */

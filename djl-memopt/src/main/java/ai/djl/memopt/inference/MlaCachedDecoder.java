@@ -13,7 +13,6 @@ import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.LinearWeightSource;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
-import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.NDScope;
@@ -21,8 +20,12 @@ import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.Block;
+import ai.djl.nn.Parameter;
 import ai.djl.training.ParameterStore;
 import com.google.common.base.Preconditions;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Map;
 
 /**
  * DeepSeek decoding with the compressed MLA cache: per token and layer only the normalised latent ({@code kv_lora_rank}
@@ -56,23 +59,31 @@ import com.google.common.base.Preconditions;
  * warning at creation. On the CPU the default is {@link ExpertDispatch#SORTED}: there is no device queue for a read to
  * wait on, and gathering copies weights the sorted path reads in place.
  *
+ * <p><b>Several devices.</b> With a {@link StagePlan} of several stages (a model loaded with the plan's
+ * {@link StagePlan#newPlacement() placement}), each stage's layers run on its device with that device's part of the
+ * cache, and only the hidden state {@code (B, T, hidden)} moves from one stage to the next (plus, per step, the new
+ * tokens' position ids and mask columns, 16 bytes per token); the final norm and {@code lm_head} run where their
+ * weights are (the last stage, or the first with tied embeddings), and the logits stay on that device. A one-stage
+ * plan is the single-device decoder; the same code runs both, so a split over stages on one device gives the
+ * single-device logits bit for bit. {@link Session#hops()} counts what crossed between stages.
+ *
  * <pre>{@code
  * LanguageModel lm = new MlaCachedDecoder(deepSeekForCausalLM, device);
  * GenerationResult r = new Generator(lm, tokenizer).generate(promptIds, SamplingParams.greedy(64));
+ * // split over two GPUs: lm loaded with plan.newPlacement()
+ * LanguageModel split = new MlaCachedDecoder(lm, StagePlan.parse(List.of(Device.gpu(0), Device.gpu(1)), "0-13,14-26",
+ *         27), ExpertDispatch.AUTO);
  * }</pre>
  */
 public final class MlaCachedDecoder implements LanguageModel {
 
     private final DeepSeekForCausalLM model;
     private final DeepSeekConfig config;
-    private final Device device;
     private final DeepSeekModel decoder;
-    private final MultiHeadLatentAttention[] attention;
-    private final DeepSeekDecoderLayer[] layers;
-    private final RotaryEmbedding rotary;
+    private final StagePlan plan;
+    private final DecoderStage[] stages;
+    private final Device headDevice;
     private final DataType dtype;
-
-    private final ExpertDispatch expertDispatch;
 
     /** A decoder with {@link ExpertDispatch#AUTO}: gathered experts on a GPU, sorted on the CPU. */
     public MlaCachedDecoder(DeepSeekForCausalLM model, Device device) {
@@ -85,35 +96,69 @@ public final class MlaCachedDecoder implements LanguageModel {
      * every decoder over the same model until another is created.
      */
     public MlaCachedDecoder(DeepSeekForCausalLM model, Device device, ExpertDispatch experts) {
+        this(model, StagePlan.single(Preconditions.checkNotNull(device, "device"), model.config().numHiddenLayers()),
+                experts);
+    }
+
+    /**
+     * A decoder over the stages of {@code plan} ({@link ExpertDispatch#AUTO} resolved per stage device).
+     *
+     * @throws IllegalArgumentException if the plan does not cover the model's layers, or a weight is not on the device
+     *     the plan gives it (naming the weight, its device and the plan's)
+     */
+    public MlaCachedDecoder(DeepSeekForCausalLM model, StagePlan plan, ExpertDispatch experts) {
         this.model = Preconditions.checkNotNull(model, "model");
-        this.device = Preconditions.checkNotNull(device, "device");
+        this.plan = Preconditions.checkNotNull(plan, "plan");
+        Preconditions.checkNotNull(experts, "experts");
         this.config = model.config();
         this.decoder = model.model();
-        this.rotary = decoder.rotaryEmb();
         int n = decoder.layers().size();
-        this.layers = new DeepSeekDecoderLayer[n];
-        this.attention = new MultiHeadLatentAttention[n];
-        for (int i = 0; i < n; i++) {
-            Block layer = decoder.layers().get(i);
-            Preconditions.checkArgument(
-                    layer instanceof DeepSeekDecoderLayer,
-                    "model.layers.%s is a %s, expected a DeepSeekDecoderLayer", i, layer.getClass().getName());
-            layers[i] = (DeepSeekDecoderLayer) layer;
-            attention[i] = findAttention(layers[i].selfAttn(), i);
+        Preconditions.checkArgument(plan.numLayers() == n, "the stage plan covers %s layers, the model has %s",
+                plan.numLayers(), n);
+        this.dtype = model.dataType();
+        this.stages = new DecoderStage[plan.stages().size()];
+        for (int s = 0; s < stages.length; s++) {
+            StagePlan.Stage stage = plan.stages().get(s);
+            DeepSeekDecoderLayer[] layers = new DeepSeekDecoderLayer[stage.layers()];
+            MultiHeadLatentAttention[] attention = new MultiHeadLatentAttention[stage.layers()];
+            for (int i = stage.firstLayer(); i < stage.endLayer(); i++) {
+                Block layer = decoder.layers().get(i);
+                Preconditions.checkArgument(
+                        layer instanceof DeepSeekDecoderLayer,
+                        "model.layers.%s is a %s, expected a DeepSeekDecoderLayer", i, layer.getClass().getName());
+                layers[i - stage.firstLayer()] = (DeepSeekDecoderLayer) layer;
+                attention[i - stage.firstLayer()] = findAttention(((DeepSeekDecoderLayer) layer).selfAttn(), i);
+                checkDevice(layer, "model.layers." + i + ".", stage.device(), "layer " + i + " on stage " + s);
+            }
+            stages[s] = new DecoderStage(config, stage.device(), stage.firstLayer(), layers, attention,
+                    decoder.rotaryEmb(), dtype, experts);
         }
-        this.expertDispatch = Preconditions.checkNotNull(experts, "experts").resolve(device);
-        for (DeepSeekDecoderLayer layer : layers) {
-            Block mlp = BlockDecorator.unwrap(layer.mlp());
-            if (mlp instanceof DeepSeekMoE) {
-                if (expertDispatch == ExpertDispatch.GATHERED) {
-                    // decode steps gather the chosen experts on the device instead of reading their ids
-                    ((DeepSeekMoE) mlp).enableGatheredDispatch();
-                } else {
-                    ((DeepSeekMoE) mlp).disableGatheredDispatch();
-                }
+        checkDevice(decoder.embedTokens(), "model.embed_tokens.", plan.stages().get(0).device(), "the first stage");
+        this.headDevice = deviceOf(decoder.norm(), plan.stages().get(stages.length - 1).device());
+        if (model.lmHead() != null) {
+            checkDevice(model.lmHead(), "lm_head.", headDevice, "the final norm's device");
+        }
+    }
+
+    /** The device of a block's first initialised parameter, or {@code otherwise}. */
+    private static Device deviceOf(Block block, Device otherwise) {
+        for (Parameter p : BlockTrees.parameters(block).values()) {
+            if (p.isInitialized()) {
+                return p.getArray().getDevice();
             }
         }
-        this.dtype = model.dataType();
+        return otherwise;
+    }
+
+    private static void checkDevice(Block block, String prefix, Device expected, String where) {
+        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(block).entrySet()) {
+            Parameter p = e.getValue();
+            if (p.isInitialized() && !p.getArray().getDevice().equals(expected)) {
+                throw new IllegalArgumentException(prefix + e.getKey() + " is on " + p.getArray().getDevice()
+                        + ", but the stage plan puts " + where + " on " + expected + ": load the model with the plan's"
+                        + " placement (StagePlan.newPlacement(), GenerationModel.open(dir, plan, dtype))");
+            }
+        }
     }
 
     /** The attention block itself, or the one inside a decorator that took its place. */
@@ -130,14 +175,42 @@ public final class MlaCachedDecoder implements LanguageModel {
                 "model.layers." + layer + ".self_attn (" + selfAttn.getClass().getName() + ") holds no MultiHeadLatentAttention");
     }
 
-    /** How this decoder runs routed experts: {@link ExpertDispatch#GATHERED} or {@link ExpertDispatch#SORTED}. */
+    /**
+     * How this decoder runs routed experts: {@link ExpertDispatch#GATHERED} or {@link ExpertDispatch#SORTED} (the
+     * first stage's choice; {@link #expertDispatches()} gives each stage's).
+     */
     public ExpertDispatch expertDispatch() {
-        return expertDispatch;
+        return stages[0].expertDispatch();
     }
 
+    /** Each stage's expert dispatch, in stage order. */
+    public List<ExpertDispatch> expertDispatches() {
+        List<ExpertDispatch> out = new ArrayList<>();
+        for (DecoderStage s : stages) {
+            out.add(s.expertDispatch());
+        }
+        return List.copyOf(out);
+    }
+
+    /** The model this decoder runs. */
+    public DeepSeekForCausalLM model() {
+        return model;
+    }
+
+    /** The stages this decoder runs. */
+    public StagePlan plan() {
+        return plan;
+    }
+
+    /** The first stage's device: where the generator creates its inputs. */
     @Override
     public Device device() {
-        return device;
+        return stages[0].device();
+    }
+
+    /** The device the logits are computed and returned on (the last stage's, or the first's with tied embeddings). */
+    public Device logitsDevice() {
+        return headDevice;
     }
 
     @Override
@@ -164,7 +237,30 @@ public final class MlaCachedDecoder implements LanguageModel {
     /** Cache bytes per token over all layers, in the model's data type. */
     @Override
     public long cacheBytesPerToken() {
-        return (long) cacheValuesPerTokenPerLayer(config) * layers.length * dtype.getNumOfBytes();
+        long sum = 0;
+        for (DecoderStage s : stages) {
+            sum += s.cacheBytesPerToken();
+        }
+        return sum;
+    }
+
+    @Override
+    public long[] cacheBytesPerTokenByStage() {
+        long[] out = new long[stages.length];
+        for (int s = 0; s < stages.length; s++) {
+            out[s] = stages[s].cacheBytesPerToken();
+        }
+        return out;
+    }
+
+    @Override
+    public int logitsStage() {
+        for (int s = stages.length - 1; s >= 0; s--) {
+            if (stages[s].device().equals(headDevice)) {
+                return s;
+            }
+        }
+        return stages.length - 1;
     }
 
     @Override
@@ -174,57 +270,39 @@ public final class MlaCachedDecoder implements LanguageModel {
         Preconditions.checkArgument(
                 maxLength <= config.maxPositionEmbeddings(),
                 "prompt + new tokens (%s) exceed max_position_embeddings (%s)", maxLength, config.maxPositionEmbeddings());
-        return new Session(manager.newSubManager(device), batchSize, maxLength);
+        return new Session(manager.newSubManager(device()), batchSize, maxLength);
     }
 
-    /** A decoding session: the cache of one batch. */
+    /**
+     * What crossed between stages in a session: the hidden states handed from one stage to the next (and to the head's
+     * device when it is not the last stage's).
+     *
+     * @param count the transfers
+     * @param bytes their bytes
+     * @param nanos the time spent issuing them (on the CPU the copies themselves; on a GPU the copies are queued on the
+     *     devices' streams, so this is the time to queue them)
+     */
+    public record Hops(long count, long bytes, long nanos) {}
+
+    /** A decoding session: the cache of one batch, split over the stages. */
     public final class Session implements DecodingSession {
         private final NDManager manager;
         private final int batch;
         private final int maxLength;
-        private final NDArray[] latent; // per layer (B, maxLength, r)
-        private final NDArray[] ropeKey; // per layer (B, maxLength, rope)
-        private final NDArray[] wUk; // per layer (1, H, nope, r)
-        private final NDArray[] wUvT; // per layer (1, H, r, v)
-        private final NDArray paddingBias; // (B, 1, 1, maxLength) FP32: 0 for tokens, the lowest float for padding
+        private final DecoderStage.Cache[] caches;
         private int length;
+        private long hopCount;
+        private long hopBytes;
+        private long hopNanos;
 
         Session(NDManager manager, int batch, int maxLength) {
             this.manager = manager;
             this.batch = batch;
             this.maxLength = maxLength;
-            int n = layers.length;
-            latent = new NDArray[n];
-            ropeKey = new NDArray[n];
-            wUk = new NDArray[n];
-            wUvT = new NDArray[n];
+            caches = new DecoderStage.Cache[stages.length];
             try {
-                paddingBias = manager.zeros(new Shape(batch, 1, 1, maxLength), DataType.FLOAT32);
-                int r = config.kvLoraRank();
-                int rope = config.qkRopeHeadDim();
-                int h = config.numAttentionHeads();
-                int nope = config.qkNopeHeadDim();
-                int v = config.vHeadDim();
-                for (int i = 0; i < n; i++) {
-                    latent[i] = manager.zeros(new Shape(batch, maxLength, r), dtype);
-                    ropeKey[i] = manager.zeros(new Shape(batch, maxLength, rope), dtype);
-                    try (NDManager scratch = manager.newSubManager()) {
-                        NDArray w = LinearWeightSource.weightOf(attention[i].kvBProj(), scratch); // (H (nope + v), r)
-                        if (w.getManager() != scratch) {
-                            // a plain Linear hands out its parameter: derive views of it without adopting it
-                            w.tempAttach(scratch);
-                        }
-                        Preconditions.checkState(
-                                w.getShape().equals(new Shape((long) h * (nope + v), r)),
-                                "model.layers.%s.self_attn.kv_b_proj weight is %s, expected (%s, %s)",
-                                i, w.getShape(), (long) h * (nope + v), r);
-                        NDArray heads = w.toDevice(device, false).toType(dtype, false).reshape(h, nope + v, r);
-                        // views share the weight's storage (no copy for a plain Linear); they move to the session
-                        wUk[i] = heads.get(new NDIndex(":, :{}, :", nope)).reshape(1, h, nope, r);
-                        wUvT[i] = heads.get(new NDIndex(":, {}:, :", nope)).transpose(0, 2, 1).reshape(1, h, r, v);
-                        wUk[i].attach(manager);
-                        wUvT[i].attach(manager);
-                    }
+                for (int s = 0; s < stages.length; s++) {
+                    caches[s] = stages[s].new Cache(manager, batch, maxLength);
                 }
             } catch (RuntimeException e) {
                 manager.close();
@@ -244,88 +322,81 @@ public final class MlaCachedDecoder implements LanguageModel {
                     "attention mask %s must be (%s, %s)", attentionMask.getShape(), batch, total);
             NDManager step = inputIds.getManager();
             NDArray result;
-            // ops whose first operand is a weight (the embedding lookup, then the whole residual stream) create their
-            // results in the weights' manager: the scope closes every temporary of the step wherever it was created
-            try (NDScope scope = new NDScope()) {
-                scope.suppressNotUsedWarning();
-                result = forwardStep(step, inputIds, positionIds, attentionMask, t, total);
-                NDScope.unregister(result);
+            List<NDManager> stageManagers = new ArrayList<>();
+            try {
+                // ops whose first operand is a weight (the embedding lookup, then the whole residual stream) create
+                // their results in the weights' manager: the scope closes every temporary of the step wherever it was
+                // created
+                try (NDScope scope = new NDScope()) {
+                    scope.suppressNotUsedWarning();
+                    result = forwardStep(step, stageManagers, inputIds, positionIds, attentionMask, t, total);
+                    NDScope.unregister(result);
+                }
+                // the logits stay on the device that computed them, in a manager of that device under the step's (a
+                // manager of another device would create the sampler's temporaries on the wrong device)
+                result.attach(step.getDevice().equals(result.getDevice()) ? step
+                        : step.newSubManager(result.getDevice()));
+            } finally {
+                stageManagers.forEach(NDManager::close);
             }
-            result.attach(step);
             length = total;
             return result;
         }
 
-        private NDArray forwardStep(NDManager step, NDArray inputIds, NDArray positionIds, NDArray attentionMask, int t, int total) {
-            ParameterStore ps = new ParameterStore(step, false);
-            NDList cosSin = rotary.cosSin(positionIds); // (B, T, .)
-            NDArray mask = additiveMask(step, attentionMask, t, total); // (B, 1, T, S) FP32
-            NDArray hidden = decoder.embedTokens().forward(ps, new NDList(inputIds), false).head(); // (B, T, hidden)
-            for (int i = 0; i < layers.length; i++) {
-                DeepSeekDecoderLayer layer = layers[i];
-                NDArray normed = layer.inputLayernorm().forward(ps, new NDList(hidden), false).head();
-                NDArray attn = attend(i, ps, normed, cosSin, mask, t, total); // (B, T, hidden)
-                NDArray h = hidden.add(attn);
-                NDArray normed2 = layer.postAttentionLayernorm().forward(ps, new NDList(h), false).head();
-                hidden = h.add(layer.mlp().forward(ps, new NDList(normed2), false).head()); // (B, T, hidden)
+        /** The step's manager on {@code device}: the caller's own when it is there, else a sub-manager of it. */
+        private NDManager managerOn(NDManager step, List<NDManager> created, Device device) {
+            if (step.getDevice().equals(device)) {
+                return step;
+            }
+            NDManager m = step.newSubManager(device);
+            created.add(m);
+            return m;
+        }
+
+        private NDArray forwardStep(NDManager step, List<NDManager> created, NDArray inputIds, NDArray positionIds,
+                NDArray attentionMask, int t, int total) {
+            NDArray hidden = null;
+            for (int s = 0; s < stages.length; s++) {
+                Device device = stages[s].device();
+                NDManager m = managerOn(step, created, device);
+                ParameterStore ps = new ParameterStore(m, false);
+                NDArray positions = positionIds.toDevice(device, false); // the same array where it already is
+                NDList cosSin = decoder.rotaryEmb().cosSin(positions); // (B, T, .)
+                NDArray mask = caches[s].additiveMask(m, attentionMask.toDevice(device, false), length, t, total);
+                if (s == 0) {
+                    NDArray ids = inputIds.toDevice(device, false);
+                    hidden = decoder.embedTokens().forward(ps, new NDList(ids), false).head(); // (B, T, hidden)
+                } else {
+                    hidden = hop(hidden, m); // (B, T, hidden): the only activation that crosses
+                }
+                hidden = caches[s].forward(ps, hidden, cosSin, mask, length, t, total);
             }
             NDArray last = hidden.get(new NDIndex(":, -1:, :")); // (B, 1, hidden)
+            NDManager head = managerOn(step, created, headDevice);
+            if (!last.getDevice().equals(headDevice)) {
+                last = hop(last, head);
+            }
+            ParameterStore ps = new ParameterStore(head, false);
             NDArray normed = decoder.norm().forward(ps, new NDList(last), false).head();
             NDArray logits = model.logits(ps, normed, false); // (B, 1, V) FP32
             return logits.reshape(batch, logits.getShape().get(2)); // (B, V)
         }
 
-        private NDArray attend(int i, ParameterStore ps, NDArray x, NDList cosSin, NDArray mask, int t, int total) {
-            MultiHeadLatentAttention a = attention[i];
-            int h = a.numHeads();
-            int nope = a.qkNopeHeadDim();
-            int rope = a.qkRopeHeadDim();
-            int r = a.kvLoraRank();
-            int v = a.vHeadDim();
-            NDArray q = a.queries(ps, x, false).reshape(batch, t, h, nope + rope).transpose(0, 2, 1, 3); // (B, H, T, qk)
-            NDArray qNope = q.get(new NDIndex(":, :, :, :{}", nope)); // (B, H, T, nope)
-            NDArray qPe = rotary.apply(q.get(new NDIndex(":, :, :, {}:", nope)), cosSin); // (B, H, T, rope)
-
-            NDArray compressed = a.kvAProjWithMqa().forward(ps, new NDList(x), false).head(); // (B, T, r + rope)
-            NDArray c = a.kvALayernorm().forward(ps, new NDList(compressed.get(new NDIndex(":, :, :{}", r))), false).head();
-            NDArray kPe = compressed.get(new NDIndex(":, :, {}:", r)).reshape(batch, 1, t, rope); // (B, 1, T, rope)
-            kPe = rotary.apply(kPe, cosSin).reshape(batch, t, rope); // (B, T, rope)
-            NDIndex slot = new NDIndex(":, {}:{}, :", length, total);
-            latent[i].set(slot, c.toType(dtype, false)); // in place: the cache is never re-concatenated
-            ropeKey[i].set(slot, kPe.toType(dtype, false));
-
-            NDIndex prefix = new NDIndex(":, :{}, :", total);
-            NDArray cKv = latent[i].get(prefix); // (B, S, r)
-            NDArray kRope = ropeKey[i].get(prefix); // (B, S, rope)
-            // views of the cache are created in the session's manager; the step's scope closes them
-            cKv = cKv.expandDims(1); // (B, 1, S, r)
-            kRope = kRope.expandDims(1); // (B, 1, S, rope)
-
-            NDArray qLatent = qNope.matMul(wUk[i]); // (B, H, T, r)
-            // the scale as a device scalar: a host number would be uploaded, a blocking copy on a GPU, in every layer
-            NDArray scores = Scalars.mul(qLatent.matMul(cKv.transpose(0, 1, 3, 2))
-                    .add(qPe.matMul(kRope.transpose(0, 1, 3, 2))), a.softmaxScale()); // (B, H, T, S)
-            NDArray probs = scores.toType(DataType.FLOAT32, false).add(mask).softmax(-1).toType(dtype, false);
-            NDArray outLatent = probs.matMul(cKv); // (B, H, T, r)
-            NDArray out = outLatent.matMul(wUvT[i]); // (B, H, T, v)
-            out = out.transpose(0, 2, 1, 3).reshape(batch, t, (long) h * v); // (B, T, H v)
-            return a.oProj().forward(ps, new NDList(out), false).head(); // (B, T, hidden)
-        }
-
-        /** (B, 1, T, S) FP32: 0 where query {@code i} (at cache index S - T + i) may see key j, else the lowest float. */
-        private NDArray additiveMask(NDManager m, NDArray attentionMask, int t, int total) {
-            // the padding bias of the past is kept: only the new columns are converted and written
-            // constants as device scalars (Scalars), not host numbers uploaded at every step
-            NDArray newColumns = attentionMask.get(new NDIndex(":, {}:", length)); // (B, T)
-            NDArray fresh = newColumns.eq(Scalars.like(newColumns, 0)).toType(DataType.FLOAT32, false); // (B, T)
-            paddingBias.set(
-                    new NDIndex(":, :, :, {}:{}", length, total), Scalars.mul(fresh, -Float.MAX_VALUE).reshape(batch, 1, 1, t));
-            NDArray padding = paddingBias.get(new NDIndex(":, :, :, :{}", total)); // (B, 1, 1, S)
-            if (t == 1) {
-                return padding; // one new token sees the whole past: no causal part
-            }
-            NDArray causal = MultiHeadLatentAttention.causalMask(m, t, total).toDevice(device, false); // (1, 1, T, S)
-            return NDArrays.minimum(causal, padding); // (B, 1, T, S); min, as adding would overflow to -inf
+        /**
+         * A copy of {@code hidden} on {@code target}'s device, always a copy (on one device too, so the hop is
+         * measured), created in {@code target}.
+         */
+        private NDArray hop(NDArray hidden, NDManager target) {
+            // DJL creates a transfer's result in the source's manager, through a new sub-manager of it when that
+            // manager is on another device, a sub-manager that lives as long as its parent (the weights' manager
+            // here): moved to the target's manager first, the copy is created there and nothing accumulates
+            hidden.attach(target);
+            long start = System.nanoTime();
+            NDArray moved = hidden.toDevice(target.getDevice(), true);
+            hopNanos += System.nanoTime() - start;
+            hopCount++;
+            hopBytes += hidden.size() * hidden.getDataType().getNumOfBytes();
+            return moved;
         }
 
         @Override
@@ -333,13 +404,27 @@ public final class MlaCachedDecoder implements LanguageModel {
             return length;
         }
 
-        /** Bytes held by this session's cache buffers. */
+        /** What crossed between stages so far. */
+        public Hops hops() {
+            return new Hops(hopCount, hopBytes, hopNanos);
+        }
+
+        /** Bytes held by this session's cache buffers, all stages. */
         public long cacheBytes() {
             long bytes = 0;
-            for (int i = 0; i < latent.length; i++) {
-                bytes += latent[i].size() * dtype.getNumOfBytes() + ropeKey[i].size() * dtype.getNumOfBytes();
+            for (DecoderStage.Cache c : caches) {
+                bytes += c.cacheBytes();
             }
             return bytes;
+        }
+
+        /** Bytes held by each stage's cache buffers, in stage order. */
+        public long[] cacheBytesByStage() {
+            long[] out = new long[caches.length];
+            for (int s = 0; s < caches.length; s++) {
+                out[s] = caches[s].cacheBytes();
+            }
+            return out;
         }
 
         @Override

@@ -19,6 +19,7 @@ import java.util.List;
 public final class MemoryStats {
 
     private static final Path STATUS = Path.of("/proc/self/status");
+    private static final Path MEMINFO = Path.of("/proc/meminfo");
 
     private MemoryStats() {}
 
@@ -41,12 +42,29 @@ public final class MemoryStats {
         return residentBytes();
     }
 
+    /**
+     * Memory free for new allocations on {@code device}: on a GPU the device-wide free memory
+     * ({@code cudaMemGetInfo}: total - used, all processes); on the CPU the system's {@code MemAvailable}
+     * ({@code /proc/meminfo}), or -1 where unavailable.
+     */
+    public static long deviceBytesFree(Device device) {
+        if (device.isGpu()) {
+            MemoryUsage usage = CudaUtils.getGpuMemory(device);
+            return usage.getMax() - usage.getUsed();
+        }
+        return field(MEMINFO, "MemAvailable:");
+    }
+
     private static long statusField(String field) {
-        if (!Files.isReadable(STATUS)) {
+        return field(STATUS, field);
+    }
+
+    private static long field(Path file, String field) {
+        if (!Files.isReadable(file)) {
             return -1;
         }
         try {
-            List<String> lines = Files.readAllLines(STATUS);
+            List<String> lines = Files.readAllLines(file);
             for (String line : lines) {
                 if (line.startsWith(field)) {
                     String[] parts = line.substring(field.length()).trim().split("\\s+");

@@ -2,6 +2,7 @@ package ai.djl.memopt.examples.bench;
 
 import ai.djl.Device;
 import ai.djl.engine.Engine;
+import ai.djl.memopt.finetune.DataParallelFineTuner;
 import ai.djl.memopt.finetune.FineTuner;
 import ai.djl.memopt.finetune.StateBytes;
 import ai.djl.memopt.finetune.StepResult;
@@ -22,7 +23,10 @@ import ai.djl.ndarray.NDManager;
 import java.nio.file.Path;
 import ai.djl.ndarray.types.DataType;
 import com.google.gson.JsonObject;
+import java.util.ArrayList;
 import java.util.Arrays;
+import java.util.List;
+import java.util.function.Function;
 import java.util.HashMap;
 import java.util.Locale;
 import java.util.Map;
@@ -33,7 +37,9 @@ import java.util.SplittableRandom;
  * configuration's own peak): builds a preset with seeded random FP32 weights and a {@link FineTuner} in the given mode,
  * measures the idle memory, runs {@code steps} steps on seeded random token batches and prints one JSON line.
  *
- * <p>Arguments: {@code preset mode batch seq steps device seed lossChunkTokens checkpointSpec [modelDir]}; mode is
+ * <p>Arguments: {@code preset mode batch seq steps device seed lossChunkTokens checkpointSpec [modelDir]}; device is
+ * {@code cpu}, {@code gpuN} or a comma list of them, for data parallel ({@link DataParallelFineTuner}) with
+ * {@code batch} rows per device; mode is
  * {@code fp32}, {@code checkpoint}, {@code fp16}, {@code fp16+checkpoint} or {@code qlora}; the checkpointed modes
  * (all but {@code fp32} and {@code fp16}) checkpoint the decoder layers by {@code checkpointSpec}
  * ({@link FineTuner#checkpointPolicy}), or by the mode's own default ({@link #modes()}) when it is {@code default}.
@@ -62,7 +68,8 @@ public final class TrainBenchWorker {
         int batch = Integer.parseInt(args[2]);
         int seq = Integer.parseInt(args[3]);
         int steps = Integer.parseInt(args[4]);
-        Device device = "gpu".equals(args[5]) ? Device.gpu() : Device.cpu();
+        List<Device> devices = devices(args[5]);
+        Device device = devices.get(0);
         long seed = Long.parseLong(args[6]);
         int lossChunk = Integer.parseInt(args[7]);
         Map<String, String> m = modes().get(mode);
@@ -91,11 +98,30 @@ public final class TrainBenchWorker {
             qlora = "qlora".equals(mode) ? Qlora.apply(base) : null;
         }
         DeepSeekConfig config = base.config();
+        if (devices.size() > 1 && modelDir != null) {
+            throw new IllegalArgumentException("data-parallel runs build --preset on each device; --model is not"
+                    + " replicated");
+        }
+        // one replica per further device: the same preset and seed, decorated the same way (data parallel)
+        List<DeepSeekForCausalLM> replicas = new ArrayList<>(List.of(base));
+        for (Device d : devices.subList(1, devices.size())) {
+            DeepSeekForCausalLM r = DeepSeekForCausalLM.random(config, seed, d, DataType.FLOAT32);
+            if (qlora != null) {
+                Qlora.apply(r);
+            }
+            replicas.add(r);
+        }
+        FineTuner.Builder settings = FineTuner.builder().optCheckpointing(checkpointing)
+                .optPrecision(FineTuner.Precision.parse(m.get("precision"))).optLearningRate(1e-4f)
+                .optLossChunkTokens(lossChunk).optSeed(seed);
+        DataParallelFineTuner dp = replicas.size() > 1 ? DataParallelFineTuner.create(settings, replicas) : null;
+        Function<TokenBatch, StepResult> stepper;
         try (NDManager owned = loadManager;
-                DeepSeekForCausalLM lm = base;
-                FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpointing)
-                        .optPrecision(FineTuner.Precision.parse(m.get("precision"))).optLearningRate(1e-4f)
-                        .optLossChunkTokens(lossChunk).optSeed(seed).build()) {
+                Replicas models = new Replicas(replicas);
+                FineTuner tuner = dp != null ? dp.primary() : settings.setModel(base).build();
+                DataParallelFineTuner parallel = dp) {
+            stepper = dp != null ? dp::step : tuner::step;
+            int rows = batch * devices.size(); // --batch rows per device
             SplittableRandom random = new SplittableRandom(seed);
             // packed int4 weights are not parameters: count them with the state
             long quantizedBytes = qlora != null ? qlora.quantizedBytes : 0;
@@ -110,12 +136,12 @@ public final class TrainBenchWorker {
             double lastLoss = Double.NaN;
             int skipped = 0;
             for (int s = 0; s < steps; s++) {
-                long[] ids = new long[batch * seq];
+                long[] ids = new long[rows * seq];
                 for (int i = 0; i < ids.length; i++) {
                     ids[i] = random.nextInt(config.vocabSize());
                 }
                 long t0 = System.nanoTime();
-                StepResult r = tuner.step(new TokenBatch(ids, batch, seq));
+                StepResult r = stepper.apply(new TokenBatch(ids, rows, seq));
                 seconds[s] = (System.nanoTime() - t0) / 1e9;
                 if (s == 0) {
                     firstLoss = r.loss();
@@ -142,7 +168,9 @@ public final class TrainBenchWorker {
             o.addProperty("seq", seq);
             o.addProperty("steps", steps);
             o.addProperty("loss_chunk_tokens", lossChunk);
-            o.addProperty("device", device.isGpu() ? "gpu" + device.getDeviceId() : "cpu");
+            o.addProperty("device", args[5]);
+            o.addProperty("replicas", devices.size());
+            o.addProperty("tokens_per_second", (double) rows * seq / median);
             o.addProperty("peak_memory_bytes", peak);
             o.addProperty("idle_memory_bytes", idle);
             o.addProperty("state_bytes", state.total() + quantizedBytes);
@@ -163,6 +191,31 @@ public final class TrainBenchWorker {
             o.addProperty("skipped_steps", skipped);
             o.addProperty("parameters", config.parameterCount());
             System.out.println(o);
+        }
+    }
+
+    /** {@code cpu}, {@code gpu}, {@code gpuN} or a comma list of them (data parallel over the list). */
+    static List<Device> devices(String list) {
+        List<Device> out = new ArrayList<>();
+        for (String d : list.split(",")) {
+            String n = d.trim().toLowerCase(Locale.ROOT);
+            out.add(n.equals("cpu") ? Device.cpu() : Device.gpu(n.equals("gpu") ? 0 : Integer.parseInt(
+                    n.substring(n.charAt(3) == ':' ? 4 : 3))));
+        }
+        return out;
+    }
+
+    /** Closes the replicas' models. */
+    private static final class Replicas implements AutoCloseable {
+        private final List<DeepSeekForCausalLM> models;
+
+        Replicas(List<DeepSeekForCausalLM> models) {
+            this.models = models;
+        }
+
+        @Override
+        public void close() {
+            models.forEach(DeepSeekForCausalLM::close);
         }
     }
 

@@ -36,6 +36,7 @@ import org.jfree.data.category.DefaultCategoryDataset;
  *
  * <pre>
  * memopt bench train --preset bench-small --batch 1 --seq 512 --steps 3 --out docs/benchmarks.md
+ * memopt bench train --preset bench-small --mode fp16 --batch 4 --seq 1024 --devices gpu0,gpu1 --json
  * </pre>
  */
 @Command(name = "train", mixinStandardHelpOptions = true,
@@ -91,6 +92,12 @@ public final class BenchTrainCommand implements Callable<Integer> {
     @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
     String device;
 
+    @Option(names = "--devices", paramLabel = "LIST",
+            description = "Data parallel over these devices (e.g. gpu0,gpu1; cpu,cpu on the CPU), --batch rows on each:"
+                    + " each mode runs on the first device alone, then on all, and reports scaling_efficiency"
+                    + " (tokens/s on N / N x one device's). Replaces --device.")
+    String devices;
+
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and data seed.")
     long seed;
 
@@ -125,27 +132,25 @@ public final class BenchTrainCommand implements Callable<Integer> {
             throw new IllegalArgumentException("--checkpoint " + checkpoint + ": the checkpointed modes need a policy"
                     + " (all, nested, every:N or sqrt); --mode fp32 or fp16 runs without checkpointing");
         }
-        String dev = device.toLowerCase(Locale.ROOT);
-        if (!dev.equals("cpu") && !dev.equals("gpu")) {
+        List<String> parallel = devices == null ? null : names(devices);
+        if (parallel != null && model != null) {
+            throw new IllegalArgumentException("--devices builds --preset on each device; --model is not replicated");
+        }
+        String dev = parallel != null ? parallel.get(0) : device.toLowerCase(Locale.ROOT);
+        if (!dev.equals("cpu") && !dev.startsWith("gpu")) {
             throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
         }
         List<JsonObject> results = new ArrayList<>();
         for (String mode : selected) {
-            List<String> workerArgs = new ArrayList<>(List.of(preset, mode, Integer.toString(batch),
-                    Integer.toString(seq), Integer.toString(steps), dev, Long.toString(seed),
-                    Integer.toString(lossChunk), spec));
-            if (model != null) {
-                workerArgs.add(model.toString());
-            }
-            List<String> lines = FreshJvm.run(workerJvm(bench.heap), ALLOCATOR, bench.timeout, TrainBenchWorker.class, workerArgs);
-            JsonObject result = null;
-            for (String line : lines) {
-                if (line.startsWith("{")) {
-                    result = JsonParser.parseString(line).getAsJsonObject();
-                }
-            }
-            if (result == null) {
-                throw new IOException("the " + mode + " worker printed no result; its output: " + lines);
+            JsonObject result = runWorker(mode, dev, spec);
+            if (parallel != null) {
+                // the same mode on every device, against the first device's own speed in its own JVM
+                JsonObject all = runWorker(mode, String.join(",", parallel), spec);
+                double one = result.get("tokens_per_second").getAsDouble();
+                all.addProperty("single_device_tokens_per_second", one);
+                all.addProperty("scaling_efficiency", all.get("tokens_per_second").getAsDouble()
+                        / (parallel.size() * one));
+                result = all;
             }
             System.out.println(result);
             System.out.flush();
@@ -165,6 +170,37 @@ public final class BenchTrainCommand implements Callable<Integer> {
             updateTable(bench.out, results);
         }
         return 0;
+    }
+
+    /** One mode in a fresh worker JVM on {@code dev} (a device, or a comma list of them): its JSON result. */
+    private JsonObject runWorker(String mode, String dev, String spec) throws IOException, InterruptedException {
+        List<String> workerArgs = new ArrayList<>(List.of(preset, mode, Integer.toString(batch),
+                Integer.toString(seq), Integer.toString(steps), dev, Long.toString(seed),
+                Integer.toString(lossChunk), spec));
+        if (model != null) {
+            workerArgs.add(model.toString());
+        }
+        List<String> lines = FreshJvm.run(workerJvm(bench.heap), ALLOCATOR, bench.timeout, TrainBenchWorker.class,
+                workerArgs);
+        JsonObject result = null;
+        for (String line : lines) {
+            if (line.startsWith("{")) {
+                result = JsonParser.parseString(line).getAsJsonObject();
+            }
+        }
+        if (result == null) {
+            throw new IOException("the " + mode + " worker on " + dev + " printed no result; its output: " + lines);
+        }
+        return result;
+    }
+
+    /** {@code --devices} checked ({@link Devices#parseList}) and named as the worker reads them: cpu, gpuN. */
+    private static List<String> names(String devices) {
+        List<String> out = new ArrayList<>();
+        for (ai.djl.Device d : Devices.parseList(devices, "--devices")) {
+            out.add(d.isGpu() ? "gpu" + d.getDeviceId() : "cpu");
+        }
+        return out;
     }
 
     /**

@@ -3,14 +3,21 @@ package ai.djl.memopt.examples.cli;
 import ai.djl.Device;
 import ai.djl.engine.Engine;
 import ai.djl.ndarray.types.DataType;
+import java.util.ArrayList;
+import java.util.List;
 
-/** Parsing of the shared {@code --device} and {@code --dtype} options. */
+/** Parsing of the shared {@code --device}, {@code --devices} and {@code --dtype} options. */
 final class Devices {
 
     private Devices() {}
 
-    /** {@code cpu}, {@code gpu} or {@code gpu:N}. */
+    /** {@code cpu}, {@code gpu}, {@code gpu:N} or {@code gpuN}. */
     static Device parse(String device) {
+        return parse(device, "--device");
+    }
+
+    /** {@link #parse(String)}, naming {@code option} in its errors. */
+    static Device parse(String device, String option) {
         String d = device.trim().toLowerCase(java.util.Locale.ROOT);
         if ("cpu".equals(d)) {
             return Device.cpu();
@@ -18,23 +25,33 @@ final class Devices {
         int id = -1;
         if ("gpu".equals(d)) {
             id = 0;
-        } else if (d.startsWith("gpu:")) {
-            try {
-                id = Integer.parseInt(d.substring(4));
-            } catch (NumberFormatException e) {
-                // falls through to the error below
-            }
+        } else if (d.matches("gpu:?[0-9]{1,4}")) {
+            id = Integer.parseInt(d.substring(d.charAt(3) == ':' ? 4 : 3));
         }
         if (id < 0) {
-            throw new IllegalArgumentException("--device must be cpu, gpu or gpu:N, got '" + device + "'");
+            throw new IllegalArgumentException(option + " must be cpu, gpu, gpu:N or gpuN, got '" + device + "'");
         }
         int visible = Engine.getInstance().getGpuCount();
         if (id >= visible) {
             // fail here with the reason rather than deep inside the engine
-            throw new IllegalArgumentException("--device " + device + ": the engine sees " + visible + " GPU(s)"
-                    + (visible == 0 ? " (a CPU build of libtorch, or no CUDA driver: see docs/gpu.md)" : ""));
+            throw new IllegalArgumentException(option + " " + device + ": the engine sees " + visible + " GPU(s)"
+                    + (visible == 0 ? " (a CPU build of libtorch, or no CUDA driver: see docs/gpu.md)"
+                            : ", gpu0 to gpu" + (visible - 1)));
         }
         return Device.gpu(id);
+    }
+
+    /** A comma-separated list of {@link #parse(String) devices}, e.g. {@code gpu0,gpu1} or {@code cpu,cpu}. */
+    static List<Device> parseList(String devices, String option) {
+        List<Device> out = new ArrayList<>();
+        for (String d : devices.split(",", -1)) {
+            if (d.isBlank()) {
+                throw new IllegalArgumentException(option + " '" + devices + "': an empty device name; expected a"
+                        + " comma-separated list such as gpu0,gpu1 or cpu,cpu");
+            }
+            out.add(parse(d, option));
+        }
+        return List.copyOf(out);
     }
 
     /** {@code fp32} or {@code fp16}. */

@@ -4,6 +4,7 @@ import ai.djl.Device;
 import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.finetune.CheckpointChoice;
 import ai.djl.memopt.finetune.CheckpointDirectory;
+import ai.djl.memopt.finetune.DataParallelFineTuner;
 import ai.djl.memopt.finetune.FineTuner;
 import ai.djl.memopt.finetune.LearningRateSchedule;
 import ai.djl.memopt.finetune.RunIdentity;
@@ -31,6 +32,7 @@ import java.io.IOException;
 import java.io.PrintStream;
 import java.nio.file.Files;
 import java.nio.file.Path;
+import java.util.ArrayList;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Locale;
@@ -40,7 +42,9 @@ import java.util.stream.Collectors;
 import java.util.stream.Stream;
 import picocli.CommandLine.ArgGroup;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Model.CommandSpec;
 import picocli.CommandLine.Option;
+import picocli.CommandLine.Spec;
 
 /**
  * {@code memopt finetune}: trains a DeepSeek model on plain text with activation checkpointing and/or FP16 mixed
@@ -167,6 +171,14 @@ public final class FinetuneCommand implements Callable<Integer> {
     @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
     String device;
 
+    @Option(names = "--devices", paramLabel = "LIST",
+            description = "Data parallel over these devices (e.g. gpu0,gpu1; cpu,cpu runs the replicas on the CPU):"
+                    + " a replica on each, --batch rows split evenly between them, gradients summed, one update"
+                    + " (optimizer state held once). Replaces --device.")
+    String devices;
+
+    @Spec CommandSpec spec;
+
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S",
             description = "Seed of the data order (and of --preset weights; default 42).")
     long seed;
@@ -209,7 +221,8 @@ public final class FinetuneCommand implements Callable<Integer> {
     @Override
     public Integer call() throws Exception {
         validate();
-        Device dev = Devices.parse(device);
+        List<Device> devs = devices();
+        Device dev = devs.get(0);
         FineTuner.Precision prec = FineTuner.Precision.parse(precision);
         StatefulOptimizer.Kind kind = StatefulOptimizer.Kind.parse(optimizer);
         FineTuner.checkpointPolicy(checkpoint); // validates the spec before any heavy work
@@ -234,16 +247,33 @@ public final class FinetuneCommand implements Callable<Integer> {
         JsonObject[] done = new JsonObject[1];
         // --out is replaced as a whole once everything is written: a crash or an error before leaves the old one
         AtomicFiles.replaceDirectory(save, out -> {
-            try (DeepSeekForCausalLM lm = loadBase(dev)) {
-                prepare(lm, dataset, lora);
+            List<DeepSeekForCausalLM> models = new ArrayList<>();
+            try {
+                for (Device d : devs) {
+                    models.add(loadBase(d));
+                    prepare(models.get(models.size() - 1), dataset, lora, models.size() == 1);
+                }
                 LearningRateSchedule schedule = LearningRateSchedule.of(lr, warmup, cosine ? steps : 0, 0.1f);
-                try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpoint)
+                FineTuner.Builder settings = FineTuner.builder().optCheckpointing(checkpoint)
                         .optPrecision(prec).optOptimizer(kind).optSchedule(schedule).optWeightDecay(weightDecay)
                         .optGradientAccumulation(gradAccum).optLossChunkTokens(lossChunk).optSeed(seed)
-                        .optRunIdentity(identity).build()) {
-                    resume(tuner);
-                    done[0] = new FinetuneLoop(this).train(tuner, dataset, dev, tokenizerJson, out);
+                        .optRunIdentity(identity);
+                if (models.size() == 1) {
+                    try (FineTuner tuner = settings.setModel(models.get(0)).build()) {
+                        resume(tuner);
+                        done[0] = new FinetuneLoop(this, tuner::step).train(tuner, dataset, dev, tokenizerJson, out);
+                    }
+                } else {
+                    try (DataParallelFineTuner dp = DataParallelFineTuner.create(settings, models)) {
+                        resume(dp.primary());
+                        dp.copyWeightsToReplicas(); // the restored weights, on every replica
+                        done[0] = new FinetuneLoop(this, dp::step).train(dp.primary(), dataset, dev, tokenizerJson,
+                                out);
+                        done[0].add("devices", FinetuneLoop.names(devs));
+                    }
                 }
+            } finally {
+                models.forEach(DeepSeekForCausalLM::close);
             }
             if (merge) {
                 writeMerged(dev, out);
@@ -252,7 +282,7 @@ public final class FinetuneCommand implements Callable<Integer> {
             CheckpointDirectory.carryInto(save.resolve("checkpoints"), out.resolve("checkpoints"));
             CrashPoints.reach("finetune-save.checkpoints-carried");
         });
-        new FinetuneLoop(this).report(done[0]);
+        new FinetuneLoop(this, null).report(done[0]);
         return 0;
     }
 
@@ -304,7 +334,7 @@ public final class FinetuneCommand implements Callable<Integer> {
     }
 
     /** Checks the model against the data and puts LoRA adapters (on a quantized base) on it when asked to. */
-    private void prepare(DeepSeekForCausalLM lm, TokenDataset dataset, LoraConfig lora) {
+    private void prepare(DeepSeekForCausalLM lm, TokenDataset dataset, LoraConfig lora, boolean report) {
         if (dataset.maxTokenId() >= lm.config().vocabSize()) {
             throw new IllegalArgumentException("the tokenizer produces id " + dataset.maxTokenId()
                     + " but the model's vocabulary has " + lm.config().vocabSize() + " entries");
@@ -318,10 +348,12 @@ public final class FinetuneCommand implements Callable<Integer> {
                 Quantizer.quantize(lm, quantize.equalsIgnoreCase("int8") ? Int8WeightOnlyConfig.builder().build()
                         : Int4WeightOnlyConfig.builder().build());
             }
-            LoraReport report = Lora.apply(lm, lora);
-            loraTrainable = report.trainableParameters();
-            System.err.println("memopt finetune: " + report + (quantize != null ? " on a " + quantize + " base" : "")
-                    + ArtifactBase.describe(source.model));
+            LoraReport applied = Lora.apply(lm, lora);
+            loraTrainable = applied.trainableParameters();
+            if (report) { // once, not per data-parallel replica
+                System.err.println("memopt finetune: " + applied + (quantize != null ? " on a " + quantize
+                        + " base" : "") + ArtifactBase.describe(source.model));
+            }
         }
     }
 
@@ -400,6 +432,22 @@ public final class FinetuneCommand implements Callable<Integer> {
         Path tokenizerJson = source.model != null
                 ? GgufModelFiles.directoryOf(source.model).resolve("tokenizer.json") : tokenizer;
         copyTokenizer(tokenizerJson, out);
+    }
+
+    /** {@code --devices}, else {@code --device} alone; {@code --batch} must split evenly between them. */
+    private List<Device> devices() {
+        if (devices == null) {
+            return List.of(Devices.parse(device));
+        }
+        if (spec.commandLine().getParseResult().hasMatchedOption("--device")) {
+            throw new IllegalArgumentException("give --device (one device) or --devices (data parallel), not both");
+        }
+        List<Device> list = Devices.parseList(devices, "--devices");
+        if (batch % list.size() != 0) {
+            throw new IllegalArgumentException("--batch " + batch + " does not split evenly between the "
+                    + list.size() + " --devices " + devices + ": give a multiple of " + list.size());
+        }
+        return list;
     }
 
     private void validate() {

@@ -18,6 +18,7 @@ import java.io.IOException;
 import java.nio.file.Path;
 import java.util.List;
 import java.util.Locale;
+import java.util.function.Function;
 
 /**
  * The training loop of {@code memopt finetune} with its output: a JSON line per step ({@code --json}) or a progress
@@ -29,8 +30,12 @@ final class FinetuneLoop {
 
     private final FinetuneCommand cmd;
 
-    FinetuneLoop(FinetuneCommand cmd) {
+    private final Function<TokenBatch, StepResult> stepper;
+
+    /** @param stepper one optimizer step: the tuner's, or a data-parallel tuner's over its replicas */
+    FinetuneLoop(FinetuneCommand cmd, Function<TokenBatch, StepResult> stepper) {
         this.cmd = cmd;
+        this.stepper = stepper;
     }
 
     /**
@@ -136,7 +141,7 @@ final class FinetuneLoop {
     /** One step; a non-finite loss ends the run with an error (and, with {@code --json}, an error line). */
     private StepResult step(FineTuner tuner, TokenBatch b) {
         try {
-            return tuner.step(b);
+            return stepper.apply(b);
         } catch (NonFiniteLossException e) {
             if (cmd.json) {
                 JsonObject o = new JsonObject();
@@ -163,6 +168,13 @@ final class FinetuneLoop {
         if (cmd.merge) {
             System.err.println("memopt finetune: merged model written to " + cmd.save.resolve("merged"));
         }
+    }
+
+    /** The devices' names as a JSON array. */
+    static JsonArray names(List<Device> devices) {
+        JsonArray a = new JsonArray();
+        devices.forEach(d -> a.add(d.toString()));
+        return a;
     }
 
     private static String loss(JsonElement value) {

@@ -6,6 +6,7 @@ import ai.djl.memopt.inference.GenerationRequest;
 import ai.djl.memopt.inference.GenerationResult;
 import ai.djl.memopt.inference.Generator;
 import ai.djl.memopt.inference.SamplingParams;
+import ai.djl.memopt.inference.StagePlan;
 import ai.djl.memopt.inference.TextTokenizer;
 import ai.djl.ndarray.NDManager;
 import com.google.gson.GsonBuilder;
@@ -18,7 +19,10 @@ import java.util.List;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.ArgGroup;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Mixin;
+import picocli.CommandLine.Model.CommandSpec;
 import picocli.CommandLine.Option;
+import picocli.CommandLine.Spec;
 
 /**
  * {@code memopt generate}: generates from a DeepSeek checkpoint directory with the compressed MLA cache. Greedy unless
@@ -28,6 +32,7 @@ import picocli.CommandLine.Option;
  * memopt generate --model DIR --prompt "Hello" --max-new-tokens 32
  * memopt generate --model DIR --prompt-ids 5,17,3 --max-new-tokens 16 --json
  * memopt generate --model DIR --prompt "Once" --max-new-tokens 64 --temperature 0.8 --top-p 0.95 --seed 1
+ * memopt generate --model DIR --devices gpu0,gpu1 --prompt "Hello" --max-new-tokens 32
  * </pre>
  */
 @Command(
@@ -85,6 +90,10 @@ public final class GenerateCommand implements Callable<Integer> {
     @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "default: ${DEFAULT-VALUE}")
     String device;
 
+    @Mixin LayerSplitOptions layerSplit;
+
+    @Spec CommandSpec spec;
+
     @Option(names = "--dtype", defaultValue = "fp32", paramLabel = "fp32|fp16", description = "default: ${DEFAULT-VALUE}")
     String dtype;
 
@@ -115,7 +124,7 @@ public final class GenerateCommand implements Callable<Integer> {
             throw new IllegalArgumentException("--chat needs --prompt TEXT");
         }
         PrintStream out = new PrintStream(System.out, true, StandardCharsets.UTF_8);
-        try (GenerationModel m = GenerationModel.open(model, Devices.parse(device), Devices.dtype(dtype), adapter)) {
+        try (GenerationModel m = layerSplit.open(spec, model, device, Devices.dtype(dtype), adapter)) {
             TextTokenizer tok = m.tokenizer().orElse(null);
             if (prompt.ids == null && tok == null) {
                 throw new IllegalArgumentException(m.files().absence("tokenizer.json") + ": give --prompt-ids instead of --prompt");
@@ -157,6 +166,9 @@ public final class GenerateCommand implements Callable<Integer> {
                 o.addProperty("finish_reason", r.finishReason().wireName());
                 o.addProperty("seconds", seconds);
                 o.addProperty("cache_bytes_per_token", m.decoder().cacheBytesPerToken());
+                if (!m.decoder().plan().isSingle()) {
+                    o.add("stages", stages(m));
+                }
                 out.println(new GsonBuilder().disableHtmlEscaping().create().toJson(o));
             } else if (tok == null) {
                 StringBuilder sb = new StringBuilder();
@@ -167,6 +179,21 @@ public final class GenerateCommand implements Callable<Integer> {
             }
         }
         return 0;
+    }
+
+    /** Each stage's device, layers and cache bytes per token. */
+    static JsonArray stages(GenerationModel m) {
+        JsonArray a = new JsonArray();
+        long[] cache = m.decoder().cacheBytesPerTokenByStage();
+        for (int s = 0; s < cache.length; s++) {
+            StagePlan.Stage stage = m.decoder().plan().stages().get(s);
+            JsonObject o = new JsonObject();
+            o.addProperty("device", stage.device().toString());
+            o.addProperty("layers", stage.firstLayer() + "-" + (stage.endLayer() - 1));
+            o.addProperty("cache_bytes_per_token", cache[s]);
+            a.add(o);
+        }
+        return a;
     }
 
     private static JsonArray array(long[] ids) {

@@ -6,7 +6,10 @@ import java.nio.file.Path;
 import java.time.Duration;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Mixin;
+import picocli.CommandLine.Model.CommandSpec;
 import picocli.CommandLine.Option;
+import picocli.CommandLine.Spec;
 
 /**
  * {@code memopt serve}: an OpenAI-compatible HTTP server ({@code /v1/completions}, {@code /v1/chat/completions},
@@ -42,6 +45,10 @@ public final class ServeCommand implements Callable<Integer> {
 
     @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "default: ${DEFAULT-VALUE}")
     String device;
+
+    @Mixin LayerSplitOptions layerSplit;
+
+    @Spec CommandSpec spec;
 
     @Option(names = "--dtype", defaultValue = "fp32", paramLabel = "fp32|fp16", description = "default: ${DEFAULT-VALUE}")
     String dtype;
@@ -81,7 +88,7 @@ public final class ServeCommand implements Callable<Integer> {
 
     @Override
     public Integer call() throws Exception {
-        try (GenerationModel m = GenerationModel.open(model, Devices.parse(device), Devices.dtype(dtype), adapter)) {
+        try (GenerationModel m = layerSplit.open(spec, model, device, Devices.dtype(dtype), adapter)) {
             GenerationServer server =
                     GenerationServer.builder()
                             .setGenerator(m.generator())
@@ -105,7 +112,8 @@ public final class ServeCommand implements Callable<Integer> {
                 server.start();
                 running = server;
                 System.out.println("memopt serve: listening on http://" + server.host() + ":" + server.port()
-                        + " (model " + model + ", cache " + m.decoder().cacheBytesPerToken() + " bytes/token)");
+                        + " (model " + model + ", cache " + m.decoder().cacheBytesPerToken() + " bytes/token"
+                        + (m.decoder().plan().isSingle() ? "" : ", layers " + m.decoder().plan()) + ")");
                 System.out.flush();
                 server.awaitStop();
             } finally {

@@ -30,6 +30,33 @@ class BenchTrainCommandTest {
     @TempDir Path tmp;
 
     @Test
+    void dataParallelReportsTheScalingEfficiency() {
+        String[] r = FinetuneCommandTest.run("bench", "train", "--preset", "bench-tiny", "--mode", "fp16", "--batch",
+                "1", "--seq", "16", "--steps", "2", "--heap", "256m", "--timeout", "300", "--devices", "cpu,cpu",
+                "--json");
+        assertEquals("0", r[0], r[2]);
+        String[] lines = r[1].trim().split("\n");
+        assertEquals(1, lines.length, r[1]);
+        JsonObject o = JsonParser.parseString(lines[0]).getAsJsonObject();
+        assertEquals("cpu,cpu", o.get("device").getAsString());
+        assertEquals(2, o.get("replicas").getAsInt());
+        double tps = o.get("tokens_per_second").getAsDouble();
+        assertEquals(2 * 16 / o.get("median_step_seconds").getAsDouble(), tps, 1e-6 * tps, "2 replicas x 1 x 16");
+        double one = o.get("single_device_tokens_per_second").getAsDouble();
+        assertEquals(tps / (2 * one), o.get("scaling_efficiency").getAsDouble(), 1e-9);
+        long weights = o.get("weights_bytes").getAsLong();
+        long masters = o.get("master_bytes").getAsLong();
+        // FP16 working weights and FP32 masters of the primary only: the optimizer state is held once
+        assertTrue(masters > 1.9 * weights && masters < 2.1 * weights, o.toString());
+        // two FP32 moments per trained parameter, once: not once per replica
+        assertEquals(8 * o.get("trainable_parameters").getAsLong(), o.get("optimizer_bytes").getAsLong(),
+                o.toString());
+        String[] bad = FinetuneCommandTest.run("bench", "train", "--devices", "cpu,tpu", "--mode", "fp32");
+        assertEquals("1", bad[0]);
+        assertTrue(bad[2].contains("--devices must be cpu, gpu, gpu:N or gpuN, got 'tpu'"), bad[2]);
+    }
+
+    @Test
     void oneModeInAFreshJvmGivesConsistentFigures() throws Exception {
         Path md = tmp.resolve("benchmarks.md");
         Files.writeString(md, "# Benchmarks\n\nintro\n");

@@ -144,6 +144,39 @@ class FinetuneCommandTest {
     }
 
     @Test
+    void dataParallelOnTwoCpuReplicasFollowsTheSingleDeviceRun() throws Exception {
+        Path single = tmp.resolve("single");
+        Path parallel = tmp.resolve("parallel");
+        String[] a = finetune(single, 3, "--no-progress");
+        assertEquals("0", a[0], a[2]);
+        String[] b = finetune(parallel, 3, "--no-progress", "--devices", "cpu,cpu");
+        assertEquals("0", b[0], b[2]);
+        List<JsonObject> one = lines(a[1]);
+        List<JsonObject> two = lines(b[1]);
+        for (int i = 0; i < 3; i++) {
+            double loss = one.get(i).get("loss").getAsDouble();
+            assertEquals(loss, two.get(i).get("loss").getAsDouble(), 1e-5 * loss, "step " + (i + 1));
+        }
+        assertEquals("[\"cpu()\",\"cpu()\"]", two.get(3).get("devices").toString());
+        try (SafetensorsFile x = SafetensorsFile.open(single.resolve("model.safetensors"));
+                SafetensorsFile y = SafetensorsFile.open(parallel.resolve("model.safetensors"))) {
+            for (String n : x.names()) {
+                assertArrayEquals(x.readFloats(n), y.readFloats(n), 1e-5f, n);
+            }
+        }
+        // LoRA over replicas: the adapter is trained and saved (its values: DataParallelFineTunerTest)
+        Path lora = tmp.resolve("lora");
+        String[] adapter = finetune(lora, 2, "--no-progress", "--lora-rank", "4", "--devices", "cpu,cpu");
+        assertEquals("0", adapter[0], adapter[2]);
+        assertTrue(Files.isRegularFile(lora.resolve("adapter_model.safetensors")));
+        String[] odd = finetune(tmp.resolve("odd"), 1, "--devices", "cpu,cpu,cpu");
+        assertEquals("1", odd[0]);
+        assertTrue(odd[2].contains("--batch 2 does not split evenly between the 3 --devices cpu,cpu,cpu"), odd[2]);
+        String[] both = finetune(tmp.resolve("both"), 1, "--devices", "cpu,cpu", "--device", "cpu");
+        assertTrue(both[2].contains("not both"), both[2]);
+    }
+
+    @Test
     void fp16TrainsOnAPreset() throws Exception {
         Path save = tmp.resolve("fp16");
         String[] r = run("finetune", "--preset", "bench-tiny", "--tokenizer", modelDir.resolve("tokenizer.json")

@@ -120,4 +120,72 @@ class GenerateCommandTest {
         assertTrue(r.err.contains("1000000002") && r.err.contains("256") && r.err.contains("max_position_embeddings"), r.err);
         assertTrue(!r.err.contains("OutOfMemoryError"), r.err);
     }
+
+    @Test
+    void layersSplitOverStagesGiveTheSingleDeviceTokens() {
+        for (String[] split : new String[][] {{"--devices", "cpu,cpu"}, {"--devices", "cpu,CPU,cpu"},
+                {"--devices", "cpu,cpu", "--layer-split", "1,2"}, {"--devices", "cpu,cpu", "--layer-split", "0-1,2"}}) {
+            String[] args = concat(new String[] {"generate", "--model", V3, "--prompt-ids", "451,340,497,361,133,474",
+                "--max-new-tokens", "16", "--json"}, split);
+            CliRun r = CliRun.run(args);
+            assertEquals(0, r.exitCode, r.err);
+            JsonObject o = lastJsonLine(r.out);
+            assertEquals(Arrays.toString(GREEDY), Arrays.toString(ids(o.getAsJsonArray("output_ids"))),
+                    Arrays.toString(split));
+            JsonArray stages = o.getAsJsonArray("stages");
+            assertEquals(split[1].split(",").length, stages.size(), o.toString());
+            long cache = 0;
+            for (int s = 0; s < stages.size(); s++) {
+                cache += stages.get(s).getAsJsonObject().get("cache_bytes_per_token").getAsLong();
+            }
+            assertEquals(o.get("cache_bytes_per_token").getAsLong(), cache);
+        }
+        CliRun r = CliRun.run("generate", "--model", V3, "--prompt-ids", "451,340,497,361,133,474", "--max-new-tokens",
+                "16", "--json", "--devices", "cpu,cpu", "--layer-split", "1,2");
+        JsonArray stages = lastJsonLine(r.out).getAsJsonArray("stages");
+        assertEquals("0-0", stages.get(0).getAsJsonObject().get("layers").getAsString());
+        assertEquals("1-2", stages.get(1).getAsJsonObject().get("layers").getAsString());
+        assertEquals("cpu()", stages.get(1).getAsJsonObject().get("device").getAsString());
+    }
+
+    @Test
+    void anInt4ArtifactSplitGivesItsSingleDeviceTokens(@TempDir Path tmp) {
+        String int4 = tmp.resolve("int4").toString();
+        CliRun q = CliRun.run("quantize", "--model", V3, "--scheme", "int4", "--group-size", "32", "--out", int4);
+        assertEquals(0, q.exitCode, q.err);
+        String[] args = {"generate", "--model", int4, "--prompt-ids", "451,340,497,361,133,474", "--max-new-tokens", "12",
+            "--ignore-eos", "--json"};
+        CliRun single = CliRun.run(args);
+        CliRun split = CliRun.run(concat(args, new String[] {"--devices", "cpu,cpu,cpu"}));
+        assertEquals(0, split.exitCode, split.err);
+        assertEquals(lastJsonLine(single.out).get("output_ids"), lastJsonLine(split.out).get("output_ids"));
+    }
+
+    @Test
+    void badDeviceListsAndSplitsAreNamed() {
+        String[] base = {"generate", "--model", V3, "--prompt-ids", "5,17", "--max-new-tokens", "2"};
+        assertFails(concat(base, new String[] {"--devices", "cpu,tpu0"}), "--devices must be cpu, gpu, gpu:N or gpuN, got 'tpu0'");
+        assertFails(concat(base, new String[] {"--devices", "cpu,gpu999"}), "--devices gpu999: the engine sees");
+        assertFails(concat(base, new String[] {"--devices", "cpu,,cpu"}), "an empty device name");
+        assertFails(concat(base, new String[] {"--devices", "cpu,cpu", "--layer-split", "2,2"}),
+                "split '2,2' places 4 layers; the model has 3 decoder layers");
+        assertFails(concat(base, new String[] {"--devices", "cpu,cpu", "--layer-split", "3"}),
+                "has 1 entries for 2 devices");
+        assertFails(concat(base, new String[] {"--devices", "cpu,cpu,cpu,cpu"}),
+                "4 devices need at least as many decoder layers, the model has 3");
+        assertFails(concat(base, new String[] {"--devices", "cpu,cpu", "--device", "cpu"}), "not both");
+        assertFails(concat(base, new String[] {"--layer-split", "2,1"}), "--layer-split needs --devices");
+    }
+
+    private static void assertFails(String[] args, String message) {
+        CliRun r = CliRun.run(args);
+        assertEquals(1, r.exitCode, r.out);
+        assertTrue(r.err.contains(message), r.err);
+    }
+
+    static String[] concat(String[] a, String[] b) {
+        String[] out = Arrays.copyOf(a, a.length + b.length);
+        System.arraycopy(b, 0, out, a.length, b.length);
+        return out;
+    }
 }

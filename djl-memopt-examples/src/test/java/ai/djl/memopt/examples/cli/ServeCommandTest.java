@@ -114,6 +114,30 @@ class ServeCommandTest {
         assertEquals(0, exit.get(30, TimeUnit.SECONDS));
     }
 
+    @Test
+    void servesWithTheLayersSplitOverStages() throws Exception {
+        int port;
+        try (ServerSocket s = new ServerSocket(0)) {
+            port = s.getLocalPort();
+        }
+        String v3 = CliRun.FIXTURES.resolve("tiny-deepseek-v3").toString();
+        CompletableFuture<Integer> exit = CompletableFuture.supplyAsync(() -> MemoptCli.execute("serve", "--model", v3,
+                "--port", String.valueOf(port), "--devices", "cpu,cpu", "--layer-split", "2,1"));
+        HttpClient http = HttpClient.newBuilder().connectTimeout(Duration.ofSeconds(2)).build();
+        URI base = URI.create("http://127.0.0.1:" + port);
+        awaitHealthy(http, base, exit);
+        HttpResponse<String> r = http.send(HttpRequest.newBuilder(base.resolve("/v1/completions"))
+                        .POST(HttpRequest.BodyPublishers.ofString(
+                                "{\"prompt\":[451,340,497,361,133,474],\"max_tokens\":16,\"temperature\":0}"))
+                        .build(), HttpResponse.BodyHandlers.ofString());
+        assertEquals(200, r.statusCode(), r.body());
+        JsonArray ids = JsonParser.parseString(r.body()).getAsJsonObject().getAsJsonObject("usage")
+                .getAsJsonArray("completion_token_ids");
+        assertEquals(java.util.Arrays.toString(GenerateCommandTest.GREEDY), ids.toString().replace(",", ", "));
+        ServeCommand.running.close();
+        assertEquals(0, exit.get(30, TimeUnit.SECONDS));
+    }
+
     static void awaitHealthy(HttpClient http, URI base, CompletableFuture<Integer> exit) throws InterruptedException {
         long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(60);
         while (true) {

@@ -48,6 +48,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
     private final DeepSeekModel model;
     private Block lmHead;
     private NDManager manager;
+    private LayerPlacement placement;
     private boolean ownsManager;
     private DataType initializedType;
 
@@ -70,15 +71,7 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
         checkDType(dtype);
         DeepSeekForCausalLM lm = new DeepSeekForCausalLM(config);
         float std = (float) config.initializerRange();
-        lm.initializeWith(manager, dtype, name -> {
-            if (name.endsWith("layernorm.weight") || name.endsWith("norm.weight")) {
-                return Initializer.ONES;
-            }
-            if (name.endsWith("e_score_correction_bias")) {
-                return Initializer.ZEROS;
-            }
-            return new SeededNormal(seed, name, std);
-        });
+        lm.initializeWith(manager, dtype, name -> randomInit(name, seed, std));
         return lm;
     }
 
@@ -110,21 +103,60 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
     }
 
     /**
+     * {@link #random(DeepSeekConfig, long, NDManager, DataType)} with each stage's weights on its manager of
+     * {@code placement} (the same values as on one device).
+     */
+    public static DeepSeekForCausalLM random(DeepSeekConfig config, long seed, LayerPlacement placement,
+            DataType dtype) {
+        checkDType(dtype);
+        DeepSeekForCausalLM lm = new DeepSeekForCausalLM(config);
+        float std = (float) config.initializerRange();
+        lm.initializeWith(placement, dtype, name -> randomInit(name, seed, std));
+        return lm;
+    }
+
+    private static Initializer randomInit(String name, long seed, float std) {
+        if (name.endsWith("layernorm.weight") || name.endsWith("norm.weight")) {
+            return Initializer.ONES;
+        }
+        if (name.endsWith("e_score_correction_bias")) {
+            return Initializer.ZEROS;
+        }
+        return new SeededNormal(seed, name, std);
+    }
+
+    /**
      * Gives every parameter its initializer by dotted name, then allocates them on {@code manager}.
      *
      * @param init the initializer of each parameter, by Hugging Face name
      */
     public void initializeWith(NDManager manager, DataType dtype, Function<String, Initializer> init) {
+        initializeWith(LayerPlacement.single(manager), dtype, init);
+    }
+
+    /**
+     * Gives every parameter its initializer by dotted name, then allocates each on the manager {@code placement}
+     * chooses for it ({@link LayerPlacement#managerFor}): the decoder layers of a stage on that stage's device.
+     *
+     * @param init the initializer of each parameter, by Hugging Face name
+     */
+    public void initializeWith(LayerPlacement placement, DataType dtype, Function<String, Initializer> init) {
         checkDType(dtype);
+        Preconditions.checkNotNull(placement, "placement");
+        boolean tied = config.tieWordEmbeddings();
         for (Map.Entry<String, Parameter> e : BlockTrees.parameters(this).entrySet()) {
-            e.getValue().setInitializer(init.apply(e.getKey()));
+            Initializer chosen = init.apply(e.getKey());
+            NDManager target = placement.managerFor(e.getKey(), tied);
+            // the manager DJL passes is the first stage's; each weight goes to its own stage's instead
+            e.getValue().setInitializer((ignored, shape, type) -> chosen.initialize(target, shape, type));
         }
-        initialize(manager, dtype, new Shape(1, 1));
+        initialize(placement.manager(0), dtype, new Shape(1, 1));
         // weights live as long as their manager, even when loaded inside a caller's NDScope
         for (Parameter p : BlockTrees.parameters(this).values()) {
             NDScope.unregister(p.getArray());
         }
-        this.manager = manager;
+        this.manager = placement.manager(0);
+        this.placement = placement.stages() > 1 ? placement : null;
     }
 
     /**
@@ -135,15 +167,28 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
         ownsManager = true;
     }
 
-    /** The manager the weights were allocated on (create inputs in it or a sub-manager of it). */
+    /**
+     * The manager the weights were allocated on (create inputs in it or a sub-manager of it); for a model split over
+     * stages ({@link #placement()}), the first stage's, which holds the embeddings.
+     */
     public NDManager manager() {
         return manager;
     }
 
-    /** Frees the weights if this model owns its manager (loaded or created with a {@code Device}); else a no-op. */
+    /** The stages the weights were placed on when there are several ({@link #initializeWith(LayerPlacement, DataType, Function)}). */
+    public java.util.Optional<LayerPlacement> placement() {
+        return java.util.Optional.ofNullable(placement);
+    }
+
+    /**
+     * Frees the weights if this model owns its manager (loaded or created with a {@code Device}), every stage's for a
+     * placed model; else a no-op.
+     */
     @Override
     public void close() {
-        if (ownsManager && manager != null) {
+        if (ownsManager && placement != null) {
+            placement.close();
+        } else if (ownsManager && manager != null) {
             manager.close();
         }
     }

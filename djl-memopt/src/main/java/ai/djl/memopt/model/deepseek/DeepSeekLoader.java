@@ -88,6 +88,20 @@ public final class DeepSeekLoader {
     }
 
     /**
+     * Loads with each weight allocated on its stage's manager of {@code placement} (decoder layers split over devices);
+     * the caller owns the placement, or hands it to the model with {@link DeepSeekForCausalLM#ownManager()}.
+     *
+     * @see #load(Path, Device, DataType)
+     */
+    public static DeepSeekForCausalLM load(Path dir, LayerPlacement placement, DataType dtype) throws IOException {
+        DeepSeekForCausalLM.checkDType(dtype);
+        DeepSeekConfig config = readConfig(dir);
+        try (HfCheckpoint ckpt = HfCheckpoint.open(dir)) {
+            return load(config, ckpt, placement, dtype, name -> false);
+        }
+    }
+
+    /**
      * The {@code config.json} of a model directory.
      *
      * @throws IOException if {@code dir} is not a directory, or its config.json is missing or not a regular file
@@ -118,6 +132,12 @@ public final class DeepSeekLoader {
      */
     public static DeepSeekForCausalLM load(DeepSeekConfig config, HfCheckpoint ckpt, NDManager manager, DataType dtype,
             Predicate<String> placeholders) throws IOException {
+        return load(config, ckpt, LayerPlacement.single(manager), dtype, placeholders);
+    }
+
+    /** As {@link #load(DeepSeekConfig, HfCheckpoint, NDManager, DataType, Predicate)}, each weight on its stage. */
+    public static DeepSeekForCausalLM load(DeepSeekConfig config, HfCheckpoint ckpt, LayerPlacement placement,
+            DataType dtype, Predicate<String> placeholders) throws IOException {
         DeepSeekForCausalLM.checkDType(dtype);
         checkNotAnArtifact(ckpt);
         DeepSeekForCausalLM lm = new DeepSeekForCausalLM(config);
@@ -171,7 +191,7 @@ public final class DeepSeekLoader {
                     ckpt.directory(), skippedMtp.size(), config.numHiddenLayers());
         }
         try {
-            lm.initializeWith(manager, dtype, name -> new FromCheckpoint(ckpt, name, placeholders.test(name)));
+            lm.initializeWith(placement, dtype, name -> new FromCheckpoint(ckpt, name, placeholders.test(name)));
         } catch (UncheckedIOException e) {
             lm.getParameters().forEach(p -> p.getValue().close());
             throw e.getCause();
