@@ -5,32 +5,25 @@ import java.util.Arrays;
 /**
  * One tensor entry of a GGUF file: name, type, dimensions in ggml's order ({@code ne[0]} is the contiguous one, so a
  * PyTorch weight {@code (out, in)} has {@code ne = [in, out]}) and where its bytes lie.
+ *
+ * <p>{@code ne} is copied in and out; {@code equals} compares the array by reference, so an entry equals only
+ * itself.
+ *
+ * @param name tensor name
+ * @param type ggml type
+ * @param ne dimensions, innermost first (a copy is kept and handed out)
+ * @param fileOffset absolute offset of the first data byte
+ * @param byteLength bytes of data
  */
-public final class GgufTensorInfo {
+public record GgufTensorInfo(String name, GgmlType type, long[] ne, long fileOffset, long byteLength) {
 
-    private final String name;
-    private final GgmlType type;
-    private final long[] ne;
-    private final long fileOffset;
-    private final long byteLength;
-
-    GgufTensorInfo(String name, GgmlType type, long[] ne, long fileOffset, long byteLength) {
-        this.name = name;
-        this.type = type;
-        this.ne = ne.clone();
-        this.fileOffset = fileOffset;
-        this.byteLength = byteLength;
-    }
-
-    public String name() {
-        return name;
-    }
-
-    public GgmlType type() {
-        return type;
+    /** Keeps a copy of {@code ne}. */
+    public GgufTensorInfo {
+        ne = ne.clone();
     }
 
     /** Dimensions, innermost first. */
+    @Override
     public long[] ne() {
         return ne.clone();
     }
@@ -45,20 +38,7 @@ public final class GgufTensorInfo {
     }
 
     public long numel() {
-        long n = 1;
-        for (long d : ne) {
-            n *= d;
-        }
-        return n;
-    }
-
-    /** Absolute offset of the first data byte. */
-    public long fileOffset() {
-        return fileOffset;
-    }
-
-    public long byteLength() {
-        return byteLength;
+        return Arrays.stream(ne).reduce(1, (a, b) -> a * b);
     }
 
     /** Bytes of one row ({@code ne[0]} values). */

@@ -16,8 +16,18 @@ import java.util.OptionalLong;
  * <pre>{@code
  * SamplingParams p = SamplingParams.builder().setMaxNewTokens(64).optTemperature(0.7f).optTopP(0.9f).optSeed(42).build();
  * }</pre>
+ *
+ * @param maxNewTokens the most tokens to generate per sequence
+ * @param temperature 0 = greedy; otherwise the softmax temperature
+ * @param topK keep only the k most likely tokens; 0 = all
+ * @param topP nucleus sampling threshold; 1 = all
+ * @param seed seed of the sampling random streams; empty: a fresh random seed per call
+ * @param stopStrings texts that end generation
+ * @param eosTokenIds the ids that end a sequence; {@code null} means "the tokenizer's / model's EOS ids"
+ * @param ignoreEos keep generating past EOS
  */
-public final class SamplingParams {
+public record SamplingParams(int maxNewTokens, float temperature, int topK, float topP, OptionalLong seed,
+        List<String> stopStrings, List<Long> eosTokenIds, boolean ignoreEos) {
 
     /**
      * The largest temperature accepted, as in OpenAI's API: above it sampling is close to uniform noise. The server and
@@ -25,24 +35,25 @@ public final class SamplingParams {
      */
     public static final float MAX_TEMPERATURE = 2f;
 
-    private final int maxNewTokens;
-    private final float temperature;
-    private final int topK;
-    private final float topP;
-    private final Long seed;
-    private final List<String> stopStrings;
-    private final List<Long> eosTokenIds;
-    private final boolean ignoreEos;
-
-    private SamplingParams(Builder b) {
-        this.maxNewTokens = b.maxNewTokens;
-        this.temperature = b.temperature;
-        this.topK = b.topK;
-        this.topP = b.topP;
-        this.seed = b.seed;
-        this.stopStrings = ImmutableList.copyOf(b.stopStrings);
-        this.eosTokenIds = b.eosTokenIds == null ? null : ImmutableList.copyOf(b.eosTokenIds);
-        this.ignoreEos = b.ignoreEos;
+    /**
+     * Validates as {@link Builder#build()} does (the builder is the usual way in); {@code seed} null means none,
+     * {@code eosTokenIds} null means "the tokenizer's / model's EOS ids".
+     *
+     * @throws IllegalArgumentException naming the value out of range
+     */
+    public SamplingParams {
+        Preconditions.checkArgument(maxNewTokens >= 1, "maxNewTokens must be set and >= 1, got %s", maxNewTokens);
+        Preconditions.checkArgument(temperature >= 0f && temperature <= MAX_TEMPERATURE,
+                "temperature must be in [0, %s], got %s", MAX_TEMPERATURE, temperature);
+        Preconditions.checkArgument(topK >= 0, "topK must be >= 0 (0 = no limit), got %s", topK);
+        Preconditions.checkArgument(topP > 0f && topP <= 1f, "topP must be in (0, 1], got %s", topP);
+        Preconditions.checkArgument(stopStrings != null, "stopStrings must not be null");
+        for (String s : stopStrings) {
+            Preconditions.checkArgument(s != null && !s.isEmpty(), "stop strings must be non-empty, got %s", stopStrings);
+        }
+        seed = seed == null ? OptionalLong.empty() : seed;
+        stopStrings = ImmutableList.copyOf(stopStrings);
+        eosTokenIds = eosTokenIds == null ? null : ImmutableList.copyOf(eosTokenIds);
     }
 
     public static Builder builder() {
@@ -60,44 +71,11 @@ public final class SamplingParams {
         b.temperature = temperature;
         b.topK = topK;
         b.topP = topP;
-        b.seed = seed;
+        b.seed = seed.isPresent() ? seed.getAsLong() : null;
         b.stopStrings = stopStrings;
         b.eosTokenIds = eosTokenIds;
         b.ignoreEos = ignoreEos;
         return b;
-    }
-
-    public int maxNewTokens() {
-        return maxNewTokens;
-    }
-
-    public float temperature() {
-        return temperature;
-    }
-
-    public int topK() {
-        return topK;
-    }
-
-    public float topP() {
-        return topP;
-    }
-
-    public OptionalLong seed() {
-        return seed == null ? OptionalLong.empty() : OptionalLong.of(seed);
-    }
-
-    public List<String> stopStrings() {
-        return stopStrings;
-    }
-
-    /** The ids that end a sequence; {@code null} means "the tokenizer's / model's EOS ids". */
-    public List<Long> eosTokenIds() {
-        return eosTokenIds;
-    }
-
-    public boolean ignoreEos() {
-        return ignoreEos;
     }
 
     /** True when tokens are picked by argmax. */
@@ -108,8 +86,8 @@ public final class SamplingParams {
     @Override
     public String toString() {
         return "SamplingParams{maxNewTokens=" + maxNewTokens + ", temperature=" + temperature + ", topK=" + topK
-                + ", topP=" + topP + ", seed=" + seed + ", stop=" + stopStrings + ", eos=" + eosTokenIds
-                + ", ignoreEos=" + ignoreEos + '}';
+                + ", topP=" + topP + ", seed=" + (seed.isPresent() ? seed.getAsLong() : null) + ", stop=" + stopStrings
+                + ", eos=" + eosTokenIds + ", ignoreEos=" + ignoreEos + '}';
     }
 
     /** Builder for {@link SamplingParams}. */
@@ -173,17 +151,14 @@ public final class SamplingParams {
             return this;
         }
 
+        /**
+         * Validates and builds.
+         *
+         * @throws IllegalArgumentException naming the value out of range
+         */
         public SamplingParams build() {
-            Preconditions.checkArgument(maxNewTokens >= 1, "maxNewTokens must be set and >= 1, got %s", maxNewTokens);
-            Preconditions.checkArgument(temperature >= 0f && temperature <= MAX_TEMPERATURE,
-                    "temperature must be in [0, %s], got %s", MAX_TEMPERATURE, temperature);
-            Preconditions.checkArgument(topK >= 0, "topK must be >= 0 (0 = no limit), got %s", topK);
-            Preconditions.checkArgument(topP > 0f && topP <= 1f, "topP must be in (0, 1], got %s", topP);
-            Preconditions.checkArgument(stopStrings != null, "stopStrings must not be null");
-            for (String s : stopStrings) {
-                Preconditions.checkArgument(s != null && !s.isEmpty(), "stop strings must be non-empty, got %s", stopStrings);
-            }
-            return new SamplingParams(this);
+            return new SamplingParams(maxNewTokens, temperature, topK, topP,
+                    seed == null ? OptionalLong.empty() : OptionalLong.of(seed), stopStrings, eosTokenIds, ignoreEos);
         }
     }
 }

@@ -11,6 +11,7 @@ import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
 import java.util.Locale;
+import java.util.OptionalDouble;
 import java.util.Set;
 
 /**
@@ -83,6 +84,6 @@ final class EmbeddingQuantizer {
             param.close();
         }
         return new QuantizationReport.Layer(path, config.scheme(), QuantMethod.RTN, groupSize, before, q.nbytes(), sqnr,
-                null, note, true);
+                OptionalDouble.empty(), note, true);
     }
 }

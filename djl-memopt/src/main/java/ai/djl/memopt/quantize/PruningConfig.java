@@ -11,8 +11,13 @@ import com.google.common.base.Preconditions;
  * Pruner.prune(model, PruningConfig.twoFour());
  * Pruner.prune(model, PruningConfig.unstructured(0.5).withGlobal(true));
  * }</pre>
+ *
+ * @param pattern the pattern
+ * @param sparsity target sparsity (0.5 for 2:4)
+ * @param global whether unstructured ranking is global
+ * @param filter which Linear layers to prune
  */
-public final class PruningConfig {
+public record PruningConfig(Pattern pattern, double sparsity, boolean global, LayerFilter filter) {
 
     /** The sparsity pattern. */
     public enum Pattern {
@@ -22,16 +27,20 @@ public final class PruningConfig {
         SEMI_STRUCTURED_2_4
     }
 
-    private final Pattern pattern;
-    private final double sparsity;
-    private final boolean global;
-    private final LayerFilter filter;
-
-    private PruningConfig(Pattern pattern, double sparsity, boolean global, LayerFilter filter) {
-        this.pattern = pattern;
-        this.sparsity = sparsity;
-        this.global = global;
-        this.filter = Preconditions.checkNotNull(filter, "filter");
+    /**
+     * Checks the combination ({@link #unstructured}, {@link #twoFour} and {@link #parse} are the usual ways in).
+     *
+     * @throws IllegalArgumentException naming the bad value
+     */
+    public PruningConfig {
+        Preconditions.checkNotNull(pattern, "pattern");
+        Preconditions.checkNotNull(filter, "filter");
+        if (pattern == Pattern.UNSTRUCTURED) {
+            Preconditions.checkArgument(sparsity >= 0 && sparsity < 1, "sparsity must be in [0, 1), got %s", sparsity);
+        } else {
+            Preconditions.checkArgument(sparsity == 0.5, "2:4 sparsity is 0.5, got %s", sparsity);
+            Preconditions.checkArgument(!global, "2:4 pruning is always per group");
+        }
     }
 
     /**
@@ -40,7 +49,6 @@ public final class PruningConfig {
      * @param sparsity in [0, 1)
      */
     public static PruningConfig unstructured(double sparsity) {
-        Preconditions.checkArgument(sparsity >= 0 && sparsity < 1, "sparsity must be in [0, 1), got %s", sparsity);
         return new PruningConfig(Pattern.UNSTRUCTURED, sparsity, false, LayerFilter.defaults());
     }
 
@@ -69,33 +77,12 @@ public final class PruningConfig {
 
     /** Unstructured only: rank magnitudes over all selected layers together instead of per layer. */
     public PruningConfig withGlobal(boolean global) {
-        Preconditions.checkArgument(!global || pattern == Pattern.UNSTRUCTURED, "2:4 pruning is always per group");
         return new PruningConfig(pattern, sparsity, global, filter);
     }
 
     /** Which Linear layers to prune. */
     public PruningConfig withFilter(LayerFilter filter) {
         return new PruningConfig(pattern, sparsity, global, filter);
-    }
-
-    /** The pattern. */
-    public Pattern pattern() {
-        return pattern;
-    }
-
-    /** Target sparsity (0.5 for 2:4). */
-    public double sparsity() {
-        return sparsity;
-    }
-
-    /** Whether unstructured ranking is global. */
-    public boolean global() {
-        return global;
-    }
-
-    /** The layer filter. */
-    public LayerFilter filter() {
-        return filter;
     }
 
     @Override

@@ -8,35 +8,25 @@ import java.util.List;
 import java.util.Locale;
 import java.util.Map;
 
-/** What {@link Pruner#prune} did: per layer the measured sparsity (zeros / elements after pruning). */
-public final class PruningReport {
+/**
+ * What {@link Pruner#prune} did: per layer the measured sparsity (zeros / elements after pruning).
+ *
+ * @param pattern the pattern
+ * @param targetSparsity the target sparsity
+ * @param layers pruned layers in tree order
+ * @param skipped linear layers left dense, path to reason
+ */
+public record PruningReport(PruningConfig.Pattern pattern, double targetSparsity, List<Layer> layers,
+        Map<String, String> skipped) {
 
-    /** One pruned layer. */
-    public static final class Layer {
-        private final String path;
-        private final long zeros;
-        private final long numel;
-
-        Layer(String path, long zeros, long numel) {
-            this.path = path;
-            this.zeros = zeros;
-            this.numel = numel;
-        }
-
-        /** Dotted block path. */
-        public String path() {
-            return path;
-        }
-
-        /** Zero weights after pruning. */
-        public long zeros() {
-            return zeros;
-        }
-
-        /** Weights. */
-        public long numel() {
-            return numel;
-        }
+    /**
+     * One pruned layer.
+     *
+     * @param path dotted block path
+     * @param zeros zero weights after pruning
+     * @param numel weights
+     */
+    public record Layer(String path, long zeros, long numel) {
 
         /** Achieved sparsity. */
         public double sparsity() {
@@ -44,36 +34,10 @@ public final class PruningReport {
         }
     }
 
-    private final PruningConfig.Pattern pattern;
-    private final double target;
-    private final List<Layer> layers;
-    private final Map<String, String> skipped;
-
-    PruningReport(PruningConfig.Pattern pattern, double target, List<Layer> layers, Map<String, String> skipped) {
-        this.pattern = pattern;
-        this.target = target;
-        this.layers = ImmutableList.copyOf(layers);
-        this.skipped = ImmutableMap.copyOf(skipped);
-    }
-
-    /** The pattern. */
-    public PruningConfig.Pattern pattern() {
-        return pattern;
-    }
-
-    /** The target sparsity. */
-    public double targetSparsity() {
-        return target;
-    }
-
-    /** Pruned layers in tree order. */
-    public List<Layer> layers() {
-        return layers;
-    }
-
-    /** Linear layers left dense, path to reason. */
-    public Map<String, String> skipped() {
-        return skipped;
+    /** Copies the list and map into immutable ones. */
+    public PruningReport {
+        layers = ImmutableList.copyOf(layers);
+        skipped = ImmutableMap.copyOf(skipped);
     }
 
     /** The entry for {@code path}, or null. */
@@ -92,7 +56,7 @@ public final class PruningReport {
     public JsonObject toJson() {
         JsonObject o = new JsonObject();
         o.addProperty("pattern", pattern == PruningConfig.Pattern.SEMI_STRUCTURED_2_4 ? "2:4" : "unstructured");
-        o.addProperty("target_sparsity", target);
+        o.addProperty("target_sparsity", targetSparsity);
         o.addProperty("overall_sparsity", overallSparsity());
         JsonArray arr = new JsonArray();
         for (Layer l : layers) {
@@ -117,7 +81,7 @@ public final class PruningReport {
             b.append(String.format(Locale.ROOT, "pruned %-48s %10d/%-10d sparsity %.4f%n", l.path, l.zeros, l.numel,
                     l.sparsity()));
         }
-        b.append(String.format(Locale.ROOT, "overall sparsity %.4f (target %.4f, %s)%n", overallSparsity(), target,
+        b.append(String.format(Locale.ROOT, "overall sparsity %.4f (target %.4f, %s)%n", overallSparsity(), targetSparsity,
                 pattern));
         return b.toString();
     }

@@ -1,9 +1,5 @@
 package ai.djl.memopt.quantize;
 
-import java.util.Arrays;
-import java.util.Locale;
-import java.util.stream.Collectors;
-
 /** How quantized values are chosen. */
 public enum QuantMethod {
     /** Round to nearest on the weight alone. */
@@ -38,12 +34,6 @@ public enum QuantMethod {
      * @throws IllegalArgumentException naming the unknown value and the known ones
      */
     public static QuantMethod fromId(String id) {
-        for (QuantMethod m : values()) {
-            if (m.id.equals(id.toLowerCase(Locale.ROOT))) {
-                return m;
-            }
-        }
-        throw new IllegalArgumentException("unknown quantization method '" + id + "'; known: "
-                + Arrays.stream(values()).map(QuantMethod::id).collect(Collectors.joining(", ")));
+        return ShortIds.parse(values(), QuantMethod::id, "quantization method", id);
     }
 }

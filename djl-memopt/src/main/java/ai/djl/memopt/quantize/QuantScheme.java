@@ -1,9 +1,5 @@
 package ai.djl.memopt.quantize;
 
-import java.util.Arrays;
-import java.util.Locale;
-import java.util.stream.Collectors;
-
 /** The weight-only quantization schemes, with the identifier used in configs, reports and artifacts. */
 public enum QuantScheme {
     /** Symmetric int8, one FP32 scale per output channel: {@code q = round(w / s)}, {@code s = max|w_row| / 127}. */
@@ -31,12 +27,6 @@ public enum QuantScheme {
      * @throws IllegalArgumentException naming the unknown value and the known ones
      */
     public static QuantScheme fromId(String id) {
-        for (QuantScheme s : values()) {
-            if (s.id.equals(id.toLowerCase(Locale.ROOT))) {
-                return s;
-            }
-        }
-        throw new IllegalArgumentException("unknown quantization scheme '" + id + "'; known: "
-                + Arrays.stream(values()).map(QuantScheme::id).collect(Collectors.joining(", ")));
+        return ShortIds.parse(values(), QuantScheme::id, "quantization scheme", id);
     }
 }

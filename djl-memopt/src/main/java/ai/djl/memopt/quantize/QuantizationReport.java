@@ -13,103 +13,56 @@ import java.util.OptionalDouble;
 /**
  * What {@link Quantizer#quantize} did: every quantized layer (Linear weights and, when asked for, embedding tables)
  * with its error and size, every skipped layer and why.
+ *
+ * @param layers quantized layers in tree order
+ * @param skipped layers with parameters left in full precision, path to reason
+ * @param calibrationPasses how many times the calibration batches were run through the model (0 without AWQ)
  */
-public final class QuantizationReport {
+public record QuantizationReport(List<Layer> layers, Map<String, String> skipped, int calibrationPasses) {
 
-    /** One quantized layer. */
-    public static final class Layer {
-        private final String path;
-        private final QuantScheme scheme;
-        private final QuantMethod method;
-        private final int groupSize;
-        private final long bytesBefore;
-        private final long bytesAfter;
-        private final double sqnrDb;
-        private final Double awqAlpha;
-        private final String note;
-        private final boolean embedding;
+    /**
+     * One quantized layer.
+     *
+     * @param path dotted block path
+     * @param scheme scheme
+     * @param method method actually used (RTN when AWQ had no calibration activation for this layer, see
+     *     {@link #note()})
+     * @param groupSize input weights per scale
+     * @param bytesBefore bytes of the float weight (and bias) before
+     * @param bytesAfter bytes of the quantized arrays (and bias) after
+     * @param sqnrDb signal-to-quantization-noise ratio of the effective weight,
+     *     {@code 10 log10(|W|^2 / |W - W'|^2)} dB
+     * @param awqAlpha the AWQ exponent chosen, if AWQ ran
+     * @param note a remark, e.g. why AWQ fell back to RTN for this layer; null or empty if none
+     * @param embedding whether this is an embedding table ({@link QuantizedEmbedding}, rows = tokens,
+     *     {@link #groupSize()} along the hidden dimension) rather than a Linear weight
+     */
+    public record Layer(String path, QuantScheme scheme, QuantMethod method, int groupSize, long bytesBefore,
+            long bytesAfter, double sqnrDb, OptionalDouble awqAlpha, String note, boolean embedding) {
 
+        /** Takes a null {@code awqAlpha} for "AWQ did not run". */
+        public Layer {
+            awqAlpha = awqAlpha == null ? OptionalDouble.empty() : awqAlpha;
+        }
+
+        /** A Linear weight's entry; {@code awqAlpha} null when AWQ did not run. */
         Layer(String path, QuantScheme scheme, QuantMethod method, int groupSize, long bytesBefore, long bytesAfter,
                 double sqnrDb, Double awqAlpha, String note) {
-            this(path, scheme, method, groupSize, bytesBefore, bytesAfter, sqnrDb, awqAlpha, note, false);
-        }
-
-        Layer(String path, QuantScheme scheme, QuantMethod method, int groupSize, long bytesBefore, long bytesAfter,
-                double sqnrDb, Double awqAlpha, String note, boolean embedding) {
-            this.path = path;
-            this.scheme = scheme;
-            this.method = method;
-            this.groupSize = groupSize;
-            this.bytesBefore = bytesBefore;
-            this.bytesAfter = bytesAfter;
-            this.sqnrDb = sqnrDb;
-            this.awqAlpha = awqAlpha;
-            this.note = note;
-            this.embedding = embedding;
-        }
-
-        /**
-         * Whether this is an embedding table ({@link QuantizedEmbedding}, rows = tokens, {@link #groupSize()} along
-         * the hidden dimension) rather than a Linear weight.
-         */
-        public boolean embedding() {
-            return embedding;
+            this(path, scheme, method, groupSize, bytesBefore, bytesAfter, sqnrDb,
+                    awqAlpha == null ? OptionalDouble.empty() : OptionalDouble.of(awqAlpha), note, false);
         }
 
         /** A remark, e.g. why AWQ fell back to RTN for this layer; empty if none. */
+        @Override
         public String note() {
             return note == null ? "" : note;
         }
-
-        /** Dotted block path. */
-        public String path() {
-            return path;
-        }
-
-        /** Scheme. */
-        public QuantScheme scheme() {
-            return scheme;
-        }
-
-        /** Method actually used (RTN when AWQ had no calibration activation for this layer, see {@link #note()}). */
-        public QuantMethod method() {
-            return method;
-        }
-
-        /** Input weights per scale. */
-        public int groupSize() {
-            return groupSize;
-        }
-
-        /** Bytes of the float weight (and bias) before. */
-        public long bytesBefore() {
-            return bytesBefore;
-        }
-
-        /** Bytes of the quantized arrays (and bias) after. */
-        public long bytesAfter() {
-            return bytesAfter;
-        }
-
-        /** Signal-to-quantization-noise ratio of the effective weight, {@code 10 log10(|W|^2 / |W - W'|^2)} dB. */
-        public double sqnrDb() {
-            return sqnrDb;
-        }
-
-        /** The AWQ exponent chosen, if AWQ ran. */
-        public OptionalDouble awqAlpha() {
-            return awqAlpha == null ? OptionalDouble.empty() : OptionalDouble.of(awqAlpha);
-        }
     }
 
-    private final List<Layer> layers;
-    private final Map<String, String> skipped;
-    private final int calibrationPasses;
-
-    QuantizationReport(List<Layer> layers, Map<String, String> skipped, int calibrationPasses) {
-        this.layers = ImmutableList.copyOf(layers);
-        this.skipped = ImmutableMap.copyOf(skipped);
-        this.calibrationPasses = calibrationPasses;
+    /** Copies the list and map into immutable ones. */
+    public QuantizationReport {
+        layers = ImmutableList.copyOf(layers);
+        skipped = ImmutableMap.copyOf(skipped);
     }
 
     /**
@@ -124,21 +77,6 @@ public final class QuantizationReport {
         later.skipped.forEach(skip::putIfAbsent);
         all.forEach(l -> skip.remove(l.path));
         return new QuantizationReport(all, skip, calibrationPasses + later.calibrationPasses);
-    }
-
-    /** How many times the calibration batches were run through the model (0 without AWQ). */
-    public int calibrationPasses() {
-        return calibrationPasses;
-    }
-
-    /** Quantized layers in tree order. */
-    public List<Layer> layers() {
-        return layers;
-    }
-
-    /** Layers with parameters left in full precision, path to reason. */
-    public Map<String, String> skipped() {
-        return skipped;
     }
 
     /** The entry for {@code path}, or null. */
@@ -175,8 +113,8 @@ public final class QuantizationReport {
             j.addProperty("bytes_before", l.bytesBefore);
             j.addProperty("bytes_after", l.bytesAfter);
             j.addProperty("sqnr_db", Double.isFinite(l.sqnrDb) ? l.sqnrDb : 999.0);
-            if (l.awqAlpha != null) {
-                j.addProperty("awq_alpha", l.awqAlpha);
+            if (l.awqAlpha.isPresent()) {
+                j.addProperty("awq_alpha", l.awqAlpha.getAsDouble());
             }
             if (l.note != null) {
                 j.addProperty("note", l.note);

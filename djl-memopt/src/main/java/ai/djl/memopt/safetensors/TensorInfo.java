@@ -3,31 +3,26 @@ package ai.djl.memopt.safetensors;
 import ai.djl.ndarray.types.Shape;
 import java.util.Arrays;
 
-/** One tensor's entry in a safetensors header: name, type, shape and where its bytes are in the file. */
-public final class TensorInfo {
+/**
+ * One tensor's entry in a safetensors header: name, type, shape and where its bytes are in the file.
+ *
+ * <p>{@code shape} is copied in and out; {@code equals} compares the array by reference, so an entry equals only
+ * itself.
+ *
+ * @param name tensor name
+ * @param dtype safetensors type
+ * @param shape dimensions, outermost first (a copy is kept and handed out)
+ * @param fileOffset absolute offset of the first byte of data in the file
+ * @param byteLength bytes of data
+ */
+public record TensorInfo(String name, SafetensorsDType dtype, long[] shape, long fileOffset, long byteLength) {
 
-    private final String name;
-    private final SafetensorsDType dtype;
-    private final long[] shape;
-    private final long fileOffset;
-    private final long byteLength;
-
-    TensorInfo(String name, SafetensorsDType dtype, long[] shape, long fileOffset, long byteLength) {
-        this.name = name;
-        this.dtype = dtype;
-        this.shape = shape.clone();
-        this.fileOffset = fileOffset;
-        this.byteLength = byteLength;
+    /** Keeps a copy of {@code shape}. */
+    public TensorInfo {
+        shape = shape.clone();
     }
 
-    public String name() {
-        return name;
-    }
-
-    public SafetensorsDType dtype() {
-        return dtype;
-    }
-
+    @Override
     public long[] shape() {
         return shape.clone();
     }
@@ -37,20 +32,7 @@ public final class TensorInfo {
     }
 
     public long numel() {
-        long n = 1;
-        for (long d : shape) {
-            n *= d;
-        }
-        return n;
-    }
-
-    /** Absolute offset of the first byte of data in the file. */
-    public long fileOffset() {
-        return fileOffset;
-    }
-
-    public long byteLength() {
-        return byteLength;
+        return Arrays.stream(shape).reduce(1, (a, b) -> a * b);
     }
 
     @Override

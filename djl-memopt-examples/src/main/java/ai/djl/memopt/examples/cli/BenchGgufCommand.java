@@ -1,6 +1,7 @@
 package ai.djl.memopt.examples.cli;
 
 import ai.djl.Device;
+import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.GgufBenchWorker;
 import ai.djl.memopt.examples.bench.MarkdownTable;
@@ -20,7 +21,9 @@ import java.util.List;
 import java.util.Locale;
 import java.util.Map;
 import java.util.concurrent.Callable;
+import org.jfree.data.category.DefaultCategoryDataset;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Mixin;
 import picocli.CommandLine.Option;
 
 /**
@@ -79,14 +82,7 @@ public final class BenchGgufCommand implements Callable<Integer> {
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and prompt seed.")
     long seed;
 
-    @Option(names = "--heap", defaultValue = "6g", paramLabel = "SIZE", description = "Worker -Xmx (default 6g).")
-    String heap;
-
-    @Option(names = "--timeout", defaultValue = "3600", paramLabel = "SECONDS", description = "Per-run time limit.")
-    long timeout;
-
-    @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
-    Path out;
+    @Mixin BenchOptions bench = new BenchOptions("6g", 3600);
 
     @Option(names = "--profile", description = "Also profile a few of our decode steps with PyTorch's profiler "
             + "(operator self time per step, in our JSON line).")
@@ -94,6 +90,7 @@ public final class BenchGgufCommand implements Callable<Integer> {
 
     @Override
     public Integer call() throws Exception {
+        bench.validate();
         DeepSeekConfig config = DeepSeekConfig.preset(preset);
         List<GgmlType> selected = new ArrayList<>();
         for (String t : types) {
@@ -102,23 +99,24 @@ public final class BenchGgufCommand implements Callable<Integer> {
         if (promptTokens < 1 || newTokens < 2 || threads < 1) {
             throw new IllegalArgumentException("need --prompt-tokens >= 1, --max-new-tokens >= 2, --threads >= 1");
         }
-        new LlamaCppScript(llamaCpp, timeout); // checks the install before any heavy work
+        new LlamaCppScript(llamaCpp, bench.timeout); // checks the install before any heavy work
         boolean temporary = work == null;
         Path dir = temporary ? Files.createTempDirectory("memopt-bench-gguf-") : Files.createDirectories(work);
         String previous = System.setProperty("ai.djl.pytorch.num_threads", Integer.toString(threads));
         try {
             List<List<String>> rows = new ArrayList<>();
+            DefaultCategoryDataset chart = new DefaultCategoryDataset();
             for (GgmlType t : selected) {
                 Path file = dir.resolve(preset + "-" + t.name().toLowerCase(Locale.ROOT) + ".gguf");
                 try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(config, seed, Device.cpu(),
                         DataType.FLOAT32)) {
                     GgufExporter.export(lm, null, t, file, null);
                 }
-                List<String> jvm = new ArrayList<>(List.of("-Xmx" + heap));
+                List<String> jvm = new ArrayList<>(List.of("-Xmx" + bench.heap));
                 if (profile) {
                     jvm.add("-Dmemopt.bench.profile=true");
                 }
-                JsonObject ours = BenchGenerateCommand.lastJson(FreshJvm.run(jvm, Map.of(), timeout,
+                JsonObject ours = BenchGenerateCommand.lastJson(FreshJvm.run(jvm, Map.of(), bench.timeout,
                         GgufBenchWorker.class, List.of(file.toString(), Integer.toString(promptTokens),
                                 Integer.toString(newTokens), Long.toString(seed))), "djl-memopt " + t);
                 ours.addProperty("preset", preset);
@@ -131,6 +129,8 @@ public final class BenchGgufCommand implements Callable<Integer> {
                 System.out.flush();
                 double a = ours.get("tokens_per_second").getAsDouble();
                 double b = theirs.get("tokens_per_second").getAsDouble();
+                chart.addValue(a, "djl-memopt", t.name());
+                chart.addValue(b, "llama.cpp", t.name());
                 rows.add(List.of(preset, t.name(), Integer.toString(promptTokens), Integer.toString(newTokens),
                         Integer.toString(threads), String.format(Locale.ROOT, "%.1f", a),
                         String.format(Locale.ROOT, "%.1f", b), String.format(Locale.ROOT, "%.2fx", a / b),
@@ -142,8 +142,12 @@ public final class BenchGgufCommand implements Callable<Integer> {
                     Files.delete(file);
                 }
             }
-            if (out != null) {
-                MarkdownTable.update(out, TABLE, HEADER, ALIGN, 5, rows);
+            if (bench.out != null) {
+                MarkdownTable.update(bench.out, TABLE, HEADER, ALIGN, 5, rows);
+            }
+            if (bench.chart != null) {
+                BarChart.write(bench.chart, "CPU decoding, " + preset + " (" + threads + " thread(s), prompt "
+                        + promptTokens + ")", "type", "tokens/s", chart);
             }
         } finally {
             if (previous == null) {
@@ -163,11 +167,11 @@ public final class BenchGgufCommand implements Callable<Integer> {
         job.addProperty("model", file.toAbsolutePath().toString());
         job.addProperty("contextSize", promptTokens + newTokens + 16);
         job.addProperty("threads", threads);
-        JsonObject bench = new JsonObject();
-        bench.add("prompt", LlamaCppScript.ids(prompt));
-        bench.addProperty("newTokens", newTokens);
-        job.add("bench", bench);
-        JsonObject r = new LlamaCppScript(llamaCpp, timeout).run(job).getAsJsonObject("bench");
+        JsonObject run = new JsonObject();
+        run.add("prompt", LlamaCppScript.ids(prompt));
+        run.addProperty("newTokens", newTokens);
+        job.add("bench", run);
+        JsonObject r = new LlamaCppScript(llamaCpp, bench.timeout).run(job).getAsJsonObject("bench");
         JsonObject o = new JsonObject();
         o.addProperty("engine", "llama.cpp (node-llama-cpp 3.21.1)");
         o.addProperty("model", file.toString());

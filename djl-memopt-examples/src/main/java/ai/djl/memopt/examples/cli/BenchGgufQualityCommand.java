@@ -1,6 +1,7 @@
 package ai.djl.memopt.examples.cli;
 
 import ai.djl.memopt.export.ModelDirectories;
+import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.MarkdownTable;
 import ai.djl.memopt.gguf.GgmlType;
 import ai.djl.memopt.gguf.GgufExporter;
@@ -24,7 +25,9 @@ import java.util.Arrays;
 import java.util.List;
 import java.util.Locale;
 import java.util.concurrent.Callable;
+import org.jfree.data.category.DefaultCategoryDataset;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Mixin;
 import picocli.CommandLine.Option;
 
 /**
@@ -68,12 +71,12 @@ public final class BenchGgufQualityCommand implements Callable<Integer> {
             description = "Directory with node_modules/node-llama-cpp and llama-check.mjs.")
     Path llamaCpp;
 
-    @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
-    Path out;
+    @Mixin BenchOptions bench = new BenchOptions(3600);
 
     @Override
     public Integer call() throws Exception {
-        LlamaCppScript script = new LlamaCppScript(llamaCpp, 3600);
+        bench.validate();
+        LlamaCppScript script = new LlamaCppScript(llamaCpp, bench.timeout);
         long[] all = PerplexityCommand.tokenize(model, text);
         List<long[]> ws = new ArrayList<>();
         for (int i = 0; i < windows && (i + 1) * seq <= all.length; i++) {
@@ -83,6 +86,7 @@ public final class BenchGgufQualityCommand implements Callable<Integer> {
             throw new IllegalArgumentException(text + " has " + all.length + " tokens, fewer than one window of " + seq);
         }
         List<List<String>> rows = new ArrayList<>();
+        DefaultCategoryDataset chart = new DefaultCategoryDataset();
         Path dir = Files.createTempDirectory("memopt-gguf-quality-");
         try {
             for (String name : types) {
@@ -121,6 +125,9 @@ public final class BenchGgufQualityCommand implements Callable<Integer> {
                     d += Math.abs(ours[i] - theirs[i]);
                 }
                 d /= ours.length;
+                chart.addValue(a, "djl-memopt", type.name());
+                chart.addValue(b, "GGUF loaded back", type.name());
+                chart.addValue(c, "llama.cpp", type.name());
                 JsonObject o = new JsonObject();
                 o.addProperty("model", model.toString());
                 o.addProperty("type", type.name());
@@ -141,8 +148,11 @@ public final class BenchGgufQualityCommand implements Callable<Integer> {
         } finally {
             Files.deleteIfExists(dir);
         }
-        if (out != null) {
-            MarkdownTable.update(out, TABLE, HEADER, ALIGN, 2, rows);
+        if (bench.out != null) {
+            MarkdownTable.update(bench.out, TABLE, HEADER, ALIGN, 2, rows);
+        }
+        if (bench.chart != null) {
+            BarChart.write(bench.chart, "Held-out loss of GGUF exports, " + model.getFileName(), "type", "loss", chart);
         }
         return 0;
     }

@@ -1,15 +1,20 @@
 package ai.djl.memopt.examples.cli;
 
 import java.nio.file.Path;
+import picocli.CommandLine.Model.CommandSpec;
 import picocli.CommandLine.Option;
+import picocli.CommandLine.Spec;
 
 /**
- * The options every {@code memopt bench} command shares (a picocli mixin): the worker JVM's heap and time limit,
+ * The options every {@code memopt bench} command shares (a picocli mixin): the worker's heap and time limit,
  * where results are kept, and {@code --json}. Each command makes it with its own defaults, which help shows:
  *
  * <pre>{@code
  * @Mixin BenchOptions bench = new BenchOptions("3g", 3600);
  * }</pre>
+ *
+ * <p>A command whose measured work runs in its own JVM or in another program makes it with
+ * {@link #BenchOptions(long)}: it has no {@code --heap}.
  */
 public final class BenchOptions {
 
@@ -18,7 +23,7 @@ public final class BenchOptions {
     String heap;
 
     @Option(names = "--timeout", paramLabel = "SECONDS",
-            description = "Time limit of each worker JVM (default ${DEFAULT-VALUE}).")
+            description = "Time limit of each worker process (default ${DEFAULT-VALUE}).")
     long timeout;
 
     @Option(names = "--out", paramLabel = "FILE",
@@ -37,9 +42,22 @@ public final class BenchOptions {
         this.timeout = timeoutSeconds;
     }
 
+    /** Without {@code --heap}: for a command that starts no worker JVM. */
+    BenchOptions(long timeoutSeconds) {
+        this(null, timeoutSeconds);
+    }
+
+    /** Takes {@code --heap} off a command made with {@link #BenchOptions(long)}. */
+    @Spec(Spec.Target.MIXEE)
+    void mixee(CommandSpec command) {
+        if (heap == null && command.findOption("--heap") != null) {
+            command.remove(command.findOption("--heap"));
+        }
+    }
+
     /** Rejects a heap that is not a JVM size or a time limit below one second, naming the option. */
     void validate() {
-        if (!heap.matches("[1-9][0-9]*[kKmMgG]?")) {
+        if (heap != null && !heap.matches("[1-9][0-9]*[kKmMgG]?")) {
             throw new IllegalArgumentException("--heap: expected a JVM heap size such as 512m or 3g, got '" + heap
                     + "'");
         }

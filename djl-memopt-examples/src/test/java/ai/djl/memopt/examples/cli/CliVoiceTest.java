@@ -110,15 +110,32 @@ class CliVoiceTest {
     @Test
     void benchCommandsShareOptionsWithTheirOwnDefaults() {
         String[][] expected = {{"bench train", "512m", "3600"}, {"bench generate", "3g", "3600"},
-            {"bench quant", "3g", "3600"}, {"bench load", "2g", "7200"}};
+            {"bench quant", "3g", "3600"}, {"bench load", "2g", "7200"}, {"bench gguf", "6g", "3600"}};
         for (String[] e : expected) {
             CliRun r = CliRun.run(args(e[0], "--help"));
             String help = r.out.replaceAll("\\s+", " ");
             assertTrue(help.contains("--heap=SIZE Java heap of each worker JVM (default " + e[1]), e[0] + ": " + help);
-            assertTrue(help.contains("--timeout=SECONDS Time limit of each worker JVM (default " + e[2] + ")"), help);
+            assertTrue(help.contains("--timeout=SECONDS Time limit of each worker process (default " + e[2] + ")"), help);
             for (String option : new String[] {"--out=FILE", "--chart=FILE.png", "--json"}) {
                 assertTrue(help.contains(option), e[0] + " has " + option);
             }
         }
+    }
+
+    @Test
+    void benchGgufQualityHasTheSharedOptionsButNoWorkerHeap() {
+        String help = CliRun.run("bench", "gguf-quality", "--help").out.replaceAll("\\s+", " ");
+        assertTrue(help.contains("--timeout=SECONDS Time limit of each worker process (default 3600)"), help);
+        for (String option : new String[] {"--out=FILE", "--chart=FILE.png", "--json"}) {
+            assertTrue(help.contains(option), "bench gguf-quality has " + option);
+        }
+        assertFalse(help.contains("--heap"), help); // it scores in this JVM: no worker to size
+        CliRun heap = CliRun.run("bench", "gguf-quality", "--model", "m", "--text", "t", "--heap", "1g");
+        assertEquals(2, heap.exitCode, heap.err);
+        assertTrue(heap.err.contains("Unknown options: '--heap', '1g'"), heap.err);
+        CliRun timeout = CliRun.run("bench", "gguf", "--timeout", "0");
+        assertEquals(1, timeout.exitCode, timeout.err);
+        assertTrue(timeout.err.startsWith("memopt bench gguf: --timeout must be at least 1 second, got 0"),
+                timeout.err);
     }
 }

@@ -380,25 +380,7 @@ public final class DeepSeekConfig {
                         "model_type '" + modelType + "' is not supported (expected deepseek_v3 or deepseek_v2)");
             }
             this.modelType = modelType;
-            if (DEEPSEEK_V3.equals(modelType)) {
-                nSharedExperts = 1;
-                nGroup = 8;
-                topkGroup = 4;
-                routedScalingFactor = 2.5;
-                normTopkProb = true;
-                firstKDenseReplace = 3;
-                maxPositionEmbeddings = 4096;
-                topkMethod = "noaux_tc";
-            } else {
-                nSharedExperts = 2;
-                nGroup = 1;
-                topkGroup = 1;
-                routedScalingFactor = 1.0;
-                normTopkProb = false;
-                firstKDenseReplace = 0;
-                maxPositionEmbeddings = 2048;
-                topkMethod = "greedy";
-            }
+            DeepSeekPresets.modelTypeDefaults(this, modelType);
         }
 
         public Builder vocabSize(int v) { vocabSize = v; return this; }

@@ -1,6 +1,9 @@
 package ai.djl.memopt.model.deepseek;
 
-/** The named architectures of {@link DeepSeekConfig#preset(String)}. */
+/**
+ * The named architectures of {@link DeepSeekConfig#preset(String)}, and the Hugging Face defaults of each
+ * {@code model_type} that {@link DeepSeekConfig#builder(String)} starts from.
+ */
 final class DeepSeekPresets {
 
     private DeepSeekPresets() {}
@@ -38,6 +41,21 @@ final class DeepSeekPresets {
             default:
                 throw new IllegalArgumentException(
                         "unknown preset '" + name + "'; known: bench-tiny, bench-small, deepseek-v2-lite");
+        }
+    }
+
+    /**
+     * Sets on a fresh builder the defaults of its {@code model_type} where V3 and V2 differ, as transformers'
+     * {@code DeepseekV3Config} and {@code DeepseekV2Config} have them (the defaults they share are the builder's field
+     * initialisers).
+     */
+    static void modelTypeDefaults(DeepSeekConfig.Builder b, String modelType) {
+        if (DeepSeekConfig.DEEPSEEK_V3.equals(modelType)) {
+            b.nSharedExperts(1).nGroup(8).topkGroup(4).routedScalingFactor(2.5).normTopkProb(true)
+                    .firstKDenseReplace(3).maxPositionEmbeddings(4096).topkMethod("noaux_tc");
+        } else {
+            b.nSharedExperts(2).nGroup(1).topkGroup(1).routedScalingFactor(1.0).normTopkProb(false)
+                    .firstKDenseReplace(0).maxPositionEmbeddings(2048).topkMethod("greedy");
         }
     }
 }
