@@ -9,6 +9,7 @@ import ai.djl.ndarray.NDScope;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
 import ai.djl.pytorch.engine.PtNDArray;
+import ai.djl.memopt.nn.PhaseTimer;
 import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.GradientCollector;
 import ai.djl.training.ParameterStore;
@@ -383,9 +384,11 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             st.segments = nested;
             st.leaves = new IdentityHashMap<>();
             st.recomputing++;
+            st.visiting++;
+            int level = st.visiting; // 1: the outermost checkpointed blocks, 2: blocks nested in them, ...
             try (NDScope scope = new NDScope()) {
                 NDList y;
-                try {
+                try (PhaseTimer.Phase p = PhaseTimer.phase("recompute L" + level)) {
                     y = s.inputs;
                     for (Block b : s.blocks) {
                         y = b.forward(s.parameterStore, y, true, s.params);
@@ -411,14 +414,17 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                     }
                 }
                 boolean keepForNested = withGraph(nested) > 0;
-                for (int k = 0; k < todo.size(); k++) {
-                    int i = todo.get(k);
-                    boolean keep = retain || keepForNested || k < todo.size() - 1;
-                    vjp(y.get(i), grads.get(i), keep);
+                try (PhaseTimer.Phase p = PhaseTimer.phase("backward L" + level)) {
+                    for (int k = 0; k < todo.size(); k++) {
+                        int i = todo.get(k);
+                        boolean keep = retain || keepForNested || k < todo.size() - 1;
+                        vjp(y.get(i), grads.get(i), keep);
+                    }
                 }
                 visit(st, nested, retain);
                 scope.suppressNotUsedWarning();
             } finally {
+                st.visiting--;
                 nested.forEach(Segment::close);
             }
         } finally {
@@ -489,6 +495,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         Map<NDArray, Boolean> leaves = new IdentityHashMap<>();
         SpanRun spanRun;
         int recomputing; // depth of segment recomputations in progress
+        int visiting; // depth of segment backward visits in progress (nesting level of the current one)
     }
 
     private static final class SpanRun {

@@ -10,6 +10,7 @@ import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekMoE;
 import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.Blocks;
+import ai.djl.memopt.nn.PhaseTimer;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.precision.DynamicLossScaler;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
@@ -317,7 +318,9 @@ public final class FineTuner implements AutoCloseable {
         if (scaler != null) {
             skipped = !updateFp16(scale);
         } else {
-            updateFp32();
+            try (PhaseTimer.Phase p = PhaseTimer.phase("optimizer")) {
+                updateFp32();
+            }
             skipped = false;
         }
         if (releaseFreedMemory && !lm.manager().getDevice().isGpu()) {
@@ -358,7 +361,9 @@ public final class FineTuner implements AutoCloseable {
                         ? wholeLoss(gc, m, ps, ids, embedding, lossFactor)
                         : chunkedLoss(gc, m, ps, ids, embedding, lossFactor, positions);
                 if (embedding != null) {
-                    embedding.accumulate();
+                    try (PhaseTimer.Phase p = PhaseTimer.phase("embedding gradient")) {
+                        embedding.accumulate();
+                    }
                 }
                 return loss;
             }
@@ -367,6 +372,12 @@ public final class FineTuner implements AutoCloseable {
 
     /** The final hidden states {@code (b, T, H)}, from the row-wise embedding when there is one. */
     private NDArray hidden(ParameterStore ps, NDArray ids, EmbeddingRows embedding) {
+        try (PhaseTimer.Phase p = PhaseTimer.phase("forward")) {
+            return hiddenStates(ps, ids, embedding);
+        }
+    }
+
+    private NDArray hiddenStates(ParameterStore ps, NDArray ids, EmbeddingRows embedding) {
         return embedding != null
                 ? lm.model().forwardEmbeddings(ps, embedding.embeddings(), null, true)
                 : lm.model().forward(ps, new NDList(ids), true).head();
@@ -376,17 +387,24 @@ public final class FineTuner implements AutoCloseable {
             EmbeddingRows embedding, float lossFactor) {
         NDArray hidden = hidden(ps, ids, embedding); // (b, T, H)
         hidden.attach(m);
-        NDArray logits = lm.logits(ps, hidden, true); // (b, T, V) FP32
-        NDArray loss = CausalLmLoss.mean(logits, ids);
-        // the collector makes its seed gradient in the loss's manager: keep both in this step's manager
-        logits.attach(m);
-        loss.attach(m);
-        double value = loss.getFloat();
-        if (lossFactor == 1f) {
-            gc.backward(loss);
-        } else {
-            try (NDArray scaled = Scalars.mul(loss, lossFactor)) {
-                gc.backward(scaled);
+        NDArray logits;
+        NDArray loss;
+        double value;
+        try (PhaseTimer.Phase p = PhaseTimer.phase("loss head")) {
+            logits = lm.logits(ps, hidden, true); // (b, T, V) FP32
+            loss = CausalLmLoss.mean(logits, ids);
+            // the collector makes its seed gradient in the loss's manager: keep both in this step's manager
+            logits.attach(m);
+            loss.attach(m);
+            value = loss.getFloat();
+        }
+        try (PhaseTimer.Phase p = PhaseTimer.phase("backward")) {
+            if (lossFactor == 1f) {
+                gc.backward(loss);
+            } else {
+                try (NDArray scaled = Scalars.mul(loss, lossFactor)) {
+                    gc.backward(scaled);
+                }
             }
         }
         loss.close();
@@ -417,6 +435,8 @@ public final class FineTuner implements AutoCloseable {
         NDArray upstream = headWeight != null ? m.zeros(h.getShape(), h.getDataType(), h.getDevice()) : null;
         long t = ids.getShape().get(1);
         double total = 0;
+        PhaseTimer.Phase head = PhaseTimer.phase("loss head");
+        try {
         for (long s = 0; s < t - 1; s += positions) {
             long e = Math.min(t - 1, s + positions); // positions s..e, targets s+1..e
             try (NDManager c = m.newSubManager()) {
@@ -451,12 +471,17 @@ public final class FineTuner implements AutoCloseable {
             autogradPart.attach(m);
             upstream = upstream == null ? autogradPart : upstream.addi(autogradPart);
         }
+        } finally {
+            head.close();
+        }
         if (upstream == null) {
             return total; // nothing reached the hidden states
         }
-        NDArray target = hidden.mul(upstream).sum();
-        target.attach(m);
-        gc.backward(target);
+        try (PhaseTimer.Phase p = PhaseTimer.phase("backward")) {
+            NDArray target = hidden.mul(upstream).sum();
+            target.attach(m);
+            gc.backward(target);
+        }
         return total;
     }
 
@@ -575,6 +600,7 @@ public final class FineTuner implements AutoCloseable {
      */
     private boolean updateFp16(float scale) {
         boolean overflow = false;
+        PhaseTimer.Phase check = PhaseTimer.phase("overflow check");
         for (Parameter p : parameters.values()) {
             if (!p.requiresGradient()) {
                 continue;
@@ -586,6 +612,16 @@ public final class FineTuner implements AutoCloseable {
                 }
             }
         }
+        check.close();
+        PhaseTimer.Phase update = PhaseTimer.phase("optimizer");
+        try {
+            return applyFp16(scale, overflow);
+        } finally {
+            update.close();
+        }
+    }
+
+    private boolean applyFp16(float scale, boolean overflow) {
         if (!scaler.update(overflow)) {
             for (Parameter p : parameters.values()) {
                 if (p.requiresGradient()) {

@@ -13,6 +13,8 @@ import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.memory.NativeMemory;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.nn.HostReads;
+import ai.djl.memopt.nn.PhaseTimer;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
 import ai.djl.memopt.quantize.QuantizationConfig;
@@ -126,6 +128,7 @@ public final class TrainBenchWorker {
                         seconds[s], r.loss());
             }
             long peak = sampler != null ? sampler.stop() : MemoryStats.peakResidentBytes();
+            JsonObject profile = PROFILE ? profile(tuner, random, config, batch, seq, lm.manager()) : null;
             StateBytes state = tuner.stateBytes();
             double[] sorted = seconds.clone();
             Arrays.sort(sorted);
@@ -162,8 +165,52 @@ public final class TrainBenchWorker {
             o.addProperty("last_loss", lastLoss);
             o.addProperty("skipped_steps", skipped);
             o.addProperty("parameters", config.parameterCount());
+            if (profile != null) {
+                o.add("profile", profile);
+            }
             System.out.println(o);
         }
+    }
+
+    /** The system property that asks the worker for a profile. */
+    public static final String PROFILE_PROPERTY = "memopt.profile";
+    /** Whether to time the phases of extra steps ({@code memopt bench train --profile}). */
+    static final boolean PROFILE = Boolean.getBoolean(PROFILE_PROPERTY);
+    /** Extra steps timed phase by phase after the measured ones; their mean is reported. */
+    public static final int PROFILED_STEPS = 2;
+
+    /**
+     * Runs {@link #PROFILED_STEPS} more steps with a {@link PhaseTimer} (the device waited for at every phase
+     * boundary, so these steps are slower and are not in the step-time figures) and returns the mean seconds of each
+     * phase per step, the mean wall time of a profiled step, and the host reads per step.
+     */
+    static JsonObject profile(FineTuner tuner, SplittableRandom random, DeepSeekConfig config, int batch, int seq,
+            NDManager manager) {
+        Map<String, Double> sums = new java.util.LinkedHashMap<>();
+        double wall = 0;
+        long reads = 0;
+        for (int s = 0; s < PROFILED_STEPS; s++) {
+            long[] ids = new long[batch * seq];
+            for (int i = 0; i < ids.length; i++) {
+                ids[i] = random.nextInt(config.vocabSize());
+            }
+            long readsBefore = HostReads.count();
+            PhaseTimer timer = PhaseTimer.start(manager);
+            long t0 = System.nanoTime();
+            tuner.step(new TokenBatch(ids, batch, seq));
+            Map<String, Double> phases = timer.stop();
+            wall += (System.nanoTime() - t0) / 1e9;
+            reads += HostReads.count() - readsBefore;
+            phases.forEach((k, v) -> sums.merge(k, v, Double::sum));
+        }
+        JsonObject o = new JsonObject();
+        JsonObject seconds = new JsonObject();
+        sums.forEach((k, v) -> seconds.addProperty(k, v / PROFILED_STEPS));
+        o.add("phase_seconds", seconds);
+        o.addProperty("step_seconds", wall / PROFILED_STEPS);
+        o.addProperty("host_reads_per_step", (double) reads / PROFILED_STEPS);
+        o.addProperty("steps", PROFILED_STEPS);
+        return o;
     }
 
     /**

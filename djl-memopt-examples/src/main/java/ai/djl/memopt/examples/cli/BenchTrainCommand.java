@@ -116,6 +116,13 @@ public final class BenchTrainCommand implements Callable<Integer> {
     @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
     boolean json;
 
+    @Option(names = "--profile",
+            description = "After the measured steps, time " + TrainBenchWorker.PROFILED_STEPS + " more steps phase by"
+                    + " phase (forward, loss head, each level of recomputation and backward, optimizer update, host"
+                    + " reads), waiting for the device at every phase boundary; adds a 'profile' object to the JSON"
+                    + " and prints a table. The measured steps are not slowed.")
+    boolean profile;
+
     @Override
     public Integer call() throws Exception {
         List<String> selected = modes == null || modes.isEmpty() ? MODES : normalise(modes);
@@ -152,7 +159,11 @@ public final class BenchTrainCommand implements Callable<Integer> {
             if (model != null) {
                 workerArgs.add(model.toString());
             }
-            List<String> lines = FreshJvm.run(workerJvm(heap), ALLOCATOR, timeout, TrainBenchWorker.class, workerArgs);
+            List<String> jvm = new ArrayList<>(workerJvm(heap));
+            if (profile) {
+                jvm.add("-D" + TrainBenchWorker.PROFILE_PROPERTY + "=true");
+            }
+            List<String> lines = FreshJvm.run(jvm, ALLOCATOR, timeout, TrainBenchWorker.class, workerArgs);
             JsonObject result = null;
             for (String line : lines) {
                 if (line.startsWith("{")) {
@@ -163,6 +174,9 @@ public final class BenchTrainCommand implements Callable<Integer> {
                 throw new IOException("the " + mode + " worker printed no result; its output: " + lines);
             }
             System.out.println(result);
+            if (result.has("profile")) {
+                System.out.print(profileTable(result));
+            }
             System.out.flush();
             results.add(result);
         }
@@ -189,6 +203,21 @@ public final class BenchTrainCommand implements Callable<Integer> {
      */
     static List<String> workerJvm(String heap) {
         return List.of("-Xms" + heap, "-Xmx" + heap, "-XX:+AlwaysPreTouch", "-XX:MaxDirectMemorySize=1024g");
+    }
+
+    /** The profile of one result as a small text table: phase, seconds per step, share of the profiled step. */
+    static String profileTable(JsonObject result) {
+        JsonObject p = result.getAsJsonObject("profile");
+        double step = p.get("step_seconds").getAsDouble();
+        StringBuilder b = new StringBuilder();
+        b.append(String.format(Locale.ROOT, "profile of %s (%s): %.4f s per profiled step, %.1f host reads per step%n",
+                result.get("mode").getAsString(), result.get("checkpointing").getAsString(), step,
+                p.get("host_reads_per_step").getAsDouble()));
+        for (Map.Entry<String, com.google.gson.JsonElement> e : p.getAsJsonObject("phase_seconds").entrySet()) {
+            double s = e.getValue().getAsDouble();
+            b.append(String.format(Locale.ROOT, "  %-20s %9.4f s %6.1f%%%n", e.getKey(), s, 100 * s / step));
+        }
+        return b.toString();
     }
 
     private static List<String> normalise(List<String> modes) {
