@@ -1,9 +1,11 @@
 package ai.djl.memopt.finetune;
 
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
+import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.optimizer.Optimizer;
 import com.google.common.base.Preconditions;
@@ -27,6 +29,14 @@ import java.util.Map;
  * State arrays are FP32, live in the manager given to the builder (freed by {@link #close()}), and are keyed by the
  * DJL parameter id passed to {@link #update}. Weights are updated in place with autograd off, large ones in blocks of
  * rows so that no temporary is weight-sized (see {@link #update(String, NDArray, NDArray, float, NDArray)}).
+ *
+ * <p>On a GPU (or with {@link Builder#optFused}) each parameter is instead updated whole, Adam and AdamW by one native
+ * call ({@code JniUtils.adamUpdate}: about a dozen kernels queued from C++, the scalars passed as arguments), since
+ * there the row blocks only multiply the kernel launches and the device has the memory for parameter-sized
+ * temporaries. It computes {@code lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps sqrt(1 - b2^t))}, the same
+ * quotient as above with numerator and denominator multiplied by {@code sqrt(1 - b2^t)}. No operation of either path
+ * takes a Java number as an operand: DJL uploads such a number from host memory, which on a GPU waits for all queued
+ * work.
  */
 public final class StatefulOptimizer extends Optimizer implements AutoCloseable {
 
@@ -60,6 +70,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     private final NDManager manager;
     private final Map<String, State> states = new LinkedHashMap<>();
     private final long blockElements;
+    private final Boolean fused; // null: fused on a GPU
     private float learningRate;
 
     private StatefulOptimizer(Builder b) {
@@ -73,6 +84,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         this.learningRate = b.learningRate;
         this.manager = b.manager;
         this.blockElements = b.blockElements;
+        this.fused = b.fused;
     }
 
     public static Builder builder() {
@@ -156,7 +168,12 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
             if (freshMomentum) {
                 s.first = zeros(weight); // filled with the first direction below, as torch's buf = g.clone()
             }
-            long rows = RowBlocks.rowsPerBlock(weight.getShape(), blockElements);
+            boolean whole = fused != null ? fused : weight.getDevice().isGpu();
+            if (whole && adam && weight instanceof PtNDArray) {
+                fusedAdam(s, weight, grad, gradDivisor, copyTo);
+                return;
+            }
+            long rows = whole ? Long.MAX_VALUE : RowBlocks.rowsPerBlock(weight.getShape(), blockElements);
             long total = weight.getShape().dimension() == 0 ? 1 : weight.getShape().get(0);
             for (long r0 = 0; r0 < total; r0 += rows) {
                 long r1 = Math.min(total, r0 + rows);
@@ -168,7 +185,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
                         g = g.toType(DataType.FLOAT32, true);
                         g.attach(b);
                         if (gradDivisor != 1f) {
-                            g.divi(gradDivisor);
+                            g.divi(scalar(g, gradDivisor, b));
                         }
                     }
                     NDArray first = s.first == null ? null : RowBlocks.rows(s.first, r0, r1, rows, total, b);
@@ -178,10 +195,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
                         sgd(w, g, first, freshMomentum, b);
                     }
                     if (copyTo != null) {
-                        NDArray target = RowBlocks.rows(copyTo, r0, r1, rows, total, b);
-                        NDArray cast = w.toType(copyTo.getDataType(), true);
-                        cast.attach(b);
-                        target.set(new NDIndex("..."), cast);
+                        copyInto(RowBlocks.rows(copyTo, r0, r1, rows, total, b), w, b);
                     }
                 }
             }
@@ -190,37 +204,82 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         }
     }
 
+    /**
+     * The whole-parameter Adam/AdamW update in one native call (see the class documentation); the gradient is widened to
+     * FP32 first when it is not FP32, and unscaled in FP32 inside the call.
+     */
+    private void fusedAdam(State s, NDArray weight, NDArray grad, float gradDivisor, NDArray copyTo) {
+        double bc1 = 1 - Math.pow(beta1, s.step);
+        double sqrtBc2 = Math.sqrt(1 - Math.pow(beta2, s.step));
+        try (NDManager b = manager.newSubManager(weight.getDevice())) {
+            NDArray g = grad;
+            if (g.getDataType() != DataType.FLOAT32) {
+                g = grad.toType(DataType.FLOAT32, true);
+                g.attach(b);
+            }
+            JniUtils.adamUpdate((PtNDArray) weight, (PtNDArray) g, (PtNDArray) s.first, (PtNDArray) s.second,
+                    learningRate, (float) (learningRate * sqrtBc2 / bc1), weightDecay, 1f / gradDivisor, -1f, beta1,
+                    beta2, (float) (epsilon * sqrtBc2), kind == Kind.ADAMW);
+            if (copyTo != null) {
+                copyInto(copyTo, weight, b);
+            }
+        }
+    }
+
+    /** Writes {@code source} into {@code target} (same shape) in {@code target}'s type: one converting copy. */
+    private static void copyInto(NDArray target, NDArray source, NDManager tmp) {
+        if (target instanceof PtNDArray && source instanceof PtNDArray) {
+            long[] shape = target.getShape().getShape();
+            long[] step = new long[shape.length];
+            java.util.Arrays.fill(step, 1);
+            JniUtils.indexSet((PtNDArray) target, (PtNDArray) source, new long[shape.length], shape, step);
+            return;
+        }
+        NDArray cast = source.toType(target.getDataType(), true);
+        cast.attach(tmp);
+        target.set(new NDIndex("..."), cast);
+    }
+
+    /** {@code value} as a 0-dimensional array of {@code like}'s type and device, made there (no host upload). */
+    private static NDArray scalar(NDArray like, double value, NDManager tmp) {
+        NDArray s = Scalars.like(like, value);
+        s.attach(tmp);
+        return s;
+    }
+
     /** One block of the Adam/AdamW rule, in place on views of the weight and moments. */
     private void adam(long step, NDArray w, NDArray grad, NDArray first, NDArray second, NDManager tmp) {
         NDArray g = grad;
         if (kind == Kind.ADAM && weightDecay != 0) {
-            NDArray wd = w.mul(weightDecay);
+            NDArray wd = w.mul(scalar(w, weightDecay, tmp));
             wd.attach(tmp);
             g = grad.add(wd);
             g.attach(tmp);
         }
-        NDArray a = g.mul(1 - beta1);
+        NDArray a = g.mul(scalar(g, 1 - beta1, tmp));
         a.attach(tmp);
-        first.muli(beta1).addi(a);
+        first.muli(scalar(first, beta1, tmp)).addi(a);
         NDArray sq = g.square();
         sq.attach(tmp);
-        second.muli(beta2).addi(sq.muli(1 - beta2));
+        second.muli(scalar(second, beta2, tmp)).addi(sq.muli(scalar(sq, 1 - beta2, tmp)));
         double bc1 = 1 - Math.pow(beta1, step);
         double bc2 = 1 - Math.pow(beta2, step);
         if (kind == Kind.ADAMW && weightDecay != 0) {
-            w.muli(1 - learningRate * weightDecay);
+            w.muli(scalar(w, 1 - learningRate * weightDecay, tmp));
         }
         NDArray upd = second.sqrt();
         upd.attach(tmp);
-        upd.divi((float) Math.sqrt(bc2)).addi(epsilon).powi(-1).muli(first); // m / denom
-        w.subi(upd.muli((float) (learningRate / bc1)));
+        upd.divi(scalar(upd, (float) Math.sqrt(bc2), tmp)).addi(scalar(upd, epsilon, tmp)); // denom
+        NDArray ratio = first.div(upd); // m / denom
+        ratio.attach(tmp);
+        w.subi(ratio.muli(scalar(ratio, (float) (learningRate / bc1), tmp)));
     }
 
     /** One block of SGD: {@code g += wd w; buf = mu buf + g (g at the first step); w -= lr buf}. */
     private void sgd(NDArray w, NDArray grad, NDArray buf, boolean fresh, NDManager tmp) {
         NDArray g = grad;
         if (weightDecay != 0) {
-            NDArray wd = w.mul(weightDecay);
+            NDArray wd = w.mul(scalar(w, weightDecay, tmp));
             wd.attach(tmp);
             g = grad.add(wd);
             g.attach(tmp);
@@ -230,11 +289,11 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
             if (fresh) {
                 buf.set(new NDIndex("..."), g);
             } else {
-                buf.muli(momentum).addi(g);
+                buf.muli(scalar(buf, momentum, tmp)).addi(g);
             }
             direction = buf;
         }
-        NDArray upd = direction.mul(learningRate);
+        NDArray upd = direction.mul(scalar(direction, learningRate, tmp));
         upd.attach(tmp);
         w.subi(upd);
     }
@@ -347,6 +406,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         private float momentum;
         private NDManager manager;
         private long blockElements = RowBlocks.DEFAULT_BLOCK_ELEMENTS;
+        private Boolean fused;
 
         private Builder() {}
 
@@ -400,6 +460,15 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
          */
         public Builder optBlockElements(long elements) {
             this.blockElements = elements;
+            return this;
+        }
+
+        /**
+         * Whether each parameter is updated whole, Adam and AdamW in one native call (see the class documentation),
+         * instead of in blocks of rows. Default: on a GPU yes, on the CPU no (the blocks keep its temporaries small).
+         */
+        public Builder optFused(boolean fused) {
+            this.fused = fused;
             return this;
         }
 

@@ -18,9 +18,13 @@ class StatefulOptimizerTest {
     private static final float[][] G = {{0.1f, -0.2f, 0.3f}, {-0.4f, 0.05f, 0.6f}, {0.2f, 0.2f, -0.1f}};
 
     private static float[] run(StatefulOptimizer.Kind kind, float wd, float momentum) {
+        return run(kind, wd, momentum, false);
+    }
+
+    private static float[] run(StatefulOptimizer.Kind kind, float wd, float momentum, boolean fused) {
         try (NDManager m = NDManager.newBaseManager();
                 StatefulOptimizer opt = StatefulOptimizer.builder().setManager(m).optKind(kind).optLearningRate(0.1f)
-                        .optWeightDecay(wd).optMomentum(momentum).build()) {
+                        .optWeightDecay(wd).optMomentum(momentum).optFused(fused).build()) {
             NDArray w = m.create(W);
             for (float[] g : G) {
                 try (NDArray grad = m.create(g)) {
@@ -71,6 +75,71 @@ class StatefulOptimizerTest {
     @Test
     void adamWithL2MatchesTorch() {
         close(adam(false, 0.1), run(StatefulOptimizer.Kind.ADAM, 0.1f, 0));
+    }
+
+    /** The fused whole-parameter update (the GPU default, forced here on the CPU) follows the same formulas. */
+    @Test
+    void fusedAdamMatchesTorch() {
+        close(adam(true, 0.1), run(StatefulOptimizer.Kind.ADAMW, 0.1f, 0, true));
+        close(adam(false, 0.1), run(StatefulOptimizer.Kind.ADAM, 0.1f, 0, true));
+        close(adam(true, 0), run(StatefulOptimizer.Kind.ADAMW, 0f, 0, true));
+    }
+
+    /**
+     * The fused update (one native Adam call per parameter, whole arrays) equals the blocked update, weights and both
+     * moments after three steps, also in the mixed-precision form (FP16 gradient, loss scale, FP16 working copy).
+     */
+    @Test
+    void fusedUpdateEqualsBlockedUpdate() {
+        Shape shape = new Shape(37, 11);
+        int n = 37 * 11;
+        float scale = 512f;
+        for (StatefulOptimizer.Kind kind : StatefulOptimizer.Kind.values()) {
+            for (boolean mixed : new boolean[] {false, true}) {
+                float[][] weights = new float[2][];
+                float[][] working = new float[2][];
+                float[][][] states = new float[2][][];
+                for (int v = 0; v < 2; v++) {
+                    SplittableRandom r = new SplittableRandom(11);
+                    try (NDManager m = NDManager.newBaseManager();
+                            StatefulOptimizer opt = StatefulOptimizer.builder().setManager(m).optKind(kind)
+                                    .optLearningRate(0.05f).optWeightDecay(0.1f).optMomentum(0.9f)
+                                    .optBlockElements(50).optFused(v == 1).build()) {
+                        NDArray w = m.create(random(r, n, 1), shape);
+                        NDArray half = mixed ? w.toType(DataType.FLOAT16, true) : null;
+                        for (int step = 0; step < 3; step++) {
+                            try (NDArray g = m.create(random(r, n, mixed ? 0.5 * scale : 0.5), shape);
+                                    NDArray g16 = g.toType(DataType.FLOAT16, true)) {
+                                if (mixed) {
+                                    opt.update("p", w, g16, scale, half);
+                                } else {
+                                    opt.update("p", w, g);
+                                }
+                            }
+                        }
+                        weights[v] = w.toFloatArray();
+                        working[v] = mixed ? half.toType(DataType.FLOAT32, false).toFloatArray() : null;
+                        states[v] = opt.stateArrays("p").values().stream().map(NDArray::toFloatArray)
+                                .toArray(float[][]::new);
+                    }
+                }
+                String what = kind + (mixed ? " mixed" : "");
+                for (int i = 0; i < n; i++) {
+                    assertEquals(weights[0][i], weights[1][i], 2e-6, what + " weight element " + i);
+                    if (mixed) {
+                        assertEquals(working[0][i], working[1][i], Math.abs(weights[0][i]) * 1e-3,
+                                what + " working element " + i);
+                    }
+                }
+                assertEquals(states[0].length, states[1].length, what + " state arrays");
+                for (int k = 0; k < states[0].length; k++) {
+                    for (int i = 0; i < n; i++) {
+                        assertEquals(states[0][k][i], states[1][k][i], 1e-6 + Math.abs(states[0][k][i]) * 1e-6,
+                                what + " state " + k + " element " + i);
+                    }
+                }
+            }
+        }
     }
 
     @Test
