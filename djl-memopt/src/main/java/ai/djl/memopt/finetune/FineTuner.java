@@ -126,6 +126,12 @@ public final class FineTuner implements AutoCloseable {
     private boolean closed;
     /** Row-wise embedding gradient and hand-differentiated head chunks (off only in tests, to compare with autograd). */
     boolean rowwiseGradients = true;
+    /**
+     * The GPU forms of the step's memory-saving loops (the head's weight gradient in one product instead of blocks of
+     * vocabulary rows, the FP16 overflow check as one device reduction and one read instead of one read per
+     * parameter): true on a GPU, settable by tests to compare both forms on the CPU.
+     */
+    boolean gpuPaths;
     /** Micro-batches whose embedding gradient went row by row, and head chunks differentiated by hand (for tests). */
     long rowwiseEmbeddings;
     long manualHeadChunks;
@@ -137,6 +143,7 @@ public final class FineTuner implements AutoCloseable {
         this.lossChunkTokens = b.lossChunkTokens;
         this.seed = b.seed;
         this.releaseFreedMemory = b.releaseFreedMemory;
+        this.gpuPaths = b.model.manager().getDevice().isGpu();
         this.schedule = b.schedule != null ? b.schedule : LearningRateSchedule.constant(b.learningRate);
         if (b.checkpointPolicy != null) {
             this.checkpointedLayers = Checkpointing.wrapChildren(Blocks.get(lm, "model.layers"), b.checkpointPolicy);
@@ -310,10 +317,27 @@ public final class FineTuner implements AutoCloseable {
         optimizer.setLearningRate(lr);
         float scale = lossScale();
         int micro = batch.rows() / k;
-        double lossSum = 0;
-        for (int i = 0; i < k; i++) {
-            lossSum += forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k);
+        double lossSum;
+        try (NDManager losses = lm.manager().newSubManager()) {
+            NDArray sum = null; // the micro-batches' mean losses, summed on the device and read once after the update
+            for (int i = 0; i < k; i++) {
+                NDArray loss = forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k, losses);
+                sum = sum == null ? loss : sum.add(loss);
+                sum.attach(losses);
+            }
+            boolean skipped = update(scale);
+            lossSum = sum.getFloat();
+            if (releaseFreedMemory && !lm.manager().getDevice().isGpu()) {
+                NativeMemory.releaseFreed();
+            }
+            step++;
+            dataPosition += batch.rows();
+            return new StepResult(step, lossSum / k, scale, skipped, batch.tokens(), lr);
         }
+    }
+
+    /** The optimizer update after the micro-batches' backward; false if an FP16 step was skipped. */
+    private boolean update(float scale) {
         boolean skipped;
         if (scaler != null) {
             skipped = !updateFp16(scale);
@@ -323,18 +347,15 @@ public final class FineTuner implements AutoCloseable {
             }
             skipped = false;
         }
-        if (releaseFreedMemory && !lm.manager().getDevice().isGpu()) {
-            NativeMemory.releaseFreed();
-        }
-        step++;
-        dataPosition += batch.rows();
-        return new StepResult(step, lossSum / k, scale, skipped, batch.tokens(), lr);
+        return skipped;
     }
 
     /** Forward and backward of a whole batch with the loss times {@code lossFactor}, no update (for tests). */
     double accumulateGradients(TokenBatch batch, float lossFactor) {
         checkIds(batch);
-        return forwardBackward(batch, lossFactor);
+        try (NDManager losses = lm.manager().newSubManager()) {
+            return forwardBackward(batch, lossFactor, losses).getFloat();
+        }
     }
 
     private void checkIds(TokenBatch batch) {
@@ -344,8 +365,11 @@ public final class FineTuner implements AutoCloseable {
                 lm.config().vocabSize());
     }
 
-    /** Forward and backward of one micro-batch; returns its mean loss. Gradients accumulate into the parameters. */
-    private double forwardBackward(TokenBatch micro, float lossFactor) {
+    /**
+     * Forward and backward of one micro-batch; returns its mean loss, a detached FP32 scalar on the device attached to
+     * {@code losses} (read by the caller once the step's work is queued). Gradients accumulate into the parameters.
+     */
+    private NDArray forwardBackward(TokenBatch micro, float lossFactor, NDManager losses) {
         try (NDManager m = lm.manager().newSubManager()) {
             NDArray ids = micro.toNDArray(m); // (b, T)
             ParameterStore ps = new ParameterStore(m, false);
@@ -357,9 +381,10 @@ public final class FineTuner implements AutoCloseable {
                         : null;
                 rowwiseEmbeddings += embedding != null ? 1 : 0;
                 int positions = Math.max(8, lossChunkTokens / micro.rows());
-                double loss = positions >= micro.seq() - 1
+                NDArray loss = positions >= micro.seq() - 1
                         ? wholeLoss(gc, m, ps, ids, embedding, lossFactor)
                         : chunkedLoss(gc, m, ps, ids, embedding, lossFactor, positions);
+                loss.attach(losses);
                 if (embedding != null) {
                     try (PhaseTimer.Phase p = PhaseTimer.phase("embedding gradient")) {
                         embedding.accumulate();
@@ -383,20 +408,22 @@ public final class FineTuner implements AutoCloseable {
                 : lm.model().forward(ps, new NDList(ids), true).head();
     }
 
-    private double wholeLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids,
+    /** The loss head in one piece; returns the mean loss, detached, attached to {@code m}. */
+    private NDArray wholeLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids,
             EmbeddingRows embedding, float lossFactor) {
         NDArray hidden = hidden(ps, ids, embedding); // (b, T, H)
         hidden.attach(m);
         NDArray logits;
         NDArray loss;
-        double value;
+        NDArray value;
         try (PhaseTimer.Phase p = PhaseTimer.phase("loss head")) {
             logits = lm.logits(ps, hidden, true); // (b, T, V) FP32
             loss = CausalLmLoss.mean(logits, ids);
             // the collector makes its seed gradient in the loss's manager: keep both in this step's manager
             logits.attach(m);
             loss.attach(m);
-            value = loss.getFloat();
+            value = loss.stopGradient();
+            value.attach(m);
         }
         try (PhaseTimer.Phase p = PhaseTimer.phase("backward")) {
             if (lossFactor == 1f) {
@@ -424,7 +451,7 @@ public final class FineTuner implements AutoCloseable {
      * ({@link #headChunk}) so that its weight gradient is added into the buffer in blocks of vocabulary rows: autograd
      * would build the whole {@code (V, H)} weight gradient of every chunk as a temporary before adding it.
      */
-    private double chunkedLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids,
+    private NDArray chunkedLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids,
             EmbeddingRows embedding, float lossFactor, int positions) {
         NDArray hidden = hidden(ps, ids, embedding); // (b, T, H)
         hidden.attach(m);
@@ -434,45 +461,25 @@ public final class FineTuner implements AutoCloseable {
         NDArray headWeight = rowwiseGradients ? manualHeadWeight() : null;
         NDArray upstream = headWeight != null ? m.zeros(h.getShape(), h.getDataType(), h.getDevice()) : null;
         long t = ids.getShape().get(1);
-        double total = 0;
-        PhaseTimer.Phase head = PhaseTimer.phase("loss head");
-        try {
-        for (long s = 0; s < t - 1; s += positions) {
-            long e = Math.min(t - 1, s + positions); // positions s..e, targets s+1..e
-            try (NDManager c = m.newSubManager()) {
-                NDArray hc = h.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1, H)
-                hc.attach(c);
-                NDArray idc = ids.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1)
-                idc.attach(c);
+        NDArray total = null; // sum of the chunks' weighted mean losses, on the device
+        try (PhaseTimer.Phase head = PhaseTimer.phase("loss head")) {
+            for (long s = 0; s < t - 1; s += positions) {
+                long e = Math.min(t - 1, s + positions); // positions s..e, targets s+1..e
                 double share = (double) (e - s) / (t - 1);
-                PtNDArray headGrad = headWeight != null ? JniUtils.getGradient((PtNDArray) headWeight) : null;
-                if (headGrad != null) {
-                    headGrad.attach(c);
-                    NDArray slot = upstream.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1, H) view
-                    slot.attach(c);
-                    total += headChunk(c, hc, idc, headWeight, headGrad, lossFactor * share, slot) * share;
-                    manualHeadChunks++;
-                    continue;
+                NDArray part = lossChunk(m, ps, h, ids, s, e, share, lossFactor, headWeight, upstream); // detached
+                NDArray weighted = Scalars.mul(part, share);
+                weighted.attach(m);
+                part.close();
+                total = total == null ? weighted : total.addi(weighted);
+                if (total != weighted) {
+                    weighted.close();
                 }
-                NDArray logits = lm.logits(ps, hc, true); // (b, c+1, V) FP32
-                logits.attach(c);
-                NDArray loss = CausalLmLoss.mean(logits, idc);
-                loss.attach(c);
-                total += loss.getFloat() * share;
-                NDArray scaled = Scalars.mul(loss, lossFactor * share);
-                scaled.attach(c);
-                NDArray seed = scaled.onesLike();
-                seed.attach(c);
-                JniUtils.backward((PtNDArray) scaled, (PtNDArray) seed, false, false);
             }
-        }
-        PtNDArray autogradPart = JniUtils.getGradient((PtNDArray) h); // chunks that went through autograd
-        if (autogradPart != null) {
-            autogradPart.attach(m);
-            upstream = upstream == null ? autogradPart : upstream.addi(autogradPart);
-        }
-        } finally {
-            head.close();
+            PtNDArray autogradPart = JniUtils.getGradient((PtNDArray) h); // chunks that went through autograd
+            if (autogradPart != null) {
+                autogradPart.attach(m);
+                upstream = upstream == null ? autogradPart : upstream.addi(autogradPart);
+            }
         }
         if (upstream == null) {
             return total; // nothing reached the hidden states
@@ -483,6 +490,43 @@ public final class FineTuner implements AutoCloseable {
             gc.backward(target);
         }
         return total;
+    }
+
+    /**
+     * One chunk of the loss head, positions {@code s..e} predicting {@code s+1..e}, back-propagated at once into the
+     * head's weight and {@code h}'s gradient (by hand into {@code upstream} when {@code headWeight} is given and has
+     * its gradient buffer); returns the chunk's mean loss, detached, attached to {@code m}.
+     */
+    private NDArray lossChunk(NDManager m, ParameterStore ps, NDArray h, NDArray ids, long s, long e, double share,
+            float lossFactor, NDArray headWeight, NDArray upstream) {
+        try (NDManager c = m.newSubManager()) {
+            NDArray hc = h.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1, H)
+            hc.attach(c);
+            NDArray idc = ids.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1)
+            idc.attach(c);
+            PtNDArray headGrad = headWeight != null ? JniUtils.getGradient((PtNDArray) headWeight) : null;
+            if (headGrad != null) {
+                headGrad.attach(c);
+                NDArray slot = upstream.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1, H) view
+                slot.attach(c);
+                manualHeadChunks++;
+                NDArray value = headChunk(c, hc, idc, headWeight, headGrad, lossFactor * share, slot);
+                value.attach(m);
+                return value;
+            }
+            NDArray logits = lm.logits(ps, hc, true); // (b, c+1, V) FP32
+            logits.attach(c);
+            NDArray loss = CausalLmLoss.mean(logits, idc);
+            loss.attach(c);
+            NDArray value = loss.stopGradient();
+            value.attach(m);
+            NDArray scaled = Scalars.mul(loss, lossFactor * share);
+            scaled.attach(c);
+            NDArray seed = scaled.onesLike();
+            seed.attach(c);
+            JniUtils.backward((PtNDArray) scaled, (PtNDArray) seed, false, false);
+            return value;
+        }
     }
 
     /**
@@ -512,9 +556,9 @@ public final class FineTuner implements AutoCloseable {
      * buffer in blocks of vocabulary rows (temporaries of {@code rows x H} instead of the whole {@code (V, H)}).
      *
      * @param factor the factor of the chunk's mean loss in the differentiated objective
-     * @return the chunk's mean loss
+     * @return the chunk's mean loss, detached, in {@code c}
      */
-    private double headChunk(NDManager c, NDArray hc, NDArray idc, NDArray w, NDArray wGrad, double factor,
+    private NDArray headChunk(NDManager c, NDArray hc, NDArray idc, NDArray w, NDArray wGrad, double factor,
             NDArray slot) {
         boolean tied = lm.lmHead() == null;
         NDArray logits;
@@ -538,11 +582,12 @@ public final class FineTuner implements AutoCloseable {
             JniUtils.setGradMode(true);
         }
         logits.setRequiresGradient(true);
-        double value;
+        NDArray value;
         try (NDManager l = c.newSubManager()) {
             NDArray loss = CausalLmLoss.mean(logits, idc);
             loss.attach(l);
-            value = loss.getFloat();
+            value = loss.stopGradient();
+            value.attach(c);
             NDArray scaled = Scalars.mul(loss, factor);
             scaled.attach(l);
             NDArray seed = scaled.onesLike();
@@ -569,7 +614,8 @@ public final class FineTuner implements AutoCloseable {
             dl2.attach(c);
             NDArray x2 = hc.reshape(-1, width); // (n, H)
             x2.attach(c);
-            long rows = Math.max(1, RowBlocks.DEFAULT_BLOCK_ELEMENTS / Math.max(width, dl2.getShape().get(0)));
+            long rows = gpuPaths ? vocab
+                    : Math.max(1, RowBlocks.DEFAULT_BLOCK_ELEMENTS / Math.max(width, dl2.getShape().get(0)));
             for (long r0 = 0; r0 < vocab; r0 += rows) {
                 long r1 = Math.min(vocab, r0 + rows);
                 try (NDManager b = c.newSubManager()) {
@@ -601,14 +647,18 @@ public final class FineTuner implements AutoCloseable {
     private boolean updateFp16(float scale) {
         boolean overflow = false;
         PhaseTimer.Phase check = PhaseTimer.phase("overflow check");
-        for (Parameter p : parameters.values()) {
-            if (!p.requiresGradient()) {
-                continue;
-            }
-            try (NDArray g = p.getArray().getGradient()) {
-                if (!allFinite(g)) {
-                    overflow = true;
-                    break;
+        if (gpuPaths) {
+            overflow = !allGradientsFinite();
+        } else {
+            for (Parameter p : parameters.values()) {
+                if (!p.requiresGradient()) {
+                    continue;
+                }
+                try (NDArray g = p.getArray().getGradient()) {
+                    if (!allFinite(g)) {
+                        overflow = true;
+                        break;
+                    }
                 }
             }
         }
@@ -644,6 +694,38 @@ public final class FineTuner implements AutoCloseable {
             JniUtils.zeroGrad((PtNDArray) w);
         }
         return true;
+    }
+
+    /**
+     * Whether every trainable gradient is finite, with one host read: the maximum and minimum of each gradient are finite
+     * exactly when all its elements are (an infinity is the maximum or the minimum, and a NaN propagates through both),
+     * so the check reduces each gradient to two numbers on the device and tests all of them at once.
+     */
+    boolean allGradientsFinite() {
+        try (NDManager t = lm.manager().newSubManager()) {
+            NDList extremes = new NDList();
+            for (Parameter p : parameters.values()) {
+                if (!p.requiresGradient()) {
+                    continue;
+                }
+                NDArray g = p.getArray().getGradient();
+                g.attach(t);
+                for (NDArray x : new NDArray[] {g.max(), g.min()}) { // 0-dimensional
+                    x.attach(t);
+                    NDArray x32 = x.getDataType() == DataType.FLOAT32 ? x : x.toType(DataType.FLOAT32, false);
+                    x32.attach(t);
+                    extremes.add(x32);
+                }
+            }
+            if (extremes.isEmpty()) {
+                return true;
+            }
+            NDArray all = ai.djl.ndarray.NDArrays.stack(extremes); // (2P)
+            all.attach(t);
+            NDArray bad = all.isInfinite().logicalOr(all.isNaN()).any();
+            bad.attach(t);
+            return !bad.getBoolean();
+        }
     }
 
     /** Whether every element of {@code a} is finite, checked in blocks of rows (block-sized boolean temporaries). */

@@ -31,8 +31,8 @@ final class Casts {
     /**
      * A cast autograd can differentiate. DJL's {@code toType} runs {@code Tensor.to} under a {@code NoGradGuard}
      * (the result has no {@code grad_fn}: the graph is cut), so with grad mode on the cast is done as a copy into a
-     * fresh array of the target type ({@code index_put_} over full slices, i.e. {@code copy_}), whose backward casts
-     * the gradient back to the source type.
+     * fresh (uninitialised) array of the target type ({@code index_put_} over full slices, i.e. {@code copy_}), whose
+     * backward casts the gradient back to the source type.
      */
     static NDArray cast(NDArray a, DataType to) {
         Precisions.checkSupported(to);
@@ -46,7 +46,7 @@ final class Casts {
         long[] min = new long[shape.length];
         long[] step = new long[shape.length];
         Arrays.fill(step, 1);
-        NDArray out = a.getManager().zeros(a.getShape(), to, a.getDevice());
+        NDArray out = a.getManager().create(a.getShape(), to, a.getDevice()); // uninitialised: every element is set
         JniUtils.indexSet((PtNDArray) out, (PtNDArray) a, min, shape, step);
         return out;
     }

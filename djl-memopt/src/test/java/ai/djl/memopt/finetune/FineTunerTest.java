@@ -255,11 +255,13 @@ class FineTunerTest {
         DeepSeekConfig config = tinyBuilder().tieWordEmbeddings(tied).build();
         float factor = precision == FineTuner.Precision.FP16 ? 256f : 1f;
         Map<String, float[]> reference = null;
-        for (boolean rowwise : new boolean[] {false, true}) {
+        for (int variant = 0; variant < 3; variant++) { // autograd, row-wise, row-wise in the GPU form
+            boolean rowwise = variant > 0;
             try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(config, 6, Device.cpu(), DataType.FLOAT32);
                     FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(ckpt).optPrecision(precision)
                             .optLossChunkTokens(12).build()) {
                 tuner.rowwiseGradients = rowwise;
+                tuner.gpuPaths = variant == 2;
                 tuner.accumulateGradients(data.trainBatch(0, 2), factor);
                 tuner.accumulateGradients(data.trainBatch(2, 2), factor);
                 if (rowwise) {
@@ -286,8 +288,37 @@ class FineTunerTest {
                         assertTrue(max > 0, name + " has no gradient");
                     }
                     assertTrue(diff <= tolerance * Math.max(max, 1e-3), precision + "/" + ckpt + "/tied " + tied
-                            + ": " + name + " differs from autograd by " + diff + " (max " + max + ")");
+                            + "/variant " + variant + ": " + name + " differs from autograd by " + diff + " (max " + max
+                            + ")");
                 }
+            }
+        }
+    }
+
+    /**
+     * The GPU form of the FP16 overflow check (every gradient's maximum and minimum, one read) agrees with the blocked
+     * per-parameter check: true on real gradients, false once one element of one gradient is set to infinity or NaN.
+     */
+    @Test
+    void gpuOverflowCheckAgreesWithBlockedCheck() {
+        TokenDataset data = data(9);
+        for (float poison : new float[] {Float.POSITIVE_INFINITY, Float.NEGATIVE_INFINITY, Float.NaN}) {
+            try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 6, Device.cpu(), DataType.FLOAT32);
+                    FineTuner tuner = FineTuner.builder().setModel(lm).optPrecision(FineTuner.Precision.FP16)
+                            .build()) {
+                tuner.accumulateGradients(data.trainBatch(0, 2), 256f);
+                assertTrue(tuner.allGradientsFinite(), "real gradients are finite");
+                Parameter p = Blocks.parameters(lm).get("model.layers.1.mlp.experts.2.down_proj.weight");
+                ai.djl.ndarray.NDArray g = p.getArray().getGradient();
+                ai.djl.pytorch.jni.JniUtils.setGradMode(false);
+                try {
+                    g.set(new ai.djl.ndarray.index.NDIndex("1, 3"), poison);
+                } finally {
+                    ai.djl.pytorch.jni.JniUtils.setGradMode(true);
+                }
+                g.close();
+                assertFalse(FineTuner.allFinite(p.getArray().getGradient()), "blocked check sees " + poison);
+                assertFalse(tuner.allGradientsFinite(), "GPU check sees " + poison);
             }
         }
     }

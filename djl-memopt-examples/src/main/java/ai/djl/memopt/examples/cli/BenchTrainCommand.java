@@ -1,5 +1,6 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.Device;
 import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.MarkdownTable;
@@ -92,9 +93,10 @@ public final class BenchTrainCommand implements Callable<Integer> {
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and data seed.")
     long seed;
 
-    @Option(names = "--loss-chunk", defaultValue = "64", paramLabel = "TOKENS",
-            description = "Loss head computed in chunks of about this many tokens, in every mode (default 64).")
-    int lossChunk;
+    @Option(names = "--loss-chunk", paramLabel = "TOKENS",
+            description = "Loss head computed in chunks of about this many tokens, in every mode (default "
+                    + Devices.CPU_LOSS_CHUNK_TOKENS + " on the CPU, " + Devices.GPU_LOSS_CHUNK_TOKENS + " on a GPU).")
+    Integer lossChunk;
 
     @Option(names = "--heap", defaultValue = "512m", paramLabel = "SIZE",
             description = "The worker's Java heap, fixed and touched at start (-Xms = -Xmx, -XX:+AlwaysPreTouch) so"
@@ -137,25 +139,26 @@ public final class BenchTrainCommand implements Callable<Integer> {
         } else {
             DeepSeekConfig.preset(preset); // unknown preset: a clear error before any JVM starts
         }
-        if (batch < 1 || seq < 2 || steps < 1 || lossChunk < 1) {
+        String dev = device.toLowerCase(Locale.ROOT);
+        if (!dev.equals("cpu") && !dev.equals("gpu")) {
+            throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
+        }
+        int chunk = Devices.lossChunkTokens(lossChunk, dev.equals("gpu") ? Device.gpu() : Device.cpu());
+        if (batch < 1 || seq < 2 || steps < 1 || chunk < 1) {
             throw new IllegalArgumentException(String.format(Locale.ROOT,
                     "need --batch >= 1, --seq >= 2, --steps >= 1, --loss-chunk >= 1; got %d, %d, %d, %d", batch, seq,
-                    steps, lossChunk));
+                    steps, chunk));
         }
         String spec = checkpoint == null ? "default" : checkpoint.trim().toLowerCase(Locale.ROOT);
         if (checkpoint != null && FineTuner.checkpointPolicy(spec) == null) {
             throw new IllegalArgumentException("--checkpoint " + checkpoint + ": the checkpointed modes need a policy"
                     + " (all, nested, every:N or sqrt); --mode fp32 or fp16 runs without checkpointing");
         }
-        String dev = device.toLowerCase(Locale.ROOT);
-        if (!dev.equals("cpu") && !dev.equals("gpu")) {
-            throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
-        }
         List<JsonObject> results = new ArrayList<>();
         for (String mode : selected) {
             List<String> workerArgs = new ArrayList<>(List.of(preset, mode, Integer.toString(batch),
                     Integer.toString(seq), Integer.toString(steps), dev, Long.toString(seed),
-                    Integer.toString(lossChunk), spec));
+                    Integer.toString(chunk), spec));
             if (model != null) {
                 workerArgs.add(model.toString());
             }
