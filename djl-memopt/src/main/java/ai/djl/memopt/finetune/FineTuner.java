@@ -41,6 +41,7 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.nio.file.StandardCopyOption;
+import java.util.ArrayList;
 import java.util.Collections;
 import java.util.IdentityHashMap;
 import java.util.LinkedHashMap;
@@ -680,6 +681,10 @@ public final class FineTuner implements AutoCloseable {
             }
             return false;
         }
+        if (gpuPaths) {
+            updateAll(scale);
+            return true;
+        }
         for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
             Parameter p = e.getValue();
             if (!p.requiresGradient()) {
@@ -704,17 +709,30 @@ public final class FineTuner implements AutoCloseable {
     boolean allGradientsFinite() {
         try (NDManager t = lm.manager().newSubManager()) {
             NDList extremes = new NDList();
+            // gradients of one type concatenated in groups of about 2^24 elements: a few reductions, not two per tensor
+            Map<DataType, NDList> pending = new LinkedHashMap<>();
+            Map<DataType, long[]> sizes = new LinkedHashMap<>();
             for (Parameter p : parameters.values()) {
                 if (!p.requiresGradient()) {
                     continue;
                 }
                 NDArray g = p.getArray().getGradient();
                 g.attach(t);
-                for (NDArray x : new NDArray[] {g.max(), g.min()}) { // 0-dimensional
-                    x.attach(t);
-                    NDArray x32 = x.getDataType() == DataType.FLOAT32 ? x : x.toType(DataType.FLOAT32, false);
-                    x32.attach(t);
-                    extremes.add(x32);
+                NDArray flat = g.reshape(-1);
+                flat.attach(t);
+                NDList group = pending.computeIfAbsent(g.getDataType(), k -> new NDList());
+                group.add(flat);
+                long[] size = sizes.computeIfAbsent(g.getDataType(), k -> new long[1]);
+                size[0] += flat.size();
+                if (size[0] >= 1L << 24) {
+                    extremes.addAll(extremes(group, t));
+                    group.clear();
+                    size[0] = 0;
+                }
+            }
+            for (NDList group : pending.values()) {
+                if (!group.isEmpty()) {
+                    extremes.addAll(extremes(group, t));
                 }
             }
             if (extremes.isEmpty()) {
@@ -726,6 +744,23 @@ public final class FineTuner implements AutoCloseable {
             bad.attach(t);
             return !bad.getBoolean();
         }
+    }
+
+    /** The maximum and minimum of the concatenated {@code arrays}, as FP32 0-dimensional arrays in {@code t}. */
+    private static NDList extremes(NDList arrays, NDManager t) {
+        NDArray all = arrays.size() == 1 ? arrays.get(0) : ai.djl.ndarray.NDArrays.concat(arrays);
+        all.attach(t);
+        NDList out = new NDList(2);
+        for (NDArray x : new NDArray[] {all.max(), all.min()}) { // 0-dimensional
+            x.attach(t);
+            NDArray x32 = x.getDataType() == DataType.FLOAT32 ? x : x.toType(DataType.FLOAT32, false);
+            x32.attach(t);
+            out.add(x32);
+        }
+        if (all != arrays.get(0)) {
+            all.close(); // the concatenated copy of this group's gradients
+        }
+        return out;
     }
 
     /** Whether every element of {@code a} is finite, checked in blocks of rows (block-sized boolean temporaries). */
@@ -749,7 +784,44 @@ public final class FineTuner implements AutoCloseable {
         return true;
     }
 
+    /**
+     * Every trainable parameter through {@link StatefulOptimizer#updateAll} (flat buckets; the GPU form), FP16 working
+     * weights receiving their updated masters; then the gradients are zeroed.
+     */
+    private void updateAll(float gradDivisor) {
+        try (NDManager t = lm.manager().newSubManager()) {
+            List<String> ids = new ArrayList<>();
+            List<NDArray> weights = new ArrayList<>();
+            List<NDArray> grads = new ArrayList<>();
+            List<NDArray> copies = new ArrayList<>();
+            for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+                Parameter p = e.getValue();
+                if (!p.requiresGradient()) {
+                    continue;
+                }
+                NDArray w = p.getArray();
+                NDArray master = masters.get(e.getKey());
+                NDArray g = w.getGradient();
+                g.attach(t);
+                ids.add(p.getId());
+                weights.add(master != null ? master : w);
+                grads.add(g);
+                copies.add(master != null ? w : null);
+            }
+            optimizer.updateAll(ids, weights, grads, gradDivisor, copies, true);
+        }
+        for (Parameter p : parameters.values()) {
+            if (p.requiresGradient()) {
+                JniUtils.zeroGrad((PtNDArray) p.getArray());
+            }
+        }
+    }
+
     private void updateFp32() {
+        if (gpuPaths) {
+            updateAll(1f);
+            return;
+        }
         for (Parameter p : parameters.values()) {
             if (!p.requiresGradient()) {
                 continue;

@@ -1,15 +1,21 @@
 package ai.djl.memopt.finetune;
 
+import ai.djl.Device;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDArrays;
+import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
 import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.optimizer.Optimizer;
 import com.google.common.base.Preconditions;
+import java.util.ArrayList;
 import java.util.LinkedHashMap;
+import java.util.List;
 import java.util.Locale;
 import java.util.Map;
 
@@ -71,6 +77,9 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     private final Map<String, State> states = new LinkedHashMap<>();
     private final long blockElements;
     private final Boolean fused; // null: fused on a GPU
+    private final long bucketElements;
+    private final List<Bucket> buckets = new ArrayList<>();
+    private List<String> bucketIds; // the parameter ids the buckets were planned for
     private float learningRate;
 
     private StatefulOptimizer(Builder b) {
@@ -85,6 +94,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         this.manager = b.manager;
         this.blockElements = b.blockElements;
         this.fused = b.fused;
+        this.bucketElements = b.bucketElements;
     }
 
     public static Builder builder() {
@@ -209,21 +219,279 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
      * FP32 first when it is not FP32, and unscaled in FP32 inside the call.
      */
     private void fusedAdam(State s, NDArray weight, NDArray grad, float gradDivisor, NDArray copyTo) {
-        double bc1 = 1 - Math.pow(beta1, s.step);
-        double sqrtBc2 = Math.sqrt(1 - Math.pow(beta2, s.step));
         try (NDManager b = manager.newSubManager(weight.getDevice())) {
             NDArray g = grad;
             if (g.getDataType() != DataType.FLOAT32) {
                 g = grad.toType(DataType.FLOAT32, true);
                 g.attach(b);
             }
-            JniUtils.adamUpdate((PtNDArray) weight, (PtNDArray) g, (PtNDArray) s.first, (PtNDArray) s.second,
-                    learningRate, (float) (learningRate * sqrtBc2 / bc1), weightDecay, 1f / gradDivisor, -1f, beta1,
-                    beta2, (float) (epsilon * sqrtBc2), kind == Kind.ADAMW);
+            adamStep(s.step, weight, g, s.first, s.second, gradDivisor);
             if (copyTo != null) {
                 copyInto(copyTo, weight, b);
             }
         }
+    }
+
+    /**
+     * Updates many parameters at once: Adam and AdamW run on flat buckets of parameters of about
+     * {@link Builder#optBucketElements} elements each (their gradients, and the FP32 weights, concatenated; the moments
+     * of a bucket live in one flat array whose pieces are the per-parameter state arrays), one native update per
+     * bucket, then each updated weight is copied back, into {@code copyTo} too when given. Per parameter that leaves a
+     * few native calls instead of a dozen kernels and their Java operations, which on a GPU decided the optimizer's
+     * time. The result is element for element the fused per-parameter update's ({@link #update(String, NDArray,
+     * NDArray, float, NDArray)}). SGD, parameters whose step counts differ within a bucket, and parameters on the CPU
+     * (unless {@link Builder#optFused} is true) are updated one by one.
+     *
+     * @param ids the DJL parameter ids, in a stable order (the buckets are planned for the first list and rebuilt when
+     *     it changes)
+     * @param weights the FP32 weights (masters), updated in place
+     * @param grads their gradients (FP32 or FP16), divided by {@code gradDivisor}
+     * @param copyTo null, or per parameter null or the working copy to receive the updated weight in its own type
+     */
+    public void updateAll(List<String> ids, List<NDArray> weights, List<NDArray> grads, float gradDivisor,
+            List<NDArray> copyTo) {
+        updateAll(ids, weights, grads, gradDivisor, copyTo,
+                ids.isEmpty() || (fused != null ? fused : weights.get(0).getDevice().isGpu()));
+    }
+
+    /** {@link #updateAll} with the choice between buckets and per-parameter blocks made by the caller. */
+    void updateAll(List<String> ids, List<NDArray> weights, List<NDArray> grads, float gradDivisor,
+            List<NDArray> copyTo, boolean whole) {
+        Preconditions.checkArgument(ids.size() == weights.size() && ids.size() == grads.size()
+                && (copyTo == null || copyTo.size() == ids.size()), "updateAll: %s ids, %s weights, %s gradients%s",
+                ids.size(), weights.size(), grads.size(), copyTo == null ? "" : ", " + copyTo.size() + " copies");
+        if (kind == Kind.SGD || !whole) {
+            for (int i = 0; i < ids.size(); i++) {
+                update(ids.get(i), weights.get(i), grads.get(i), gradDivisor, copyTo == null ? null : copyTo.get(i));
+            }
+            return;
+        }
+        if (!ids.equals(bucketIds) || !bucketsCurrent(weights, grads)) {
+            planBuckets(ids, weights, grads);
+        }
+        boolean gradMode = JniUtils.isGradMode();
+        JniUtils.setGradMode(false);
+        try {
+            for (Bucket b : buckets) {
+                b.update(this, weights, grads, gradDivisor, copyTo);
+            }
+        } finally {
+            JniUtils.setGradMode(gradMode);
+        }
+    }
+
+    private boolean bucketsCurrent(List<NDArray> weights, List<NDArray> grads) {
+        for (Bucket b : buckets) {
+            if (!b.isCurrent(this, weights, grads)) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    /**
+     * Groups consecutive parameters of the same weight and gradient types into buckets of about
+     * {@link #bucketElements} elements, and moves each one's moments into its bucket's flat arrays (copying moments
+     * restored from a checkpoint, zeros otherwise).
+     */
+    private void planBuckets(List<String> ids, List<NDArray> weights, List<NDArray> grads) {
+        closeBuckets();
+        Map<String, List<Integer>> byTypes = new LinkedHashMap<>();
+        for (int i = 0; i < ids.size(); i++) {
+            Preconditions.checkArgument(weights.get(i).getDataType() == DataType.FLOAT32,
+                    "StatefulOptimizer updates FP32 weights (FP32 masters in mixed precision); %s is %s", ids.get(i),
+                    weights.get(i).getDataType());
+            Preconditions.checkArgument(grads.get(i).getShape().equals(weights.get(i).getShape()),
+                    "gradient of %s has shape %s, the weight %s", ids.get(i), grads.get(i).getShape(),
+                    weights.get(i).getShape());
+            byTypes.computeIfAbsent(grads.get(i).getDataType() + "@" + weights.get(i).getDevice(),
+                    k -> new ArrayList<>()).add(i);
+        }
+        for (List<Integer> group : byTypes.values()) {
+            List<Integer> members = new ArrayList<>();
+            long size = 0;
+            for (int i : group) {
+                members.add(i);
+                size += weights.get(i).size();
+                if (size >= bucketElements) {
+                    buckets.add(new Bucket(this, members, ids, weights, grads));
+                    members = new ArrayList<>();
+                    size = 0;
+                }
+            }
+            if (!members.isEmpty()) {
+                buckets.add(new Bucket(this, members, ids, weights, grads));
+            }
+        }
+        bucketIds = List.copyOf(ids);
+    }
+
+    private void closeBuckets() {
+        for (Bucket b : buckets) {
+            b.close();
+        }
+        buckets.clear();
+        bucketIds = null;
+    }
+
+    /** Parameters updated together on flat arrays (see {@link #updateAll}). */
+    private static final class Bucket {
+        final int[] members; // indices into the lists passed to updateAll
+        final String[] ids;
+        final long[] sizes;
+        final NDArray[] sources; // the weight arrays this bucket was planned for (identity checked before each update)
+        final NDArray[] flatWeights; // 1-D views of the weights
+        final NDArray first;
+        final NDArray second;
+        final DataType gradType;
+
+        Bucket(StatefulOptimizer o, List<Integer> members, List<String> allIds, List<NDArray> weights,
+                List<NDArray> grads) {
+            int n = members.size();
+            this.members = members.stream().mapToInt(Integer::intValue).toArray();
+            this.ids = new String[n];
+            this.sizes = new long[n];
+            this.sources = new NDArray[n];
+            this.flatWeights = new NDArray[n];
+            this.gradType = grads.get(this.members[0]).getDataType();
+            NDList firsts = new NDList(n);
+            NDList seconds = new NDList(n);
+            long total = 0;
+            for (int j = 0; j < n; j++) {
+                int i = this.members[j];
+                ids[j] = allIds.get(i);
+                NDArray w = weights.get(i);
+                sources[j] = w;
+                sizes[j] = w.size();
+                total += sizes[j];
+                flatWeights[j] = w.reshape(-1);
+                flatWeights[j].attach(o.manager);
+                State s = o.states.computeIfAbsent(ids[j], k -> new State());
+                firsts.add(s.first != null ? s.first.reshape(-1) : o.manager.zeros(new Shape(sizes[j]),
+                        DataType.FLOAT32, w.getDevice()));
+                seconds.add(s.second != null ? s.second.reshape(-1) : o.manager.zeros(new Shape(sizes[j]),
+                        DataType.FLOAT32, w.getDevice()));
+            }
+            first = n == 1 ? firsts.get(0).duplicate() : NDArrays.concat(firsts); // (total) FP32
+            second = n == 1 ? seconds.get(0).duplicate() : NDArrays.concat(seconds);
+            first.attach(o.manager);
+            second.attach(o.manager);
+            firsts.close();
+            seconds.close();
+            // each parameter's moments become pieces of the flat arrays (for stateArrays, checkpoints, stateBytes)
+            NDList firstPieces = split(first);
+            NDList secondPieces = split(second);
+            for (int j = 0; j < n; j++) {
+                State s = o.states.get(ids[j]);
+                s.close();
+                Shape shape = weights.get(this.members[j]).getShape();
+                s.first = firstPieces.get(j).reshape(shape);
+                s.second = secondPieces.get(j).reshape(shape);
+                s.first.attach(o.manager);
+                s.second.attach(o.manager);
+            }
+            firstPieces.close();
+            secondPieces.close();
+            Preconditions.checkState(total == first.size(), "bucket of %s elements, moments of %s", total,
+                    first.size());
+        }
+
+        /** Consecutive 1-D pieces of {@code flat} of this bucket's sizes. */
+        NDList split(NDArray flat) {
+            if (sizes.length == 1) {
+                return new NDList(flat.reshape(-1));
+            }
+            long[] at = new long[sizes.length - 1];
+            long o = 0;
+            for (int j = 0; j < at.length; j++) {
+                o += sizes[j];
+                at[j] = o;
+            }
+            return flat.split(at);
+        }
+
+        boolean isCurrent(StatefulOptimizer o, List<NDArray> weights, List<NDArray> grads) {
+            for (int j = 0; j < members.length; j++) {
+                int i = members[j];
+                State s = o.states.get(ids[j]);
+                if (i >= weights.size() || weights.get(i) != sources[j] || grads.get(i).getDataType() != gradType
+                        || s == null || s.first == null) {
+                    return false;
+                }
+            }
+            return true;
+        }
+
+        void update(StatefulOptimizer o, List<NDArray> weights, List<NDArray> grads, float gradDivisor,
+                List<NDArray> copyTo) {
+            long step = o.states.get(ids[0]).step + 1;
+            for (String id : ids) {
+                if (o.states.get(id).step + 1 != step) { // restored checkpoints may have per-parameter counts
+                    for (int j = 0; j < members.length; j++) {
+                        int i = members[j];
+                        o.update(ids[j], weights.get(i), grads.get(i), gradDivisor,
+                                copyTo == null ? null : copyTo.get(i));
+                    }
+                    return;
+                }
+            }
+            Device device = weights.get(members[0]).getDevice();
+            try (NDManager t = o.manager.newSubManager(device)) {
+                NDList flatGrads = new NDList(members.length);
+                NDList flatW = new NDList(members.length);
+                for (int j = 0; j < members.length; j++) {
+                    NDArray g = grads.get(members[j]).reshape(-1);
+                    g.attach(t);
+                    flatGrads.add(g);
+                    flatW.add(flatWeights[j]);
+                }
+                NDArray g = members.length == 1 ? flatGrads.get(0) : NDArrays.concat(flatGrads);
+                g.attach(t);
+                if (g.getDataType() != DataType.FLOAT32) {
+                    g = g.toType(DataType.FLOAT32, false);
+                    g.attach(t);
+                }
+                NDArray w = members.length == 1 ? flatWeights[0] : NDArrays.concat(flatW);
+                if (w != flatWeights[0]) {
+                    w.attach(t);
+                }
+                for (String id : ids) {
+                    o.states.get(id).step = step;
+                }
+                o.adamStep(step, w, g, first, second, gradDivisor);
+                NDList pieces = members.length == 1 ? new NDList(w) : split(w);
+                for (int j = 0; j < members.length; j++) {
+                    NDArray piece = pieces.get(j);
+                    if (piece != flatWeights[j]) {
+                        piece.attach(t);
+                        copyInto(flatWeights[j], piece, t);
+                    }
+                    NDArray target = copyTo == null ? null : copyTo.get(members[j]);
+                    if (target != null) {
+                        NDArray flatTarget = target.reshape(-1);
+                        flatTarget.attach(t);
+                        copyInto(flatTarget, flatWeights[j], t);
+                    }
+                }
+            }
+        }
+
+        void close() {
+            first.close();
+            second.close();
+            for (NDArray v : flatWeights) {
+                v.close();
+            }
+        }
+    }
+
+    /** The native Adam/AdamW update of {@code weight} (FP32) from the FP32 gradient {@code g} (see the class doc). */
+    private void adamStep(long step, NDArray weight, NDArray g, NDArray first, NDArray second, float gradDivisor) {
+        double bc1 = 1 - Math.pow(beta1, step);
+        double sqrtBc2 = Math.sqrt(1 - Math.pow(beta2, step));
+        JniUtils.adamUpdate((PtNDArray) weight, (PtNDArray) g, (PtNDArray) first, (PtNDArray) second, learningRate,
+                (float) (learningRate * sqrtBc2 / bc1), weightDecay, 1f / gradDivisor, -1f, beta1, beta2,
+                (float) (epsilon * sqrtBc2), kind == Kind.ADAMW);
     }
 
     /** Writes {@code source} into {@code target} (same shape) in {@code target}'s type: one converting copy. */
@@ -356,6 +624,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         if (old != null) {
             old.close();
         }
+        closeBuckets(); // replanned, with the restored moments copied in, at the next updateAll
     }
 
     /** Bytes held by the state arrays. */
@@ -374,6 +643,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     /** Frees the state arrays. */
     @Override
     public void close() {
+        closeBuckets();
         for (State s : states.values()) {
             s.close();
         }
@@ -407,6 +677,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         private NDManager manager;
         private long blockElements = RowBlocks.DEFAULT_BLOCK_ELEMENTS;
         private Boolean fused;
+        private long bucketElements = 1L << 24;
 
         private Builder() {}
 
@@ -472,7 +743,17 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
             return this;
         }
 
+        /**
+         * The size of the buckets of {@link StatefulOptimizer#updateAll} in elements (default 2^24: 64 MB FP32
+         * temporaries per bucket, a handful of buckets for a model of a few hundred million parameters).
+         */
+        public Builder optBucketElements(long elements) {
+            this.bucketElements = elements;
+            return this;
+        }
+
         public StatefulOptimizer build() {
+            Preconditions.checkArgument(bucketElements >= 1, "bucket elements must be >= 1, got %s", bucketElements);
             Preconditions.checkArgument(blockElements >= 1, "block elements must be >= 1, got %s", blockElements);
             Preconditions.checkArgument(manager != null, "StatefulOptimizer needs a manager: call setManager");
             Preconditions.checkArgument(learningRate >= 0 && Float.isFinite(learningRate),

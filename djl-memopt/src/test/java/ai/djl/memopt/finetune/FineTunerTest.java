@@ -323,6 +323,34 @@ class FineTunerTest {
         }
     }
 
+    /**
+     * Training with the GPU forms (flat-bucket optimizer, one-read overflow check, whole head gradient), forced here on
+     * the CPU, gives the weights of the CPU forms after a few steps, in FP32 (with gradient accumulation and
+     * checkpointing) and in FP16.
+     */
+    @Test
+    void gpuPathsTrainLikeTheCpuPaths() throws Exception {
+        TokenDataset data = data(4);
+        for (FineTuner.Precision precision : FineTuner.Precision.values()) {
+            Map<String, float[]> reference = null;
+            for (boolean gpu : new boolean[] {false, true}) {
+                try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 8, Device.cpu(), DataType.FLOAT32);
+                        FineTuner tuner = builder(lm, "all", precision).optLossChunkTokens(12).build()) {
+                    tuner.gpuPaths = gpu;
+                    train(tuner, data, 4);
+                    Map<String, float[]> w = weights(tuner);
+                    if (reference == null) {
+                        reference = w;
+                    } else {
+                        double d = maxDiff(reference, w);
+                        System.out.printf("%s: GPU forms vs CPU forms, max weight difference %.3g%n", precision, d);
+                        assertTrue(d < (precision == FineTuner.Precision.FP32 ? 1e-5 : 1e-3), precision + ": " + d);
+                    }
+                }
+            }
+        }
+    }
+
     @Test
     void rowwiseGradientsMatchAutogradFp32() {
         rowwiseGradientsMatchAutograd(FineTuner.Precision.FP32, "none", false, 1e-6);
