@@ -138,6 +138,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         Deque<Segment> segments = st.segments;
         st.segments = new ArrayDeque<>();
         st.leaves.clear();
+        st.computed.clear();
         if (segments.isEmpty() || !(target instanceof PtNDArray)) {
             delegate.backward(target);
             return;
@@ -179,6 +180,16 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             }
             backward(st, s, retain);
         }
+    }
+
+    /**
+     * Tells the collector that {@code x}, which the caller computed with autograd on (e.g. token embeddings gathered from
+     * a leaf that requires grad), carries a graph, so that a checkpointed block taking it as input does not have to
+     * ask: DJL can only find out through a native exception, which costs milliseconds (torch records a backtrace).
+     * Forgotten at the next {@link #backward}.
+     */
+    public void markComputed(NDArray x) {
+        state().computed.put(x, Boolean.TRUE);
     }
 
     /** {@inheritDoc} */
@@ -280,7 +291,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                 inputGrad |= ours; // an earlier segment's output: a view of its leaf, no graph beyond it
             } else if (x.hasGradient()) {
                 inputGrad = true; // a leaf that requires grad
-            } else if (st.recomputing > 0 || carriesGraph(x)) {
+            } else if (st.recomputing > 0 || st.computed.containsKey(x) || carriesGraph(x)) {
                 // inside a recomputation the inputs of nested segments are computed from the recomputed ones, and
                 // asking costs a native exception each (tens of ms with torch's backtrace): assume a graph
                 inputGrad = true;
@@ -496,6 +507,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         SpanRun spanRun;
         int recomputing; // depth of segment recomputations in progress
         int visiting; // depth of segment backward visits in progress (nesting level of the current one)
+        Map<NDArray, Boolean> computed = new IdentityHashMap<>(); // arrays the caller said carry a graph
     }
 
     private static final class SpanRun {

@@ -381,6 +381,9 @@ public final class FineTuner implements AutoCloseable {
                         ? EmbeddingRows.gather(lm.model(), micro.ids(), micro.rows(), micro.seq(), m)
                         : null;
                 rowwiseEmbeddings += embedding != null ? 1 : 0;
+                if (embedding != null && gc instanceof CheckpointingGradientCollector) {
+                    ((CheckpointingGradientCollector) gc).markComputed(embedding.embeddings());
+                }
                 int positions = Math.max(8, lossChunkTokens / micro.rows());
                 NDArray loss = positions >= micro.seq() - 1
                         ? wholeLoss(gc, m, ps, ids, embedding, lossFactor)

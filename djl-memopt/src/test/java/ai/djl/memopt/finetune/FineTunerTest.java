@@ -310,11 +310,12 @@ class FineTunerTest {
                 assertTrue(tuner.allGradientsFinite(), "real gradients are finite");
                 Parameter p = Blocks.parameters(lm).get("model.layers.1.mlp.experts.2.down_proj.weight");
                 ai.djl.ndarray.NDArray g = p.getArray().getGradient();
+                boolean gradMode = ai.djl.pytorch.jni.JniUtils.isGradMode();
                 ai.djl.pytorch.jni.JniUtils.setGradMode(false);
                 try {
                     g.set(new ai.djl.ndarray.index.NDIndex("1, 3"), poison);
                 } finally {
-                    ai.djl.pytorch.jni.JniUtils.setGradMode(true);
+                    ai.djl.pytorch.jni.JniUtils.setGradMode(gradMode);
                 }
                 g.close();
                 assertFalse(FineTuner.allFinite(p.getArray().getGradient()), "blocked check sees " + poison);

@@ -75,7 +75,8 @@ public final class BenchTrainCommand implements Callable<Integer> {
             description = "How the checkpointed modes (checkpoint, fp16+checkpoint, qlora) checkpoint the decoder"
                     + " layers. Default: nested for checkpoint (every layer, and inside it the attention and the MLP,"
                     + " recomputed one at a time during the layer's backward), nested+experts for fp16+checkpoint (the"
-                    + " routed experts too: the least memory, the slowest), all (every layer) for qlora.")
+                    + " routed experts too: the least memory, the slowest), all (every layer) for qlora; on a GPU all"
+                    + " for every checkpointed mode.")
     String checkpoint;
 
     @Option(names = "--batch", defaultValue = "1", paramLabel = "B", description = "Sequences per step (default 1).")
