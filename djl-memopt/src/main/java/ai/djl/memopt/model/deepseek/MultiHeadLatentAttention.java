@@ -190,7 +190,8 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
         if (!query.getDevice().isGpu()) {
             return SCORE_ELEMENTS_PER_GROUP;
         }
-        return Long.getLong(GPU_GROUP_PROPERTY, Long.MAX_VALUE);
+        String budget = System.getProperty(GPU_GROUP_PROPERTY);
+        return budget == null ? Long.MAX_VALUE : Long.parseLong(budget.trim());
     }
 
     /** Attention over all heads of the arguments at once (see {@link #attend}). */
