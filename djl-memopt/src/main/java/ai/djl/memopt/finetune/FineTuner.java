@@ -684,23 +684,7 @@ public final class FineTuner implements AutoCloseable {
             }
             return false;
         }
-        if (gpuPaths) {
-            updateAll(scale);
-            return true;
-        }
-        for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
-            Parameter p = e.getValue();
-            if (!p.requiresGradient()) {
-                continue;
-            }
-            NDArray w = p.getArray();
-            NDArray master = masters.get(e.getKey());
-            try (NDArray g = w.getGradient()) {
-                // unscaled in FP32 block by block; the updated master block is copied into the FP16 working weight
-                optimizer.update(p.getId(), master != null ? master : w, g, scale, master != null ? w : null);
-            }
-            JniUtils.zeroGrad((PtNDArray) w);
-        }
+        updateAll(scale);
         return true;
     }
 
@@ -788,8 +772,9 @@ public final class FineTuner implements AutoCloseable {
     }
 
     /**
-     * Every trainable parameter through {@link StatefulOptimizer#updateAll} (flat buckets; the GPU form), FP16 working
-     * weights receiving their updated masters; then the gradients are zeroed.
+     * Every trainable parameter through {@link StatefulOptimizer#updateAll}, FP16 working weights receiving their
+     * updated masters, gradients divided by {@code gradDivisor} (the loss scale): on flat buckets in the GPU form,
+     * else parameter by parameter in blocks of rows (unscaled in FP32 block by block); then the gradients are zeroed.
      */
     private void updateAll(float gradDivisor) {
         try (NDManager t = lm.manager().newSubManager()) {
@@ -811,7 +796,7 @@ public final class FineTuner implements AutoCloseable {
                 grads.add(g);
                 copies.add(master != null ? w : null);
             }
-            optimizer.updateAll(ids, weights, grads, gradDivisor, copies, true);
+            optimizer.updateAll(ids, weights, grads, gradDivisor, copies, gpuPaths);
         }
         for (Parameter p : parameters.values()) {
             if (p.requiresGradient()) {
@@ -821,20 +806,7 @@ public final class FineTuner implements AutoCloseable {
     }
 
     private void updateFp32() {
-        if (gpuPaths) {
-            updateAll(1f);
-            return;
-        }
-        for (Parameter p : parameters.values()) {
-            if (!p.requiresGradient()) {
-                continue;
-            }
-            NDArray w = p.getArray();
-            try (NDArray g = w.getGradient()) {
-                optimizer.update(p.getId(), w, g);
-            }
-            JniUtils.zeroGrad((PtNDArray) w);
-        }
+        updateAll(1f);
     }
 
     /** Mean next-token loss of a batch without gradients (held-out evaluation); closes what it creates. */

@@ -1,19 +1,14 @@
 package ai.djl.memopt.finetune;
 
-import ai.djl.Device;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
-import ai.djl.ndarray.NDArrays;
-import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
-import ai.djl.ndarray.types.Shape;
 import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.optimizer.Optimizer;
 import com.google.common.base.Preconditions;
-import java.util.ArrayList;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Locale;
@@ -73,13 +68,12 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     private final float epsilon;
     private final float weightDecay;
     private final float momentum;
-    private final NDManager manager;
-    private final Map<String, State> states = new LinkedHashMap<>();
+    final NDManager manager;
+    final Map<String, State> states = new LinkedHashMap<>();
     private final long blockElements;
     private final Boolean fused; // null: fused on a GPU
     private final long bucketElements;
-    private final List<Bucket> buckets = new ArrayList<>();
-    private List<String> bucketIds; // the parameter ids the buckets were planned for
+    private final AdamBuckets buckets = new AdamBuckets();
     private float learningRate;
 
     private StatefulOptimizer(Builder b) {
@@ -266,227 +260,20 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
             }
             return;
         }
-        if (!ids.equals(bucketIds) || !bucketsCurrent(weights, grads)) {
-            planBuckets(ids, weights, grads);
+        if (!buckets.isCurrent(this, ids, weights, grads)) {
+            buckets.plan(this, ids, weights, grads, bucketElements);
         }
         boolean gradMode = JniUtils.isGradMode();
         JniUtils.setGradMode(false);
         try {
-            for (Bucket b : buckets) {
-                b.update(this, weights, grads, gradDivisor, copyTo);
-            }
+            buckets.update(this, weights, grads, gradDivisor, copyTo);
         } finally {
             JniUtils.setGradMode(gradMode);
         }
     }
 
-    private boolean bucketsCurrent(List<NDArray> weights, List<NDArray> grads) {
-        for (Bucket b : buckets) {
-            if (!b.isCurrent(this, weights, grads)) {
-                return false;
-            }
-        }
-        return true;
-    }
-
-    /**
-     * Groups consecutive parameters of the same weight and gradient types into buckets of about
-     * {@link #bucketElements} elements, and moves each one's moments into its bucket's flat arrays (copying moments
-     * restored from a checkpoint, zeros otherwise).
-     */
-    private void planBuckets(List<String> ids, List<NDArray> weights, List<NDArray> grads) {
-        closeBuckets();
-        Map<String, List<Integer>> byTypes = new LinkedHashMap<>();
-        for (int i = 0; i < ids.size(); i++) {
-            Preconditions.checkArgument(weights.get(i).getDataType() == DataType.FLOAT32,
-                    "StatefulOptimizer updates FP32 weights (FP32 masters in mixed precision); %s is %s", ids.get(i),
-                    weights.get(i).getDataType());
-            Preconditions.checkArgument(grads.get(i).getShape().equals(weights.get(i).getShape()),
-                    "gradient of %s has shape %s, the weight %s", ids.get(i), grads.get(i).getShape(),
-                    weights.get(i).getShape());
-            byTypes.computeIfAbsent(grads.get(i).getDataType() + "@" + weights.get(i).getDevice(),
-                    k -> new ArrayList<>()).add(i);
-        }
-        for (List<Integer> group : byTypes.values()) {
-            List<Integer> members = new ArrayList<>();
-            long size = 0;
-            for (int i : group) {
-                members.add(i);
-                size += weights.get(i).size();
-                if (size >= bucketElements) {
-                    buckets.add(new Bucket(this, members, ids, weights, grads));
-                    members = new ArrayList<>();
-                    size = 0;
-                }
-            }
-            if (!members.isEmpty()) {
-                buckets.add(new Bucket(this, members, ids, weights, grads));
-            }
-        }
-        bucketIds = List.copyOf(ids);
-    }
-
-    private void closeBuckets() {
-        for (Bucket b : buckets) {
-            b.close();
-        }
-        buckets.clear();
-        bucketIds = null;
-    }
-
-    /** Parameters updated together on flat arrays (see {@link #updateAll}). */
-    private static final class Bucket {
-        final int[] members; // indices into the lists passed to updateAll
-        final String[] ids;
-        final long[] sizes;
-        final NDArray[] sources; // the weight arrays this bucket was planned for (identity checked before each update)
-        final NDArray[] flatWeights; // 1-D views of the weights
-        final NDArray first;
-        final NDArray second;
-        final DataType gradType;
-
-        Bucket(StatefulOptimizer o, List<Integer> members, List<String> allIds, List<NDArray> weights,
-                List<NDArray> grads) {
-            int n = members.size();
-            this.members = members.stream().mapToInt(Integer::intValue).toArray();
-            this.ids = new String[n];
-            this.sizes = new long[n];
-            this.sources = new NDArray[n];
-            this.flatWeights = new NDArray[n];
-            this.gradType = grads.get(this.members[0]).getDataType();
-            NDList firsts = new NDList(n);
-            NDList seconds = new NDList(n);
-            long total = 0;
-            for (int j = 0; j < n; j++) {
-                int i = this.members[j];
-                ids[j] = allIds.get(i);
-                NDArray w = weights.get(i);
-                sources[j] = w;
-                sizes[j] = w.size();
-                total += sizes[j];
-                flatWeights[j] = w.reshape(-1);
-                flatWeights[j].attach(o.manager);
-                State s = o.states.computeIfAbsent(ids[j], k -> new State());
-                firsts.add(s.first != null ? s.first.reshape(-1) : o.manager.zeros(new Shape(sizes[j]),
-                        DataType.FLOAT32, w.getDevice()));
-                seconds.add(s.second != null ? s.second.reshape(-1) : o.manager.zeros(new Shape(sizes[j]),
-                        DataType.FLOAT32, w.getDevice()));
-            }
-            first = n == 1 ? firsts.get(0).duplicate() : NDArrays.concat(firsts); // (total) FP32
-            second = n == 1 ? seconds.get(0).duplicate() : NDArrays.concat(seconds);
-            first.attach(o.manager);
-            second.attach(o.manager);
-            firsts.close();
-            seconds.close();
-            // each parameter's moments become pieces of the flat arrays (for stateArrays, checkpoints, stateBytes)
-            NDList firstPieces = split(first);
-            NDList secondPieces = split(second);
-            for (int j = 0; j < n; j++) {
-                State s = o.states.get(ids[j]);
-                s.close();
-                Shape shape = weights.get(this.members[j]).getShape();
-                s.first = firstPieces.get(j).reshape(shape);
-                s.second = secondPieces.get(j).reshape(shape);
-                s.first.attach(o.manager);
-                s.second.attach(o.manager);
-            }
-            firstPieces.close();
-            secondPieces.close();
-            Preconditions.checkState(total == first.size(), "bucket of %s elements, moments of %s", total,
-                    first.size());
-        }
-
-        /** Consecutive 1-D pieces of {@code flat} of this bucket's sizes. */
-        NDList split(NDArray flat) {
-            if (sizes.length == 1) {
-                return new NDList(flat.reshape(-1));
-            }
-            long[] at = new long[sizes.length - 1];
-            long o = 0;
-            for (int j = 0; j < at.length; j++) {
-                o += sizes[j];
-                at[j] = o;
-            }
-            return flat.split(at);
-        }
-
-        boolean isCurrent(StatefulOptimizer o, List<NDArray> weights, List<NDArray> grads) {
-            for (int j = 0; j < members.length; j++) {
-                int i = members[j];
-                State s = o.states.get(ids[j]);
-                if (i >= weights.size() || weights.get(i) != sources[j] || grads.get(i).getDataType() != gradType
-                        || s == null || s.first == null) {
-                    return false;
-                }
-            }
-            return true;
-        }
-
-        void update(StatefulOptimizer o, List<NDArray> weights, List<NDArray> grads, float gradDivisor,
-                List<NDArray> copyTo) {
-            long step = o.states.get(ids[0]).step + 1;
-            for (String id : ids) {
-                if (o.states.get(id).step + 1 != step) { // restored checkpoints may have per-parameter counts
-                    for (int j = 0; j < members.length; j++) {
-                        int i = members[j];
-                        o.update(ids[j], weights.get(i), grads.get(i), gradDivisor,
-                                copyTo == null ? null : copyTo.get(i));
-                    }
-                    return;
-                }
-            }
-            Device device = weights.get(members[0]).getDevice();
-            try (NDManager t = o.manager.newSubManager(device)) {
-                NDList flatGrads = new NDList(members.length);
-                NDList flatW = new NDList(members.length);
-                for (int j = 0; j < members.length; j++) {
-                    NDArray g = grads.get(members[j]).reshape(-1);
-                    g.attach(t);
-                    flatGrads.add(g);
-                    flatW.add(flatWeights[j]);
-                }
-                NDArray g = members.length == 1 ? flatGrads.get(0) : NDArrays.concat(flatGrads);
-                g.attach(t);
-                if (g.getDataType() != DataType.FLOAT32) {
-                    g = g.toType(DataType.FLOAT32, false);
-                    g.attach(t);
-                }
-                NDArray w = members.length == 1 ? flatWeights[0] : NDArrays.concat(flatW);
-                if (w != flatWeights[0]) {
-                    w.attach(t);
-                }
-                for (String id : ids) {
-                    o.states.get(id).step = step;
-                }
-                o.adamStep(step, w, g, first, second, gradDivisor);
-                NDList pieces = members.length == 1 ? new NDList(w) : split(w);
-                for (int j = 0; j < members.length; j++) {
-                    NDArray piece = pieces.get(j);
-                    if (piece != flatWeights[j]) {
-                        piece.attach(t);
-                        copyInto(flatWeights[j], piece, t);
-                    }
-                    NDArray target = copyTo == null ? null : copyTo.get(members[j]);
-                    if (target != null) {
-                        NDArray flatTarget = target.reshape(-1);
-                        flatTarget.attach(t);
-                        copyInto(flatTarget, flatWeights[j], t);
-                    }
-                }
-            }
-        }
-
-        void close() {
-            first.close();
-            second.close();
-            for (NDArray v : flatWeights) {
-                v.close();
-            }
-        }
-    }
-
     /** The native Adam/AdamW update of {@code weight} (FP32) from the FP32 gradient {@code g} (see the class doc). */
-    private void adamStep(long step, NDArray weight, NDArray g, NDArray first, NDArray second, float gradDivisor) {
+    void adamStep(long step, NDArray weight, NDArray g, NDArray first, NDArray second, float gradDivisor) {
         double bc1 = 1 - Math.pow(beta1, step);
         double sqrtBc2 = Math.sqrt(1 - Math.pow(beta2, step));
         JniUtils.adamUpdate((PtNDArray) weight, (PtNDArray) g, (PtNDArray) first, (PtNDArray) second, learningRate,
@@ -495,7 +282,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     }
 
     /** Writes {@code source} into {@code target} (same shape) in {@code target}'s type: one converting copy. */
-    private static void copyInto(NDArray target, NDArray source, NDManager tmp) {
+    static void copyInto(NDArray target, NDArray source, NDManager tmp) {
         if (target instanceof PtNDArray && source instanceof PtNDArray) {
             long[] shape = target.getShape().getShape();
             long[] step = new long[shape.length];
@@ -624,7 +411,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         if (old != null) {
             old.close();
         }
-        closeBuckets(); // replanned, with the restored moments copied in, at the next updateAll
+        buckets.close(); // replanned, with the restored moments copied in, at the next updateAll
     }
 
     /** Bytes held by the state arrays. */
@@ -643,14 +430,14 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     /** Frees the state arrays. */
     @Override
     public void close() {
-        closeBuckets();
+        buckets.close();
         for (State s : states.values()) {
             s.close();
         }
         states.clear();
     }
 
-    private static final class State {
+    static final class State {
         long step;
         NDArray first;
         NDArray second;

@@ -112,12 +112,9 @@ public final class TrainBenchWorker {
             double lastLoss = Double.NaN;
             int skipped = 0;
             for (int s = 0; s < steps; s++) {
-                long[] ids = new long[batch * seq];
-                for (int i = 0; i < ids.length; i++) {
-                    ids[i] = random.nextInt(config.vocabSize());
-                }
+                TokenBatch tokens = randomBatch(random, config, batch, seq);
                 long t0 = System.nanoTime();
-                StepResult r = tuner.step(new TokenBatch(ids, batch, seq));
+                StepResult r = tuner.step(tokens);
                 seconds[s] = (System.nanoTime() - t0) / 1e9;
                 if (s == 0) {
                     firstLoss = r.loss();
@@ -190,14 +187,11 @@ public final class TrainBenchWorker {
         double wall = 0;
         long reads = 0;
         for (int s = 0; s < PROFILED_STEPS; s++) {
-            long[] ids = new long[batch * seq];
-            for (int i = 0; i < ids.length; i++) {
-                ids[i] = random.nextInt(config.vocabSize());
-            }
+            TokenBatch tokens = randomBatch(random, config, batch, seq);
             long readsBefore = HostReads.count();
             PhaseTimer timer = PhaseTimer.start(manager);
             long t0 = System.nanoTime();
-            tuner.step(new TokenBatch(ids, batch, seq));
+            tuner.step(tokens);
             Map<String, Double> phases = timer.stop();
             wall += (System.nanoTime() - t0) / 1e9;
             reads += HostReads.count() - readsBefore;
@@ -211,6 +205,15 @@ public final class TrainBenchWorker {
         o.addProperty("host_reads_per_step", (double) reads / PROFILED_STEPS);
         o.addProperty("steps", PROFILED_STEPS);
         return o;
+    }
+
+    /** A batch of {@code batch x seq} random token ids. */
+    static TokenBatch randomBatch(SplittableRandom random, DeepSeekConfig config, int batch, int seq) {
+        long[] ids = new long[batch * seq];
+        for (int i = 0; i < ids.length; i++) {
+            ids[i] = random.nextInt(config.vocabSize());
+        }
+        return new TokenBatch(ids, batch, seq);
     }
 
     /**
