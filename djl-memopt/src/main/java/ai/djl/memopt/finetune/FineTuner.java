@@ -219,29 +219,45 @@ public final class FineTuner implements AutoCloseable {
         optimizer.setLearningRate(lr);
         float scale = lossScale();
         int micro = batch.rows() / k;
-        double lossSum = 0;
-        for (int i = 0; i < k; i++) {
-            double loss = forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k);
-            if (!Double.isFinite(loss)) { // not a scaling matter: the forward pass itself overflowed or met NaN
-                update.zeroGradients();
-                throw new NonFiniteLossException(step + 1, "the loss is " + loss + " (" + precision + "): the"
-                        + " weights, the activations or the data hold non-finite values; nothing was updated");
+        double lossSum;
+        try (NDManager losses = lm.manager().newSubManager()) {
+            NDArray sum = null; // the micro-batches' mean losses, summed on the device
+            for (int i = 0; i < k; i++) {
+                NDArray loss = forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k, losses);
+                if (sum == null) {
+                    sum = loss;
+                } else {
+                    sum.addi(loss);
+                }
             }
-            lossSum += loss;
+            // checked with the gradients before the update, read once the update is queued (a GPU waits for its queue)
+            boolean skipped = !update.apply(scale, step + 1, sum);
+            lossSum = sum.getFloat();
+            if (releaseFreedMemory && !lm.manager().getDevice().isGpu()) {
+                NativeMemory.releaseFreed();
+            }
+            step++;
+            dataPosition += batch.rows();
+            return new StepResult(step, lossSum / k, scale, skipped, batch.tokens(), lr);
         }
-        boolean skipped = !update.apply(scale, step + 1);
-        if (releaseFreedMemory && !lm.manager().getDevice().isGpu()) {
-            NativeMemory.releaseFreed();
-        }
-        step++;
-        dataPosition += batch.rows();
-        return new StepResult(step, lossSum / k, scale, skipped, batch.tokens(), lr);
     }
 
     /** Forward and backward of a whole batch with the loss times {@code lossFactor}, no update (for tests). */
     double accumulateGradients(TokenBatch batch, float lossFactor) {
         checkIds(batch);
-        return forwardBackward(batch, lossFactor);
+        try (NDManager losses = lm.manager().newSubManager()) {
+            return forwardBackward(batch, lossFactor, losses).getFloat();
+        }
+    }
+
+    /**
+     * Switches the GPU forms of the step on or off (for tests, to compare them with the CPU forms on the CPU): the
+     * head's weight gradient in one product ({@link ChunkedLossHead}), the check of loss and gradients in one read and
+     * the bucketed optimizer update ({@link ParameterUpdate}). On by default on a GPU.
+     */
+    void setGpuForms(boolean gpu) {
+        lossHead.gpuForms = gpu;
+        update.gpuForms = gpu;
     }
 
     private void checkIds(TokenBatch batch) {
@@ -251,9 +267,12 @@ public final class FineTuner implements AutoCloseable {
                 lm.config().vocabSize());
     }
 
-    /** Forward and backward of one micro-batch; returns its mean loss. Gradients accumulate into the parameters. */
-    private double forwardBackward(TokenBatch micro, float lossFactor) {
-        double loss = lossHead.forwardBackward(micro, lossFactor, rowwiseGradients);
+    /**
+     * Forward and backward of one micro-batch; returns its mean loss, a device scalar attached to {@code losses}.
+     * Gradients accumulate into the parameters.
+     */
+    private NDArray forwardBackward(TokenBatch micro, float lossFactor, NDManager losses) {
+        NDArray loss = lossHead.forwardBackward(micro, lossFactor, rowwiseGradients, losses);
         rowwiseEmbeddings = lossHead.rowwiseEmbeddings;
         manualHeadChunks = lossHead.manualChunks;
         return loss;

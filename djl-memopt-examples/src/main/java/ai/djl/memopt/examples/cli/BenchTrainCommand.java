@@ -1,5 +1,6 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.Device;
 import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.MarkdownTable;
@@ -74,7 +75,8 @@ public final class BenchTrainCommand implements Callable<Integer> {
             description = "How the checkpointed modes (checkpoint, fp16+checkpoint, qlora) checkpoint the decoder"
                     + " layers. Default: nested for checkpoint (every layer, and inside it the attention and the MLP,"
                     + " recomputed one at a time during the layer's backward), nested+experts for fp16+checkpoint (the"
-                    + " routed experts too: the least memory, the slowest), all (every layer) for qlora.")
+                    + " routed experts too: the least memory, the slowest), all (every layer) for qlora; on a GPU all"
+                    + " for every checkpointed mode.")
     String checkpoint;
 
     @Option(names = "--batch", defaultValue = "1", paramLabel = "B", description = "Sequences per step (default 1).")
@@ -92,9 +94,10 @@ public final class BenchTrainCommand implements Callable<Integer> {
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and data seed.")
     long seed;
 
-    @Option(names = "--loss-chunk", defaultValue = "64", paramLabel = "TOKENS",
-            description = "Loss head computed in chunks of about this many tokens, in every mode (default 64).")
-    int lossChunk;
+    @Option(names = "--loss-chunk", paramLabel = "TOKENS",
+            description = "Loss head computed in chunks of about this many tokens, in every mode (default "
+                    + Devices.CPU_LOSS_CHUNK_TOKENS + " on the CPU, " + Devices.GPU_LOSS_CHUNK_TOKENS + " on a GPU).")
+    Integer lossChunk;
 
     @Option(names = "--heap", defaultValue = "512m", paramLabel = "SIZE",
             description = "The worker's Java heap, fixed and touched at start (-Xms = -Xmx, -XX:+AlwaysPreTouch) so"
@@ -116,6 +119,13 @@ public final class BenchTrainCommand implements Callable<Integer> {
     @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
     boolean json;
 
+    @Option(names = "--profile",
+            description = "After the measured steps, time " + TrainBenchWorker.PROFILED_STEPS + " more steps phase by"
+                    + " phase (forward, loss head, each level of recomputation and backward, optimizer update, host"
+                    + " reads), waiting for the device at every phase boundary; adds a 'profile' object to the JSON"
+                    + " and prints a table. The measured steps are not slowed.")
+    boolean profile;
+
     @Override
     public Integer call() throws Exception {
         List<String> selected = modes == null || modes.isEmpty() ? MODES : normalise(modes);
@@ -130,29 +140,34 @@ public final class BenchTrainCommand implements Callable<Integer> {
         } else {
             DeepSeekConfig.preset(preset); // unknown preset: a clear error before any JVM starts
         }
-        if (batch < 1 || seq < 2 || steps < 1 || lossChunk < 1) {
+        String dev = device.toLowerCase(Locale.ROOT);
+        if (!dev.equals("cpu") && !dev.equals("gpu")) {
+            throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
+        }
+        int chunk = Devices.lossChunkTokens(lossChunk, dev.equals("gpu") ? Device.gpu() : Device.cpu());
+        if (batch < 1 || seq < 2 || steps < 1 || chunk < 1) {
             throw new IllegalArgumentException(String.format(Locale.ROOT,
                     "need --batch >= 1, --seq >= 2, --steps >= 1, --loss-chunk >= 1; got %d, %d, %d, %d", batch, seq,
-                    steps, lossChunk));
+                    steps, chunk));
         }
         String spec = checkpoint == null ? "default" : checkpoint.trim().toLowerCase(Locale.ROOT);
         if (checkpoint != null && FineTuner.checkpointPolicy(spec) == null) {
             throw new IllegalArgumentException("--checkpoint " + checkpoint + ": the checkpointed modes need a policy"
                     + " (all, nested, every:N or sqrt); --mode fp32 or fp16 runs without checkpointing");
         }
-        String dev = device.toLowerCase(Locale.ROOT);
-        if (!dev.equals("cpu") && !dev.equals("gpu")) {
-            throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
-        }
         List<JsonObject> results = new ArrayList<>();
         for (String mode : selected) {
             List<String> workerArgs = new ArrayList<>(List.of(preset, mode, Integer.toString(batch),
                     Integer.toString(seq), Integer.toString(steps), dev, Long.toString(seed),
-                    Integer.toString(lossChunk), spec));
+                    Integer.toString(chunk), spec));
             if (model != null) {
                 workerArgs.add(model.toString());
             }
-            List<String> lines = FreshJvm.run(workerJvm(heap), ALLOCATOR, timeout, TrainBenchWorker.class, workerArgs);
+            List<String> jvm = new ArrayList<>(workerJvm(heap));
+            if (profile) {
+                jvm.add("-D" + TrainBenchWorker.PROFILE_PROPERTY + "=true");
+            }
+            List<String> lines = FreshJvm.run(jvm, ALLOCATOR, timeout, TrainBenchWorker.class, workerArgs);
             JsonObject result = null;
             for (String line : lines) {
                 if (line.startsWith("{")) {
@@ -163,6 +178,9 @@ public final class BenchTrainCommand implements Callable<Integer> {
                 throw new IOException("the " + mode + " worker printed no result; its output: " + lines);
             }
             System.out.println(result);
+            if (result.has("profile")) {
+                System.out.print(profileTable(result));
+            }
             System.out.flush();
             results.add(result);
         }
@@ -189,6 +207,21 @@ public final class BenchTrainCommand implements Callable<Integer> {
      */
     static List<String> workerJvm(String heap) {
         return List.of("-Xms" + heap, "-Xmx" + heap, "-XX:+AlwaysPreTouch", "-XX:MaxDirectMemorySize=1024g");
+    }
+
+    /** The profile of one result as a small text table: phase, seconds per step, share of the profiled step. */
+    static String profileTable(JsonObject result) {
+        JsonObject p = result.getAsJsonObject("profile");
+        double step = p.get("step_seconds").getAsDouble();
+        StringBuilder b = new StringBuilder();
+        b.append(String.format(Locale.ROOT, "profile of %s (%s): %.4f s per profiled step, %.1f host reads per step%n",
+                result.get("mode").getAsString(), result.get("checkpointing").getAsString(), step,
+                p.get("host_reads_per_step").getAsDouble()));
+        for (Map.Entry<String, com.google.gson.JsonElement> e : p.getAsJsonObject("phase_seconds").entrySet()) {
+            double s = e.getValue().getAsDouble();
+            b.append(String.format(Locale.ROOT, "  %-20s %9.4f s %6.1f%%%n", e.getKey(), s, 100 * s / step));
+        }
+        return b.toString();
     }
 
     private static List<String> normalise(List<String> modes) {

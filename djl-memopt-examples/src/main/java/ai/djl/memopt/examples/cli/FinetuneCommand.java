@@ -137,9 +137,10 @@ public final class FinetuneCommand implements Callable<Integer> {
             description = "Micro-batches per optimizer step (default 1).")
     int gradAccum;
 
-    @Option(names = "--loss-chunk", defaultValue = "64", paramLabel = "TOKENS",
-            description = "Compute the loss head in chunks of about this many tokens (default 64).")
-    int lossChunk;
+    @Option(names = "--loss-chunk", paramLabel = "TOKENS",
+            description = "Compute the loss head in chunks of about this many tokens (default "
+                    + Devices.CPU_LOSS_CHUNK_TOKENS + " on the CPU, " + Devices.GPU_LOSS_CHUNK_TOKENS + " on a GPU).")
+    Integer lossChunk;
 
     @Option(names = "--save", required = true, paramLabel = "DIR",
             description = "Output: the final model, and training checkpoints under DIR/checkpoints. Replaced as a whole"
@@ -238,7 +239,8 @@ public final class FinetuneCommand implements Callable<Integer> {
                 LearningRateSchedule schedule = LearningRateSchedule.of(lr, warmup, cosine ? steps : 0, 0.1f);
                 try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpoint)
                         .optPrecision(prec).optOptimizer(kind).optSchedule(schedule).optWeightDecay(weightDecay)
-                        .optGradientAccumulation(gradAccum).optLossChunkTokens(lossChunk).optSeed(seed)
+                        .optGradientAccumulation(gradAccum)
+                        .optLossChunkTokens(Devices.lossChunkTokens(lossChunk, dev)).optSeed(seed)
                         .optRunIdentity(identity).build()) {
                     resume(tuner);
                     done[0] = new FinetuneLoop(this).train(tuner, dataset, dev, tokenizerJson, out);
@@ -412,7 +414,9 @@ public final class FinetuneCommand implements Callable<Integer> {
         positive("--batch", batch);
         positive("--grad-accum", gradAccum);
         positive("--keep-checkpoints", keepCheckpoints);
-        positive("--loss-chunk", lossChunk);
+        if (lossChunk != null) {
+            positive("--loss-chunk", lossChunk);
+        }
         if (seq < 2) {
             throw new IllegalArgumentException("--seq must be at least 2, got " + seq);
         }

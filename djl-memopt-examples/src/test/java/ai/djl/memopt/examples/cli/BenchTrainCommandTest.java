@@ -72,9 +72,26 @@ class BenchTrainCommandTest {
     @Test
     void qloraStateIsAFifthOfFullFp32TrainingAtMost() throws Exception {
         String[] r = FinetuneCommandTest.run("bench", "train", "--preset", "bench-tiny", "--mode", "qlora", "--batch",
-                "1", "--seq", "16", "--steps", "1", "--heap", "256m", "--timeout", "300");
+                "1", "--seq", "16", "--steps", "1", "--heap", "256m", "--timeout", "300", "--profile");
         assertEquals("0", r[0], r[2]);
-        JsonObject o = JsonParser.parseString(r[1].trim()).getAsJsonObject();
+        String[] out = r[1].trim().split("\n");
+        JsonObject o = JsonParser.parseString(out[0]).getAsJsonObject();
+        // --profile: the phases of a checkpointed step, each timed once per profiled step, and the printed table
+        JsonObject profile = o.getAsJsonObject("profile");
+        JsonObject phases = profile.getAsJsonObject("phase_seconds");
+        for (String phase : new String[] {"forward", "loss head", "recompute L1", "backward L1", "optimizer",
+            "host reads"}) {
+            assertTrue(phases.has(phase) && phases.get(phase).getAsDouble() >= 0, phase + " in " + profile);
+        }
+        double sum = 0;
+        for (String phase : phases.keySet()) {
+            sum += phases.get(phase).getAsDouble();
+        }
+        // every moment of a profiled step is charged to exactly one phase, the host work between steps excepted
+        assertTrue(sum <= profile.get("step_seconds").getAsDouble() * 1.001 + 1e-3, profile.toString());
+        assertTrue(sum >= 0.5 * profile.get("step_seconds").getAsDouble(), profile.toString());
+        assertEquals(2, profile.get("steps").getAsInt());
+        assertTrue(r[1].contains("profile of qlora (all)") && r[1].contains("recompute L1"), r[1]);
         long params = DeepSeekConfig.preset("bench-tiny").parameterCount();
         long fp32State = 16 * params; // FP32 weights, gradients and two AdamW moments, as the fp32 mode reports
         long state = o.get("state_bytes").getAsLong();
