@@ -18,6 +18,7 @@ import ai.djl.memopt.quantize.Sparse24;
 import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.nn.Block;
@@ -36,6 +37,14 @@ import java.util.Set;
  * parameter is copied in.
  */
 final class ArtifactLoader {
+
+    /**
+     * Every element, for copying loaded values into a parameter in place. {@code NDArray.set(ByteBuffer)} would do
+     * too, but DJL's native {@code torchSet} opens libtorch's deprecated {@code AutoNonVariableTypeMode}, which prints
+     * a 480-character warning on the first load of every process; an indexed copy runs {@code index_put_} instead.
+     */
+    private static final NDIndex ALL = new NDIndex(":");
+
 
     private ArtifactLoader() {}
 
@@ -139,7 +148,7 @@ final class ArtifactLoader {
                 Sparse24 s = Sparse24.of(st.load(tmp, join(path, "sparse24_values")),
                         st.load(tmp, join(path, "sparse24_indices")), w.getShape());
                 NDArray dense = s.decompress(tmp).toType(w.getDataType(), false);
-                w.set(dense.toByteBuffer());
+                w.set(ALL, dense); // not set(ByteBuffer): see ALL
             } catch (IllegalArgumentException ex) {
                 throw new QuantizedArtifactException("2:4 layer '" + path + "': " + ex.getMessage(), ex);
             }
@@ -151,7 +160,7 @@ final class ArtifactLoader {
             NDArray target = p.getValue().getArray();
             try (NDManager tmp = target.getManager().newSubManager(target.getDevice())) {
                 NDArray v = st.load(tmp, p.getKey(), target.getDataType());
-                target.set(v.toByteBuffer());
+                target.set(ALL, v);
             }
         }
     }

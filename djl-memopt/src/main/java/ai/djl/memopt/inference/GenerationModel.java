@@ -54,6 +54,15 @@ public final class GenerationModel implements AutoCloseable {
      * @throws IOException if the directory, config, weights or tokenizer files are missing or malformed
      */
     public static GenerationModel open(Path dir, Device device, DataType dtype) throws IOException {
+        return open(dir, device, dtype, null);
+    }
+
+    /**
+     * As {@link #open(Path, Device, DataType)}, with a LoRA adapter (PEFT layout) put on the model first, unmerged.
+     *
+     * @param adapter the adapter directory, or null for none
+     */
+    public static GenerationModel open(Path dir, Device device, DataType dtype, Path adapter) throws IOException {
         Preconditions.checkArgument(dir != null, "model directory is required");
         Path sideFiles = GgufModelFiles.directoryOf(dir); // a GGUF file's tokenizer as side files, else dir itself
         if (!Files.isDirectory(sideFiles)) {
@@ -62,7 +71,7 @@ public final class GenerationModel implements AutoCloseable {
         NDManager weights = NDManager.newBaseManager(device);
         TextTokenizer tokenizer = null;
         try {
-            DeepSeekForCausalLM model = ModelDirectories.loadDeepSeek(dir, weights, dtype); // verifies listed files
+            DeepSeekForCausalLM model = ModelDirectories.loadDeepSeek(dir, weights, dtype, adapter); // verifies listed files
             ModelFiles files = ModelFiles.of(sideFiles);
             if (files.find("tokenizer.json").isPresent()) {
                 tokenizer = TextTokenizer.fromFiles(files);

@@ -19,6 +19,12 @@ import java.util.OptionalLong;
  */
 public final class SamplingParams {
 
+    /**
+     * The largest temperature accepted, as in OpenAI's API: above it sampling is close to uniform noise. The server and
+     * {@code memopt generate} check the same bound.
+     */
+    public static final float MAX_TEMPERATURE = 2f;
+
     private final int maxNewTokens;
     private final float temperature;
     private final int topK;
@@ -125,7 +131,7 @@ public final class SamplingParams {
             return this;
         }
 
-        /** 0 (default) = greedy; otherwise the softmax temperature, {@code > 0}. */
+        /** 0 (default) = greedy; otherwise the softmax temperature, at most {@link #MAX_TEMPERATURE}. */
         public Builder optTemperature(float temperature) {
             this.temperature = temperature;
             return this;
@@ -169,8 +175,8 @@ public final class SamplingParams {
 
         public SamplingParams build() {
             Preconditions.checkArgument(maxNewTokens >= 1, "maxNewTokens must be set and >= 1, got %s", maxNewTokens);
-            Preconditions.checkArgument(
-                    temperature >= 0f && Float.isFinite(temperature), "temperature must be finite and >= 0, got %s", temperature);
+            Preconditions.checkArgument(temperature >= 0f && temperature <= MAX_TEMPERATURE,
+                    "temperature must be in [0, %s], got %s", MAX_TEMPERATURE, temperature);
             Preconditions.checkArgument(topK >= 0, "topK must be >= 0 (0 = no limit), got %s", topK);
             Preconditions.checkArgument(topP > 0f && topP <= 1f, "topP must be in (0, 1], got %s", topP);
             Preconditions.checkArgument(stopStrings != null, "stopStrings must not be null");

@@ -167,6 +167,12 @@ public final class Lora {
                 total += p.getArray().size();
             }
         }
+        // a quantized base's weights are packed arrays, not parameters: count them as the weights they stand for
+        for (Block b : Blocks.walk(root).values()) {
+            if (b instanceof LinearWeightSource) {
+                total += ((LinearWeightSource) b).storedWeightCount();
+            }
+        }
         return new LoraReport(paths, trainableParameterCount(root), total);
     }
 

@@ -27,9 +27,9 @@ public final class LoraReport {
     }
 
     /**
-     * Elements of all initialized {@code Parameter}s of the model, adapters included. The arrays of a quantized
-     * projection ({@code QuantizedLinear}) are not parameters and are not counted, so on a QLoRA model this is the
-     * full-precision rest (embeddings, norms, adapters, unquantized layers).
+     * Elements of all initialized {@code Parameter}s of the model, adapters included, plus the weights a quantized
+     * projection holds packed ({@code out x in} each, as PEFT counts a 4-bit base: weights, not bytes), so on a QLoRA
+     * model the fraction is of the whole model, as for plain LoRA.
      */
     public long totalParameters() {
         return totalParameters;

@@ -21,6 +21,15 @@ public interface LinearWeightSource {
     NDArray weight(NDManager manager);
 
     /**
+     * How many weights this block stands for when its own arrays are not {@link Parameter}s (a quantized layer's
+     * {@code out x in}, not its packed bytes), so that parameter counts include it; 0 when its weights are parameters
+     * (or wrapped: an adapter counts through its base).
+     */
+    default long storedWeightCount() {
+        return 0;
+    }
+
+    /**
      * The effective weight of a {@link LinearWeightSource} or of a plain DJL {@link Linear} (without bias).
      *
      * @throws IllegalArgumentException if the block is neither

@@ -121,6 +121,12 @@ public final class QuantizedLinear extends AbstractBlock implements LinearWeight
         return weight.shape().get(1);
     }
 
+    /** {@code out x in}: the weights this layer holds packed, which are not DJL parameters. */
+    @Override
+    public long storedWeightCount() {
+        return outFeatures() * inFeatures();
+    }
+
     @Override
     public NDArray weight(NDManager manager) {
         return weight.dequantize(manager, weightType);

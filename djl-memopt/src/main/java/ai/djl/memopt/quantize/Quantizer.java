@@ -64,6 +64,11 @@ public final class Quantizer {
      *     the layer types seen), AWQ is asked for without calibration inputs, or the root itself is a Linear
      */
     public static QuantizationReport quantize(Block root, QuantizationConfig config) {
+        return quantize(root, config, null);
+    }
+
+    /** As {@link #quantize(Block, QuantizationConfig)}, telling {@code progress} (if not null) after each layer. */
+    public static QuantizationReport quantize(Block root, QuantizationConfig config, QuantizationProgress progress) {
         Preconditions.checkNotNull(root, "root");
         Preconditions.checkNotNull(config, "config");
         Preconditions.checkArgument(!(root instanceof Linear),
@@ -114,8 +119,10 @@ public final class Quantizer {
             }
         }
         List<QuantizationReport.Layer> layers = new ArrayList<>();
+        int total = embeddings.size() + targets.size();
         for (Map.Entry<String, Target> e : embeddings.entrySet()) {
             layers.add(EmbeddingQuantizer.quantize(root, e.getKey(), blocks.get(e.getKey()), e.getValue(), kept));
+            tell(progress, layers.size(), total, e.getKey());
         }
         List<String> order = new ArrayList<>(targets.keySet());
         int passes = 0;
@@ -151,12 +158,19 @@ public final class Quantizer {
                 for (Map.Entry<String, Target> t : chunk.entrySet()) {
                     layers.add(quantizeLayer(root, t.getKey(), (Linear) blocks.get(t.getKey()), t.getValue(),
                             recorders.get(t.getKey()), kept));
+                    tell(progress, layers.size(), total, t.getKey());
                 }
             } finally {
                 recorders.values().forEach(ActivationRecorder::close);
             }
         }
         return new QuantizationReport(layers, skipped, passes);
+    }
+
+    private static void tell(QuantizationProgress progress, int done, int total, String path) {
+        if (progress != null) {
+            progress.layerDone(done, total, path);
+        }
     }
 
     /**

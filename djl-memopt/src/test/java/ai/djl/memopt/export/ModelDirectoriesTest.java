@@ -72,7 +72,7 @@ class ModelDirectoriesTest {
             assertTrue(e.getMessage().contains("tokenizer.json"), e.getMessage());
         }
         IOException e = assertThrows(IOException.class,
-                () -> ModelDirectories.loadDeepSeek(tmp.resolve("absent"), null, DataType.FLOAT32));
+                () -> ModelDirectories.loadDeepSeek(tmp.resolve("absent"), (NDManager) null, DataType.FLOAT32));
         assertTrue(e.getMessage().contains("absent"), e.getMessage());
     }
 

@@ -133,5 +133,7 @@ class LogitsSamplerTest {
         assertThrows(IllegalArgumentException.class, () -> sampling().optTopK(-1).build());
         assertThrows(IllegalArgumentException.class, () -> sampling().optTemperature(-0.5f).build());
         assertThrows(IllegalArgumentException.class, () -> sampling().optTemperature(Float.NaN).build());
+        // the cap the server applies, for every caller
+        assertThrows(IllegalArgumentException.class, () -> sampling().optTemperature(2.5f).build());
     }
 }

@@ -18,6 +18,7 @@ import java.util.List;
 import java.util.Locale;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Mixin;
 import picocli.CommandLine.Option;
 import org.jfree.data.category.DefaultCategoryDataset;
 
@@ -35,7 +36,7 @@ import org.jfree.data.category.DefaultCategoryDataset;
  * {@code <!-- bench-generate:begin -->} and {@code <!-- bench-generate:end -->}.
  *
  * <pre>
- * memopt bench generate --preset bench-small --prompt-tokens 512 --new-tokens 128 --batch 1,8 --out docs/benchmarks.md
+ * memopt bench generate --preset bench-small --prompt-tokens 512 --max-new-tokens 128 --batch 1,8 --out docs/benchmarks.md
  * </pre>
  */
 @Command(name = "generate", mixinStandardHelpOptions = true,
@@ -58,7 +59,7 @@ public final class BenchGenerateCommand implements Callable<Integer> {
             description = "Prompt length in tokens (default 512).")
     int promptTokens;
 
-    @Option(names = "--new-tokens", defaultValue = "128", paramLabel = "N",
+    @Option(names = {"--max-new-tokens", "--new-tokens"}, defaultValue = "128", paramLabel = "N",
             description = "Tokens generated per sequence (default 128).")
     int newTokens;
 
@@ -87,25 +88,11 @@ public final class BenchGenerateCommand implements Callable<Integer> {
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and prompt seed.")
     long seed;
 
-    @Option(names = "--heap", defaultValue = "3g", paramLabel = "SIZE", description = "Worker -Xmx (default 3g).")
-    String heap;
-
-    @Option(names = "--timeout", defaultValue = "3600", paramLabel = "SECONDS",
-            description = "Per-configuration time limit (default 3600).")
-    long timeout;
-
-    @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
-    Path out;
-
-    @Option(names = "--chart", paramLabel = "FILE.png",
-            description = "Also write a bar chart (PNG) of cache bytes per token, MLA against per-head, per batch.")
-    Path chart;
-
-    @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
-    boolean json;
+    @Mixin BenchOptions bench = new BenchOptions("3g", 3600);
 
     @Override
     public Integer call() throws Exception {
+        bench.validate();
         DeepSeekConfig config = DeepSeekConfig.preset(preset); // unknown preset: a clear error before any JVM starts
         List<Integer> selected = batches == null || batches.isEmpty() ? List.of(1) : batches;
         for (int b : selected) {
@@ -115,7 +102,7 @@ public final class BenchGenerateCommand implements Callable<Integer> {
         }
         if (promptTokens < 1 || newTokens < 2) {
             throw new IllegalArgumentException(String.format(Locale.ROOT,
-                    "need --prompt-tokens >= 1 and --new-tokens >= 2 (the first comes from the prefill); got %d, %d",
+                    "need --prompt-tokens >= 1 and --max-new-tokens >= 2 (the first comes from the prefill); got %d, %d",
                     promptTokens, newTokens));
         }
         if (prefillChunk < 1) {
@@ -123,7 +110,7 @@ public final class BenchGenerateCommand implements Callable<Integer> {
         }
         if ((long) promptTokens + newTokens > config.maxPositionEmbeddings()) {
             throw new IllegalArgumentException(String.format(Locale.ROOT,
-                    "--prompt-tokens + --new-tokens = %d exceeds the preset's max_position_embeddings %d",
+                    "--prompt-tokens + --max-new-tokens = %d exceeds the preset's max_position_embeddings %d",
                     (long) promptTokens + newTokens, config.maxPositionEmbeddings()));
         }
         String dev = device.toLowerCase(Locale.ROOT);
@@ -153,7 +140,7 @@ public final class BenchGenerateCommand implements Callable<Integer> {
     private Integer runWorkers(List<Integer> selected, String dev) throws IOException {
         List<JsonObject> results = new ArrayList<>();
         for (int b : selected) {
-            List<String> lines = FreshJvm.run(heap, timeout, GenerateBenchWorker.class, List.of(preset,
+            List<String> lines = FreshJvm.run(bench.heap, bench.timeout, GenerateBenchWorker.class, List.of(preset,
                     Integer.toString(b), Integer.toString(promptTokens), Integer.toString(newTokens), dev,
                     Long.toString(seed), Integer.toString(prefillChunk), dtypeName), BenchTrainCommand.ALLOCATOR);
             JsonObject result = lastJson(lines, "batch " + b);
@@ -161,7 +148,7 @@ public final class BenchGenerateCommand implements Callable<Integer> {
             System.out.flush();
             results.add(result);
         }
-        if (chart != null) {
+        if (bench.chart != null) {
             DefaultCategoryDataset data = new DefaultCategoryDataset();
             for (JsonObject r : results) {
                 String batch = "batch " + r.get("batch").getAsString();
@@ -169,10 +156,10 @@ public final class BenchGenerateCommand implements Callable<Integer> {
                 data.addValue(r.get("hf_cache_bytes_per_token").getAsLong() / 1024.0, "per-head cache", batch);
                 data.addValue(r.get("peak_memory_bytes").getAsLong() / 1048576.0 / 100, "peak memory (100 MiB)", batch);
             }
-            BarChart.write(chart, "Generation, " + preset + ": cache KiB per token and peak memory", "batch",
+            BarChart.write(bench.chart, "Generation, " + preset + ": cache KiB per token and peak memory", "batch",
                     "KiB per token / 100 MiB", data);
         }
-        if (out != null) {
+        if (bench.out != null) {
             List<List<String>> rows = new ArrayList<>();
             String date = LocalDate.now(ZoneOffset.UTC).toString();
             for (JsonObject r : results) {
@@ -189,7 +176,7 @@ public final class BenchGenerateCommand implements Callable<Integer> {
                         String.format(Locale.ROOT, "%.1fx", hf / (double) mla),
                         String.format(Locale.ROOT, "%.1f", r.get("peak_memory_bytes").getAsLong() / 1e6), date));
             }
-            MarkdownTable.update(out, TABLE, HEADER, ALIGN, 6, rows);
+            MarkdownTable.update(bench.out, TABLE, HEADER, ALIGN, 6, rows);
         }
         return 0;
     }

@@ -35,7 +35,7 @@ import picocli.CommandLine.Option;
  * one in {@code djl-memopt-examples/target/llama-cpp} ({@code npm ci} of {@code src/test/llama-cpp}).
  *
  * <pre>
- * memopt bench gguf --preset bench-small --types f32,q8_0,q4_0 --prompt-tokens 512 --new-tokens 128 \
+ * memopt bench gguf --preset bench-small --types f32,q8_0,q4_0 --prompt-tokens 512 --max-new-tokens 128 \
  *     --out docs/benchmarks.md
  * </pre>
  */
@@ -60,7 +60,8 @@ public final class BenchGgufCommand implements Callable<Integer> {
     @Option(names = "--prompt-tokens", defaultValue = "512", paramLabel = "P", description = "Prompt length.")
     int promptTokens;
 
-    @Option(names = "--new-tokens", defaultValue = "128", paramLabel = "N", description = "Tokens generated.")
+    @Option(names = {"--max-new-tokens", "--new-tokens"}, defaultValue = "128", paramLabel = "N",
+            description = "Tokens generated.")
     int newTokens;
 
     @Option(names = "--threads", defaultValue = "1", paramLabel = "N",
@@ -99,7 +100,7 @@ public final class BenchGgufCommand implements Callable<Integer> {
             selected.add(GgufCommand.parseType(t.trim()));
         }
         if (promptTokens < 1 || newTokens < 2 || threads < 1) {
-            throw new IllegalArgumentException("need --prompt-tokens >= 1, --new-tokens >= 2, --threads >= 1");
+            throw new IllegalArgumentException("need --prompt-tokens >= 1, --max-new-tokens >= 2, --threads >= 1");
         }
         new LlamaCppScript(llamaCpp, timeout); // checks the install before any heavy work
         boolean temporary = work == null;

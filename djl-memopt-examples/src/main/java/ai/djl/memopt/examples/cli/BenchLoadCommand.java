@@ -1,20 +1,26 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.LoadBenchWorker;
+import ai.djl.memopt.examples.bench.MarkdownTable;
 import ai.djl.memopt.examples.bench.SyntheticCheckpoint;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.safetensors.HfCheckpoint;
 import ai.djl.ndarray.types.Shape;
 import com.google.gson.JsonObject;
-import com.google.gson.JsonParser;
 import java.nio.file.Files;
 import java.nio.file.Path;
+import java.time.LocalDate;
+import java.time.ZoneOffset;
+import java.util.ArrayList;
 import java.util.List;
 import java.util.Locale;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Mixin;
 import picocli.CommandLine.Option;
+import org.jfree.data.category.DefaultCategoryDataset;
 
 /**
  * {@code memopt bench load}: host memory and time of loading a Hugging Face DeepSeek directory as int4 or int8 with
@@ -29,7 +35,9 @@ import picocli.CommandLine.Option;
  * </pre>
  *
  * <p>Fields: see {@link LoadBenchWorker}; {@code peak} is the worker's VmHWM after the load, to compare with
- * {@code quantized_bytes + float_bytes + largest_tensor_bytes}.
+ * {@code quantized_bytes + float_bytes + largest_tensor_bytes}. {@code --out FILE} keeps a markdown table between
+ * {@code <!-- bench-load:begin -->} and {@code <!-- bench-load:end -->}; {@code --chart} draws peak RSS, model and
+ * checkpoint bytes per scheme.
  */
 @Command(name = "load", mixinStandardHelpOptions = true,
         description = "Peak host memory and time of a streaming int4/int8 load of a Hugging Face directory, in a fresh"
@@ -75,18 +83,11 @@ public final class BenchLoadCommand implements Callable<Integer> {
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Synthetic weights seed.")
     long seed;
 
-    @Option(names = "--heap", defaultValue = "2g", paramLabel = "SIZE", description = "Worker -Xmx (default 2g).")
-    String heap;
-
-    @Option(names = "--timeout", defaultValue = "7200", paramLabel = "SECONDS",
-            description = "Per-scheme time limit (default 7200).")
-    long timeout;
-
-    @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
-    boolean json;
+    @Mixin BenchOptions bench = new BenchOptions("2g", 7200);
 
     @Override
     public Integer call() throws Exception {
+        bench.validate();
         for (String s : schemes) {
             if (!s.equals("int4") && !s.equals("int8")) {
                 throw new IllegalArgumentException("--scheme: '" + s + "' is not int4 or int8");
@@ -141,27 +142,53 @@ public final class BenchLoadCommand implements Callable<Integer> {
         if (!Files.isRegularFile(model.resolve("config.json"))) {
             throw new IllegalArgumentException("--model " + model + " has no config.json");
         }
+        List<JsonObject> results = new ArrayList<>();
         for (String scheme : schemes) {
-            List<String> lines = FreshJvm.run(List.of("-Xmx" + heap), BenchTrainCommand.ALLOCATOR, timeout,
+            List<String> lines = FreshJvm.run(List.of("-Xmx" + bench.heap), BenchTrainCommand.ALLOCATOR, bench.timeout,
                     LoadBenchWorker.class, List.of(model.toString(), scheme, String.valueOf(groupSize), dtype,
                             String.valueOf(forwardTokens)));
-            JsonObject result = null;
-            for (String line : lines) {
-                if (line.startsWith("{")) {
-                    result = JsonParser.parseString(line).getAsJsonObject();
-                }
-            }
-            if (result == null) {
-                throw new IllegalStateException("the " + scheme + " worker printed no result: " + lines);
-            }
+            JsonObject result = BenchGenerateCommand.lastJson(lines, scheme);
             System.out.println(result);
             System.err.println(String.format(Locale.ROOT,
                     "memopt bench load: %s: peak RSS %.2f GiB (model %.2f GiB, largest tensor %.2f GiB), %.0f s",
                     scheme, gib(result, "peak"), gib(result, "model_bytes"), gib(result, "largest_tensor_bytes"),
                     result.get("load_seconds").getAsDouble()));
+            results.add(result);
+        }
+        String name = model.toAbsolutePath().normalize().getFileName().toString();
+        if (bench.chart != null) {
+            DefaultCategoryDataset data = new DefaultCategoryDataset();
+            for (JsonObject r : results) {
+                String scheme = r.get("scheme").getAsString();
+                data.addValue(gib(r, "peak"), "peak RSS", scheme);
+                data.addValue(gib(r, "model_bytes"), "model in memory", scheme);
+                data.addValue(gib(r, "checkpoint_bytes"), "checkpoint on disk", scheme);
+            }
+            BarChart.write(bench.chart, "Streaming quantized load of " + name, "scheme", "GiB", data);
+        }
+        if (bench.out != null) {
+            List<List<String>> rows = new ArrayList<>();
+            String date = LocalDate.now(ZoneOffset.UTC).toString();
+            for (JsonObject r : results) {
+                rows.add(List.of(name, r.get("scheme").getAsString(), r.get("group_size").getAsString(),
+                        r.get("dtype").getAsString(), String.format(Locale.ROOT, "%.2f", gib(r, "checkpoint_bytes")),
+                        String.format(Locale.ROOT, "%.2f", gib(r, "model_bytes")),
+                        String.format(Locale.ROOT, "%.2f", gib(r, "peak")),
+                        String.format(Locale.ROOT, "%.2f", gib(r, "largest_tensor_bytes")),
+                        String.format(Locale.ROOT, "%.0f", r.get("load_seconds").getAsDouble()), date));
+            }
+            MarkdownTable.update(bench.out, TABLE, HEADER, ALIGN, KEY_COLUMNS, rows);
         }
         return 0;
     }
+
+    static final String TABLE = "bench-load";
+    static final List<String> HEADER = List.of("model", "scheme", "group", "dtype", "checkpoint GiB", "model GiB",
+            "peak RSS GiB", "largest tensor GiB", "load s", "date");
+    static final List<String> ALIGN = List.of("---", "---", "---:", "---", "---:", "---:", "---:", "---:", "---:",
+            "---");
+    /** model, scheme, group and dtype identify a configuration. */
+    static final int KEY_COLUMNS = 4;
 
     private static double gib(JsonObject o, String field) {
         return o.get(field).getAsLong() / (double) (1L << 30);

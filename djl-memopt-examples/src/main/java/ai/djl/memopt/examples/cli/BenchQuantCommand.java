@@ -16,6 +16,7 @@ import java.util.List;
 import java.util.Locale;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Mixin;
 import picocli.CommandLine.Option;
 
 /**
@@ -36,7 +37,7 @@ import picocli.CommandLine.Option;
  * {@code <!-- bench-quant:end -->}.
  *
  * <pre>
- * memopt bench quant --model sotu-tiny --heldout heldout.txt --calibration calib.txt --out docs/benchmarks.md
+ * memopt bench quant --model sotu-tiny --held-out heldout.txt --calibration calib.txt --out docs/benchmarks.md
  * </pre>
  */
 @Command(name = "quant", mixinStandardHelpOptions = true,
@@ -56,7 +57,8 @@ public final class BenchQuantCommand implements Callable<Integer> {
             description = "Hugging Face model directory with tokenizer.json.")
     Path model;
 
-    @Option(names = "--heldout", required = true, paramLabel = "FILE", description = "Held-out UTF-8 text.")
+    @Option(names = {"--held-out", "--heldout"}, required = true, paramLabel = "FILE",
+            description = "Held-out UTF-8 text whose perplexity is measured.")
     Path heldout;
 
     @Option(names = "--calibration", paramLabel = "FILE",
@@ -99,25 +101,11 @@ public final class BenchQuantCommand implements Callable<Integer> {
             description = "Where artifacts are exported (default: a temporary directory, deleted at the end).")
     Path work;
 
-    @Option(names = "--heap", defaultValue = "3g", paramLabel = "SIZE", description = "Worker -Xmx (default 3g).")
-    String heap;
-
-    @Option(names = "--timeout", defaultValue = "3600", paramLabel = "SECONDS",
-            description = "Per-variant time limit (default 3600).")
-    long timeout;
-
-    @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
-    Path out;
-
-    @Option(names = "--chart", paramLabel = "FILE.png",
-            description = "Also write a bar chart (PNG) of weight bytes and perplexity relative to FP32.")
-    Path chart;
-
-    @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
-    boolean json;
+    @Mixin BenchOptions bench = new BenchOptions("3g", 3600);
 
     @Override
     public Integer call() throws Exception {
+        bench.validate();
         List<String> selected = selectVariants();
         if (!Files.isDirectory(model)) {
             throw new IllegalArgumentException("--model " + model + ": not a directory");
@@ -126,7 +114,7 @@ public final class BenchQuantCommand implements Callable<Integer> {
             throw new IllegalArgumentException("--model " + model + " has no tokenizer.json (needed for the text)");
         }
         if (!Files.isRegularFile(heldout)) {
-            throw new IllegalArgumentException("--heldout " + heldout + ": no such file");
+            throw new IllegalArgumentException("--held-out " + heldout + ": no such file");
         }
         if (calibration != null && !Files.isRegularFile(calibration)) {
             throw new IllegalArgumentException("--calibration " + calibration + ": no such file");
@@ -153,7 +141,7 @@ public final class BenchQuantCommand implements Callable<Integer> {
             List<JsonObject> results = new ArrayList<>();
             JsonObject base = null;
             for (String v : selected) {
-                List<String> lines = FreshJvm.run(heap, timeout, QuantBenchWorker.class, List.of(
+                List<String> lines = FreshJvm.run(bench.heap, bench.timeout, QuantBenchWorker.class, List.of(
                         model.toAbsolutePath().toString(), v, heldout.toAbsolutePath().toString(),
                         calibration == null || !v.contains("-") ? "-" : calibration.toAbsolutePath().toString(),
                         Integer.toString(groupSize), Integer.toString(seq == null ? 0 : seq),
@@ -173,7 +161,7 @@ public final class BenchQuantCommand implements Callable<Integer> {
                 System.out.flush();
                 results.add(r);
             }
-            if (out != null) {
+            if (bench.out != null) {
                 List<List<String>> rows = new ArrayList<>();
                 String date = LocalDate.now(ZoneOffset.UTC).toString();
                 String name = model.toAbsolutePath().normalize().getFileName().toString();
@@ -192,10 +180,10 @@ public final class BenchQuantCommand implements Callable<Integer> {
                             String.format(Locale.ROOT, "%.2f", r.get("artifact_bytes").getAsLong() / 1e6),
                             String.format(Locale.ROOT, "%.1f", r.get("quantize_seconds").getAsDouble()), date));
                 }
-                MarkdownTable.update(out, TABLE, HEADER, ALIGN, KEY_COLUMNS, rows);
+                MarkdownTable.update(bench.out, TABLE, HEADER, ALIGN, KEY_COLUMNS, rows);
             }
-            if (chart != null) {
-                writeChart(chart, results, model.toAbsolutePath().normalize().getFileName().toString());
+            if (bench.chart != null) {
+                writeChart(bench.chart, results, model.toAbsolutePath().normalize().getFileName().toString());
             }
         } finally {
             if (work == null) {

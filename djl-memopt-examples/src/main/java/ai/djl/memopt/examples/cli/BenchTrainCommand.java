@@ -20,6 +20,7 @@ import java.util.Locale;
 import java.util.Map;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Mixin;
 import picocli.CommandLine.Option;
 import org.jfree.data.category.DefaultCategoryDataset;
 
@@ -40,7 +41,8 @@ import org.jfree.data.category.DefaultCategoryDataset;
  */
 @Command(name = "train", mixinStandardHelpOptions = true,
         description = "Training memory and step time per mode (fp32, checkpoint, fp16, fp16+checkpoint), each in a"
-                + " fresh JVM.")
+                + " fresh JVM whose heap is fixed and touched at start (-Xms = -Xmx = --heap, -XX:+AlwaysPreTouch), so"
+                + " that its growth is not counted as activation memory.")
 public final class BenchTrainCommand implements Callable<Integer> {
 
     /** The modes run by default. */
@@ -99,25 +101,7 @@ public final class BenchTrainCommand implements Callable<Integer> {
                     + Devices.CPU_LOSS_CHUNK_TOKENS + " on the CPU, " + Devices.GPU_LOSS_CHUNK_TOKENS + " on a GPU).")
     Integer lossChunk;
 
-    @Option(names = "--heap", defaultValue = "512m", paramLabel = "SIZE",
-            description = "The worker's Java heap, fixed and touched at start (-Xms = -Xmx, -XX:+AlwaysPreTouch) so"
-                    + " that its growth is not counted as activation memory (default 512m; the weights live outside"
-                    + " the heap).")
-    String heap;
-
-    @Option(names = "--timeout", defaultValue = "3600", paramLabel = "SECONDS",
-            description = "Per-mode time limit (default 3600).")
-    long timeout;
-
-    @Option(names = "--out", paramLabel = "FILE", description = "Markdown file whose results table is updated.")
-    Path out;
-
-    @Option(names = "--chart", paramLabel = "FILE.png",
-            description = "Also write a bar chart (PNG) of activation and state bytes per mode.")
-    Path chart;
-
-    @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
-    boolean json;
+    @Mixin BenchOptions bench = new BenchOptions("512m", 3600);
 
     @Option(names = "--profile",
             description = "After the measured steps, time " + TrainBenchWorker.PROFILED_STEPS + " more steps phase by"
@@ -128,6 +112,7 @@ public final class BenchTrainCommand implements Callable<Integer> {
 
     @Override
     public Integer call() throws Exception {
+        bench.validate();
         List<String> selected = modes == null || modes.isEmpty() ? MODES : normalise(modes);
         if (model != null) {
             if (!java.nio.file.Files.isRegularFile(model.resolve("config.json"))) {
@@ -163,11 +148,11 @@ public final class BenchTrainCommand implements Callable<Integer> {
             if (model != null) {
                 workerArgs.add(model.toString());
             }
-            List<String> jvm = new ArrayList<>(workerJvm(heap));
+            List<String> jvm = new ArrayList<>(workerJvm(bench.heap));
             if (profile) {
                 jvm.add("-D" + TrainBenchWorker.PROFILE_PROPERTY + "=true");
             }
-            List<String> lines = FreshJvm.run(jvm, ALLOCATOR, timeout, TrainBenchWorker.class, workerArgs);
+            List<String> lines = FreshJvm.run(jvm, ALLOCATOR, bench.timeout, TrainBenchWorker.class, workerArgs);
             JsonObject result = null;
             for (String line : lines) {
                 if (line.startsWith("{")) {
@@ -184,18 +169,18 @@ public final class BenchTrainCommand implements Callable<Integer> {
             System.out.flush();
             results.add(result);
         }
-        if (chart != null) {
+        if (bench.chart != null) {
             DefaultCategoryDataset data = new DefaultCategoryDataset();
             for (JsonObject r : results) {
                 String mode = r.get("mode").getAsString();
                 data.addValue(r.get("activation_bytes").getAsLong() / 1e6, "activation MB", mode);
                 data.addValue(r.get("state_bytes").getAsLong() / 1e6, "state MB", mode);
             }
-            BarChart.write(chart, "Training memory, " + preset + " (batch " + batch + ", seq " + seq + ")", "mode",
+            BarChart.write(bench.chart, "Training memory, " + preset + " (batch " + batch + ", seq " + seq + ")", "mode",
                     "MB", data);
         }
-        if (out != null) {
-            updateTable(out, results);
+        if (bench.out != null) {
+            updateTable(bench.out, results);
         }
         return 0;
     }

@@ -3,19 +3,19 @@ package ai.djl.memopt.examples.cli;
 import ai.djl.Device;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.demo.ByteLevelBpeTrainer;
+import ai.djl.memopt.examples.demo.CpuProfile;
 import ai.djl.memopt.examples.demo.DemoReport;
+import ai.djl.memopt.examples.demo.DemoTraining;
 import ai.djl.memopt.examples.demo.DemoVariantWorker;
+import ai.djl.memopt.examples.demo.Fp16Probe;
+import ai.djl.memopt.examples.demo.TrainingPlan;
 import ai.djl.memopt.examples.demo.VariantResult;
 import ai.djl.memopt.export.ExportOptions;
 import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.export.QuantizedArtifact;
 import ai.djl.memopt.finetune.FineTuner;
-import ai.djl.memopt.finetune.LearningRateSchedule;
-import ai.djl.memopt.finetune.StatefulOptimizer;
-import ai.djl.memopt.finetune.StepResult;
 import ai.djl.memopt.finetune.TextCorpus;
 import ai.djl.memopt.finetune.TokenDataset;
-import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
@@ -27,7 +27,6 @@ import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import com.google.gson.JsonObject;
-import com.google.gson.JsonParser;
 import java.io.IOException;
 import java.io.InputStream;
 import java.io.PrintStream;
@@ -44,17 +43,23 @@ import picocli.CommandLine.Option;
 /**
  * {@code memopt demo}: the tour. Builds a small DeepSeek-V3-style model, trains a byte-level BPE tokenizer and
  * fine-tunes the model on State of the Union addresses shipped with the tool (public domain) with activation
- * checkpointing and FP16 mixed precision on, quantizes it to int8 and int4, exports the artifacts, loads each variant
+ * checkpointing and FP16 mixed precision, quantizes it to int8 and int4, exports the artifacts, loads each variant
  * back in a fresh JVM, generates a sample from each, and ends with one table: peak memory, weight bytes, held-out
  * perplexity and tokens per second, every figure measured in this run.
+ *
+ * <p>How it trains depends on what the machine computes fast ({@link TrainingPlan}): on a GPU, or a CPU with FP16
+ * arithmetic, every step runs in FP16 with FP32 masters; on a CPU without it (FP16 measured 4x slower than FP32 on an
+ * AVX2 AMD EPYC), the steps run in FP32 and FP16 mixed precision is shown on a short run from the same start, its losses
+ * compared with FP32's. The first line it prints says which, and why.
  *
  * <p>With {@code --out DIR} it keeps {@code DIR/model} (Hugging Face layout with its tokenizer), {@code DIR/int8},
  * {@code DIR/int4} (quantized artifacts) and {@code DIR/report.html}; {@code memopt perplexity} and
  * {@code memopt generate} run on each of them.
  */
 @Command(name = "demo", mixinStandardHelpOptions = true,
-        description = "Fine-tune a small DeepSeek-style model with checkpointing + FP16, quantize it to int8/int4, "
-                + "export, reload, generate, and compare every variant in one table.")
+        description = "Fine-tune a small DeepSeek-style model with activation checkpointing and FP16 mixed precision"
+                + " (FP32 beside a short FP16 run where this CPU has no fast FP16), quantize it to int8/int4, export,"
+                + " reload, generate, and compare every variant in one table.")
 public final class DemoCommand implements Callable<Integer> {
 
     /** The shipped corpus: the last address is held out for perplexity. */
@@ -73,8 +78,16 @@ public final class DemoCommand implements Callable<Integer> {
     @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
     String device;
 
-    @Option(names = "--steps", defaultValue = "300", paramLabel = "N", description = "Training steps (default 300).")
-    int steps;
+    @Option(names = "--dtype", defaultValue = "auto", paramLabel = "auto|fp32|fp16",
+            description = "Training precision. auto (default): FP16 with FP32 master weights where FP16 is fast (a GPU,"
+                    + " or a CPU with FP16 arithmetic, measured with a 0.1 s matrix-product probe); else FP32, with"
+                    + " FP16 mixed precision shown on a short run beside it.")
+    String dtype;
+
+    @Option(names = "--steps", paramLabel = "N",
+            description = "Training steps (default: " + TrainingPlan.FP16_STEPS + " in FP16, " + TrainingPlan.FP32_STEPS
+                    + " in FP32).")
+    Integer steps;
 
     @Option(names = "--batch", defaultValue = "8", paramLabel = "B", description = "Sequences per step (default 8).")
     int batch;
@@ -95,7 +108,7 @@ public final class DemoCommand implements Callable<Integer> {
     @Option(names = "--lr", defaultValue = "3e-3", paramLabel = "X", description = "Peak learning rate (default 3e-3).")
     float lr;
 
-    @Option(names = "--new-tokens", defaultValue = "48", paramLabel = "N",
+    @Option(names = {"--max-new-tokens", "--new-tokens"}, defaultValue = "48", paramLabel = "N",
             description = "Tokens generated per variant for the sample and tokens/s (default 48).")
     int newTokens;
 
@@ -109,19 +122,23 @@ public final class DemoCommand implements Callable<Integer> {
     @Option(names = "--no-progress", description = "No progress bars on stderr.")
     boolean noProgress;
 
-    @Option(names = "--json", description = "Print one JSON line per variant instead of the table.")
+    @Option(names = "--json", description = "Print JSON lines (the training, then one per variant) instead of the"
+            + " table.")
     boolean json;
 
     @Override
     public Integer call() throws Exception {
-        if (steps < 1 || batch < 1 || seq < 8 || vocab < 258 || hidden < 16 || hidden % 16 != 0 || layers < 2
-                || newTokens < 1) {
+        if ((steps != null && steps < 1) || batch < 1 || seq < 8 || vocab < 258 || hidden < 16 || hidden % 16 != 0
+                || layers < 2 || newTokens < 1) {
             throw new IllegalArgumentException("need --steps >= 1, --batch >= 1, --seq >= 8, --vocab >= 258, "
-                    + "--hidden a multiple of 16, --layers >= 2, --new-tokens >= 1");
+                    + "--hidden a multiple of 16, --layers >= 2, --max-new-tokens >= 1");
         }
         if (!workerHeap.matches("[1-9][0-9]*[kKmMgG]?")) {
             throw new IllegalArgumentException("--worker-heap: expected a JVM heap size such as 512m or 2g, got '"
                     + workerHeap + "'");
+        }
+        if (!List.of("auto", "fp32", "fp16", "float32", "float16").contains(dtype.trim().toLowerCase(Locale.ROOT))) {
+            throw new IllegalArgumentException("--dtype must be auto, fp32 or fp16, got '" + dtype + "'");
         }
         // a model this small runs fastest on one PyTorch thread; more threads spin on a busy machine (measured 12x
         // slower generation with 2 threads on 2 shared cores). An explicit -Dai.djl.pytorch.num_threads wins.
@@ -135,6 +152,11 @@ public final class DemoCommand implements Callable<Integer> {
         PrintStream err = System.err;
         try {
             long start = System.nanoTime();
+            startNanos = start;
+            CpuProfile cpu = CpuProfile.current();
+            TrainingPlan plan = TrainingPlan.choose(dtype, steps, dev.isGpu(), cpu,
+                    () -> Fp16Probe.measure(PROBE_MILLIS));
+            say(err, "%s", plan.reason());
             Path train = Files.createDirectories(work.resolve("data/train"));
             Path heldOut = work.resolve("data/heldout.txt");
             List<String> texts = extractCorpus(train, heldOut);
@@ -145,9 +167,17 @@ public final class DemoCommand implements Callable<Integer> {
 
             DeepSeekConfig config = demoConfig(vocab, hidden, layers, seq);
             say(err, "2/5 fine-tune: DeepSeek-V3-style model, %,d parameters, %d steps of %dx%d tokens, "
-                    + "activation checkpointing on every decoder layer, FP16 compute with FP32 master weights",
-                    config.parameterCount(), steps, batch, seq);
-            List<double[]> lossCurve = fineTune(config, dev, train, model);
+                    + "activation checkpointing on every decoder layer, %s", config.parameterCount(), plan.steps(),
+                    batch, seq, plan.precision() == FineTuner.Precision.FP16
+                            ? "FP16 compute with FP32 master weights" : "FP32 (then an FP16 mixed-precision run of "
+                                    + plan.fp16Steps() + " steps)");
+            TokenDataset dataset = TokenDataset.tokenize(TextCorpus.read(train), model.resolve("tokenizer.json"), seq,
+                    0.0, seed);
+            DemoTraining.Result trained = new DemoTraining(config, dev, dataset, batch, lr, seed,
+                    noProgress ? null : err).run(plan, model);
+            if (trained.showcase() != null) {
+                err.println("      " + trained.showcase());
+            }
 
             say(err, "3/5 quantize: int8 (per channel) and int4 (group-wise), exported as artifacts");
             quantize(model, work.resolve("int8"), Int8WeightOnlyConfig.builder().build(), dev);
@@ -160,28 +190,27 @@ public final class DemoCommand implements Callable<Integer> {
                     new String[] {"int8", "int8", "float32"}, new String[] {"int4", "int4", "float32"}), work);
 
             double minutes = (System.nanoTime() - start) / 60e9;
+            String machine = dev.isGpu() ? "gpu" : "cpu: " + cpu.describe();
             String settings = String.format(Locale.ROOT, "DeepSeek-V3-style model (%,d parameters, %d layers, "
-                    + "hidden %d, %d routed experts), BPE vocabulary %d, %d steps of %dx%d tokens with checkpointing "
-                    + "and FP16, on %s; %.1f minutes in all", config.parameterCount(), layers, hidden,
-                    config.nRoutedExperts(), vocab, steps, batch, seq, dev.isGpu() ? "gpu" : "cpu", minutes);
-            DemoReport report = new DemoReport(variants, lossCurve, settings);
+                    + "hidden %d, %d routed experts), BPE vocabulary %d, %d steps of %dx%d tokens in %s with "
+                    + "activation checkpointing%s, on %s; %.1f minutes in all", config.parameterCount(), layers,
+                    hidden, config.nRoutedExperts(), vocab, plan.steps(), batch, seq,
+                    plan.precision() == FineTuner.Precision.FP16 ? "FP16 (FP32 masters)" : "FP32",
+                    plan.fp16Steps() > 0 ? " (and " + plan.fp16Steps() + " in FP16 beside them)" : "", machine,
+                    minutes);
+            DemoReport report = new DemoReport(variants, trained.lossCurve(), settings);
             say(err, "5/5 report");
             if (json) {
+                System.out.println(trainingJson(cpu, plan, trained, minutes));
                 for (VariantResult v : variants) {
-                    JsonObject o = new JsonObject();
-                    o.addProperty("variant", v.name());
-                    o.addProperty("peak_memory_bytes", v.peakMemoryBytes());
-                    o.addProperty("weight_bytes", v.weightBytes());
-                    o.addProperty("perplexity", v.perplexity());
-                    o.addProperty("tokens_per_second", v.tokensPerSecond());
-                    o.addProperty("sample", v.sample());
-                    System.out.println(o);
+                    System.out.println(v.toJson());
                 }
             } else {
                 System.out.println();
                 System.out.println(settings);
                 System.out.println();
                 System.out.print(report.table());
+                System.out.println(DemoReport.PEAK_MEMORY_NOTE);
                 System.out.println();
                 for (VariantResult v : variants) {
                     System.out.printf(Locale.ROOT, "%-5s %s%n", v.name() + ":", v.sample().replace('\n', ' '));
@@ -193,8 +222,8 @@ public final class DemoCommand implements Callable<Integer> {
                 PrintStream note = json ? err : System.out;
                 note.println();
                 note.println("kept in " + work.toAbsolutePath() + ": model/, int8/, int4/, report.html; try");
-                note.println("  java -jar memopt.jar generate --model " + work.resolve("int4") + " --prompt \""
-                        + PROMPT + "\" --max-new-tokens 40");
+                note.println("  " + MemoptCli.invocation() + " generate --model " + work.resolve("int4")
+                        + " --prompt \"" + PROMPT + "\" --max-new-tokens 40");
             }
             return 0;
         } finally {
@@ -204,8 +233,33 @@ public final class DemoCommand implements Callable<Integer> {
         }
     }
 
+    /** How long the FP16 probe measures. */
+    static final long PROBE_MILLIS = 100;
+
+    private static JsonObject trainingJson(CpuProfile cpu, TrainingPlan plan, DemoTraining.Result trained,
+            double minutes) {
+        JsonObject o = new JsonObject();
+        o.addProperty("event", "training");
+        o.addProperty("cpu", cpu.describe());
+        o.addProperty("precision", plan.precision().name().toLowerCase(Locale.ROOT));
+        o.addProperty("steps", plan.steps());
+        o.addProperty("fp16_steps", plan.fp16Steps());
+        o.addProperty("reason", plan.reason());
+        o.addProperty("tokens_per_second", trained.tokensPerSecond());
+        o.addProperty("final_loss", trained.lossCurve().get(trained.lossCurve().size() - 1)[1]);
+        DemoTraining.Showcase sc = trained.showcase();
+        if (sc != null) {
+            o.addProperty("fp16_max_relative_loss_difference", sc.maxRelativeLossDifference());
+            o.addProperty("fp16_tokens_per_second", sc.fp16TokensPerSecond());
+            o.addProperty("fp32_tokens_per_second_same_steps", sc.fp32TokensPerSecond());
+            o.addProperty("fp16_skipped_steps", sc.skippedSteps());
+        }
+        o.addProperty("minutes", minutes);
+        return o;
+    }
+
     /** The demo model: DeepSeek-V3's architecture (MLA, shared + routed experts, sigmoid router) at toy width. */
-    static DeepSeekConfig demoConfig(int vocab, int hidden, int layers, int seq) {
+    public static DeepSeekConfig demoConfig(int vocab, int hidden, int layers, int seq) {
         int heads = 4;
         return DeepSeekConfig.builder(DeepSeekConfig.DEEPSEEK_V3)
                 .vocabSize(vocab).hiddenSize(hidden).intermediateSize(3 * hidden).moeIntermediateSize(hidden)
@@ -214,38 +268,6 @@ public final class DemoCommand implements Callable<Integer> {
                 .nRoutedExperts(8).nSharedExperts(1).numExpertsPerTok(2).nGroup(2).topkGroup(1)
                 .routedScalingFactor(2.5).normTopkProb(true).firstKDenseReplace(1)
                 .maxPositionEmbeddings(Math.max(512, seq)).tieWordEmbeddings(false).build();
-    }
-
-    private List<double[]> fineTune(DeepSeekConfig config, Device dev, Path train, Path model) throws IOException {
-        TokenDataset dataset = TokenDataset.tokenize(TextCorpus.read(train), model.resolve("tokenizer.json"), seq,
-                0.0, seed);
-        List<double[]> curve = new ArrayList<>();
-        try (NDManager weights = NDManager.newBaseManager(dev)) {
-            DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(config, seed, weights, DataType.FLOAT32);
-            try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing("all")
-                    .optPrecision(FineTuner.Precision.FP16).optOptimizer(StatefulOptimizer.Kind.ADAMW)
-                    .optSchedule(LearningRateSchedule.of(lr, Math.max(1, steps / 20), steps, 0.1f))
-                    .optSeed(seed).build()) {
-                ProgressBar bar = noProgress ? null : new ProgressBar(System.err, "train", steps);
-                long t0 = System.nanoTime();
-                long tokens = 0;
-                while (tuner.step() < steps) {
-                    StepResult r = tuner.step(dataset.trainBatch(tuner.dataPosition(), batch));
-                    tokens += r.tokens();
-                    curve.add(new double[] {r.step(), r.loss()});
-                    if (bar != null) {
-                        bar.update(r.step(), String.format(Locale.ROOT, "loss %.3f  %.0f tok/s  scale %.0f  mem %.0f MB",
-                                r.loss(), tokens / ((System.nanoTime() - t0) / 1e9), r.lossScale(),
-                                MemoryStats.deviceBytesInUse(dev) / 1e6));
-                    }
-                }
-                if (bar != null) {
-                    bar.finish();
-                }
-                tuner.saveModel(model);
-            }
-        }
-        return curve;
     }
 
     private void quantize(Path model, Path artifact, QuantizationConfig config, Device dev) throws IOException {
@@ -278,14 +300,11 @@ public final class DemoCommand implements Callable<Integer> {
                     BenchTrainCommand.ALLOCATOR, 1800, DemoVariantWorker.class, List.of(
                     work.resolve(v[1]).toString(), v[2], dev.isGpu() ? "gpu" : "cpu", heldOut.toString(),
                     Integer.toString(seq), Integer.toString(newTokens), PROMPT));
-            JsonObject o = JsonParser.parseString(lines.get(lines.size() - 1)).getAsJsonObject();
-            results.add(new VariantResult(v[0], o.get("peak_memory_bytes").getAsLong(),
-                    o.get("weight_bytes").getAsLong(), o.get("perplexity").getAsDouble(),
-                    o.get("tokens_per_second").getAsDouble(), o.get("sample").getAsString()));
+            results.add(VariantResult.fromWorker(v[0], BenchGenerateCommand.lastJson(lines, v[0])));
             done++;
         }
         if (bar != null) {
-            bar.update(done, "done");
+            bar.update(done, "");
             bar.finish();
         }
         return results;
@@ -311,8 +330,12 @@ public final class DemoCommand implements Callable<Integer> {
         return texts;
     }
 
+    /** When the tour started, for the elapsed time each stage line shows. */
+    private long startNanos = System.nanoTime();
+
     private void say(PrintStream err, String format, Object... args) {
-        err.printf(Locale.ROOT, "memopt demo: " + format + "%n", args);
+        err.println("memopt demo: [" + ProgressBar.clock(System.nanoTime() - startNanos) + "] "
+                + String.format(Locale.ROOT, format, args));
     }
 
     private static String human(long bytes) {

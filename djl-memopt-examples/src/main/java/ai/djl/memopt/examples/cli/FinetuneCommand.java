@@ -18,7 +18,7 @@ import ai.djl.memopt.lora.LoraReport;
 import ai.djl.memopt.model.deepseek.DeepSeekCheckpointWriter;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.memopt.export.ModelDirectories;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.Int8WeightOnlyConfig;
 import ai.djl.memopt.quantize.Quantizer;
@@ -46,7 +46,7 @@ import picocli.CommandLine.Option;
  * {@code memopt finetune}: trains a DeepSeek model on plain text with activation checkpointing and/or FP16 mixed
  * precision, writing resumable training checkpoints and a Hugging Face model directory.
  *
- * <p>Layout of {@code --save DIR}: the final model ({@code config.json}, {@code model.safetensors} with FP32 weights,
+ * <p>Layout of {@code --out DIR}: the final model ({@code config.json}, {@code model.safetensors} with FP32 weights,
  * {@code tokenizer.json} and {@code tokenizer_config.json} copied), and {@code DIR/checkpoints/step-NNNNNNNN/} training
  * checkpoints (every {@code --checkpoint-every} steps and at the end; this run's newest {@code --keep-checkpoints} are
  * kept, other runs' never deleted), each written whole or not at all, with the run's identity and checksums. The
@@ -57,15 +57,15 @@ import picocli.CommandLine.Option;
  * the step; numbers that are not finite are {@code null} in the JSON.
  *
  * <pre>
- * memopt finetune --model DIR --data speeches/ --steps 200 --batch 4 --seq 256 --checkpoint all --precision fp16 \
- *     --lr 1e-4 --grad-accum 2 --save out/ --checkpoint-every 50
- * memopt finetune --model DIR --data speeches/ --steps 300 ... --save out/ --resume out/checkpoints
+ * memopt finetune --model DIR --data speeches/ --steps 200 --batch 4 --seq 256 --checkpoint all --dtype fp16 \
+ *     --lr 1e-4 --grad-accum 2 --out out/ --checkpoint-every 50
+ * memopt finetune --model DIR --data speeches/ --steps 300 ... --out out/ --resume out/checkpoints
  * memopt finetune --model DIR --data speeches/ --steps 200 --lora-rank 8 --quantize int4 --checkpoint all \
- *     --save out/ --merge
+ *     --out out/ --merge
  * </pre>
  *
  * <p>With {@code --lora-rank R} only LoRA adapters are trained (everything else frozen); {@code --quantize int8|int4}
- * first quantizes the frozen base (QLoRA). {@code --save DIR} then receives the adapter in Hugging Face PEFT's layout
+ * first quantizes the frozen base (QLoRA). {@code --out DIR} then receives the adapter in Hugging Face PEFT's layout
  * ({@code adapter_model.safetensors}, {@code adapter_config.json}) instead of the model, and with {@code --merge} also
  * {@code DIR/merged/}: the base model (rebuilt from {@code --model} or the preset's seed, dequantized) with the adapter
  * folded in, a plain model directory.
@@ -76,7 +76,8 @@ public final class FinetuneCommand implements Callable<Integer> {
 
     static final class Source {
         @Option(names = "--model", paramLabel = "DIR",
-                description = "Hugging Face model directory (config.json, safetensors, tokenizer.json).")
+                description = "Model directory with tokenizer.json: a Hugging Face checkpoint, or a quantized artifact"
+                        + " (then LoRA adapters train over its quantized layers: QLoRA; needs --lora-rank).")
         Path model;
 
         @Option(names = "--preset", paramLabel = "NAME",
@@ -113,7 +114,7 @@ public final class FinetuneCommand implements Callable<Integer> {
                     + " chain, so Chen's multi-layer segments do not apply.")
     String checkpoint;
 
-    @Option(names = "--precision", defaultValue = "fp32", paramLabel = "fp32|fp16",
+    @Option(names = {"--dtype", "--precision"}, defaultValue = "fp32", paramLabel = "fp32|fp16",
             description = "fp16: the model in FP16 (norms and router FP32) with FP32 masters and dynamic loss scaling "
                     + "(default fp32).")
     String precision;
@@ -142,7 +143,7 @@ public final class FinetuneCommand implements Callable<Integer> {
                     + Devices.CPU_LOSS_CHUNK_TOKENS + " on the CPU, " + Devices.GPU_LOSS_CHUNK_TOKENS + " on a GPU).")
     Integer lossChunk;
 
-    @Option(names = "--save", required = true, paramLabel = "DIR",
+    @Option(names = {"--out", "--save"}, required = true, paramLabel = "DIR",
             description = "Output: the final model, and training checkpoints under DIR/checkpoints. Replaced as a whole"
                     + " when the run ends (checkpoints carried over).")
     Path save;
@@ -171,7 +172,7 @@ public final class FinetuneCommand implements Callable<Integer> {
             description = "Seed of the data order (and of --preset weights; default 42).")
     long seed;
 
-    @Option(names = {"--lora", "--lora-rank"}, defaultValue = "0", paramLabel = "R",
+    @Option(names = {"--lora-rank", "--lora"}, defaultValue = "0", paramLabel = "R",
             description = "Train LoRA adapters of rank R instead of all weights (default 0: full fine-tuning).")
     int loraRank;
 
@@ -232,7 +233,7 @@ public final class FinetuneCommand implements Callable<Integer> {
                 dataset.tokenCount(), dataset.trainSequences(), dataset.heldOutSequences(), seq);
         Map<String, String> identity = runIdentity(dataset);
         JsonObject[] done = new JsonObject[1];
-        // --save is replaced as a whole once everything is written: a crash or an error before leaves the old one
+        // --out is replaced as a whole once everything is written: a crash or an error before leaves the old one
         AtomicFiles.replaceDirectory(save, out -> {
             try (DeepSeekForCausalLM lm = loadBase(dev)) {
                 prepare(lm, dataset, lora);
@@ -281,15 +282,15 @@ public final class FinetuneCommand implements Callable<Integer> {
         for (Path input : new Path[] {data, source.model, tokenizer}) {
             if (input != null && input.toAbsolutePath().normalize().startsWith(target)
                     && !input.toAbsolutePath().normalize().equals(target)) {
-                throw new IllegalArgumentException("--save " + save + " holds the input " + input + ": fine-tuning"
-                        + " replaces the --save directory as a whole; save elsewhere");
+                throw new IllegalArgumentException("--out " + save + " holds the input " + input + ": fine-tuning"
+                        + " replaces the --out directory as a whole; save elsewhere");
             }
         }
         if (!Files.exists(save)) {
             return;
         }
         if (!Files.isDirectory(save)) {
-            throw new IllegalArgumentException("--save " + save + " is a file, not a directory");
+            throw new IllegalArgumentException("--out " + save + " is a file, not a directory");
         }
         List<String> names;
         try (Stream<Path> s = Files.list(save)) {
@@ -298,9 +299,9 @@ public final class FinetuneCommand implements Callable<Integer> {
         boolean output = names.isEmpty() || names.contains("config.json") || names.contains("adapter_config.json")
                 || names.contains("checkpoints");
         if (!output) {
-            throw new IllegalArgumentException("--save " + save + " holds " + names.size() + " file(s) (" + names.get(0)
+            throw new IllegalArgumentException("--out " + save + " holds " + names.size() + " file(s) (" + names.get(0)
                     + (names.size() > 1 ? ", ..." : "") + ") but no model, adapter or checkpoints: fine-tuning"
-                    + " replaces the --save directory as a whole; give a new or empty directory or an earlier output");
+                    + " replaces the --out directory as a whole; give a new or empty directory or an earlier output");
         }
     }
 
@@ -321,7 +322,8 @@ public final class FinetuneCommand implements Callable<Integer> {
             }
             LoraReport report = Lora.apply(lm, lora);
             loraTrainable = report.trainableParameters();
-            System.err.println("memopt finetune: " + report + (quantize != null ? " on a " + quantize + " base" : ""));
+            System.err.println("memopt finetune: " + report + (quantize != null ? " on a " + quantize + " base" : "")
+                    + ArtifactBase.describe(source.model));
         }
     }
 
@@ -359,7 +361,9 @@ public final class FinetuneCommand implements Callable<Integer> {
 
     private DeepSeekForCausalLM loadBase(Device dev) throws IOException {
         return source.model != null
-                ? ModelDirectories.loadFloat(source.model, dev, DataType.FLOAT32)
+                ? (ModelDirectories.isQuantizedArtifact(source.model)
+                        ? ModelDirectories.loadDeepSeek(source.model, dev, DataType.FLOAT32) // QLoRA on an artifact
+                        : ModelDirectories.loadFloat(source.model, dev, DataType.FLOAT32)) // HF directory or GGUF
                 : DeepSeekForCausalLM.random(DeepSeekConfig.preset(source.preset), seed, dev, DataType.FLOAT32);
     }
 
@@ -410,6 +414,7 @@ public final class FinetuneCommand implements Callable<Integer> {
         if (source.model != null && !Files.isDirectory(source.model) && !GgufFile.isGguf(source.model)) {
             throw new IllegalArgumentException("model directory " + source.model + " does not exist");
         }
+        ArtifactBase.check(source.model, loraRank, quantize, merge);
         positive("--steps", steps);
         positive("--batch", batch);
         positive("--grad-accum", gradAccum);

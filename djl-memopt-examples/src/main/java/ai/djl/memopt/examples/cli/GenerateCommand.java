@@ -36,8 +36,14 @@ import picocli.CommandLine.Option;
         description = "Generate text or token ids from a DeepSeek-V2/V3 checkpoint (compressed MLA cache).")
 public final class GenerateCommand implements Callable<Integer> {
 
-    @Option(names = "--model", required = true, paramLabel = "DIR", description = "Hugging Face model directory")
+    @Option(names = "--model", required = true, paramLabel = "DIR",
+            description = "Model directory: a Hugging Face checkpoint (config.json, safetensors) or a quantized artifact")
     Path model;
+
+    @Option(names = "--adapter", paramLabel = "DIR",
+            description = "A LoRA adapter (PEFT layout, as memopt finetune --lora-rank writes it) to run on the"
+                    + " model, unmerged; on a quantized artifact the base stays quantized.")
+    Path adapter;
 
     @ArgGroup(exclusive = true, multiplicity = "1")
     Prompt prompt;
@@ -53,16 +59,18 @@ public final class GenerateCommand implements Callable<Integer> {
     @Option(names = "--chat", description = "wrap --prompt as a user message in the model's chat template")
     boolean chat;
 
-    @Option(names = "--max-new-tokens", required = true, paramLabel = "N", description = "tokens to generate at most (prompt + N within max_position_embeddings)")
+    @Option(names = {"--max-new-tokens", "--max-tokens", "--new-tokens"}, required = true, paramLabel = "N",
+            converter = OptionValues.Positive.class, description = "tokens to generate at most (prompt + N within max_position_embeddings)")
     int maxNewTokens;
 
-    @Option(names = "--temperature", paramLabel = "T", description = "sampling temperature (0 = greedy)")
+    @Option(names = "--temperature", paramLabel = "T", converter = OptionValues.Temperature.class,
+            description = "sampling temperature, 0 to 2 (0 = greedy)")
     Float temperature;
 
-    @Option(names = "--top-p", paramLabel = "P", description = "nucleus sampling probability mass")
+    @Option(names = "--top-p", paramLabel = "P", converter = OptionValues.TopP.class, description = "nucleus sampling probability mass")
     Float topP;
 
-    @Option(names = "--top-k", paramLabel = "K", description = "sample among the K most likely tokens")
+    @Option(names = "--top-k", paramLabel = "K", converter = OptionValues.NonNegative.class, description = "sample among the K most likely tokens")
     Integer topK;
 
     @Option(names = "--seed", paramLabel = "S", description = "sampling seed (same seed, same tokens)")
@@ -107,7 +115,7 @@ public final class GenerateCommand implements Callable<Integer> {
             throw new IllegalArgumentException("--chat needs --prompt TEXT");
         }
         PrintStream out = new PrintStream(System.out, true, StandardCharsets.UTF_8);
-        try (GenerationModel m = GenerationModel.open(model, Devices.parse(device), Devices.dtype(dtype))) {
+        try (GenerationModel m = GenerationModel.open(model, Devices.parse(device), Devices.dtype(dtype), adapter)) {
             TextTokenizer tok = m.tokenizer().orElse(null);
             if (prompt.ids == null && tok == null) {
                 throw new IllegalArgumentException(m.files().absence("tokenizer.json") + ": give --prompt-ids instead of --prompt");

@@ -43,8 +43,13 @@ import picocli.CommandLine.Option;
 public final class PerplexityCommand implements Callable<Integer> {
 
     @Option(names = "--model", required = true, paramLabel = "DIR",
-            description = "Hugging Face model directory (config.json + safetensors; tokenizer.json for --text).")
+            description = "Model directory: a Hugging Face checkpoint (config.json, safetensors) or a quantized artifact; tokenizer.json for --text.")
     Path model;
+
+    @Option(names = "--adapter", paramLabel = "DIR",
+            description = "A LoRA adapter (PEFT layout, as memopt finetune --lora-rank writes it) to run on the"
+                    + " model, unmerged; on a quantized artifact the base stays quantized.")
+    Path adapter;
 
     @Option(names = "--token-ids", paramLabel = "IDS", description = "Comma-separated token ids, e.g. 5,17,3.")
     String tokenIds;
@@ -59,8 +64,8 @@ public final class PerplexityCommand implements Callable<Integer> {
             description = "Window length in tokens, at most max_position_embeddings (default: min(max_position_embeddings, 1024)).")
     Integer seq;
 
-    @Option(names = "--dtype", defaultValue = "float32", paramLabel = "float32|float16",
-            description = "Weight type (default float32).")
+    @Option(names = "--dtype", defaultValue = "fp32", paramLabel = "fp32|fp16",
+            description = "Weight type (default fp32).")
     String dtype;
 
     @Option(names = "--json", description = "Accepted for consistency with the other commands: the result is always "
@@ -81,7 +86,7 @@ public final class PerplexityCommand implements Callable<Integer> {
         Device dev = Devices.parse(device);
         DataType type = Devices.dtype(dtype);
         long[] ids = tokenIds != null ? parseIds(tokenIds) : tokenize(model, text);
-        try (Scorer scorer = openModel(model, dev, type)) {
+        try (Scorer scorer = openModel(model, dev, type, adapter)) {
             int window = seq != null ? seq : Math.min(scorer.maxPositions(), 1024);
             if (window < 2) {
                 throw new IllegalArgumentException("--seq must be at least 2, got " + window);
@@ -139,10 +144,10 @@ public final class PerplexityCommand implements Callable<Integer> {
      * Opens a model directory for scoring. The one place that decides how a directory is loaded: other directory kinds
      * (quantized, adapters) plug in here.
      */
-    static Scorer openModel(Path dir, Device device, DataType dtype) throws IOException {
+    static Scorer openModel(Path dir, Device device, DataType dtype, Path adapter) throws IOException {
         NDManager weights = NDManager.newBaseManager(device);
         try {
-            return scorerOf(ModelDirectories.loadDeepSeek(dir, weights, dtype), weights::close);
+            return scorerOf(ModelDirectories.loadDeepSeek(dir, weights, dtype, adapter), weights::close);
         } catch (IOException | RuntimeException e) {
             weights.close();
             throw e;

@@ -88,15 +88,15 @@ public final class QuantizeCommand implements Callable<Integer> {
                     + "file of whitespace-separated token ids, one sequence per line.")
     Path calibration;
 
-    @Option(names = "--calibration-samples", defaultValue = "16",
+    @Option(names = "--calibration-samples", defaultValue = "16", paramLabel = "N",
             description = "Text calibration: at most this many sequences (default ${DEFAULT-VALUE}).")
     int calibrationSamples;
 
-    @Option(names = "--calibration-seq-len", defaultValue = "128",
+    @Option(names = "--calibration-seq-len", defaultValue = "128", paramLabel = "T",
             description = "Text calibration: tokens per sequence (default ${DEFAULT-VALUE}).")
     int calibrationSeqLen;
 
-    @Option(names = "--awq-grid", defaultValue = "20",
+    @Option(names = "--awq-grid", defaultValue = "20", paramLabel = "N",
             description = "AWQ: number of scale exponents tried per layer (default ${DEFAULT-VALUE}).")
     int awqGrid;
 
@@ -118,11 +118,11 @@ public final class QuantizeCommand implements Callable<Integer> {
                     + " embeddings in an int4 model).")
     String embeddingScheme;
 
-    @Option(names = "--dtype", defaultValue = "float32", paramLabel = "float32|float16",
+    @Option(names = "--dtype", defaultValue = "fp32", paramLabel = "fp32|fp16",
             description = "Type of the unquantized weights (default ${DEFAULT-VALUE}).")
     String dtype;
 
-    @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device.")
+    @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
     String device;
 
     @Option(names = "--out", required = true, paramLabel = "DIR", description = "Artifact directory to write.")
@@ -130,6 +130,9 @@ public final class QuantizeCommand implements Callable<Integer> {
 
     @Option(names = "--json", description = "Print one JSON line instead of tables.")
     boolean json;
+
+    @Option(names = "--no-progress", description = "No progress bar on stderr.")
+    boolean noProgress;
 
     @Override
     public Integer call() throws Exception {
@@ -207,7 +210,8 @@ public final class QuantizeCommand implements Callable<Integer> {
                     try (NDManager calibManager = manager.newSubManager()) {
                         List<NDList> batches = quantMethod != QuantMethod.RTN
                                 ? calibrationBatches(calibManager, lm.config().vocabSize()) : List.of();
-                        report = Quantizer.quantize(lm, quantizationConfig(quantMethod, batches));
+                        report = Quantizer.quantize(lm, quantizationConfig(quantMethod, batches),
+                                noProgress ? null : QuantizeProgress.bar("quantize " + quantMethod.id()));
                     }
                 }
             }

@@ -24,13 +24,20 @@ public final class ServeCommand implements Callable<Integer> {
     /** The running server, for in-process tests to stop it. */
     static volatile GenerationServer running;
 
-    @Option(names = "--model", required = true, paramLabel = "DIR", description = "Hugging Face model directory")
+    @Option(names = "--model", required = true, paramLabel = "DIR",
+            description = "Model directory: a Hugging Face checkpoint (config.json, safetensors) or a quantized artifact")
     Path model;
 
-    @Option(names = "--host", defaultValue = "127.0.0.1", description = "interface to bind (default: ${DEFAULT-VALUE})")
+    @Option(names = "--adapter", paramLabel = "DIR",
+            description = "A LoRA adapter (PEFT layout, as memopt finetune --lora-rank writes it) to run on the"
+                    + " model, unmerged; on a quantized artifact the base stays quantized.")
+    Path adapter;
+
+    @Option(names = "--host", defaultValue = "127.0.0.1", paramLabel = "HOST", description = "interface to bind (default: ${DEFAULT-VALUE})")
     String host;
 
-    @Option(names = "--port", defaultValue = "8080", description = "port, 0 = any free one (default: ${DEFAULT-VALUE})")
+    @Option(names = "--port", defaultValue = "8080", paramLabel = "PORT", converter = OptionValues.Port.class,
+            description = "port, 0 = any free one (default: ${DEFAULT-VALUE})")
     int port;
 
     @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "default: ${DEFAULT-VALUE}")
@@ -39,16 +46,21 @@ public final class ServeCommand implements Callable<Integer> {
     @Option(names = "--dtype", defaultValue = "fp32", paramLabel = "fp32|fp16", description = "default: ${DEFAULT-VALUE}")
     String dtype;
 
-    @Option(names = "--max-queue", defaultValue = "16", paramLabel = "N", description = "requests waiting behind the running one; more get 429 (default: ${DEFAULT-VALUE})")
+    @Option(names = "--max-queue", defaultValue = "16", paramLabel = "N", converter = OptionValues.NonNegative.class,
+            description = "requests waiting behind the running one; more get 429 (default: ${DEFAULT-VALUE})")
     int maxQueue;
 
-    @Option(names = "--max-tokens", defaultValue = "4096", paramLabel = "N", description = "largest max_tokens accepted (default: ${DEFAULT-VALUE})")
+    @Option(names = {"--max-new-tokens", "--max-tokens"}, defaultValue = "4096", paramLabel = "N",
+            converter = OptionValues.Positive.class,
+            description = "most tokens one request may generate: larger max_tokens get HTTP 400 (default: ${DEFAULT-VALUE})")
     int maxTokens;
 
-    @Option(names = "--max-body-bytes", defaultValue = "1048576", paramLabel = "N", description = "largest request body (default: ${DEFAULT-VALUE})")
+    @Option(names = "--max-body-bytes", defaultValue = "1048576", paramLabel = "N",
+            converter = OptionValues.BodyBytes.class, description = "largest request body (default: ${DEFAULT-VALUE})")
     long maxBodyBytes;
 
-    @Option(names = "--shutdown-grace", defaultValue = "30", paramLabel = "SECONDS", description = "time running requests get to finish on shutdown (default: ${DEFAULT-VALUE})")
+    @Option(names = "--shutdown-grace", defaultValue = "30", paramLabel = "SECONDS",
+            converter = OptionValues.NonNegative.class, description = "time running requests get to finish on shutdown (default: ${DEFAULT-VALUE})")
     int shutdownGraceSeconds;
 
     @Option(names = "--max-pending-bytes", defaultValue = "" + GenerationServer.DEFAULT_MAX_PENDING_BYTES, paramLabel = "N",
@@ -69,7 +81,7 @@ public final class ServeCommand implements Callable<Integer> {
 
     @Override
     public Integer call() throws Exception {
-        try (GenerationModel m = GenerationModel.open(model, Devices.parse(device), Devices.dtype(dtype))) {
+        try (GenerationModel m = GenerationModel.open(model, Devices.parse(device), Devices.dtype(dtype), adapter)) {
             GenerationServer server =
                     GenerationServer.builder()
                             .setGenerator(m.generator())

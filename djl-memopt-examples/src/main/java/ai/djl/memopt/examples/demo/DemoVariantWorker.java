@@ -10,6 +10,7 @@ import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
 import com.google.gson.JsonObject;
 import java.nio.file.Path;
 import java.util.List;
@@ -37,6 +38,11 @@ public final class DemoVariantWorker {
         int newTokens = Integer.parseInt(args[5]);
         String prompt = args[6];
 
+        // the runtime before any weight: the JVM and libtorch, loaded by a first tensor
+        try (NDManager warm = NDManager.newBaseManager(device)) {
+            warm.ones(new Shape(2)).add(1).close();
+        }
+        long runtimeBytes = device.isGpu() ? MemoryStats.deviceBytesInUse(device) : MemoryStats.residentBytes();
         try (GenerationModel m = GenerationModel.open(dir, device, dtype)) {
             NDManager weights = m.model().manager();
             long weightBytes = weights.getManagedArrays().stream().filter(a -> !a.isReleased())
@@ -66,6 +72,7 @@ public final class DemoVariantWorker {
             o.addProperty("dtype", args[1]);
             o.addProperty("peak_memory_bytes", device.isGpu() ? MemoryStats.deviceBytesInUse(device)
                     : MemoryStats.peakResidentBytes());
+            o.addProperty("runtime_bytes", runtimeBytes);
             o.addProperty("weight_bytes", weightBytes);
             o.addProperty("heldout_tokens", ids.length);
             o.addProperty("loss", eval.loss());

@@ -306,7 +306,7 @@ public final class WrapUserModelExample {
      * A deterministic batch of images in [-1, 1) with labels 0..9 (seeded in Java, independent of the engine), on a
      * sub-manager of {@code parent} that closing the batch frees.
      */
-    static Batch syntheticBatch(NDManager parent, Shape inputShape, long seed) {
+    public static Batch syntheticBatch(NDManager parent, Shape inputShape, long seed) {
         NDManager manager = parent.newSubManager();
         Random r = new Random(seed);
         float[] x = new float[(int) inputShape.size()];

@@ -71,10 +71,10 @@ class BenchGenerateCommandTest {
         r = CliRun.run("bench", "generate", "--batch", "1,0");
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("--batch must be >= 1, got 0"), r.err);
-        r = CliRun.run("bench", "generate", "--new-tokens", "1");
+        r = CliRun.run("bench", "generate", "--max-new-tokens", "1");
         assertNotEquals(0, r.exitCode);
-        assertTrue(r.err.contains("--new-tokens >= 2"), r.err);
-        r = CliRun.run("bench", "generate", "--prompt-tokens", "2000", "--new-tokens", "100");
+        assertTrue(r.err.contains("--max-new-tokens >= 2"), r.err);
+        r = CliRun.run("bench", "generate", "--prompt-tokens", "2000", "--max-new-tokens", "100");
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("max_position_embeddings 2048"), r.err);
         r = CliRun.run("bench", "generate", "--dtype", "bf16");

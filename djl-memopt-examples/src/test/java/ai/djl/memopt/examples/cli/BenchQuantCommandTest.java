@@ -149,9 +149,9 @@ class BenchQuantCommandTest {
         r = CliRun.run("bench", "quant", "--model", tmp.resolve("nope").toString(), "--heldout", heldout.toString());
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("not a directory"), r.err);
-        r = CliRun.run("bench", "quant", "--model", model.toString(), "--heldout", tmp.resolve("x.txt").toString());
+        r = CliRun.run("bench", "quant", "--model", model.toString(), "--held-out", tmp.resolve("x.txt").toString());
         assertNotEquals(0, r.exitCode);
-        assertTrue(r.err.contains("--heldout") && r.err.contains("no such file"), r.err);
+        assertTrue(r.err.contains("--held-out") && r.err.contains("no such file"), r.err);
         r = CliRun.run("bench", "quant", "--model", model.toString(), "--heldout", heldout.toString(),
                 "--group-size", "100");
         assertNotEquals(0, r.exitCode);

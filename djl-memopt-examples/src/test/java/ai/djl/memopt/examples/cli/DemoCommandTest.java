@@ -23,14 +23,28 @@ class DemoCommandTest {
     @Test
     void tourKeepsUsableArtifactsAndItsFiguresAgreeWithTheTools() throws Exception {
         Path out = tmp.resolve("demo");
-        CliRun r = CliRun.run("demo", "--out", out.toString(), "--steps", "6", "--batch", "2", "--seq", "32",
-                "--vocab", "300", "--hidden", "32", "--layers", "2", "--new-tokens", "4", "--no-progress", "--json");
+        // --dtype fp32: the path of a CPU without FP16 arithmetic, with the FP16 showcase beside the FP32 run
+        CliRun r = CliRun.run("demo", "--out", out.toString(), "--dtype", "fp32", "--steps", "6", "--batch", "2",
+                "--seq", "32", "--vocab", "300", "--hidden", "32", "--layers", "2", "--max-new-tokens", "4",
+                "--no-progress", "--json");
         assertEquals(0, r.exitCode, r.err);
         Map<String, JsonObject> variants = new HashMap<>();
+        JsonObject training = null;
         for (String line : r.out.strip().split("\n")) {
             JsonObject o = JsonParser.parseString(line).getAsJsonObject();
-            variants.put(o.get("variant").getAsString(), o);
+            if (o.get("event").getAsString().equals("training")) {
+                training = o;
+            } else {
+                variants.put(o.get("variant").getAsString(), o);
+            }
         }
+        assertEquals("fp32", training.get("precision").getAsString(), training.toString());
+        assertEquals(6, training.get("steps").getAsInt());
+        assertEquals(6, training.get("fp16_steps").getAsInt());
+        assertTrue(training.get("fp16_max_relative_loss_difference").getAsDouble() < 0.02, training.toString());
+        assertTrue(training.get("reason").getAsString().startsWith("--dtype fp32 was given"), training.toString());
+        assertTrue(r.err.contains("FP16 mixed precision, 6 steps from the same start"), r.err);
+        assertTrue(r.err.contains("memopt.jar generate --model " + out.resolve("int4")), "the closing hint: " + r.err);
         assertEquals(java.util.Set.of("fp32", "fp16", "int8", "int4"), variants.keySet(), r.out);
         long fp32 = variants.get("fp32").get("weight_bytes").getAsLong();
         long fp16 = variants.get("fp16").get("weight_bytes").getAsLong();
@@ -40,7 +54,8 @@ class DemoCommandTest {
         assertTrue(int4 < int8 && int8 < fp32, "bytes fp32 " + fp32 + ", int8 " + int8 + ", int4 " + int4);
         for (JsonObject v : variants.values()) {
             assertTrue(v.get("perplexity").getAsDouble() > 1 && v.get("perplexity").getAsDouble() < 300, v.toString());
-            assertTrue(v.get("peak_memory_bytes").getAsLong() > 0 && v.get("tokens_per_second").getAsDouble() > 0);
+            assertTrue(v.get("peak_memory_bytes").getAsLong() > v.get("runtime_bytes").getAsLong()
+                    && v.get("runtime_bytes").getAsLong() > 0 && v.get("tokens_per_second").getAsDouble() > 0);
             assertTrue(v.get("sample").getAsString().startsWith(DemoCommand.PROMPT), v.toString());
         }
 
@@ -68,6 +83,10 @@ class DemoCommandTest {
         CliRun r = CliRun.run("demo", "--out", tmp.resolve("bad").toString(), "--worker-heap", "lots", "--no-progress");
         assertTrue(r.exitCode != 0, r.out);
         assertTrue(r.err.contains("--worker-heap") && r.err.contains("'lots'"), r.err);
+        assertTrue(!Files.exists(tmp.resolve("bad")), "nothing written for a rejected option");
+        r = CliRun.run("demo", "--out", tmp.resolve("bad").toString(), "--dtype", "bf16", "--no-progress");
+        assertEquals("memopt demo: --dtype must be auto, fp32 or fp16, got 'bf16'\nTry 'memopt demo --help'\n",
+                r.err.replace("\r", ""));
         assertTrue(!Files.exists(tmp.resolve("bad")), "nothing written for a rejected option");
     }
 }

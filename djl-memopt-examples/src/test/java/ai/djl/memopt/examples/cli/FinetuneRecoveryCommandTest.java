@@ -60,7 +60,7 @@ class FinetuneRecoveryCommandTest {
     static String[] args(Path save, int steps, String... extra) {
         List<String> a = new ArrayList<>(List.of("finetune", "--model", modelDir.toString(), "--data",
                 text.toString(), "--steps", Integer.toString(steps), "--batch", "2", "--seq", "32", "--lr", "3e-3",
-                "--held-out", "0.1", "--checkpoint-every", "2", "--save", save.toString(), "--no-progress"));
+                "--held-out", "0.1", "--checkpoint-every", "2", "--out", save.toString(), "--no-progress"));
         for (int i = 0; i < extra.length; i++) {
             boolean valued = i + 1 < extra.length && !extra[i + 1].startsWith("--");
             int at = a.indexOf(extra[i]);
@@ -269,7 +269,7 @@ class FinetuneRecoveryCommandTest {
         Files.writeString(save.resolve("todo.txt"), "keep me");
         CliRun r = CliRun.run(args(save, 2));
         assertNotEquals(0, r.exitCode);
-        assertTrue(r.err.contains("replaces the --save directory as a whole"), r.err);
+        assertTrue(r.err.contains("replaces the --out directory as a whole"), r.err);
         assertEquals(List.of("todo.txt"), names(save));
         r = CliRun.run(args(shared, 2)); // holds the model and the text
         assertNotEquals(0, r.exitCode);

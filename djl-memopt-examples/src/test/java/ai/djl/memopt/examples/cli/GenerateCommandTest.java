@@ -96,8 +96,9 @@ class GenerateCommandTest {
         assertTrue(r.err.contains("outside the vocabulary"), r.err);
 
         r = CliRun.run("generate", "--model", V3, "--prompt-ids", "1,2", "--max-new-tokens", "0");
-        assertEquals(1, r.exitCode);
-        assertTrue(r.err.contains("maxNewTokens"), r.err);
+        assertEquals(2, r.exitCode, "a bad option value is a usage error");
+        assertTrue(r.err.startsWith("memopt generate: Invalid value for option '--max-new-tokens': must be at least 1,"
+                + " got 0"), r.err);
 
         r = CliRun.run("generate", "--model", "/nonexistent/dir", "--prompt-ids", "1", "--max-new-tokens", "4");
         assertEquals(1, r.exitCode);

@@ -127,8 +127,8 @@ public final class DeepSeekForCausalLM extends AbstractBlock implements AutoClos
     }
 
     /**
-     * Makes {@link #close()} close the weights' manager too: for loaders outside this package that create the manager
-     * themselves (as {@code DeepSeekLoader.load(dir, device, dtype)} does).
+     * Hands the model its manager: {@link #close()} then frees the weights. For loaders outside this package that
+     * allocate a manager for the model they return, as {@link DeepSeekLoader#load(java.nio.file.Path, Device, DataType)} does.
      */
     public void ownManager() {
         ownsManager = true;
