@@ -24,6 +24,7 @@ import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.concurrent.atomic.AtomicReference;
+import java.util.function.Consumer;
 
 // One piece, a little over 500 lines (issue 16): recording a segment in the forward and replaying it in the backward
 // share the per-thread segment stack and its invariants (reverse order, span runs, when a graph must be retained), and
@@ -76,6 +77,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
     private volatile boolean closed;
     private final AtomicLong recorded = new AtomicLong();
     private final AtomicLong retainedBackwards = new AtomicLong();
+    private volatile Consumer<List<Block>> segmentListener;
 
     /**
      * Opens a collector on an engine.
@@ -134,6 +136,17 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         return retainedBackwards.get();
     }
 
+    /**
+     * Tells {@code listener} when gradients are complete, during each {@link #backward}: once with an empty list after
+     * the target's own backward (what lies between the target and the last segment, such as the final norm and the
+     * LM head, has its gradient then), and after each outermost segment's backward, nested segments included, with the
+     * segment's blocks: the gradients of parameters that only those blocks use are final at that moment (a fused
+     * optimizer update applies and frees them there). Null removes it.
+     */
+    public void setSegmentListener(Consumer<List<Block>> listener) {
+        this.segmentListener = listener;
+    }
+
     /** {@inheritDoc} */
     @Override
     public void backward(NDArray target) {
@@ -150,6 +163,10 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         try {
             try (NDArray ones = target.onesLike()) {
                 JniUtils.backward((PtNDArray) target, (PtNDArray) ones, withGraph(segments) > 0, false);
+            }
+            Consumer<List<Block>> listener = segmentListener;
+            if (listener != null) {
+                listener.accept(List.of());
             }
             visit(st, segments, false);
         } finally {
@@ -183,6 +200,10 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                 retainedBackwards.incrementAndGet();
             }
             backward(st, s, retain);
+            Consumer<List<Block>> listener = segmentListener;
+            if (listener != null && st.visiting == 0) { // an outermost segment, its nested ones visited too
+                listener.accept(s.blocks);
+            }
         }
     }
 

@@ -44,6 +44,8 @@ final class ChunkedLossHead {
     private final boolean checkpointed;
     /** The GPU form of the head's weight gradient (one product per chunk); true on a GPU, settable by tests. */
     boolean gpuForms;
+    /** Told when gradients complete during a checkpointed backward ({@link FusedUpdate}); null for none. */
+    java.util.function.Consumer<java.util.List<ai.djl.nn.Block>> segmentListener;
     /** Micro-batches whose embedding gradient went row by row, and head chunks differentiated by hand (for tests). */
     long rowwiseEmbeddings;
     long manualChunks;
@@ -77,6 +79,9 @@ final class ChunkedLossHead {
                         ? EmbeddingRows.gather(lm.model(), micro.ids(), micro.rows(), micro.seq(), m)
                         : null;
                 rowwiseEmbeddings += embedding != null ? 1 : 0;
+                if (gc instanceof CheckpointingGradientCollector) {
+                    ((CheckpointingGradientCollector) gc).setSegmentListener(segmentListener);
+                }
                 if (embedding != null && gc instanceof CheckpointingGradientCollector) {
                     // gathered from a leaf that requires grad: spares the first layer's native-exception probe
                     ((CheckpointingGradientCollector) gc).markComputed(embedding.embeddings());

@@ -85,6 +85,7 @@ public final class FineTuner implements AutoCloseable {
     private final Map<String, Parameter> parameters;
     private final long seed;
     private final RunIdentity identity;
+    private final FusedUpdate fused; // null unless the update is fused into the backward
     private long step;
     private long dataPosition;
     private boolean closed;
@@ -111,6 +112,13 @@ public final class FineTuner implements AutoCloseable {
                 ? ParameterUpdate.fp16(lm, parameters, optimizer,
                         b.lossScaler != null ? b.lossScaler : DynamicLossScaler.create())
                 : ParameterUpdate.fp32(parameters, optimizer);
+        if (b.offloadOptimizer) {
+            update.offload(ai.djl.Device.cpu());
+        }
+        this.fused = b.fusedUpdate ? new FusedUpdate(lm, parameters, update) : null;
+        if (fused != null) {
+            lossHead.segmentListener = fused::segmentDone;
+        }
         this.identity = TrainingCheckpoints.runIdentity(this).with(b.runIdentity);
     }
 
@@ -202,6 +210,21 @@ public final class FineTuner implements AutoCloseable {
         return update;
     }
 
+    /** Whether the optimizer update is fused into the backward ({@link Builder#optFusedUpdate}). */
+    public boolean fusedUpdate() {
+        return fused != null;
+    }
+
+    /** Whether FP32 masters and optimizer state live on the host ({@link Builder#optOffloadOptimizer}). */
+    public boolean offloadedOptimizer() {
+        return update.offloaded();
+    }
+
+    /** The fused update, or null (for tests). */
+    FusedUpdate fused() {
+        return fused;
+    }
+
     /**
      * One optimizer step on {@code batch} (see the class documentation).
      *
@@ -222,7 +245,12 @@ public final class FineTuner implements AutoCloseable {
         double lossSum;
         try (NDManager losses = lm.manager().newSubManager()) {
             NDArray sum = null; // the micro-batches' mean losses, summed on the device
-            for (int i = 0; i < k; i++) {
+            boolean skipped = false;
+            if (fused != null) { // one micro-batch (checked by the builder), updated during its backward
+                sum = fused.step(step + 1, scale, (factor, m) -> forwardBackward(batch, factor, m), losses);
+                skipped = fused.skipped;
+            }
+            for (int i = 0; fused == null && i < k; i++) {
                 NDArray loss = forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k, losses);
                 if (sum == null) {
                     sum = loss;
@@ -231,7 +259,9 @@ public final class FineTuner implements AutoCloseable {
                 }
             }
             // checked with the gradients before the update, read once the update is queued (a GPU waits for its queue)
-            boolean skipped = !update.apply(scale, step + 1, sum);
+            if (fused == null) {
+                skipped = !update.apply(scale, step + 1, sum);
+            }
             lossSum = sum.getFloat();
             if (releaseFreedMemory && !lm.manager().getDevice().isGpu()) {
                 NativeMemory.releaseFreed();
@@ -375,6 +405,8 @@ public final class FineTuner implements AutoCloseable {
         private long seed;
         private boolean releaseFreedMemory = true;
         private Map<String, String> runIdentity = Map.of();
+        private boolean fusedUpdate;
+        private boolean offloadOptimizer;
 
         private Builder() {}
 
@@ -494,6 +526,27 @@ public final class FineTuner implements AutoCloseable {
             return this;
         }
 
+        /**
+         * Fuses the optimizer update into the backward: each checkpointed segment's parameters are updated, and their
+         * gradients freed, as soon as its backward is done, so the full set of gradients never exists at once (see
+         * {@link FusedUpdate}; FP16 steps run forward and backward twice, a check pass first, so that an overflow never
+         * leaves a partial update). Needs one micro-batch per step.
+         */
+        public Builder optFusedUpdate(boolean fused) {
+            this.fusedUpdate = fused;
+            return this;
+        }
+
+        /**
+         * Keeps the FP32 masters and the optimizer state on the host: the device keeps the (FP16) working weights and
+         * the gradients; each parameter's gradient is copied to the host, updated there and the weight copied back.
+         * On the CPU nothing moves, but the update takes the same path.
+         */
+        public Builder optOffloadOptimizer(boolean offload) {
+            this.offloadOptimizer = offload;
+            return this;
+        }
+
         public FineTuner build() {
             Preconditions.checkArgument(model != null, "FineTuner needs a model: call setModel");
             Preconditions.checkArgument(model.manager() != null, "the model has no weights: load or initialise it");
@@ -506,6 +559,10 @@ public final class FineTuner implements AutoCloseable {
                     "learning rate must be finite and >= 0, got %s", learningRate);
             Preconditions.checkArgument(lossChunkTokens >= 1, "loss chunk must be >= 1 token, got %s",
                     lossChunkTokens);
+            Preconditions.checkArgument(!fusedUpdate || gradientAccumulation == 1,
+                    "the fused update (--fused-update) applies each gradient as soon as it is complete, so it cannot"
+                            + " sum gradients over %s micro-batches (--grad-accum %s): use --grad-accum 1 or drop"
+                            + " --fused-update", gradientAccumulation, gradientAccumulation);
             Preconditions.checkArgument(lossScaler == null || precision == Precision.FP16,
                     "a loss scaler is only used in FP16 training");
             return new FineTuner(this);

@@ -1,5 +1,6 @@
 package ai.djl.memopt.finetune;
 
+import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.nn.Blocks;
 import ai.djl.memopt.nn.PhaseTimer;
@@ -14,6 +15,7 @@ import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Parameter;
 import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
+import com.google.common.base.Preconditions;
 import com.google.common.collect.ImmutableMap;
 import java.util.ArrayList;
 import java.util.Collections;
@@ -46,16 +48,20 @@ import java.util.Set;
 final class ParameterUpdate {
 
     private final Map<String, Parameter> parameters;
-    private final Map<String, NDArray> masters;
+    private Map<String, NDArray> masters;
+    private final MixedPrecisionBlock mixed; // null in FP32
     private final StatefulOptimizer optimizer;
+    /** Whether the masters and the optimizer state live on the host ({@link #offload}). */
+    private boolean offloaded;
     private DynamicLossScaler scaler;
     /** The GPU forms of the check and the update (see the class documentation); settable by tests. */
     boolean gpuForms;
 
     private ParameterUpdate(Map<String, Parameter> parameters, Map<String, NDArray> masters,
-            StatefulOptimizer optimizer, DynamicLossScaler scaler) {
+            MixedPrecisionBlock mixed, StatefulOptimizer optimizer, DynamicLossScaler scaler) {
         this.parameters = parameters;
         this.masters = masters;
+        this.mixed = mixed;
         this.optimizer = optimizer;
         this.scaler = scaler;
         this.gpuForms = !parameters.isEmpty()
@@ -64,7 +70,7 @@ final class ParameterUpdate {
 
     /** FP32 training: the optimizer updates the weights themselves. */
     static ParameterUpdate fp32(Map<String, Parameter> parameters, StatefulOptimizer optimizer) {
-        return new ParameterUpdate(parameters, Map.of(), optimizer, null);
+        return new ParameterUpdate(parameters, Map.of(), null, optimizer, null);
     }
 
     /**
@@ -83,7 +89,7 @@ final class ParameterUpdate {
         for (MixedPrecisionBlock.MasterWeight w : mixed.masterWeights()) {
             masters.put(w.path(), w.master());
         }
-        return new ParameterUpdate(parameters, Collections.unmodifiableMap(masters), optimizer, scaler);
+        return new ParameterUpdate(parameters, Collections.unmodifiableMap(masters), mixed, optimizer, scaler);
     }
 
     /** The model's parameters by Hugging Face name, each once (a tied weight under its first name). */
@@ -96,6 +102,83 @@ final class ParameterUpdate {
             }
         }
         return ImmutableMap.copyOf(params);
+    }
+
+    /**
+     * Moves the FP32 masters to {@code host} (in FP32 mode: gives each trainable weight a host copy as its master) so
+     * that the optimizer's state, made beside the masters, lives there too; from then on each parameter's gradient is
+     * copied to the host, the update runs there and the weight is copied back into the working copy
+     * ({@link #updateParameter}). Where the weights already are on {@code host} (training on the CPU) nothing moves and
+     * FP32 weights stay their own masters, but the update takes the same path.
+     */
+    void offload(Device host) {
+        Preconditions.checkState(optimizer.stateBytes() == 0, "offload the optimizer before its first update");
+        offloaded = true;
+        Map<String, NDArray> moved = new LinkedHashMap<>();
+        if (mixed != null) {
+            for (MixedPrecisionBlock.MasterWeight w : mixed.moveMasters(host)) {
+                moved.put(w.path(), w.master());
+            }
+        } else {
+            for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+                NDArray w = e.getValue().getArray();
+                if (e.getValue().requiresGradient() && !w.getDevice().equals(host)) {
+                    NDArray copy = w.stopGradient().toDevice(host, true);
+                    copy.attach(optimizer.manager);
+                    moved.put(e.getKey(), copy);
+                }
+            }
+        }
+        masters = Collections.unmodifiableMap(moved);
+    }
+
+    /** Whether {@link #offload} was called. */
+    boolean offloaded() {
+        return offloaded;
+    }
+
+    /**
+     * Updates one trainable parameter from its gradient divided by {@code gradDivisor}, without zeroing the gradient:
+     * on the master's device (the host when offloaded: the gradient is copied there, the updated master copied back
+     * into the working weight). A parameter without a gradient buffer is left alone.
+     */
+    void updateParameter(String name, float gradDivisor) {
+        Parameter p = parameters.get(name);
+        NDArray w = p.getArray();
+        NDArray master = masters.get(name);
+        NDArray target = master != null ? master : w;
+        try (NDManager t = optimizer.manager.newSubManager(target.getDevice())) {
+            NDArray g = JniUtils.getGradient((PtNDArray) w);
+            if (g == null) {
+                return;
+            }
+            g.attach(t);
+            if (!g.getDevice().equals(target.getDevice())) {
+                g = g.toDevice(target.getDevice(), false);
+                g.attach(t);
+            }
+            if (offloaded && master != null) {
+                optimizer.update(p.getId(), master, g, gradDivisor, null);
+                copyBack(master, w, t);
+            } else {
+                optimizer.update(p.getId(), target, g, gradDivisor, master != null ? w : null);
+            }
+        }
+    }
+
+    /** Writes the updated {@code master} into the working weight {@code w} (its type and device): one transfer. */
+    private static void copyBack(NDArray master, NDArray w, NDManager t) {
+        NDArray cast = master.toType(w.getDataType(), true);
+        cast.attach(t);
+        NDArray there = cast.toDevice(w.getDevice(), false);
+        there.attach(t);
+        boolean gradMode = JniUtils.isGradMode();
+        JniUtils.setGradMode(false); // an in-place write into a leaf that requires grad
+        try {
+            w.set(new NDIndex("..."), there);
+        } finally {
+            JniUtils.setGradMode(gradMode);
+        }
     }
 
     /** The FP32 masters of the trainable weights by Hugging Face name (empty in FP32 mode). */
@@ -194,6 +277,15 @@ final class ParameterUpdate {
      * parameter by parameter in blocks of rows; then the gradients are zeroed.
      */
     private void updateAll(float gradDivisor) {
+        if (offloaded) {
+            for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+                if (e.getValue().requiresGradient()) {
+                    updateParameter(e.getKey(), gradDivisor);
+                }
+            }
+            zeroGradients();
+            return;
+        }
         try (NDManager t = optimizer.manager.newSubManager()) {
             List<String> ids = new ArrayList<>();
             List<NDArray> weights = new ArrayList<>();
@@ -303,7 +395,11 @@ final class ParameterUpdate {
     void zeroGradients() {
         for (Parameter p : parameters.values()) {
             if (p.requiresGradient() && p.getArray() instanceof PtNDArray) {
-                JniUtils.zeroGrad((PtNDArray) p.getArray());
+                try (NDArray g = JniUtils.getGradient((PtNDArray) p.getArray())) {
+                    if (g != null) { // released by a fused update
+                        JniUtils.zeroGrad((PtNDArray) p.getArray());
+                    }
+                }
             }
         }
     }
@@ -375,7 +471,9 @@ final class ParameterUpdate {
         NDArray w = parameters.get(name).getArray();
         NDArray master = masters.get(name);
         if (master != null) {
-            master.set(new NDIndex("..."), fp32);
+            try (NDArray there = fp32.toDevice(master.getDevice(), true)) { // the host when offloaded
+                master.set(new NDIndex("..."), there);
+            }
         }
         w.set(new NDIndex("..."), fp32.toType(w.getDataType(), false));
     }
@@ -399,7 +497,9 @@ final class ParameterUpdate {
         for (NDArray a : masters.values()) {
             masterBytes += bytes(a);
         }
-        return new StateBytes(weights, masterBytes, grads, optimizer.stateBytes());
+        long optimizerBytes = optimizer.stateBytes();
+        return new StateBytes(weights, masterBytes, grads, optimizerBytes,
+                offloaded ? masterBytes + optimizerBytes : 0);
     }
 
     private static long bytes(NDArray a) {

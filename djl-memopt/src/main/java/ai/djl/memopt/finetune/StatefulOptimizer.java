@@ -41,24 +41,29 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     public enum Kind {
         ADAM,
         ADAMW,
+        /** AdamW with both moments in 8 bits, block-wise ({@link EightBitAdamW}). */
+        ADAMW8BIT,
         SGD;
 
         /** Whether weight decay is decoupled (AdamW) rather than added to the gradient (Adam, SGD). */
         boolean decoupledDecay() {
-            return this == ADAMW;
+            return this == ADAMW || this == ADAMW8BIT;
         }
 
-        /** Parses {@code adam}, {@code adamw} or {@code sgd} (any case). */
+        /** Parses {@code adam}, {@code adamw}, {@code adamw8bit} or {@code sgd} (any case). */
         public static Kind parse(String name) {
             switch (name.trim().toLowerCase(Locale.ROOT)) {
                 case "adam":
                     return ADAM;
                 case "adamw":
                     return ADAMW;
+                case "adamw8bit":
+                case "adamw-8bit":
+                    return ADAMW8BIT;
                 case "sgd":
                     return SGD;
                 default:
-                    throw new IllegalArgumentException("unknown optimizer '" + name + "': expected adam, adamw or sgd");
+                    throw new IllegalArgumentException("unknown optimizer '" + name + "': expected adam, adamw, adamw8bit or sgd");
             }
         }
     }
@@ -464,6 +469,8 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
             Preconditions.checkArgument(bucketElements >= 1, "bucket elements must be >= 1, got %s", bucketElements);
             Preconditions.checkArgument(blockElements >= 1, "block elements must be >= 1, got %s", blockElements);
             Preconditions.checkArgument(manager != null, "StatefulOptimizer needs a manager: call setManager");
+            Preconditions.checkArgument(kind != Kind.ADAMW8BIT, "optimizer adamw8bit: the 8-bit moments"
+                    + " (EightBitAdamW) are not wired into this build yet; use adamw");
             Preconditions.checkArgument(learningRate >= 0 && Float.isFinite(learningRate),
                     "learning rate must be finite and >= 0, got %s", learningRate);
             Preconditions.checkArgument(beta1 >= 0 && beta1 < 1, "beta1 must be in [0, 1), got %s", beta1);

@@ -221,7 +221,9 @@ final class TrainingCheckpoints {
         }
         tuner.update().zeroGradients();
         if (newStep > 0) {
-            tuner.update().createGradients();
+            if (!tuner.fusedUpdate()) { // a fused update frees every gradient after each step
+                tuner.update().createGradients();
+            }
         }
         return new Progress(newStep, newPosition);
     }

@@ -216,7 +216,8 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
     public void masterChanged(Parameter parameter) {
         NDArray master = Preconditions.checkNotNull(masterOf(parameter), "no master weight for %s", parameter);
         NDArray w = parameter.getArray();
-        try (NDArray copy = master.toType(w.getDataType(), true)) {
+        try (NDArray cast = master.toType(w.getDataType(), true);
+                NDArray copy = cast.toDevice(w.getDevice(), false)) { // masters may live on the host (offload)
             boolean gradMode = JniUtils.isGradMode();
             JniUtils.setGradMode(false); // an in-place write into a leaf that requires grad
             try {
@@ -254,6 +255,30 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
     /** The policy this block was converted with. */
     public PrecisionPolicy getPolicy() {
         return policy;
+    }
+
+    /**
+     * Moves the FP32 masters to {@code device} (optimizer offload: the host), freeing the old arrays; the working copies
+     * stay where they are. Masters already there are kept as they are.
+     *
+     * @return the masters after the move
+     */
+    public List<MasterWeight> moveMasters(ai.djl.Device device) {
+        List<MasterWeight> moved = new ArrayList<>();
+        for (MasterWeight w : masters) {
+            NDArray m = w.master();
+            if (m.getDevice().equals(device)) {
+                moved.add(w);
+                continue;
+            }
+            NDArray there = m.toDevice(device, true);
+            there.attach(m.getManager());
+            there.setName(m.getName());
+            m.close();
+            moved.add(new MasterWeight(w.path(), w.parameter(), there));
+        }
+        masters = ImmutableList.copyOf(moved);
+        return masters;
     }
 
     /** The FP16 parameters with their FP32 masters, paths relative to the wrapped block. */

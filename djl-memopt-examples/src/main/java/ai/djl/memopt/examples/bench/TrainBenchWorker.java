@@ -4,6 +4,7 @@ import ai.djl.Device;
 import ai.djl.engine.Engine;
 import ai.djl.memopt.finetune.FineTuner;
 import ai.djl.memopt.finetune.StateBytes;
+import ai.djl.memopt.finetune.StatefulOptimizer;
 import ai.djl.memopt.finetune.StepResult;
 import ai.djl.memopt.finetune.TokenBatch;
 import ai.djl.memopt.lora.Lora;
@@ -97,7 +98,10 @@ public final class TrainBenchWorker {
                 DeepSeekForCausalLM lm = base;
                 FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpointing)
                         .optPrecision(FineTuner.Precision.parse(m.get("precision"))).optLearningRate(1e-4f)
-                        .optLossChunkTokens(lossChunk).optSeed(seed).build()) {
+                        .optLossChunkTokens(lossChunk).optSeed(seed)
+                        .optOptimizer(StatefulOptimizer.Kind.parse(System.getProperty(OPTIMIZER_PROPERTY, "adamw")))
+                        .optFusedUpdate(Boolean.getBoolean(FUSED_PROPERTY))
+                        .optOffloadOptimizer(Boolean.getBoolean(OFFLOAD_PROPERTY)).build()) {
             SplittableRandom random = new SplittableRandom(seed);
             // packed int4 weights are not parameters: count them with the state
             long quantizedBytes = qlora != null ? qlora.quantizedBytes : 0;
@@ -146,6 +150,11 @@ public final class TrainBenchWorker {
             o.addProperty("peak_memory_bytes", peak);
             o.addProperty("idle_memory_bytes", idle);
             o.addProperty("state_bytes", state.total() + quantizedBytes);
+            o.addProperty("state_device_bytes", state.deviceBytes() + quantizedBytes); // the packed weights too
+            o.addProperty("state_host_bytes", state.hostBytes());
+            o.addProperty("optimizer", tuner.optimizer().kind().name().toLowerCase(Locale.ROOT));
+            o.addProperty("fused_update", tuner.fusedUpdate());
+            o.addProperty("offload_optimizer", tuner.offloadedOptimizer());
             o.addProperty("weights_bytes", state.weights() + quantizedBytes);
             o.addProperty("quantized_weight_bytes", quantizedBytes);
             o.addProperty("trainable_parameters", qlora != null ? qlora.trainable : config.parameterCount());
@@ -173,6 +182,10 @@ public final class TrainBenchWorker {
     public static final String PROFILE_PROPERTY = "memopt.profile";
     /** Whether to time the phases of extra steps ({@code memopt bench train --profile}). */
     static final boolean PROFILE = Boolean.getBoolean(PROFILE_PROPERTY);
+    /** System properties of the optimizer choices ({@code bench train --optimizer, --fused-update, --offload-optimizer}). */
+    public static final String OPTIMIZER_PROPERTY = "memopt.optimizer";
+    public static final String FUSED_PROPERTY = "memopt.fusedUpdate";
+    public static final String OFFLOAD_PROPERTY = "memopt.offloadOptimizer";
     /** Extra steps timed phase by phase after the measured ones; their mean is reported. */
     public static final int PROFILED_STEPS = 2;
 

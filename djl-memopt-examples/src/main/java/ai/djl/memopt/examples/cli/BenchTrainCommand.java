@@ -6,6 +6,7 @@ import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.MarkdownTable;
 import ai.djl.memopt.examples.bench.TrainBenchWorker;
 import ai.djl.memopt.finetune.FineTuner;
+import ai.djl.memopt.finetune.StatefulOptimizer;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
@@ -101,6 +102,19 @@ public final class BenchTrainCommand implements Callable<Integer> {
                     + Devices.CPU_LOSS_CHUNK_TOKENS + " on the CPU, " + Devices.GPU_LOSS_CHUNK_TOKENS + " on a GPU).")
     Integer lossChunk;
 
+    @Option(names = "--optimizer", defaultValue = "adamw", paramLabel = "adamw|adamw8bit",
+            description = "Optimizer of every mode (default adamw); adamw8bit keeps both moments in 8 bits.")
+    String optimizer;
+
+    @Option(names = "--fused-update",
+            description = "Update each checkpointed layer as soon as its backward is done and free its gradients"
+                    + " (FP16: a check pass first).")
+    boolean fusedUpdate;
+
+    @Option(names = "--offload-optimizer",
+            description = "FP32 masters and optimizer state on the host (counted in state_host_bytes).")
+    boolean offloadOptimizer;
+
     @Mixin BenchOptions bench = new BenchOptions("512m", 3600);
 
     @Option(names = "--profile",
@@ -140,6 +154,10 @@ public final class BenchTrainCommand implements Callable<Integer> {
             throw new IllegalArgumentException("--checkpoint " + checkpoint + ": the checkpointed modes need a policy"
                     + " (all, nested, every:N or sqrt); --mode fp32 or fp16 runs without checkpointing");
         }
+        StatefulOptimizer.Kind optimizerKind = StatefulOptimizer.Kind.parse(optimizer);
+        if (optimizerKind != StatefulOptimizer.Kind.ADAMW && optimizerKind != StatefulOptimizer.Kind.ADAMW8BIT) {
+            throw new IllegalArgumentException("--optimizer must be adamw or adamw8bit, got '" + optimizer + "'");
+        }
         List<JsonObject> results = new ArrayList<>();
         for (String mode : selected) {
             List<String> workerArgs = new ArrayList<>(List.of(preset, mode, Integer.toString(batch),
@@ -152,6 +170,9 @@ public final class BenchTrainCommand implements Callable<Integer> {
             if (profile) {
                 jvm.add("-D" + TrainBenchWorker.PROFILE_PROPERTY + "=true");
             }
+            jvm.add("-D" + TrainBenchWorker.OPTIMIZER_PROPERTY + "=" + optimizerKind.name().toLowerCase(Locale.ROOT));
+            jvm.add("-D" + TrainBenchWorker.FUSED_PROPERTY + "=" + fusedUpdate);
+            jvm.add("-D" + TrainBenchWorker.OFFLOAD_PROPERTY + "=" + offloadOptimizer);
             List<String> lines = FreshJvm.run(jvm, ALLOCATOR, bench.timeout, TrainBenchWorker.class, workerArgs);
             JsonObject result = null;
             for (String line : lines) {
@@ -190,6 +211,21 @@ public final class BenchTrainCommand implements Callable<Integer> {
      * run, or gives pages back after the GCs before the idle reading) moved the activation figure of one configuration
      * by tens of MB from run to run. Weights are direct buffers, hence the unbounded direct-memory limit.
      */
+    /** How a result's optimizer differs from plain unfused on-device AdamW, for its row: e.g. {@code , adamw8bit}. */
+    static String stateOptions(JsonObject r) {
+        StringBuilder b = new StringBuilder();
+        if (r.has("optimizer") && !"adamw".equals(r.get("optimizer").getAsString())) {
+            b.append(", ").append(r.get("optimizer").getAsString());
+        }
+        if (r.has("fused_update") && r.get("fused_update").getAsBoolean()) {
+            b.append(", fused");
+        }
+        if (r.has("offload_optimizer") && r.get("offload_optimizer").getAsBoolean()) {
+            b.append(", offload");
+        }
+        return b.toString();
+    }
+
     static List<String> workerJvm(String heap) {
         return List.of("-Xms" + heap, "-Xmx" + heap, "-XX:+AlwaysPreTouch", "-XX:MaxDirectMemorySize=1024g");
     }
@@ -241,6 +277,7 @@ public final class BenchTrainCommand implements Callable<Integer> {
             if (!checkpointing.equals("none")) {
                 mode += " (" + checkpointing + ")"; // rows of different policies side by side
             }
+            mode += stateOptions(r);
             List<String> cells = new ArrayList<>(List.of(
                 r.get("preset").getAsString(), mode, r.get("batch").getAsString(),
                 r.get("seq").getAsString(), r.get("steps").getAsString(), r.get("device").getAsString(),

@@ -119,8 +119,21 @@ public final class FinetuneCommand implements Callable<Integer> {
                     + "(default fp32).")
     String precision;
 
-    @Option(names = "--optimizer", defaultValue = "adamw", paramLabel = "adamw|adam|sgd", description = "Default adamw.")
+    @Option(names = "--optimizer", defaultValue = "adamw", paramLabel = "adamw|adamw8bit|adam|sgd",
+            description = "Default adamw. adamw8bit keeps both Adam moments in 8 bits (block-wise, FP32 below a size"
+                    + " threshold): 2 bytes of optimizer state per parameter instead of 8.")
     String optimizer;
+
+    @Option(names = "--fused-update",
+            description = "Update each checkpointed layer's weights as soon as its backward is done and free their"
+                    + " gradients, so the full set of gradients never exists at once (needs --grad-accum 1; FP16 steps"
+                    + " run a check pass first, so an overflow never leaves a partial update).")
+    boolean fusedUpdate;
+
+    @Option(names = "--offload-optimizer",
+            description = "Keep the FP32 masters and optimizer state in host memory; the device keeps the working"
+                    + " weights and gradients, and the update runs on the host.")
+    boolean offloadOptimizer;
 
     @Option(names = "--lr", defaultValue = "1e-4", paramLabel = "X", description = "Peak learning rate (default 1e-4).")
     float lr;
@@ -240,6 +253,7 @@ public final class FinetuneCommand implements Callable<Integer> {
                 LearningRateSchedule schedule = LearningRateSchedule.of(lr, warmup, cosine ? steps : 0, 0.1f);
                 try (FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(checkpoint)
                         .optPrecision(prec).optOptimizer(kind).optSchedule(schedule).optWeightDecay(weightDecay)
+                        .optFusedUpdate(fusedUpdate).optOffloadOptimizer(offloadOptimizer)
                         .optGradientAccumulation(gradAccum)
                         .optLossChunkTokens(Devices.lossChunkTokens(lossChunk, dev)).optSeed(seed)
                         .optRunIdentity(identity).build()) {

@@ -173,6 +173,27 @@ class BenchTrainCommandTest {
                 + " 1.60 |"), text);
     }
 
+    /**
+     * The optimizer-state options reach the worker: with the fused update every gradient is freed after the step, and
+     * with the offload the masters and moments are counted on the host; the device and host parts sum to state_bytes.
+     */
+    @Test
+    void fusedOffloadedStateIsSplitBetweenDeviceAndHost() throws Exception {
+        String[] r = FinetuneCommandTest.run("bench", "train", "--preset", "bench-tiny", "--mode", "fp16+checkpoint",
+                "--checkpoint", "all", "--batch", "1", "--seq", "16", "--steps", "1", "--heap", "256m",
+                "--fused-update", "--offload-optimizer", "--json");
+        assertEquals("0", r[0], r[2]);
+        JsonObject o = JsonParser.parseString(r[1].trim().split("\n")[0]).getAsJsonObject();
+        assertTrue(o.get("fused_update").getAsBoolean() && o.get("offload_optimizer").getAsBoolean(), o.toString());
+        assertEquals("adamw", o.get("optimizer").getAsString());
+        long device = o.get("state_device_bytes").getAsLong();
+        long host = o.get("state_host_bytes").getAsLong();
+        assertEquals(o.get("state_bytes").getAsLong(), device + host, o.toString());
+        assertEquals(0, o.get("gradient_bytes").getAsLong(), "fused: gradients freed after the step");
+        assertEquals(o.get("master_bytes").getAsLong() + o.get("optimizer_bytes").getAsLong(), host, o.toString());
+        assertEquals(o.get("weights_bytes").getAsLong(), device, "only the FP16 weights stay on the device");
+    }
+
     @Test
     void badOptionsAreRejectedBeforeAnyJvmStarts() {
         String[] r = FinetuneCommandTest.run("bench", "train", "--mode", "fp8");
@@ -187,5 +208,8 @@ class BenchTrainCommandTest {
         r = FinetuneCommandTest.run("bench", "train", "--checkpoint", "every:0");
         assertNotEquals("0", r[0]);
         assertTrue(r[2].contains("N must be >= 1"), r[2]);
+        r = FinetuneCommandTest.run("bench", "train", "--optimizer", "sgd");
+        assertNotEquals("0", r[0]);
+        assertTrue(r[2].contains("--optimizer must be adamw or adamw8bit"), r[2]);
     }
 }
