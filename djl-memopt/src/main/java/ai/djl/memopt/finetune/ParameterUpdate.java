@@ -123,9 +123,11 @@ final class ParameterUpdate {
             for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
                 NDArray w = e.getValue().getArray();
                 if (e.getValue().requiresGradient() && !w.getDevice().equals(host)) {
-                    NDArray copy = w.stopGradient().toDevice(host, true);
-                    copy.attach(optimizer.manager);
-                    moved.put(e.getKey(), copy);
+                    try (NDArray detached = w.stopGradient()) {
+                        NDArray copy = detached.toDevice(host, true);
+                        copy.attach(optimizer.manager);
+                        moved.put(e.getKey(), copy);
+                    }
                 }
             }
         }
@@ -159,25 +161,10 @@ final class ParameterUpdate {
             }
             if (offloaded && master != null) {
                 optimizer.update(p.getId(), master, g, gradDivisor, null);
-                copyBack(master, w, t);
+                MixedPrecisionBlock.copyInto(master, w); // one converting transfer back
             } else {
                 optimizer.update(p.getId(), target, g, gradDivisor, master != null ? w : null);
             }
-        }
-    }
-
-    /** Writes the updated {@code master} into the working weight {@code w} (its type and device): one transfer. */
-    private static void copyBack(NDArray master, NDArray w, NDManager t) {
-        NDArray cast = master.toType(w.getDataType(), true);
-        cast.attach(t);
-        NDArray there = cast.toDevice(w.getDevice(), false);
-        there.attach(t);
-        boolean gradMode = JniUtils.isGradMode();
-        JniUtils.setGradMode(false); // an in-place write into a leaf that requires grad
-        try {
-            w.set(new NDIndex("..."), there);
-        } finally {
-            JniUtils.setGradMode(gradMode);
         }
     }
 

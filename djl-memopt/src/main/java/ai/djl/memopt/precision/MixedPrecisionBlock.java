@@ -215,13 +215,20 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
     @Override
     public void masterChanged(Parameter parameter) {
         NDArray master = Preconditions.checkNotNull(masterOf(parameter), "no master weight for %s", parameter);
-        NDArray w = parameter.getArray();
-        try (NDArray cast = master.toType(w.getDataType(), true);
-                NDArray copy = cast.toDevice(w.getDevice(), false)) { // masters may live on the host (offload)
+        copyInto(master, parameter.getArray());
+    }
+
+    /**
+     * Writes {@code master} into {@code working} in place, in the working copy's type and on its device (a master may
+     * live on the host: optimizer offload), with autograd off for the write into a leaf that requires grad.
+     */
+    public static void copyInto(NDArray master, NDArray working) {
+        try (NDArray cast = master.toType(working.getDataType(), true);
+                NDArray copy = cast.toDevice(working.getDevice(), false)) {
             boolean gradMode = JniUtils.isGradMode();
-            JniUtils.setGradMode(false); // an in-place write into a leaf that requires grad
+            JniUtils.setGradMode(false);
             try {
-                w.set(new NDIndex("..."), copy);
+                working.set(new NDIndex("..."), copy);
             } finally {
                 JniUtils.setGradMode(gradMode);
             }
