@@ -254,21 +254,25 @@ public final class EightBitAdamW implements AutoCloseable {
 
     /** The rule on one chunk, in place on {@code w}, {@code m} and {@code v}, every temporary in {@code tmp}. */
     private void adamw(long step, NDArray w, NDArray g, NDArray m, NDArray v, NDManager tmp) {
-        NDArray scaledGrad = g.mul(1 - beta1);
+        // StatefulOptimizer's operations in its order (UpdateRules.adam), scalars made on the device
+        NDArray scaledGrad = g.mul(UpdateRules.scalar(g, 1 - beta1, tmp));
         scaledGrad.attach(tmp);
-        m.muli(beta1).addi(scaledGrad);
+        m.muli(UpdateRules.scalar(m, beta1, tmp)).addi(scaledGrad);
         NDArray square = g.square();
         square.attach(tmp);
-        v.muli(beta2).addi(square.muli(1 - beta2));
+        v.muli(UpdateRules.scalar(v, beta2, tmp)).addi(square.muli(UpdateRules.scalar(square, 1 - beta2, tmp)));
         double correction1 = 1 - Math.pow(beta1, step);
         double correction2 = 1 - Math.pow(beta2, step);
         if (weightDecay != 0) {
-            w.muli(1 - learningRate * weightDecay);
+            w.muli(UpdateRules.scalar(w, 1 - learningRate * weightDecay, tmp));
         }
-        NDArray direction = v.sqrt();
-        direction.attach(tmp);
-        direction.divi((float) Math.sqrt(correction2)).addi(epsilon).powi(-1).muli(m);
-        w.subi(direction.muli((float) (learningRate / correction1)));
+        NDArray denom = v.sqrt();
+        denom.attach(tmp);
+        denom.divi(UpdateRules.scalar(denom, (float) Math.sqrt(correction2), tmp))
+                .addi(UpdateRules.scalar(denom, epsilon, tmp));
+        NDArray ratio = m.div(denom); // m / denom
+        ratio.attach(tmp);
+        w.subi(ratio.muli(UpdateRules.scalar(ratio, (float) (learningRate / correction1), tmp)));
     }
 
     /** Flat views of the arrays of one step: weight, gradient, working copy (or null), FP32 moments (or null). */

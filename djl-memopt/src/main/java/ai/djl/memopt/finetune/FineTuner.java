@@ -547,6 +547,11 @@ public final class FineTuner implements AutoCloseable {
             return this;
         }
 
+        /** The optimizer's own settings (for tests: e.g. adamw8bit's block size). */
+        StatefulOptimizer.Builder optimizerSettings() {
+            return optimizerSettings;
+        }
+
         public FineTuner build() {
             Preconditions.checkArgument(model != null, "FineTuner needs a model: call setModel");
             Preconditions.checkArgument(model.manager() != null, "the model has no weights: load or initialise it");

@@ -80,6 +80,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     private final Boolean wholeParameter; // null: whole parameters on a GPU
     private final long bucketElements;
     private final AdamBuckets buckets = new AdamBuckets();
+    private final EightBitAdamW eightBit; // the moments of ADAMW8BIT, null for the other kinds
     private float learningRate;
 
     private StatefulOptimizer(Builder b) {
@@ -95,6 +96,9 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         this.blockElements = b.blockElements;
         this.wholeParameter = b.wholeParameter;
         this.bucketElements = b.bucketElements;
+        this.eightBit = kind != Kind.ADAMW8BIT ? null : EightBitAdamW.builder().setManager(manager)
+                .optLearningRate(learningRate).optBetas(beta1, beta2).optEpsilon(epsilon).optWeightDecay(weightDecay)
+                .optBlockSize(b.eightBitBlock).optMinQuantizedSize(b.eightBitMinSize).build();
     }
 
     public static Builder builder() {
@@ -134,6 +138,9 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     public void setLearningRate(float lr) {
         Preconditions.checkArgument(lr >= 0 && Float.isFinite(lr), "learning rate must be finite and >= 0, got %s", lr);
         this.learningRate = lr;
+        if (eightBit != null) {
+            eightBit.setLearningRate(lr);
+        }
     }
 
     /** {@inheritDoc} */
@@ -164,6 +171,10 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
                 copyTo == null ? null : copyTo.getShape(), weight.getShape());
         Preconditions.checkArgument(gradDivisor > 0 && Float.isFinite(gradDivisor),
                 "gradient divisor of %s must be finite and > 0, got %s", parameterId, gradDivisor);
+        if (eightBit != null) {
+            eightBit.step(parameterId, weight, grad, gradDivisor, copyTo); // block by block, 8-bit moments
+            return;
+        }
         boolean gradMode = JniUtils.isGradMode();
         JniUtils.setGradMode(false); // in-place writes into leaves that require grad
         try {
@@ -257,7 +268,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         Preconditions.checkArgument(ids.size() == weights.size() && ids.size() == grads.size()
                 && (copyTo == null || copyTo.size() == ids.size()), "updateAll: %s ids, %s weights, %s gradients%s",
                 ids.size(), weights.size(), grads.size(), copyTo == null ? "" : ", " + copyTo.size() + " copies");
-        if (kind == Kind.SGD || !bucketed) {
+        if (kind == Kind.SGD || eightBit != null || !bucketed) {
             for (int i = 0; i < ids.size(); i++) {
                 update(ids.get(i), weights.get(i), grads.get(i), gradDivisor, copyTo == null ? null : copyTo.get(i));
             }
@@ -281,12 +292,18 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
 
     /** Number of updates applied to a parameter (0 if never). */
     public long stepCount(String parameterId) {
+        if (eightBit != null) {
+            return eightBit.stepCount(parameterId);
+        }
         State s = states.get(parameterId);
         return s == null ? 0 : s.step;
     }
 
     /** The state arrays of a parameter by kind ({@code exp_avg}, {@code exp_avg_sq}, {@code momentum_buffer}). */
     public Map<String, NDArray> stateArrays(String parameterId) {
+        if (eightBit != null) { // exp_avg.code, exp_avg.absmax, ... (FP32 exp_avg, exp_avg_sq below the size threshold)
+            return eightBit.stateArrays(parameterId);
+        }
         State s = states.get(parameterId);
         Map<String, NDArray> out = new LinkedHashMap<>();
         if (s == null || s.first == null) {
@@ -310,6 +327,10 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
      */
     public void restore(String parameterId, String name, long step, Map<String, NDArray> arrays, NDArray weight) {
         Preconditions.checkArgument(step >= 0, "optimizer state of %s: negative step %s", name, step);
+        if (eightBit != null) {
+            eightBit.restore(parameterId, name, step, arrays, weight); // copies, never aliases
+            return;
+        }
         State s = new State();
         s.step = step;
         String[] keys = kind == Kind.SGD ? new String[] {"momentum_buffer"} : new String[] {"exp_avg", "exp_avg_sq"};
@@ -346,6 +367,9 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         for (State s : states.values()) {
             n += bytes(s.first) + bytes(s.second);
         }
+        if (eightBit != null) {
+            n += eightBit.stateBytes();
+        }
         return n;
     }
 
@@ -357,6 +381,9 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     @Override
     public void close() {
         buckets.close();
+        if (eightBit != null) {
+            eightBit.close();
+        }
         for (State s : states.values()) {
             s.close();
         }
@@ -391,6 +418,8 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         private long blockElements = RowBlocks.DEFAULT_BLOCK_ELEMENTS;
         private Boolean wholeParameter;
         private long bucketElements = 1L << 24;
+        private int eightBitBlock = 2048;
+        private long eightBitMinSize = 4096;
 
         private Builder() {}
 
@@ -465,12 +494,20 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
             return this;
         }
 
+        /**
+         * adamw8bit: elements per quantization block (default 2048) and the size below which a parameter keeps FP32
+         * moments (default 4096); see {@link EightBitAdamW}.
+         */
+        public Builder optEightBit(int blockSize, long minQuantizedSize) {
+            this.eightBitBlock = blockSize;
+            this.eightBitMinSize = minQuantizedSize;
+            return this;
+        }
+
         public StatefulOptimizer build() {
             Preconditions.checkArgument(bucketElements >= 1, "bucket elements must be >= 1, got %s", bucketElements);
             Preconditions.checkArgument(blockElements >= 1, "block elements must be >= 1, got %s", blockElements);
             Preconditions.checkArgument(manager != null, "StatefulOptimizer needs a manager: call setManager");
-            Preconditions.checkArgument(kind != Kind.ADAMW8BIT, "optimizer adamw8bit: the 8-bit moments"
-                    + " (EightBitAdamW) are not wired into this build yet; use adamw");
             Preconditions.checkArgument(learningRate >= 0 && Float.isFinite(learningRate),
                     "learning rate must be finite and >= 0, got %s", learningRate);
             Preconditions.checkArgument(beta1 >= 0 && beta1 < 1, "beta1 must be in [0, 1), got %s", beta1);
