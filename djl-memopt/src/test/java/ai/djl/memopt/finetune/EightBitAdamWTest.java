@@ -412,6 +412,7 @@ class EightBitAdamWTest {
                     after1 = m.getManagedArrays().size();
                 }
             }
+            assertTrue(after1 >= 10, "weight, working copy, 4 state arrays, 4 code tables: " + after1);
             assertEquals(after1, m.getManagedArrays().size());
         }
     }
