@@ -115,11 +115,17 @@ final class BlockwiseCode {
 
     /** This code's tables on {@code device}, allocated in {@code manager} (2 KiB). */
     OnDevice upload(NDManager manager, Device device) {
-        NDArray v = manager.create(values).toDevice(device, false);
-        NDArray t = manager.create(thresholds).toDevice(device, false);
-        v.attach(manager);
-        t.attach(manager);
-        return new OnDevice(v, t);
+        return new OnDevice(onDevice(manager, values, device), onDevice(manager, thresholds, device));
+    }
+
+    private static NDArray onDevice(NDManager manager, float[] data, Device device) {
+        NDArray host = manager.create(data);
+        NDArray there = host.toDevice(device, false);
+        if (there != host) {
+            host.close();
+            there.attach(manager);
+        }
+        return there;
     }
 
     /** The entries and midpoints of a code as arrays on one device. */

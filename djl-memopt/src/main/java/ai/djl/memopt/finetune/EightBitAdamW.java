@@ -136,7 +136,7 @@ public final class EightBitAdamW implements AutoCloseable {
         return elements >= minQuantizedSize;
     }
 
-    /** Updates an FP32 weight in place from an unscaled gradient. See {@link #step(String, NDArray, NDArray, float, NDArray)}. */
+    /** Updates an FP32 weight in place from an unscaled gradient: {@code step(id, master, grad, 1, null)}. */
     public void step(String parameterId, NDArray master, NDArray grad) {
         step(parameterId, master, grad, 1f, null);
     }
@@ -476,8 +476,8 @@ public final class EightBitAdamW implements AutoCloseable {
                     "learning rate must be finite and >= 0, got %s", learningRate);
             Preconditions.checkArgument(beta1 >= 0 && beta1 < 1, "beta1 must be in [0, 1), got %s", beta1);
             Preconditions.checkArgument(beta2 >= 0 && beta2 < 1, "beta2 must be in [0, 1), got %s", beta2);
-            Preconditions.checkArgument(epsilon > 0 && Float.isFinite(epsilon), "epsilon must be finite and > 0, got %s",
-                    epsilon);
+            Preconditions.checkArgument(epsilon > 0 && Float.isFinite(epsilon),
+                    "epsilon must be finite and > 0, got %s", epsilon);
             Preconditions.checkArgument(weightDecay >= 0 && Float.isFinite(weightDecay),
                     "weight decay must be finite and >= 0, got %s", weightDecay);
             Preconditions.checkArgument(blockSize >= 1, "block size must be >= 1, got %s", blockSize);

@@ -80,7 +80,7 @@ final class MomentState {
         target.set(new NDIndex("..."), a);
     }
 
-    /** Elements {@code [start, start + rows * cols)} of the flat array {@code a} as a (rows, cols) view in {@code tmp}. */
+    /** Elements {@code [start, start + rows * cols)} of the flat {@code a} as a (rows, cols) view in {@code tmp}. */
     static NDArray piece(NDArray a, long start, long rows, long cols, NDManager tmp) {
         NDArray slice = a.get(new NDIndex("{}:{}", start, start + rows * cols));
         slice.attach(tmp);

@@ -30,8 +30,9 @@ class BlockwiseCodeTest {
 
     /**
      * create_dynamic_map(signed=True): for decade i = 0..6, the 2^i midpoints of linspace(0.1, 1, 2^i + 1) times
-     * 10^(i-6), both signs, then 0 and 1, sorted. Entries by hand: the largest negative magnitude is the last midpoint of
-     * linspace(0.1, 1, 65), (1 + (1 - 0.9 / 64)) / 2 = 0.99296875; the smallest positive is 1e-6 (0.1 + 1) / 2; decade 1
+     * 10^(i-6), both signs, then 0 and 1, sorted. Entries by hand: the largest negative magnitude is the last midpoint
+     * of linspace(0.1, 1, 65), (1 + (1 - 0.9 / 64)) / 2 = 0.99296875; the smallest positive is 1e-6 (0.1 + 1) / 2;
+     * decade 1
      * has midpoints 0.325 and 0.775 of linspace(0.1, 1, 3).
      */
     @Test
@@ -90,9 +91,9 @@ class BlockwiseCodeTest {
     }
 
     /**
-     * Each element is stored as the entry nearest to value / absmax (checked against a brute-force search), so the error
-     * is at most half the widest gap times the block's absmax: 0.9 / 64 / 2 for the signed code (the top decade's
-     * spacing, also the distance from -1 to -0.99296875), 0.9 / 128 / 2 for the unsigned one.
+     * Each element is stored as the entry nearest to value / absmax (checked against a brute-force search), so the
+     * error is at most half the widest gap times the block's absmax: 0.9 / 64 / 2 for the signed code (the top
+     * decade's spacing, also the distance from -1 to -0.99296875), 0.9 / 128 / 2 for the unsigned one.
      */
     @Test
     void roundTripErrorIsTheNearestEntryAndBoundedPerBlock() {
