@@ -64,6 +64,8 @@ final class FusedUpdate {
     private final Map<Block, List<String>> byBlock = new IdentityHashMap<>();
     private final ParameterUpdate update;
     private final Set<String> done = new HashSet<>();
+    /** Parameters whose array is torch-allocated (copied once by {@link #release}). */
+    private final Set<Parameter> owned = java.util.Collections.newSetFromMap(new IdentityHashMap<>());
     private Pass pass;
     private float divisor;
     private NDManager flags;
@@ -151,6 +153,10 @@ final class FusedUpdate {
         fusedGroups = 0;
         flags = losses.newSubManager();
         bad = null;
+        // the embedding and head get their (zero) buffers back for the step: the row-wise embedding gradient and the
+        // hand-differentiated head chunks write into them; autograd would build the head's weight gradient as an FP16
+        // product, which on the CPU has no fast kernel (80 times slower on bench-small)
+        update.createGradients(List.of("model.embed_tokens.weight", "lm_head.weight"));
         NDArray loss = forwardBackward.apply(gradDivisor, losses);
         List<String> rest = new ArrayList<>();
         for (String name : trainable.keySet()) {
@@ -279,13 +285,26 @@ final class FusedUpdate {
     }
 
     /**
-     * Frees a parameter's gradient buffer: DJL cannot set {@code grad = None}, so the parameter gets a new handle on
-     * the same storage (a detached alias that requires grad, with no gradient yet) and the old handle is closed; the
-     * next backward allocates a fresh buffer.
+     * Frees a parameter's gradient buffer: DJL cannot set {@code grad = None}, so the parameter gets a new handle (a
+     * leaf that requires grad, with no gradient yet) and the old handle is closed; the next backward allocates a fresh
+     * buffer. The new handle shares the storage (a detached alias) once the storage is torch's own; the first time, it
+     * is a copy: an array DJL made from Java memory (weights created or loaded on the CPU) lives on a direct buffer
+     * that only the old handle keeps reachable, and the garbage collector would free it under the alias.
      */
-    static void release(Parameter p) {
+    private void release(Parameter p) {
         NDArray old = p.getArray();
-        NDArray fresh = old.stopGradient();
+        NDArray fresh;
+        if (owned.add(p)) {
+            boolean gradMode = JniUtils.isGradMode();
+            JniUtils.setGradMode(false);
+            try {
+                fresh = old.duplicate(); // torch-allocated storage
+            } finally {
+                JniUtils.setGradMode(gradMode);
+            }
+        } else {
+            fresh = old.stopGradient();
+        }
         fresh.attach(old.getManager());
         fresh.setName(old.getName());
         fresh.setRequiresGradient(true);

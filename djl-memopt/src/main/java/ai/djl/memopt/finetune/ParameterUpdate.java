@@ -398,11 +398,17 @@ final class ParameterUpdate {
      * summing in the same order, so it gives the same weights bit for bit.
      */
     void createGradients() {
+        createGradients(parameters.keySet());
+    }
+
+    /** {@link #createGradients()} for the parameters {@code names} only (unknown names are ignored). */
+    void createGradients(java.util.Collection<String> names) {
         boolean gradMode = JniUtils.isGradMode();
         JniUtils.setGradMode(true);
         try {
-            for (Parameter p : parameters.values()) {
-                if (!p.requiresGradient() || !(p.getArray() instanceof PtNDArray)) {
+            for (String name : names) {
+                Parameter p = parameters.get(name);
+                if (p == null || !p.requiresGradient() || !(p.getArray() instanceof PtNDArray)) {
                     continue;
                 }
                 PtNDArray w = (PtNDArray) p.getArray();
