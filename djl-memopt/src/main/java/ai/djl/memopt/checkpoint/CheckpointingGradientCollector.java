@@ -2,6 +2,7 @@ package ai.djl.memopt.checkpoint;
 
 import ai.djl.engine.Engine;
 import ai.djl.engine.EngineException;
+import ai.djl.memopt.nn.PhaseTimer;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -23,6 +24,7 @@ import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.concurrent.atomic.AtomicReference;
+import java.util.function.Consumer;
 
 // One piece, a little over 500 lines (issue 16): recording a segment in the forward and replaying it in the backward
 // share the per-thread segment stack and its invariants (reverse order, span runs, when a graph must be retained), and
@@ -75,6 +77,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
     private volatile boolean closed;
     private final AtomicLong recorded = new AtomicLong();
     private final AtomicLong retainedBackwards = new AtomicLong();
+    private volatile Consumer<List<Block>> segmentListener;
 
     /**
      * Opens a collector on an engine.
@@ -133,6 +136,17 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         return retainedBackwards.get();
     }
 
+    /**
+     * Tells {@code listener} when gradients are complete, during each {@link #backward}: once with an empty list after
+     * the target's own backward (what lies between the target and the last segment, such as the final norm and the
+     * LM head, has its gradient then), and after each outermost segment's backward, nested segments included, with the
+     * segment's blocks: the gradients of parameters that only those blocks use are final at that moment (a fused
+     * optimizer update applies and frees them there). Null removes it.
+     */
+    public void setSegmentListener(Consumer<List<Block>> listener) {
+        this.segmentListener = listener;
+    }
+
     /** {@inheritDoc} */
     @Override
     public void backward(NDArray target) {
@@ -141,6 +155,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         Deque<Segment> segments = st.segments;
         st.segments = new ArrayDeque<>();
         st.leaves.clear();
+        st.computed.clear();
         if (segments.isEmpty() || !(target instanceof PtNDArray)) {
             delegate.backward(target);
             return;
@@ -148,6 +163,10 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         try {
             try (NDArray ones = target.onesLike()) {
                 JniUtils.backward((PtNDArray) target, (PtNDArray) ones, withGraph(segments) > 0, false);
+            }
+            Consumer<List<Block>> listener = segmentListener;
+            if (listener != null) {
+                listener.accept(List.of());
             }
             visit(st, segments, false);
         } finally {
@@ -181,7 +200,21 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                 retainedBackwards.incrementAndGet();
             }
             backward(st, s, retain);
+            Consumer<List<Block>> listener = segmentListener;
+            if (listener != null && st.visiting == 0) { // an outermost segment, its nested ones visited too
+                listener.accept(s.blocks);
+            }
         }
+    }
+
+    /**
+     * Tells the collector that {@code x}, which the caller computed with autograd on (e.g. token embeddings gathered from
+     * a leaf that requires grad), carries a graph, so that a checkpointed block taking it as input does not have to
+     * ask: DJL can only find out through a native exception, which costs milliseconds (torch records a backtrace).
+     * Forgotten at the next {@link #backward}.
+     */
+    public void markComputed(NDArray x) {
+        state().computed.put(x, Boolean.TRUE);
     }
 
     /** {@inheritDoc} */
@@ -283,7 +316,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                 inputGrad |= ours; // an earlier segment's output: a view of its leaf, no graph beyond it
             } else if (x.hasGradient()) {
                 inputGrad = true; // a leaf that requires grad
-            } else if (st.recomputing > 0 || carriesGraph(x)) {
+            } else if (st.recomputing > 0 || st.computed.containsKey(x) || carriesGraph(x)) {
                 // inside a recomputation the inputs of nested segments are computed from the recomputed ones, and
                 // asking costs a native exception each (tens of ms with torch's backtrace): assume a graph
                 inputGrad = true;
@@ -387,9 +420,11 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             st.segments = nested;
             st.leaves = new IdentityHashMap<>();
             st.recomputing++;
+            st.visiting++;
+            int level = st.visiting; // 1: the outermost checkpointed blocks, 2: blocks nested in them, ...
             try (NDScope scope = new NDScope()) {
                 NDList y;
-                try {
+                try (PhaseTimer.Phase p = PhaseTimer.phase("recompute L" + level)) {
                     y = s.inputs;
                     for (Block b : s.blocks) {
                         y = b.forward(s.parameterStore, y, true, s.params);
@@ -415,14 +450,17 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                     }
                 }
                 boolean keepForNested = withGraph(nested) > 0;
-                for (int k = 0; k < todo.size(); k++) {
-                    int i = todo.get(k);
-                    boolean keep = retain || keepForNested || k < todo.size() - 1;
-                    vjp(y.get(i), grads.get(i), keep);
+                try (PhaseTimer.Phase p = PhaseTimer.phase("backward L" + level)) {
+                    for (int k = 0; k < todo.size(); k++) {
+                        int i = todo.get(k);
+                        boolean keep = retain || keepForNested || k < todo.size() - 1;
+                        vjp(y.get(i), grads.get(i), keep);
+                    }
                 }
                 visit(st, nested, retain);
                 scope.suppressNotUsedWarning();
             } finally {
+                st.visiting--;
                 nested.forEach(Segment::close);
             }
         } finally {
@@ -493,6 +531,8 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         Map<NDArray, Boolean> leaves = new IdentityHashMap<>();
         SpanRun spanRun;
         int recomputing; // depth of segment recomputations in progress
+        int visiting; // depth of segment backward visits in progress (nesting level of the current one)
+        Map<NDArray, Boolean> computed = new IdentityHashMap<>(); // arrays the caller said carry a graph
     }
 
     private static final class SpanRun {

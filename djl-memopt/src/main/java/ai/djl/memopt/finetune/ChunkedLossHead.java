@@ -3,6 +3,7 @@ package ai.djl.memopt.finetune;
 import ai.djl.memopt.checkpoint.CheckpointingGradientCollector;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.nn.PhaseTimer;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -26,8 +27,14 @@ import ai.djl.training.ParameterStore;
  * exist at once; a plain head's chunks are differentiated by hand ({@link #headChunk}) so its weight gradient is added
  * into the gradient buffer in blocks of vocabulary rows.
  *
+ * <p>Losses stay on the device: each micro-batch's mean loss is a detached FP32 scalar that the caller sums and reads
+ * once per step, after the update is queued (on a GPU a host read waits for all the work queued before it). In the
+ * GPU form ({@link #gpuForms}) the head's weight gradient is one product per chunk instead of blocks of vocabulary
+ * rows: there the blocks only multiply the kernel launches, and the device has the memory. The phases of a step are
+ * timed for {@code bench train --profile} ({@link PhaseTimer}: forward, loss head, backward, embedding gradient).
+ *
  * <pre>{@code
- * double loss = head.forwardBackward(micro, lossFactor, true); // (b, T) tokens; gradients accumulate
+ * NDArray loss = head.forwardBackward(micro, lossFactor, true, losses); // (b, T) tokens; gradients accumulate
  * }</pre>
  */
 final class ChunkedLossHead {
@@ -35,6 +42,10 @@ final class ChunkedLossHead {
     private final DeepSeekForCausalLM lm;
     private final int chunkTokens;
     private final boolean checkpointed;
+    /** The GPU form of the head's weight gradient (one product per chunk); true on a GPU, settable by tests. */
+    boolean gpuForms;
+    /** Told when gradients complete during a checkpointed backward ({@link FusedUpdate}); null for none. */
+    java.util.function.Consumer<java.util.List<ai.djl.nn.Block>> segmentListener;
     /** Micro-batches whose embedding gradient went row by row, and head chunks differentiated by hand (for tests). */
     long rowwiseEmbeddings;
     long manualChunks;
@@ -47,18 +58,19 @@ final class ChunkedLossHead {
         this.lm = lm;
         this.chunkTokens = chunkTokens;
         this.checkpointed = checkpointed;
+        this.gpuForms = lm.manager().getDevice().isGpu();
     }
 
     /**
-     * Forward and backward of one micro-batch with the loss times {@code lossFactor}; returns its mean loss.
-     * Gradients accumulate into the parameters.
+     * Forward and backward of one micro-batch with the loss times {@code lossFactor}; returns its mean loss, a detached
+     * FP32 scalar on the device attached to {@code losses}. Gradients accumulate into the parameters.
      *
      * @param rowwise whether the embedding gradient may go row by row and a plain head's chunks be differentiated by
      *     hand (off only to compare with autograd)
      */
-    double forwardBackward(TokenBatch micro, float lossFactor, boolean rowwise) {
+    NDArray forwardBackward(TokenBatch micro, float lossFactor, boolean rowwise, NDManager losses) {
         try (GradientCollector gc = openCollector(lm.manager())) {
-            return forwardBackward(micro, lossFactor, rowwise, gc);
+            return forwardBackward(micro, lossFactor, rowwise, losses, gc);
         }
     }
 
@@ -68,11 +80,12 @@ final class ChunkedLossHead {
     }
 
     /**
-     * {@link #forwardBackward(TokenBatch, float, boolean)} through a collector that is already open, possibly on
-     * another thread (DJL allows one collector in the process: data-parallel replicas share it, each on its own thread
-     * with grad mode on).
+     * {@link #forwardBackward(TokenBatch, float, boolean, NDManager)} through a collector that is already open,
+     * possibly on another thread (DJL allows one collector in the process: data-parallel replicas share it, each on its
+     * own thread with grad mode on).
      */
-    double forwardBackward(TokenBatch micro, float lossFactor, boolean rowwise, GradientCollector gc) {
+    NDArray forwardBackward(TokenBatch micro, float lossFactor, boolean rowwise, NDManager losses,
+            GradientCollector gc) {
         try (NDManager m = lm.manager().newSubManager()) {
             NDArray ids = micro.toNDArray(m); // (b, T)
             ParameterStore ps = new ParameterStore(m, false);
@@ -80,9 +93,19 @@ final class ChunkedLossHead {
                     ? EmbeddingRows.gather(lm.model(), micro.ids(), micro.rows(), micro.seq(), m)
                     : null;
             rowwiseEmbeddings += embedding != null ? 1 : 0;
-            double loss = backward(gc, m, ps, ids, embedding, lossFactor, rowwise);
+            if (gc instanceof CheckpointingGradientCollector) {
+                ((CheckpointingGradientCollector) gc).setSegmentListener(segmentListener);
+            }
+            if (embedding != null && gc instanceof CheckpointingGradientCollector) {
+                // gathered from a leaf that requires grad: spares the first layer's native-exception probe
+                ((CheckpointingGradientCollector) gc).markComputed(embedding.embeddings());
+            }
+            NDArray loss = backward(gc, m, ps, ids, embedding, lossFactor, rowwise);
+            loss.attach(losses);
             if (embedding != null) {
-                embedding.accumulate();
+                try (PhaseTimer.Phase p = PhaseTimer.phase("embedding gradient")) {
+                    embedding.accumulate();
+                }
             }
             return loss;
         }
@@ -90,12 +113,12 @@ final class ChunkedLossHead {
 
     /**
      * Forward of the decoder and the loss head on {@code ids (b, T)} and backward of the loss times
-     * {@code lossFactor}; returns the mean loss.
+     * {@code lossFactor}; returns the mean loss, detached, attached to {@code m}.
      *
      * @param embedding the row-wise embedding of {@code ids}, or null to embed through the model
      * @param byHand whether a plain head's chunks may be differentiated by hand (off only to compare with autograd)
      */
-    private double backward(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids, EmbeddingRows embedding,
+    private NDArray backward(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids, EmbeddingRows embedding,
             float lossFactor, boolean byHand) {
         long rows = ids.getShape().get(0);
         long seq = ids.getShape().get(1);
@@ -120,26 +143,37 @@ final class ChunkedLossHead {
 
     /** The final hidden states {@code (b, T, H)}, from the row-wise embedding when there is one. */
     private NDArray hidden(ParameterStore ps, NDArray ids, EmbeddingRows embedding) {
-        return embedding != null
-                ? lm.model().forwardEmbeddings(ps, embedding.embeddings(), null, true)
-                : lm.model().forward(ps, new NDList(ids), true).head();
+        try (PhaseTimer.Phase p = PhaseTimer.phase("forward")) {
+            return embedding != null
+                    ? lm.model().forwardEmbeddings(ps, embedding.embeddings(), null, true)
+                    : lm.model().forward(ps, new NDList(ids), true).head();
+        }
     }
 
-    private double wholeLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids,
+    /** The loss head in one piece; returns the mean loss, detached, attached to {@code m}. */
+    private NDArray wholeLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids,
             EmbeddingRows embedding, float lossFactor) {
         NDArray hidden = hidden(ps, ids, embedding); // (b, T, H)
         hidden.attach(m);
-        NDArray logits = lm.logits(ps, hidden, true); // (b, T, V) FP32
-        NDArray loss = CausalLmLoss.mean(logits, ids);
-        // the collector makes its seed gradient in the loss's manager: keep both in this step's manager
-        logits.attach(m);
-        loss.attach(m);
-        double value = loss.getFloat();
-        if (lossFactor == 1f) {
-            gc.backward(loss);
-        } else {
-            try (NDArray scaled = Scalars.mul(loss, lossFactor)) {
-                gc.backward(scaled);
+        NDArray logits;
+        NDArray loss;
+        NDArray value;
+        try (PhaseTimer.Phase p = PhaseTimer.phase("loss head")) {
+            logits = lm.logits(ps, hidden, true); // (b, T, V) FP32
+            loss = CausalLmLoss.mean(logits, ids);
+            // the collector makes its seed gradient in the loss's manager: keep both in this step's manager
+            logits.attach(m);
+            loss.attach(m);
+            value = loss.stopGradient();
+            value.attach(m);
+        }
+        try (PhaseTimer.Phase p = PhaseTimer.phase("backward")) {
+            if (lossFactor == 1f) {
+                gc.backward(loss);
+            } else {
+                try (NDArray scaled = Scalars.mul(loss, lossFactor)) {
+                    gc.backward(scaled);
+                }
             }
         }
         loss.close();
@@ -159,7 +193,7 @@ final class ChunkedLossHead {
      * ({@link #headChunk}) so that its weight gradient is added into the buffer in blocks of vocabulary rows: autograd
      * would build the whole {@code (V, H)} weight gradient of every chunk as a temporary before adding it.
      */
-    private double chunkedLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids,
+    private NDArray chunkedLoss(GradientCollector gc, NDManager m, ParameterStore ps, NDArray ids,
             EmbeddingRows embedding, float lossFactor, int positions, boolean byHand) {
         NDArray hidden = hidden(ps, ids, embedding); // (b, T, H)
         hidden.attach(m);
@@ -169,44 +203,71 @@ final class ChunkedLossHead {
         NDArray headWeight = byHand ? manualHeadWeight() : null;
         NDArray upstream = headWeight != null ? m.zeros(h.getShape(), h.getDataType(), h.getDevice()) : null;
         long t = ids.getShape().get(1);
-        double total = 0;
-        for (long s = 0; s < t - 1; s += positions) {
-            long e = Math.min(t - 1, s + positions); // positions s..e, targets s+1..e
-            try (NDManager c = m.newSubManager()) {
-                NDArray hc = h.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1, H)
-                hc.attach(c);
-                NDArray idc = ids.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1)
-                idc.attach(c);
+        NDArray total = null; // the sum of the chunks' weighted mean losses, on the device
+        try (PhaseTimer.Phase head = PhaseTimer.phase("loss head")) {
+            for (long s = 0; s < t - 1; s += positions) {
+                long e = Math.min(t - 1, s + positions); // positions s..e, targets s+1..e
                 double share = (double) (e - s) / (t - 1);
-                PtNDArray headGrad = headWeight != null ? JniUtils.getGradient((PtNDArray) headWeight) : null;
-                if (headGrad != null) {
-                    headGrad.attach(c);
-                    NDArray slot = upstream.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1, H) view
-                    slot.attach(c);
-                    total += headChunk(c, hc, idc, headWeight, headGrad, lossFactor * share, slot) * share;
-                    manualChunks++;
-                    continue;
+                NDArray part = lossChunk(m, ps, h, ids, s, e, lossFactor * share, headWeight, upstream); // detached
+                NDArray weighted = Scalars.mul(part, share);
+                weighted.attach(m);
+                part.close();
+                if (total == null) {
+                    total = weighted;
+                } else {
+                    total.addi(weighted);
+                    weighted.close();
                 }
-                NDArray logits = lm.logits(ps, hc, true); // (b, c+1, V) FP32
-                logits.attach(c);
-                NDArray loss = CausalLmLoss.mean(logits, idc);
-                loss.attach(c);
-                total += loss.getFloat() * share;
-                backwardScaled(loss, lossFactor * share, c);
             }
-        }
-        PtNDArray autogradPart = JniUtils.getGradient((PtNDArray) h); // chunks that went through autograd
-        if (autogradPart != null) {
-            autogradPart.attach(m);
-            upstream = upstream == null ? autogradPart : upstream.addi(autogradPart);
+            PtNDArray autogradPart = JniUtils.getGradient((PtNDArray) h); // chunks that went through autograd
+            if (autogradPart != null) {
+                autogradPart.attach(m);
+                upstream = upstream == null ? autogradPart : upstream.addi(autogradPart);
+            }
         }
         if (upstream == null) {
             return total; // nothing reached the hidden states
         }
-        NDArray target = hidden.mul(upstream).sum();
-        target.attach(m);
-        gc.backward(target);
+        try (PhaseTimer.Phase p = PhaseTimer.phase("backward")) {
+            NDArray target = hidden.mul(upstream).sum();
+            target.attach(m);
+            gc.backward(target);
+        }
         return total;
+    }
+
+    /**
+     * One chunk of the loss head, positions {@code s..e} predicting {@code s+1..e}, back-propagated at once with the
+     * factor {@code factor} into the head's weight and {@code h}'s gradient (by hand into {@code upstream} when
+     * {@code headWeight} is given and has its gradient buffer); returns the chunk's mean loss, detached, attached to
+     * {@code m}.
+     */
+    private NDArray lossChunk(NDManager m, ParameterStore ps, NDArray h, NDArray ids, long s, long e, double factor,
+            NDArray headWeight, NDArray upstream) {
+        try (NDManager c = m.newSubManager()) {
+            NDArray hc = h.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1, H)
+            hc.attach(c);
+            NDArray idc = ids.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1)
+            idc.attach(c);
+            PtNDArray headGrad = headWeight != null ? JniUtils.getGradient((PtNDArray) headWeight) : null;
+            NDArray value;
+            if (headGrad != null) {
+                headGrad.attach(c);
+                NDArray slot = upstream.get(new NDIndex(":, {}:{}", s, e + 1)); // (b, c+1, H) view
+                slot.attach(c);
+                value = headChunk(c, hc, idc, headWeight, headGrad, factor, slot);
+                manualChunks++;
+            } else {
+                NDArray logits = lm.logits(ps, hc, true); // (b, c+1, V) FP32
+                logits.attach(c);
+                NDArray loss = CausalLmLoss.mean(logits, idc);
+                loss.attach(c);
+                value = loss.stopGradient();
+                backwardScaled(loss, factor, c);
+            }
+            value.attach(m);
+            return value;
+        }
     }
 
     /** Back-propagates {@code loss * factor} through autograd (outside the collector: no graph is kept). */
@@ -245,17 +306,18 @@ final class ChunkedLossHead {
      * buffer in blocks of vocabulary rows (temporaries of {@code rows x H} instead of the whole {@code (V, H)}).
      *
      * @param factor the factor of the chunk's mean loss in the differentiated objective
-     * @return the chunk's mean loss
+     * @return the chunk's mean loss, detached, in {@code c}
      */
-    private double headChunk(NDManager c, NDArray hc, NDArray idc, NDArray w, NDArray wGrad, double factor,
+    private NDArray headChunk(NDManager c, NDArray hc, NDArray idc, NDArray w, NDArray wGrad, double factor,
             NDArray slot) {
         NDArray logits = chunkLogits(c, hc, w);
         logits.setRequiresGradient(true);
-        double value;
+        NDArray value;
         try (NDManager l = c.newSubManager()) {
             NDArray loss = CausalLmLoss.mean(logits, idc);
             loss.attach(l);
-            value = loss.getFloat();
+            value = loss.stopGradient();
+            value.attach(c);
             backwardScaled(loss, factor, l);
         }
         PtNDArray dLogits = JniUtils.getGradient((PtNDArray) logits); // (b, c+1, V) FP32
@@ -303,15 +365,16 @@ final class ChunkedLossHead {
         }
     }
 
-    /** Adds {@code dl^T hc} ({@code (V, H)}) into {@code wGrad} in blocks of vocabulary rows. */
-    private static void addWeightGradient(NDManager c, NDArray dl, NDArray hc, NDArray w, NDArray wGrad) {
+    /** Adds {@code dl^T hc} ({@code (V, H)}) into {@code wGrad} in blocks of vocabulary rows (one in the GPU form). */
+    private void addWeightGradient(NDManager c, NDArray dl, NDArray hc, NDArray w, NDArray wGrad) {
         long vocab = w.getShape().get(0);
         long width = w.getShape().get(1);
         NDArray dl2 = dl.reshape(-1, vocab); // (n, V)
         dl2.attach(c);
         NDArray x2 = hc.reshape(-1, width); // (n, H)
         x2.attach(c);
-        long rows = Math.max(1, RowBlocks.DEFAULT_BLOCK_ELEMENTS / Math.max(width, dl2.getShape().get(0)));
+        long rows = gpuForms ? vocab
+                : Math.max(1, RowBlocks.DEFAULT_BLOCK_ELEMENTS / Math.max(width, dl2.getShape().get(0)));
         for (long r0 = 0; r0 < vocab; r0 += rows) {
             long r1 = Math.min(vocab, r0 + rows);
             try (NDManager b = c.newSubManager()) {

@@ -81,6 +81,12 @@ public final class DataParallelFineTuner implements AutoCloseable {
     public static DataParallelFineTuner create(FineTuner.Builder settings, List<DeepSeekForCausalLM> models) {
         Preconditions.checkArgument(models != null && !models.isEmpty(), "data parallelism needs at least one model");
         FineTuner primary = settings.setModel(models.get(0)).build();
+        if (primary.fused() != null && models.size() > 1) {
+            primary.close();
+            throw new IllegalArgumentException("the fused update cannot run data parallel: it updates each layer when"
+                    + " its own backward ends, before the other replicas' gradients are summed in; drop"
+                    + " --fused-update or use one device");
+        }
         List<Replica> replicas = new ArrayList<>();
         try {
             replicas.add(new Replica(primary.model(), primary.lossHead, primary.parameters()));
@@ -320,7 +326,9 @@ public final class DataParallelFineTuner implements AutoCloseable {
             boolean gradMode = JniUtils.isGradMode();
             JniUtils.setGradMode(true); // per thread: the collector switched it on only on the thread that opened it
             try {
-                return head.forwardBackward(shard, factor, rowwise, gc);
+                try (NDManager losses = lm.manager().newSubManager()) {
+                    return head.forwardBackward(shard, factor, rowwise, losses, gc).getFloat();
+                }
             } finally {
                 JniUtils.setGradMode(gradMode);
             }

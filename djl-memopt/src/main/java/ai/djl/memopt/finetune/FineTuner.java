@@ -87,6 +87,7 @@ public final class FineTuner implements AutoCloseable {
     private final Map<String, Parameter> parameters;
     private final long seed;
     private final RunIdentity identity;
+    private final FusedUpdate fused; // null unless the update is fused into the backward
     private long step;
     private long dataPosition;
     private boolean closed;
@@ -115,6 +116,13 @@ public final class FineTuner implements AutoCloseable {
                 ? ParameterUpdate.fp16(lm, parameters, optimizer,
                         b.lossScaler != null ? b.lossScaler : DynamicLossScaler.create())
                 : ParameterUpdate.fp32(parameters, optimizer);
+        if (b.offloadOptimizer) {
+            update.offload(ai.djl.Device.cpu());
+        }
+        this.fused = b.fusedUpdate ? new FusedUpdate(lm, parameters, update) : null;
+        if (fused != null) {
+            lossHead.segmentListener = fused::segmentDone;
+        }
         this.identity = TrainingCheckpoints.runIdentity(this).with(b.runIdentity);
     }
 
@@ -206,6 +214,21 @@ public final class FineTuner implements AutoCloseable {
         return update;
     }
 
+    /** Whether the optimizer update is fused into the backward ({@link Builder#optFusedUpdate}). */
+    public boolean fusedUpdate() {
+        return fused != null;
+    }
+
+    /** Whether FP32 masters and optimizer state live on the host ({@link Builder#optOffloadOptimizer}). */
+    public boolean offloadedOptimizer() {
+        return update.offloaded();
+    }
+
+    /** The fused update, or null (for tests). */
+    FusedUpdate fused() {
+        return fused;
+    }
+
     /**
      * One optimizer step on {@code batch} (see the class documentation).
      *
@@ -223,22 +246,44 @@ public final class FineTuner implements AutoCloseable {
         optimizer.setLearningRate(lr);
         float scale = lossScale();
         int micro = batch.rows() / k;
-        double lossSum = 0;
-        for (int i = 0; i < k; i++) {
-            double loss = forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k);
-            if (!Double.isFinite(loss)) { // not a scaling matter: the forward pass itself overflowed or met NaN
-                update.zeroGradients();
-                throw new NonFiniteLossException(step + 1, "the loss is " + loss + " (" + precision + "): the"
-                        + " weights, the activations or the data hold non-finite values; nothing was updated");
+        double lossSum;
+        try (NDManager losses = lm.manager().newSubManager()) {
+            NDArray sum = null; // the micro-batches' mean losses, summed on the device
+            boolean skipped = false;
+            if (fused != null) { // one micro-batch (checked by the builder), updated during its backward
+                sum = fused.step(step + 1, scale, (factor, m) -> forwardBackward(batch, factor, m), losses);
+                skipped = fused.skipped;
             }
-            lossSum += loss;
+            for (int i = 0; fused == null && i < k; i++) {
+                NDArray loss = forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k, losses);
+                if (sum == null) {
+                    sum = loss;
+                } else {
+                    sum.addi(loss);
+                }
+            }
+            // checked with the gradients before the update, read once the update is queued (a GPU waits for its queue)
+            if (fused == null) {
+                skipped = !update.apply(scale, step + 1, sum);
+            }
+            lossSum = sum.getFloat();
+            return countStep(batch, lossSum / k, scale, skipped, lr);
         }
-        return finishStep(batch, lossSum / k, scale, lr);
     }
 
-    /** The update once the gradients of {@code batch} are in this tuner's parameters; counts the step. */
+    /**
+     * The update once the gradients of {@code batch} are in this tuner's parameters, summed there by a data-parallel
+     * coordinator that has checked the (host) loss; counts the step.
+     */
     StepResult finishStep(TokenBatch batch, double loss, float scale, float lr) {
-        boolean skipped = !update.apply(scale, step + 1);
+        boolean skipped;
+        try (NDManager m = lm.manager().newSubManager()) {
+            skipped = !update.apply(scale, step + 1, m.create((float) loss));
+        }
+        return countStep(batch, loss, scale, skipped, lr);
+    }
+
+    private StepResult countStep(TokenBatch batch, double loss, float scale, boolean skipped, float lr) {
         if (releaseFreedMemory && !lm.manager().getDevice().isGpu()) {
             NativeMemory.releaseFreed();
         }
@@ -250,7 +295,19 @@ public final class FineTuner implements AutoCloseable {
     /** Forward and backward of a whole batch with the loss times {@code lossFactor}, no update (for tests). */
     double accumulateGradients(TokenBatch batch, float lossFactor) {
         checkIds(batch);
-        return forwardBackward(batch, lossFactor);
+        try (NDManager losses = lm.manager().newSubManager()) {
+            return forwardBackward(batch, lossFactor, losses).getFloat();
+        }
+    }
+
+    /**
+     * Switches the GPU forms of the step on or off (for tests, to compare them with the CPU forms on the CPU): the
+     * head's weight gradient in one product ({@link ChunkedLossHead}), the check of loss and gradients in one read and
+     * the bucketed optimizer update ({@link ParameterUpdate}). On by default on a GPU.
+     */
+    void setGpuForms(boolean gpu) {
+        lossHead.gpuForms = gpu;
+        update.gpuForms = gpu;
     }
 
     void checkIds(TokenBatch batch) {
@@ -260,9 +317,12 @@ public final class FineTuner implements AutoCloseable {
                 lm.config().vocabSize());
     }
 
-    /** Forward and backward of one micro-batch; returns its mean loss. Gradients accumulate into the parameters. */
-    private double forwardBackward(TokenBatch micro, float lossFactor) {
-        double loss = lossHead.forwardBackward(micro, lossFactor, rowwiseGradients);
+    /**
+     * Forward and backward of one micro-batch; returns its mean loss, a device scalar attached to {@code losses}.
+     * Gradients accumulate into the parameters.
+     */
+    private NDArray forwardBackward(TokenBatch micro, float lossFactor, NDManager losses) {
+        NDArray loss = lossHead.forwardBackward(micro, lossFactor, rowwiseGradients, losses);
         rowwiseEmbeddings = lossHead.rowwiseEmbeddings;
         manualHeadChunks = lossHead.manualChunks;
         return loss;
@@ -365,6 +425,8 @@ public final class FineTuner implements AutoCloseable {
         private long seed;
         private boolean releaseFreedMemory = true;
         private Map<String, String> runIdentity = Map.of();
+        private boolean fusedUpdate;
+        private boolean offloadOptimizer;
 
         private Builder() {}
 
@@ -484,6 +546,32 @@ public final class FineTuner implements AutoCloseable {
             return this;
         }
 
+        /**
+         * Fuses the optimizer update into the backward: each checkpointed segment's parameters are updated, and their
+         * gradients freed, as soon as its backward is done, so the full set of gradients never exists at once (see
+         * {@link FusedUpdate}; FP16 steps run forward and backward twice, a check pass first, so that an overflow never
+         * leaves a partial update). Needs one micro-batch per step.
+         */
+        public Builder optFusedUpdate(boolean fused) {
+            this.fusedUpdate = fused;
+            return this;
+        }
+
+        /**
+         * Keeps the FP32 masters and the optimizer state on the host: the device keeps the (FP16) working weights and
+         * the gradients; each parameter's gradient is copied to the host, updated there and the weight copied back.
+         * On the CPU nothing moves, but the update takes the same path.
+         */
+        public Builder optOffloadOptimizer(boolean offload) {
+            this.offloadOptimizer = offload;
+            return this;
+        }
+
+        /** The optimizer's own settings (for tests: e.g. adamw8bit's block size). */
+        StatefulOptimizer.Builder optimizerSettings() {
+            return optimizerSettings;
+        }
+
         public FineTuner build() {
             Preconditions.checkArgument(model != null, "FineTuner needs a model: call setModel");
             Preconditions.checkArgument(model.manager() != null, "the model has no weights: load or initialise it");
@@ -496,6 +584,10 @@ public final class FineTuner implements AutoCloseable {
                     "learning rate must be finite and >= 0, got %s", learningRate);
             Preconditions.checkArgument(lossChunkTokens >= 1, "loss chunk must be >= 1 token, got %s",
                     lossChunkTokens);
+            Preconditions.checkArgument(!fusedUpdate || gradientAccumulation == 1,
+                    "the fused update (--fused-update) applies each gradient as soon as it is complete, so it cannot"
+                            + " sum gradients over %s micro-batches (--grad-accum %s): use --grad-accum 1 or drop"
+                            + " --fused-update", gradientAccumulation, gradientAccumulation);
             Preconditions.checkArgument(lossScaler == null || precision == Precision.FP16,
                     "a loss scaler is only used in FP16 training");
             return new FineTuner(this);

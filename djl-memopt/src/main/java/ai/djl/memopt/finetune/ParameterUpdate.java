@@ -1,20 +1,27 @@
 package ai.djl.memopt.finetune;
 
+import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.nn.BlockTrees;
+import ai.djl.memopt.nn.PhaseTimer;
 import ai.djl.memopt.precision.DynamicLossScaler;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDArrays;
+import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Parameter;
 import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
+import com.google.common.base.Preconditions;
 import com.google.common.collect.ImmutableMap;
+import java.util.ArrayList;
 import java.util.Collections;
 import java.util.IdentityHashMap;
 import java.util.LinkedHashMap;
+import java.util.List;
 import java.util.Map;
 import java.util.Set;
 
@@ -24,6 +31,11 @@ import java.util.Set;
  * working weights are checked for overflow, unscaled by the {@link DynamicLossScaler}'s scale, applied to the FP32
  * masters and the masters copied back into the working weights, or the whole step is skipped and the scale lowered.
  * Either way the gradients are zeroed for the next step.
+ *
+ * <p>In the GPU form ({@link #gpuForms}, the default on a GPU) the check of the loss and of every gradient is one device
+ * reduction and one host read ({@link #lossAndGradientsFinite}) instead of reads per parameter, and the optimizer updates
+ * flat buckets of parameters ({@link StatefulOptimizer#updateAll}): on a GPU every host read waits for the device's
+ * queue, and every small operation is a kernel launch.
  *
  * <p>It also owns the view of the weights that checkpoints save and restore: the FP32 value of each weight (the master
  * where there is one) and writing a restored FP32 value into master and working copy.
@@ -36,21 +48,29 @@ import java.util.Set;
 final class ParameterUpdate {
 
     private final Map<String, Parameter> parameters;
-    private final Map<String, NDArray> masters;
+    private Map<String, NDArray> masters;
+    private final MixedPrecisionBlock mixed; // null in FP32
     private final StatefulOptimizer optimizer;
+    /** Whether the masters and the optimizer state live on the host ({@link #offload}). */
+    private boolean offloaded;
     private DynamicLossScaler scaler;
+    /** The GPU forms of the check and the update (see the class documentation); settable by tests. */
+    boolean gpuForms;
 
     private ParameterUpdate(Map<String, Parameter> parameters, Map<String, NDArray> masters,
-            StatefulOptimizer optimizer, DynamicLossScaler scaler) {
+            MixedPrecisionBlock mixed, StatefulOptimizer optimizer, DynamicLossScaler scaler) {
         this.parameters = parameters;
         this.masters = masters;
+        this.mixed = mixed;
         this.optimizer = optimizer;
         this.scaler = scaler;
+        this.gpuForms = !parameters.isEmpty()
+                && parameters.values().iterator().next().getArray().getDevice().isGpu();
     }
 
     /** FP32 training: the optimizer updates the weights themselves. */
     static ParameterUpdate fp32(Map<String, Parameter> parameters, StatefulOptimizer optimizer) {
-        return new ParameterUpdate(parameters, Map.of(), optimizer, null);
+        return new ParameterUpdate(parameters, Map.of(), null, optimizer, null);
     }
 
     /**
@@ -69,7 +89,7 @@ final class ParameterUpdate {
         for (MixedPrecisionBlock.MasterWeight w : mixed.masterWeights()) {
             masters.put(w.path(), w.master());
         }
-        return new ParameterUpdate(parameters, Collections.unmodifiableMap(masters), optimizer, scaler);
+        return new ParameterUpdate(parameters, Collections.unmodifiableMap(masters), mixed, optimizer, scaler);
     }
 
     /** The model's parameters by Hugging Face name, each once (a tied weight under its first name). */
@@ -82,6 +102,70 @@ final class ParameterUpdate {
             }
         }
         return ImmutableMap.copyOf(params);
+    }
+
+    /**
+     * Moves the FP32 masters to {@code host} (in FP32 mode: gives each trainable weight a host copy as its master) so
+     * that the optimizer's state, made beside the masters, lives there too; from then on each parameter's gradient is
+     * copied to the host, the update runs there and the weight is copied back into the working copy
+     * ({@link #updateParameter}). Where the weights already are on {@code host} (training on the CPU) nothing moves and
+     * FP32 weights stay their own masters, but the update takes the same path.
+     */
+    void offload(Device host) {
+        Preconditions.checkState(optimizer.stateBytes() == 0, "offload the optimizer before its first update");
+        offloaded = true;
+        Map<String, NDArray> moved = new LinkedHashMap<>();
+        if (mixed != null) {
+            for (MixedPrecisionBlock.MasterWeight w : mixed.moveMasters(host)) {
+                moved.put(w.path(), w.master());
+            }
+        } else {
+            for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+                NDArray w = e.getValue().getArray();
+                if (e.getValue().requiresGradient() && !w.getDevice().equals(host)) {
+                    try (NDArray detached = w.stopGradient()) {
+                        NDArray copy = detached.toDevice(host, true);
+                        copy.attach(optimizer.manager);
+                        moved.put(e.getKey(), copy);
+                    }
+                }
+            }
+        }
+        masters = Collections.unmodifiableMap(moved);
+    }
+
+    /** Whether {@link #offload} was called. */
+    boolean offloaded() {
+        return offloaded;
+    }
+
+    /**
+     * Updates one trainable parameter from its gradient divided by {@code gradDivisor}, without zeroing the gradient:
+     * on the master's device (the host when offloaded: the gradient is copied there, the updated master copied back
+     * into the working weight). A parameter without a gradient buffer is left alone.
+     */
+    void updateParameter(String name, float gradDivisor) {
+        Parameter p = parameters.get(name);
+        NDArray w = p.getArray();
+        NDArray master = masters.get(name);
+        NDArray target = master != null ? master : w;
+        try (NDManager t = optimizer.manager.newSubManager(target.getDevice())) {
+            NDArray g = JniUtils.getGradient((PtNDArray) w);
+            if (g == null) {
+                return;
+            }
+            g.attach(t);
+            if (!g.getDevice().equals(target.getDevice())) {
+                g = g.toDevice(target.getDevice(), false);
+                g.attach(t);
+            }
+            if (offloaded && master != null) {
+                optimizer.update(p.getId(), master, g, gradDivisor, null);
+                MixedPrecisionBlock.copyInto(master, w); // one converting transfer back
+            } else {
+                optimizer.update(p.getId(), target, g, gradDivisor, master != null ? w : null);
+            }
+        }
     }
 
     /** The FP32 masters of the trainable weights by Hugging Face name (empty in FP32 mode). */
@@ -107,19 +191,31 @@ final class ParameterUpdate {
      * Applies the accumulated gradients of step {@code step}, computed with the loss times {@code scale}, and zeroes
      * them.
      *
+     * @param loss the step's summed loss, a device scalar, checked with the gradients before anything is updated
      * @return false if the step was skipped (an FP16 overflow; the scale is lowered)
-     * @throws NonFiniteLossException if an FP32 gradient is not finite, or FP16 gradients overflow at the minimum
-     *     scale (nothing is updated)
+     * @throws NonFiniteLossException if the loss is not finite, an FP32 gradient is not finite, or FP16 gradients
+     *     overflow at the minimum scale (nothing is updated)
      */
-    boolean apply(float scale, long step) {
-        String nonFinite = firstNonFiniteGradient();
+    boolean apply(float scale, long step, NDArray loss) {
+        String nonFinite;
+        try (PhaseTimer.Phase p = PhaseTimer.phase("overflow check")) {
+            nonFinite = gpuForms && lossAndGradientsFinite(loss) ? null : firstNonFinite(loss);
+        }
+        if (LOSS.equals(nonFinite)) { // not a scaling matter: the forward pass itself overflowed or met NaN
+            zeroGradients();
+            throw new NonFiniteLossException(step, "the loss is " + loss.getFloat() + " ("
+                    + (scaler != null ? "FP16" : "FP32") + "): the weights, the activations or the data hold"
+                    + " non-finite values; nothing was updated");
+        }
         if (scaler == null) {
             if (nonFinite != null) {
                 zeroGradients();
                 throw new NonFiniteLossException(step, "the gradient of " + nonFinite + " holds NaN or infinite"
                         + " values (FP32 training, so not a loss-scale overflow); nothing was updated");
             }
-            updateFp32();
+            try (PhaseTimer.Phase p = PhaseTimer.phase("optimizer")) {
+                updateAll(1f);
+            }
             return true;
         }
         float minScale = Float.parseFloat(scaler.state().get("min_scale"));
@@ -128,52 +224,77 @@ final class ParameterUpdate {
             throw new NonFiniteLossException(step, "the FP16 gradient of " + nonFinite + " overflows even at the"
                     + " minimum loss scale " + minScale + "; nothing was updated");
         }
-        return updateFp16(scale, nonFinite == null);
-    }
-
-    private void updateFp32() {
-        for (Parameter p : parameters.values()) {
-            if (!p.requiresGradient()) {
-                continue;
-            }
-            NDArray w = p.getArray();
-            try (NDArray g = w.getGradient()) {
-                optimizer.update(p.getId(), w, g);
-            }
-            JniUtils.zeroGrad((PtNDArray) w);
+        try (PhaseTimer.Phase p = PhaseTimer.phase("optimizer")) {
+            return updateFp16(scale, nonFinite == null);
         }
     }
 
+    /** What {@link #firstNonFinite} returns for a non-finite loss. */
+    private static final String LOSS = "<loss>";
+
     /**
-     * The FP16 update, parameter by parameter: after one pass that only looks for inf/NaN in the (scaled) gradients
-     * as they are ({@link #firstNonFiniteGradient}), if there are none, for each parameter its gradient is unscaled
-     * into FP32, applied to the FP32 master and the master copied into the FP16 working weight, block of rows by block
-     * of rows
-     * ({@link StatefulOptimizer#update(String, NDArray, NDArray, float, NDArray)}): only one block's FP32 gradient and
-     * FP16 copy exist at a time. {@code MixedPrecisionOptimizer} unscales every gradient to FP32 before the check, a
+     * {@link #LOSS} if the loss is not finite, else the name of the first trainable parameter whose gradient holds inf
+     * or NaN, or null if all are finite.
+     */
+    private String firstNonFinite(NDArray loss) {
+        return Float.isFinite(loss.getFloat()) ? firstNonFiniteGradient() : LOSS;
+    }
+
+    /**
+     * The FP16 update: if the check found no inf/NaN in the (scaled) gradients as they are, the gradients are unscaled
+     * into FP32, applied to the FP32 masters and the masters copied into the FP16 working weights
+     * ({@link #updateAll}); parameter by parameter in blocks of rows on the CPU, where only one block's FP32 gradient
+     * and FP16 copy exist at a time. {@code MixedPrecisionOptimizer} unscales every gradient to FP32 before the check, a
      * transient copy of 4 bytes per FP16 parameter (about 1.1 GB for bench-small) that would dominate a step's memory.
      *
-     * @param finite whether every gradient is finite (the result of the counting pass)
+     * @param finite whether every gradient is finite (the result of the check)
      */
     private boolean updateFp16(float scale, boolean finite) {
         if (!scaler.update(!finite)) {
             zeroGradients();
             return false;
         }
-        for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
-            Parameter p = e.getValue();
-            if (!p.requiresGradient()) {
-                continue;
-            }
-            NDArray w = p.getArray();
-            NDArray master = masters.get(e.getKey());
-            try (NDArray g = w.getGradient()) {
-                // unscaled in FP32 block by block; the updated master block is copied into the FP16 working weight
-                optimizer.update(p.getId(), master != null ? master : w, g, scale, master != null ? w : null);
-            }
-            JniUtils.zeroGrad((PtNDArray) w);
-        }
+        updateAll(scale);
         return true;
+    }
+
+    /**
+     * Every trainable parameter through {@link StatefulOptimizer#updateAll}, FP16 working weights receiving their
+     * updated masters, gradients divided by {@code gradDivisor} (the loss scale): on flat buckets in the GPU form, else
+     * parameter by parameter in blocks of rows; then the gradients are zeroed.
+     */
+    private void updateAll(float gradDivisor) {
+        if (offloaded) {
+            for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+                if (e.getValue().requiresGradient()) {
+                    updateParameter(e.getKey(), gradDivisor);
+                }
+            }
+            zeroGradients();
+            return;
+        }
+        try (NDManager t = optimizer.manager.newSubManager()) {
+            List<String> ids = new ArrayList<>();
+            List<NDArray> weights = new ArrayList<>();
+            List<NDArray> grads = new ArrayList<>();
+            List<NDArray> copies = new ArrayList<>();
+            for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+                Parameter p = e.getValue();
+                if (!p.requiresGradient()) {
+                    continue;
+                }
+                NDArray w = p.getArray();
+                NDArray master = masters.get(e.getKey());
+                NDArray g = w.getGradient();
+                g.attach(t);
+                ids.add(p.getId());
+                weights.add(master != null ? master : w);
+                grads.add(g);
+                copies.add(master != null ? w : null);
+            }
+            optimizer.updateAll(ids, weights, grads, gradDivisor, copies, gpuForms);
+        }
+        zeroGradients();
     }
 
     /** The name of the first trainable parameter whose gradient holds inf or NaN, or null if all are finite. */
@@ -192,11 +313,80 @@ final class ParameterUpdate {
         return null;
     }
 
+    /**
+     * Whether {@code loss} and every trainable gradient are finite, with one host read: the maximum and minimum of an
+     * array are finite exactly when all its elements are (an infinity is the maximum or the minimum, and a NaN
+     * propagates through both), so the gradients, concatenated by type in groups of about 2^24 elements, are reduced
+     * to two numbers each on the device and all of them tested at once.
+     */
+    boolean lossAndGradientsFinite(NDArray loss) {
+        try (NDManager t = loss.getManager().newSubManager()) {
+            NDList extremes = new NDList();
+            NDArray wideLoss = loss.toType(DataType.FLOAT32, false).reshape(1);
+            wideLoss.attach(t);
+            extremes.add(wideLoss);
+            Map<DataType, NDList> pending = new LinkedHashMap<>();
+            Map<DataType, long[]> sizes = new LinkedHashMap<>();
+            for (Parameter p : parameters.values()) {
+                if (!p.requiresGradient() || !(p.getArray() instanceof PtNDArray)) {
+                    continue;
+                }
+                NDArray g = JniUtils.getGradient((PtNDArray) p.getArray());
+                if (g == null) {
+                    continue;
+                }
+                g.attach(t);
+                NDArray flat = g.reshape(-1);
+                flat.attach(t);
+                NDList group = pending.computeIfAbsent(g.getDataType(), k -> new NDList());
+                group.add(flat);
+                long[] size = sizes.computeIfAbsent(g.getDataType(), k -> new long[1]);
+                size[0] += flat.size();
+                if (size[0] >= 1L << 24) {
+                    extremes.addAll(extremes(group, t));
+                    group.clear();
+                    size[0] = 0;
+                }
+            }
+            for (NDList group : pending.values()) {
+                if (!group.isEmpty()) {
+                    extremes.addAll(extremes(group, t));
+                }
+            }
+            NDArray all = NDArrays.concat(extremes); // (1 + 2 groups)
+            all.attach(t);
+            NDArray bad = all.isInfinite().logicalOr(all.isNaN()).any();
+            bad.attach(t);
+            return !bad.getBoolean();
+        }
+    }
+
+    /** The maximum and minimum of the concatenated {@code arrays}, as FP32 arrays of shape (1) in {@code t}. */
+    private static NDList extremes(NDList arrays, NDManager t) {
+        NDArray all = arrays.size() == 1 ? arrays.get(0) : NDArrays.concat(arrays);
+        all.attach(t);
+        NDList out = new NDList(2);
+        for (NDArray x : new NDArray[] {all.max(), all.min()}) { // 0-dimensional
+            x.attach(t);
+            NDArray x32 = x.toType(DataType.FLOAT32, false).reshape(1);
+            x32.attach(t);
+            out.add(x32);
+        }
+        if (all != arrays.get(0)) {
+            all.close(); // the concatenated copy of this group's gradients
+        }
+        return out;
+    }
+
     /** Zeroes the gradient buffers of the trainable parameters that have one. */
     void zeroGradients() {
         for (Parameter p : parameters.values()) {
             if (p.requiresGradient() && p.getArray() instanceof PtNDArray) {
-                JniUtils.zeroGrad((PtNDArray) p.getArray());
+                try (NDArray g = JniUtils.getGradient((PtNDArray) p.getArray())) {
+                    if (g != null) { // released by a fused update
+                        JniUtils.zeroGrad((PtNDArray) p.getArray());
+                    }
+                }
             }
         }
     }
@@ -208,11 +398,17 @@ final class ParameterUpdate {
      * summing in the same order, so it gives the same weights bit for bit.
      */
     void createGradients() {
+        createGradients(parameters.keySet());
+    }
+
+    /** {@link #createGradients()} for the parameters {@code names} only (unknown names are ignored). */
+    void createGradients(java.util.Collection<String> names) {
         boolean gradMode = JniUtils.isGradMode();
         JniUtils.setGradMode(true);
         try {
-            for (Parameter p : parameters.values()) {
-                if (!p.requiresGradient() || !(p.getArray() instanceof PtNDArray)) {
+            for (String name : names) {
+                Parameter p = parameters.get(name);
+                if (p == null || !p.requiresGradient() || !(p.getArray() instanceof PtNDArray)) {
                     continue;
                 }
                 PtNDArray w = (PtNDArray) p.getArray();
@@ -268,7 +464,9 @@ final class ParameterUpdate {
         NDArray w = parameters.get(name).getArray();
         NDArray master = masters.get(name);
         if (master != null) {
-            master.set(new NDIndex("..."), fp32);
+            try (NDArray there = fp32.toDevice(master.getDevice(), true)) { // the host when offloaded
+                master.set(new NDIndex("..."), there);
+            }
         }
         w.set(new NDIndex("..."), fp32.toType(w.getDataType(), false));
     }
@@ -292,7 +490,9 @@ final class ParameterUpdate {
         for (NDArray a : masters.values()) {
             masterBytes += bytes(a);
         }
-        return new StateBytes(weights, masterBytes, grads, optimizer.stateBytes());
+        long optimizerBytes = optimizer.stateBytes();
+        return new StateBytes(weights, masterBytes, grads, optimizerBytes,
+                offloaded ? masterBytes + optimizerBytes : 0);
     }
 
     private static long bytes(NDArray a) {

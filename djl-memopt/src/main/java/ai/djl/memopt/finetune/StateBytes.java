@@ -7,12 +7,14 @@ public final class StateBytes {
     private final long masters;
     private final long gradients;
     private final long optimizer;
+    private final long host;
 
-    StateBytes(long weights, long masters, long gradients, long optimizer) {
+    StateBytes(long weights, long masters, long gradients, long optimizer, long host) {
         this.weights = weights;
         this.masters = masters;
         this.gradients = gradients;
         this.optimizer = optimizer;
+        this.host = host;
     }
 
     /** The model's parameter arrays (FP16 working copies in mixed precision). */
@@ -35,12 +37,27 @@ public final class StateBytes {
         return optimizer;
     }
 
+    /**
+     * The part kept on the host: FP32 masters and optimizer state when the optimizer is offloaded
+     * ({@link FineTuner.Builder#optOffloadOptimizer}), else 0. Counted by role, so on the CPU, where host and device
+     * are one memory, it still says what a GPU run would keep off the device.
+     */
+    public long hostBytes() {
+        return host;
+    }
+
+    /** The part on the model's device: {@link #total} minus {@link #hostBytes}. */
+    public long deviceBytes() {
+        return total() - host;
+    }
+
     public long total() {
         return weights + masters + gradients + optimizer;
     }
 
     @Override
     public String toString() {
-        return "weights " + weights + ", masters " + masters + ", gradients " + gradients + ", optimizer " + optimizer;
+        return "weights " + weights + ", masters " + masters + ", gradients " + gradients + ", optimizer " + optimizer
+                + " (host " + host + ")";
     }
 }

@@ -4,10 +4,12 @@ import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
+import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.optimizer.Optimizer;
 import com.google.common.base.Preconditions;
 import java.util.LinkedHashMap;
+import java.util.List;
 import java.util.Locale;
 import java.util.Map;
 
@@ -27,6 +29,11 @@ import java.util.Map;
  * State arrays are FP32, live in the manager given to the builder (freed by {@link #close()}), and are keyed by the
  * DJL parameter id passed to {@link #update}. Weights are updated in place with autograd off, large ones in blocks of
  * rows so that no temporary is weight-sized (see {@link #update(String, NDArray, NDArray, float, NDArray)}).
+ *
+ * <p>On a GPU (or with {@link Builder#optWholeParameter}) each parameter is instead updated whole, Adam and AdamW by
+ * one native call ({@link UpdateRules#nativeAdam}), since there the row blocks only multiply the kernel launches and
+ * the device has the memory for parameter-sized temporaries; {@link #updateAll} goes further and updates flat buckets
+ * of parameters at once ({@link AdamBuckets}). The formulas themselves are in {@link UpdateRules}.
  */
 public final class StatefulOptimizer extends Optimizer implements AutoCloseable {
 
@@ -34,19 +41,29 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     public enum Kind {
         ADAM,
         ADAMW,
+        /** AdamW with both moments in 8 bits, block-wise ({@link EightBitAdamW}). */
+        ADAMW8BIT,
         SGD;
 
-        /** Parses {@code adam}, {@code adamw} or {@code sgd} (any case). */
+        /** Whether weight decay is decoupled (AdamW) rather than added to the gradient (Adam, SGD). */
+        boolean decoupledDecay() {
+            return this == ADAMW || this == ADAMW8BIT;
+        }
+
+        /** Parses {@code adam}, {@code adamw}, {@code adamw8bit} or {@code sgd} (any case). */
         public static Kind parse(String name) {
             switch (name.trim().toLowerCase(Locale.ROOT)) {
                 case "adam":
                     return ADAM;
                 case "adamw":
                     return ADAMW;
+                case "adamw8bit":
+                case "adamw-8bit":
+                    return ADAMW8BIT;
                 case "sgd":
                     return SGD;
                 default:
-                    throw new IllegalArgumentException("unknown optimizer '" + name + "': expected adam, adamw or sgd");
+                    throw new IllegalArgumentException("unknown optimizer '" + name + "': expected adam, adamw, adamw8bit or sgd");
             }
         }
     }
@@ -57,9 +74,13 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     private final float epsilon;
     private final float weightDecay;
     private final float momentum;
-    private final NDManager manager;
-    private final Map<String, State> states = new LinkedHashMap<>();
+    final NDManager manager;
+    final Map<String, State> states = new LinkedHashMap<>();
     private final long blockElements;
+    private final Boolean wholeParameter; // null: whole parameters on a GPU
+    private final long bucketElements;
+    private final AdamBuckets buckets = new AdamBuckets();
+    private final EightBitAdamW eightBit; // the moments of ADAMW8BIT, null for the other kinds
     private float learningRate;
 
     private StatefulOptimizer(Builder b) {
@@ -73,6 +94,11 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         this.learningRate = b.learningRate;
         this.manager = b.manager;
         this.blockElements = b.blockElements;
+        this.wholeParameter = b.wholeParameter;
+        this.bucketElements = b.bucketElements;
+        this.eightBit = kind != Kind.ADAMW8BIT ? null : EightBitAdamW.builder().setManager(manager)
+                .optLearningRate(learningRate).optBetas(beta1, beta2).optEpsilon(epsilon).optWeightDecay(weightDecay)
+                .optBlockSize(b.eightBitBlock).optMinQuantizedSize(b.eightBitMinSize).build();
     }
 
     public static Builder builder() {
@@ -112,6 +138,9 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     public void setLearningRate(float lr) {
         Preconditions.checkArgument(lr >= 0 && Float.isFinite(lr), "learning rate must be finite and >= 0, got %s", lr);
         this.learningRate = lr;
+        if (eightBit != null) {
+            eightBit.setLearningRate(lr);
+        }
     }
 
     /** {@inheritDoc} */
@@ -142,6 +171,10 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
                 copyTo == null ? null : copyTo.getShape(), weight.getShape());
         Preconditions.checkArgument(gradDivisor > 0 && Float.isFinite(gradDivisor),
                 "gradient divisor of %s must be finite and > 0, got %s", parameterId, gradDivisor);
+        if (eightBit != null) {
+            eightBit.step(parameterId, weight, grad, gradDivisor, copyTo); // block by block, 8-bit moments
+            return;
+        }
         boolean gradMode = JniUtils.isGradMode();
         JniUtils.setGradMode(false); // in-place writes into leaves that require grad
         try {
@@ -156,25 +189,27 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
             if (freshMomentum) {
                 s.first = zeros(weight); // filled with the first direction below, as torch's buf = g.clone()
             }
-            long rows = RowBlocks.rowsPerBlock(weight.getShape(), blockElements);
+            boolean whole = wholeParameter(weight);
+            if (whole && adam && weight instanceof PtNDArray) {
+                nativeAdam(s, weight, grad, gradDivisor, copyTo);
+                return;
+            }
+            long rows = whole ? Long.MAX_VALUE : RowBlocks.rowsPerBlock(weight.getShape(), blockElements);
             long total = weight.getShape().dimension() == 0 ? 1 : weight.getShape().get(0);
             for (long r0 = 0; r0 < total; r0 += rows) {
                 long r1 = Math.min(total, r0 + rows);
                 try (NDManager b = manager.newSubManager(weight.getDevice())) {
                     NDArray w = RowBlocks.rows(weight, r0, r1, rows, total, b);
-                    NDArray g = RowBlocks.rows(grad, r0, r1, rows, total, b);
-                    g = unscaled(g, gradDivisor, b);
+                    NDArray g = UpdateRules.unscaled(RowBlocks.rows(grad, r0, r1, rows, total, b), gradDivisor, b);
                     NDArray first = s.first == null ? null : RowBlocks.rows(s.first, r0, r1, rows, total, b);
                     if (adam) {
-                        adam(s.step, w, g, first, RowBlocks.rows(s.second, r0, r1, rows, total, b), b);
+                        UpdateRules.adam(this, s.step, w, g, first, RowBlocks.rows(s.second, r0, r1, rows, total, b),
+                                b);
                     } else {
-                        sgd(w, g, first, freshMomentum, b);
+                        UpdateRules.sgd(this, w, g, first, freshMomentum, b);
                     }
                     if (copyTo != null) {
-                        NDArray target = RowBlocks.rows(copyTo, r0, r1, rows, total, b);
-                        NDArray cast = w.toType(copyTo.getDataType(), true);
-                        cast.attach(b);
-                        target.set(new NDIndex("..."), cast);
+                        UpdateRules.copyInto(RowBlocks.rows(copyTo, r0, r1, rows, total, b), w, b);
                     }
                 }
             }
@@ -183,71 +218,72 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         }
     }
 
+    /** Whether {@code weight} is updated whole rather than in blocks of rows (see {@link Builder#optWholeParameter}). */
+    private boolean wholeParameter(NDArray weight) {
+        return wholeParameter != null ? wholeParameter : weight.getDevice().isGpu();
+    }
+
     /**
-     * A gradient block in FP32 divided by {@code divisor}, in FP32 because the unscaled value may not be representable
-     * in FP16. Never in place on the gradient: {@code toType} of an FP32 array returns the array itself.
+     * The whole-parameter Adam/AdamW update in one native call; the gradient is widened to FP32 first when it is not
+     * FP32, and unscaled in FP32 inside the call.
      */
-    private static NDArray unscaled(NDArray grad, float divisor, NDManager tmp) {
-        NDArray g = grad;
-        if (g.getDataType() != DataType.FLOAT32) {
-            g = g.toType(DataType.FLOAT32, false); // a new array
-            g.attach(tmp);
-            return divisor == 1f ? g : g.divi(divisor);
-        }
-        if (divisor != 1f) {
-            g = g.div(divisor);
-            g.attach(tmp);
-        }
-        return g;
-    }
-
-    /** One block of the Adam/AdamW rule, in place on views of the weight and moments. */
-    private void adam(long step, NDArray w, NDArray grad, NDArray first, NDArray second, NDManager tmp) {
-        NDArray g = grad;
-        if (kind == Kind.ADAM && weightDecay != 0) {
-            NDArray wd = w.mul(weightDecay);
-            wd.attach(tmp);
-            g = grad.add(wd);
-            g.attach(tmp);
-        }
-        NDArray a = g.mul(1 - beta1);
-        a.attach(tmp);
-        first.muli(beta1).addi(a);
-        NDArray sq = g.square();
-        sq.attach(tmp);
-        second.muli(beta2).addi(sq.muli(1 - beta2));
-        double bc1 = 1 - Math.pow(beta1, step);
-        double bc2 = 1 - Math.pow(beta2, step);
-        if (kind == Kind.ADAMW && weightDecay != 0) {
-            w.muli(1 - learningRate * weightDecay);
-        }
-        NDArray upd = second.sqrt();
-        upd.attach(tmp);
-        upd.divi((float) Math.sqrt(bc2)).addi(epsilon).powi(-1).muli(first); // m / denom
-        w.subi(upd.muli((float) (learningRate / bc1)));
-    }
-
-    /** One block of SGD: {@code g += wd w; buf = mu buf + g (g at the first step); w -= lr buf}. */
-    private void sgd(NDArray w, NDArray grad, NDArray buf, boolean fresh, NDManager tmp) {
-        NDArray g = grad;
-        if (weightDecay != 0) {
-            NDArray wd = w.mul(weightDecay);
-            wd.attach(tmp);
-            g = grad.add(wd);
-            g.attach(tmp);
-        }
-        NDArray direction = g;
-        if (buf != null) {
-            if (fresh) {
-                buf.set(new NDIndex("..."), g);
-            } else {
-                buf.muli(momentum).addi(g);
+    private void nativeAdam(State s, NDArray weight, NDArray grad, float gradDivisor, NDArray copyTo) {
+        try (NDManager b = manager.newSubManager(weight.getDevice())) {
+            NDArray g = grad;
+            if (g.getDataType() != DataType.FLOAT32) {
+                g = grad.toType(DataType.FLOAT32, false);
+                g.attach(b);
             }
-            direction = buf;
+            UpdateRules.nativeAdam(this, s.step, weight, g, s.first, s.second, gradDivisor);
+            if (copyTo != null) {
+                UpdateRules.copyInto(copyTo, weight, b);
+            }
         }
-        NDArray upd = direction.mul(learningRate);
-        upd.attach(tmp);
-        w.subi(upd);
+    }
+
+    /**
+     * Updates many parameters at once: Adam and AdamW run on flat buckets of parameters of about
+     * {@link Builder#optBucketElements} elements each (their gradients, and the FP32 weights, concatenated; the moments
+     * of a bucket live in one flat array whose pieces are the per-parameter state arrays), one native update per
+     * bucket, then each updated weight is copied back, into {@code copyTo} too when given. Per parameter that leaves a
+     * few native calls instead of a dozen kernels and their Java operations, which on a GPU decided the optimizer's
+     * time. The result is element for element the whole-parameter update's. SGD, parameters whose step counts differ
+     * within a bucket, and parameters on the CPU (unless {@link Builder#optWholeParameter} is true) are updated one by
+     * one ({@link #update(String, NDArray, NDArray, float, NDArray)}).
+     *
+     * @param ids the DJL parameter ids, in a stable order (the buckets are planned for the first list and rebuilt when
+     *     it changes)
+     * @param weights the FP32 weights (masters), updated in place
+     * @param grads their gradients (FP32 or FP16), divided by {@code gradDivisor}
+     * @param copyTo null, or per parameter null or the working copy to receive the updated weight in its own type
+     */
+    public void updateAll(List<String> ids, List<NDArray> weights, List<NDArray> grads, float gradDivisor,
+            List<NDArray> copyTo) {
+        updateAll(ids, weights, grads, gradDivisor, copyTo, ids.isEmpty() || wholeParameter(weights.get(0)));
+    }
+
+    /** {@link #updateAll} with the choice between buckets and per-parameter updates made by the caller. */
+    void updateAll(List<String> ids, List<NDArray> weights, List<NDArray> grads, float gradDivisor,
+            List<NDArray> copyTo, boolean bucketed) {
+        Preconditions.checkArgument(ids.size() == weights.size() && ids.size() == grads.size()
+                && (copyTo == null || copyTo.size() == ids.size()), "updateAll: %s ids, %s weights, %s gradients%s",
+                ids.size(), weights.size(), grads.size(), copyTo == null ? "" : ", " + copyTo.size() + " copies");
+        if (kind == Kind.SGD || eightBit != null || !bucketed) {
+            for (int i = 0; i < ids.size(); i++) {
+                update(ids.get(i), weights.get(i), grads.get(i), gradDivisor, copyTo == null ? null : copyTo.get(i));
+            }
+            return;
+        }
+        if (!buckets.isCurrent(this, ids, weights, grads)) {
+            buckets.plan(this, ids, weights, grads, bucketElements);
+        }
+        boolean gradMode = JniUtils.isGradMode();
+        JniUtils.setGradMode(false);
+        try {
+            buckets.update(this, weights, grads, gradDivisor, copyTo);
+        } finally {
+            JniUtils.setGradMode(gradMode);
+        }
     }
 
     private NDArray zeros(NDArray like) {
@@ -256,12 +292,18 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
 
     /** Number of updates applied to a parameter (0 if never). */
     public long stepCount(String parameterId) {
+        if (eightBit != null) {
+            return eightBit.stepCount(parameterId);
+        }
         State s = states.get(parameterId);
         return s == null ? 0 : s.step;
     }
 
     /** The state arrays of a parameter by kind ({@code exp_avg}, {@code exp_avg_sq}, {@code momentum_buffer}). */
     public Map<String, NDArray> stateArrays(String parameterId) {
+        if (eightBit != null) { // exp_avg.code, exp_avg.absmax, ... (FP32 exp_avg, exp_avg_sq below the size threshold)
+            return eightBit.stateArrays(parameterId);
+        }
         State s = states.get(parameterId);
         Map<String, NDArray> out = new LinkedHashMap<>();
         if (s == null || s.first == null) {
@@ -285,6 +327,10 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
      */
     public void restore(String parameterId, String name, long step, Map<String, NDArray> arrays, NDArray weight) {
         Preconditions.checkArgument(step >= 0, "optimizer state of %s: negative step %s", name, step);
+        if (eightBit != null) {
+            eightBit.restore(parameterId, name, step, arrays, weight); // copies, never aliases
+            return;
+        }
         State s = new State();
         s.step = step;
         String[] keys = kind == Kind.SGD ? new String[] {"momentum_buffer"} : new String[] {"exp_avg", "exp_avg_sq"};
@@ -312,6 +358,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         if (old != null) {
             old.close();
         }
+        buckets.close(); // replanned, with the restored moments copied in, at the next updateAll
     }
 
     /** Bytes held by the state arrays. */
@@ -319,6 +366,9 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         long n = 0;
         for (State s : states.values()) {
             n += bytes(s.first) + bytes(s.second);
+        }
+        if (eightBit != null) {
+            n += eightBit.stateBytes();
         }
         return n;
     }
@@ -330,13 +380,17 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     /** Frees the state arrays. */
     @Override
     public void close() {
+        buckets.close();
+        if (eightBit != null) {
+            eightBit.close();
+        }
         for (State s : states.values()) {
             s.close();
         }
         states.clear();
     }
 
-    private static final class State {
+    static final class State {
         long step;
         NDArray first;
         NDArray second;
@@ -362,6 +416,10 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         private float momentum;
         private NDManager manager;
         private long blockElements = RowBlocks.DEFAULT_BLOCK_ELEMENTS;
+        private Boolean wholeParameter;
+        private long bucketElements = 1L << 24;
+        private int eightBitBlock = 2048;
+        private long eightBitMinSize = 4096;
 
         private Builder() {}
 
@@ -418,7 +476,36 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
             return this;
         }
 
+        /**
+         * Whether each parameter is updated whole, Adam and AdamW in one native call ({@link UpdateRules#nativeAdam}),
+         * instead of in blocks of rows. Default: on a GPU yes, on the CPU no (the blocks keep its temporaries small).
+         */
+        public Builder optWholeParameter(boolean whole) {
+            this.wholeParameter = whole;
+            return this;
+        }
+
+        /**
+         * The size of the buckets of {@link StatefulOptimizer#updateAll} in elements (default 2^24: 64 MB FP32
+         * temporaries per bucket, a handful of buckets for a model of a few hundred million parameters).
+         */
+        public Builder optBucketElements(long elements) {
+            this.bucketElements = elements;
+            return this;
+        }
+
+        /**
+         * adamw8bit: elements per quantization block (default 2048) and the size below which a parameter keeps FP32
+         * moments (default 4096); see {@link EightBitAdamW}.
+         */
+        public Builder optEightBit(int blockSize, long minQuantizedSize) {
+            this.eightBitBlock = blockSize;
+            this.eightBitMinSize = minQuantizedSize;
+            return this;
+        }
+
         public StatefulOptimizer build() {
+            Preconditions.checkArgument(bucketElements >= 1, "bucket elements must be >= 1, got %s", bucketElements);
             Preconditions.checkArgument(blockElements >= 1, "block elements must be >= 1, got %s", blockElements);
             Preconditions.checkArgument(manager != null, "StatefulOptimizer needs a manager: call setManager");
             Preconditions.checkArgument(learningRate >= 0 && Float.isFinite(learningRate),

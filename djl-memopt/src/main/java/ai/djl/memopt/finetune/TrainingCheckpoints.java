@@ -221,10 +221,16 @@ final class TrainingCheckpoints {
         }
         tuner.update().zeroGradients();
         if (newStep > 0) {
-            tuner.update().createGradients();
+            if (!tuner.fusedUpdate()) { // a fused update frees every gradient after each step
+                tuner.update().createGradients();
+            }
         }
         return new Progress(newStep, newPosition);
     }
+
+    /** The optimizer state arrays a checkpoint may hold per parameter (StatefulOptimizer.stateArrays names). */
+    private static final String[] STATE_KEYS = {"exp_avg", "exp_avg_sq", "momentum_buffer", "exp_avg.code",
+        "exp_avg.absmax", "exp_avg_sq.code", "exp_avg_sq.absmax"};
 
     /** Copies the weights and optimizer state of the checkpoint {@code dir} into {@code tuner}. */
     private static void restoreArrays(FineTuner tuner, Path dir, JsonObject steps) throws IOException {
@@ -251,9 +257,10 @@ final class TrainingCheckpoints {
                             loaded.getShape(), w.getShape());
                     tuner.update().setWeight(name, loaded);
                     Map<String, NDArray> arrays = new LinkedHashMap<>();
-                    for (String key : new String[] {"exp_avg", "exp_avg_sq", "momentum_buffer"}) {
-                        if (opt.contains(name + "." + key)) {
-                            arrays.put(key, opt.load(tmp, name + "." + key, DataType.FLOAT32));
+                    for (String key : STATE_KEYS) {
+                        if (opt.contains(name + "." + key)) { // 8-bit codes in their own type (UINT8), the rest FP32
+                            arrays.put(key, key.endsWith(".code") ? opt.load(tmp, name + "." + key)
+                                    : opt.load(tmp, name + "." + key, DataType.FLOAT32));
                         }
                     }
                     tuner.optimizer().restore(e.getValue().getId(), name, steps.get(name).getAsLong(), arrays, w);

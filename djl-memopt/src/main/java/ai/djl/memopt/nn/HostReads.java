@@ -24,11 +24,13 @@ public final class HostReads {
     /** The array's values as INT64 on the host (converted on the device first); counts one read. */
     public static long[] longs(NDArray array) {
         COUNT.get()[0]++;
-        if (array.getDataType() == DataType.INT64) {
-            return array.toLongArray();
-        }
-        try (NDArray converted = array.toType(DataType.INT64, false)) {
-            return converted.toLongArray();
+        try (PhaseTimer.Phase p = PhaseTimer.phase("host reads")) {
+            if (array.getDataType() == DataType.INT64) {
+                return array.toLongArray();
+            }
+            try (NDArray converted = array.toType(DataType.INT64, false)) {
+                return converted.toLongArray();
+            }
         }
     }
 

@@ -13,7 +13,8 @@ import java.util.Arrays;
  * <p>DJL 0.36's {@code NDArray.toType} runs {@code Tensor.to} under a {@code NoGradGuard}: its result has no
  * {@code grad_fn}, so a {@code toType} inside a training forward silently cuts the graph (nothing before it gets a
  * gradient). {@link #cast} is {@code toType} with grad mode off; with it on, a copy into a fresh array of the target
- * type ({@code index_put_} over full slices, i.e. {@code copy_}), whose backward casts the gradient back.
+ * type, left uninitialised since every element is set ({@code index_put_} over full slices, i.e. {@code copy_}),
+ * whose backward casts the gradient back.
  *
  * <pre>{@code
  * NDArray x32 = TypeCasts.cast(x, DataType.FLOAT32); // (B, T, H) FP16 -> FP32, gradients flow back as FP16
@@ -44,7 +45,7 @@ public final class TypeCasts {
         long[] min = new long[shape.length];
         long[] step = new long[shape.length];
         Arrays.fill(step, 1);
-        NDArray out = array.getManager().zeros(array.getShape(), type, array.getDevice());
+        NDArray out = array.getManager().create(array.getShape(), type, array.getDevice()); // uninitialised: all set
         JniUtils.indexSet((PtNDArray) out, (PtNDArray) array, min, shape, step);
         return out;
     }

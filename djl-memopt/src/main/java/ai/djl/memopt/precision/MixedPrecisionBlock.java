@@ -215,12 +215,20 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
     @Override
     public void masterChanged(Parameter parameter) {
         NDArray master = Preconditions.checkNotNull(masterOf(parameter), "no master weight for %s", parameter);
-        NDArray w = parameter.getArray();
-        try (NDArray copy = master.toType(w.getDataType(), true)) {
+        copyInto(master, parameter.getArray());
+    }
+
+    /**
+     * Writes {@code master} into {@code working} in place, in the working copy's type and on its device (a master may
+     * live on the host: optimizer offload), with autograd off for the write into a leaf that requires grad.
+     */
+    public static void copyInto(NDArray master, NDArray working) {
+        try (NDArray cast = master.toType(working.getDataType(), true);
+                NDArray copy = cast.toDevice(working.getDevice(), false)) {
             boolean gradMode = JniUtils.isGradMode();
-            JniUtils.setGradMode(false); // an in-place write into a leaf that requires grad
+            JniUtils.setGradMode(false);
             try {
-                w.set(new NDIndex("..."), copy);
+                working.set(new NDIndex("..."), copy);
             } finally {
                 JniUtils.setGradMode(gradMode);
             }
@@ -254,6 +262,30 @@ public final class MixedPrecisionBlock extends AbstractBlock implements BlockDec
     /** The policy this block was converted with. */
     public PrecisionPolicy getPolicy() {
         return policy;
+    }
+
+    /**
+     * Moves the FP32 masters to {@code device} (optimizer offload: the host), freeing the old arrays; the working copies
+     * stay where they are. Masters already there are kept as they are.
+     *
+     * @return the masters after the move
+     */
+    public List<MasterWeight> moveMasters(ai.djl.Device device) {
+        List<MasterWeight> moved = new ArrayList<>();
+        for (MasterWeight w : masters) {
+            NDArray m = w.master();
+            if (m.getDevice().equals(device)) {
+                moved.add(w);
+                continue;
+            }
+            NDArray there = m.toDevice(device, true);
+            there.attach(m.getManager());
+            there.setName(m.getName());
+            m.close();
+            moved.add(new MasterWeight(w.path(), w.parameter(), there));
+        }
+        masters = ImmutableList.copyOf(moved);
+        return masters;
     }
 
     /** The FP16 parameters with their FP32 masters, paths relative to the wrapped block. */

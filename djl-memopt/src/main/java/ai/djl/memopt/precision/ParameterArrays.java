@@ -5,7 +5,7 @@ import ai.djl.nn.Parameter;
 import java.lang.reflect.Field;
 
 /** Swaps the array behind a DJL {@link Parameter}: {@code Parameter.setArray} refuses once a shape is set. */
-final class ParameterArrays {
+public final class ParameterArrays {
 
     private static final Field ARRAY;
 
@@ -20,7 +20,8 @@ final class ParameterArrays {
 
     private ParameterArrays() {}
 
-    static void swap(Parameter parameter, NDArray array) {
+    /** Makes {@code array} the parameter's array (the caller owns the old one). */
+    public static void swap(Parameter parameter, NDArray array) {
         try {
             ARRAY.set(parameter, array);
         } catch (IllegalAccessException e) {

@@ -255,11 +255,13 @@ class FineTunerTest {
         DeepSeekConfig config = tinyBuilder().tieWordEmbeddings(tied).build();
         float factor = precision == FineTuner.Precision.FP16 ? 256f : 1f;
         Map<String, float[]> reference = null;
-        for (boolean rowwise : new boolean[] {false, true}) {
+        for (int variant = 0; variant < 3; variant++) { // autograd, row-wise, row-wise in the GPU form
+            boolean rowwise = variant > 0;
             try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(config, 6, Device.cpu(), DataType.FLOAT32);
                     FineTuner tuner = FineTuner.builder().setModel(lm).optCheckpointing(ckpt).optPrecision(precision)
                             .optLossChunkTokens(12).build()) {
                 tuner.rowwiseGradients = rowwise;
+                tuner.setGpuForms(variant == 2);
                 tuner.accumulateGradients(data.trainBatch(0, 2), factor);
                 tuner.accumulateGradients(data.trainBatch(2, 2), factor);
                 if (rowwise) {
@@ -286,7 +288,71 @@ class FineTunerTest {
                         assertTrue(max > 0, name + " has no gradient");
                     }
                     assertTrue(diff <= tolerance * Math.max(max, 1e-3), precision + "/" + ckpt + "/tied " + tied
-                            + ": " + name + " differs from autograd by " + diff + " (max " + max + ")");
+                            + "/variant " + variant + ": " + name + " differs from autograd by " + diff + " (max " + max
+                            + ")");
+                }
+            }
+        }
+    }
+
+    /**
+     * The GPU form of the FP16 overflow check (the loss and every gradient's maximum and minimum, one read) agrees with
+     * the blocked per-parameter check: true on real gradients, false once one element of one gradient is set to
+     * infinity or NaN, and false for a non-finite loss.
+     */
+    @Test
+    void gpuOverflowCheckAgreesWithBlockedCheck() {
+        TokenDataset data = data(9);
+        for (float poison : new float[] {Float.POSITIVE_INFINITY, Float.NEGATIVE_INFINITY, Float.NaN}) {
+            try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 6, Device.cpu(), DataType.FLOAT32);
+                    FineTuner tuner = FineTuner.builder().setModel(lm).optPrecision(FineTuner.Precision.FP16)
+                            .build()) {
+                tuner.accumulateGradients(data.trainBatch(0, 2), 256f);
+                ai.djl.ndarray.NDArray loss = lm.manager().create(2.5f);
+                ai.djl.ndarray.NDArray badLoss = lm.manager().create(poison);
+                assertTrue(tuner.update().lossAndGradientsFinite(loss), "real gradients are finite");
+                assertFalse(tuner.update().lossAndGradientsFinite(badLoss), "GPU check sees a " + poison + " loss");
+                Parameter p = BlockTrees.parameters(lm).get("model.layers.1.mlp.experts.2.down_proj.weight");
+                ai.djl.ndarray.NDArray g = p.getArray().getGradient();
+                boolean gradMode = ai.djl.pytorch.jni.JniUtils.isGradMode();
+                ai.djl.pytorch.jni.JniUtils.setGradMode(false);
+                try {
+                    g.set(new ai.djl.ndarray.index.NDIndex("1, 3"), poison);
+                } finally {
+                    ai.djl.pytorch.jni.JniUtils.setGradMode(gradMode);
+                }
+                g.close();
+                assertFalse(ParameterUpdate.allFinite(p.getArray().getGradient()), "blocked check sees " + poison);
+                assertFalse(tuner.update().lossAndGradientsFinite(loss), "GPU check sees " + poison);
+                loss.close();
+                badLoss.close();
+            }
+        }
+    }
+
+    /**
+     * Training with the GPU forms (flat-bucket optimizer, one-read overflow check, whole head gradient), forced here on
+     * the CPU, gives the weights of the CPU forms after a few steps, in FP32 (with gradient accumulation and
+     * checkpointing) and in FP16.
+     */
+    @Test
+    void gpuPathsTrainLikeTheCpuPaths() throws Exception {
+        TokenDataset data = data(4);
+        for (FineTuner.Precision precision : FineTuner.Precision.values()) {
+            Map<String, float[]> reference = null;
+            for (boolean gpu : new boolean[] {false, true}) {
+                try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(tiny(), 8, Device.cpu(), DataType.FLOAT32);
+                        FineTuner tuner = builder(lm, "all", precision).optLossChunkTokens(12).build()) {
+                    tuner.setGpuForms(gpu);
+                    train(tuner, data, 4);
+                    Map<String, float[]> w = weights(tuner);
+                    if (reference == null) {
+                        reference = w;
+                    } else {
+                        double d = maxDiff(reference, w);
+                        System.out.printf("%s: GPU forms vs CPU forms, max weight difference %.3g%n", precision, d);
+                        assertTrue(d < (precision == FineTuner.Precision.FP32 ? 1e-5 : 1e-3), precision + ": " + d);
+                    }
                 }
             }
         }

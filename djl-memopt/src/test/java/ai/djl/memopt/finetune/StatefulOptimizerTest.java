@@ -19,9 +19,13 @@ class StatefulOptimizerTest {
     private static final float[][] G = {{0.1f, -0.2f, 0.3f}, {-0.4f, 0.05f, 0.6f}, {0.2f, 0.2f, -0.1f}};
 
     private static float[] run(StatefulOptimizer.Kind kind, float wd, float momentum) {
+        return run(kind, wd, momentum, false);
+    }
+
+    private static float[] run(StatefulOptimizer.Kind kind, float wd, float momentum, boolean fused) {
         try (NDManager m = NDManager.newBaseManager();
                 StatefulOptimizer opt = StatefulOptimizer.builder().setManager(m).optKind(kind).optLearningRate(0.1f)
-                        .optWeightDecay(wd).optMomentum(momentum).build()) {
+                        .optWeightDecay(wd).optMomentum(momentum).optWholeParameter(fused).build()) {
             NDArray w = m.create(W);
             for (float[] g : G) {
                 try (NDArray grad = m.create(g)) {
@@ -72,6 +76,154 @@ class StatefulOptimizerTest {
     @Test
     void adamWithL2MatchesTorch() {
         close(adam(false, 0.1), run(StatefulOptimizer.Kind.ADAM, 0.1f, 0));
+    }
+
+    /** The fused whole-parameter update (the GPU default, forced here on the CPU) follows the same formulas. */
+    @Test
+    void fusedAdamMatchesTorch() {
+        close(adam(true, 0.1), run(StatefulOptimizer.Kind.ADAMW, 0.1f, 0, true));
+        close(adam(false, 0.1), run(StatefulOptimizer.Kind.ADAM, 0.1f, 0, true));
+        close(adam(true, 0), run(StatefulOptimizer.Kind.ADAMW, 0f, 0, true));
+    }
+
+    /**
+     * The fused update (one native Adam call per parameter, whole arrays) equals the blocked update, weights and both
+     * moments after three steps, also in the mixed-precision form (FP16 gradient, loss scale, FP16 working copy).
+     */
+    @Test
+    void fusedUpdateEqualsBlockedUpdate() {
+        Shape shape = new Shape(37, 11);
+        int n = 37 * 11;
+        float scale = 512f;
+        for (StatefulOptimizer.Kind kind : StatefulOptimizer.Kind.values()) {
+            for (boolean mixed : new boolean[] {false, true}) {
+                float[][] weights = new float[2][];
+                float[][] working = new float[2][];
+                float[][][] states = new float[2][][];
+                for (int v = 0; v < 2; v++) {
+                    SplittableRandom r = new SplittableRandom(11);
+                    try (NDManager m = NDManager.newBaseManager();
+                            StatefulOptimizer opt = StatefulOptimizer.builder().setManager(m).optKind(kind)
+                                    .optLearningRate(0.05f).optWeightDecay(0.1f).optMomentum(0.9f)
+                                    .optBlockElements(50).optWholeParameter(v == 1).build()) {
+                        NDArray w = m.create(random(r, n, 1), shape);
+                        NDArray half = mixed ? w.toType(DataType.FLOAT16, true) : null;
+                        for (int step = 0; step < 3; step++) {
+                            try (NDArray g = m.create(random(r, n, mixed ? 0.5 * scale : 0.5), shape);
+                                    NDArray g16 = g.toType(DataType.FLOAT16, true)) {
+                                if (mixed) {
+                                    opt.update("p", w, g16, scale, half);
+                                } else {
+                                    opt.update("p", w, g);
+                                }
+                            }
+                        }
+                        weights[v] = w.toFloatArray();
+                        working[v] = mixed ? half.toType(DataType.FLOAT32, false).toFloatArray() : null;
+                        states[v] = opt.stateArrays("p").values().stream().map(NDArray::toFloatArray)
+                                .toArray(float[][]::new);
+                    }
+                }
+                String what = kind + (mixed ? " mixed" : "");
+                for (int i = 0; i < n; i++) {
+                    assertEquals(weights[0][i], weights[1][i], 2e-6, what + " weight element " + i);
+                    if (mixed) {
+                        assertEquals(working[0][i], working[1][i], Math.abs(weights[0][i]) * 1e-3,
+                                what + " working element " + i);
+                    }
+                }
+                assertEquals(states[0].length, states[1].length, what + " state arrays");
+                for (int k = 0; k < states[0].length; k++) {
+                    for (int i = 0; i < n; i++) {
+                        assertEquals(states[0][k][i], states[1][k][i], 1e-6 + Math.abs(states[0][k][i]) * 1e-6,
+                                what + " state " + k + " element " + i);
+                    }
+                }
+            }
+        }
+    }
+
+    /**
+     * {@code updateAll} on flat buckets (forced small: several buckets, a parameter split across none, FP16 and FP32
+     * gradients in separate buckets, FP16 working copies for some) equals updating each parameter in blocks; the
+     * per-parameter moments stay readable, and a new optimizer restored from them continues identically.
+     */
+    @Test
+    void bucketedUpdateEqualsPerParameterUpdate() {
+        Shape[] shapes = {new Shape(7, 5), new Shape(13), new Shape(4, 3, 2), new Shape(40, 3), new Shape(9)};
+        boolean[] half = {true, false, true, true, false}; // FP16 gradient + working copy, or FP32
+        float scale = 256f;
+        for (StatefulOptimizer.Kind kind : new StatefulOptimizer.Kind[] {StatefulOptimizer.Kind.ADAMW,
+            StatefulOptimizer.Kind.ADAM}) {
+            float[][][] results = new float[2][][];
+            for (int v = 0; v < 2; v++) {
+                SplittableRandom r = new SplittableRandom(17);
+                try (NDManager m = NDManager.newBaseManager()) {
+                    StatefulOptimizer.Builder b = StatefulOptimizer.builder().setManager(m).optKind(kind)
+                            .optLearningRate(0.02f).optWeightDecay(0.05f).optBlockElements(16).optWholeParameter(v == 1)
+                            .optBucketElements(60);
+                    StatefulOptimizer opt = b.build();
+                    java.util.List<String> ids = new java.util.ArrayList<>();
+                    java.util.List<NDArray> weights = new java.util.ArrayList<>();
+                    java.util.List<NDArray> copies = new java.util.ArrayList<>();
+                    for (int i = 0; i < shapes.length; i++) {
+                        ids.add("p" + i);
+                        NDArray w = m.create(random(r, (int) shapes[i].size(), 1), shapes[i]);
+                        weights.add(w);
+                        copies.add(half[i] ? w.toType(DataType.FLOAT16, true) : null);
+                    }
+                    for (int step = 0; step < 4; step++) {
+                        if (step == 2) { // checkpoint round trip of the moments into a fresh optimizer
+                            StatefulOptimizer restored = b.build();
+                            for (int i = 0; i < shapes.length; i++) {
+                                restored.restore("p" + i, "p" + i, opt.stepCount("p" + i), opt.stateArrays("p" + i),
+                                        weights.get(i));
+                            }
+                            opt.close();
+                            opt = restored;
+                        }
+                        java.util.List<NDArray> grads = new java.util.ArrayList<>();
+                        for (int i = 0; i < shapes.length; i++) {
+                            NDArray g = m.create(random(r, (int) shapes[i].size(), half[i] ? 0.5 * scale : 0.5),
+                                    shapes[i]);
+                            grads.add(half[i] ? g.toType(DataType.FLOAT16, true) : g);
+                        }
+                        if (v == 0) {
+                            for (int i = 0; i < shapes.length; i++) {
+                                opt.update(ids.get(i), weights.get(i), grads.get(i), half[i] ? scale : 1f,
+                                        copies.get(i));
+                            }
+                        } else {
+                            // one divisor per call: FP32 gradients were made unscaled, so give them the scale too
+                            for (int i = 0; i < shapes.length; i++) {
+                                if (!half[i]) {
+                                    grads.get(i).muli(scale);
+                                }
+                            }
+                            opt.updateAll(ids, weights, grads, scale, copies);
+                        }
+                    }
+                    results[v] = new float[shapes.length * 4][];
+                    for (int i = 0; i < shapes.length; i++) {
+                        results[v][4 * i] = weights.get(i).toFloatArray();
+                        results[v][4 * i + 1] = opt.stateArrays(ids.get(i)).get("exp_avg").toFloatArray();
+                        results[v][4 * i + 2] = opt.stateArrays(ids.get(i)).get("exp_avg_sq").toFloatArray();
+                        results[v][4 * i + 3] = half[i] ? copies.get(i).toType(DataType.FLOAT32, false)
+                                .toFloatArray() : new float[0];
+                        assertEquals(4, opt.stepCount(ids.get(i)));
+                    }
+                    opt.close();
+                }
+            }
+            for (int a = 0; a < results[0].length; a++) {
+                assertEquals(results[0][a].length, results[1][a].length);
+                for (int i = 0; i < results[0][a].length; i++) {
+                    float x = results[0][a][i];
+                    double tol = a % 4 == 3 ? Math.abs(x) * 1e-3 : 2e-6 + Math.abs(x) * 2e-6;
+                    assertEquals(x, results[1][a][i], tol, kind + " array " + a + " element " + i);
+                }
+            }
+        }
     }
 
     @Test

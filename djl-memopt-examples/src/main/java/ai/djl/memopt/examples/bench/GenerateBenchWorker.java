@@ -40,9 +40,9 @@ public final class GenerateBenchWorker {
     private GenerateBenchWorker() {}
 
     public static void main(String[] args) throws Exception {
-        if (args.length != 7) {
+        if (args.length != 7 && args.length != 8) {
             System.err.println("usage: GenerateBenchWorker preset batch promptTokens newTokens cpu|gpu seed "
-                    + "prefillChunk");
+                    + "prefillChunk [fp32|fp16]");
             System.exit(2);
         }
         String preset = args[0];
@@ -52,18 +52,24 @@ public final class GenerateBenchWorker {
         Device device = "gpu".equals(args[4]) ? Device.gpu() : Device.cpu();
         long seed = Long.parseLong(args[5]);
         int chunk = Integer.parseInt(args[6]);
-        System.out.println(run(preset, batch, prompt, newTokens, device, seed, chunk));
+        DataType dtype = args.length == 8 && "fp16".equals(args[7]) ? DataType.FLOAT16 : DataType.FLOAT32;
+        System.out.println(run(preset, batch, prompt, newTokens, device, seed, chunk, dtype));
     }
 
     /** Runs one configuration in this JVM (the peak memory figure is then the process's, whatever ran before). */
     public static JsonObject run(String preset, int batch, int prompt, int newTokens, Device device, long seed,
             int chunk) {
+        return run(preset, batch, prompt, newTokens, device, seed, chunk, DataType.FLOAT32);
+    }
+
+    /** As above with the model's weights in {@code dtype} (FLOAT32 or FLOAT16). */
+    public static JsonObject run(String preset, int batch, int prompt, int newTokens, Device device, long seed,
+            int chunk, DataType dtype) {
         if (chunk < 1) {
             throw new IllegalArgumentException("prefill chunk must be >= 1, got " + chunk);
         }
         DeepSeekConfig config = DeepSeekConfig.preset(preset);
         Engine.getInstance().setRandomSeed((int) seed);
-        DataType dtype = DataType.FLOAT32;
         try (DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(config, seed, device, dtype);
                 NDManager manager = NDManager.newBaseManager(device)) {
             MlaCachedDecoder decoder = new MlaCachedDecoder(lm, device);
@@ -92,7 +98,7 @@ public final class GenerateBenchWorker {
             o.addProperty("prompt_tokens", prompt);
             o.addProperty("new_tokens", newTokens);
             o.addProperty("device", device.isGpu() ? "gpu" + device.getDeviceId() : "cpu");
-            o.addProperty("dtype", "float32");
+            o.addProperty("dtype", dtype == DataType.FLOAT16 ? "float16" : "float32");
             o.addProperty("expert_dispatch", decoder.expertDispatch().name().toLowerCase(java.util.Locale.ROOT));
             o.addProperty("prefill_chunk", Math.min(chunk, prompt));
             o.addProperty("prefill_seconds", seconds[0]);

@@ -5,6 +5,7 @@ import ai.djl.engine.Engine;
 import ai.djl.memopt.finetune.DataParallelFineTuner;
 import ai.djl.memopt.finetune.FineTuner;
 import ai.djl.memopt.finetune.StateBytes;
+import ai.djl.memopt.finetune.StatefulOptimizer;
 import ai.djl.memopt.finetune.StepResult;
 import ai.djl.memopt.finetune.TokenBatch;
 import ai.djl.memopt.lora.Lora;
@@ -14,6 +15,8 @@ import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.memory.NativeMemory;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.nn.HostReads;
+import ai.djl.memopt.nn.PhaseTimer;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
 import ai.djl.memopt.quantize.QuantizationReport;
 import ai.djl.memopt.quantize.QuantizationConfig;
@@ -72,7 +75,7 @@ public final class TrainBenchWorker {
         Device device = devices.get(0);
         long seed = Long.parseLong(args[6]);
         int lossChunk = Integer.parseInt(args[7]);
-        Map<String, String> m = modes().get(mode);
+        Map<String, String> m = modes(device.isGpu()).get(mode);
         if (m == null) {
             throw new IllegalArgumentException("unknown mode " + mode);
         }
@@ -113,7 +116,10 @@ public final class TrainBenchWorker {
         }
         FineTuner.Builder settings = FineTuner.builder().optCheckpointing(checkpointing)
                 .optPrecision(FineTuner.Precision.parse(m.get("precision"))).optLearningRate(1e-4f)
-                .optLossChunkTokens(lossChunk).optSeed(seed);
+                .optLossChunkTokens(lossChunk).optSeed(seed)
+                .optOptimizer(StatefulOptimizer.Kind.parse(System.getProperty(OPTIMIZER_PROPERTY, "adamw")))
+                .optFusedUpdate(Boolean.getBoolean(FUSED_PROPERTY))
+                .optOffloadOptimizer(Boolean.getBoolean(OFFLOAD_PROPERTY));
         DataParallelFineTuner dp = replicas.size() > 1 ? DataParallelFineTuner.create(settings, replicas) : null;
         Function<TokenBatch, StepResult> stepper;
         try (NDManager owned = loadManager;
@@ -136,12 +142,9 @@ public final class TrainBenchWorker {
             double lastLoss = Double.NaN;
             int skipped = 0;
             for (int s = 0; s < steps; s++) {
-                long[] ids = new long[rows * seq];
-                for (int i = 0; i < ids.length; i++) {
-                    ids[i] = random.nextInt(config.vocabSize());
-                }
+                TokenBatch tokens = randomBatch(random, config, rows, seq);
                 long t0 = System.nanoTime();
-                StepResult r = stepper.apply(new TokenBatch(ids, rows, seq));
+                StepResult r = stepper.apply(tokens);
                 seconds[s] = (System.nanoTime() - t0) / 1e9;
                 if (s == 0) {
                     firstLoss = r.loss();
@@ -152,6 +155,7 @@ public final class TrainBenchWorker {
                         seconds[s], r.loss());
             }
             long peak = sampler != null ? sampler.stop() : MemoryStats.peakResidentBytes();
+            JsonObject profile = PROFILE ? profile(tuner, random, config, batch, seq, base.manager()) : null;
             StateBytes state = tuner.stateBytes();
             double[] sorted = seconds.clone();
             Arrays.sort(sorted);
@@ -174,6 +178,11 @@ public final class TrainBenchWorker {
             o.addProperty("peak_memory_bytes", peak);
             o.addProperty("idle_memory_bytes", idle);
             o.addProperty("state_bytes", state.total() + quantizedBytes);
+            o.addProperty("state_device_bytes", state.deviceBytes() + quantizedBytes); // the packed weights too
+            o.addProperty("state_host_bytes", state.hostBytes());
+            o.addProperty("optimizer", tuner.optimizer().kind().name().toLowerCase(Locale.ROOT));
+            o.addProperty("fused_update", tuner.fusedUpdate());
+            o.addProperty("offload_optimizer", tuner.offloadedOptimizer());
             o.addProperty("weights_bytes", state.weights() + quantizedBytes);
             o.addProperty("quantized_weight_bytes", quantizedBytes);
             o.addProperty("trainable_parameters", qlora != null ? qlora.trainable : config.parameterCount());
@@ -190,6 +199,9 @@ public final class TrainBenchWorker {
             o.addProperty("last_loss", lastLoss);
             o.addProperty("skipped_steps", skipped);
             o.addProperty("parameters", config.parameterCount());
+            if (profile != null) {
+                o.add("profile", profile);
+            }
             System.out.println(o);
         }
     }
@@ -219,6 +231,57 @@ public final class TrainBenchWorker {
         }
     }
 
+    /** The system property that asks the worker for a profile. */
+    public static final String PROFILE_PROPERTY = "memopt.profile";
+    /** Whether to time the phases of extra steps ({@code memopt bench train --profile}). */
+    static final boolean PROFILE = Boolean.getBoolean(PROFILE_PROPERTY);
+    /** System properties of the optimizer choices ({@code bench train --optimizer, --fused-update, --offload-optimizer}). */
+    public static final String OPTIMIZER_PROPERTY = "memopt.optimizer";
+    public static final String FUSED_PROPERTY = "memopt.fusedUpdate";
+    public static final String OFFLOAD_PROPERTY = "memopt.offloadOptimizer";
+    /** Extra steps timed phase by phase after the measured ones; their mean is reported. */
+    public static final int PROFILED_STEPS = 2;
+
+    /**
+     * Runs {@link #PROFILED_STEPS} more steps with a {@link PhaseTimer} (the device waited for at every phase
+     * boundary, so these steps are slower and are not in the step-time figures) and returns the mean seconds of each
+     * phase per step, the mean wall time of a profiled step, and the host reads per step.
+     */
+    static JsonObject profile(FineTuner tuner, SplittableRandom random, DeepSeekConfig config, int batch, int seq,
+            NDManager manager) {
+        Map<String, Double> sums = new java.util.LinkedHashMap<>();
+        double wall = 0;
+        long reads = 0;
+        for (int s = 0; s < PROFILED_STEPS; s++) {
+            TokenBatch tokens = randomBatch(random, config, batch, seq);
+            long readsBefore = HostReads.count();
+            PhaseTimer timer = PhaseTimer.start(manager);
+            long t0 = System.nanoTime();
+            tuner.step(tokens);
+            Map<String, Double> phases = timer.stop();
+            wall += (System.nanoTime() - t0) / 1e9;
+            reads += HostReads.count() - readsBefore;
+            phases.forEach((k, v) -> sums.merge(k, v, Double::sum));
+        }
+        JsonObject o = new JsonObject();
+        JsonObject seconds = new JsonObject();
+        sums.forEach((k, v) -> seconds.addProperty(k, v / PROFILED_STEPS));
+        o.add("phase_seconds", seconds);
+        o.addProperty("step_seconds", wall / PROFILED_STEPS);
+        o.addProperty("host_reads_per_step", (double) reads / PROFILED_STEPS);
+        o.addProperty("steps", PROFILED_STEPS);
+        return o;
+    }
+
+    /** A batch of {@code batch x seq} random token ids. */
+    static TokenBatch randomBatch(SplittableRandom random, DeepSeekConfig config, int batch, int seq) {
+        long[] ids = new long[batch * seq];
+        for (int i = 0; i < ids.length; i++) {
+            ids[i] = random.nextInt(config.vocabSize());
+        }
+        return new TokenBatch(ids, batch, seq);
+    }
+
     /**
      * The smallest of 40 readings about 25 ms apart, with GCs and {@link NativeMemory#releaseFreed()} between them: a
      * single reading right after the GCs sometimes caught tens of MB of memory about to be freed (the same model and
@@ -244,11 +307,21 @@ public final class TrainBenchWorker {
      * experts too, which makes it slower (the issue bounds the step time of {@code checkpoint} only).
      */
     public static Map<String, Map<String, String>> modes() {
+        return modes(false);
+    }
+
+    /**
+     * The modes on a CPU or a GPU. On a GPU both checkpointed modes recompute whole layers ({@code all}): there every
+     * nested level is another forward of its blocks with its kernel launches, while the activation memory it saves is
+     * small next to the state and the runtime's own memory (bench-small, B=4, T=1024, H100: {@code checkpoint} 0.41 s
+     * a step with {@code all}, 0.58 s with {@code nested}).
+     */
+    public static Map<String, Map<String, String>> modes(boolean gpu) {
         Map<String, Map<String, String>> m = new HashMap<>();
         m.put("fp32", Map.of("checkpoint", "none", "precision", "fp32"));
-        m.put("checkpoint", Map.of("checkpoint", "nested", "precision", "fp32"));
+        m.put("checkpoint", Map.of("checkpoint", gpu ? "all" : "nested", "precision", "fp32"));
         m.put("fp16", Map.of("checkpoint", "none", "precision", "fp16"));
-        m.put("fp16+checkpoint", Map.of("checkpoint", "nested+experts", "precision", "fp16"));
+        m.put("fp16+checkpoint", Map.of("checkpoint", gpu ? "all" : "nested+experts", "precision", "fp16"));
         m.put("qlora", Map.of("checkpoint", "all", "precision", "fp32"));
         return m;
     }

@@ -1,6 +1,7 @@
 package ai.djl.memopt.examples.cli;
 
 import ai.djl.memopt.examples.bench.BarChart;
+import ai.djl.ndarray.types.DataType;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.GenerateBenchWorker;
 import ai.djl.memopt.examples.bench.MarkdownTable;
@@ -44,6 +45,7 @@ import org.jfree.data.category.DefaultCategoryDataset;
 public final class BenchGenerateCommand implements Callable<Integer> {
 
     static final String TABLE = "bench-generate";
+    private String dtypeName = "fp32";
     static final List<String> HEADER = List.of("preset", "batch", "prompt", "new", "device", "prefill chunk", "decode tok/s",
             "prefill s", "MLA cache B/token", "per-head cache B/token", "cache ratio", "peak MB", "date");
     static final List<String> ALIGN = List.of("---", "---:", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:",
@@ -72,6 +74,11 @@ public final class BenchGenerateCommand implements Callable<Integer> {
 
     @Option(names = "--device", defaultValue = "cpu", paramLabel = "cpu|gpu", description = "Device (default cpu).")
     String device;
+
+    @Option(names = "--dtype", defaultValue = "fp32", paramLabel = "fp32|fp16",
+            description = "Weight and activation type of the model (default fp32); fp16 keeps the router, norms and"
+                    + " softmax in FP32 as generation does with an FP16 model.")
+    String dtype;
 
     @Option(names = "--expert-dispatch", defaultValue = "auto", paramLabel = "auto|gathered|sorted",
             description = "How decode steps run the routed experts (default auto: gathered on a GPU, where it avoids a "
@@ -110,6 +117,8 @@ public final class BenchGenerateCommand implements Callable<Integer> {
         if (!dev.equals("cpu") && !dev.equals("gpu")) {
             throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
         }
+        DataType type = Devices.dtype(dtype); // a clear error before any JVM starts
+        dtypeName = type == DataType.FLOAT16 ? "fp16" : "fp32";
         String dispatch = expertDispatch.trim().toLowerCase(Locale.ROOT);
         if (!List.of("auto", "gathered", "sorted").contains(dispatch)) {
             throw new IllegalArgumentException(
@@ -133,7 +142,7 @@ public final class BenchGenerateCommand implements Callable<Integer> {
         for (int b : selected) {
             List<String> lines = FreshJvm.run(bench.heap, bench.timeout, GenerateBenchWorker.class, List.of(preset,
                     Integer.toString(b), Integer.toString(promptTokens), Integer.toString(newTokens), dev,
-                    Long.toString(seed), Integer.toString(prefillChunk)), BenchTrainCommand.ALLOCATOR);
+                    Long.toString(seed), Integer.toString(prefillChunk), dtypeName), BenchTrainCommand.ALLOCATOR);
             JsonObject result = lastJson(lines, "batch " + b);
             System.out.println(result);
             System.out.flush();
@@ -158,7 +167,9 @@ public final class BenchGenerateCommand implements Callable<Integer> {
                 long hf = r.get("hf_cache_bytes_per_token").getAsLong();
                 rows.add(List.of(r.get("preset").getAsString(), r.get("batch").getAsString(),
                         r.get("prompt_tokens").getAsString(), r.get("new_tokens").getAsString(),
-                        r.get("device").getAsString(), r.get("prefill_chunk").getAsString(),
+                        r.get("device").getAsString()
+                                + ("float16".equals(r.get("dtype").getAsString()) ? " fp16" : ""),
+                        r.get("prefill_chunk").getAsString(),
                         String.format(Locale.ROOT, "%.1f", r.get("tokens_per_second").getAsDouble()),
                         String.format(Locale.ROOT, "%.2f", r.get("prefill_seconds").getAsDouble()),
                         Long.toString(mla), Long.toString(hf),

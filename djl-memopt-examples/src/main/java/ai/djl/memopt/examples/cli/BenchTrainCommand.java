@@ -1,10 +1,12 @@
 package ai.djl.memopt.examples.cli;
 
+import ai.djl.Device;
 import ai.djl.memopt.examples.bench.BarChart;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.MarkdownTable;
 import ai.djl.memopt.examples.bench.TrainBenchWorker;
 import ai.djl.memopt.finetune.FineTuner;
+import ai.djl.memopt.finetune.StatefulOptimizer;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
@@ -77,7 +79,8 @@ public final class BenchTrainCommand implements Callable<Integer> {
             description = "How the checkpointed modes (checkpoint, fp16+checkpoint, qlora) checkpoint the decoder"
                     + " layers. Default: nested for checkpoint (every layer, and inside it the attention and the MLP,"
                     + " recomputed one at a time during the layer's backward), nested+experts for fp16+checkpoint (the"
-                    + " routed experts too: the least memory, the slowest), all (every layer) for qlora.")
+                    + " routed experts too: the least memory, the slowest), all (every layer) for qlora; on a GPU all"
+                    + " for every checkpointed mode.")
     String checkpoint;
 
     @Option(names = "--batch", defaultValue = "1", paramLabel = "B", description = "Sequences per step (default 1).")
@@ -101,11 +104,32 @@ public final class BenchTrainCommand implements Callable<Integer> {
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and data seed.")
     long seed;
 
-    @Option(names = "--loss-chunk", defaultValue = "64", paramLabel = "TOKENS",
-            description = "Loss head computed in chunks of about this many tokens, in every mode (default 64).")
-    int lossChunk;
+    @Option(names = "--loss-chunk", paramLabel = "TOKENS",
+            description = "Loss head computed in chunks of about this many tokens, in every mode (default "
+                    + Devices.CPU_LOSS_CHUNK_TOKENS + " on the CPU, " + Devices.GPU_LOSS_CHUNK_TOKENS + " on a GPU).")
+    Integer lossChunk;
+
+    @Option(names = "--optimizer", defaultValue = "adamw", paramLabel = "adamw|adamw8bit",
+            description = "Optimizer of every mode (default adamw); adamw8bit keeps both moments in 8 bits.")
+    String optimizer;
+
+    @Option(names = "--fused-update",
+            description = "Update each checkpointed layer as soon as its backward is done and free its gradients"
+                    + " (FP16: a check pass first).")
+    boolean fusedUpdate;
+
+    @Option(names = "--offload-optimizer",
+            description = "FP32 masters and optimizer state on the host (counted in state_host_bytes).")
+    boolean offloadOptimizer;
 
     @Mixin BenchOptions bench = new BenchOptions("512m", 3600);
+
+    @Option(names = "--profile",
+            description = "After the measured steps, time " + TrainBenchWorker.PROFILED_STEPS + " more steps phase by"
+                    + " phase (forward, loss head, each level of recomputation and backward, optimizer update, host"
+                    + " reads), waiting for the device at every phase boundary; adds a 'profile' object to the JSON"
+                    + " and prints a table. The measured steps are not slowed.")
+    boolean profile;
 
     @Override
     public Integer call() throws Exception {
@@ -122,16 +146,6 @@ public final class BenchTrainCommand implements Callable<Integer> {
         } else {
             DeepSeekConfig.preset(preset); // unknown preset: a clear error before any JVM starts
         }
-        if (batch < 1 || seq < 2 || steps < 1 || lossChunk < 1) {
-            throw new IllegalArgumentException(String.format(Locale.ROOT,
-                    "need --batch >= 1, --seq >= 2, --steps >= 1, --loss-chunk >= 1; got %d, %d, %d, %d", batch, seq,
-                    steps, lossChunk));
-        }
-        String spec = checkpoint == null ? "default" : checkpoint.trim().toLowerCase(Locale.ROOT);
-        if (checkpoint != null && FineTuner.checkpointPolicy(spec) == null) {
-            throw new IllegalArgumentException("--checkpoint " + checkpoint + ": the checkpointed modes need a policy"
-                    + " (all, nested, every:N or sqrt); --mode fp32 or fp16 runs without checkpointing");
-        }
         List<String> parallel = devices == null ? null : names(devices);
         if (parallel != null && model != null) {
             throw new IllegalArgumentException("--devices builds --preset on each device; --model is not replicated");
@@ -140,12 +154,34 @@ public final class BenchTrainCommand implements Callable<Integer> {
         if (!dev.equals("cpu") && !dev.startsWith("gpu")) {
             throw new IllegalArgumentException("--device must be cpu or gpu, got '" + device + "'");
         }
+        int chunk = Devices.lossChunkTokens(lossChunk, dev.startsWith("gpu") ? Device.gpu() : Device.cpu());
+        if (batch < 1 || seq < 2 || steps < 1 || chunk < 1) {
+            throw new IllegalArgumentException(String.format(Locale.ROOT,
+                    "need --batch >= 1, --seq >= 2, --steps >= 1, --loss-chunk >= 1; got %d, %d, %d, %d", batch, seq,
+                    steps, chunk));
+        }
+        String spec = checkpoint == null ? "default" : checkpoint.trim().toLowerCase(Locale.ROOT);
+        if (checkpoint != null && FineTuner.checkpointPolicy(spec) == null) {
+            throw new IllegalArgumentException("--checkpoint " + checkpoint + ": the checkpointed modes need a policy"
+                    + " (all, nested, every:N or sqrt); --mode fp32 or fp16 runs without checkpointing");
+        }
+        StatefulOptimizer.Kind optimizerKind = StatefulOptimizer.Kind.parse(optimizer);
+        if (optimizerKind != StatefulOptimizer.Kind.ADAMW && optimizerKind != StatefulOptimizer.Kind.ADAMW8BIT) {
+            throw new IllegalArgumentException("--optimizer must be adamw or adamw8bit, got '" + optimizer + "'");
+        }
+        List<String> jvm = new ArrayList<>(workerJvm(bench.heap));
+        if (profile) {
+            jvm.add("-D" + TrainBenchWorker.PROFILE_PROPERTY + "=true");
+        }
+        jvm.add("-D" + TrainBenchWorker.OPTIMIZER_PROPERTY + "=" + optimizerKind.name().toLowerCase(Locale.ROOT));
+        jvm.add("-D" + TrainBenchWorker.FUSED_PROPERTY + "=" + fusedUpdate);
+        jvm.add("-D" + TrainBenchWorker.OFFLOAD_PROPERTY + "=" + offloadOptimizer);
         List<JsonObject> results = new ArrayList<>();
         for (String mode : selected) {
-            JsonObject result = runWorker(mode, dev, spec);
+            JsonObject result = runWorker(jvm, mode, dev, chunk, spec);
             if (parallel != null) {
                 // the same mode on every device, against the first device's own speed in its own JVM
-                JsonObject all = runWorker(mode, String.join(",", parallel), spec);
+                JsonObject all = runWorker(jvm, mode, String.join(",", parallel), chunk, spec);
                 double one = result.get("tokens_per_second").getAsDouble();
                 all.addProperty("single_device_tokens_per_second", one);
                 all.addProperty("scaling_efficiency", all.get("tokens_per_second").getAsDouble()
@@ -153,6 +189,9 @@ public final class BenchTrainCommand implements Callable<Integer> {
                 result = all;
             }
             System.out.println(result);
+            if (result.has("profile")) {
+                System.out.print(profileTable(result));
+            }
             System.out.flush();
             results.add(result);
         }
@@ -173,15 +212,15 @@ public final class BenchTrainCommand implements Callable<Integer> {
     }
 
     /** One mode in a fresh worker JVM on {@code dev} (a device, or a comma list of them): its JSON result. */
-    private JsonObject runWorker(String mode, String dev, String spec) throws IOException, InterruptedException {
+    private JsonObject runWorker(List<String> jvm, String mode, String dev, int chunk, String spec)
+            throws IOException, InterruptedException {
         List<String> workerArgs = new ArrayList<>(List.of(preset, mode, Integer.toString(batch),
                 Integer.toString(seq), Integer.toString(steps), dev, Long.toString(seed),
-                Integer.toString(lossChunk), spec));
+                Integer.toString(chunk), spec));
         if (model != null) {
             workerArgs.add(model.toString());
         }
-        List<String> lines = FreshJvm.run(workerJvm(bench.heap), ALLOCATOR, bench.timeout, TrainBenchWorker.class,
-                workerArgs);
+        List<String> lines = FreshJvm.run(jvm, ALLOCATOR, bench.timeout, TrainBenchWorker.class, workerArgs);
         JsonObject result = null;
         for (String line : lines) {
             if (line.startsWith("{")) {
@@ -208,8 +247,38 @@ public final class BenchTrainCommand implements Callable<Integer> {
      * run, or gives pages back after the GCs before the idle reading) moved the activation figure of one configuration
      * by tens of MB from run to run. Weights are direct buffers, hence the unbounded direct-memory limit.
      */
+    /** How a result's optimizer differs from plain unfused on-device AdamW, for its row: e.g. {@code , adamw8bit}. */
+    static String stateOptions(JsonObject r) {
+        StringBuilder b = new StringBuilder();
+        if (r.has("optimizer") && !"adamw".equals(r.get("optimizer").getAsString())) {
+            b.append(", ").append(r.get("optimizer").getAsString());
+        }
+        if (r.has("fused_update") && r.get("fused_update").getAsBoolean()) {
+            b.append(", fused");
+        }
+        if (r.has("offload_optimizer") && r.get("offload_optimizer").getAsBoolean()) {
+            b.append(", offload");
+        }
+        return b.toString();
+    }
+
     static List<String> workerJvm(String heap) {
         return List.of("-Xms" + heap, "-Xmx" + heap, "-XX:+AlwaysPreTouch", "-XX:MaxDirectMemorySize=1024g");
+    }
+
+    /** The profile of one result as a small text table: phase, seconds per step, share of the profiled step. */
+    static String profileTable(JsonObject result) {
+        JsonObject p = result.getAsJsonObject("profile");
+        double step = p.get("step_seconds").getAsDouble();
+        StringBuilder b = new StringBuilder();
+        b.append(String.format(Locale.ROOT, "profile of %s (%s): %.4f s per profiled step, %.1f host reads per step%n",
+                result.get("mode").getAsString(), result.get("checkpointing").getAsString(), step,
+                p.get("host_reads_per_step").getAsDouble()));
+        for (Map.Entry<String, com.google.gson.JsonElement> e : p.getAsJsonObject("phase_seconds").entrySet()) {
+            double s = e.getValue().getAsDouble();
+            b.append(String.format(Locale.ROOT, "  %-20s %9.4f s %6.1f%%%n", e.getKey(), s, 100 * s / step));
+        }
+        return b.toString();
     }
 
     private static List<String> normalise(List<String> modes) {
@@ -244,6 +313,7 @@ public final class BenchTrainCommand implements Callable<Integer> {
             if (!checkpointing.equals("none")) {
                 mode += " (" + checkpointing + ")"; // rows of different policies side by side
             }
+            mode += stateOptions(r);
             List<String> cells = new ArrayList<>(List.of(
                 r.get("preset").getAsString(), mode, r.get("batch").getAsString(),
                 r.get("seq").getAsString(), r.get("steps").getAsString(), r.get("device").getAsString(),

@@ -54,6 +54,22 @@ final class Devices {
         return List.copyOf(out);
     }
 
+    /**
+     * Loss-head chunk of the training commands on the CPU: small chunks keep the {@code (tokens, vocab)} logits and
+     * their gradients small, which is what bounds a step's memory there.
+     */
+    static final int CPU_LOSS_CHUNK_TOKENS = 64;
+    /**
+     * Loss-head chunk on a GPU: each chunk costs a series of kernel launches and the device has the memory, so larger
+     * chunks (a quarter of a 4 x 1024 batch) are faster at a bounded memory cost (FP32 logits of 1024 x vocab).
+     */
+    static final int GPU_LOSS_CHUNK_TOKENS = 1024;
+
+    /** The {@code --loss-chunk} given, or the device's default. */
+    static int lossChunkTokens(Integer option, Device device) {
+        return option != null ? option : device.isGpu() ? GPU_LOSS_CHUNK_TOKENS : CPU_LOSS_CHUNK_TOKENS;
+    }
+
     /** {@code fp32} or {@code fp16}. */
     static DataType dtype(String dtype) {
         switch (dtype.trim().toLowerCase(java.util.Locale.ROOT)) {

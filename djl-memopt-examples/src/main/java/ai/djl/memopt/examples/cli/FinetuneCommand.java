@@ -123,8 +123,21 @@ public final class FinetuneCommand implements Callable<Integer> {
                     + "(default fp32).")
     String precision;
 
-    @Option(names = "--optimizer", defaultValue = "adamw", paramLabel = "adamw|adam|sgd", description = "Default adamw.")
+    @Option(names = "--optimizer", defaultValue = "adamw", paramLabel = "adamw|adamw8bit|adam|sgd",
+            description = "Default adamw. adamw8bit keeps both Adam moments in 8 bits (block-wise, FP32 below a size"
+                    + " threshold): 2 bytes of optimizer state per parameter instead of 8.")
     String optimizer;
+
+    @Option(names = "--fused-update",
+            description = "Update each checkpointed layer's weights as soon as its backward is done and free their"
+                    + " gradients, so the full set of gradients never exists at once (needs --grad-accum 1; FP16 steps"
+                    + " run a check pass first, so an overflow never leaves a partial update).")
+    boolean fusedUpdate;
+
+    @Option(names = "--offload-optimizer",
+            description = "Keep the FP32 masters and optimizer state in host memory; the device keeps the working"
+                    + " weights and gradients, and the update runs on the host.")
+    boolean offloadOptimizer;
 
     @Option(names = "--lr", defaultValue = "1e-4", paramLabel = "X", description = "Peak learning rate (default 1e-4).")
     float lr;
@@ -142,9 +155,10 @@ public final class FinetuneCommand implements Callable<Integer> {
             description = "Micro-batches per optimizer step (default 1).")
     int gradAccum;
 
-    @Option(names = "--loss-chunk", defaultValue = "64", paramLabel = "TOKENS",
-            description = "Compute the loss head in chunks of about this many tokens (default 64).")
-    int lossChunk;
+    @Option(names = "--loss-chunk", paramLabel = "TOKENS",
+            description = "Compute the loss head in chunks of about this many tokens (default "
+                    + Devices.CPU_LOSS_CHUNK_TOKENS + " on the CPU, " + Devices.GPU_LOSS_CHUNK_TOKENS + " on a GPU).")
+    Integer lossChunk;
 
     @Option(names = {"--out", "--save"}, required = true, paramLabel = "DIR",
             description = "Output: the final model, and training checkpoints under DIR/checkpoints. Replaced as a whole"
@@ -256,7 +270,9 @@ public final class FinetuneCommand implements Callable<Integer> {
                 LearningRateSchedule schedule = LearningRateSchedule.of(lr, warmup, cosine ? steps : 0, 0.1f);
                 FineTuner.Builder settings = FineTuner.builder().optCheckpointing(checkpoint)
                         .optPrecision(prec).optOptimizer(kind).optSchedule(schedule).optWeightDecay(weightDecay)
-                        .optGradientAccumulation(gradAccum).optLossChunkTokens(lossChunk).optSeed(seed)
+                        .optFusedUpdate(fusedUpdate).optOffloadOptimizer(offloadOptimizer)
+                        .optGradientAccumulation(gradAccum)
+                        .optLossChunkTokens(Devices.lossChunkTokens(lossChunk, dev)).optSeed(seed)
                         .optRunIdentity(identity);
                 if (models.size() == 1) {
                     try (FineTuner tuner = settings.setModel(models.get(0)).build()) {
@@ -465,7 +481,9 @@ public final class FinetuneCommand implements Callable<Integer> {
         positive("--batch", batch);
         positive("--grad-accum", gradAccum);
         positive("--keep-checkpoints", keepCheckpoints);
-        positive("--loss-chunk", lossChunk);
+        if (lossChunk != null) {
+            positive("--loss-chunk", lossChunk);
+        }
         if (seq < 2) {
             throw new IllegalArgumentException("--seq must be at least 2, got " + seq);
         }

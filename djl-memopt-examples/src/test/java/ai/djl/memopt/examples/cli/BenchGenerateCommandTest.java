@@ -77,6 +77,9 @@ class BenchGenerateCommandTest {
         r = CliRun.run("bench", "generate", "--prompt-tokens", "2000", "--max-new-tokens", "100");
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("max_position_embeddings 2048"), r.err);
+        r = CliRun.run("bench", "generate", "--dtype", "bf16");
+        assertNotEquals(0, r.exitCode);
+        assertTrue(r.err.contains("--dtype must be fp32 (float32) or fp16 (float16), got 'bf16'"), r.err);
         r = CliRun.run("bench", "generate", "--expert-dispatch", "fastest");
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("--expert-dispatch must be auto, gathered or sorted, got 'fastest'"), r.err);

@@ -99,9 +99,26 @@ class BenchTrainCommandTest {
     @Test
     void qloraStateIsAFifthOfFullFp32TrainingAtMost() throws Exception {
         String[] r = FinetuneCommandTest.run("bench", "train", "--preset", "bench-tiny", "--mode", "qlora", "--batch",
-                "1", "--seq", "16", "--steps", "1", "--heap", "256m", "--timeout", "300");
+                "1", "--seq", "16", "--steps", "1", "--heap", "256m", "--timeout", "300", "--profile");
         assertEquals("0", r[0], r[2]);
-        JsonObject o = JsonParser.parseString(r[1].trim()).getAsJsonObject();
+        String[] out = r[1].trim().split("\n");
+        JsonObject o = JsonParser.parseString(out[0]).getAsJsonObject();
+        // --profile: the phases of a checkpointed step, each timed once per profiled step, and the printed table
+        JsonObject profile = o.getAsJsonObject("profile");
+        JsonObject phases = profile.getAsJsonObject("phase_seconds");
+        for (String phase : new String[] {"forward", "loss head", "recompute L1", "backward L1", "optimizer",
+            "host reads"}) {
+            assertTrue(phases.has(phase) && phases.get(phase).getAsDouble() >= 0, phase + " in " + profile);
+        }
+        double sum = 0;
+        for (String phase : phases.keySet()) {
+            sum += phases.get(phase).getAsDouble();
+        }
+        // every moment of a profiled step is charged to exactly one phase, the host work between steps excepted
+        assertTrue(sum <= profile.get("step_seconds").getAsDouble() * 1.001 + 1e-3, profile.toString());
+        assertTrue(sum >= 0.5 * profile.get("step_seconds").getAsDouble(), profile.toString());
+        assertEquals(2, profile.get("steps").getAsInt());
+        assertTrue(r[1].contains("profile of qlora (all)") && r[1].contains("recompute L1"), r[1]);
         long params = DeepSeekConfig.preset("bench-tiny").parameterCount();
         long fp32State = 16 * params; // FP32 weights, gradients and two AdamW moments, as the fp32 mode reports
         long state = o.get("state_bytes").getAsLong();
@@ -183,6 +200,27 @@ class BenchTrainCommandTest {
                 + " 1.60 |"), text);
     }
 
+    /**
+     * The optimizer-state options reach the worker: with the fused update every gradient is freed after the step, and
+     * with the offload the masters and moments are counted on the host; the device and host parts sum to state_bytes.
+     */
+    @Test
+    void fusedOffloadedStateIsSplitBetweenDeviceAndHost() throws Exception {
+        String[] r = FinetuneCommandTest.run("bench", "train", "--preset", "bench-tiny", "--mode", "fp16+checkpoint",
+                "--checkpoint", "all", "--batch", "1", "--seq", "16", "--steps", "1", "--heap", "256m",
+                "--fused-update", "--offload-optimizer", "--json");
+        assertEquals("0", r[0], r[2]);
+        JsonObject o = JsonParser.parseString(r[1].trim().split("\n")[0]).getAsJsonObject();
+        assertTrue(o.get("fused_update").getAsBoolean() && o.get("offload_optimizer").getAsBoolean(), o.toString());
+        assertEquals("adamw", o.get("optimizer").getAsString());
+        long device = o.get("state_device_bytes").getAsLong();
+        long host = o.get("state_host_bytes").getAsLong();
+        assertEquals(o.get("state_bytes").getAsLong(), device + host, o.toString());
+        assertEquals(0, o.get("gradient_bytes").getAsLong(), "fused: gradients freed after the step");
+        assertEquals(o.get("master_bytes").getAsLong() + o.get("optimizer_bytes").getAsLong(), host, o.toString());
+        assertEquals(o.get("weights_bytes").getAsLong(), device, "only the FP16 weights stay on the device");
+    }
+
     @Test
     void badOptionsAreRejectedBeforeAnyJvmStarts() {
         String[] r = FinetuneCommandTest.run("bench", "train", "--mode", "fp8");
@@ -197,5 +235,8 @@ class BenchTrainCommandTest {
         r = FinetuneCommandTest.run("bench", "train", "--checkpoint", "every:0");
         assertNotEquals("0", r[0]);
         assertTrue(r[2].contains("N must be >= 1"), r[2]);
+        r = FinetuneCommandTest.run("bench", "train", "--optimizer", "sgd");
+        assertNotEquals("0", r[0]);
+        assertTrue(r[2].contains("--optimizer must be adamw or adamw8bit"), r[2]);
     }
 }

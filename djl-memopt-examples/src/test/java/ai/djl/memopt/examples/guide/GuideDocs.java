@@ -103,7 +103,7 @@ final class GuideDocs {
         return out;
     }
 
-    /** BlockTrees by key, for lookups. */
+    /** Blocks by key, for lookups. */
     static Map<String, Block> byKey(List<Block> blocks, String kind) {
         Map<String, Block> out = new LinkedHashMap<>();
         for (Block b : blocks) {

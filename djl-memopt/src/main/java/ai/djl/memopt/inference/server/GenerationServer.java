@@ -145,7 +145,7 @@ public final class GenerationServer implements AutoCloseable {
         return host;
     }
 
-    /** BlockTrees until {@link #close()} has finished. */
+    /** Blocks until {@link #close()} has finished. */
     public void awaitStop() throws InterruptedException {
         stopped.await();
     }

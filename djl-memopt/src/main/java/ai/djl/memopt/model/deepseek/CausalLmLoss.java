@@ -1,7 +1,9 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
@@ -33,7 +35,9 @@ public final class CausalLmLoss {
     public static NDArray mean(NDArray logits, NDArray inputIds, NDArray mask) {
         return Scoped.run(() -> {
             NDList parts = perToken(logits, inputIds, mask);
-            return new NDList(parts.get(0).sum().div(parts.get(1).sum().maximum(1f)));
+            NDArray count = parts.get(1).sum();
+            // a device-made 1 (maximum(1f) would upload the number from the host, a device wait on a GPU)
+            return new NDList(parts.get(0).sum().div(NDArrays.maximum(count, Scalars.like(count, 1))));
         }).head();
     }
 

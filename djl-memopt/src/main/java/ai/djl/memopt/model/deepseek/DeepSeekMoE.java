@@ -34,7 +34,7 @@ import org.slf4j.LoggerFactory;
  *
  * <p><b>Gathered dispatch (decoding, no host read).</b> After {@link #enableGatheredDispatch()} (the inference decoder
  * calls it on a GPU, where a host read stalls the device's queue, or when asked to), a forward with {@code training == false} and at most {@link #gatheredDispatchLimit()} assignments
- * ({@code N*k}; default {@code n_routed_experts}) gathers the chosen experts' weights on the device with the expert-id
+ * ({@code N*k}; default {@code n_routed_experts}, 8 times that on a GPU) gathers the chosen experts' weights on the device with the expert-id
  * tensor as the index and runs them as batched matmuls: the ids never reach the host, so a decoding step does not
  * wait for the device here. The experts' weights are stacked once per projection and the per-expert arrays become
  * views of the stacks (no second copy; see {@code GatheredExperts}); int8/int4 quantized experts are stacked packed
@@ -124,10 +124,28 @@ public final class DeepSeekMoE extends AbstractBlock {
         return gatheredEnabled;
     }
 
-    /** Most assignments ({@code tokens x num_experts_per_tok}) a forward may have to take the gathered dispatch. */
+    /**
+     * Most assignments ({@code tokens x num_experts_per_tok}) a forward on the CPU may have to take the gathered
+     * dispatch.
+     */
     public synchronized int gatheredDispatchLimit() {
         return gatheredLimit < 0 ? experts.size() : gatheredLimit;
     }
+
+    /**
+     * The limit on {@code device}: unless set, {@code n_routed_experts} on the CPU and {@link #GPU_GATHER_FACTOR} times
+     * that on a GPU, where the sorted path's host read (a wait for the device's queue) and its loop over the experts
+     * cost more than copying the chosen experts' matrices (batch 32 of bench-small: 128 assignments).
+     */
+    public synchronized int gatheredDispatchLimit(Device device) {
+        if (gatheredLimit >= 0 || !device.isGpu()) {
+            return gatheredDispatchLimit();
+        }
+        return experts.size() * GPU_GATHER_FACTOR;
+    }
+
+    /** The default gathered-dispatch limit on a GPU, in multiples of {@code n_routed_experts}. */
+    public static final int GPU_GATHER_FACTOR = 8;
 
     /**
      * Sets {@link #gatheredDispatchLimit()} (default {@code n_routed_experts}: beyond it gathering copies more expert
@@ -149,7 +167,7 @@ public final class DeepSeekMoE extends AbstractBlock {
 
     /** The gathered experts when this forward may use them, else null (sorted dispatch). */
     private synchronized GatheredExperts gatheredFor(long assignments, Device device) {
-        if (!gatheredEnabled || assignments > gatheredDispatchLimit()) {
+        if (!gatheredEnabled || assignments > gatheredDispatchLimit(device)) {
             return null;
         }
         GatheredExperts g = currentGathered();

@@ -49,8 +49,14 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
     private final int qkRopeHeadDim;
     private final int vHeadDim;
     private final float softmaxScale;
-    /** Score elements per head group in {@link #attend}: 2^20 (4 MB in FP32). */
+    /** Score elements per head group in {@link #attend} on the CPU: 2^20 (4 MB in FP32). */
     private static final long SCORE_ELEMENTS_PER_GROUP = 1L << 20;
+    /**
+     * System property overriding the score elements per head group on a GPU, where by default all heads are computed
+     * at once: there the groups only multiply the kernel launches, and PyTorch's eager attention holds all heads' scores
+     * too.
+     */
+    public static final String GPU_GROUP_PROPERTY = "ai.djl.memopt.attention.gpu_group_elements";
 
     private Block qAProj;
     private Block qALayernorm;
@@ -161,7 +167,7 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
     public NDArray attend(NDArray query, NDArray key, NDArray value, NDArray mask) {
         long heads = query.getShape().get(1);
         long perHead = query.getShape().get(0) * query.getShape().get(2) * key.getShape().get(2); // B * T * S
-        long group = Math.max(1, Math.min(heads, SCORE_ELEMENTS_PER_GROUP / Math.max(1, perHead)));
+        long group = Math.max(1, Math.min(heads, scoreElementsPerGroup(query) / Math.max(1, perHead)));
         if (group >= heads) {
             return attendHeads(query, key, value, mask);
         }
@@ -178,6 +184,14 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
             outs.close();
             return new NDList(out);
         }).head();
+    }
+
+    private static long scoreElementsPerGroup(NDArray query) {
+        if (!query.getDevice().isGpu()) {
+            return SCORE_ELEMENTS_PER_GROUP;
+        }
+        String budget = System.getProperty(GPU_GROUP_PROPERTY);
+        return budget == null ? Long.MAX_VALUE : Long.parseLong(budget.trim());
     }
 
     /** Attention over all heads of the arguments at once (see {@link #attend}). */
