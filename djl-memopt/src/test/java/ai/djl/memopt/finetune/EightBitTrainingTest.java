@@ -6,11 +6,8 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
-import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.types.DataType;
-import ai.djl.nn.Parameter;
 import java.nio.file.Path;
-import java.util.LinkedHashMap;
 import java.util.Map;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
@@ -39,13 +36,7 @@ class EightBitTrainingTest {
     }
 
     private static Map<String, float[]> snapshot(FineTuner tuner) throws Exception {
-        Map<String, float[]> out = new LinkedHashMap<>(FineTunerTest.weights(tuner));
-        for (Map.Entry<String, Parameter> e : tuner.parameters().entrySet()) {
-            for (Map.Entry<String, NDArray> s : tuner.optimizer().stateArrays(e.getValue().getId()).entrySet()) {
-                out.put(e.getKey() + "." + s.getKey(), s.getValue().toType(DataType.FLOAT32, true).toFloatArray());
-            }
-        }
-        return out;
+        return FusedUpdateTest.snapshot(tuner); // FP32 weights and every optimizer state array
     }
 
     @Test

@@ -70,7 +70,7 @@ class FusedUpdateTest {
     }
 
     /** FP32 weights and every optimizer state array, by name. */
-    private static Map<String, float[]> snapshot(FineTuner tuner) throws Exception {
+    static Map<String, float[]> snapshot(FineTuner tuner) throws Exception {
         Map<String, float[]> out = new LinkedHashMap<>(FineTunerTest.weights(tuner));
         for (Map.Entry<String, Parameter> e : tuner.parameters().entrySet()) {
             for (Map.Entry<String, NDArray> s : tuner.optimizer().stateArrays(e.getValue().getId()).entrySet()) {
