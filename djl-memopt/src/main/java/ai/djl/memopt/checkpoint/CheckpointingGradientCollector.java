@@ -1,14 +1,12 @@
 package ai.djl.memopt.checkpoint;
 
 import ai.djl.engine.Engine;
-import ai.djl.engine.EngineException;
 import ai.djl.memopt.nn.PhaseTimer;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.NDScope;
 import ai.djl.nn.Block;
-import ai.djl.nn.Parameter;
 import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.GradientCollector;
@@ -25,10 +23,6 @@ import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.concurrent.atomic.AtomicReference;
 import java.util.function.Consumer;
-
-// One piece, a little over 500 lines (issue 16): recording a segment in the forward and replaying it in the backward
-// share the per-thread segment stack and its invariants (reverse order, span runs, when a graph must be retained), and
-// most of the length is the documentation of those invariants; split apart, each half would need the other's to read.
 
 /**
  * A {@link GradientCollector} that drives activation checkpointing: {@link CheckpointBlock}s record a segment (block,
@@ -316,14 +310,14 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                 inputGrad |= ours; // an earlier segment's output: a view of its leaf, no graph beyond it
             } else if (x.hasGradient()) {
                 inputGrad = true; // a leaf that requires grad
-            } else if (st.recomputing > 0 || st.computed.containsKey(x) || carriesGraph(x)) {
+            } else if (st.recomputing > 0 || st.computed.containsKey(x) || AutogradGraph.carriesGraph(x)) {
                 // inside a recomputation the inputs of nested segments are computed from the recomputed ones, and
                 // asking costs a native exception each (tens of ms with torch's backtrace): assume a graph
                 inputGrad = true;
                 inputHasGraph = true;
             }
         }
-        boolean needsGrad = inputGrad || anyParameterRequiresGrad(blocks);
+        boolean needsGrad = inputGrad || AutogradGraph.anyParameterRequiresGrad(blocks);
         Fingerprint fingerprint = verify && needsGrad ? Fingerprint.of(out) : null;
         // The segment keeps its own handles (graph-connected aliases) on its inputs and output leaves: callers close
         // their handles freely (the DeepSeek model closes every intermediate of its forward), the recomputation and
@@ -338,7 +332,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                 leaf.setRequiresGradient(true);
             }
             leaves.add(leaf);
-            NDArray view = alias(leaf);
+            NDArray view = AutogradGraph.alias(leaf);
             view.setName(o.getName());
             returned.add(view);
             st.leaves.put(view, leaf.hasGradient());
@@ -352,42 +346,13 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         }
         NDList kept = new NDList(inputs.size());
         for (NDArray x : inputs) {
-            NDArray a = alias(x);
+            NDArray a = AutogradGraph.alias(x);
             NDScope.unregister(a);
             kept.add(a);
         }
         st.segments.addLast(new Segment(name, blocks, ps, kept, params, leaves, fingerprint, inputHasGraph));
         recorded.incrementAndGet();
         return returned;
-    }
-
-    /**
-     * Whether {@code x}, which is not a leaf requiring grad, was computed from something that requires grad. DJL cannot
-     * ask this directly: {@code hasGradient()} (torch's {@code requires_grad()} through DJL's JNI) answers false for
-     * every non-leaf, and {@code JniUtils.getGradientFunctionNames} crashes the JVM on a tensor without a
-     * {@code grad_fn}. A view taken with grad mode on is a non-leaf exactly when its base has a graph or requires grad,
-     * and torch refuses {@code requires_grad_(false)} on a non-leaf, so the refusal on a throwaway view answers it.
-     */
-    private static boolean carriesGraph(NDArray x) {
-        try (NDArray view = alias(x)) {
-            view.setRequiresGradient(false);
-            return false;
-        } catch (EngineException e) {
-            if (e.getMessage() != null && e.getMessage().contains("leaf variables")) {
-                return true;
-            }
-            throw e;
-        }
-    }
-
-    /** A new handle on the same data, connected to {@code x}'s autograd graph (a full-slice view). */
-    private static NDArray alias(NDArray x) {
-        long[] shape = x.getShape().getShape();
-        long[] min = new long[shape.length];
-        long[] step = new long[shape.length];
-        java.util.Arrays.fill(step, 1);
-        PtNDArray px = (PtNDArray) x;
-        return JniUtils.index(px, min, shape, step, px.getManager());
     }
 
     private void backward(ThreadState st, Segment s, boolean retain) {
@@ -454,7 +419,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                     for (int k = 0; k < todo.size(); k++) {
                         int i = todo.get(k);
                         boolean keep = retain || keepForNested || k < todo.size() - 1;
-                        vjp(y.get(i), grads.get(i), keep);
+                        AutogradGraph.vjp(y.get(i), grads.get(i), keep);
                     }
                 }
                 visit(st, nested, retain);
@@ -471,30 +436,6 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             }
             s.close();
         }
-    }
-
-    /** output.backward(upstream): accumulates upstream^T d(output)/d(everything requiring grad). */
-    private static void vjp(NDArray output, NDArray upstream, boolean keepGraph) {
-        try {
-            JniUtils.backward((PtNDArray) output, (PtNDArray) upstream, keepGraph, false);
-        } catch (EngineException e) {
-            // an output that depends on nothing trainable (frozen block, input without grad) has no graph to follow;
-            // NDArray.hasGradient() cannot tell beforehand for non-leaf arrays
-            if (e.getMessage() == null || !e.getMessage().contains("does not require grad")) {
-                throw e;
-            }
-        }
-    }
-
-    private static boolean anyParameterRequiresGrad(List<Block> blocks) {
-        for (Block b : blocks) {
-            for (Parameter p : b.getParameters().values()) {
-                if (p.requiresGradient()) {
-                    return true;
-                }
-            }
-        }
-        return false;
     }
 
     private static void closeIntermediate(NDList previous, NDList spanInputs, NDList current) {
@@ -544,35 +485,6 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         SpanRun(Span span, NDList inputs) {
             this.span = span;
             this.inputs = inputs;
-        }
-    }
-
-    private static final class Segment {
-        final String name;
-        final List<Block> blocks;
-        final ParameterStore parameterStore;
-        final NDList inputs;
-        final PairList<String, Object> params;
-        final NDList outputs;
-        final Fingerprint fingerprint;
-        final boolean inputHasGraph;
-
-        Segment(String name, List<Block> blocks, ParameterStore parameterStore, NDList inputs,
-                PairList<String, Object> params, NDList outputs, Fingerprint fingerprint, boolean inputHasGraph) {
-            this.name = name;
-            this.blocks = blocks;
-            this.parameterStore = parameterStore;
-            this.inputs = inputs;
-            this.params = params;
-            this.outputs = outputs;
-            this.fingerprint = fingerprint;
-            this.inputHasGraph = inputHasGraph;
-        }
-
-        /** Frees the segment's own handles (its input aliases and output leaves). */
-        void close() {
-            inputs.forEach(NDArray::close);
-            outputs.forEach(NDArray::close);
         }
     }
 }

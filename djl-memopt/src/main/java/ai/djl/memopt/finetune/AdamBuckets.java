@@ -125,7 +125,7 @@ final class AdamBuckets implements AutoCloseable {
                 total += sizes[j];
                 flatWeights[j] = w.reshape(-1);
                 flatWeights[j].attach(o.manager);
-                StatefulOptimizer.State s = o.states.computeIfAbsent(ids[j], k -> new StatefulOptimizer.State());
+                OptimizerState s = o.states.computeIfAbsent(ids[j], k -> new OptimizerState());
                 firsts.add(s.first != null ? s.first.reshape(-1) : o.manager.zeros(new Shape(sizes[j]),
                         DataType.FLOAT32, w.getDevice()));
                 seconds.add(s.second != null ? s.second.reshape(-1) : o.manager.zeros(new Shape(sizes[j]),
@@ -141,7 +141,7 @@ final class AdamBuckets implements AutoCloseable {
             NDList firstPieces = split(first);
             NDList secondPieces = split(second);
             for (int j = 0; j < n; j++) {
-                StatefulOptimizer.State s = o.states.get(ids[j]);
+                OptimizerState s = o.states.get(ids[j]);
                 s.close();
                 Shape shape = weights.get(this.members[j]).getShape();
                 s.first = firstPieces.get(j).reshape(shape);
@@ -172,7 +172,7 @@ final class AdamBuckets implements AutoCloseable {
         boolean isCurrent(StatefulOptimizer o, List<NDArray> weights, List<NDArray> grads) {
             for (int j = 0; j < members.length; j++) {
                 int i = members[j];
-                StatefulOptimizer.State s = o.states.get(ids[j]);
+                OptimizerState s = o.states.get(ids[j]);
                 if (i >= weights.size() || weights.get(i) != sources[j] || grads.get(i).getDataType() != gradType
                         || s == null || s.first == null) {
                     return false;

@@ -7,7 +7,6 @@ import ai.djl.memopt.precision.DynamicLossScaler;
 import ai.djl.memopt.safetensors.AtomicFiles;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
-import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Parameter;
 import com.google.common.base.Preconditions;
 import java.io.IOException;
@@ -29,11 +28,12 @@ import java.util.Map;
  * is closed before it returns, and on CPU the memory the C allocator kept from them is given back to the system
  * ({@link NativeMemory#releaseFreed()}; {@link Builder#optReleaseFreedMemory}).
  *
- * <p>The step is the loop; the work is done by {@link ChunkedLossHead} (the loss head, its chunks differentiated by
- * hand), {@link ParameterUpdate} (the FP32 or FP16 update with the loss scaler) and {@link TrainingCheckpoints}
- * (directories that {@link #saveCheckpoint} writes whole, with checksums and the {@link #runIdentity}, and
- * {@link #restoreCheckpoint} verifies and puts back, so that N steps, save, restore, M steps gives the weights of N + M
- * uninterrupted steps, bit for bit). A non-finite loss is a {@link NonFiniteLossException}, never an update.
+ * <p>The step is a loop ({@link StepLoop}); the work is done by {@link ChunkedLossHead} (the loss head, its chunks
+ * differentiated by hand), {@link ParameterUpdate} (the FP32 or FP16 update with the loss scaler) and
+ * {@link TrainingCheckpoints} (directories that {@link #saveCheckpoint} writes whole, with checksums and the
+ * {@link #runIdentity}, and {@link #restoreCheckpoint} verifies and puts back, so that N steps, save, restore, M steps
+ * gives the weights of N + M uninterrupted steps, bit for bit). A non-finite loss is a {@link NonFiniteLossException},
+ * never an update.
  *
  * <pre>{@code
  * DeepSeekForCausalLM lm = DeepSeekLoader.load(modelDir, Device.cpu(), DataType.FLOAT32);
@@ -81,15 +81,12 @@ public final class FineTuner implements AutoCloseable {
     private final LearningRateSchedule schedule;
     private final int gradientAccumulation;
     private final String checkpointing;
-    private final boolean releaseFreedMemory;
     private final List<String> checkpointedLayers;
     private final Precision precision;
     private final Map<String, Parameter> parameters;
     private final long seed;
     private final RunIdentity identity;
-    private final FusedUpdate fused; // null unless the update is fused into the backward
-    private long step;
-    private long dataPosition;
+    private final StepLoop loop;
     private boolean closed;
     /** Row-wise embedding gradient and hand-differentiated head chunks (off only in tests, to compare with autograd). */
     boolean rowwiseGradients = true;
@@ -97,33 +94,23 @@ public final class FineTuner implements AutoCloseable {
     long rowwiseEmbeddings;
     long manualHeadChunks;
 
-    private FineTuner(Builder b) {
-        this.lm = b.model;
-        this.precision = b.precision;
-        this.gradientAccumulation = b.gradientAccumulation;
-        this.seed = b.seed;
-        this.releaseFreedMemory = b.releaseFreedMemory;
-        this.schedule = b.schedule != null ? b.schedule : LearningRateSchedule.constant(b.learningRate);
-        this.checkpointedLayers = ActivationCheckpoints.apply(lm, b.checkpoints);
-        this.checkpointing = b.checkpoints.name();
-        this.checkpointSpec = b.checkpoints;
-        this.lossChunkTokens = b.lossChunkTokens;
-        this.lossHead = new ChunkedLossHead(lm, b.lossChunkTokens, !checkpointedLayers.isEmpty());
+    private FineTuner(FineTunerSettings s) {
+        this.lm = s.model;
+        this.precision = s.precision;
+        this.gradientAccumulation = s.gradientAccumulation;
+        this.seed = s.seed;
+        this.schedule = s.schedule();
+        this.checkpointedLayers = ActivationCheckpoints.apply(lm, s.checkpoints);
+        this.checkpointing = s.checkpoints.name();
+        this.checkpointSpec = s.checkpoints;
+        this.lossChunkTokens = s.lossChunkTokens;
+        this.lossHead = new ChunkedLossHead(lm, s.lossChunkTokens, !checkpointedLayers.isEmpty());
         this.parameters = ParameterUpdate.uniqueParameters(lm);
         this.stateManager = lm.manager().newSubManager();
-        this.optimizer = b.optimizerSettings.setManager(stateManager).optLearningRate(schedule.at(0)).build();
-        this.update = precision == Precision.FP16
-                ? ParameterUpdate.fp16(lm, parameters, optimizer,
-                        b.lossScaler != null ? b.lossScaler : DynamicLossScaler.create())
-                : ParameterUpdate.fp32(parameters, optimizer);
-        if (b.offloadOptimizer) {
-            update.offload(ai.djl.Device.cpu());
-        }
-        this.fused = b.fusedUpdate ? new FusedUpdate(lm, parameters, update) : null;
-        if (fused != null) {
-            lossHead.segmentListener = fused::segmentDone;
-        }
-        this.identity = TrainingCheckpoints.runIdentity(this).with(b.runIdentity);
+        this.optimizer = s.optimizerSettings.setManager(stateManager).optLearningRate(schedule.at(0)).build();
+        this.update = s.newUpdate(parameters, optimizer);
+        this.loop = new StepLoop(this, s.releaseFreedMemory, s.fusedUpdate);
+        this.identity = TrainingCheckpoints.runIdentity(this).with(s.runIdentity);
     }
 
     public static Builder builder() {
@@ -175,12 +162,12 @@ public final class FineTuner implements AutoCloseable {
 
     /** Optimizer steps taken (restored from a checkpoint). */
     public long step() {
-        return step;
+        return loop.step;
     }
 
     /** Training rows consumed: the position of the next batch in {@link TokenDataset#trainBatch}. */
     public long dataPosition() {
-        return dataPosition;
+        return loop.dataPosition;
     }
 
     public long seed() {
@@ -216,7 +203,7 @@ public final class FineTuner implements AutoCloseable {
 
     /** Whether the optimizer update is fused into the backward ({@link Builder#optFusedUpdate}). */
     public boolean fusedUpdate() {
-        return fused != null;
+        return loop.fused != null;
     }
 
     /** Whether FP32 masters and optimizer state live on the host ({@link Builder#optOffloadOptimizer}). */
@@ -226,7 +213,7 @@ public final class FineTuner implements AutoCloseable {
 
     /** The fused update, or null (for tests). */
     FusedUpdate fused() {
-        return fused;
+        return loop.fused;
     }
 
     /**
@@ -238,37 +225,7 @@ public final class FineTuner implements AutoCloseable {
      */
     public StepResult step(TokenBatch batch) {
         Preconditions.checkState(!closed, "the FineTuner is closed");
-        int k = gradientAccumulation;
-        Preconditions.checkArgument(batch.rows() % k == 0,
-                "a batch of %s rows does not split into %s gradient-accumulation micro-batches", batch.rows(), k);
-        checkIds(batch);
-        float lr = schedule.at(step);
-        optimizer.setLearningRate(lr);
-        float scale = lossScale();
-        int micro = batch.rows() / k;
-        double lossSum;
-        try (NDManager losses = lm.manager().newSubManager()) {
-            NDArray sum = null; // the micro-batches' mean losses, summed on the device
-            boolean skipped = false;
-            if (fused != null) { // one micro-batch (checked by the builder), updated during its backward
-                sum = fused.step(step + 1, scale, (factor, m) -> forwardBackward(batch, factor, m), losses);
-                skipped = fused.skipped;
-            }
-            for (int i = 0; fused == null && i < k; i++) {
-                NDArray loss = forwardBackward(batch.slice(i * micro, (i + 1) * micro), scale / k, losses);
-                if (sum == null) {
-                    sum = loss;
-                } else {
-                    sum.addi(loss);
-                }
-            }
-            // checked with the gradients before the update, read once the update is queued (a GPU waits for its queue)
-            if (fused == null) {
-                skipped = !update.apply(scale, step + 1, sum);
-            }
-            lossSum = sum.getFloat();
-            return countStep(batch, lossSum / k, scale, skipped, lr);
-        }
+        return loop.step(batch);
     }
 
     /**
@@ -276,28 +233,12 @@ public final class FineTuner implements AutoCloseable {
      * coordinator that has checked the (host) loss; counts the step.
      */
     StepResult finishStep(TokenBatch batch, double loss, float scale, float lr) {
-        boolean skipped;
-        try (NDManager m = lm.manager().newSubManager()) {
-            skipped = !update.apply(scale, step + 1, m.create((float) loss));
-        }
-        return countStep(batch, loss, scale, skipped, lr);
-    }
-
-    private StepResult countStep(TokenBatch batch, double loss, float scale, boolean skipped, float lr) {
-        if (releaseFreedMemory && !lm.manager().getDevice().isGpu()) {
-            NativeMemory.releaseFreed();
-        }
-        step++;
-        dataPosition += batch.rows();
-        return new StepResult(step, loss, scale, skipped, batch.tokens(), lr);
+        return loop.finishStep(batch, loss, scale, lr);
     }
 
     /** Forward and backward of a whole batch with the loss times {@code lossFactor}, no update (for tests). */
     double accumulateGradients(TokenBatch batch, float lossFactor) {
-        checkIds(batch);
-        try (NDManager losses = lm.manager().newSubManager()) {
-            return forwardBackward(batch, lossFactor, losses).getFloat();
-        }
+        return loop.accumulateGradients(batch, lossFactor);
     }
 
     /**
@@ -315,17 +256,6 @@ public final class FineTuner implements AutoCloseable {
         Preconditions.checkArgument(max < lm.config().vocabSize(),
                 "token id %s is outside the model's vocabulary of %s (does the tokenizer belong to this model?)", max,
                 lm.config().vocabSize());
-    }
-
-    /**
-     * Forward and backward of one micro-batch; returns its mean loss, a device scalar attached to {@code losses}.
-     * Gradients accumulate into the parameters.
-     */
-    private NDArray forwardBackward(TokenBatch micro, float lossFactor, NDManager losses) {
-        NDArray loss = lossHead.forwardBackward(micro, lossFactor, rowwiseGradients, losses);
-        rowwiseEmbeddings = lossHead.rowwiseEmbeddings;
-        manualHeadChunks = lossHead.manualChunks;
-        return loss;
     }
 
     /** Mean next-token loss of a batch without gradients (held-out evaluation); closes what it creates. */
@@ -383,8 +313,8 @@ public final class FineTuner implements AutoCloseable {
     public void restoreCheckpoint(Path dir) throws IOException {
         Preconditions.checkState(!closed, "the FineTuner is closed");
         TrainingCheckpoints.Progress progress = TrainingCheckpoints.restore(this, dir);
-        step = progress.step();
-        dataPosition = progress.dataPosition();
+        loop.step = progress.step();
+        loop.dataPosition = progress.dataPosition();
     }
 
     /**
@@ -412,27 +342,13 @@ public final class FineTuner implements AutoCloseable {
 
     /** Builder: {@code setModel} required. */
     public static final class Builder {
-        private DeepSeekForCausalLM model;
-        private ActivationCheckpoints.Spec checkpoints = ActivationCheckpoints.Spec.NONE;
-        private Precision precision = Precision.FP32;
-        // kind, betas, epsilon, weight decay and momentum, with the optimizer's own defaults and validation
-        private final StatefulOptimizer.Builder optimizerSettings = StatefulOptimizer.builder();
-        private float learningRate = 1e-4f;
-        private LearningRateSchedule schedule;
-        private int gradientAccumulation = 1;
-        private int lossChunkTokens = Integer.MAX_VALUE;
-        private DynamicLossScaler lossScaler;
-        private long seed;
-        private boolean releaseFreedMemory = true;
-        private Map<String, String> runIdentity = Map.of();
-        private boolean fusedUpdate;
-        private boolean offloadOptimizer;
+        private final FineTunerSettings s = new FineTunerSettings();
 
         private Builder() {}
 
         /** The model, with FP32 weights (in FP16 mode they become the masters of FP16 working copies). */
         public Builder setModel(DeepSeekForCausalLM model) {
-            this.model = model;
+            s.model = model;
             return this;
         }
 
@@ -443,7 +359,7 @@ public final class FineTuner implements AutoCloseable {
 
         /** As {@link #optCheckpointing(CheckpointPolicy)} with a name recorded in checkpoints. */
         public Builder optCheckpointing(CheckpointPolicy policy, String name) {
-            this.checkpoints = new ActivationCheckpoints.Spec(policy, name, false, false);
+            s.checkpoints = new ActivationCheckpoints.Spec(policy, name, false, false);
             return this;
         }
 
@@ -452,56 +368,56 @@ public final class FineTuner implements AutoCloseable {
          * {@link FineTuner#checkpointPolicy}.
          */
         public Builder optCheckpointing(String spec) {
-            this.checkpoints = ActivationCheckpoints.Spec.parse(spec);
+            s.checkpoints = ActivationCheckpoints.Spec.parse(spec);
             return this;
         }
 
         public Builder optPrecision(Precision precision) {
-            this.precision = Preconditions.checkNotNull(precision, "precision");
+            s.precision = Preconditions.checkNotNull(precision, "precision");
             return this;
         }
 
         public Builder optOptimizer(StatefulOptimizer.Kind kind) {
-            optimizerSettings.optKind(kind);
+            s.optimizerSettings.optKind(kind);
             return this;
         }
 
         /** A constant learning rate (ignored when {@link #optSchedule} is given). */
         public Builder optLearningRate(float lr) {
-            this.learningRate = lr;
+            s.learningRate = lr;
             return this;
         }
 
         public Builder optSchedule(LearningRateSchedule schedule) {
-            this.schedule = schedule;
+            s.schedule = schedule;
             return this;
         }
 
         public Builder optBetas(float beta1, float beta2) {
-            optimizerSettings.optBetas(beta1, beta2);
+            s.optimizerSettings.optBetas(beta1, beta2);
             return this;
         }
 
         public Builder optEpsilon(float epsilon) {
-            optimizerSettings.optEpsilon(epsilon);
+            s.optimizerSettings.optEpsilon(epsilon);
             return this;
         }
 
         /** See {@link StatefulOptimizer.Builder#optWeightDecay}. */
         public Builder optWeightDecay(float weightDecay) {
-            optimizerSettings.optWeightDecay(weightDecay);
+            s.optimizerSettings.optWeightDecay(weightDecay);
             return this;
         }
 
         /** SGD momentum. */
         public Builder optMomentum(float momentum) {
-            optimizerSettings.optMomentum(momentum);
+            s.optimizerSettings.optMomentum(momentum);
             return this;
         }
 
         /** Micro-batches per optimizer step (each batch's rows are split into this many). */
         public Builder optGradientAccumulation(int k) {
-            this.gradientAccumulation = k;
+            s.gradientAccumulation = k;
             return this;
         }
 
@@ -511,19 +427,19 @@ public final class FineTuner implements AutoCloseable {
          * their gradients never exist at once; default: one chunk. Gradients are the same up to summation order.
          */
         public Builder optLossChunkTokens(int tokens) {
-            this.lossChunkTokens = tokens;
+            s.lossChunkTokens = tokens;
             return this;
         }
 
         /** The FP16 loss scaler (default {@link DynamicLossScaler#create()}). */
         public Builder optLossScaler(DynamicLossScaler scaler) {
-            this.lossScaler = scaler;
+            s.lossScaler = scaler;
             return this;
         }
 
         /** The data-shuffling seed, recorded in checkpoints. */
         public Builder optSeed(long seed) {
-            this.seed = seed;
+            s.seed = seed;
             return this;
         }
 
@@ -533,7 +449,7 @@ public final class FineTuner implements AutoCloseable {
          * a step stay resident until the next step reuses them.
          */
         public Builder optReleaseFreedMemory(boolean release) {
-            this.releaseFreedMemory = release;
+            s.releaseFreedMemory = release;
             return this;
         }
 
@@ -542,7 +458,7 @@ public final class FineTuner implements AutoCloseable {
          * the base model...), added to the {@linkplain FineTuner#runIdentity identity} its checkpoints record.
          */
         public Builder optRunIdentity(Map<String, String> fields) {
-            this.runIdentity = Map.copyOf(fields);
+            s.runIdentity = Map.copyOf(fields);
             return this;
         }
 
@@ -553,7 +469,7 @@ public final class FineTuner implements AutoCloseable {
          * leaves a partial update). Needs one micro-batch per step.
          */
         public Builder optFusedUpdate(boolean fused) {
-            this.fusedUpdate = fused;
+            s.fusedUpdate = fused;
             return this;
         }
 
@@ -563,34 +479,18 @@ public final class FineTuner implements AutoCloseable {
          * On the CPU nothing moves, but the update takes the same path.
          */
         public Builder optOffloadOptimizer(boolean offload) {
-            this.offloadOptimizer = offload;
+            s.offloadOptimizer = offload;
             return this;
         }
 
         /** The optimizer's own settings (for tests: e.g. adamw8bit's block size). */
         StatefulOptimizer.Builder optimizerSettings() {
-            return optimizerSettings;
+            return s.optimizerSettings;
         }
 
         public FineTuner build() {
-            Preconditions.checkArgument(model != null, "FineTuner needs a model: call setModel");
-            Preconditions.checkArgument(model.manager() != null, "the model has no weights: load or initialise it");
-            Preconditions.checkArgument(model.dataType() == DataType.FLOAT32,
-                    "the model's weights are %s: load it in FLOAT32 (FP16 training keeps FP32 masters and makes its"
-                            + " own FP16 copies)", model.dataType());
-            Preconditions.checkArgument(gradientAccumulation >= 1, "gradient accumulation must be >= 1, got %s",
-                    gradientAccumulation);
-            Preconditions.checkArgument(learningRate >= 0 && Float.isFinite(learningRate),
-                    "learning rate must be finite and >= 0, got %s", learningRate);
-            Preconditions.checkArgument(lossChunkTokens >= 1, "loss chunk must be >= 1 token, got %s",
-                    lossChunkTokens);
-            Preconditions.checkArgument(!fusedUpdate || gradientAccumulation == 1,
-                    "the fused update (--fused-update) applies each gradient as soon as it is complete, so it cannot"
-                            + " sum gradients over %s micro-batches (--grad-accum %s): use --grad-accum 1 or drop"
-                            + " --fused-update", gradientAccumulation, gradientAccumulation);
-            Preconditions.checkArgument(lossScaler == null || precision == Precision.FP16,
-                    "a loss scaler is only used in FP16 training");
-            return new FineTuner(this);
+            s.validate();
+            return new FineTuner(s);
         }
     }
 }

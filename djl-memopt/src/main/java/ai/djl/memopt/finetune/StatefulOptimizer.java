@@ -2,7 +2,6 @@ package ai.djl.memopt.finetune;
 
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
-import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
@@ -75,7 +74,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     private final float weightDecay;
     private final float momentum;
     final NDManager manager;
-    final Map<String, State> states = new LinkedHashMap<>();
+    final Map<String, OptimizerState> states = new LinkedHashMap<>();
     private final long blockElements;
     private final Boolean wholeParameter; // null: whole parameters on a GPU
     private final long bucketElements;
@@ -178,7 +177,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         boolean gradMode = JniUtils.isGradMode();
         JniUtils.setGradMode(false); // in-place writes into leaves that require grad
         try {
-            State s = states.computeIfAbsent(parameterId, k -> new State());
+            OptimizerState s = states.computeIfAbsent(parameterId, k -> new OptimizerState());
             s.step++;
             boolean adam = kind != Kind.SGD;
             if (adam && s.first == null) {
@@ -227,7 +226,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
      * The whole-parameter Adam/AdamW update in one native call; the gradient is widened to FP32 first when it is not
      * FP32, and unscaled in FP32 inside the call.
      */
-    private void nativeAdam(State s, NDArray weight, NDArray grad, float gradDivisor, NDArray copyTo) {
+    private void nativeAdam(OptimizerState s, NDArray weight, NDArray grad, float gradDivisor, NDArray copyTo) {
         try (NDManager b = manager.newSubManager(weight.getDevice())) {
             NDArray g = grad;
             if (g.getDataType() != DataType.FLOAT32) {
@@ -295,7 +294,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         if (eightBit != null) {
             return eightBit.stepCount(parameterId);
         }
-        State s = states.get(parameterId);
+        OptimizerState s = states.get(parameterId);
         return s == null ? 0 : s.step;
     }
 
@@ -304,18 +303,8 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         if (eightBit != null) { // exp_avg.code, exp_avg.absmax, ... (FP32 exp_avg, exp_avg_sq below the size threshold)
             return eightBit.stateArrays(parameterId);
         }
-        State s = states.get(parameterId);
-        Map<String, NDArray> out = new LinkedHashMap<>();
-        if (s == null || s.first == null) {
-            return out;
-        }
-        if (kind == Kind.SGD) {
-            out.put("momentum_buffer", s.first);
-        } else {
-            out.put("exp_avg", s.first);
-            out.put("exp_avg_sq", s.second);
-        }
-        return out;
+        OptimizerState s = states.get(parameterId);
+        return s == null ? new LinkedHashMap<>() : s.arrays(kind == Kind.SGD);
     }
 
     /**
@@ -331,30 +320,9 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
             eightBit.restore(parameterId, name, step, arrays, weight); // copies, never aliases
             return;
         }
-        State s = new State();
-        s.step = step;
-        String[] keys = kind == Kind.SGD ? new String[] {"momentum_buffer"} : new String[] {"exp_avg", "exp_avg_sq"};
         boolean needed = step > 0 && (kind != Kind.SGD || momentum != 0);
-        if (needed) {
-            for (int i = 0; i < keys.length; i++) {
-                NDArray a = arrays.get(keys[i]);
-                Preconditions.checkArgument(a != null, "optimizer state of %s has no %s (step %s)", name, keys[i], step);
-                Preconditions.checkArgument(a.getShape().equals(weight.getShape()),
-                        "optimizer state %s.%s has shape %s, the parameter %s", name, keys[i], a.getShape(),
-                        weight.getShape());
-                // a copy into memory of this optimizer's own: toType(FLOAT32, true) of an FP32 array is an alias in
-                // DJL's PyTorch engine, and the arrays a restore gets are loaded over Java direct buffers that the
-                // garbage collector frees once their manager is closed (later updates wrote into freed memory)
-                NDArray copy = zeros(weight);
-                copy.set(new NDIndex("..."), a);
-                if (i == 0) {
-                    s.first = copy;
-                } else {
-                    s.second = copy;
-                }
-            }
-        }
-        State old = states.put(parameterId, s);
+        OptimizerState s = OptimizerState.restored(name, step, arrays, weight, kind == Kind.SGD, needed, manager);
+        OptimizerState old = states.put(parameterId, s);
         if (old != null) {
             old.close();
         }
@@ -364,17 +332,13 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
     /** Bytes held by the state arrays. */
     public long stateBytes() {
         long n = 0;
-        for (State s : states.values()) {
-            n += bytes(s.first) + bytes(s.second);
+        for (OptimizerState s : states.values()) {
+            n += s.bytes();
         }
         if (eightBit != null) {
             n += eightBit.stateBytes();
         }
         return n;
-    }
-
-    private static long bytes(NDArray a) {
-        return a == null ? 0 : a.size() * a.getDataType().getNumOfBytes();
     }
 
     /** Frees the state arrays. */
@@ -384,25 +348,10 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         if (eightBit != null) {
             eightBit.close();
         }
-        for (State s : states.values()) {
+        for (OptimizerState s : states.values()) {
             s.close();
         }
         states.clear();
-    }
-
-    static final class State {
-        long step;
-        NDArray first;
-        NDArray second;
-
-        void close() {
-            if (first != null) {
-                first.close();
-            }
-            if (second != null) {
-                second.close();
-            }
-        }
     }
 
     /** Builder: {@code setManager} required; defaults Adam-like betas (0.9, 0.999), eps 1e-8, lr 1e-3, no decay. */

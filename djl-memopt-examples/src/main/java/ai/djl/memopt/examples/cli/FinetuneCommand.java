@@ -11,7 +11,6 @@ import ai.djl.memopt.finetune.RunIdentity;
 import ai.djl.memopt.finetune.StatefulOptimizer;
 import ai.djl.memopt.finetune.TextCorpus;
 import ai.djl.memopt.finetune.TokenDataset;
-import ai.djl.memopt.gguf.GgufFile;
 import ai.djl.memopt.gguf.GgufModelFiles;
 import ai.djl.memopt.lora.Lora;
 import ai.djl.memopt.lora.LoraConfig;
@@ -38,8 +37,6 @@ import java.util.List;
 import java.util.Locale;
 import java.util.Map;
 import java.util.concurrent.Callable;
-import java.util.stream.Collectors;
-import java.util.stream.Stream;
 import picocli.CommandLine.ArgGroup;
 import picocli.CommandLine.Command;
 import picocli.CommandLine.Model.CommandSpec;
@@ -234,8 +231,8 @@ public final class FinetuneCommand implements Callable<Integer> {
 
     @Override
     public Integer call() throws Exception {
-        validate();
-        List<Device> devs = devices();
+        FinetuneOptionChecks.validate(this);
+        List<Device> devs = FinetuneOptionChecks.devices(this);
         Device dev = devs.get(0);
         FineTuner.Precision prec = FineTuner.Precision.parse(precision);
         StatefulOptimizer.Kind kind = StatefulOptimizer.Kind.parse(optimizer);
@@ -249,7 +246,7 @@ public final class FinetuneCommand implements Callable<Integer> {
                     : "tokenizer " + tokenizerJson + " does not exist");
         }
         AtomicFiles.recoverDirectory(save); // a save a crash interrupted: its old or its new version, complete
-        checkSaveTarget();
+        FinetuneOptionChecks.checkSaveTarget(this);
         if (resume != null) {
             FineTuner.latestCheckpoint(resume); // says now, before any heavy work, if there is none
         }
@@ -315,38 +312,6 @@ public final class FinetuneCommand implements Callable<Integer> {
                 loraRank, loraAlpha != null ? loraAlpha : 2f * loraRank, loraDropout, loraTargets));
         id.put("quantize_base", quantize == null ? "none" : quantize.toLowerCase(Locale.ROOT));
         return id;
-    }
-
-    /**
-     * Refuses a {@code --save} that replacing as a whole would lose something in: a directory holding neither a model,
-     * an adapter nor checkpoints, or one that holds the input data or model.
-     */
-    private void checkSaveTarget() throws IOException {
-        Path target = save.toAbsolutePath().normalize();
-        for (Path input : new Path[] {data, source.model, tokenizer}) {
-            if (input != null && input.toAbsolutePath().normalize().startsWith(target)
-                    && !input.toAbsolutePath().normalize().equals(target)) {
-                throw new IllegalArgumentException("--out " + save + " holds the input " + input + ": fine-tuning"
-                        + " replaces the --out directory as a whole; save elsewhere");
-            }
-        }
-        if (!Files.exists(save)) {
-            return;
-        }
-        if (!Files.isDirectory(save)) {
-            throw new IllegalArgumentException("--out " + save + " is a file, not a directory");
-        }
-        List<String> names;
-        try (Stream<Path> s = Files.list(save)) {
-            names = s.map(p -> p.getFileName().toString()).sorted().collect(Collectors.toList());
-        }
-        boolean output = names.isEmpty() || names.contains("config.json") || names.contains("adapter_config.json")
-                || names.contains("checkpoints");
-        if (!output) {
-            throw new IllegalArgumentException("--out " + save + " holds " + names.size() + " file(s) (" + names.get(0)
-                    + (names.size() > 1 ? ", ..." : "") + ") but no model, adapter or checkpoints: fine-tuning"
-                    + " replaces the --out directory as a whole; give a new or empty directory or an earlier output");
-        }
     }
 
     /** Checks the model against the data and puts LoRA adapters (on a quantized base) on it when asked to. */
@@ -448,60 +413,6 @@ public final class FinetuneCommand implements Callable<Integer> {
         Path tokenizerJson = source.model != null
                 ? GgufModelFiles.directoryOf(source.model).resolve("tokenizer.json") : tokenizer;
         copyTokenizer(tokenizerJson, out);
-    }
-
-    /** {@code --devices}, else {@code --device} alone; {@code --batch} must split evenly between them. */
-    private List<Device> devices() {
-        if (devices == null) {
-            return List.of(Devices.parse(device));
-        }
-        if (spec.commandLine().getParseResult().hasMatchedOption("--device")) {
-            throw new IllegalArgumentException("give --device (one device) or --devices (data parallel), not both");
-        }
-        List<Device> list = Devices.parseList(devices, "--devices");
-        if (batch % list.size() != 0) {
-            throw new IllegalArgumentException("--batch " + batch + " does not split evenly between the "
-                    + list.size() + " --devices " + devices + ": give a multiple of " + list.size());
-        }
-        return list;
-    }
-
-    private void validate() {
-        if (source.preset != null && tokenizer == null) {
-            throw new IllegalArgumentException("--preset needs --tokenizer FILE (a tokenizer.json)");
-        }
-        if (source.model != null && tokenizer != null) {
-            throw new IllegalArgumentException("--tokenizer is for --preset; --model uses DIR/tokenizer.json");
-        }
-        if (source.model != null && !Files.isDirectory(source.model) && !GgufFile.isGguf(source.model)) {
-            throw new IllegalArgumentException("model directory " + source.model + " does not exist");
-        }
-        ArtifactBase.check(source.model, loraRank, quantize, merge);
-        positive("--steps", steps);
-        positive("--batch", batch);
-        positive("--grad-accum", gradAccum);
-        positive("--keep-checkpoints", keepCheckpoints);
-        if (lossChunk != null) {
-            positive("--loss-chunk", lossChunk);
-        }
-        if (seq < 2) {
-            throw new IllegalArgumentException("--seq must be at least 2, got " + seq);
-        }
-        if (checkpointEvery < 0) {
-            throw new IllegalArgumentException("--checkpoint-every must be >= 0, got " + checkpointEvery);
-        }
-        if (!(lr > 0) || !Float.isFinite(lr)) {
-            throw new IllegalArgumentException("--lr must be a positive number, got " + lr);
-        }
-        if (warmup < 0 || (cosine && warmup >= steps)) {
-            throw new IllegalArgumentException("--warmup must be >= 0 (and below --steps with --cosine), got " + warmup);
-        }
-    }
-
-    private static void positive(String name, int value) {
-        if (value < 1) {
-            throw new IllegalArgumentException(name + " must be at least 1, got " + value);
-        }
     }
 
     static void copyTokenizer(Path tokenizerJson, Path dir) throws IOException {
