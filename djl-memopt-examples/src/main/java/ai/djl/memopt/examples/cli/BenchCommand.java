@@ -9,7 +9,8 @@ import picocli.CommandLine.Command;
         mixinStandardHelpOptions = true,
         description = "Benchmarks (memory, speed, quality); each configuration runs in a fresh JVM.",
         subcommands = {BenchTrainCommand.class, BenchGenerateCommand.class, BenchQuantCommand.class,
-            BenchLoadCommand.class, BenchGgufCommand.class, BenchGgufQualityCommand.class})
+            BenchLoadCommand.class, BenchGgufCommand.class, BenchGgufQualityCommand.class,
+            BenchOptimizersCommand.class})
 public final class BenchCommand implements Runnable {
 
     @CommandLine.Spec CommandLine.Model.CommandSpec spec;

@@ -118,9 +118,19 @@ public final class DemoTraining {
      * schedule of a {@code totalSteps} run (so the showcase's first steps see the main run's learning rates).
      */
     private FineTuner tuner(NDManager weights, FineTuner.Precision precision, int totalSteps) {
+        return tuner(config, seed, lr, weights, precision, StatefulOptimizer.Kind.ADAMW, totalSteps);
+    }
+
+    /**
+     * The demo's fine-tuner with another optimizer ({@code memopt bench optimizers} compares them on it): a fresh
+     * model from {@code seed} in {@code weights}, checkpointing on every decoder layer, a warm-up of 5% of
+     * {@code totalSteps} to {@code lr}, then cosine decay to a tenth of it.
+     */
+    public static FineTuner tuner(DeepSeekConfig config, long seed, float lr, NDManager weights,
+            FineTuner.Precision precision, StatefulOptimizer.Kind optimizer, int totalSteps) {
         DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(config, seed, weights, DataType.FLOAT32);
         return FineTuner.builder().setModel(lm).optCheckpointing("all").optPrecision(precision)
-                .optOptimizer(StatefulOptimizer.Kind.ADAMW)
+                .optOptimizer(optimizer)
                 .optSchedule(LearningRateSchedule.of(lr, Math.max(1, totalSteps / 20), totalSteps, 0.1f))
                 .optSeed(seed).build();
     }
