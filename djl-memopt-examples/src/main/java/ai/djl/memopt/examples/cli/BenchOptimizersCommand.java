@@ -120,7 +120,12 @@ public final class BenchOptimizersCommand implements Callable<Integer> {
                     + " 258, --hidden a multiple of 16, --layers >= 2, --lr > 0; got %d, %d, %d, %d, %d, %s", batch,
                     seq, vocab, hidden, layers, lr));
         }
-        String precision = FineTuner.Precision.parse(dtype).name().toLowerCase(Locale.ROOT);
+        String precision;
+        try {
+            precision = FineTuner.Precision.parse(dtype).name().toLowerCase(Locale.ROOT);
+        } catch (IllegalArgumentException e) {
+            throw new IllegalArgumentException("--dtype: " + e.getMessage(), e);
+        }
         Set<String> kinds = new LinkedHashSet<>();
         for (String name : optimizers) {
             try {
