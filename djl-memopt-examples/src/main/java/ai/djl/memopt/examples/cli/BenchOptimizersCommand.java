@@ -55,7 +55,7 @@ public final class BenchOptimizersCommand implements Callable<Integer> {
     static final int SMOOTHING = 10;
 
     @Option(names = "--data", required = true, paramLabel = "DIR|FILE",
-            description = "Training text: a directory of .txt files (e.g. ../shared/data/sotu) or one file.")
+            description = "Training text: a directory of .txt files, or one file.")
     Path data;
 
     @Option(names = "--held-out", defaultValue = DEMO_HELD_OUT, paramLabel = "FILE",

@@ -30,7 +30,7 @@ public final class BenchOptions {
             description = "Markdown file whose results table is updated (a row of the same configuration is replaced).")
     Path out;
 
-    @Option(names = "--chart", paramLabel = "FILE.png", description = "Also write a bar chart (PNG) of the results.")
+    @Option(names = "--chart", paramLabel = "FILE.png", description = "Also write a chart (PNG) of the results.")
     Path chart;
 
     @Option(names = "--json", description = "Accepted for consistency: results are always JSON lines.")
