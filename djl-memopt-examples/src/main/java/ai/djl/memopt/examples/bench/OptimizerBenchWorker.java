@@ -27,8 +27,8 @@ import java.util.Locale;
 
 /**
  * One optimizer of {@code memopt bench optimizers} in a JVM of its own: the demo's model
- * ({@link DemoCommand#demoConfig}, {@link DemoTraining#tuner}: fresh weights from the seed, checkpointing on every decoder layer, the demo's schedule)
- * trained on the training texts with the given optimizer, the held-out text scored as the demo scores it
+ * ({@link DemoCommand#demoConfig}, {@link DemoTraining#tuner}: fresh weights from the seed, checkpointing on every
+ * decoder layer, the demo's schedule) trained on the training texts with the given optimizer, the held-out text scored as the demo scores it
  * ({@link PerplexityCommand#evaluate} in consecutive windows of {@code seq} tokens) before the first step, every
  * {@code evalEvery} steps and after the last. Prints one JSON line.
  *

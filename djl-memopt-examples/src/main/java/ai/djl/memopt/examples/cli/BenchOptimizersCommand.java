@@ -79,25 +79,7 @@ public final class BenchOptimizersCommand implements Callable<Integer> {
             description = "Training precision (default fp32; fp16: FP16 compute with FP32 masters and loss scaling).")
     String dtype;
 
-    @Option(names = "--batch", defaultValue = "8", paramLabel = "B", description = "Sequences per step (default 8).")
-    int batch;
-
-    @Option(names = "--seq", defaultValue = "128", paramLabel = "T",
-            description = "Tokens per sequence and per held-out window (default 128).")
-    int seq;
-
-    @Option(names = "--vocab", defaultValue = "1024", paramLabel = "V",
-            description = "Size of the BPE vocabulary trained on the training texts (default 1024).")
-    int vocab;
-
-    @Option(names = "--hidden", defaultValue = "128", paramLabel = "H", description = "Model width (default 128).")
-    int hidden;
-
-    @Option(names = "--layers", defaultValue = "4", paramLabel = "L", description = "Decoder layers (default 4).")
-    int layers;
-
-    @Option(names = "--lr", defaultValue = "3e-3", paramLabel = "X", description = "Peak learning rate (default 3e-3).")
-    float lr;
+    @Mixin DemoModelOptions demoModel = new DemoModelOptions();
 
     @Option(names = "--seed", defaultValue = "7", paramLabel = "S",
             description = "Weights and data-order seed, the same for every optimizer (default 7, the demo's).")
@@ -115,11 +97,10 @@ public final class BenchOptimizersCommand implements Callable<Integer> {
         if (evalEvery < 1) {
             throw new IllegalArgumentException("--eval-every must be at least 1, got " + evalEvery);
         }
-        if (batch < 1 || seq < 8 || vocab < 258 || hidden < 16 || hidden % 16 != 0 || layers < 2 || !(lr > 0)) {
-            throw new IllegalArgumentException(String.format(Locale.ROOT, "need --batch >= 1, --seq >= 8, --vocab >="
-                    + " 258, --hidden a multiple of 16, --layers >= 2, --lr > 0; got %d, %d, %d, %d, %d, %s", batch,
-                    seq, vocab, hidden, layers, lr));
-        }
+        demoModel.validate();
+        int batch = demoModel.batch;
+        int seq = demoModel.seq;
+        int vocab = demoModel.vocab;
         String precision;
         try {
             precision = FineTuner.Precision.parse(dtype).name().toLowerCase(Locale.ROOT);
@@ -152,7 +133,8 @@ public final class BenchOptimizersCommand implements Callable<Integer> {
             ByteLevelBpeTrainer.train(texts, vocab).writeTo(work);
             for (String kind : kinds) {
                 OptimizerBenchWorker.Settings settings = new OptimizerBenchWorker.Settings(work, data, heldOutFile,
-                        kind, precision, steps, evalEvery, batch, seq, vocab, hidden, layers, lr, seed);
+                        kind, precision, steps, evalEvery, batch, seq, vocab, demoModel.hidden, demoModel.layers,
+                        demoModel.lr, seed);
                 List<String> lines = FreshJvm.run(List.of("-Xmx" + bench.heap), BenchTrainCommand.ALLOCATOR,
                         bench.timeout, OptimizerBenchWorker.class, List.of(settings.toJson().toString()));
                 results.add(BenchGenerateCommand.lastJson(lines, kind));

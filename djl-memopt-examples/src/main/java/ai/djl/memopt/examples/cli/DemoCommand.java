@@ -38,6 +38,7 @@ import java.util.List;
 import java.util.Locale;
 import java.util.concurrent.Callable;
 import picocli.CommandLine.Command;
+import picocli.CommandLine.Mixin;
 import picocli.CommandLine.Option;
 
 /**
@@ -89,24 +90,7 @@ public final class DemoCommand implements Callable<Integer> {
                     + " in FP32).")
     Integer steps;
 
-    @Option(names = "--batch", defaultValue = "8", paramLabel = "B", description = "Sequences per step (default 8).")
-    int batch;
-
-    @Option(names = "--seq", defaultValue = "128", paramLabel = "T", description = "Tokens per sequence (default 128).")
-    int seq;
-
-    @Option(names = "--vocab", defaultValue = "1024", paramLabel = "V",
-            description = "Size of the BPE vocabulary trained on the corpus (default 1024).")
-    int vocab;
-
-    @Option(names = "--hidden", defaultValue = "128", paramLabel = "H", description = "Model width (default 128).")
-    int hidden;
-
-    @Option(names = "--layers", defaultValue = "4", paramLabel = "L", description = "Decoder layers (default 4).")
-    int layers;
-
-    @Option(names = "--lr", defaultValue = "3e-3", paramLabel = "X", description = "Peak learning rate (default 3e-3).")
-    float lr;
+    @Mixin DemoModelOptions demoModel = new DemoModelOptions();
 
     @Option(names = {"--max-new-tokens", "--new-tokens"}, defaultValue = "48", paramLabel = "N",
             description = "Tokens generated per variant for the sample and tokens/s (default 48).")
@@ -128,11 +112,15 @@ public final class DemoCommand implements Callable<Integer> {
 
     @Override
     public Integer call() throws Exception {
-        if ((steps != null && steps < 1) || batch < 1 || seq < 8 || vocab < 258 || hidden < 16 || hidden % 16 != 0
-                || layers < 2 || newTokens < 1) {
-            throw new IllegalArgumentException("need --steps >= 1, --batch >= 1, --seq >= 8, --vocab >= 258, "
-                    + "--hidden a multiple of 16, --layers >= 2, --max-new-tokens >= 1");
+        if ((steps != null && steps < 1) || newTokens < 1) {
+            throw new IllegalArgumentException("need --steps >= 1, --max-new-tokens >= 1");
         }
+        demoModel.validate();
+        int batch = demoModel.batch;
+        int seq = demoModel.seq;
+        int vocab = demoModel.vocab;
+        int hidden = demoModel.hidden;
+        int layers = demoModel.layers;
         if (!workerHeap.matches("[1-9][0-9]*[kKmMgG]?")) {
             throw new IllegalArgumentException("--worker-heap: expected a JVM heap size such as 512m or 2g, got '"
                     + workerHeap + "'");
@@ -165,7 +153,7 @@ public final class DemoCommand implements Callable<Integer> {
             Path model = Files.createDirectories(work.resolve("model"));
             ByteLevelBpeTrainer.train(texts, vocab).writeTo(model);
 
-            DeepSeekConfig config = demoConfig(vocab, hidden, layers, seq);
+            DeepSeekConfig config = demoModel.config();
             say(err, "2/5 fine-tune: DeepSeek-V3-style model, %,d parameters, %d steps of %dx%d tokens, "
                     + "activation checkpointing on every decoder layer, %s", config.parameterCount(), plan.steps(),
                     batch, seq, plan.precision() == FineTuner.Precision.FP16
@@ -173,7 +161,7 @@ public final class DemoCommand implements Callable<Integer> {
                                     + plan.fp16Steps() + " steps)");
             TokenDataset dataset = TokenDataset.tokenize(TextCorpus.read(train), model.resolve("tokenizer.json"), seq,
                     0.0, seed);
-            DemoTraining.Result trained = new DemoTraining(config, dev, dataset, batch, lr, seed,
+            DemoTraining.Result trained = new DemoTraining(config, dev, dataset, batch, demoModel.lr, seed,
                     noProgress ? null : err).run(plan, model);
             if (trained.showcase() != null) {
                 err.println("      " + trained.showcase());
@@ -299,7 +287,7 @@ public final class DemoCommand implements Callable<Integer> {
             List<String> lines = FreshJvm.run(List.of("-Xms16m", "-Xmx" + workerHeap, "-XX:+UseSerialGC"),
                     BenchTrainCommand.ALLOCATOR, 1800, DemoVariantWorker.class, List.of(
                     work.resolve(v[1]).toString(), v[2], dev.isGpu() ? "gpu" : "cpu", heldOut.toString(),
-                    Integer.toString(seq), Integer.toString(newTokens), PROMPT));
+                    Integer.toString(demoModel.seq), Integer.toString(newTokens), PROMPT));
             results.add(VariantResult.fromWorker(v[0], BenchGenerateCommand.lastJson(lines, v[0])));
             done++;
         }
