@@ -255,9 +255,20 @@ public final class CheckpointingGradientCollector implements GradientCollector {
      * The caller keeps them open until the backward ends. Forgotten at the next {@link #backward}.
      */
     public void markComputed(NDArray x, NDArray... leaves) {
-        ThreadState st = state();
-        st.computed.put(x, Boolean.TRUE);
-        st.registered.addAll(List.of(leaves));
+        state().computed.put(x, Boolean.TRUE);
+        for (NDArray leaf : leaves) {
+            markLeaf(leaf);
+        }
+    }
+
+    /**
+     * Names a leaf requiring grad, outside any segment, that a segment's backward may reach through a computed input
+     * (the embedding rows, a residual stream's input): a segment whose backward is retried ({@link SegmentListener})
+     * gets its gradient put back. The caller keeps it open until the backward ends. Forgotten at the next
+     * {@link #backward}.
+     */
+    public void markLeaf(NDArray leaf) {
+        state().registered.add(leaf);
     }
 
     /** {@inheritDoc} */
@@ -363,6 +374,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                 }
             } else if (x.hasGradient()) {
                 inputGrad = true; // a leaf that requires grad
+                inputLeaves.add(x);
             } else if (st.recomputing > 0 || st.computed.containsKey(x) || AutogradGraph.carriesGraph(x)) {
                 // inside a recomputation the inputs of nested segments are computed from the recomputed ones, and
                 // asking costs a native exception each (tens of ms with torch's backtrace): assume a graph

@@ -21,7 +21,7 @@ final class Segment {
     final NDList outputs;
     final Fingerprint fingerprint;
     final boolean inputHasGraph;
-    /** The output leaves of earlier segments that are inputs of this one (not owned: their segments close them). */
+    /** Its inputs that are leaves requiring grad: earlier segments' output leaves or the caller's (not owned). */
     final NDList inputLeaves;
 
     Segment(String name, List<Block> blocks, ParameterStore parameterStore, NDList inputs,
