@@ -7,12 +7,8 @@ import ai.djl.memopt.nn.BlockDecorator;
 import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.PhaseTimer;
 import ai.djl.memopt.precision.DynamicLossScaler;
-import ai.djl.memopt.precision.ParameterArrays;
 import ai.djl.ndarray.NDArray;
-import ai.djl.ndarray.NDArrays;
-import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
-import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
 import ai.djl.pytorch.engine.PtNDArray;
@@ -83,8 +79,7 @@ final class FusedUpdate implements SegmentListener {
     private final Map<Block, List<String>> byBlock = new IdentityHashMap<>();
     private final ParameterUpdate update;
     private final Set<String> done = new HashSet<>();
-    /** Parameters whose array is torch-allocated (copied once by {@link #release}). */
-    private final Set<Parameter> owned = java.util.Collections.newSetFromMap(new IdentityHashMap<>());
+    private final GradientBuffers buffers = new GradientBuffers();
     private Pass pass;
     private float divisor;
     private NDManager flags;
@@ -339,7 +334,7 @@ final class FusedUpdate implements SegmentListener {
     /** {@link #segmentDone} in the one-pass FP16 step: check now, then update, or drop and ask for a retry. */
     private Verdict scaled(Event e, List<String> ready) {
         for (String name : loose) { // plain layers this backward reached: complete now
-            if (!done.contains(name) && hasGradient(trainable.get(name))) {
+            if (!done.contains(name) && GradientBuffers.exists(trainable.get(name))) {
                 ready.add(name);
             }
         }
@@ -388,7 +383,7 @@ final class FusedUpdate implements SegmentListener {
         CREATED.stream().filter(n -> trainable.containsKey(n) && !done.contains(n)).forEach(reached::add);
         for (String name : reached) {
             Parameter p = trainable.get(name);
-            if (hasGradient(p)) {
+            if (GradientBuffers.exists(p)) {
                 JniUtils.zeroGrad((PtNDArray) p.getArray());
             }
         }
@@ -416,15 +411,6 @@ final class FusedUpdate implements SegmentListener {
         String layer = dot > 0 ? prefix.substring(0, dot) : "";
         return layer.isEmpty() ? "checkpointed block '" + e.name() + "'"
                 : layer + " (checkpointed block '" + e.name() + "')";
-    }
-
-    private static boolean hasGradient(Parameter p) {
-        NDArray g = JniUtils.getGradient((PtNDArray) p.getArray());
-        if (g == null) {
-            return false;
-        }
-        g.close();
-        return true;
     }
 
     private List<String> exclusiveNames(Block block) {
@@ -470,7 +456,7 @@ final class FusedUpdate implements SegmentListener {
 
     /** Frees a parameter's gradient (not marking it done). */
     private void drop(String name) {
-        release(trainable.get(name));
+        buffers.release(trainable.get(name));
     }
 
     /** Whether every gradient of {@code group} and every array of {@code more} is finite: one host read. */
@@ -497,10 +483,7 @@ final class FusedUpdate implements SegmentListener {
         }
     }
 
-    /**
-     * A 0-dimensional boolean on the device, in {@code t}: whether some gradient of {@code group} or some array of
-     * {@code more} holds an infinity or NaN (from each one's maximum and minimum); null when there is nothing to check.
-     */
+    /** {@link GradientBuffers#nonFinite} of the gradients of {@code group} and the arrays {@code more}. */
     private NDArray nonFinite(List<String> group, List<NDArray> more, NDManager t) {
         List<NDArray> arrays = new ArrayList<>(more);
         for (String name : group) {
@@ -510,50 +493,7 @@ final class FusedUpdate implements SegmentListener {
                 arrays.add(g);
             }
         }
-        NDList extremes = new NDList();
-        for (NDArray g : arrays) {
-            for (NDArray x : new NDArray[] {g.max(), g.min()}) {
-                x.attach(t);
-                NDArray x32 = x.toType(DataType.FLOAT32, false).reshape(1);
-                x32.attach(t);
-                extremes.add(x32);
-            }
-        }
-        if (extremes.isEmpty()) {
-            return null;
-        }
-        NDArray all = NDArrays.concat(extremes);
-        all.attach(t);
-        NDArray any = all.isInfinite().logicalOr(all.isNaN()).any();
-        any.attach(t);
-        return any;
+        return GradientBuffers.nonFinite(arrays, t);
     }
 
-    /**
-     * Frees a parameter's gradient buffer: DJL cannot set {@code grad = None}, so the parameter gets a new handle (a
-     * leaf that requires grad, with no gradient yet) and the old handle is closed; the next backward allocates a fresh
-     * buffer. The new handle shares the storage (a detached alias) once the storage is torch's own; the first time, it
-     * is a copy: an array DJL made from Java memory (weights created or loaded on the CPU) lives on a direct buffer
-     * that only the old handle keeps reachable, and the garbage collector would free it under the alias.
-     */
-    private void release(Parameter p) {
-        NDArray old = p.getArray();
-        NDArray fresh;
-        if (owned.add(p)) {
-            boolean gradMode = JniUtils.isGradMode();
-            JniUtils.setGradMode(false);
-            try {
-                fresh = old.duplicate(); // torch-allocated storage
-            } finally {
-                JniUtils.setGradMode(gradMode);
-            }
-        } else {
-            fresh = old.stopGradient();
-        }
-        fresh.attach(old.getManager());
-        fresh.setName(old.getName());
-        fresh.setRequiresGradient(true);
-        ParameterArrays.swap(p, fresh);
-        old.close();
-    }
 }
