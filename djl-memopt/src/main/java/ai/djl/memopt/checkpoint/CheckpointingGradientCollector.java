@@ -190,8 +190,11 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             }
             SegmentListener listener = segmentListener;
             if (listener != null) {
-                List<NDArray> reached = new ArrayList<>(st.guarded);
-                segments.forEach(s -> reached.addAll(s.outputs));
+                List<NDArray> reached = new ArrayList<>();
+                if (listener.mayRetry()) { // the loss's backward may reach any segment output
+                    reached.addAll(st.guarded);
+                    segments.forEach(s -> reached.addAll(s.outputs));
+                }
                 SegmentListener.Verdict v = tell(listener, "", List.of(), 0, false, LeafGuard.distinct(reached));
                 Preconditions.checkState(!v.retries(),
                         "a segment listener asked to retry the target's own backward; only segments can be retried");

@@ -213,6 +213,11 @@ final class FusedUpdate implements SegmentListener {
             NDManager losses, DynamicLossScaler scaler) {
         skipping = false;
         updatedGroups.clear();
+        for (String name : loose) { // a gradient there now would be taken for one this backward reached
+            if (GradientBuffers.exists(trainable.get(name))) {
+                drop(name);
+            }
+        }
         NDArray loss = run(Pass.SCALED, scale, forwardBackward, losses);
         List<String> rest = rest();
         try {
@@ -394,23 +399,18 @@ final class FusedUpdate implements SegmentListener {
 
     @Override
     public boolean mayRetry() {
-        return pass == Pass.SCALED;
+        return pass == Pass.SCALED && !skipping;
     }
 
     /** A group's name for messages: the common prefix of its parameters' names, or the segment's name. */
     private static String label(Event e, List<String> group) {
         String prefix = group.isEmpty() ? "" : group.get(0);
         for (String name : group) {
-            int i = 0;
-            while (i < prefix.length() && i < name.length() && prefix.charAt(i) == name.charAt(i)) {
-                i++;
-            }
-            prefix = prefix.substring(0, i);
+            prefix = com.google.common.base.Strings.commonPrefix(prefix, name);
         }
         int dot = prefix.lastIndexOf('.');
-        String layer = dot > 0 ? prefix.substring(0, dot) : "";
-        return layer.isEmpty() ? "checkpointed block '" + e.name() + "'"
-                : layer + " (checkpointed block '" + e.name() + "')";
+        String block = "checkpointed block '" + e.name() + "'";
+        return dot > 0 ? prefix.substring(0, dot) + " (" + block + ")" : block;
     }
 
     private List<String> exclusiveNames(Block block) {
