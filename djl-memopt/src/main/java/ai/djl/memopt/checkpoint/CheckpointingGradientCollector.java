@@ -1,7 +1,9 @@
 package ai.djl.memopt.checkpoint;
 
 import ai.djl.engine.Engine;
+import ai.djl.memopt.checkpoint.SegmentRecorder.ThreadState;
 import ai.djl.memopt.nn.PhaseTimer;
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -22,7 +24,6 @@ import java.util.Map;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.concurrent.atomic.AtomicReference;
-import java.util.function.Consumer;
 
 /**
  * A {@link GradientCollector} that drives activation checkpointing: {@link CheckpointBlock}s record a segment (block,
@@ -51,6 +52,15 @@ import java.util.function.Consumer;
  * one inner block's saved activations exist at a time instead of the whole outer block's, for one more forward of
  * each inner block.
  *
+ * <p>Retries: a {@link SegmentListener} told after each outermost segment's backward may ask for the segment to be
+ * back-propagated again with its upstream gradients multiplied by a factor (an FP16 caller lowering the loss scale for
+ * that segment and the ones after it). The collector then puts back the gradients of the leaves the failed attempt may
+ * have reached ({@link LeafGuard}: the outputs of earlier segments it reads and, where its input carries a graph, every
+ * segment output still to visit and the leaves given to {@link #markComputed(NDArray, NDArray...)}), scales the
+ * upstream gradients it holds, and recomputes and back-propagates the segment again, nested segments included. For a
+ * listener that may retry, a segment whose input carries a graph keeps it through its backward (the retry traverses it
+ * again); it is freed when the segment is done, as its input handle is closed.
+ *
  * <p>DJL allows one gradient collector in the process: this class opens the engine's own collector and delegates to
  * it (grad mode, {@link #zeroGradients()}, the one-collector check), so the rule keeps holding. Use it instead of
  * {@code trainer.newGradientCollector()}, through {@link CheckpointingTrainer}, or directly:
@@ -71,7 +81,12 @@ public final class CheckpointingGradientCollector implements GradientCollector {
     private volatile boolean closed;
     private final AtomicLong recorded = new AtomicLong();
     private final AtomicLong retainedBackwards = new AtomicLong();
-    private volatile Consumer<List<Block>> segmentListener;
+    private final AtomicLong recomputed = new AtomicLong();
+    private final AtomicLong retried = new AtomicLong();
+    private volatile SegmentListener segmentListener;
+
+    /** Retries of one segment in one backward beyond which the listener is taken to be looping. */
+    static final int MAX_RETRIES = 64;
 
     /**
      * Opens a collector on an engine.
@@ -131,13 +146,26 @@ public final class CheckpointingGradientCollector implements GradientCollector {
     }
 
     /**
-     * Tells {@code listener} when gradients are complete, during each {@link #backward}: once with an empty list after
-     * the target's own backward (what lies between the target and the last segment, such as the final norm and the
-     * LM head, has its gradient then), and after each outermost segment's backward, nested segments included, with the
-     * segment's blocks: the gradients of parameters that only those blocks use are final at that moment (a fused
-     * optimizer update applies and frees them there). Null removes it.
+     * Segment recomputations since this collector was opened, on all threads, nested and retried ones included (for
+     * tests and diagnostics: a forward of a checkpointed block beyond the training forward).
      */
-    public void setSegmentListener(Consumer<List<Block>> listener) {
+    public long recomputedSegments() {
+        return recomputed.get();
+    }
+
+    /** Segment backwards run again at a listener's request since this collector was opened (see {@link SegmentListener}). */
+    public long retriedSegments() {
+        return retried.get();
+    }
+
+    /**
+     * Tells {@code listener} when gradients are complete, during each {@link #backward}: once after the target's own
+     * backward (what lies between the target and the last segment, such as the final norm and the LM head, has its
+     * gradient then), and after each outermost segment's backward, nested segments included: the gradients of
+     * parameters that only its blocks use are final at that moment (a fused optimizer update applies and frees them
+     * there), unless the listener asks for the segment to be retried. Null removes it.
+     */
+    public void setSegmentListener(SegmentListener listener) {
         this.segmentListener = listener;
     }
 
@@ -150,6 +178,8 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         st.segments = new ArrayDeque<>();
         st.leaves.clear();
         st.computed.clear();
+        st.guarded = st.registered;
+        st.registered = new ArrayList<>();
         if (segments.isEmpty() || !(target instanceof PtNDArray)) {
             delegate.backward(target);
             return;
@@ -158,13 +188,32 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             try (NDArray ones = target.onesLike()) {
                 JniUtils.backward((PtNDArray) target, (PtNDArray) ones, withGraph(segments) > 0, false);
             }
-            Consumer<List<Block>> listener = segmentListener;
+            SegmentListener listener = segmentListener;
             if (listener != null) {
-                listener.accept(List.of());
+                List<NDArray> reached = new ArrayList<>();
+                if (listener.mayRetry()) { // the loss's backward may reach any segment output
+                    reached.addAll(st.guarded);
+                    segments.forEach(s -> reached.addAll(s.outputs));
+                }
+                SegmentListener.Verdict v = tell(listener, "", List.of(), 0, false, LeafGuard.distinct(reached));
+                Preconditions.checkState(!v.retries(),
+                        "a segment listener asked to retry the target's own backward; only segments can be retried");
             }
             visit(st, segments, false);
         } finally {
             segments.forEach(Segment::close);
+            st.guarded = List.of();
+        }
+    }
+
+    /** Calls the listener with the gradients of {@code leaves} (when it may retry), closing those handles after. */
+    private static SegmentListener.Verdict tell(SegmentListener listener, String name, List<Block> blocks, int attempt,
+            boolean inputHasGraph, List<NDArray> leaves) {
+        List<NDArray> grads = listener.mayRetry() ? LeafGuard.gradients(leaves) : List.of();
+        try {
+            return listener.segmentDone(new SegmentListener.Event(name, blocks, attempt, inputHasGraph, grads));
+        } finally {
+            grads.forEach(NDArray::close);
         }
     }
 
@@ -190,14 +239,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                 withGraph--;
             }
             boolean retain = s.inputHasGraph && (withGraph > 0 || keepInputGraph);
-            if (retain) {
-                retainedBackwards.incrementAndGet();
-            }
-            backward(st, s, retain);
-            Consumer<List<Block>> listener = segmentListener;
-            if (listener != null && st.visiting == 0) { // an outermost segment, its nested ones visited too
-                listener.accept(s.blocks);
-            }
+            backward(st, s, retain, segments);
         }
     }
 
@@ -209,6 +251,28 @@ public final class CheckpointingGradientCollector implements GradientCollector {
      */
     public void markComputed(NDArray x) {
         state().computed.put(x, Boolean.TRUE);
+    }
+
+    /**
+     * {@link #markComputed(NDArray)}, naming the leaves requiring grad that {@code x} was computed from (the gathered
+     * embedding rows): a segment whose backward is retried ({@link SegmentListener}) gets their gradients put back too.
+     * The caller keeps them open until the backward ends. Forgotten at the next {@link #backward}.
+     */
+    public void markComputed(NDArray x, NDArray... leaves) {
+        state().computed.put(x, Boolean.TRUE);
+        for (NDArray leaf : leaves) {
+            markLeaf(leaf);
+        }
+    }
+
+    /**
+     * Names a leaf requiring grad, outside any segment, that a segment's backward may reach through a computed input
+     * (the embedding rows, a residual stream's input): a segment whose backward is retried ({@link SegmentListener})
+     * gets its gradient put back. The caller keeps it open until the backward ends. Forgotten at the next
+     * {@link #backward}.
+     */
+    public void markLeaf(NDArray leaf) {
+        state().registered.add(leaf);
     }
 
     /** {@inheritDoc} */
@@ -241,121 +305,18 @@ public final class CheckpointingGradientCollector implements GradientCollector {
     /** Called by {@link CheckpointBlock} in a training forward with autograd recording. */
     NDList forward(CheckpointBlock cb, ParameterStore ps, NDList inputs, PairList<String, Object> params) {
         ThreadState st = state();
-        Span span = cb.span();
-        if (span == null || span.size() == 1) {
-            NDList out = forwardNoGrad(cb.delegate(), ps, inputs, params);
-            return finish(st, cb.getName(), List.of(cb.delegate()), cb.isVerifyDeterminism(), ps, inputs, params, out);
-        }
-        int index = cb.spanIndex();
-        SpanRun run = st.spanRun;
-        if (index == 0) {
-            run = new SpanRun(span, inputs);
-            st.spanRun = run;
-        } else if (run == null || run.span != span || run.next != index || !sameArrays(run.last, inputs)) {
-            st.spanRun = null;
-            throw new IllegalStateException(String.format(
-                    "checkpoint segment '%s' was not run sequentially: its child %d did not receive child %d's output."
-                            + " Checkpointing a run of children as one segment (sqrtN) needs a parent that feeds"
-                            + " each child's output to the next, like SequentialBlock; use CheckpointPolicy.all()",
-                    span.name(), index, index - 1));
-        }
-        NDList out = forwardNoGrad(cb.delegate(), ps, inputs, params);
-        if (index > 0) {
-            closeIntermediate(run.last, run.inputs, out);
-        }
-        if (index < span.size() - 1) {
-            run.last = out;
-            run.next = index + 1;
-            return out;
-        }
-        st.spanRun = null;
-        List<Block> blocks = new ArrayList<>();
-        boolean verify = false;
-        for (CheckpointBlock m : span.members()) {
-            blocks.add(m.delegate());
-            verify |= m.isVerifyDeterminism();
-        }
-        return finish(st, span.name(), blocks, verify, ps, run.inputs, params, out);
+        int before = st.segments.size();
+        NDList out = SegmentRecorder.forward(st, cb, ps, inputs, params);
+        recorded.addAndGet(st.segments.size() - before);
+        return out;
     }
 
-    private static NDList forwardNoGrad(Block block, ParameterStore ps, NDList inputs, PairList<String, Object> params) {
-        NDManager home = inputs.head().getManager();
-        JniUtils.setGradMode(false);
-        try (NDScope scope = new NDScope()) {
-            NDList out = block.forward(ps, inputs, true, params);
-            for (NDArray o : out) {
-                NDScope.unregister(o);
-                if (!containsSame(inputs, o)) {
-                    o.attach(home);
-                }
-            }
-            scope.suppressNotUsedWarning();
-            return out;
-        } finally {
-            JniUtils.setGradMode(true);
-        }
-    }
-
-    private NDList finish(
-            ThreadState st, String name, List<Block> blocks, boolean verify, ParameterStore ps, NDList inputs,
-            PairList<String, Object> params, NDList out) {
-        boolean inputGrad = false;
-        boolean inputHasGraph = false;
-        for (NDArray x : inputs) {
-            if (!x.getDataType().isFloating()) {
-                continue;
-            }
-            Boolean ours = st.leaves.get(x);
-            if (ours != null) {
-                inputGrad |= ours; // an earlier segment's output: a view of its leaf, no graph beyond it
-            } else if (x.hasGradient()) {
-                inputGrad = true; // a leaf that requires grad
-            } else if (st.recomputing > 0 || st.computed.containsKey(x) || AutogradGraph.carriesGraph(x)) {
-                // inside a recomputation the inputs of nested segments are computed from the recomputed ones, and
-                // asking costs a native exception each (tens of ms with torch's backtrace): assume a graph
-                inputGrad = true;
-                inputHasGraph = true;
-            }
-        }
-        boolean needsGrad = inputGrad || AutogradGraph.anyParameterRequiresGrad(blocks);
-        Fingerprint fingerprint = verify && needsGrad ? Fingerprint.of(out) : null;
-        // The segment keeps its own handles (graph-connected aliases) on its inputs and output leaves: callers close
-        // their handles freely (the DeepSeek model closes every intermediate of its forward), the recomputation and
-        // the upstream gradient still find theirs.
-        NDList leaves = new NDList(out.size());
-        NDList returned = new NDList(out.size());
-        for (NDArray o : out) {
-            NDArray leaf = o.stopGradient();
-            NDScope.unregister(leaf);
-            leaf.setName(o.getName());
-            if (needsGrad && o.getDataType().isFloating()) {
-                leaf.setRequiresGradient(true);
-            }
-            leaves.add(leaf);
-            NDArray view = AutogradGraph.alias(leaf);
-            view.setName(o.getName());
-            returned.add(view);
-            st.leaves.put(view, leaf.hasGradient());
-            if (!containsSame(inputs, o)) {
-                o.close();
-            }
-        }
-        if (!needsGrad) {
-            leaves.close();
-            return returned;
-        }
-        NDList kept = new NDList(inputs.size());
-        for (NDArray x : inputs) {
-            NDArray a = AutogradGraph.alias(x);
-            NDScope.unregister(a);
-            kept.add(a);
-        }
-        st.segments.addLast(new Segment(name, blocks, ps, kept, params, leaves, fingerprint, inputHasGraph));
-        recorded.incrementAndGet();
-        return returned;
-    }
-
-    private void backward(ThreadState st, Segment s, boolean retain) {
+    /**
+     * Recomputes and back-propagates {@code s} from the gradients that arrived at its outputs, visits the segments
+     * nested in it, and for an outermost segment tells the listener, retrying as it asks; {@code pending} are the
+     * segments of the same level still to visit.
+     */
+    private void backward(ThreadState st, Segment s, boolean retain, Deque<Segment> pending) {
         List<NDArray> grads = new ArrayList<>(s.outputs.size());
         boolean any = false;
         for (NDArray leaf : s.outputs) {
@@ -366,67 +327,48 @@ public final class CheckpointingGradientCollector implements GradientCollector {
             grads.add(g);
             any |= g != null;
         }
+        SegmentListener listener = st.visiting == 0 ? segmentListener : null; // an outermost segment
+        LeafGuard guard = null;
         try {
-            if (!any) {
-                return; // the segment's output did not reach the loss
+            List<NDArray> reached = List.of();
+            if (listener != null && listener.mayRetry()) {
+                List<NDArray> candidates = new ArrayList<>(s.inputLeaves);
+                if (s.inputHasGraph) {
+                    pending.forEach(p -> candidates.addAll(p.outputs));
+                    candidates.addAll(st.guarded);
+                }
+                reached = LeafGuard.distinct(candidates);
+                guard = any ? LeafGuard.before(reached) : null;
             }
-            for (NDArray x : s.inputs) {
-                if (x.isReleased()) {
-                    throw new IllegalStateException(
-                            "the input of checkpointed block '" + s.name + "' was freed before backward: its NDManager"
-                                    + " was closed; keep the step's manager open until the gradients are computed");
-                }
+            boolean keep = retain || (guard != null && s.inputHasGraph); // a retry traverses the input's graph again
+            if (keep) {
+                retainedBackwards.incrementAndGet();
             }
-            // checkpointed blocks inside this one record their own segments while it is recomputed (nested
-            // checkpointing): they are visited after its backward, while its recomputed graph still exists
-            Deque<Segment> enclosing = st.segments;
-            Map<NDArray, Boolean> enclosingLeaves = st.leaves;
-            Deque<Segment> nested = new ArrayDeque<>();
-            st.segments = nested;
-            st.leaves = new IdentityHashMap<>();
-            st.recomputing++;
-            st.visiting++;
-            int level = st.visiting; // 1: the outermost checkpointed blocks, 2: blocks nested in them, ...
-            try (NDScope scope = new NDScope()) {
-                NDList y;
-                try (PhaseTimer.Phase p = PhaseTimer.phase("recompute L" + level)) {
-                    y = s.inputs;
-                    for (Block b : s.blocks) {
-                        y = b.forward(s.parameterStore, y, true, s.params);
-                    }
-                } finally {
-                    st.segments = enclosing;
-                    st.leaves = enclosingLeaves;
-                    st.spanRun = null;
-                    st.recomputing--;
+            for (int attempt = 0; ; attempt++) {
+                if (any) {
+                    recomputeAndBackward(st, s, grads, keep);
                 }
-                if (s.fingerprint != null) {
-                    s.fingerprint.verify(y, s.name);
+                if (listener == null) {
+                    return;
                 }
-                if (y.size() != grads.size()) {
-                    throw new IllegalStateException(String.format(
-                            "checkpointed block '%s' returned %d outputs when recomputed, %d in the forward",
-                            s.name, y.size(), grads.size()));
+                SegmentListener.Verdict v = tell(listener, s.name, s.blocks, attempt, s.inputHasGraph, reached);
+                if (!v.retries()) {
+                    return;
                 }
-                List<Integer> todo = new ArrayList<>();
-                for (int i = 0; i < grads.size(); i++) {
-                    if (grads.get(i) != null) {
-                        todo.add(i);
+                Preconditions.checkState(guard != null, "the segment listener asked to retry checkpointed block '%s',"
+                        + " but %s", s.name, any ? "its mayRetry() is false" : "nothing was back-propagated into it");
+                Preconditions.checkState(attempt < MAX_RETRIES, "the segment listener asked to retry checkpointed"
+                        + " block '%s' more than %s times", s.name, MAX_RETRIES);
+                for (int i = 0; i < grads.size(); i++) { // scaled before the leaves are zeroed: one may share storage
+                    NDArray g = grads.get(i);
+                    if (g != null) {
+                        NDArray scaled = Scalars.mul(g, v.retryFactor());
+                        g.close();
+                        grads.set(i, scaled);
                     }
                 }
-                boolean keepForNested = withGraph(nested) > 0;
-                try (PhaseTimer.Phase p = PhaseTimer.phase("backward L" + level)) {
-                    for (int k = 0; k < todo.size(); k++) {
-                        int i = todo.get(k);
-                        boolean keep = retain || keepForNested || k < todo.size() - 1;
-                        AutogradGraph.vjp(y.get(i), grads.get(i), keep);
-                    }
-                }
-                visit(st, nested, retain);
-                scope.suppressNotUsedWarning();
-            } finally {
-                st.visiting--;
-                nested.forEach(Segment::close);
+                guard.restore();
+                retried.incrementAndGet();
             }
         } finally {
             for (NDArray g : grads) {
@@ -434,57 +376,73 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                     g.close();
                 }
             }
+            if (guard != null) {
+                guard.close();
+            }
             s.close();
         }
     }
 
-    private static void closeIntermediate(NDList previous, NDList spanInputs, NDList current) {
-        for (NDArray a : previous) {
-            if (!containsSame(spanInputs, a) && !containsSame(current, a)) {
-                a.close();
+    /** One recomputation of {@code s}, the backward of {@code grads} through it, and the visit of its nested segments. */
+    private void recomputeAndBackward(ThreadState st, Segment s, List<NDArray> grads, boolean retain) {
+        for (NDArray x : s.inputs) {
+            if (x.isReleased()) {
+                throw new IllegalStateException(
+                        "the input of checkpointed block '" + s.name + "' was freed before backward: its NDManager"
+                                + " was closed; keep the step's manager open until the gradients are computed");
             }
         }
-    }
-
-    private static boolean containsSame(NDList list, NDArray a) {
-        for (NDArray x : list) {
-            if (x == a) {
-                return true;
+        // checkpointed blocks inside this one record their own segments while it is recomputed (nested
+        // checkpointing): they are visited after its backward, while its recomputed graph still exists
+        Deque<Segment> enclosing = st.segments;
+        Map<NDArray, NDArray> enclosingLeaves = st.leaves;
+        Deque<Segment> nested = new ArrayDeque<>();
+        st.segments = nested;
+        st.leaves = new IdentityHashMap<>();
+        st.recomputing++;
+        st.visiting++;
+        recomputed.incrementAndGet();
+        int level = st.visiting; // 1: the outermost checkpointed blocks, 2: blocks nested in them, ...
+        try (NDScope scope = new NDScope()) {
+            NDList y;
+            try (PhaseTimer.Phase p = PhaseTimer.phase("recompute L" + level)) {
+                y = s.inputs;
+                for (Block b : s.blocks) {
+                    y = b.forward(s.parameterStore, y, true, s.params);
+                }
+            } finally {
+                st.segments = enclosing;
+                st.leaves = enclosingLeaves;
+                st.spanRun = null;
+                st.recomputing--;
             }
-        }
-        return false;
-    }
-
-    private static boolean sameArrays(NDList a, NDList b) {
-        if (a == null || a.size() != b.size()) {
-            return false;
-        }
-        for (int i = 0; i < a.size(); i++) {
-            if (a.get(i) != b.get(i)) {
-                return false;
+            if (s.fingerprint != null) {
+                s.fingerprint.verify(y, s.name);
             }
-        }
-        return true;
-    }
-
-    private static final class ThreadState {
-        Deque<Segment> segments = new ArrayDeque<>();
-        Map<NDArray, Boolean> leaves = new IdentityHashMap<>();
-        SpanRun spanRun;
-        int recomputing; // depth of segment recomputations in progress
-        int visiting; // depth of segment backward visits in progress (nesting level of the current one)
-        Map<NDArray, Boolean> computed = new IdentityHashMap<>(); // arrays the caller said carry a graph
-    }
-
-    private static final class SpanRun {
-        final Span span;
-        final NDList inputs;
-        NDList last;
-        int next = 1;
-
-        SpanRun(Span span, NDList inputs) {
-            this.span = span;
-            this.inputs = inputs;
+            if (y.size() != grads.size()) {
+                throw new IllegalStateException(String.format(
+                        "checkpointed block '%s' returned %d outputs when recomputed, %d in the forward",
+                        s.name, y.size(), grads.size()));
+            }
+            List<Integer> todo = new ArrayList<>();
+            for (int i = 0; i < grads.size(); i++) {
+                if (grads.get(i) != null) {
+                    todo.add(i);
+                }
+            }
+            boolean keepForNested = withGraph(nested) > 0;
+            try (PhaseTimer.Phase p = PhaseTimer.phase("backward L" + level)) {
+                for (int k = 0; k < todo.size(); k++) {
+                    int i = todo.get(k);
+                    boolean keep = retain || keepForNested || k < todo.size() - 1;
+                    AutogradGraph.vjp(y.get(i), grads.get(i), keep);
+                }
+            }
+            visit(st, nested, retain);
+            scope.suppressNotUsedWarning();
+        } finally {
+            st.visiting--;
+            nested.forEach(Segment::close);
         }
     }
 }

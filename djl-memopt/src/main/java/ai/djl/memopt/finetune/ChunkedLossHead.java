@@ -1,6 +1,7 @@
 package ai.djl.memopt.finetune;
 
 import ai.djl.memopt.checkpoint.CheckpointingGradientCollector;
+import ai.djl.memopt.checkpoint.SegmentListener;
 import ai.djl.memopt.model.deepseek.CausalLmLoss;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.nn.PhaseTimer;
@@ -45,10 +46,12 @@ final class ChunkedLossHead {
     /** The GPU form of the head's weight gradient (one product per chunk); true on a GPU, settable by tests. */
     boolean gpuForms;
     /** Told when gradients complete during a checkpointed backward ({@link FusedUpdate}); null for none. */
-    java.util.function.Consumer<java.util.List<ai.djl.nn.Block>> segmentListener;
+    SegmentListener segmentListener;
     /** Micro-batches whose embedding gradient went row by row, and head chunks differentiated by hand (for tests). */
     long rowwiseEmbeddings;
     long manualChunks;
+    /** Segment recomputations of the last micro-batch's checkpointed backward, retries included (for tests). */
+    long lastCollectorRecomputations;
 
     /**
      * @param chunkTokens about this many tokens ({@code rows x positions}, at least 8 positions) per chunk
@@ -70,7 +73,11 @@ final class ChunkedLossHead {
      */
     NDArray forwardBackward(TokenBatch micro, float lossFactor, boolean rowwise, NDManager losses) {
         try (GradientCollector gc = openCollector(lm.manager())) {
-            return forwardBackward(micro, lossFactor, rowwise, losses, gc);
+            NDArray loss = forwardBackward(micro, lossFactor, rowwise, losses, gc);
+            if (gc instanceof CheckpointingGradientCollector) {
+                lastCollectorRecomputations = ((CheckpointingGradientCollector) gc).recomputedSegments();
+            }
+            return loss;
         }
     }
 
@@ -97,8 +104,9 @@ final class ChunkedLossHead {
                 ((CheckpointingGradientCollector) gc).setSegmentListener(segmentListener);
             }
             if (embedding != null && gc instanceof CheckpointingGradientCollector) {
-                // gathered from a leaf that requires grad: spares the first layer's native-exception probe
-                ((CheckpointingGradientCollector) gc).markComputed(embedding.embeddings());
+                // gathered from a leaf that requires grad: spares the first layer's native-exception probe, and a
+                // retried first layer gets that leaf's gradient put back
+                ((CheckpointingGradientCollector) gc).markComputed(embedding.embeddings(), embedding.rows());
             }
             NDArray loss = backward(gc, m, ps, ids, embedding, lossFactor, rowwise);
             loss.attach(losses);

@@ -91,6 +91,11 @@ final class EmbeddingRows {
         return embeddings;
     }
 
+    /** The gathered rows {@code (U, H)}: the leaf whose gradient {@link #accumulate} adds into the table's. */
+    NDArray rows() {
+        return rows;
+    }
+
     /** Adds the gradient that reached the gathered rows into the table's gradient buffer (call after the backward). */
     void accumulate() {
         PtNDArray rowGrad = JniUtils.getGradient((PtNDArray) rows);

@@ -465,8 +465,9 @@ public final class FineTuner implements AutoCloseable {
         /**
          * Fuses the optimizer update into the backward: each checkpointed segment's parameters are updated, and their
          * gradients freed, as soon as its backward is done, so the full set of gradients never exists at once (see
-         * {@link FusedUpdate}; FP16 steps run forward and backward twice, a check pass first, so that an overflow never
-         * leaves a partial update). Needs one micro-batch per step.
+         * {@link FusedUpdate}; in FP16 each layer's gradients are checked before its update and a layer that
+         * overflows is back-propagated again at a lower scale, so an overflow never leaves a partial update; a model
+         * with tied embeddings takes a check pass first). Needs one micro-batch per step.
          */
         public Builder optFusedUpdate(boolean fused) {
             s.fusedUpdate = fused;

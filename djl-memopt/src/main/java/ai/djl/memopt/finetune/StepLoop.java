@@ -42,7 +42,7 @@ final class StepLoop {
         this.releaseFreedMemory = releaseFreedMemory;
         this.fused = fusedUpdate ? new FusedUpdate(lm, tuner.parameters(), update) : null;
         if (fused != null) {
-            lossHead.segmentListener = fused::segmentDone;
+            lossHead.segmentListener = fused;
         }
     }
 
@@ -61,6 +61,7 @@ final class StepLoop {
             NDArray sum = null; // the micro-batches' mean losses, summed on the device
             boolean skipped = false;
             if (fused != null) { // one micro-batch (checked by the builder), updated during its backward
+                fused.embeddingByAutograd = !tuner.rowwiseGradients;
                 sum = fused.step(step + 1, scale, (factor, m) -> forwardBackward(batch, factor, m), losses);
                 skipped = fused.skipped;
             }

@@ -83,6 +83,29 @@ public final class DynamicLossScaler {
         return true;
     }
 
+    /**
+     * Records a step whose overflow was recovered inside the step rather than skipped (the fused update retries the
+     * overflowing layer at a lower scale, see {@code FusedUpdate}): the step counts as taken, neither skipped nor clean;
+     * the scale is lowered {@code backoffs} times for the next step and the run of clean steps starts again.
+     */
+    public void recordRecoveredOverflow(int backoffs) {
+        steps++;
+        cleanSteps = 0;
+        for (int i = 0; i < backoffs; i++) {
+            scale = Math.max(minScale, scale * backoffFactor);
+        }
+    }
+
+    /** The factor an overflow multiplies the scale by. */
+    public float getBackoffFactor() {
+        return backoffFactor;
+    }
+
+    /** The lowest scale. */
+    public float getMinScale() {
+        return minScale;
+    }
+
     /** Clean steps since the last change of scale. */
     public int getCleanSteps() {
         return cleanSteps;
