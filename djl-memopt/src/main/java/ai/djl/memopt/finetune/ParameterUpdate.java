@@ -167,6 +167,40 @@ final class ParameterUpdate {
         }
     }
 
+    /**
+     * Updates the trainable parameters {@code names} (a fused update's group) as {@link #updateParameter} does one by
+     * one, without zeroing their gradients; in the GPU form, unless offloaded, through
+     * {@link StatefulOptimizer#updateAll} (flat buckets planned once for this list; the same bits).
+     */
+    void updateParameters(List<String> names, float gradDivisor) {
+        if (offloaded || !gpuForms) {
+            for (String name : names) {
+                updateParameter(name, gradDivisor);
+            }
+            return;
+        }
+        try (NDManager t = optimizer.manager.newSubManager()) {
+            List<String> ids = new ArrayList<>();
+            List<NDArray> weights = new ArrayList<>();
+            List<NDArray> grads = new ArrayList<>();
+            List<NDArray> copies = new ArrayList<>();
+            for (String name : names) {
+                NDArray w = parameters.get(name).getArray();
+                NDArray g = JniUtils.getGradient((PtNDArray) w);
+                if (g == null) {
+                    continue;
+                }
+                g.attach(t);
+                NDArray master = masters.get(name);
+                ids.add(parameters.get(name).getId());
+                weights.add(master != null ? master : w);
+                grads.add(g);
+                copies.add(master != null ? w : null);
+            }
+            optimizer.updateAll(ids, weights, grads, gradDivisor, copies, true);
+        }
+    }
+
     /** The FP32 masters of the trainable weights by Hugging Face name (empty in FP32 mode). */
     Map<String, NDArray> masters() {
         return masters;

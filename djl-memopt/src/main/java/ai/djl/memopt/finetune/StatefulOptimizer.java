@@ -290,6 +290,11 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         }
     }
 
+    /** The 8-bit moments of ADAMW8BIT, or null. */
+    EightBitAdamW eightBit() {
+        return eightBit;
+    }
+
     private NDArray zeros(NDArray like) {
         return manager.zeros(like.getShape(), DataType.FLOAT32, like.getDevice());
     }

@@ -13,10 +13,10 @@ import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.Comparator;
 import java.util.List;
-import java.util.Map;
-import java.util.TreeMap;
 import java.util.Locale;
+import java.util.Map;
 import java.util.SplittableRandom;
+import java.util.TreeMap;
 import java.util.regex.Matcher;
 import java.util.regex.Pattern;
 
@@ -61,47 +61,66 @@ public final class EightBitBench {
         System.out.printf(Locale.ROOT, "%d parameters, %,d elements%n", shapes.size(), total);
         String[] names = {"search encode, per parameter, chunk 2^20", "key tables, per parameter, chunk 2^20",
             "key tables, buckets (stepAll), chunk 2^20", "key tables, buckets (stepAll), chunk 2^23"};
-        byte[][] results = new byte[names.length][];
-        boolean same = true;
-        for (int v = 0; v < names.length; v++) {
-            try (NDManager m = NDManager.newBaseManager()) {
-                EightBitAdamW.Builder b = EightBitAdamW.builder().setManager(m).optLearningRate(1e-4f)
-                        .optWeightDecay(0.01f).optChunkElements(v == 3 ? 1L << 23 : 1L << 20);
-                try (EightBitAdamW opt = b.optSearchEncode(v == 0).build()) {
-                    Params p = new Params(m, shapes);
-                    boolean buckets = v >= 2;
-                    p.update(opt, buckets); // the first step makes the state (and plans the buckets)
-                    long[] ns = new long[timed];
-                    for (int t = 0; t < timed; t++) {
-                        long t0 = System.nanoTime();
-                        p.update(opt, buckets);
-                        ns[t] = System.nanoTime() - t0;
-                    }
-                    Path trace = Files.createTempFile("eightbit", ".json");
-                    JniUtils.startProfile(false, false, false);
-                    p.update(opt, buckets);
-                    JniUtils.stopProfile(trace.toString());
-                    Map<String, Double> byName = new TreeMap<>();
-                    int[] ops = countOps(trace, byName);
-                    Files.deleteIfExists(trace);
-                    Arrays.sort(ns);
-                    System.out.printf(Locale.ROOT, "%-45s %9.1f ms/update  %6d top-level ops (%d in all)%n",
-                            names[v], ns[timed / 2] / 1e6, ops[0], ops[1]);
-                    if (System.getProperty("ops") != null) {
-                        byName.entrySet().stream().sorted((a, c) -> Double.compare(c.getValue(), a.getValue()))
-                                .limit(12).forEach(x -> System.out.printf(Locale.ROOT, "    %-28s %8.1f ms%n",
-                                x.getKey(), x.getValue()));
-                    }
-                    results[v] = p.bytes(opt);
-                    same &= Arrays.equals(results[0], results[v]);
-                }
+        int n = names.length;
+        NDManager[] managers = new NDManager[n];
+        EightBitAdamW[] opts = new EightBitAdamW[n];
+        Params[] params = new Params[n];
+        long[][] wall = new long[n][timed];
+        long[][] cpu = new long[n][timed];
+        for (int v = 0; v < n; v++) {
+            managers[v] = NDManager.newBaseManager();
+            opts[v] = EightBitAdamW.builder().setManager(managers[v]).optLearningRate(1e-4f).optWeightDecay(0.01f)
+                    .optChunkElements(v == 3 ? 1L << 23 : 1L << 20).optSearchEncode(v == 0).build();
+            params[v] = new Params(managers[v], shapes);
+            params[v].update(opts[v], v >= 2); // the first step makes the state (and plans the buckets)
+        }
+        // timed steps interleaved (v0 v1 v2 v3 v0 ...), so that the load of a shared machine falls on all alike
+        for (int t = 0; t < timed; t++) {
+            for (int v = 0; v < n; v++) {
+                long c0 = processCpuNanos();
+                long t0 = System.nanoTime();
+                params[v].update(opts[v], v >= 2);
+                wall[v][t] = System.nanoTime() - t0;
+                cpu[v][t] = processCpuNanos() - c0;
             }
+        }
+        byte[] first = null;
+        boolean same = true;
+        for (int v = 0; v < n; v++) {
+            Path trace = Files.createTempFile("eightbit", ".json");
+            JniUtils.startProfile(false, false, false);
+            params[v].update(opts[v], v >= 2);
+            JniUtils.stopProfile(trace.toString());
+            Map<String, Double> byName = new TreeMap<>();
+            int[] ops = countOps(trace, byName);
+            Files.deleteIfExists(trace);
+            Arrays.sort(wall[v]);
+            Arrays.sort(cpu[v]);
+            System.out.printf(Locale.ROOT, "%-45s %9.1f ms/update (median wall), %9.1f ms CPU, %6d top-level ops"
+                    + " (%d in all)%n", names[v], wall[v][timed / 2] / 1e6, cpu[v][timed / 2] / 1e6, ops[0], ops[1]);
+            if (System.getProperty("ops") != null) {
+                byName.entrySet().stream().sorted((a, c) -> Double.compare(c.getValue(), a.getValue())).limit(12)
+                        .forEach(x -> System.out.printf(Locale.ROOT, "    %-28s %8.1f ms%n", x.getKey(), x.getValue()));
+            }
+            byte[] bytes = params[v].bytes(opts[v]);
+            first = first == null ? bytes : first;
+            same &= Arrays.equals(first, bytes);
+            opts[v].close();
+            managers[v].close();
         }
         System.out.println(same ? "all variants: the same weights, FP16 copies and 8-bit state, bit for bit"
                 : "VARIANTS DIFFER");
         if (!same) {
             System.exit(1);
         }
+    }
+
+    /** CPU time of the whole process (all of libtorch's threads), in nanoseconds. */
+    private static long processCpuNanos() {
+        java.lang.management.OperatingSystemMXBean os = java.lang.management.ManagementFactory
+                .getOperatingSystemMXBean();
+        return os instanceof com.sun.management.OperatingSystemMXBean
+                ? ((com.sun.management.OperatingSystemMXBean) os).getProcessCpuTime() : 0;
     }
 
     /**

@@ -263,6 +263,44 @@ class EightBitBucketsTest {
         assertArrayEquals(perParameter, bucketed);
     }
 
+    /**
+     * {@link StatefulOptimizer#updateAll} with adamw8bit takes the buckets when bucketed (the GPU form, here forced by
+     * {@code optWholeParameter}) and gives the bits of its per-parameter updates; its state is the 8-bit one.
+     */
+    @Test
+    void statefulOptimizerUpdateAllUsesTheBuckets() {
+        byte[][] out = new byte[2][];
+        for (int v = 0; v < 2; v++) {
+            try (NDManager m = NDManager.newBaseManager();
+                    StatefulOptimizer opt = StatefulOptimizer.builder().setManager(m)
+                            .optKind(StatefulOptimizer.Kind.ADAMW8BIT).optLearningRate(2e-3f).optWeightDecay(0.01f)
+                            .optEightBit(256, 512).optWholeParameter(v == 1).build()) {
+                Run run = new Run(m);
+                for (int t = 0; t < 3; t++) {
+                    try (NDManager step = m.newSubManager()) {
+                        List<NDArray> grads = run.grads();
+                        for (NDArray g : grads) {
+                            g.attach(step);
+                        }
+                        opt.updateAll(run.ids, run.masters, grads, SCALE, run.copies);
+                    }
+                }
+                ByteArrayOutputStream b = new ByteArrayOutputStream();
+                for (int i = 0; i < SHAPES.length; i++) {
+                    b.writeBytes(run.masters.get(i).toByteArray());
+                    for (NDArray a : opt.stateArrays(run.ids.get(i)).values()) {
+                        b.writeBytes(a.toByteArray());
+                    }
+                    assertEquals(3, opt.stepCount(run.ids.get(i)));
+                }
+                assertTrue(opt.stateArrays("p0").containsKey("exp_avg.code"));
+                assertEquals(v == 1 ? 3 : 0, opt.eightBit().bucketCount(run.ids), "buckets");
+                out[v] = b.toByteArray();
+            }
+        }
+        assertArrayEquals(out[0], out[1]);
+    }
+
     /** Buckets allocate nothing that outlives a step: as many arrays under the manager after 30 steps as after 1. */
     @Test
     void memoryStaysFlatWithBuckets() {
