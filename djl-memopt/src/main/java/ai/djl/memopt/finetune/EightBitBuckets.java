@@ -8,6 +8,7 @@ import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import java.util.ArrayList;
+import java.util.Arrays;
 import java.util.HashMap;
 import java.util.Iterator;
 import java.util.LinkedHashMap;
@@ -159,26 +160,20 @@ final class EightBitBuckets implements AutoCloseable {
         final Device device;
 
         Bucket(List<Integer> members, List<String> allIds, List<NDArray> masters, List<NDArray> grads) {
-            int n = members.size();
             this.members = members.stream().mapToInt(Integer::intValue).toArray();
-            this.ids = new String[n];
-            this.sizes = new long[n];
-            this.sources = new NDArray[n];
-            this.flatWeights = new NDArray[n];
-            this.states = new MomentState[n];
+            this.ids = members.stream().map(allIds::get).toArray(String[]::new);
+            this.sources = members.stream().map(masters::get).toArray(NDArray[]::new);
+            this.sizes = Arrays.stream(sources).mapToLong(NDArray::size).toArray();
+            this.states = Arrays.stream(ids).map(o.states::get).toArray(MomentState[]::new);
             this.gradType = grads.get(this.members[0]).getDataType();
-            this.device = masters.get(this.members[0]).getDevice();
-            long total = 0;
+            this.device = sources[0].getDevice();
+            int n = this.members.length;
+            this.flatWeights = new NDArray[n];
             for (int j = 0; j < n; j++) {
-                int i = this.members[j];
-                ids[j] = allIds.get(i);
-                sources[j] = masters.get(i);
-                sizes[j] = sources[j].size();
-                total += sizes[j];
                 flatWeights[j] = sources[j].reshape(-1);
                 flatWeights[j].attach(o.manager);
-                states[j] = o.states.get(ids[j]);
             }
+            long total = Arrays.stream(sizes).sum();
             boolean quantized = states[0].quantized;
             Shape shape = new Shape(total);
             if (quantized) {
@@ -280,18 +275,8 @@ final class EightBitBuckets implements AutoCloseable {
                 }
             }
             try (NDManager t = o.manager.newSubManager(device)) {
-                NDList flatGrads = new NDList(members.length);
-                NDList flatW = new NDList(members.length);
-                for (int j = 0; j < members.length; j++) {
-                    NDArray g = grads.get(members[j]).reshape(-1);
-                    g.attach(t);
-                    flatGrads.add(g);
-                    flatW.add(flatWeights[j]);
-                }
-                NDArray g = NDArrays.concat(flatGrads);
-                g.attach(t);
-                NDArray w = NDArrays.concat(flatW);
-                w.attach(t);
+                NDArray g = endToEnd(grads, t);
+                NDArray w = endToEnd(masters, t);
                 for (MomentState s : states) {
                     s.step = step + 1;
                 }
@@ -300,14 +285,31 @@ final class EightBitBuckets implements AutoCloseable {
                 NDList pieces = split(w, 1);
                 pieces.attach(t);
                 for (int j = 0; j < members.length; j++) {
-                    UpdateRules.copyInto(flatWeights[j], pieces.get(j), t);
-                    NDArray target = copyTo == null ? null : copyTo.get(members[j]);
-                    if (target != null) {
-                        NDArray flatTarget = target.reshape(-1);
-                        flatTarget.attach(t);
-                        UpdateRules.copyInto(flatTarget, pieces.get(j), t);
-                    }
+                    NDArray updated = pieces.get(j);
+                    UpdateRules.copyInto(flatWeights[j], updated, t);
+                    writeWorkingCopy(copyTo == null ? null : copyTo.get(members[j]), updated, t);
                 }
+            }
+        }
+
+        /** The members' arrays of {@code all}, flattened and concatenated: a new array in {@code t}. */
+        private NDArray endToEnd(List<NDArray> all, NDManager t) {
+            NDList flats = new NDList(members.length);
+            for (int i : members) {
+                NDArray view = all.get(i).reshape(-1);
+                view.attach(t);
+                flats.add(view);
+            }
+            NDArray out = NDArrays.concat(flats);
+            out.attach(t);
+            return out;
+        }
+
+        private void writeWorkingCopy(NDArray target, NDArray updated, NDManager t) {
+            if (target != null) {
+                NDArray flatTarget = target.reshape(-1);
+                flatTarget.attach(t);
+                UpdateRules.copyInto(flatTarget, updated, t);
             }
         }
 

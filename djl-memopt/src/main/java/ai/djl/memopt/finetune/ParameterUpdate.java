@@ -179,25 +179,33 @@ final class ParameterUpdate {
             }
             return;
         }
+        updateTogether(names, gradDivisor, true);
+    }
+
+    /**
+     * The parameters {@code names} through one {@link StatefulOptimizer#updateAll} call (flat buckets when
+     * {@code bucketed}), FP16 working weights receiving their masters; those without a gradient are left alone.
+     */
+    private void updateTogether(Iterable<String> names, float gradDivisor, boolean bucketed) {
         try (NDManager t = optimizer.manager.newSubManager()) {
             List<String> ids = new ArrayList<>();
             List<NDArray> weights = new ArrayList<>();
             List<NDArray> grads = new ArrayList<>();
             List<NDArray> copies = new ArrayList<>();
             for (String name : names) {
-                NDArray w = parameters.get(name).getArray();
-                NDArray g = JniUtils.getGradient((PtNDArray) w);
+                Parameter p = parameters.get(name);
+                NDArray g = JniUtils.getGradient((PtNDArray) p.getArray());
                 if (g == null) {
                     continue;
                 }
                 g.attach(t);
                 NDArray master = masters.get(name);
-                ids.add(parameters.get(name).getId());
-                weights.add(master != null ? master : w);
+                ids.add(p.getId());
+                weights.add(master != null ? master : p.getArray());
                 grads.add(g);
-                copies.add(master != null ? w : null);
+                copies.add(master != null ? p.getArray() : null);
             }
-            optimizer.updateAll(ids, weights, grads, gradDivisor, copies, true);
+            optimizer.updateAll(ids, weights, grads, gradDivisor, copies, bucketed);
         }
     }
 
@@ -306,27 +314,13 @@ final class ParameterUpdate {
             zeroGradients();
             return;
         }
-        try (NDManager t = optimizer.manager.newSubManager()) {
-            List<String> ids = new ArrayList<>();
-            List<NDArray> weights = new ArrayList<>();
-            List<NDArray> grads = new ArrayList<>();
-            List<NDArray> copies = new ArrayList<>();
-            for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
-                Parameter p = e.getValue();
-                if (!p.requiresGradient()) {
-                    continue;
-                }
-                NDArray w = p.getArray();
-                NDArray master = masters.get(e.getKey());
-                NDArray g = w.getGradient();
-                g.attach(t);
-                ids.add(p.getId());
-                weights.add(master != null ? master : w);
-                grads.add(g);
-                copies.add(master != null ? w : null);
+        List<String> trainable = new ArrayList<>();
+        for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+            if (e.getValue().requiresGradient()) {
+                trainable.add(e.getKey());
             }
-            optimizer.updateAll(ids, weights, grads, gradDivisor, copies, gpuForms);
         }
+        updateTogether(trainable, gradDivisor, gpuForms);
         zeroGradients();
     }
 

@@ -175,7 +175,7 @@ class BlockwiseCodeTest {
     /**
      * The key tables give the binary search's index for every input: each threshold, entry and the floats next to
      * them, zeros of both signs, +-1, subnormals and the smallest normals, the float at and next to each key's lower
-     * bound 2^(k / 1024 - 24), and 2^21 random values of both signs spread over 30 octaves and uniformly over [-1, 1];
+     * bound 2^(k / 1024 - 24), and 2^20 random values of both signs spread over 30 octaves and uniformly over [-1, 1];
      * then again through random block scales (x = y absmax, with elements equal to +-absmax and blocks of subnormals).
      * Checked also against a plain search in Java, so that a broken reference cannot hide a broken table.
      */
@@ -245,7 +245,7 @@ class BlockwiseCodeTest {
             v.add(Math.nextDown(a));
         }
         SplittableRandom r = new SplittableRandom(signed ? 3 : 4);
-        for (int i = 0; i < 1 << 21; i++) {
+        for (int i = 0; i < 1 << 20; i++) {
             float a = i % 2 == 0 ? (float) Math.pow(2, -30 * r.nextDouble()) : (float) r.nextDouble();
             v.add(a);
         }
