@@ -1,10 +1,12 @@
 package ai.djl.memopt.finetune;
 
 import ai.djl.Device;
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
 import ai.djl.pytorch.jni.JniUtils;
 import com.google.common.base.Preconditions;
 import java.util.HashMap;
@@ -82,6 +84,7 @@ public final class EightBitAdamW implements AutoCloseable {
     final NDManager manager;
     final Map<String, MomentState> states = new LinkedHashMap<>();
     private final Map<Device, BlockwiseCode.OnDevice[]> codes = new HashMap<>();
+    private final Map<Device, NDList> constants = new HashMap<>();
     private final EightBitBuckets buckets = new EightBitBuckets(this);
     private float learningRate;
 
@@ -263,6 +266,25 @@ public final class EightBitAdamW implements AutoCloseable {
             BlockwiseCode.unsignedDynamic().upload(manager, d, searchEncode)});
     }
 
+    /**
+     * The rule's fixed scalars on {@code device}, made once: {@code 1 - beta1, beta1, beta2, 1 - beta2, epsilon} (FP32,
+     * from the same float expressions as {@link UpdateRules#adam}).
+     */
+    NDArray[] constants(Device device) {
+        NDList c = constants.computeIfAbsent(device, d -> {
+            NDList list = new NDList();
+            try (NDArray like = manager.zeros(new Shape(), DataType.FLOAT32, d)) {
+                for (float v : new float[] {1 - beta1, beta1, beta2, 1 - beta2, epsilon}) {
+                    NDArray s = Scalars.like(like, v);
+                    s.attach(manager);
+                    list.add(s);
+                }
+            }
+            return list;
+        });
+        return c.toArray(new NDArray[0]);
+    }
+
     /** Number of updates applied to a parameter (0 if never). */
     public long stepCount(String parameterId) {
         MomentState s = states.get(parameterId);
@@ -364,6 +386,10 @@ public final class EightBitAdamW implements AutoCloseable {
             s.close();
         }
         states.clear();
+        for (NDList c : constants.values()) {
+            c.close();
+        }
+        constants.clear();
         for (BlockwiseCode.OnDevice[] c : codes.values()) {
             c[0].close();
             c[1].close();

@@ -9,7 +9,7 @@ import ai.djl.ndarray.types.DataType;
  * the arithmetic, chunk by chunk. A chunk is {@code rows} whole blocks of the flat arrays viewed as (rows, block);
  * for each, the stored moments are dequantized (8-bit) or viewed (FP32), the rule is applied in place on views of the
  * weight, the moments are requantized and the weight is copied into the working copy. The rule's scalars are made on
- * the weight's device once per step, not per chunk.
+ * the weight's device once per step, not per chunk (those that never change once per device).
  *
  * <p>Temporaries of a quantized chunk of {@code c} elements, at most at once: the FP32 gradient (4 c, when it is not
  * FP32 already or is divided), the two dequantized moments (8 c) and, while one moment is decoded or encoded, at most
@@ -57,13 +57,14 @@ final class EightBitStep {
         double correction1 = 1 - Math.pow(o.beta1(), s.step);
         double correction2 = 1 - Math.pow(o.beta2(), s.step);
         this.divisor = gradDivisor == 1f ? null : scalar(gradDivisor);
-        this.oneMinusBeta1 = scalar(1 - o.beta1());
-        this.beta1 = scalar(o.beta1());
-        this.beta2 = scalar(o.beta2());
-        this.oneMinusBeta2 = scalar(1 - o.beta2());
+        NDArray[] constants = o.constants(weight.getDevice());
+        this.oneMinusBeta1 = constants[0];
+        this.beta1 = constants[1];
+        this.beta2 = constants[2];
+        this.oneMinusBeta2 = constants[3];
+        this.epsilon = constants[4];
         this.decay = o.weightDecay() == 0 ? null : scalar(1 - o.learningRate() * o.weightDecay());
         this.sqrtCorrection2 = scalar((float) Math.sqrt(correction2));
-        this.epsilon = scalar(o.epsilon());
         this.stepSize = scalar((float) (o.learningRate() / correction1));
     }
 
