@@ -1,15 +1,17 @@
 package ai.djl.memopt.finetune;
 
 import ai.djl.Device;
+import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
-import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
 import ai.djl.pytorch.jni.JniUtils;
 import com.google.common.base.Preconditions;
 import java.util.HashMap;
 import java.util.LinkedHashMap;
+import java.util.List;
 import java.util.Map;
 
 /**
@@ -43,9 +45,13 @@ import java.util.Map;
  * </pre>
  * The 8-bit path, like bitsandbytes' kernel, dequantizes the stored moments, applies the rule, updates the weight with
  * the new FP32 moments and only then quantizes them for storage. It walks the flattened weight in chunks of whole
- * blocks (at most {@link Builder#optChunkElements} elements), each chunk's dequantized moments and temporaries closed
- * before the next, so no FP32 array the size of the weight ever exists. All work is NDArray operations on the
- * weight's device; nothing is read to the host.
+ * blocks (at most {@link Builder#optChunkElements} elements: by default 2^20 on the CPU, where memory is the point,
+ * 2^23 on a GPU, where every chunk's few dozen operations cost host time), each chunk's dequantized moments and
+ * temporaries (about 33 bytes per element, {@link EightBitStep}) closed before the next, so no FP32 array the size of a
+ * large weight ever exists. {@link #stepAll} goes further and updates buckets of parameters laid end to end as one
+ * chunk ({@link EightBitBuckets}). Requantizing costs a dozen element-wise operations per moment
+ * ({@link BlockwiseCode.OnDevice#encode}). All work is NDArray operations on the weight's device; nothing is read to
+ * the host.
  *
  * <pre>{@code
  * try (EightBitAdamW opt = EightBitAdamW.builder().setManager(manager).optLearningRate(1e-4f)
@@ -72,10 +78,14 @@ public final class EightBitAdamW implements AutoCloseable {
     private final float weightDecay;
     private final int blockSize;
     private final long minQuantizedSize;
-    private final long chunkBlocks;
-    private final NDManager manager;
-    private final Map<String, MomentState> states = new LinkedHashMap<>();
+    /** Chunk elements set by the builder, or 0 for the device's default. */
+    private final long chunkElements;
+    private final boolean searchEncode;
+    final NDManager manager;
+    final Map<String, MomentState> states = new LinkedHashMap<>();
     private final Map<Device, BlockwiseCode.OnDevice[]> codes = new HashMap<>();
+    private final Map<Device, NDList> constants = new HashMap<>();
+    private final EightBitBuckets buckets = new EightBitBuckets(this);
     private float learningRate;
 
     private EightBitAdamW(Builder b) {
@@ -85,7 +95,8 @@ public final class EightBitAdamW implements AutoCloseable {
         this.weightDecay = b.weightDecay;
         this.blockSize = b.blockSize;
         this.minQuantizedSize = b.minQuantizedSize;
-        this.chunkBlocks = Math.max(1, b.chunkElements / b.blockSize);
+        this.chunkElements = b.chunkElements == null ? 0 : b.chunkElements;
+        this.searchEncode = b.searchEncode;
         this.learningRate = b.learningRate;
         this.manager = b.manager;
     }
@@ -131,6 +142,19 @@ public final class EightBitAdamW implements AutoCloseable {
         this.learningRate = lr;
     }
 
+    /** The most elements updated at once on {@code device} (see {@link Builder#optChunkElements}). */
+    public long chunkElements(Device device) {
+        if (chunkElements >= 1) {
+            return chunkElements;
+        }
+        return device.isGpu() ? Builder.GPU_CHUNK_ELEMENTS : Builder.CPU_CHUNK_ELEMENTS;
+    }
+
+    /** {@link #chunkElements} in whole blocks, at least one. */
+    long chunkBlocks(Device device) {
+        return Math.max(1, chunkElements(device) / blockSize);
+    }
+
     /** Whether a parameter of {@code elements} elements gets 8-bit moments. */
     public boolean quantizes(long elements) {
         return elements >= minQuantizedSize;
@@ -156,33 +180,59 @@ public final class EightBitAdamW implements AutoCloseable {
         boolean gradMode = JniUtils.isGradMode();
         JniUtils.setGradMode(false); // in-place writes into leaves that require grad
         try (NDManager scope = manager.newSubManager(master.getDevice())) {
-            MomentState s = states.get(parameterId);
-            if (s == null) {
-                s = MomentState.fresh(master, quantizes(master.size()), blockSize, manager, codes(master.getDevice()));
-                states.put(parameterId, s);
-            }
-            Preconditions.checkArgument(s.shape.equals(master.getShape()),
-                    "parameter %s has shape %s, its optimizer state was made for %s", parameterId, master.getShape(),
-                    s.shape);
+            MomentState s = state(parameterId, master);
             s.step++;
-            Flat f = new Flat();
-            f.weight = flat(master, scope);
-            f.grad = flat(grad, scope);
-            f.working = copyTo == null ? null : flat(copyTo, scope);
-            f.first = s.quantized ? null : flat(s.firstFp32, scope);
-            f.second = s.quantized ? null : flat(s.secondFp32, scope);
-            long n = master.size();
-            long fullBlocks = n / blockSize;
-            for (long b0 = 0; b0 < fullBlocks; b0 += chunkBlocks) {
-                chunk(s, f, gradDivisor, b0, Math.min(chunkBlocks, fullBlocks - b0), blockSize, scope);
-            }
-            long tail = n - fullBlocks * blockSize;
-            if (tail > 0) {
-                chunk(s, f, gradDivisor, fullBlocks, 1, tail, scope);
-            }
+            EightBitStep.run(this, s, flat(master, scope), flat(grad, scope),
+                    copyTo == null ? null : flat(copyTo, scope), gradDivisor, chunkBlocks(master.getDevice()), scope);
         } finally {
             JniUtils.setGradMode(gradMode);
         }
+    }
+
+    /**
+     * Updates many parameters at once, as {@link #step(String, NDArray, NDArray, float, NDArray)} would one by one
+     * (the same bits): consecutive parameters of one device and gradient type are laid end to end in buckets of at
+     * most {@link #chunkElements} elements and each bucket is updated as one chunk ({@link EightBitBuckets}); quantized
+     * parameters join a bucket when their size is a multiple of the block size (blocks then never straddle two
+     * parameters, so each one's state arrays are unchanged, views of the bucket's), FP32-moment ones always. Larger
+     * parameters, and those whose step counts differ from their bucket's, are updated alone. The buckets are planned
+     * once per list of ids and kept while the weights and states are the ones planned for.
+     *
+     * @param copyTo null, or per parameter null or the working copy that receives the updated weight
+     */
+    public void stepAll(List<String> ids, List<NDArray> masters, List<NDArray> grads, float gradDivisor,
+            List<NDArray> copyTo) {
+        Preconditions.checkArgument(ids.size() == masters.size() && ids.size() == grads.size()
+                && (copyTo == null || copyTo.size() == ids.size()), "stepAll: %s ids, %s weights, %s gradients%s",
+                ids.size(), masters.size(), grads.size(), copyTo == null ? "" : ", " + copyTo.size() + " copies");
+        for (int i = 0; i < ids.size(); i++) {
+            checkInputs(ids.get(i), masters.get(i), grads.get(i), gradDivisor, copyTo == null ? null : copyTo.get(i));
+        }
+        boolean gradMode = JniUtils.isGradMode();
+        JniUtils.setGradMode(false);
+        try {
+            buckets.update(ids, masters, grads, gradDivisor, copyTo);
+        } finally {
+            JniUtils.setGradMode(gradMode);
+        }
+    }
+
+    /** The number of buckets planned for this list of ids by {@link #stepAll} (0 if none). */
+    int bucketCount(List<String> ids) {
+        return buckets.bucketCount(ids);
+    }
+
+    /** The state of a parameter, made (zero moments) at its first update; its shape checked against the weight's. */
+    MomentState state(String parameterId, NDArray master) {
+        MomentState s = states.get(parameterId);
+        if (s == null) {
+            s = MomentState.fresh(master, quantizes(master.size()), blockSize, manager, codes(master.getDevice()));
+            states.put(parameterId, s);
+        }
+        Preconditions.checkArgument(s.shape.equals(master.getShape()),
+                "parameter %s has shape %s, its optimizer state was made for %s", parameterId, master.getShape(),
+                s.shape);
+        return s;
     }
 
     private static void checkInputs(String id, NDArray master, NDArray grad, float gradDivisor, NDArray copyTo) {
@@ -202,88 +252,6 @@ public final class EightBitAdamW implements AutoCloseable {
                 "gradient divisor of %s must be finite and > 0, got %s", id, gradDivisor);
     }
 
-    /**
-     * Blocks {@code [b0, b0 + rows)} of the flattened parameter as a (rows, cols) chunk: dequantize (8-bit) or view
-     * (FP32) the moments, apply the rule in place on views of the weight, requantize, copy to the working weight.
-     */
-    private void chunk(MomentState s, Flat f, float divisor, long b0, long rows, long cols, NDManager scope) {
-        long start = b0 * blockSize;
-        try (NDManager tmp = scope.newSubManager()) {
-            NDArray wc = MomentState.piece(f.weight, start, rows, cols, tmp);
-            NDArray gc = unscaled(MomentState.piece(f.grad, start, rows, cols, tmp), divisor, tmp);
-            NDArray m;
-            NDArray v;
-            if (s.quantized) {
-                m = s.first.decode(b0, rows, cols, tmp);
-                v = s.second.decode(b0, rows, cols, tmp);
-            } else {
-                m = MomentState.piece(f.first, start, rows, cols, tmp);
-                v = MomentState.piece(f.second, start, rows, cols, tmp);
-            }
-            adamw(s.step, wc, gc, m, v, tmp);
-            if (s.quantized) {
-                s.first.encode(m, b0, rows, tmp);
-                s.second.encode(v, b0, rows, tmp);
-            }
-            if (f.working != null) {
-                NDArray target = MomentState.piece(f.working, start, rows, cols, tmp);
-                NDArray cast = wc.toType(f.working.getDataType(), true);
-                cast.attach(tmp);
-                target.set(new NDIndex("..."), cast);
-            }
-        }
-    }
-
-    /**
-     * The FP32 gradient chunk divided by {@code divisor}, never in place on the gradient ({@code toType} of an FP32
-     * array is the array itself).
-     */
-    private static NDArray unscaled(NDArray grad, float divisor, NDManager tmp) {
-        if (grad.getDataType() != DataType.FLOAT32) {
-            NDArray wide = grad.toType(DataType.FLOAT32, false);
-            wide.attach(tmp);
-            return divisor == 1f ? wide : wide.divi(divisor);
-        }
-        if (divisor == 1f) {
-            return grad;
-        }
-        NDArray scaled = grad.div(divisor);
-        scaled.attach(tmp);
-        return scaled;
-    }
-
-    /** The rule on one chunk, in place on {@code w}, {@code m} and {@code v}, every temporary in {@code tmp}. */
-    private void adamw(long step, NDArray w, NDArray g, NDArray m, NDArray v, NDManager tmp) {
-        // StatefulOptimizer's operations in its order (UpdateRules.adam), scalars made on the device
-        NDArray scaledGrad = g.mul(UpdateRules.scalar(g, 1 - beta1, tmp));
-        scaledGrad.attach(tmp);
-        m.muli(UpdateRules.scalar(m, beta1, tmp)).addi(scaledGrad);
-        NDArray square = g.square();
-        square.attach(tmp);
-        v.muli(UpdateRules.scalar(v, beta2, tmp)).addi(square.muli(UpdateRules.scalar(square, 1 - beta2, tmp)));
-        double correction1 = 1 - Math.pow(beta1, step);
-        double correction2 = 1 - Math.pow(beta2, step);
-        if (weightDecay != 0) {
-            w.muli(UpdateRules.scalar(w, 1 - learningRate * weightDecay, tmp));
-        }
-        NDArray denom = v.sqrt();
-        denom.attach(tmp);
-        denom.divi(UpdateRules.scalar(denom, (float) Math.sqrt(correction2), tmp))
-                .addi(UpdateRules.scalar(denom, epsilon, tmp));
-        NDArray ratio = m.div(denom); // m / denom
-        ratio.attach(tmp);
-        w.subi(ratio.muli(UpdateRules.scalar(ratio, (float) (learningRate / correction1), tmp)));
-    }
-
-    /** Flat views of the arrays of one step: weight, gradient, working copy (or null), FP32 moments (or null). */
-    private static final class Flat {
-        NDArray weight;
-        NDArray grad;
-        NDArray working;
-        NDArray first;
-        NDArray second;
-    }
-
     /** A flat view of a contiguous array (in-place writes reach the array), attached to {@code scope}. */
     private static NDArray flat(NDArray a, NDManager scope) {
         NDArray view = a.reshape(-1);
@@ -292,9 +260,29 @@ public final class EightBitAdamW implements AutoCloseable {
     }
 
     /** The code tables on {@code device} (signed, unsigned), uploaded once. */
-    private BlockwiseCode.OnDevice[] codes(Device device) {
+    BlockwiseCode.OnDevice[] codes(Device device) {
         return codes.computeIfAbsent(device, d -> new BlockwiseCode.OnDevice[] {
-            BlockwiseCode.signedDynamic().upload(manager, d), BlockwiseCode.unsignedDynamic().upload(manager, d)});
+            BlockwiseCode.signedDynamic().upload(manager, d, searchEncode),
+            BlockwiseCode.unsignedDynamic().upload(manager, d, searchEncode)});
+    }
+
+    /**
+     * The rule's fixed scalars on {@code device}, made once: {@code 1 - beta1, beta1, beta2, 1 - beta2, epsilon} (FP32,
+     * from the same float expressions as {@link UpdateRules#adam}).
+     */
+    NDArray[] constants(Device device) {
+        NDList c = constants.computeIfAbsent(device, d -> {
+            NDList list = new NDList();
+            try (NDArray like = manager.zeros(new Shape(), DataType.FLOAT32, d)) {
+                for (float v : new float[] {1 - beta1, beta1, beta2, 1 - beta2, epsilon}) {
+                    NDArray s = Scalars.like(like, v);
+                    s.attach(manager);
+                    list.add(s);
+                }
+            }
+            return list;
+        });
+        return c.toArray(new NDArray[0]);
     }
 
     /** Number of updates applied to a parameter (0 if never). */
@@ -393,10 +381,15 @@ public final class EightBitAdamW implements AutoCloseable {
     /** Frees the state arrays and code tables. */
     @Override
     public void close() {
+        buckets.close();
         for (MomentState s : states.values()) {
             s.close();
         }
         states.clear();
+        for (NDList c : constants.values()) {
+            c.close();
+        }
+        constants.clear();
         for (BlockwiseCode.OnDevice[] c : codes.values()) {
             c[0].close();
             c[1].close();
@@ -406,9 +399,14 @@ public final class EightBitAdamW implements AutoCloseable {
 
     /**
      * Builder: {@code setManager} required; defaults lr 1e-3, betas (0.9, 0.999), eps 1e-8, no decay, blocks of 2048,
-     * 8-bit moments from 4096 elements, chunks of 2^20 elements.
+     * 8-bit moments from 4096 elements, chunks of 2^20 elements on the CPU and 2^23 on a GPU.
      */
     public static final class Builder {
+        /** The default chunk on the CPU: about 35 MB of temporaries. */
+        static final long CPU_CHUNK_ELEMENTS = 1L << 20;
+        /** The default chunk on a GPU: about 280 MB of temporaries, 34 chunks for 284M parameters. */
+        static final long GPU_CHUNK_ELEMENTS = 1L << 23;
+
         private NDManager manager;
         private float learningRate = 1e-3f;
         private float beta1 = 0.9f;
@@ -417,7 +415,8 @@ public final class EightBitAdamW implements AutoCloseable {
         private float weightDecay;
         private int blockSize = 2048;
         private long minQuantizedSize = 4096;
-        private long chunkElements = RowBlocks.DEFAULT_BLOCK_ELEMENTS;
+        private Long chunkElements; // null: by device
+        private boolean searchEncode;
 
         private Builder() {}
 
@@ -462,11 +461,21 @@ public final class EightBitAdamW implements AutoCloseable {
         }
 
         /**
-         * The most elements updated at once (default 2^20), rounded down to whole blocks (at least one): bounds the
-         * dequantized moments and temporaries of a step.
+         * The most elements updated at once, rounded down to whole blocks (at least one): bounds the dequantized
+         * moments and temporaries of a step, about 33 bytes per element (default 2^20 on the CPU, 2^23 on a GPU),
+         * and the buckets of {@link EightBitAdamW#stepAll}.
          */
         public Builder optChunkElements(long elements) {
             this.chunkElements = elements;
+            return this;
+        }
+
+        /**
+         * Requantizes by the reference binary search ({@link BlockwiseCode.OnDevice#encodeBySearch}) instead of the key
+         * tables: the same bits, four times the operations; for tests and benchmarks.
+         */
+        Builder optSearchEncode(boolean search) {
+            this.searchEncode = search;
             return this;
         }
 
@@ -483,7 +492,8 @@ public final class EightBitAdamW implements AutoCloseable {
             Preconditions.checkArgument(blockSize >= 1, "block size must be >= 1, got %s", blockSize);
             Preconditions.checkArgument(minQuantizedSize >= 0, "minimum quantized size must be >= 0, got %s",
                     minQuantizedSize);
-            Preconditions.checkArgument(chunkElements >= 1, "chunk elements must be >= 1, got %s", chunkElements);
+            Preconditions.checkArgument(chunkElements == null || chunkElements >= 1,
+                    "chunk elements must be >= 1, got %s", chunkElements);
             return new EightBitAdamW(this);
         }
     }

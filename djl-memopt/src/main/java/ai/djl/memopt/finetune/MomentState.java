@@ -11,7 +11,8 @@ import java.util.Map;
 
 /**
  * The Adam moments of one parameter for {@link EightBitAdamW}: either two {@link Quantized} moments (codes and block
- * scales) or two FP32 arrays of the parameter's shape, and the step count.
+ * scales) or two FP32 arrays of the parameter's shape, and the step count. A bucket of parameters
+ * ({@link EightBitBuckets}) has one of its own over its flat arrays, and its members' states are views of those.
  */
 final class MomentState {
 
@@ -28,6 +29,22 @@ final class MomentState {
     private MomentState(Shape shape, boolean quantized) {
         this.shape = shape;
         this.quantized = quantized;
+    }
+
+    /** 8-bit moments over the given arrays (kept, not copied). */
+    static MomentState ofQuantized(Shape shape, Quantized first, Quantized second) {
+        MomentState s = new MomentState(shape, true);
+        s.first = first;
+        s.second = second;
+        return s;
+    }
+
+    /** FP32 moments over the given arrays of {@code shape} (kept, not copied). */
+    static MomentState ofFp32(NDArray first, NDArray second) {
+        MomentState s = new MomentState(first.getShape(), false);
+        s.firstFp32 = first;
+        s.secondFp32 = second;
+        return s;
     }
 
     /** Zero moments for {@code weight}, on its device, in {@code manager}. */
@@ -82,8 +99,11 @@ final class MomentState {
 
     /** Elements {@code [start, start + rows * cols)} of the flat {@code a} as a (rows, cols) view in {@code tmp}. */
     static NDArray piece(NDArray a, long start, long rows, long cols, NDManager tmp) {
-        NDArray slice = a.get(new NDIndex("{}:{}", start, start + rows * cols));
-        slice.attach(tmp);
+        NDArray slice = a;
+        if (start != 0 || rows * cols != a.size()) { // the whole array needs no slice
+            slice = a.get(new NDIndex("{}:{}", start, start + rows * cols));
+            slice.attach(tmp);
+        }
         NDArray view = slice.reshape(rows, cols);
         view.attach(tmp);
         return view;
@@ -117,12 +137,12 @@ final class MomentState {
 
     /** One moment in 8 bits: flat codes (n) UINT8 and one FP32 absolute maximum per block. */
     static final class Quantized {
-        private final NDArray codes;
-        private final NDArray absmax;
-        private final BlockwiseCode.OnDevice code;
-        private final int blockSize;
+        final NDArray codes;
+        final NDArray absmax;
+        final BlockwiseCode.OnDevice code;
+        final int blockSize;
 
-        private Quantized(NDArray codes, NDArray absmax, BlockwiseCode.OnDevice code, int blockSize) {
+        Quantized(NDArray codes, NDArray absmax, BlockwiseCode.OnDevice code, int blockSize) {
             this.codes = codes;
             this.absmax = absmax;
             this.code = code;
@@ -138,27 +158,42 @@ final class MomentState {
             return new Quantized(codes, absmax, code, blockSize);
         }
 
-        /** Blocks {@code [b0, b0 + rows)}, each {@code cols} long, dequantized: a new (rows, cols) FP32 array. */
-        NDArray decode(long b0, long rows, long cols, NDManager tmp) {
-            NDArray c = piece(codes, b0 * blockSize, rows, cols, tmp);
-            NDArray a = absmax.get(new NDIndex("{}:{}", b0, b0 + rows));
-            a.attach(tmp);
-            NDArray out = code.decode(c, a);
-            out.attach(tmp);
-            return out;
+        /** Views of blocks {@code [b0, b0 + rows)}, each {@code cols} long, for one chunk of an update. */
+        Piece piece(long b0, long rows, long cols, NDManager tmp) {
+            NDArray c = MomentState.piece(codes, b0 * blockSize, rows, cols, tmp);
+            NDArray a = absmax.size() == rows ? absmax : absmax.get(new NDIndex("{}:{}", b0, b0 + rows));
+            if (a != absmax) {
+                a.attach(tmp);
+            }
+            return new Piece(c, a);
         }
 
-        /** Stores the (rows, cols) FP32 {@code x} as blocks {@code [b0, b0 + rows)}. */
-        void encode(NDArray x, long b0, long rows, NDManager tmp) {
-            NDArray scale = BlockwiseCode.OnDevice.absmax(x);
-            scale.attach(tmp);
-            NDArray q = code.encode(x, scale);
-            q.attach(tmp);
-            NDArray c = piece(codes, b0 * blockSize, rows, x.getShape().get(1), tmp);
-            c.set(new NDIndex("..."), q);
-            NDArray a = absmax.get(new NDIndex("{}:{}", b0, b0 + rows));
-            a.attach(tmp);
-            a.set(new NDIndex("..."), scale);
+        /** Codes and scales of some blocks: views that decoding reads and encoding writes. */
+        final class Piece {
+            private final NDArray codes;
+            private final NDArray absmax;
+
+            private Piece(NDArray codes, NDArray absmax) {
+                this.codes = codes;
+                this.absmax = absmax;
+            }
+
+            /** The blocks dequantized: a new (rows, cols) FP32 array in {@code tmp}. */
+            NDArray decode(NDManager tmp) {
+                NDArray out = code.decode(codes, absmax);
+                out.attach(tmp);
+                return out;
+            }
+
+            /** Stores the (rows, cols) FP32 {@code x} as these blocks: scales, then codes. */
+            void encode(NDArray x, NDManager tmp) {
+                NDArray scale = BlockwiseCode.OnDevice.absmax(x);
+                scale.attach(tmp);
+                NDArray q = code.encode(x, scale);
+                q.attach(tmp);
+                UpdateRules.copyInto(codes, q, tmp);
+                UpdateRules.copyInto(absmax, scale, tmp);
+            }
         }
 
         void copyFrom(String name, String moment, Map<String, NDArray> arrays) {

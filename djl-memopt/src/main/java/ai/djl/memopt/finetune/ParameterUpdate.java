@@ -167,6 +167,48 @@ final class ParameterUpdate {
         }
     }
 
+    /**
+     * Updates the trainable parameters {@code names} (a fused update's group) as {@link #updateParameter} does one by
+     * one, without zeroing their gradients; in the GPU form, unless offloaded, through
+     * {@link StatefulOptimizer#updateAll} (flat buckets planned once for this list; the same bits).
+     */
+    void updateParameters(List<String> names, float gradDivisor) {
+        if (offloaded || !gpuForms) {
+            for (String name : names) {
+                updateParameter(name, gradDivisor);
+            }
+            return;
+        }
+        updateTogether(names, gradDivisor, true);
+    }
+
+    /**
+     * The parameters {@code names} through one {@link StatefulOptimizer#updateAll} call (flat buckets when
+     * {@code bucketed}), FP16 working weights receiving their masters; those without a gradient are left alone.
+     */
+    private void updateTogether(Iterable<String> names, float gradDivisor, boolean bucketed) {
+        try (NDManager t = optimizer.manager.newSubManager()) {
+            List<String> ids = new ArrayList<>();
+            List<NDArray> weights = new ArrayList<>();
+            List<NDArray> grads = new ArrayList<>();
+            List<NDArray> copies = new ArrayList<>();
+            for (String name : names) {
+                Parameter p = parameters.get(name);
+                NDArray g = JniUtils.getGradient((PtNDArray) p.getArray());
+                if (g == null) {
+                    continue;
+                }
+                g.attach(t);
+                NDArray master = masters.get(name);
+                ids.add(p.getId());
+                weights.add(master != null ? master : p.getArray());
+                grads.add(g);
+                copies.add(master != null ? p.getArray() : null);
+            }
+            optimizer.updateAll(ids, weights, grads, gradDivisor, copies, bucketed);
+        }
+    }
+
     /** The FP32 masters of the trainable weights by Hugging Face name (empty in FP32 mode). */
     Map<String, NDArray> masters() {
         return masters;
@@ -272,27 +314,13 @@ final class ParameterUpdate {
             zeroGradients();
             return;
         }
-        try (NDManager t = optimizer.manager.newSubManager()) {
-            List<String> ids = new ArrayList<>();
-            List<NDArray> weights = new ArrayList<>();
-            List<NDArray> grads = new ArrayList<>();
-            List<NDArray> copies = new ArrayList<>();
-            for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
-                Parameter p = e.getValue();
-                if (!p.requiresGradient()) {
-                    continue;
-                }
-                NDArray w = p.getArray();
-                NDArray master = masters.get(e.getKey());
-                NDArray g = w.getGradient();
-                g.attach(t);
-                ids.add(p.getId());
-                weights.add(master != null ? master : w);
-                grads.add(g);
-                copies.add(master != null ? w : null);
+        List<String> trainable = new ArrayList<>();
+        for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
+            if (e.getValue().requiresGradient()) {
+                trainable.add(e.getKey());
             }
-            optimizer.updateAll(ids, weights, grads, gradDivisor, copies, gpuForms);
         }
+        updateTogether(trainable, gradDivisor, gpuForms);
         zeroGradients();
     }
 

@@ -248,7 +248,8 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
      * few native calls instead of a dozen kernels and their Java operations, which on a GPU decided the optimizer's
      * time. The result is element for element the whole-parameter update's. SGD, parameters whose step counts differ
      * within a bucket, and parameters on the CPU (unless {@link Builder#optWholeParameter} is true) are updated one by
-     * one ({@link #update(String, NDArray, NDArray, float, NDArray)}).
+     * one ({@link #update(String, NDArray, NDArray, float, NDArray)}). 8-bit AdamW has buckets of its own, of whole
+     * quantization blocks ({@link EightBitAdamW#stepAll}), with the same bits as its per-parameter update.
      *
      * @param ids the DJL parameter ids, in a stable order (the buckets are planned for the first list and rebuilt when
      *     it changes)
@@ -267,6 +268,10 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         Preconditions.checkArgument(ids.size() == weights.size() && ids.size() == grads.size()
                 && (copyTo == null || copyTo.size() == ids.size()), "updateAll: %s ids, %s weights, %s gradients%s",
                 ids.size(), weights.size(), grads.size(), copyTo == null ? "" : ", " + copyTo.size() + " copies");
+        if (eightBit != null && bucketed) {
+            eightBit.stepAll(ids, weights, grads, gradDivisor, copyTo); // buckets of 8-bit or FP32 moments
+            return;
+        }
         if (kind == Kind.SGD || eightBit != null || !bucketed) {
             for (int i = 0; i < ids.size(); i++) {
                 update(ids.get(i), weights.get(i), grads.get(i), gradDivisor, copyTo == null ? null : copyTo.get(i));
@@ -283,6 +288,11 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         } finally {
             JniUtils.setGradMode(gradMode);
         }
+    }
+
+    /** The 8-bit moments of ADAMW8BIT, or null. */
+    EightBitAdamW eightBit() {
+        return eightBit;
     }
 
     private NDArray zeros(NDArray like) {

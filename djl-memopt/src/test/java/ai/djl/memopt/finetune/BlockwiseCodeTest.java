@@ -171,4 +171,92 @@ class BlockwiseCodeTest {
             assertArrayEquals(new float[32], onDevice.decode(codes, absmax).toFloatArray(), 0f);
         }
     }
+
+    /**
+     * The key tables give the binary search's index for every input: each threshold, entry and the floats next to
+     * them, zeros of both signs, +-1, subnormals and the smallest normals, the float at and next to each key's lower
+     * bound 2^(k / 1024 - 24), and 2^20 random values of both signs spread over 30 octaves and uniformly over [-1, 1];
+     * then again through random block scales (x = y absmax, with elements equal to +-absmax and blocks of subnormals).
+     * Checked also against a plain search in Java, so that a broken reference cannot hide a broken table.
+     */
+    @Test
+    void keyTablesEqualTheBinarySearch() {
+        for (boolean signed : new boolean[] {true, false}) {
+            BlockwiseCode table = signed ? BlockwiseCode.signedDynamic() : BlockwiseCode.unsignedDynamic();
+            float[] y = hardValues(table, signed);
+            try (NDManager m = NDManager.newBaseManager()) {
+                BlockwiseCode.OnDevice onDevice = table.upload(m, m.getDevice());
+                int cols = 1024;
+                int rows = (y.length + cols - 1) / cols;
+                float[] padded = java.util.Arrays.copyOf(y, rows * cols);
+                NDArray x = m.create(padded, new Shape(rows, cols));
+                NDArray ones = m.ones(new Shape(rows));
+                byte[] fast = onDevice.encode(x, ones).toByteArray();
+                byte[] search = onDevice.encodeBySearch(x, ones).toByteArray();
+                for (int i = 0; i < y.length; i++) {
+                    int expected = table.nearest(padded[i]);
+                    assertEquals(expected, search[i] & 0xff, "signed " + signed + ": search of " + padded[i]);
+                    assertEquals(expected, fast[i] & 0xff, "signed " + signed + ": key tables of " + padded[i]
+                            + " (" + Float.floatToRawIntBits(padded[i]) + ")");
+                }
+                // through block scales: rows of random absmax, one element at +-absmax, and rows of subnormals
+                SplittableRandom r = new SplittableRandom(signed ? 11 : 12);
+                float[] scales = new float[rows];
+                float[] scaled = new float[rows * cols];
+                for (int row = 0; row < rows; row++) {
+                    boolean subnormal = row % 17 == 3;
+                    scales[row] = subnormal ? Float.MIN_NORMAL / (2 + r.nextInt(1000))
+                            : (float) Math.pow(2, r.nextDouble(-40, 40));
+                    for (int c = 0; c < cols; c++) {
+                        float v = padded[row * cols + c] * scales[row];
+                        scaled[row * cols + c] = Math.abs(v) <= scales[row] ? v : Math.copySign(scales[row], v);
+                    }
+                    scaled[row * cols + r.nextInt(cols)] = signed && r.nextBoolean() ? -scales[row] : scales[row];
+                }
+                NDArray xs = m.create(scaled, new Shape(rows, cols));
+                NDArray absmax = BlockwiseCode.OnDevice.absmax(xs);
+                assertArrayEquals(onDevice.encodeBySearch(xs, absmax).toByteArray(),
+                        onDevice.encode(xs, absmax).toByteArray(), "signed " + signed + ": through block scales");
+            }
+        }
+    }
+
+    private static float[] hardValues(BlockwiseCode table, boolean signed) {
+        java.util.List<Float> v = new java.util.ArrayList<>();
+        float[] entries = table.values();
+        for (int j = 0; j < entries.length; j++) {
+            float e = entries[j];
+            float t = j == 0 ? e : (float) (((double) entries[j - 1] + e) / 2);
+            for (float a : new float[] {e, t}) {
+                v.add(a);
+                v.add(Math.nextUp(a));
+                v.add(Math.nextDown(a));
+            }
+        }
+        for (float a : new float[] {0f, -0f, 1f, Math.nextDown(1f), Float.MIN_VALUE, 2 * Float.MIN_VALUE,
+            Float.MIN_NORMAL, Math.nextDown(Float.MIN_NORMAL), Math.nextUp(Float.MIN_NORMAL), 1e-30f, 1e-40f}) {
+            v.add(a);
+            v.add(-a);
+        }
+        for (int k = 0; k <= BlockwiseCode.TOP_KEY; k++) {
+            float a = (float) Math.pow(2, (double) k / BlockwiseCode.KEYS_PER_OCTAVE - BlockwiseCode.OCTAVES);
+            v.add(a);
+            v.add(Math.nextUp(a));
+            v.add(Math.nextDown(a));
+        }
+        SplittableRandom r = new SplittableRandom(signed ? 3 : 4);
+        for (int i = 0; i < 1 << 20; i++) {
+            float a = i % 2 == 0 ? (float) Math.pow(2, -30 * r.nextDouble()) : (float) r.nextDouble();
+            v.add(a);
+        }
+        float[] out = new float[v.size()];
+        for (int i = 0; i < out.length; i++) {
+            float a = Math.min(1f, v.get(i));
+            out[i] = signed && i % 2 == 1 ? -a : Math.abs(a); // the unsigned code's inputs are never negative
+            if (!signed && Float.floatToRawIntBits(v.get(i)) == Float.floatToRawIntBits(-0f)) {
+                out[i] = -0f;
+            }
+        }
+        return out;
+    }
 }
