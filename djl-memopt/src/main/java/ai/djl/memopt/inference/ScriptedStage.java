@@ -8,6 +8,7 @@ import ai.djl.memopt.model.deepseek.DeepSeekMoE;
 import ai.djl.memopt.model.deepseek.MoeGate;
 import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
 import ai.djl.memopt.model.deepseek.RmsNorm;
+import ai.djl.memopt.nn.HostReads;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -348,13 +349,16 @@ final class ScriptedStage {
         NDArray forward(NDManager out, NDArray hidden, NDList cosSin, NDArray mask, int length, int total) {
             long assignments = hidden.getShape().get(0) * hidden.getShape().get(1) * config.numExpertsPerTok();
             long[] chunks = new long[layers.length];
+            int sorted = 0;
             for (int i = 0; i < layers.length; i++) {
                 // the Java path's choice: gathered when enabled and within the limit (0 here: the sorted dispatch)
                 DeepSeekMoE moe = moes[i];
                 boolean gathered = moe != null && moe.isGatheredDispatchEnabled()
                         && assignments <= moe.gatheredDispatchLimit(device);
                 chunks[i] = gathered ? chunk[i] : 0;
+                sorted += moe != null && !gathered ? 1 : 0;
             }
+            HostReads.recordNative(sorted); // the sorted dispatch reads its expert counts once per MoE layer
             IValue[] args = new IValue[12];
             try {
                 args[0] = IValue.from((PtNDArray) hidden);
