@@ -34,6 +34,7 @@ final class DecoderStage {
     private final RotaryEmbedding rotary;
     private final DataType dtype;
     private final ExpertDispatch expertDispatch;
+    private ScriptedStage scripted; // null: the Java path
 
     DecoderStage(DeepSeekConfig config, Device device, int firstLayer, DeepSeekDecoderLayer[] layers,
             MultiHeadLatentAttention[] attention, RotaryEmbedding rotary, DataType dtype, ExpertDispatch experts) {
@@ -66,6 +67,22 @@ final class DecoderStage {
         return expertDispatch;
     }
 
+    /** Why this stage's layers cannot take the TorchScript step, or null if they can. */
+    String scriptUnsupportedReason() {
+        return ScriptedStage.unsupportedReason(config, layers, attention, dtype, device, firstLayer);
+    }
+
+    /** Runs this stage's later sessions through the TorchScript step ({@link #scriptUnsupportedReason()} is null). */
+    void useScript() {
+        ScriptedStage s = ScriptedStage.create(config, layers, attention, dtype, device, firstLayer);
+        s.prepare();
+        scripted = s;
+    }
+
+    boolean isScripted() {
+        return scripted != null;
+    }
+
     int layerCount() {
         return layers.length;
     }
@@ -84,6 +101,7 @@ final class DecoderStage {
         private final NDArray[] wUk; // per layer (1, H, nope, r)
         private final NDArray[] wUvT; // per layer (1, H, r, v)
         private final NDArray paddingBias; // (B, 1, 1, maxLength) FP32: 0 for tokens, the lowest float for padding
+        private final ScriptedStage.Bound script; // null: the Java path
 
         Cache(NDManager session, int batch, int maxLength) {
             this.manager = session.newSubManager(device);
@@ -121,6 +139,7 @@ final class DecoderStage {
                         wUvT[i].attach(manager);
                     }
                 }
+                script = scripted == null ? null : scripted.bind(latent, ropeKey, wUk, wUvT);
             } catch (RuntimeException e) {
                 manager.close();
                 throw e;
@@ -134,6 +153,9 @@ final class DecoderStage {
          * @param mask the additive mask {@code (B, 1, T, S)} FP32 on this device ({@link #additiveMask})
          */
         NDArray forward(ParameterStore ps, NDArray hidden, NDList cosSin, NDArray mask, int length, int t, int total) {
+            if (script != null) {
+                return script.forward(ps.getManager(), hidden, cosSin, mask, length, total);
+            }
             for (int i = 0; i < layers.length; i++) {
                 DeepSeekDecoderLayer layer = layers[i];
                 NDArray normed = layer.inputLayernorm().forward(ps, new NDList(hidden), false).head();
@@ -215,6 +237,9 @@ final class DecoderStage {
 
         @Override
         public void close() {
+            if (script != null) {
+                script.close();
+            }
             manager.close();
         }
     }

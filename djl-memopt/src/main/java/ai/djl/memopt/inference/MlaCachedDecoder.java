@@ -84,6 +84,8 @@ public final class MlaCachedDecoder implements LanguageModel {
     private final DecoderStage[] stages;
     private final Device headDevice;
     private final DataType dtype;
+    private final DecodePath decodePath;
+    private final String javaPathReason;
 
     /** A decoder with {@link ExpertDispatch#AUTO}: gathered experts on a GPU, sorted on the CPU. */
     public MlaCachedDecoder(DeepSeekForCausalLM model, Device device) {
@@ -107,6 +109,19 @@ public final class MlaCachedDecoder implements LanguageModel {
      *     the plan gives it (naming the weight, its device and the plan's)
      */
     public MlaCachedDecoder(DeepSeekForCausalLM model, StagePlan plan, ExpertDispatch experts) {
+        this(model, plan, experts, DecodePath.AUTO);
+    }
+
+    /**
+     * A decoder over the stages of {@code plan} whose layers run as {@code path} says ({@link DecodePath#AUTO}: the
+     * TorchScript step where every layer of every stage qualifies, unless the system property
+     * {@value DecodePath#PROPERTY} forces a path).
+     *
+     * @throws IllegalArgumentException as the other constructors, or if {@link DecodePath#TORCHSCRIPT} is asked for a
+     *     model with a layer that does not qualify (naming it)
+     */
+    public MlaCachedDecoder(DeepSeekForCausalLM model, StagePlan plan, ExpertDispatch experts, DecodePath path) {
+        Preconditions.checkNotNull(path, "path");
         this.model = Preconditions.checkNotNull(model, "model");
         this.plan = Preconditions.checkNotNull(plan, "plan");
         Preconditions.checkNotNull(experts, "experts");
@@ -138,6 +153,41 @@ public final class MlaCachedDecoder implements LanguageModel {
         if (model.lmHead() != null) {
             checkDevice(model.lmHead(), "lm_head.", headDevice, "the final norm's device");
         }
+        DecodePath wanted = path.withProperty();
+        String why = null;
+        if (wanted == DecodePath.JAVA) {
+            why = "the Java path was asked for (" + (path == DecodePath.JAVA ? "DecodePath.JAVA" : "-D"
+                    + DecodePath.PROPERTY + ")");
+        }
+        for (int s = 0; why == null && s < stages.length; s++) {
+            why = stages[s].scriptUnsupportedReason();
+        }
+        if (wanted == DecodePath.TORCHSCRIPT && why != null) {
+            throw new IllegalArgumentException("the TorchScript decode step cannot run this model: " + why);
+        }
+        if (why == null) {
+            for (DecoderStage stage : stages) {
+                stage.useScript();
+            }
+        }
+        this.decodePath = why == null ? DecodePath.TORCHSCRIPT : DecodePath.JAVA;
+        this.javaPathReason = why;
+    }
+
+    /** A single-device decoder whose layers run as {@code path} says (see {@link DecodePath}). */
+    public MlaCachedDecoder(DeepSeekForCausalLM model, Device device, ExpertDispatch experts, DecodePath path) {
+        this(model, StagePlan.single(Preconditions.checkNotNull(device, "device"), model.config().numHiddenLayers()),
+                experts, path);
+    }
+
+    /** How this decoder runs its layers: {@link DecodePath#TORCHSCRIPT} or {@link DecodePath#JAVA}. */
+    public DecodePath decodePath() {
+        return decodePath;
+    }
+
+    /** Why the layers take the Java path (the first layer or weight that does not qualify), or null when scripted. */
+    public String javaPathReason() {
+        return javaPathReason;
     }
 
     /** The device of a block's first initialised parameter, or {@code otherwise}. */

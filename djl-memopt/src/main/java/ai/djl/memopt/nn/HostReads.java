@@ -34,6 +34,14 @@ public final class HostReads {
         }
     }
 
+    /**
+     * Counts {@code n} reads that native code made for the calling thread (the TorchScript decode step's sorted
+     * dispatch reads its expert counts inside the script).
+     */
+    public static void recordNative(int n) {
+        COUNT.get()[0] += n;
+    }
+
     /** Device-to-host reads made through this class by the calling thread so far. */
     public static long count() {
         return COUNT.get()[0];

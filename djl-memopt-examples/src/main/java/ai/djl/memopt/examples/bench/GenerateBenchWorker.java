@@ -100,6 +100,11 @@ public final class GenerateBenchWorker {
             o.addProperty("device", device.isGpu() ? "gpu" + device.getDeviceId() : "cpu");
             o.addProperty("dtype", dtype == DataType.FLOAT16 ? "float16" : "float32");
             o.addProperty("expert_dispatch", decoder.expertDispatch().name().toLowerCase(java.util.Locale.ROOT));
+            // which path ran the layers: torchscript (one scripted call per stage and step) or java
+            o.addProperty("decode_path", decoder.decodePath().name().toLowerCase(java.util.Locale.ROOT));
+            if (decoder.javaPathReason() != null) {
+                o.addProperty("decode_path_reason", decoder.javaPathReason());
+            }
             o.addProperty("prefill_chunk", Math.min(chunk, prompt));
             o.addProperty("prefill_seconds", seconds[0]);
             o.addProperty("prefill_tokens_per_second", batch * (double) prompt / seconds[0]);

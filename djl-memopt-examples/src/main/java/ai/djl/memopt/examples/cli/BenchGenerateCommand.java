@@ -5,6 +5,7 @@ import ai.djl.ndarray.types.DataType;
 import ai.djl.memopt.examples.bench.FreshJvm;
 import ai.djl.memopt.examples.bench.GenerateBenchWorker;
 import ai.djl.memopt.examples.bench.MarkdownTable;
+import ai.djl.memopt.inference.DecodePath;
 import ai.djl.memopt.inference.ExpertDispatch;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import com.google.gson.JsonObject;
@@ -85,6 +86,11 @@ public final class BenchGenerateCommand implements Callable<Integer> {
                     + "host read per MoE layer, sorted on the CPU). See docs/inference.md.")
     String expertDispatch;
 
+    @Option(names = "--decode-path", defaultValue = "auto", paramLabel = "auto|torchscript|java",
+            description = "How decode steps run the layers (default auto: one generated TorchScript call per step where"
+                    + " every layer is plain, else the Java path). The result's decode_path says which ran.")
+    String decodePath;
+
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and prompt seed.")
     long seed;
 
@@ -124,16 +130,27 @@ public final class BenchGenerateCommand implements Callable<Integer> {
             throw new IllegalArgumentException(
                     "--expert-dispatch must be auto, gathered or sorted, got '" + expertDispatch + "'");
         }
-        // the workers inherit every ai.djl.* system property (FreshJvm), and the decoder's AUTO follows this one
+        String path = decodePath.trim().toLowerCase(Locale.ROOT);
+        if (!List.of("auto", "torchscript", "java").contains(path)) {
+            throw new IllegalArgumentException(
+                    "--decode-path must be auto, torchscript or java, got '" + decodePath + "'");
+        }
+        // the workers inherit every ai.djl.* system property (FreshJvm), and the decoder's AUTO follows these
         String previous = System.setProperty(ExpertDispatch.PROPERTY, dispatch);
+        String previousPath = System.setProperty(DecodePath.PROPERTY, path);
         try {
             return runWorkers(selected, dev);
         } finally {
-            if (previous == null) {
-                System.clearProperty(ExpertDispatch.PROPERTY);
-            } else {
-                System.setProperty(ExpertDispatch.PROPERTY, previous);
-            }
+            restore(ExpertDispatch.PROPERTY, previous);
+            restore(DecodePath.PROPERTY, previousPath);
+        }
+    }
+
+    private static void restore(String property, String previous) {
+        if (previous == null) {
+            System.clearProperty(property);
+        } else {
+            System.setProperty(property, previous);
         }
     }
 
@@ -168,7 +185,9 @@ public final class BenchGenerateCommand implements Callable<Integer> {
                 rows.add(List.of(r.get("preset").getAsString(), r.get("batch").getAsString(),
                         r.get("prompt_tokens").getAsString(), r.get("new_tokens").getAsString(),
                         r.get("device").getAsString()
-                                + ("float16".equals(r.get("dtype").getAsString()) ? " fp16" : ""),
+                                + ("float16".equals(r.get("dtype").getAsString()) ? " fp16" : "")
+                                + (r.has("decode_path") && "torchscript".equals(r.get("decode_path").getAsString())
+                                        ? " torchscript" : ""),
                         r.get("prefill_chunk").getAsString(),
                         String.format(Locale.ROOT, "%.1f", r.get("tokens_per_second").getAsDouble()),
                         String.format(Locale.ROOT, "%.2f", r.get("prefill_seconds").getAsDouble()),

@@ -39,6 +39,8 @@ class BenchGenerateCommandTest {
         assertEquals(3, o.get("new_tokens").getAsInt());
         assertEquals("cpu", o.get("device").getAsString());
         assertEquals("gathered", o.get("expert_dispatch").getAsString(), "the worker JVM followed --expert-dispatch");
+        assertEquals("torchscript", o.get("decode_path").getAsString(), "bench-tiny's layers are plain: scripted");
+        assertEquals(null, System.getProperty(ai.djl.memopt.inference.DecodePath.PROPERTY));
         assertEquals(4, o.get("prefill_chunk").getAsInt());
         // FP32: (kv_lora_rank + qk_rope_head_dim) x layers x 4 bytes, and the per-head cache for comparison
         long mla = (long) (c.kvLoraRank() + c.qkRopeHeadDim()) * c.numHiddenLayers() * 4;
@@ -58,7 +60,7 @@ class BenchGenerateCommandTest {
                 + MarkdownTable.begin(BenchGenerateCommand.TABLE)), text);
         List<List<String>> rows = MarkdownTable.read(md, BenchGenerateCommand.TABLE);
         assertEquals(1, rows.size(), text);
-        assertEquals(List.of("bench-tiny", "2", "6", "3", "cpu", "4"), rows.get(0).subList(0, 6));
+        assertEquals(List.of("bench-tiny", "2", "6", "3", "cpu torchscript", "4"), rows.get(0).subList(0, 6));
         assertEquals(Long.toString(mla), rows.get(0).get(8));
         assertEquals("4.0x", rows.get(0).get(10));
     }
@@ -83,6 +85,9 @@ class BenchGenerateCommandTest {
         r = CliRun.run("bench", "generate", "--expert-dispatch", "fastest");
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("--expert-dispatch must be auto, gathered or sorted, got 'fastest'"), r.err);
+        r = CliRun.run("bench", "generate", "--decode-path", "python");
+        assertNotEquals(0, r.exitCode);
+        assertTrue(r.err.contains("--decode-path must be auto, torchscript or java, got 'python'"), r.err);
         r = CliRun.run("bench", "generate", "--prefill-chunk", "0");
         assertNotEquals(0, r.exitCode);
         assertTrue(r.err.contains("--prefill-chunk must be >= 1, got 0"), r.err);

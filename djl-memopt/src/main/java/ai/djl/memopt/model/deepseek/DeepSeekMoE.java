@@ -119,6 +119,22 @@ public final class DeepSeekMoE extends AbstractBlock {
         gatheredEnabled = false;
     }
 
+    /**
+     * The routed experts' weights stacked per projection, {@code gate (E, I, H), up (E, I, H), down (E, H, I)}, for a
+     * decoder that runs the dispatch itself (the TorchScript decode step): stacked now if needed, as
+     * {@link #enableGatheredDispatch()} does (the per-expert arrays become views of the stacks), without enabling the
+     * gathered dispatch. Null unless every expert projection is a plain bias-free {@code Linear} of one shape and type.
+     */
+    public synchronized List<NDArray> plainExpertStacks() {
+        GatheredExperts g = currentGathered();
+        return g == null ? null : g.plainStacks();
+    }
+
+    /** The FP32 byte budget of one gathered projection ({@link #setGatherChunkBytes}). */
+    public synchronized long gatherChunkBytes() {
+        return gatherChunkBytes;
+    }
+
     /** Whether {@link #enableGatheredDispatch()} was called (and not undone). */
     public synchronized boolean isGatheredDispatchEnabled() {
         return gatheredEnabled;

@@ -129,6 +129,21 @@ final class GatheredExperts {
         return true;
     }
 
+    /**
+     * The stacks {@code gate (E, I, H), up (E, I, H), down (E, H, I)} when every projection is a plain bias-free
+     * {@code Linear} (one weight array each), else null.
+     */
+    List<NDArray> plainStacks() {
+        List<NDArray> out = new ArrayList<>(3);
+        for (Stack s : stacks) {
+            if (!(s.kind instanceof StackableProjection.LinearRows) || s.stacks.length != 1) {
+                return null;
+            }
+            out.add(s.stacks[0]);
+        }
+        return List.copyOf(out);
+    }
+
     /** The device of the stacks (inputs elsewhere take the sorted path, which lets the parameter store copy). */
     Device device() {
         return stacks[0].device();

@@ -1,0 +1,397 @@
+package ai.djl.memopt.inference;
+
+import ai.djl.Device;
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.model.deepseek.DeepSeekDecoderLayer;
+import ai.djl.memopt.model.deepseek.DeepSeekMlp;
+import ai.djl.memopt.model.deepseek.DeepSeekMoE;
+import ai.djl.memopt.model.deepseek.MoeGate;
+import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
+import ai.djl.memopt.model.deepseek.RmsNorm;
+import ai.djl.memopt.nn.HostReads;
+import ai.djl.ndarray.NDArray;
+import ai.djl.ndarray.NDList;
+import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.types.DataType;
+import ai.djl.nn.Block;
+import ai.djl.nn.Parameter;
+import ai.djl.nn.core.Linear;
+import ai.djl.pytorch.engine.PtNDArray;
+import ai.djl.pytorch.engine.PtNDManager;
+import ai.djl.pytorch.engine.PtSymbolBlock;
+import ai.djl.pytorch.jni.IValue;
+import ai.djl.pytorch.jni.JniUtils;
+import com.google.common.base.Preconditions;
+import java.io.ByteArrayInputStream;
+import java.io.IOException;
+import java.io.UncheckedIOException;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Map;
+import java.util.concurrent.ConcurrentHashMap;
+
+/**
+ * One stage's decode step (all its layers, prefill or decode, batch {@code B}) as a single TorchScript call: libtorch
+ * dispatches each operation in C++ instead of one Java and JNI round trip per DJL operation, which is what bounds a
+ * decode step on a GPU (about 1,100 DJL operations per token for bench-small). The script is generated from the config
+ * ({@link ScriptedStepSource}), written as a TorchScript archive ({@link TorchScriptArchive}) and compiled by libtorch
+ * when loaded, once per process and source: no Python anywhere.
+ *
+ * <p>Only plain layers qualify ({@link #unsupportedReason}): the model's own blocks, undecorated, with plain bias-free
+ * {@code Linear} projections, MoE experts stacked by {@link DeepSeekMoE#plainExpertStacks()}, all weights of the
+ * decoder's type (FP32 or FP16) on the stage's device. Quantized, LoRA or decorated layers keep the Java path.
+ *
+ * <p>The cache buffers, absorbed weights and padding mask are the session's ({@code DecoderStage.Cache}); the script
+ * writes the cache in place. The weights are passed as tensor arguments (lists built once per session, sharing the
+ * parameters' storage), the rotary cos/sin and the additive mask are computed in Java as for the Java path.
+ */
+final class ScriptedStage {
+
+    private static final Map<String, PtSymbolBlock> MODULES = new ConcurrentHashMap<>();
+    private static volatile NDManager moduleManager;
+
+    private final DeepSeekConfig config;
+    private final DeepSeekDecoderLayer[] layers;
+    private final MultiHeadLatentAttention[] attention;
+    private final Device device;
+    private final PtSymbolBlock module;
+
+    private ScriptedStage(DeepSeekConfig config, DeepSeekDecoderLayer[] layers, MultiHeadLatentAttention[] attention,
+            Device device) {
+        this.config = config;
+        this.layers = layers;
+        this.attention = attention;
+        this.device = device;
+        List<Boolean> moe = new ArrayList<>();
+        for (DeepSeekDecoderLayer layer : layers) {
+            moe.add(layer.mlp() instanceof DeepSeekMoE);
+        }
+        this.module = module(ScriptedStepSource.classBody(config, moe));
+    }
+
+    /**
+     * The scripted step of a stage.
+     *
+     * @throws IllegalArgumentException if {@link #unsupportedReason} is not null
+     */
+    static ScriptedStage create(DeepSeekConfig config, DeepSeekDecoderLayer[] layers,
+            MultiHeadLatentAttention[] attention, DataType dtype, Device device, int firstLayer) {
+        String why = unsupportedReason(config, layers, attention, dtype, device, firstLayer);
+        Preconditions.checkArgument(why == null, "the TorchScript decode step cannot run this model: %s", why);
+        return new ScriptedStage(config, layers.clone(), attention.clone(), device);
+    }
+
+    /** The compiled module of {@code classBody}, loaded once per process. */
+    private static PtSymbolBlock module(String classBody) {
+        return MODULES.computeIfAbsent(classBody, body -> {
+            byte[] zip = TorchScriptArchive.write(ScriptedStepSource.CLASS, body);
+            try {
+                return JniUtils.loadModule((PtNDManager) manager(), new ByteArrayInputStream(zip), false, false);
+            } catch (IOException e) {
+                throw new UncheckedIOException("cannot load the generated TorchScript decode step", e);
+            }
+        });
+    }
+
+    private static NDManager manager() {
+        if (moduleManager == null) {
+            synchronized (ScriptedStage.class) {
+                if (moduleManager == null) {
+                    // the modules hold no tensors; they live as long as the process
+                    moduleManager = NDManager.newBaseManager(Device.cpu(), "PyTorch");
+                }
+            }
+        }
+        return moduleManager;
+    }
+
+    /**
+     * Why a stage's layers cannot take the scripted step, or null if they can: the first layer or weight that is not
+     * plain, naming it.
+     */
+    static String unsupportedReason(DeepSeekConfig config, DeepSeekDecoderLayer[] layers,
+            MultiHeadLatentAttention[] attention, DataType dtype, Device device, int firstLayer) {
+        if (dtype != DataType.FLOAT32 && dtype != DataType.FLOAT16) {
+            return "the model's type is " + dtype + " (FP32 or FP16 only)";
+        }
+        Checker c = new Checker(config, dtype, device);
+        for (int i = 0; i < layers.length; i++) {
+            String at = "model.layers." + (firstLayer + i) + ".";
+            DeepSeekDecoderLayer layer = layers[i];
+            if (layer.getClass() != DeepSeekDecoderLayer.class) {
+                return at + " is a " + layer.getClass().getName();
+            }
+            if (layer.selfAttn() != attention[i] || attention[i].getClass() != MultiHeadLatentAttention.class) {
+                return at + "self_attn is decorated (" + layer.selfAttn().getClass().getName() + ")";
+            }
+            MultiHeadLatentAttention a = attention[i];
+            String why = c.norm(layer.inputLayernorm(), at + "input_layernorm");
+            why = why != null ? why : c.norm(layer.postAttentionLayernorm(), at + "post_attention_layernorm");
+            if (a.hasQLora()) {
+                why = why != null ? why : c.linear(a.qAProj(), at + "self_attn.q_a_proj");
+                why = why != null ? why : c.norm(a.qALayernorm(), at + "self_attn.q_a_layernorm");
+                why = why != null ? why : c.linear(a.qBProj(), at + "self_attn.q_b_proj");
+            } else {
+                why = why != null ? why : c.linear(a.qProj(), at + "self_attn.q_proj");
+            }
+            why = why != null ? why : c.linear(a.kvAProjWithMqa(), at + "self_attn.kv_a_proj_with_mqa");
+            why = why != null ? why : c.norm(a.kvALayernorm(), at + "self_attn.kv_a_layernorm");
+            why = why != null ? why : c.linear(a.kvBProj(), at + "self_attn.kv_b_proj");
+            why = why != null ? why : c.linear(a.oProj(), at + "self_attn.o_proj");
+            if (why == null && a.softmaxScale() != (float) config.softmaxScale()) {
+                why = at + "self_attn's softmax scale " + a.softmaxScale() + " is not the config's";
+            }
+            why = why != null ? why : c.mlp(layer.mlp(), at + "mlp");
+            if (why != null) {
+                return why;
+            }
+        }
+        return null;
+    }
+
+    /** The checks of {@link #unsupportedReason}, per block kind. */
+    private static final class Checker {
+        private final DeepSeekConfig config;
+        private final DataType dtype;
+        private final Device device;
+
+        Checker(DeepSeekConfig config, DataType dtype, Device device) {
+            this.config = config;
+            this.dtype = dtype;
+            this.device = device;
+        }
+
+        String array(Parameter p, String name, boolean anyFloat) {
+            if (p == null || !p.isInitialized()) {
+                return name + " is not initialised";
+            }
+            NDArray a = p.getArray();
+            if (!(a instanceof PtNDArray)) {
+                return name + " is not a PyTorch array";
+            }
+            boolean typeOk = anyFloat ? a.getDataType().isFloating() : a.getDataType() == dtype;
+            if (!typeOk) {
+                return name + " is " + a.getDataType() + ", the decoder runs in " + dtype;
+            }
+            return a.getDevice().equals(device) ? null : name + " is on " + a.getDevice() + ", the stage on " + device;
+        }
+
+        String linear(Block b, String name) {
+            if (b == null || b.getClass() != Linear.class) {
+                return name + " is a " + (b == null ? "missing block" : b.getClass().getName()) + ", not a plain Linear";
+            }
+            if (b.getParameters().size() != 1) {
+                return name + " has a bias";
+            }
+            return array(b.getParameters().get("weight"), name + ".weight", false);
+        }
+
+        String norm(Block b, String name) {
+            if (b == null || b.getClass() != RmsNorm.class) {
+                return name + " is a " + (b == null ? "missing block" : b.getClass().getName()) + ", not an RmsNorm";
+            }
+            if (((RmsNorm) b).eps() != (float) config.rmsNormEps()) {
+                return name + " eps " + ((RmsNorm) b).eps() + " is not the config's " + config.rmsNormEps();
+            }
+            return array(((RmsNorm) b).weight(), name + ".weight", false);
+        }
+
+        String swiglu(Block b, String name) {
+            if (b == null || b.getClass() != DeepSeekMlp.class) {
+                return name + " is a " + (b == null ? "missing block" : b.getClass().getName()) + ", not a DeepSeekMlp";
+            }
+            DeepSeekMlp m = (DeepSeekMlp) b;
+            String why = linear(m.gateProj(), name + ".gate_proj");
+            why = why != null ? why : linear(m.upProj(), name + ".up_proj");
+            return why != null ? why : linear(m.downProj(), name + ".down_proj");
+        }
+
+        String mlp(Block b, String name) {
+            if (b.getClass() != DeepSeekMoE.class) {
+                return swiglu(b, name);
+            }
+            DeepSeekMoE moe = (DeepSeekMoE) b;
+            if (moe.gate().getClass() != MoeGate.class) {
+                return name + ".gate is a " + moe.gate().getClass().getName();
+            }
+            MoeGate gate = (MoeGate) moe.gate();
+            String why = array(gate.weight(), name + ".gate.weight", true);
+            if (why == null && gate.correctionBias() != null) {
+                why = array(gate.correctionBias(), name + ".gate.e_score_correction_bias", true);
+            }
+            if (why == null && (config.nSharedExperts() > 0) != (moe.sharedExperts() != null)) {
+                why = name + ".shared_experts does not match n_shared_experts";
+            }
+            if (why == null && moe.sharedExperts() != null) {
+                why = swiglu(moe.sharedExperts(), name + ".shared_experts");
+            }
+            for (int e = 0; why == null && e < moe.experts().size(); e++) {
+                why = swiglu(moe.experts().get(e), name + ".experts." + e);
+            }
+            if (why == null && moe.experts().size() != config.nRoutedExperts()) {
+                why = name + " has " + moe.experts().size() + " experts, the config " + config.nRoutedExperts();
+            }
+            return why;
+        }
+    }
+
+    /** The stage's weights in {@link ScriptedStepSource}'s order, stacking MoE experts if needed. */
+    private List<PtNDArray> weights() {
+        List<PtNDArray> w = new ArrayList<>();
+        for (int i = 0; i < layers.length; i++) {
+            DeepSeekDecoderLayer layer = layers[i];
+            MultiHeadLatentAttention a = attention[i];
+            w.add(normWeight(layer.inputLayernorm()));
+            if (a.hasQLora()) {
+                w.add(linearWeight(a.qAProj()));
+                w.add(normWeight(a.qALayernorm()));
+                w.add(linearWeight(a.qBProj()));
+            } else {
+                w.add(linearWeight(a.qProj()));
+            }
+            w.add(linearWeight(a.kvAProjWithMqa()));
+            w.add(normWeight(a.kvALayernorm()));
+            w.add(linearWeight(a.oProj()));
+            w.add(normWeight(layer.postAttentionLayernorm()));
+            if (layer.mlp() instanceof DeepSeekMoE) {
+                DeepSeekMoE moe = (DeepSeekMoE) layer.mlp();
+                MoeGate gate = (MoeGate) moe.gate();
+                w.add((PtNDArray) gate.weight().getArray());
+                if (config.isV3()) {
+                    w.add((PtNDArray) gate.correctionBias().getArray());
+                }
+                List<NDArray> stacks = moe.plainExpertStacks();
+                Preconditions.checkState(stacks != null, "model.layers.%s.mlp.experts cannot be stacked",
+                        layer.index());
+                stacks.forEach(s -> w.add((PtNDArray) s));
+                if (moe.sharedExperts() != null) {
+                    swigluWeights((DeepSeekMlp) moe.sharedExperts(), w);
+                }
+            } else {
+                swigluWeights((DeepSeekMlp) layer.mlp(), w);
+            }
+        }
+        return w;
+    }
+
+    private static void swigluWeights(DeepSeekMlp m, List<PtNDArray> w) {
+        w.add(linearWeight(m.gateProj()));
+        w.add(linearWeight(m.upProj()));
+        w.add(linearWeight(m.downProj()));
+    }
+
+    private static PtNDArray linearWeight(Block linear) {
+        return (PtNDArray) linear.getParameters().get("weight").getArray();
+    }
+
+    private static PtNDArray normWeight(Block norm) {
+        return (PtNDArray) ((RmsNorm) norm).weight().getArray();
+    }
+
+    /** Stacks the MoE layers' experts now (at decoder creation), so that no session pays for it. */
+    void prepare() {
+        weights();
+    }
+
+    /**
+     * The session's arguments that do not change between steps: the weights and the cache buffers, as TorchScript
+     * lists holding references to the same tensors (no copy).
+     */
+    Bound bind(NDArray[] latent, NDArray[] ropeKey, NDArray[] wUk, NDArray[] wUvT) {
+        return new Bound(weights(), latent, ropeKey, wUk, wUvT);
+    }
+
+    /** A session's fixed arguments; closing releases the lists (the tensors stay with their owners). */
+    final class Bound implements AutoCloseable {
+        private final IValue weights;
+        private final IValue latent;
+        private final IValue ropeKey;
+        private final IValue wUk;
+        private final IValue wUvT;
+        private final DeepSeekMoE[] moes; // per layer, null for dense
+        private final long[] chunk; // per MoE layer: assignments per gathered chunk
+
+        Bound(List<PtNDArray> weights, NDArray[] latent, NDArray[] ropeKey, NDArray[] wUk, NDArray[] wUvT) {
+            this.weights = IValue.listFrom(weights.toArray(new PtNDArray[0]));
+            this.latent = list(latent);
+            this.ropeKey = list(ropeKey);
+            this.wUk = list(wUk);
+            this.wUvT = list(wUvT);
+            moes = new DeepSeekMoE[layers.length];
+            chunk = new long[layers.length];
+            for (int i = 0; i < layers.length; i++) {
+                if (layers[i].mlp() instanceof DeepSeekMoE) {
+                    moes[i] = (DeepSeekMoE) layers[i].mlp();
+                    long largest = 0;
+                    for (NDArray s : moes[i].plainExpertStacks()) {
+                        largest = Math.max(largest, s.getShape().get(1) * s.getShape().get(2));
+                    }
+                    chunk[i] = Math.max(1, moes[i].gatherChunkBytes() / (largest * 4));
+                }
+            }
+        }
+
+        private IValue list(NDArray[] arrays) {
+            PtNDArray[] pt = new PtNDArray[arrays.length];
+            for (int i = 0; i < arrays.length; i++) {
+                pt[i] = (PtNDArray) arrays[i];
+            }
+            return IValue.listFrom(pt);
+        }
+
+        /**
+         * Runs the stage's layers over {@code hidden (B, T, hidden)}, writing their cache at {@code [length, total)},
+         * as {@code DecoderStage.Cache.forward} does.
+         *
+         * @param out the manager of the result
+         * @return {@code (B, T, hidden)}
+         */
+        NDArray forward(NDManager out, NDArray hidden, NDList cosSin, NDArray mask, int length, int total) {
+            long assignments = hidden.getShape().get(0) * hidden.getShape().get(1) * config.numExpertsPerTok();
+            long[] chunks = new long[layers.length];
+            int sorted = 0;
+            for (int i = 0; i < layers.length; i++) {
+                // the Java path's choice: gathered when enabled and within the limit (0 here: the sorted dispatch)
+                DeepSeekMoE moe = moes[i];
+                boolean gathered = moe != null && moe.isGatheredDispatchEnabled()
+                        && assignments <= moe.gatheredDispatchLimit(device);
+                chunks[i] = gathered ? chunk[i] : 0;
+                sorted += moe != null && !gathered ? 1 : 0;
+            }
+            HostReads.recordNative(sorted); // the sorted dispatch reads its expert counts once per MoE layer
+            IValue[] args = new IValue[12];
+            try {
+                args[0] = IValue.from((PtNDArray) hidden);
+                args[1] = IValue.from((PtNDArray) cosSin.get(0));
+                args[2] = IValue.from((PtNDArray) cosSin.get(1));
+                args[3] = IValue.from((PtNDArray) mask);
+                args[4] = weights;
+                args[5] = latent;
+                args[6] = ropeKey;
+                args[7] = wUk;
+                args[8] = wUvT;
+                args[9] = IValue.listFrom(chunks);
+                args[10] = IValue.from((long) length);
+                args[11] = IValue.from((long) total);
+                try (IValue result = module.forward(args)) {
+                    return result.toTensor((PtNDManager) out);
+                }
+            } finally {
+                for (int i : new int[] {0, 1, 2, 3, 9, 10, 11}) {
+                    if (args[i] != null) {
+                        args[i].close();
+                    }
+                }
+            }
+        }
+
+        @Override
+        public void close() {
+            weights.close();
+            latent.close();
+            ropeKey.close();
+            wUk.close();
+            wUvT.close();
+        }
+    }
+}
