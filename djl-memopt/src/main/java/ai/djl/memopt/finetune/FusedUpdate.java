@@ -444,9 +444,7 @@ final class FusedUpdate implements SegmentListener {
 
     private void updateAndRelease(List<String> group) {
         try (PhaseTimer.Phase p = PhaseTimer.phase("optimizer")) {
-            for (String name : group) {
-                update.updateParameter(name, divisor);
-            }
+            update.updateParameters(group, divisor); // 8-bit moments: the group's buckets, planned once per group
         }
         for (String name : group) {
             drop(name);

@@ -131,6 +131,11 @@ final class ParameterUpdate {
             }
         }
         masters = Collections.unmodifiableMap(moved);
+        if (parameters.values().stream().anyMatch(p -> p.isInitialized() && p.getArray().getDevice().isGpu())) {
+            // the device copies of the masters are freed, but CUDA's caching allocator would keep their blocks for
+            // itself: give them back, so that what the device holds is the FP16 weights, not their old masters too
+            JniUtils.emptyCudaCache();
+        }
     }
 
     /** Whether {@link #offload} was called. */
@@ -169,11 +174,12 @@ final class ParameterUpdate {
 
     /**
      * Updates the trainable parameters {@code names} (a fused update's group) as {@link #updateParameter} does one by
-     * one, without zeroing their gradients; in the GPU form, unless offloaded, through
+     * one, without zeroing their gradients; with 8-bit moments in the GPU form, unless offloaded, through
      * {@link StatefulOptimizer#updateAll} (flat buckets planned once for this list; the same bits).
      */
     void updateParameters(List<String> names, float gradDivisor) {
-        if (offloaded || !gpuForms) {
+        // AdamW's flat buckets are planned for one id list (the whole model's): a group would re-plan them each time
+        if (offloaded || !gpuForms || optimizer.eightBit() == null) {
             for (String name : names) {
                 updateParameter(name, gradDivisor);
             }

@@ -377,7 +377,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         private long blockElements = RowBlocks.DEFAULT_BLOCK_ELEMENTS;
         private Boolean wholeParameter;
         private long bucketElements = 1L << 24;
-        private int eightBitBlock = 2048;
+        private int eightBitBlock = 256;
         private long eightBitMinSize = 4096;
 
         private Builder() {}
@@ -454,7 +454,7 @@ public final class StatefulOptimizer extends Optimizer implements AutoCloseable 
         }
 
         /**
-         * adamw8bit: elements per quantization block (default 2048) and the size below which a parameter keeps FP32
+         * adamw8bit: elements per quantization block (default 256) and the size below which a parameter keeps FP32
          * moments (default 4096); see {@link EightBitAdamW}.
          */
         public Builder optEightBit(int blockSize, long minQuantizedSize) {
