@@ -38,12 +38,15 @@ final class RequestReader {
 
     private byte[] body(Context ctx) throws IOException {
         long declared = ctx.req().getContentLengthLong();
+        long deadline = System.nanoTime() + bodyTimeoutNanos;
+        byte[] buf = new byte[1 << 16];
         if (declared > maxBodyBytes) {
+            try (InputStream in = ctx.req().getInputStream()) {
+                drain(in, buf, deadline);
+            }
             throw tooLarge();
         }
-        long deadline = System.nanoTime() + bodyTimeoutNanos;
         ByteArrayOutputStream body = new ByteArrayOutputStream((int) Math.max(0, Math.min(declared, 1 << 16)));
-        byte[] buf = new byte[1 << 16];
         try (InputStream in = ctx.req().getInputStream()) {
             while (true) {
                 int n;
@@ -57,6 +60,7 @@ final class RequestReader {
                 }
                 body.write(buf, 0, n);
                 if (body.size() > maxBodyBytes) {
+                    drain(in, buf, deadline);
                     throw tooLarge();
                 }
                 if (System.nanoTime() > deadline) {
@@ -66,6 +70,27 @@ final class RequestReader {
             }
         }
     }
+
+    /**
+     * Reads and drops what the client is still sending of a refused body, at most {@link #DRAIN_BYTES} and until the
+     * body deadline: a connection closed with unread bytes is reset, and a reset can discard the 413 on its way to a
+     * client still writing (seen as "header parser received no bytes" under load). Errors are ignored: the answer is
+     * 413 either way.
+     */
+    private static void drain(InputStream in, byte[] buf, long deadline) {
+        long left = DRAIN_BYTES;
+        try {
+            int n;
+            while (left > 0 && System.nanoTime() < deadline && (n = in.read(buf, 0, (int) Math.min(buf.length, left))) >= 0) {
+                left -= n;
+            }
+        } catch (IOException e) {
+            // the client went away or stalled: nothing more to read
+        }
+    }
+
+    /** The most bytes of a refused body read and dropped before answering 413 (4 MiB). */
+    static final long DRAIN_BYTES = 4L << 20;
 
     private ApiException tooLarge() {
         return ApiException.tooLarge(null, "the request body exceeds " + maxBodyBytes + " bytes");
