@@ -80,8 +80,11 @@ final class RequestReader {
     private static void drain(InputStream in, byte[] buf, long deadline) {
         long left = DRAIN_BYTES;
         try {
-            int n;
-            while (left > 0 && System.nanoTime() < deadline && (n = in.read(buf, 0, (int) Math.min(buf.length, left))) >= 0) {
+            while (left > 0 && System.nanoTime() < deadline) {
+                int n = in.read(buf, 0, (int) Math.min(buf.length, left));
+                if (n < 0) {
+                    return;
+                }
                 left -= n;
             }
         } catch (IOException e) {
