@@ -2,10 +2,8 @@ package ai.djl.memopt.finetune;
 
 import ai.djl.memopt.precision.ParameterArrays;
 import ai.djl.ndarray.NDArray;
-import ai.djl.ndarray.NDArrays;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
-import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Parameter;
 import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.jni.JniUtils;
@@ -41,21 +39,9 @@ final class GradientBuffers {
     static NDArray nonFinite(List<NDArray> arrays, NDManager t) {
         NDList extremes = new NDList();
         for (NDArray g : arrays) {
-            for (NDArray x : new NDArray[] {g.max(), g.min()}) {
-                x.attach(t);
-                NDArray x32 = x.toType(DataType.FLOAT32, false).reshape(1);
-                x32.attach(t);
-                extremes.add(x32);
-            }
+            extremes.addAll(GradientCheck.extremes(g, t));
         }
-        if (extremes.isEmpty()) {
-            return null;
-        }
-        NDArray all = NDArrays.concat(extremes);
-        all.attach(t);
-        NDArray any = all.isInfinite().logicalOr(all.isNaN()).any();
-        any.attach(t);
-        return any;
+        return extremes.isEmpty() ? null : GradientCheck.anyNonFinite(extremes, t);
     }
 
     /**

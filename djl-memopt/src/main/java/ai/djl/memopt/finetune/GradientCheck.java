@@ -80,11 +80,7 @@ final class GradientCheck {
                     extremes.addAll(extremes(group, t));
                 }
             }
-            NDArray all = NDArrays.concat(extremes); // (1 + 2 groups)
-            all.attach(t);
-            NDArray bad = all.isInfinite().logicalOr(all.isNaN()).any();
-            bad.attach(t);
-            return !bad.getBoolean();
+            return !anyNonFinite(extremes, t).getBoolean(); // (1 + 2 groups) values
         }
     }
 
@@ -92,17 +88,38 @@ final class GradientCheck {
     private static NDList extremes(NDList arrays, NDManager t) {
         NDArray all = arrays.size() == 1 ? arrays.get(0) : NDArrays.concat(arrays);
         all.attach(t);
+        NDList out = extremes(all, t);
+        if (all != arrays.get(0)) {
+            all.close(); // the concatenated copy of this group's gradients
+        }
+        return out;
+    }
+
+    /**
+     * The maximum and minimum of {@code a}, as FP32 arrays of shape (1) in {@code t}: both are finite exactly when
+     * every element is (an infinity is the maximum or the minimum, and a NaN propagates through both).
+     */
+    static NDList extremes(NDArray a, NDManager t) {
         NDList out = new NDList(2);
-        for (NDArray x : new NDArray[] {all.max(), all.min()}) { // 0-dimensional
+        for (NDArray x : new NDArray[] {a.max(), a.min()}) { // 0-dimensional
             x.attach(t);
             NDArray x32 = x.toType(DataType.FLOAT32, false).reshape(1);
             x32.attach(t);
             out.add(x32);
         }
-        if (all != arrays.get(0)) {
-            all.close(); // the concatenated copy of this group's gradients
-        }
         return out;
+    }
+
+    /**
+     * A 0-dimensional boolean on the device, in {@code t}: whether some of {@code values} (each of shape (1)) is not
+     * finite.
+     */
+    static NDArray anyNonFinite(NDList values, NDManager t) {
+        NDArray all = NDArrays.concat(values);
+        all.attach(t);
+        NDArray bad = all.isInfinite().logicalOr(all.isNaN()).any();
+        bad.attach(t);
+        return bad;
     }
 
     /**
