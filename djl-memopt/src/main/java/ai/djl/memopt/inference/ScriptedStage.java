@@ -9,6 +9,7 @@ import ai.djl.memopt.model.deepseek.MoeGate;
 import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
 import ai.djl.memopt.model.deepseek.RmsNorm;
 import ai.djl.memopt.nn.HostReads;
+import ai.djl.memopt.nn.TorchScriptArchive;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;

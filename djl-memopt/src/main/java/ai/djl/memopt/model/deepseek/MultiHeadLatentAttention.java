@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.memopt.nn.FusedAttention;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.nn.TypeCasts;
 import ai.djl.ndarray.NDArray;
@@ -22,7 +23,8 @@ import ai.djl.util.PairList;
  * {@code q_lora_rank} is null. Keys and values share a compressed latent: {@code kv_a_proj_with_mqa} yields
  * {@code kv_lora_rank} latent features plus one shared {@code qk_rope_head_dim} rotary key; the latent goes through
  * {@code kv_a_layernorm -> kv_b_proj} to per-head {@code (k_nope, v)}. Scores use {@code qk_head_dim^-0.5} (times the YaRN
- * mscale correction), a causal mask and an optional padding mask; softmax in FP32.
+ * mscale correction), a causal mask and an optional padding mask; softmax in FP32. Causal attention without a mask
+ * takes PyTorch's fused kernel where {@link FusedAttention#enabled} says so (on a GPU by default).
  *
  * <p>Shapes: inputs {@code hidden (B, T, hidden_size)}, {@code cos}, {@code sin} from {@link RotaryEmbedding#cosSin}, and
  * optionally an additive FP32 mask {@code (B or 1, 1, T, T)} (0 keep, very negative drop; the causal mask is built here
@@ -165,6 +167,10 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
      * (query {@code i} sees keys {@code 0..S-T+i}). Returns {@code (B, H, T, v)} in the query's type.
      */
     public NDArray attend(NDArray query, NDArray key, NDArray value, NDArray mask) {
+        if (mask == null && query.getShape().get(2) == key.getShape().get(2)
+                && FusedAttention.enabled(query.getDevice())) {
+            return FusedAttention.causal(query, key, value, softmaxScale); // no (B, H, T, S) scores at all
+        }
         long heads = query.getShape().get(1);
         long perHead = query.getShape().get(0) * query.getShape().get(2) * key.getShape().get(2); // B * T * S
         long group = Math.max(1, Math.min(heads, scoreElementsPerGroup(query) / Math.max(1, perHead)));

@@ -6,6 +6,7 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.engine.Engine;
 import ai.djl.memopt.nn.BlockTrees;
+import ai.djl.memopt.nn.FusedAttention;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
@@ -18,6 +19,8 @@ import java.util.Map;
 import org.junit.jupiter.api.AfterAll;
 import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
+import org.junit.jupiter.params.ParameterizedTest;
+import org.junit.jupiter.params.provider.ValueSource;
 
 /** DeepSeek-V3 against transformers 5.17's own outputs for the tiny fixture checkpoint. */
 class DeepSeekV3FixtureTest {
@@ -62,15 +65,31 @@ class DeepSeekV3FixtureTest {
         }
     }
 
-    @Test
-    void gradientsMatchTransformers() throws Exception {
+    /** Both attention kernels: the eager formula and PyTorch's fused operator (the GPU default). */
+    @ParameterizedTest
+    @ValueSource(strings = {"eager", "fused"})
+    void gradientsMatchTransformers(String kernel) throws Exception {
+        String before = System.setProperty(FusedAttention.KERNEL_PROPERTY, kernel);
+        try {
+            checkGradients(kernel);
+        } finally {
+            if (before == null) {
+                System.clearProperty(FusedAttention.KERNEL_PROPERTY);
+            } else {
+                System.setProperty(FusedAttention.KERNEL_PROPERTY, before);
+            }
+        }
+    }
+
+    private void checkGradients(String kernel) throws Exception {
         Map<String, Parameter> params = BlockTrees.parameters(lm);
         try (NDManager m = manager.newSubManager()) {
             NDArray ids = reference.load(m, "input_ids");
             ParameterStore ps = new ParameterStore(m, false);
             for (Parameter p : params.values()) {
                 if (p.requiresGradient()) {
-                    p.getArray().setRequiresGradient(true); // resets accumulated gradients
+                    p.getArray().setRequiresGradient(true);
+                    p.getArray().getGradient().muli(0); // a previous run's gradient (setRequiresGradient keeps it)
                 }
             }
             GradientCollector gc = Engine.getInstance().newGradientCollector();
@@ -105,7 +124,7 @@ class DeepSeekV3FixtureTest {
                 }
                 checked++;
             }
-            System.out.printf("V3 %d gradients, max abs diff %.3g%n", checked, worst);
+            System.out.printf("V3 %d gradients (%s attention), max abs diff %.3g%n", checked, kernel, worst);
             assertTrue(checked >= 30, "expected the fixture's gradients, found " + checked);
         }
     }

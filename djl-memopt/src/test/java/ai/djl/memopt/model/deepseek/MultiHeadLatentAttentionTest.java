@@ -4,13 +4,17 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.engine.Engine;
+import ai.djl.memopt.nn.FusedAttention;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.Shape;
 import ai.djl.training.GradientCollector;
 import org.junit.jupiter.api.Test;
 
-/** Attention computed in groups of heads (bounded score memory) equals attention over all heads at once. */
+/**
+ * Attention computed in groups of heads (bounded score memory) equals attention over all heads at once, and PyTorch's
+ * fused kernel equals the eager formula.
+ */
 class MultiHeadLatentAttentionTest {
 
     private static float[][] run(MultiHeadLatentAttention attn, NDManager m, NDArray q0, NDArray k0, NDArray v0,
@@ -32,6 +36,51 @@ class MultiHeadLatentAttentionTest {
     }
 
     @Test
+    void fusedKernelGivesTheEagerOutputAndGradients() {
+        DeepSeekConfig config = DeepSeekConfig.preset("bench-tiny");
+        MultiHeadLatentAttention attn = new MultiHeadLatentAttention(config, new RotaryEmbedding(config));
+        long t = 37;
+        try (NDManager m = NDManager.newBaseManager()) {
+            Engine.getInstance().setRandomSeed(11);
+            NDArray q = m.randomNormal(new Shape(2, 4, t, 24));
+            NDArray k = m.randomNormal(new Shape(2, 4, t, 24));
+            NDArray v = m.randomNormal(new Shape(2, 4, t, 16));
+            NDArray upstream = m.randomNormal(new Shape(2, 4, t, 16));
+            float[][] eager = withKernel("eager", () -> run(attn, m, q, k, v, null, upstream, true));
+            float[][] fused = withKernel("fused", () -> run(attn, m, q, k, v, null, upstream, true));
+            assertClose(eager, fused, 1e-5);
+        }
+    }
+
+    private static float[][] withKernel(String kernel, java.util.function.Supplier<float[][]> body) {
+        String before = System.setProperty(FusedAttention.KERNEL_PROPERTY, kernel);
+        try {
+            return body.get();
+        } finally {
+            if (before == null) {
+                System.clearProperty(FusedAttention.KERNEL_PROPERTY);
+            } else {
+                System.setProperty(FusedAttention.KERNEL_PROPERTY, before);
+            }
+        }
+    }
+
+    private static void assertClose(float[][] expected, float[][] actual, double tolerance) {
+        String[] names = {"output", "dq", "dk", "dv"};
+        for (int i = 0; i < names.length; i++) {
+            assertEquals(expected[i].length, actual[i].length, names[i]);
+            double max = 0;
+            double diff = 0;
+            for (int j = 0; j < expected[i].length; j++) {
+                max = Math.max(max, Math.abs(expected[i][j]));
+                diff = Math.max(diff, Math.abs(expected[i][j] - actual[i][j]));
+            }
+            assertTrue(max > 0, names[i] + " is zero");
+            assertTrue(diff <= tolerance * max, names[i] + " differs by " + diff + " (max " + max + ")");
+        }
+    }
+
+    @Test
     void headGroupsGiveTheAllHeadsOutputAndGradients() {
         DeepSeekConfig config = DeepSeekConfig.preset("bench-tiny");
         MultiHeadLatentAttention attn = new MultiHeadLatentAttention(config, new RotaryEmbedding(config));
@@ -45,18 +94,7 @@ class MultiHeadLatentAttentionTest {
             NDArray mask = MultiHeadLatentAttention.causalMask(m, t, t);
             float[][] grouped = run(attn, m, q, k, v, mask, upstream, true);
             float[][] whole = run(attn, m, q, k, v, mask, upstream, false);
-            String[] names = {"output", "dq", "dk", "dv"};
-            for (int i = 0; i < names.length; i++) {
-                assertEquals(whole[i].length, grouped[i].length, names[i]);
-                double max = 0;
-                double diff = 0;
-                for (int j = 0; j < whole[i].length; j++) {
-                    max = Math.max(max, Math.abs(whole[i][j]));
-                    diff = Math.max(diff, Math.abs(whole[i][j] - grouped[i][j]));
-                }
-                assertTrue(max > 0, names[i] + " is zero");
-                assertTrue(diff <= 1e-6 * max, names[i] + " differs by " + diff + " (max " + max + ")");
-            }
+            assertClose(whole, grouped, 1e-6);
         }
     }
 }

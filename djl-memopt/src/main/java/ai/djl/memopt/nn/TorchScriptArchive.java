@@ -1,4 +1,4 @@
-package ai.djl.memopt.inference;
+package ai.djl.memopt.nn;
 
 import com.google.common.base.Preconditions;
 import java.io.ByteArrayOutputStream;
@@ -31,7 +31,7 @@ import java.util.zip.ZipOutputStream;
  * <p>Usage: {@code byte[] zip = TorchScriptArchive.write("DecodeStep", source);} then
  * {@code JniUtils.loadModule(manager, new ByteArrayInputStream(zip), true, false)}.
  */
-final class TorchScriptArchive {
+public final class TorchScriptArchive {
 
     static final String FILE_FORMAT_VERSION = "9";
     private static final Pattern IDENTIFIER = Pattern.compile("[A-Za-z_][A-Za-z0-9_]*");
@@ -43,7 +43,7 @@ final class TorchScriptArchive {
      * @param classBody the class's members (attribute declarations and methods), indented by two spaces, each method
      *     with {@code self} typed as {@code __torch__.<className>}
      */
-    static byte[] write(String className, String classBody) {
+    public static byte[] write(String className, String classBody) {
         Preconditions.checkArgument(IDENTIFIER.matcher(className).matches(),
                 "TorchScript class name '%s' is not an identifier", className);
         String source = "class " + className + "(Module):\n"

@@ -1,8 +1,9 @@
-package ai.djl.memopt.inference;
+package ai.djl.memopt.nn;
 
 import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 
 import ai.djl.Device;
+import ai.djl.memopt.inference.OneThread;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.Shape;
@@ -32,33 +33,6 @@ class TorchScriptArchiveTest {
                     IValue out = block.forward(a, b)) {
                 NDArray got = out.toTensor((PtNDManager) m);
                 assertArrayEquals(expected.toFloatArray(), got.toFloatArray(), 1e-6f);
-            }
-            // per-op host cost: N adds in one scripted call vs N DJL ops
-            int n = 2000;
-            String loop = "  def forward(self: __torch__.Loop, x: Tensor, n: int) -> Tensor:\n"
-                    + "    y = x\n"
-                    + "    for i in range(n):\n"
-                    + "      y = torch.add(y, x)\n"
-                    + "    return y\n";
-            try (PtSymbolBlock lb = JniUtils.loadModule((PtNDManager) m,
-                    new ByteArrayInputStream(TorchScriptArchive.write("Loop", loop)), false, false)) {
-                NDArray small = m.ones(new Shape(4, 4));
-                for (int rep = 0; rep < 15; rep++) {
-                    long t0 = System.nanoTime();
-                    try (IValue xi = IValue.from((PtNDArray) small); IValue ni = IValue.from((long) n);
-                            IValue out = lb.forward(xi, ni)) {
-                        out.toTensor((PtNDManager) m).close();
-                    }
-                    long t1 = System.nanoTime();
-                    try (NDManager step = m.newSubManager()) {
-                        NDArray yy = small;
-                        for (int i = 0; i < n; i++) {
-                            yy = yy.add(small);
-                        }
-                    }
-                    long t2 = System.nanoTime();
-                    System.out.printf("per op: scripted %.2f us, DJL %.2f us%n", (t1 - t0) / 1e3 / n, (t2 - t1) / 1e3 / n);
-                }
             }
         }
     }
