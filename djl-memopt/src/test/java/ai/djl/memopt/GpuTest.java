@@ -19,11 +19,16 @@ import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekLoader;
+import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
+import ai.djl.memopt.model.deepseek.RotaryEmbedding;
+import ai.djl.memopt.nn.FusedAttention;
 import ai.djl.memopt.safetensors.SafetensorsFile;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
+import ai.djl.ndarray.types.Shape;
+import ai.djl.training.GradientCollector;
 import ai.djl.training.ParameterStore;
 import java.net.URISyntaxException;
 import java.nio.file.Path;
@@ -103,6 +108,60 @@ class GpuTest {
                 GenerationResult r = new Generator(new MlaCachedDecoder(lm, GPU, experts), null).generate(prompt,
                         params);
                 assertArrayEquals(expected, r.outputIds(), name + " " + experts);
+            }
+        }
+    }
+
+    /**
+     * PyTorch's fused attention kernel (the GPU default) against the eager formula on the GPU, in FP32 and FP16 at
+     * bench-small's head sizes (query and key 96, value 64): outputs and the gradients of query, key and value.
+     */
+    @ParameterizedTest
+    @ValueSource(strings = {"float32", "float16"})
+    void fusedAttentionEqualsEagerOnTheGpu(String type) {
+        DataType dtype = "float16".equals(type) ? DataType.FLOAT16 : DataType.FLOAT32;
+        DeepSeekConfig config = DeepSeekConfig.preset("bench-small");
+        MultiHeadLatentAttention attn = new MultiHeadLatentAttention(config, new RotaryEmbedding(config));
+        try (NDManager m = NDManager.newBaseManager(GPU)) {
+            Engine.getInstance().setRandomSeed(5);
+            NDArray q = m.randomNormal(new Shape(2, 16, 512, 96)).toType(dtype, false);
+            NDArray k = m.randomNormal(new Shape(2, 16, 512, 96)).toType(dtype, false);
+            NDArray v = m.randomNormal(new Shape(2, 16, 512, 64)).toType(dtype, false);
+            NDArray up = m.randomNormal(new Shape(2, 16, 512, 64)).toType(dtype, false);
+            NDArray[] eager = attentionWithGradients("eager", attn, q, k, v, up);
+            NDArray[] fused = attentionWithGradients("fused", attn, q, k, v, up);
+            double tolerance = dtype == DataType.FLOAT16 ? 1e-2 : 1e-4;
+            String[] names = {"output", "dq", "dk", "dv"};
+            for (int i = 0; i < names.length; i++) {
+                float max = eager[i].toType(DataType.FLOAT32, false).abs().max().getFloat();
+                float d = maxAbsDiff(eager[i], fused[i]);
+                System.out.printf("fused attention %s %s: max abs diff %.3g (max %.3g)%n", type, names[i], d, max);
+                assertTrue(max > 0 && d <= tolerance * max, type + " " + names[i] + " differs by " + d);
+            }
+        }
+    }
+
+    private static NDArray[] attentionWithGradients(String kernel, MultiHeadLatentAttention attn, NDArray q0,
+            NDArray k0, NDArray v0, NDArray upstream) {
+        String before = System.setProperty(FusedAttention.KERNEL_PROPERTY, kernel);
+        try {
+            NDArray q = q0.duplicate();
+            NDArray k = k0.duplicate();
+            NDArray v = v0.duplicate();
+            q.setRequiresGradient(true);
+            k.setRequiresGradient(true);
+            v.setRequiresGradient(true);
+            NDArray out;
+            try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
+                out = attn.attend(q, k, v, null);
+                gc.backward(out.mul(upstream).toType(DataType.FLOAT32, false).sum());
+            }
+            return new NDArray[] {out.stopGradient(), q.getGradient(), k.getGradient(), v.getGradient()};
+        } finally {
+            if (before == null) {
+                System.clearProperty(FusedAttention.KERNEL_PROPERTY);
+            } else {
+                System.setProperty(FusedAttention.KERNEL_PROPERTY, before);
             }
         }
     }
