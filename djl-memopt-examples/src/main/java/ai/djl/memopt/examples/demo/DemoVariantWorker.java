@@ -7,10 +7,15 @@ import ai.djl.memopt.inference.GenerationResult;
 import ai.djl.memopt.inference.SamplingParams;
 import ai.djl.memopt.inference.TextTokenizer;
 import ai.djl.memopt.memory.MemoryStats;
+import ai.djl.memopt.model.deepseek.DeepSeekDecoderLayer;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekMoE;
+import ai.djl.memopt.model.deepseek.ModuleList;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
+import ai.djl.nn.Block;
 import com.google.gson.JsonObject;
 import java.nio.file.Path;
 import java.util.List;
@@ -46,7 +51,7 @@ public final class DemoVariantWorker {
         try (GenerationModel m = GenerationModel.open(dir, device, dtype)) {
             NDManager weights = m.model().manager();
             long weightBytes = weights.getManagedArrays().stream().filter(a -> !a.isReleased())
-                    .mapToLong(DemoVariantWorker::bytes).sum();
+                    .mapToLong(DemoVariantWorker::bytes).sum() - stackedExpertBytes(m.model());
 
             long[] ids = PerplexityCommand.tokenize(dir, heldOut);
             PerplexityCommand.Evaluation eval;
@@ -82,6 +87,25 @@ public final class DemoVariantWorker {
             o.addProperty("sample", prompt + tok.decode(r.outputIds(), true));
             System.out.println(o);
         }
+    }
+
+    /**
+     * Bytes counted twice above: where the TorchScript decode step stacked a MoE layer's experts, each expert's weight
+     * became a view of its stack's slice (its own storage freed), so the manager holds the stack and the views of it.
+     */
+    static long stackedExpertBytes(DeepSeekForCausalLM lm) {
+        long total = 0;
+        ModuleList layers = lm.model().layers();
+        for (int i = 0; i < layers.size(); i++) {
+            Block mlp = ((DeepSeekDecoderLayer) layers.get(i)).mlp();
+            if (mlp instanceof DeepSeekMoE) {
+                List<NDArray> stacks = ((DeepSeekMoE) mlp).existingExpertStacks();
+                if (stacks != null) {
+                    total += stacks.stream().mapToLong(DemoVariantWorker::bytes).sum();
+                }
+            }
+        }
+        return total;
     }
 
     private static long bytes(NDArray a) {

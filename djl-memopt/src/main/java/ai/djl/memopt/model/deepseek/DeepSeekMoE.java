@@ -130,6 +130,14 @@ public final class DeepSeekMoE extends AbstractBlock {
         return g == null ? null : g.plainStacks();
     }
 
+    /**
+     * The stacks that {@link #plainExpertStacks} made, if they exist and are current, else null; never stacks (so a
+     * caller that only counts bytes changes nothing).
+     */
+    public synchronized List<NDArray> existingExpertStacks() {
+        return gathered != null && gathered.isCurrent(experts) ? gathered.plainStacks() : null;
+    }
+
     /** The FP32 byte budget of one gathered projection ({@link #setGatherChunkBytes}). */
     public synchronized long gatherChunkBytes() {
         return gatherChunkBytes;
