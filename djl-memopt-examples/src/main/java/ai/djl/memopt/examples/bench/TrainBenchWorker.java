@@ -15,6 +15,7 @@ import ai.djl.memopt.memory.MemoryStats;
 import ai.djl.memopt.memory.NativeMemory;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.nn.FusedAttention;
 import ai.djl.memopt.nn.HostReads;
 import ai.djl.memopt.nn.PhaseTimer;
 import ai.djl.memopt.quantize.Int4WeightOnlyConfig;
@@ -172,6 +173,7 @@ public final class TrainBenchWorker {
             o.addProperty("seq", seq);
             o.addProperty("steps", steps);
             o.addProperty("loss_chunk_tokens", lossChunk);
+            o.addProperty("attention_kernel", FusedAttention.enabled(device) ? "fused" : "eager");
             o.addProperty("device", args[5]);
             o.addProperty("replicas", devices.size());
             o.addProperty("tokens_per_second", (double) rows * seq / median);

@@ -71,6 +71,7 @@ class BenchTrainCommandTest {
         assertEquals("none", o.get("checkpointing").getAsString(), "fp32 mode ignores --checkpoint");
         assertEquals("bench-tiny", o.get("preset").getAsString());
         assertEquals("cpu", o.get("device").getAsString());
+        assertEquals("eager", o.get("attention_kernel").getAsString(), "the CPU's default attention");
         assertEquals(2, o.get("steps").getAsInt());
         long peak = o.get("peak_memory_bytes").getAsLong();
         long idle = o.get("idle_memory_bytes").getAsLong();
