@@ -9,6 +9,7 @@ import ai.djl.Device;
 import ai.djl.engine.Engine;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
+import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
 import org.junit.jupiter.api.AfterEach;
@@ -44,6 +45,22 @@ class FusedAttentionTest {
             }
             // the first query sees only the first key: its output is the first value row
             assertEquals(v.get("0, 0, 0").getFloat(0), actual.get("0, 0, 0").getFloat(0), 1e-6);
+        }
+    }
+
+    @Test
+    void scopedCallsLeaveNoArraysBehind() {
+        try (NDManager m = NDManager.newBaseManager(Device.cpu())) {
+            NDArray q = m.randomNormal(new Shape(1, 2, 5, 4));
+            NDArray v = m.randomNormal(new Shape(1, 2, 5, 3));
+            int before = m.getManagedArrays().size();
+            for (int i = 0; i < 20; i++) {
+                try (NDScope scope = new NDScope()) {
+                    FusedAttention.causal(q, q, v, 0.5f).sum();
+                    scope.suppressNotUsedWarning();
+                }
+            }
+            assertEquals(before, m.getManagedArrays().size(), "arrays left by 20 scoped calls");
         }
     }
 
