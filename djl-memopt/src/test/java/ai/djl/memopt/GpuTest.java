@@ -23,12 +23,13 @@ import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
 import ai.djl.memopt.model.deepseek.RotaryEmbedding;
 import ai.djl.memopt.nn.FusedAttention;
 import ai.djl.memopt.safetensors.SafetensorsFile;
+import ai.djl.memopt.testing.SystemProperties;
+import ai.djl.memopt.testing.Vjp;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
-import ai.djl.training.GradientCollector;
 import ai.djl.training.ParameterStore;
 import java.net.URISyntaxException;
 import java.nio.file.Path;
@@ -118,7 +119,7 @@ class GpuTest {
      */
     @ParameterizedTest
     @ValueSource(strings = {"float32", "float16"})
-    void fusedAttentionEqualsEagerOnTheGpu(String type) {
+    void fusedAttentionEqualsEagerOnTheGpu(String type) throws Exception {
         DataType dtype = "float16".equals(type) ? DataType.FLOAT16 : DataType.FLOAT32;
         DeepSeekConfig config = DeepSeekConfig.preset("bench-small");
         MultiHeadLatentAttention attn = new MultiHeadLatentAttention(config, new RotaryEmbedding(config));
@@ -128,8 +129,10 @@ class GpuTest {
             NDArray k = m.randomNormal(new Shape(2, 16, 512, 96)).toType(dtype, false);
             NDArray v = m.randomNormal(new Shape(2, 16, 512, 64)).toType(dtype, false);
             NDArray up = m.randomNormal(new Shape(2, 16, 512, 64)).toType(dtype, false);
-            NDArray[] eager = attentionWithGradients("eager", attn, q, k, v, up);
-            NDArray[] fused = attentionWithGradients("fused", attn, q, k, v, up);
+            NDArray[] eager = SystemProperties.with(FusedAttention.KERNEL_PROPERTY, "eager",
+                    () -> Vjp.of(in -> attn.attend(in.get(0), in.get(1), in.get(2), null), up, q, k, v));
+            NDArray[] fused = SystemProperties.with(FusedAttention.KERNEL_PROPERTY, "fused",
+                    () -> Vjp.of(in -> attn.attend(in.get(0), in.get(1), in.get(2), null), up, q, k, v));
             double tolerance = dtype == DataType.FLOAT16 ? 1e-2 : 1e-4;
             String[] names = {"output", "dq", "dk", "dv"};
             for (int i = 0; i < names.length; i++) {
@@ -137,31 +140,6 @@ class GpuTest {
                 float d = maxAbsDiff(eager[i], fused[i]);
                 System.out.printf("fused attention %s %s: max abs diff %.3g (max %.3g)%n", type, names[i], d, max);
                 assertTrue(max > 0 && d <= tolerance * max, type + " " + names[i] + " differs by " + d);
-            }
-        }
-    }
-
-    private static NDArray[] attentionWithGradients(String kernel, MultiHeadLatentAttention attn, NDArray q0,
-            NDArray k0, NDArray v0, NDArray upstream) {
-        String before = System.setProperty(FusedAttention.KERNEL_PROPERTY, kernel);
-        try {
-            NDArray q = q0.duplicate();
-            NDArray k = k0.duplicate();
-            NDArray v = v0.duplicate();
-            q.setRequiresGradient(true);
-            k.setRequiresGradient(true);
-            v.setRequiresGradient(true);
-            NDArray out;
-            try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
-                out = attn.attend(q, k, v, null);
-                gc.backward(out.mul(upstream).toType(DataType.FLOAT32, false).sum());
-            }
-            return new NDArray[] {out.stopGradient(), q.getGradient(), k.getGradient(), v.getGradient()};
-        } finally {
-            if (before == null) {
-                System.clearProperty(FusedAttention.KERNEL_PROPERTY);
-            } else {
-                System.setProperty(FusedAttention.KERNEL_PROPERTY, before);
             }
         }
     }

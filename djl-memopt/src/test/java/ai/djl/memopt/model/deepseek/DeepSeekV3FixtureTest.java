@@ -8,6 +8,7 @@ import ai.djl.engine.Engine;
 import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.FusedAttention;
 import ai.djl.memopt.safetensors.SafetensorsFile;
+import ai.djl.memopt.testing.SystemProperties;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -69,19 +70,10 @@ class DeepSeekV3FixtureTest {
     @ParameterizedTest
     @ValueSource(strings = {"eager", "fused"})
     void gradientsMatchTransformers(String kernel) throws Exception {
-        String before = System.setProperty(FusedAttention.KERNEL_PROPERTY, kernel);
-        try {
-            checkGradients(kernel);
-        } finally {
-            if (before == null) {
-                System.clearProperty(FusedAttention.KERNEL_PROPERTY);
-            } else {
-                System.setProperty(FusedAttention.KERNEL_PROPERTY, before);
-            }
-        }
+        SystemProperties.with(FusedAttention.KERNEL_PROPERTY, kernel, () -> checkGradients(kernel));
     }
 
-    private void checkGradients(String kernel) throws Exception {
+    private Void checkGradients(String kernel) throws Exception {
         Map<String, Parameter> params = BlockTrees.parameters(lm);
         try (NDManager m = manager.newSubManager()) {
             NDArray ids = reference.load(m, "input_ids");
@@ -127,6 +119,7 @@ class DeepSeekV3FixtureTest {
             System.out.printf("V3 %d gradients (%s attention), max abs diff %.3g%n", checked, kernel, worst);
             assertTrue(checked >= 30, "expected the fixture's gradients, found " + checked);
         }
+        return null;
     }
 
     @Test

@@ -5,10 +5,11 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import ai.djl.engine.Engine;
 import ai.djl.memopt.nn.FusedAttention;
+import ai.djl.memopt.testing.SystemProperties;
+import ai.djl.memopt.testing.Vjp;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.Shape;
-import ai.djl.training.GradientCollector;
 import org.junit.jupiter.api.Test;
 
 /**
@@ -17,26 +18,19 @@ import org.junit.jupiter.api.Test;
  */
 class MultiHeadLatentAttentionTest {
 
-    private static float[][] run(MultiHeadLatentAttention attn, NDManager m, NDArray q0, NDArray k0, NDArray v0,
-            NDArray mask, NDArray upstream, boolean grouped) {
-        NDArray q = q0.duplicate();
-        NDArray k = k0.duplicate();
-        NDArray v = v0.duplicate();
-        q.setRequiresGradient(true);
-        k.setRequiresGradient(true);
-        v.setRequiresGradient(true);
-        float[] out;
-        try (GradientCollector gc = Engine.getInstance().newGradientCollector()) {
-            NDArray o = grouped ? attn.attend(q, k, v, mask) : attn.attendHeads(q, k, v, mask); // (1, 4, T, v)
-            out = o.toFloatArray();
-            gc.backward(o.mul(upstream).sum());
+    private static float[][] run(MultiHeadLatentAttention attn, NDArray q, NDArray k, NDArray v, NDArray mask,
+            NDArray upstream, boolean grouped) {
+        NDArray[] r = Vjp.of(in -> grouped ? attn.attend(in.get(0), in.get(1), in.get(2), mask)
+                : attn.attendHeads(in.get(0), in.get(1), in.get(2), mask), upstream, q, k, v);
+        float[][] out = new float[r.length][];
+        for (int i = 0; i < r.length; i++) {
+            out[i] = r[i].toFloatArray();
         }
-        return new float[][] {out, q.getGradient().toFloatArray(), k.getGradient().toFloatArray(),
-            v.getGradient().toFloatArray()};
+        return out;
     }
 
     @Test
-    void fusedKernelGivesTheEagerOutputAndGradients() {
+    void fusedKernelGivesTheEagerOutputAndGradients() throws Exception {
         DeepSeekConfig config = DeepSeekConfig.preset("bench-tiny");
         MultiHeadLatentAttention attn = new MultiHeadLatentAttention(config, new RotaryEmbedding(config));
         long t = 37;
@@ -46,22 +40,11 @@ class MultiHeadLatentAttentionTest {
             NDArray k = m.randomNormal(new Shape(2, 4, t, 24));
             NDArray v = m.randomNormal(new Shape(2, 4, t, 16));
             NDArray upstream = m.randomNormal(new Shape(2, 4, t, 16));
-            float[][] eager = withKernel("eager", () -> run(attn, m, q, k, v, null, upstream, true));
-            float[][] fused = withKernel("fused", () -> run(attn, m, q, k, v, null, upstream, true));
+            float[][] eager = SystemProperties.with(FusedAttention.KERNEL_PROPERTY, "eager",
+                    () -> run(attn, q, k, v, null, upstream, true));
+            float[][] fused = SystemProperties.with(FusedAttention.KERNEL_PROPERTY, "fused",
+                    () -> run(attn, q, k, v, null, upstream, true));
             assertClose(eager, fused, 1e-5);
-        }
-    }
-
-    private static float[][] withKernel(String kernel, java.util.function.Supplier<float[][]> body) {
-        String before = System.setProperty(FusedAttention.KERNEL_PROPERTY, kernel);
-        try {
-            return body.get();
-        } finally {
-            if (before == null) {
-                System.clearProperty(FusedAttention.KERNEL_PROPERTY);
-            } else {
-                System.setProperty(FusedAttention.KERNEL_PROPERTY, before);
-            }
         }
     }
 
@@ -92,8 +75,8 @@ class MultiHeadLatentAttentionTest {
             NDArray v = m.randomNormal(new Shape(1, 4, t, 16));
             NDArray upstream = m.randomNormal(new Shape(1, 4, t, 16));
             NDArray mask = MultiHeadLatentAttention.causalMask(m, t, t);
-            float[][] grouped = run(attn, m, q, k, v, mask, upstream, true);
-            float[][] whole = run(attn, m, q, k, v, mask, upstream, false);
+            float[][] grouped = run(attn, q, k, v, mask, upstream, true);
+            float[][] whole = run(attn, q, k, v, mask, upstream, false);
             assertClose(whole, grouped, 1e-6);
         }
     }
