@@ -35,17 +35,20 @@ class MultiHeadLatentAttentionTest {
         MultiHeadLatentAttention attn = new MultiHeadLatentAttention(config, new RotaryEmbedding(config));
         long t = 37;
         try (NDManager m = NDManager.newBaseManager()) {
-            Engine.getInstance().setRandomSeed(11);
-            NDArray q = m.randomNormal(new Shape(2, 4, t, 24));
-            NDArray k = m.randomNormal(new Shape(2, 4, t, 24));
-            NDArray v = m.randomNormal(new Shape(2, 4, t, 16));
-            NDArray upstream = m.randomNormal(new Shape(2, 4, t, 16));
+            NDArray[] a = randomAttention(m, 11, 2, t); // query, key, value, upstream gradient
             float[][] eager = SystemProperties.with(FusedAttention.KERNEL_PROPERTY, "eager",
-                    () -> run(attn, q, k, v, null, upstream, true));
+                    () -> run(attn, a[0], a[1], a[2], null, a[3], true));
             float[][] fused = SystemProperties.with(FusedAttention.KERNEL_PROPERTY, "fused",
-                    () -> run(attn, q, k, v, null, upstream, true));
+                    () -> run(attn, a[0], a[1], a[2], null, a[3], true));
             assertClose(eager, fused, 1e-5);
         }
+    }
+
+    /** bench-tiny's 4 heads: query and key {@code (B, 4, T, 24)}, value and upstream gradient {@code (B, 4, T, 16)}. */
+    private static NDArray[] randomAttention(NDManager m, int seed, long b, long t) {
+        Engine.getInstance().setRandomSeed(seed);
+        return new NDArray[] {m.randomNormal(new Shape(b, 4, t, 24)), m.randomNormal(new Shape(b, 4, t, 24)),
+            m.randomNormal(new Shape(b, 4, t, 16)), m.randomNormal(new Shape(b, 4, t, 16))};
     }
 
     private static void assertClose(float[][] expected, float[][] actual, double tolerance) {
@@ -69,14 +72,10 @@ class MultiHeadLatentAttentionTest {
         MultiHeadLatentAttention attn = new MultiHeadLatentAttention(config, new RotaryEmbedding(config));
         long t = 1024; // 4 heads x 1024 x 1024 scores: more than one group of 2^20 score elements
         try (NDManager m = NDManager.newBaseManager()) {
-            Engine.getInstance().setRandomSeed(7);
-            NDArray q = m.randomNormal(new Shape(1, 4, t, 24));
-            NDArray k = m.randomNormal(new Shape(1, 4, t, 24));
-            NDArray v = m.randomNormal(new Shape(1, 4, t, 16));
-            NDArray upstream = m.randomNormal(new Shape(1, 4, t, 16));
+            NDArray[] a = randomAttention(m, 7, 1, t);
             NDArray mask = MultiHeadLatentAttention.causalMask(m, t, t);
-            float[][] grouped = run(attn, q, k, v, mask, upstream, true);
-            float[][] whole = run(attn, q, k, v, mask, upstream, false);
+            float[][] grouped = run(attn, a[0], a[1], a[2], mask, a[3], true);
+            float[][] whole = run(attn, a[0], a[1], a[2], mask, a[3], false);
             assertClose(whole, grouped, 1e-6);
         }
     }
