@@ -42,6 +42,11 @@ public final class DeepSeekDecoderLayer extends AbstractBlock {
                 addChildBlock("post_attention_layernorm", new RmsNorm(config.hiddenSize(), config.rmsNormEps()));
     }
 
+    /** The model config. */
+    public DeepSeekConfig config() {
+        return config;
+    }
+
     /** Layer index in the model. */
     public int index() {
         return index;
@@ -82,6 +87,11 @@ public final class DeepSeekDecoderLayer extends AbstractBlock {
     @Override
     protected NDList forwardInternal(
             ParameterStore ps, NDList inputs, boolean training, PairList<String, Object> params) {
+        // one TorchScript call instead of a JNI round trip per operation, where enabled and the layer is plain
+        NDList scripted = ScriptedLayer.forward(this, ps, inputs, training);
+        if (scripted != null) {
+            return scripted;
+        }
         return Scoped.run(() -> {
             NDArray x = inputs.get(0);
             NDArray normed = inputLayernorm.forward(ps, new NDList(x), training).head();
