@@ -9,7 +9,7 @@ import ai.djl.memopt.model.deepseek.MoeGate;
 import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
 import ai.djl.memopt.model.deepseek.RmsNorm;
 import ai.djl.memopt.nn.HostReads;
-import ai.djl.memopt.nn.TorchScriptArchive;
+import ai.djl.memopt.nn.TorchScriptModules;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -21,15 +21,9 @@ import ai.djl.pytorch.engine.PtNDArray;
 import ai.djl.pytorch.engine.PtNDManager;
 import ai.djl.pytorch.engine.PtSymbolBlock;
 import ai.djl.pytorch.jni.IValue;
-import ai.djl.pytorch.jni.JniUtils;
 import com.google.common.base.Preconditions;
-import java.io.ByteArrayInputStream;
-import java.io.IOException;
-import java.io.UncheckedIOException;
 import java.util.ArrayList;
 import java.util.List;
-import java.util.Map;
-import java.util.concurrent.ConcurrentHashMap;
 
 /**
  * One stage's decode step (all its layers, prefill or decode, batch {@code B}) as a single TorchScript call: libtorch
@@ -48,9 +42,6 @@ import java.util.concurrent.ConcurrentHashMap;
  */
 final class ScriptedStage {
 
-    private static final Map<String, PtSymbolBlock> MODULES = new ConcurrentHashMap<>();
-    private static volatile NDManager moduleManager;
-
     private final DeepSeekConfig config;
     private final DeepSeekDecoderLayer[] layers;
     private final MultiHeadLatentAttention[] attention;
@@ -67,7 +58,7 @@ final class ScriptedStage {
         for (DeepSeekDecoderLayer layer : layers) {
             moe.add(layer.mlp() instanceof DeepSeekMoE);
         }
-        this.module = module(ScriptedStepSource.classBody(config, moe));
+        this.module = TorchScriptModules.load(ScriptedStepSource.CLASS, ScriptedStepSource.classBody(config, moe));
     }
 
     /**
@@ -80,30 +71,6 @@ final class ScriptedStage {
         String why = unsupportedReason(config, layers, attention, dtype, device, firstLayer);
         Preconditions.checkArgument(why == null, "the TorchScript decode step cannot run this model: %s", why);
         return new ScriptedStage(config, layers.clone(), attention.clone(), device);
-    }
-
-    /** The compiled module of {@code classBody}, loaded once per process. */
-    private static PtSymbolBlock module(String classBody) {
-        return MODULES.computeIfAbsent(classBody, body -> {
-            byte[] zip = TorchScriptArchive.write(ScriptedStepSource.CLASS, body);
-            try {
-                return JniUtils.loadModule((PtNDManager) manager(), new ByteArrayInputStream(zip), false, false);
-            } catch (IOException e) {
-                throw new UncheckedIOException("cannot load the generated TorchScript decode step", e);
-            }
-        });
-    }
-
-    private static NDManager manager() {
-        if (moduleManager == null) {
-            synchronized (ScriptedStage.class) {
-                if (moduleManager == null) {
-                    // the modules hold no tensors; they live as long as the process
-                    moduleManager = NDManager.newBaseManager(Device.cpu(), "PyTorch");
-                }
-            }
-        }
-        return moduleManager;
     }
 
     /**

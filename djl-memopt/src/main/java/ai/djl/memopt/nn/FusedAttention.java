@@ -3,18 +3,10 @@ package ai.djl.memopt.nn;
 import ai.djl.Device;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
-import ai.djl.ndarray.NDManager;
-import ai.djl.pytorch.engine.PtNDManager;
 import ai.djl.pytorch.engine.PtSymbolBlock;
 import ai.djl.pytorch.jni.IValueUtils;
-import ai.djl.pytorch.jni.JniUtils;
 import com.google.common.base.Preconditions;
-import java.io.ByteArrayInputStream;
-import java.io.IOException;
-import java.io.UncheckedIOException;
 import java.util.Locale;
-import java.util.Map;
-import java.util.concurrent.ConcurrentHashMap;
 
 /**
  * Causal scaled dot-product attention through PyTorch's fused kernel ({@code torch.scaled_dot_product_attention}),
@@ -45,8 +37,6 @@ public final class FusedAttention {
     public static final String KERNEL_PROPERTY = "ai.djl.memopt.attention.kernel";
 
     private static final String CLASS = "CausalAttention";
-    private static final Map<Integer, PtSymbolBlock> MODULES = new ConcurrentHashMap<>();
-    private static volatile NDManager moduleManager;
 
     private FusedAttention() {}
 
@@ -115,25 +105,6 @@ public final class FusedAttention {
 
     private static PtSymbolBlock module(float scale) {
         Preconditions.checkArgument(Float.isFinite(scale) && scale > 0, "attention scale %s must be positive", scale);
-        return MODULES.computeIfAbsent(Float.floatToIntBits(scale), bits -> {
-            byte[] zip = TorchScriptArchive.write(CLASS, classBody(scale));
-            try {
-                return JniUtils.loadModule((PtNDManager) manager(), new ByteArrayInputStream(zip), false, false);
-            } catch (IOException e) {
-                throw new UncheckedIOException("cannot load the generated fused-attention module", e);
-            }
-        });
-    }
-
-    private static NDManager manager() {
-        if (moduleManager == null) {
-            synchronized (FusedAttention.class) {
-                if (moduleManager == null) {
-                    // the modules hold no tensors; they live as long as the process
-                    moduleManager = NDManager.newBaseManager(Device.cpu(), "PyTorch");
-                }
-            }
-        }
-        return moduleManager;
+        return TorchScriptModules.load(CLASS, classBody(scale));
     }
 }

@@ -4,27 +4,20 @@ import ai.djl.Device;
 import ai.djl.memopt.nn.FusedAttention;
 import ai.djl.memopt.nn.HostReads;
 import ai.djl.memopt.nn.PrecisionIsland;
-import ai.djl.memopt.nn.TorchScriptArchive;
+import ai.djl.memopt.nn.TorchScriptModules;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
-import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
 import ai.djl.nn.core.Linear;
 import ai.djl.pytorch.engine.PtNDArray;
-import ai.djl.pytorch.engine.PtNDManager;
 import ai.djl.pytorch.engine.PtSymbolBlock;
 import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.ParameterStore;
-import java.io.ByteArrayInputStream;
-import java.io.IOException;
-import java.io.UncheckedIOException;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.Locale;
-import java.util.Map;
-import java.util.concurrent.ConcurrentHashMap;
 
 /**
  * A {@link DeepSeekDecoderLayer}'s full-sequence forward (training and prefill) as one TorchScript call: libtorch
@@ -58,9 +51,7 @@ public final class ScriptedLayer {
     /** System property: {@code on}, {@code off}, or unset for on where the layer's input is on a GPU. */
     public static final String PROPERTY = "ai.djl.memopt.layer.script";
 
-    private static final Map<String, PtSymbolBlock> MODULES = new ConcurrentHashMap<>();
     private static final ThreadLocal<boolean[]> OPTIMIZER_SET = ThreadLocal.withInitial(() -> new boolean[1]);
-    private static volatile NDManager moduleManager;
     /** Scripted forwards run so far (tests and probes tell the two paths apart with it). */
     private static final java.util.concurrent.atomic.LongAdder CALLS = new java.util.concurrent.atomic.LongAdder();
 
@@ -242,7 +233,7 @@ public final class ScriptedLayer {
         }
         ScriptedLayerSource.Layout layout =
                 new ScriptedLayerSource.Layout(moe != null, inputNorm, qANorm, kvANorm, postNorm, gate);
-        return new Plan(layout, module(ScriptedLayerSource.classBody(config, layout)), w, experts, moe);
+        return new Plan(layout, TorchScriptModules.load(ScriptedLayerSource.CLASS, ScriptedLayerSource.classBody(config, layout)), w, experts, moe);
     }
 
     /** The checks of {@link #plan}: collects the parameters in order, or the first reason the layer is not plain. */
@@ -338,29 +329,5 @@ public final class ScriptedLayer {
     /** The block inside one precision island (the only decorator a qualifying child may have). */
     private static Block core(Block b) {
         return b instanceof PrecisionIsland ? ((PrecisionIsland) b).delegate() : b;
-    }
-
-    /** The compiled module of {@code classBody}, loaded once per process. */
-    private static PtSymbolBlock module(String classBody) {
-        return MODULES.computeIfAbsent(classBody, body -> {
-            byte[] zip = TorchScriptArchive.write(ScriptedLayerSource.CLASS, body);
-            try {
-                return JniUtils.loadModule((PtNDManager) manager(), new ByteArrayInputStream(zip), false, false);
-            } catch (IOException e) {
-                throw new UncheckedIOException("cannot load the generated TorchScript decoder layer", e);
-            }
-        });
-    }
-
-    private static NDManager manager() {
-        if (moduleManager == null) {
-            synchronized (ScriptedLayer.class) {
-                if (moduleManager == null) {
-                    // the modules hold no tensors; they live as long as the process
-                    moduleManager = NDManager.newBaseManager(Device.cpu(), "PyTorch");
-                }
-            }
-        }
-        return moduleManager;
     }
 }

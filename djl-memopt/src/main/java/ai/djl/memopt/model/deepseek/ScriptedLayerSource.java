@@ -99,7 +99,6 @@ final class ScriptedLayerSource {
         int nope = config.qkNopeHeadDim();
         int rope = config.qkRopeHeadDim();
         int r = config.kvLoraRank();
-        int v = config.vHeadDim();
         String scale = ScriptEmitter.f32(config.softmaxScale());
         line("  def attn(%s, x: Tensor, cos: Tensor, sin: Tensor, masks: List[Tensor], w: List[Tensor], fused: bool,"
                 + " group: int) -> Tensor:", emit.self());
@@ -117,7 +116,7 @@ final class ScriptedLayerSource {
         line("    compressed = torch.linear(x, w[%d])", kv); // (B, T, kv_lora + rope)
         line("    latent = %s", norm("compressed[:, :, :" + r + "]", "w[" + (kv + 1) + "]", shape.kvANorm()));
         line("    kv = torch.transpose(torch.reshape(torch.linear(latent, w[%d]), [b, t, %d, %d]), 1, 2)", kv + 2, h,
-                nope + v); // (B, H, T, nope + v)
+                nope + config.vHeadDim()); // (B, H, T, nope + v)
         line("    k_rot = torch.reshape(compressed[:, :, %d:], [b, 1, t, %d])", r, rope);
         line("    q_rot = self.rope(q[:, :, :, %d:], cos, sin)", nope);
         line("    k_rot = torch.expand(self.rope(k_rot, cos, sin), [b, %d, t, %d])", h, rope);
@@ -128,7 +127,7 @@ final class ScriptedLayerSource {
         line("      out = torch.scaled_dot_product_attention(query, key, value, None, 0., True, scale=%s)", scale);
         line("    else:");
         line("      out = self.attend(query, key, value, masks, group)");
-        line("    out = torch.reshape(torch.transpose(out, 1, 2), [b, t, %d])", h * v);
+        line("    out = torch.reshape(torch.transpose(out, 1, 2), [b, t, %d])", h * config.vHeadDim());
         line("    return torch.linear(out, w[%d])", kv + 3);
         // the eager path: heads in groups (MultiHeadLatentAttention.attend), FP32 softmax (attendHeads)
         line("  def attend(%s, q: Tensor, k: Tensor, v: Tensor, masks: List[Tensor], group: int) -> Tensor:",

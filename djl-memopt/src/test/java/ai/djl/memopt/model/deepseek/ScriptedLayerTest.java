@@ -43,11 +43,23 @@ import org.junit.jupiter.params.provider.ValueSource;
  */
 class ScriptedLayerTest {
 
+    private static final DeepSeekConfig TINY = DeepSeekCheckpointTestAccess.tiny(DeepSeekConfig.DEEPSEEK_V3);
+
+    private static DeepSeekForCausalLM tiny(NDManager m, long seed) {
+        return DeepSeekForCausalLM.random(TINY, seed, m, DataType.FLOAT32);
+    }
+
     /** One training step's results. */
     record Step(float[] logits, float loss, Map<String, float[]> grads, long scriptedCalls) {}
 
     private static Step step(Block model, NDManager manager, NDArray ids, String script, boolean checkpointing)
             throws Exception {
+        return step(model, manager, new NDList(ids), script, checkpointing);
+    }
+
+    private static Step step(Block model, NDManager manager, NDList inputs, String script, boolean checkpointing)
+            throws Exception {
+        NDArray ids = inputs.head();
         String before = System.setProperty(ScriptedLayer.PROPERTY, script);
         try {
             Map<String, Parameter> params = BlockTrees.parameters(model);
@@ -63,7 +75,7 @@ class ScriptedLayerTest {
             try (NDManager m = manager.newSubManager();
                     GradientCollector gc = checkpointing ? CheckpointingGradientCollector.open(m)
                             : Engine.getInstance().newGradientCollector()) {
-                NDArray out = model.forward(new ParameterStore(m, false), new NDList(ids), true).head();
+                NDArray out = model.forward(new ParameterStore(m, false), inputs, true).head();
                 NDArray l = CausalLmLoss.mean(out, ids);
                 logits = out.toType(DataType.FLOAT32, false).toFloatArray();
                 loss = l.toType(DataType.FLOAT32, false).getFloat();
@@ -214,8 +226,8 @@ class ScriptedLayerTest {
     @Test
     void mixedPrecisionStepMatchesTheJavaPath() throws Exception {
         try (NDManager m = NDManager.newBaseManager()) {
-            DeepSeekConfig c = DeepSeekCheckpointTestAccess.tiny(DeepSeekConfig.DEEPSEEK_V3);
-            MixedPrecisionBlock mp = MixedPrecisionBlock.wrap(DeepSeekForCausalLM.random(c, 7, m, DataType.FLOAT32));
+            DeepSeekConfig c = TINY;
+            MixedPrecisionBlock mp = MixedPrecisionBlock.wrap(tiny(m, 7));
             DeepSeekDecoderLayer layer = (DeepSeekDecoderLayer) ((DeepSeekForCausalLM) mp.delegate()).model()
                     .layers().get(c.numHiddenLayers() - 1);
             assertNull(ScriptedLayer.unsupportedReason(layer), "a mixed-precision layer qualifies");
@@ -229,13 +241,44 @@ class ScriptedLayerTest {
         }
     }
 
+    /** A padding mask: the eager attention with the additive mask, in the script as in Java. */
+    @Test
+    void paddingMaskMatchesTheJavaPath() throws Exception {
+        try (NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM lm = tiny(m, 13);
+            NDArray ids = tokens(m, 2, 9, TINY.vocabSize());
+            long[] keep = new long[18];
+            java.util.Arrays.fill(keep, 1);
+            keep[0] = 0; // left padding of the first row
+            keep[1] = 0;
+            NDList inputs = new NDList(ids, m.create(keep, new Shape(2, 9)));
+            assertSame(step(lm, m, inputs, "on", false), step(lm, m, inputs, "off", false), 1e-5, "padding mask");
+        }
+    }
+
+    /** A sequence long enough that the CPU's eager attention runs its heads one group at a time (here one head). */
+    @Test
+    void headGroupsMatchTheJavaPath() throws Exception {
+        DeepSeekConfig c = DeepSeekConfig.builder(DeepSeekConfig.DEEPSEEK_V3).vocabSize(64).hiddenSize(16)
+                .intermediateSize(32).moeIntermediateSize(8).numHiddenLayers(2).numAttentionHeads(2).qLoraRank(8)
+                .kvLoraRank(8).qkNopeHeadDim(4).qkRopeHeadDim(4).vHeadDim(4).nRoutedExperts(4).nSharedExperts(1)
+                .numExpertsPerTok(2).nGroup(2).topkGroup(1).firstKDenseReplace(1).maxPositionEmbeddings(1024).build();
+        int t = 740; // B * T * T > 2^19: one head per group
+        assertEquals(1, MultiHeadLatentAttention.headGroup(2, 1, t, t, Device.cpu()));
+        try (NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM lm = DeepSeekForCausalLM.random(c, 17, m, DataType.FLOAT32);
+            NDArray ids = tokens(m, 1, t, c.vocabSize());
+            assertSame(step(lm, m, ids, "on", false), step(lm, m, ids, "off", false), 1e-5, "head groups");
+        }
+    }
+
     /** {@code --checkpoint all}: a CheckpointBlock around each layer calls its forward again when recomputing. */
     @Test
     void layerLevelCheckpointingGivesTheSameGradients() throws Exception {
         try (NDManager m = NDManager.newBaseManager()) {
-            DeepSeekConfig c = DeepSeekCheckpointTestAccess.tiny(DeepSeekConfig.DEEPSEEK_V3);
-            DeepSeekForCausalLM plain = DeepSeekForCausalLM.random(c, 11, m, DataType.FLOAT32);
-            DeepSeekForCausalLM checkpointed = DeepSeekForCausalLM.random(c, 11, m, DataType.FLOAT32);
+            DeepSeekConfig c = TINY;
+            DeepSeekForCausalLM plain = tiny(m, 11);
+            DeepSeekForCausalLM checkpointed = tiny(m, 11);
             List<String> wrapped = Checkpointing.wrapChildren(checkpointed, "model.layers", CheckpointPolicy.all());
             assertEquals(c.numHiddenLayers(), wrapped.size());
             NDArray ids = tokens(m, 2, 12, c.vocabSize());
@@ -251,15 +294,15 @@ class ScriptedLayerTest {
     @Test
     void decoratedLayersFallBackToTheJavaPathWithAReason() throws Exception {
         try (NDManager m = NDManager.newBaseManager()) {
-            DeepSeekConfig c = DeepSeekCheckpointTestAccess.tiny(DeepSeekConfig.DEEPSEEK_V3);
-            DeepSeekForCausalLM nested = DeepSeekForCausalLM.random(c, 5, m, DataType.FLOAT32);
+            DeepSeekConfig c = TINY;
+            DeepSeekForCausalLM nested = tiny(m, 5);
             Checkpointing.wrapChildren(nested, "model.layers.0", CheckpointPolicy.all());
             String why = ScriptedLayer.unsupportedReason((DeepSeekDecoderLayer) nested.model().layers().get(0));
             assertNotNull(why);
             assertTrue(why.startsWith("model.layers.0."), why);
             assertTrue(why.contains("CheckpointBlock"), why);
 
-            DeepSeekForCausalLM adapted = DeepSeekForCausalLM.random(c, 5, m, DataType.FLOAT32);
+            DeepSeekForCausalLM adapted = tiny(m, 5);
             Lora.apply(adapted, LoraConfig.builder().setRank(2).optTargetModules("q_a_proj").build());
             why = ScriptedLayer.unsupportedReason((DeepSeekDecoderLayer) adapted.model().layers().get(1));
             assertNotNull(why);
