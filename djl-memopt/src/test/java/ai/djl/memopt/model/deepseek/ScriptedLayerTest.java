@@ -31,6 +31,8 @@ import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.concurrent.atomic.AtomicReference;
+import org.junit.jupiter.api.Assumptions;
+import org.junit.jupiter.api.Tag;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.params.ParameterizedTest;
 import org.junit.jupiter.params.provider.ValueSource;
@@ -311,6 +313,23 @@ class ScriptedLayerTest {
             NDArray ids = tokens(m, 1, 8, c.vocabSize());
             Step fallback = step(adapted, m, ids, "on", false);
             assertEquals(0, fallback.scriptedCalls(), "no adapted layer may run the script");
+        }
+    }
+
+    /**
+     * On a GPU (skipped without one): the default there, with the fused attention kernel; FP32 and FP16 mixed precision
+     * against the Java path on the same device. GPU index backward accumulates with atomics, so not bit-equal.
+     */
+    @Test
+    @Tag("gpu")
+    void gpuStepsMatchTheJavaPath() throws Exception {
+        Assumptions.assumeTrue(Engine.getInstance().getGpuCount() > 0, "no GPU visible");
+        try (NDManager m = NDManager.newBaseManager(Device.gpu())) {
+            NDArray ids = tokens(m, 2, 64, TINY.vocabSize());
+            DeepSeekForCausalLM lm = tiny(m, 19);
+            assertSame(step(lm, m, ids, "on", false), step(lm, m, ids, "off", false), 1e-4, "GPU FP32");
+            MixedPrecisionBlock mp = MixedPrecisionBlock.wrap(tiny(m, 19));
+            assertSame(step(mp, m, ids, "on", false), step(mp, m, ids, "off", false), 1e-2, "GPU FP16");
         }
     }
 
