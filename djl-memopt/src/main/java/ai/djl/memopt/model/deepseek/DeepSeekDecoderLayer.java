@@ -28,6 +28,8 @@ public final class DeepSeekDecoderLayer extends AbstractBlock {
     private Block mlp;
     private Block inputLayernorm;
     private Block postAttentionLayernorm;
+    /** The scripted forward's module for this layer's current layout (see {@link ScriptedLayer}). */
+    volatile ScriptedLayer.Compiled script;
 
     public DeepSeekDecoderLayer(DeepSeekConfig config, int index, RotaryEmbedding rotary) {
         super(VERSION);

@@ -146,6 +146,9 @@ public final class ScriptedLayer {
         }
     }
 
+    /** A layer's layout and the module compiled for it (kept by the layer). */
+    record Compiled(ScriptedLayerSource.Layout layout, PtSymbolBlock module) {}
+
     /** A qualifying layer's module and the parameters it takes, in the script's order. */
     private static final class Plan {
         final ScriptedLayerSource.Layout layout;
@@ -213,10 +216,10 @@ public final class ScriptedLayer {
                 walk.why = at + "mlp has " + moe.experts().size() + " experts, the config " + config.nRoutedExperts();
             }
             List<Parameter> all = new ArrayList<>();
-            Walk experts3 = new Walk(config, all);
+            Walk expertWalk = new Walk(config, all);
             for (int e = 0; walk.why == null && e < moe.experts().size(); e++) {
-                experts3.swiglu(moe.experts().get(e), at + "mlp.experts." + e);
-                walk.why = experts3.why;
+                expertWalk.swiglu(moe.experts().get(e), at + "mlp.experts." + e);
+                walk.why = expertWalk.why;
             }
             for (int proj = 0; proj < 3; proj++) {
                 List<Parameter> one = new ArrayList<>();
@@ -233,7 +236,15 @@ public final class ScriptedLayer {
         }
         ScriptedLayerSource.Layout layout =
                 new ScriptedLayerSource.Layout(moe != null, inputNorm, qANorm, kvANorm, postNorm, gate);
-        return new Plan(layout, TorchScriptModules.load(ScriptedLayerSource.CLASS, ScriptedLayerSource.classBody(config, layout)), w, experts, moe);
+        Compiled compiled = layer.script;
+        if (compiled == null || !compiled.layout().equals(layout)) {
+            // generated and looked up only when the layer's layout changes, not at every forward
+            compiled = new Compiled(layout,
+                    TorchScriptModules.load(ScriptedLayerSource.CLASS, ScriptedLayerSource.classBody(config, layout)));
+            layer.script = compiled;
+        }
+        return new Plan(layout, compiled.module(), w, experts, moe);
+
     }
 
     /** The checks of {@link #plan}: collects the parameters in order, or the first reason the layer is not plain. */
