@@ -72,9 +72,12 @@ public final class ScriptEmitter {
         line("    t = x.size(2)");
         if (!config.isV3()) {
             // V2: adjacent pairs as complex numbers, in FP32
-            line("    pairs = torch.reshape(x.to(6), [b, h, t, %d, 2])", half);
-            line("    re = torch.sub(torch.mul(pairs[:, :, :, :, 0], c), torch.mul(pairs[:, :, :, :, 1], s))");
-            line("    im = torch.add(torch.mul(pairs[:, :, :, :, 0], s), torch.mul(pairs[:, :, :, :, 1], c))");
+            // split, as the Java path: one backward for both halves instead of one full-size zero-fill per part
+            line("    ab = torch.split(torch.reshape(x.to(6), [b, h, t, %d, 2]), 1, 4)", half);
+            line("    a = torch.squeeze(ab[0], 4)");
+            line("    bb = torch.squeeze(ab[1], 4)");
+            line("    re = torch.sub(torch.mul(a, c), torch.mul(bb, s))");
+            line("    im = torch.add(torch.mul(a, s), torch.mul(bb, c))");
             line("    return torch.reshape(torch.stack([re, im], 4), [b, h, t, %d]).to(x.dtype)", d);
             return;
         }
@@ -84,7 +87,8 @@ public final class ScriptEmitter {
         } else {
             line("    xr = x");
         }
-        line("    rotated = torch.cat([torch.neg(xr[:, :, :, %d:]), xr[:, :, :, :%d]], 3)", half, half);
+        line("    halves = torch.split(xr, %d, 3)", half);
+        line("    rotated = torch.cat([torch.neg(halves[1]), halves[0]], 3)");
         line("    return torch.add(torch.mul(xr, c.to(x.dtype)), torch.mul(rotated, s.to(x.dtype)))");
     }
 

@@ -113,16 +113,19 @@ final class ScriptedLayerSource {
             kv = 2;
         }
         line("    q = torch.transpose(torch.reshape(q, [b, t, %d, %d]), 1, 2)", h, nope + rope); // (B, H, T, qk)
-        line("    compressed = torch.linear(x, w[%d])", kv); // (B, T, kv_lora + rope)
-        line("    latent = %s", norm("compressed[:, :, :" + r + "]", "w[" + (kv + 1) + "]", shape.kvANorm()));
+        // split_with_sizes as the Java path's split: one backward per split, not a full-size zero-fill per part
+        line("    q_split = torch.split_with_sizes(q, [%d, %d], 3)", nope, rope);
+        line("    compressed = torch.split_with_sizes(torch.linear(x, w[%d]), [%d, %d], 2)", kv, r, rope);
+        line("    latent = %s", norm("compressed[0]", "w[" + (kv + 1) + "]", shape.kvANorm()));
         line("    kv = torch.transpose(torch.reshape(torch.linear(latent, w[%d]), [b, t, %d, %d]), 1, 2)", kv + 2, h,
                 nope + config.vHeadDim()); // (B, H, T, nope + v)
-        line("    k_rot = torch.reshape(compressed[:, :, %d:], [b, 1, t, %d])", r, rope);
-        line("    q_rot = self.rope(q[:, :, :, %d:], cos, sin)", nope);
+        line("    kv_split = torch.split_with_sizes(kv, [%d, %d], 3)", nope, config.vHeadDim());
+        line("    k_rot = torch.reshape(compressed[1], [b, 1, t, %d])", rope);
+        line("    q_rot = self.rope(q_split[1], cos, sin)");
         line("    k_rot = torch.expand(self.rope(k_rot, cos, sin), [b, %d, t, %d])", h, rope);
-        line("    query = torch.cat([q[:, :, :, :%d], q_rot], -1)", nope);
-        line("    key = torch.cat([kv[:, :, :, :%d], k_rot], -1)", nope);
-        line("    value = kv[:, :, :, %d:]", nope);
+        line("    query = torch.cat([q_split[0], q_rot], -1)");
+        line("    key = torch.cat([kv_split[0], k_rot], -1)");
+        line("    value = kv_split[1]");
         line("    if fused:");
         line("      out = torch.scaled_dot_product_attention(query, key, value, None, 0., True, scale=%s)", scale);
         line("    else:");
