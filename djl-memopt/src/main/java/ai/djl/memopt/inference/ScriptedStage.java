@@ -10,6 +10,7 @@ import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
 import ai.djl.memopt.model.deepseek.RmsNorm;
 import ai.djl.memopt.nn.HostReads;
 import ai.djl.memopt.nn.TorchScriptArchive;
+import ai.djl.memopt.nn.TorchScriptModules;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -42,7 +43,6 @@ import java.util.List;
  */
 final class ScriptedStage {
 
-
     private final DeepSeekConfig config;
     private final DeepSeekDecoderLayer[] layers;
     private final MultiHeadLatentAttention[] attention;
@@ -59,7 +59,7 @@ final class ScriptedStage {
         for (DeepSeekDecoderLayer layer : layers) {
             moe.add(layer.mlp() instanceof DeepSeekMoE);
         }
-        this.module = module(ScriptedStepSource.classBody(config, moe));
+        this.module = TorchScriptModules.load(ScriptedStepSource.CLASS, ScriptedStepSource.classBody(config, moe));
     }
 
     /**
@@ -72,11 +72,6 @@ final class ScriptedStage {
         String why = unsupportedReason(config, layers, attention, dtype, device, firstLayer);
         Preconditions.checkArgument(why == null, "the TorchScript decode step cannot run this model: %s", why);
         return new ScriptedStage(config, layers.clone(), attention.clone(), device);
-    }
-
-    /** The compiled module of {@code classBody}, loaded once per process. */
-    private static PtSymbolBlock module(String classBody) {
-        return TorchScriptArchive.load(ScriptedStepSource.CLASS, classBody, "decode step");
     }
 
     /**

@@ -1,13 +1,15 @@
 package ai.djl.memopt.inference;
 
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
+import ai.djl.memopt.model.deepseek.ScriptEmitter;
 import java.util.List;
 
 /**
  * The TorchScript source of one stage's decode step (see {@link ScriptedStage}): the same operations, in the same
- * order and types, as the Java path ({@code DecoderStage.Cache.forward/attend}, {@code RmsNorm}, {@code RotaryEmbedding},
- * {@code MoeGate}, {@code GatheredExperts}, the sorted dispatch, {@code DeepSeekMoE.combine}), with the config's sizes
- * and constants written into the code. Dtypes are TorchScript's integers: 6 is FP32.
+ * order and types, as the Java path ({@code DecoderStage.Cache.forward/attend}, {@code GatheredExperts}, and through
+ * {@link ScriptEmitter}, shared with the training layer script, {@code RmsNorm}, {@code RotaryEmbedding},
+ * {@code MoeGate}, the sorted dispatch, {@code DeepSeekMoE.combine}), with the config's sizes and constants written into
+ * the code. Dtypes are TorchScript's integers: 6 is FP32.
  *
  * <p>The weights come as one flat {@code List[Tensor]}, per layer in this order (offsets written into the code): input
  * norm; {@code q_a_proj, q_a_layernorm, q_b_proj} or {@code q_proj}; {@code kv_a_proj_with_mqa, kv_a_layernorm,
@@ -21,9 +23,11 @@ final class ScriptedStepSource {
 
     private final DeepSeekConfig config;
     private final StringBuilder out = new StringBuilder();
+    private final ScriptEmitter emit;
 
     private ScriptedStepSource(DeepSeekConfig config) {
         this.config = config;
+        this.emit = new ScriptEmitter(config, CLASS, out);
     }
 
     /** Weight slots of a layer's attention part, norms included. */
@@ -47,27 +51,26 @@ final class ScriptedStepSource {
     static String classBody(DeepSeekConfig config, List<Boolean> moe) {
         ScriptedStepSource s = new ScriptedStepSource(config);
         s.forward(moe);
-        s.rms();
-        s.rope();
+        s.emit.rms();
+        s.emit.rope();
         s.attention();
-        s.mlp();
+        s.emit.mlp();
         if (moe.contains(true)) {
             s.moe();
         }
         return s.out.toString();
     }
 
-    /** A float constant as the exact double of its FP32 value, so that FP32 kernels see the same float. */
-    private static String f32(double value) {
-        return Double.toString((double) (float) value);
-    }
-
     private void line(String format, Object... args) {
-        out.append(String.format(format, args)).append('\n');
+        emit.line(format, args);
     }
 
     private String self() {
-        return "self: __torch__." + CLASS;
+        return emit.self();
+    }
+
+    private static String f32(double value) {
+        return ScriptEmitter.f32(value);
     }
 
     private void forward(List<Boolean> moe) {
@@ -89,41 +92,6 @@ final class ScriptedStepSource {
             o += att + mlpSlots(config, moe.get(i));
         }
         line("    return h");
-    }
-
-    private void rms() {
-        line("  def rms(%s, x: Tensor, w: Tensor) -> Tensor:", self());
-        line("    x32 = x.to(6)");
-        line("    variance = torch.mean(torch.square(x32), [-1], True)");
-        line("    normed = torch.div(x32, torch.sqrt(torch.add(variance, %s)))", f32(config.rmsNormEps()));
-        line("    return torch.mul(w, normed.to(x.dtype))");
-    }
-
-    private void rope() {
-        int d = config.qkRopeHeadDim();
-        int half = d / 2;
-        line("  def rope(%s, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:", self());
-        line("    c = torch.unsqueeze(cos, 1)");
-        line("    s = torch.unsqueeze(sin, 1)");
-        line("    b = x.size(0)");
-        line("    h = x.size(1)");
-        line("    t = x.size(2)");
-        if (!config.isV3()) {
-            // V2: adjacent pairs as complex numbers, in FP32
-            line("    pairs = torch.reshape(x.to(6), [b, h, t, %d, 2])", half);
-            line("    re = torch.sub(torch.mul(pairs[:, :, :, :, 0], c), torch.mul(pairs[:, :, :, :, 1], s))");
-            line("    im = torch.add(torch.mul(pairs[:, :, :, :, 0], s), torch.mul(pairs[:, :, :, :, 1], c))");
-            line("    return torch.reshape(torch.stack([re, im], 4), [b, h, t, %d]).to(x.dtype)", d);
-            return;
-        }
-        if (config.ropeInterleave()) {
-            line("    xr = torch.reshape(torch.transpose(torch.reshape(x, [b, h, t, %d, 2]), 3, 4), [b, h, t, %d])",
-                    half, d);
-        } else {
-            line("    xr = x");
-        }
-        line("    rotated = torch.cat([torch.neg(xr[:, :, :, %d:]), xr[:, :, :, :%d]], 3)", half, half);
-        line("    return torch.add(torch.mul(xr, c.to(x.dtype)), torch.mul(rotated, s.to(x.dtype)))");
     }
 
     private void attention() {
@@ -164,73 +132,30 @@ final class ScriptedStepSource {
         line("    return torch.linear(out, w[kv + 2])");
     }
 
-    private void mlp() {
-        line("  def mlp(%s, x: Tensor, g: Tensor, u: Tensor, d: Tensor) -> Tensor:", self());
-        line("    gg = torch.linear(x, g)");
-        line("    return torch.linear(torch.mul(torch.mul(gg, torch.sigmoid(gg)), torch.linear(x, u)), d)");
-    }
-
     private void moe() {
         int hid = config.hiddenSize();
-        int e = config.nRoutedExperts();
-        int k = config.numExpertsPerTok();
         boolean v3 = config.isV3();
         int s = v3 ? 2 : 1; // first expert stack
         line("  def moe(%s, hidden: Tensor, w: List[Tensor], o: int, chunk: int) -> Tensor:", self());
         line("    flat = torch.reshape(hidden, [-1, %d])", hid);
-        line("    n = flat.size(0)");
-        line("    logits = torch.matmul(flat.to(6), torch.t(w[o].to(6)))");
-        if (v3) {
-            int groups = config.nGroup();
-            line("    scores = torch.sigmoid(logits)");
-            line("    choice = torch.add(scores, torch.unsqueeze(w[o + 1].to(6), 0))");
-            line("    group_scores = torch.sum(torch.topk(torch.reshape(choice, [n, %d, %d]), 2, -1, True, True)[0], [-1])",
-                    groups, e / groups);
-            line("    idx = torch.topk(self.mask_groups(choice, group_scores), %d, -1, True, True)[1]", k);
-        } else {
-            line("    scores = torch.softmax(logits, -1)");
-            if ("group_limited_greedy".equals(config.topkMethod())) {
-                int groups = config.nGroup();
-                line("    group_scores = torch.amax(torch.reshape(scores, [n, %d, %d]), [-1])", groups, e / groups);
-                line("    idx = torch.topk(self.mask_groups(scores, group_scores), %d, -1, True, True)[1]", k);
-            } else {
-                line("    idx = torch.topk(scores, %d, -1, True, True)[1]", k);
-            }
-        }
-        line("    weights = torch.gather(scores, 1, idx)");
-        if (config.normTopkProb() && (v3 || k > 1)) {
-            line("    weights = torch.div(weights, torch.add(torch.sum(weights, [-1], True), 1e-20))");
-        }
-        line("    weights = torch.mul(weights, %s)", f32(config.routedScalingFactor()));
+        line("    idx, weights = self.route(flat, w[o]%s)", v3 ? ", w[o + 1]" : "");
         line("    if chunk > 0:");
         line("      routed = self.gathered(flat, idx, weights, w[o + %d], w[o + %d], w[o + %d], chunk)", s, s + 1, s + 2);
         line("    else:");
-        line("      routed = self.sorted(flat, idx, weights, w[o + %d], w[o + %d], w[o + %d])", s, s + 1, s + 2);
+        line("      routed = self.sorted(flat, idx, weights, w[o + %d], w[o + %d], w[o + %d], 1)", s, s + 1, s + 2);
         line("    routed = torch.reshape(routed, hidden.size())");
         if (config.nSharedExperts() > 0) {
             line("    routed = torch.add(routed, self.mlp(hidden, w[o + %d], w[o + %d], w[o + %d]))", s + 3, s + 4, s + 5);
         }
         line("    return routed");
-        maskGroups();
-        experts();
+        emit.route();
+        gathered();
+        // the sorted dispatch: one host read of the per-expert counts, each hit expert on its contiguous rows
+        emit.sorted("Tensor");
     }
 
-    private void maskGroups() {
-        int e = config.nRoutedExperts();
-        int groups = Math.max(1, config.nGroup());
-        line("  def mask_groups(%s, scores: Tensor, group_scores: Tensor) -> Tensor:", self());
-        line("    n = scores.size(0)");
-        line("    group_idx = torch.topk(group_scores, %d, -1, True, True)[1]", config.topkGroup());
-        line("    group_mask = torch.scatter(torch.zeros([n, %d], dtype=6, device=scores.device), 1, group_idx,"
-                + " torch.ones([n, %d], dtype=6, device=scores.device))", groups, config.topkGroup());
-        line("    score_mask = torch.reshape(torch.expand(torch.unsqueeze(group_mask, -1), [n, %d, %d]), [n, %d])",
-                groups, e / groups, e);
-        line("    return torch.mul(scores, score_mask)");
-    }
-
-    private void experts() {
+    private void gathered() {
         int hid = config.hiddenSize();
-        int e = config.nRoutedExperts();
         int k = config.numExpertsPerTok();
         // the gathered dispatch: the chosen experts' rows of each stack, no host read
         line("  def gathered(%s, x: Tensor, idx: Tensor, weights: Tensor, gs: Tensor, us: Tensor, ds: Tensor,"
@@ -252,25 +177,5 @@ final class ScriptedStepSource {
         line("    rows = torch.reshape(torch.index_select(torch.reshape(stack, [stack.size(0), -1]), 0, ids),"
                 + " [c, stack.size(1), stack.size(2)])");
         line("    return torch.reshape(torch.matmul(rows, torch.transpose(x, 1, 2)), [c, 1, stack.size(1)])");
-        // the sorted dispatch: one host read of the per-expert counts, each hit expert on its contiguous rows
-        line("  def sorted(%s, x: Tensor, idx: Tensor, weights: Tensor, gs: Tensor, us: Tensor, ds: Tensor)"
-                + " -> Tensor:", self());
-        line("    ids = torch.reshape(idx, [-1])");
-        line("    order = torch.argsort(ids, stable=True)");
-        line("    counts: List[int] = torch.bincount(ids, None, %d).tolist()", e);
-        line("    rows = torch.index_select(x, 0, torch.div(order, %d, rounding_mode='floor'))", k);
-        line("    outs: List[Tensor] = []");
-        line("    start = 0");
-        line("    for i in range(%d):", e);
-        line("      if counts[i] > 0:");
-        line("        outs.append(self.mlp(rows[start:start + counts[i]], gs[i], us[i], ds[i]))");
-        line("        start = start + counts[i]");
-        line("    back = torch.index_select(torch.cat(outs, 0), 0, torch.argsort(order))");
-        line("    return self.combine(back, weights)");
-        line("  def combine(%s, out: Tensor, weights: Tensor) -> Tensor:", self());
-        line("    n = weights.size(0)");
-        line("    k = weights.size(1)");
-        line("    weighted = torch.mul(out, torch.reshape(weights, [n * k, 1]).to(out.dtype)).to(6)");
-        line("    return torch.sum(torch.reshape(weighted, [n, k, out.size(1)]), [1]).to(out.dtype)");
     }
 }

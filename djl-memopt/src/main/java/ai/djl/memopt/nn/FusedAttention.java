@@ -105,6 +105,6 @@ public final class FusedAttention {
 
     private static PtSymbolBlock module(float scale) {
         Preconditions.checkArgument(Float.isFinite(scale) && scale > 0, "attention scale %s must be positive", scale);
-        return TorchScriptArchive.load(CLASS, classBody(scale), "fused-attention module");
+        return TorchScriptModules.load(CLASS, classBody(scale));
     }
 }

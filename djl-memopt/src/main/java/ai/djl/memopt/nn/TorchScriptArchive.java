@@ -1,18 +1,10 @@
 package ai.djl.memopt.nn;
 
-import ai.djl.Device;
-import ai.djl.ndarray.NDManager;
-import ai.djl.pytorch.engine.PtNDManager;
-import ai.djl.pytorch.engine.PtSymbolBlock;
-import ai.djl.pytorch.jni.JniUtils;
 import com.google.common.base.Preconditions;
-import java.io.ByteArrayInputStream;
 import java.io.ByteArrayOutputStream;
 import java.io.IOException;
 import java.io.UncheckedIOException;
 import java.nio.charset.StandardCharsets;
-import java.util.Map;
-import java.util.concurrent.ConcurrentHashMap;
 import java.util.regex.Pattern;
 import java.util.zip.CRC32;
 import java.util.zip.ZipEntry;
@@ -36,7 +28,7 @@ import java.util.zip.ZipOutputStream;
  *       current source would trigger).
  * </ul>
  *
- * <p>Usage: {@code PtSymbolBlock step = TorchScriptArchive.load("DecodeStep", source, "decode step");}, or
+ * <p>Usage: {@code TorchScriptModules.load("DecodeStep", source)} (compiled once per process), or
  * {@code byte[] zip = TorchScriptArchive.write("DecodeStep", source);} then
  * {@code JniUtils.loadModule(manager, new ByteArrayInputStream(zip), true, false)}.
  */
@@ -44,8 +36,6 @@ public final class TorchScriptArchive {
 
     static final String FILE_FORMAT_VERSION = "9";
     private static final Pattern IDENTIFIER = Pattern.compile("[A-Za-z_][A-Za-z0-9_]*");
-    private static final Map<String, PtSymbolBlock> MODULES = new ConcurrentHashMap<>();
-    private static volatile NDManager moduleManager;
 
     private TorchScriptArchive() {}
 
@@ -73,36 +63,6 @@ public final class TorchScriptArchive {
             throw new UncheckedIOException("cannot write the TorchScript archive of " + className, e);
         }
         return bytes.toByteArray();
-    }
-
-    /**
-     * The module of {@link #write}{@code (className, classBody)}, compiled by libtorch once per process and source:
-     * later calls with the same source return the same module. The modules hold no tensors and live as long as the
-     * process.
-     *
-     * @param what what the module is, for the error message
-     * @throws UncheckedIOException if libtorch cannot load it (the message names {@code what})
-     */
-    public static PtSymbolBlock load(String className, String classBody, String what) {
-        return MODULES.computeIfAbsent(className + "\n" + classBody, key -> {
-            byte[] zip = write(className, classBody);
-            try {
-                return JniUtils.loadModule((PtNDManager) manager(), new ByteArrayInputStream(zip), false, false);
-            } catch (IOException e) {
-                throw new UncheckedIOException("cannot load the generated TorchScript " + what, e);
-            }
-        });
-    }
-
-    private static NDManager manager() {
-        if (moduleManager == null) {
-            synchronized (TorchScriptArchive.class) {
-                if (moduleManager == null) {
-                    moduleManager = NDManager.newBaseManager(Device.cpu(), "PyTorch");
-                }
-            }
-        }
-        return moduleManager;
     }
 
     /** {@code __torch__.<className>()} with {@code training = False}, as a protocol-2 pickle. */

@@ -1,6 +1,6 @@
 package ai.djl.memopt.precision;
 
-import ai.djl.memopt.nn.BlockDecorator;
+import ai.djl.memopt.nn.PrecisionIsland;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
@@ -15,7 +15,7 @@ import ai.djl.util.PairList;
  * (norm, router, softmax) with FP32 parameters, and casts floating outputs back to FP16 for the FP16 code around it.
  * Shapes are the wrapped block's. Transparent to {@link ai.djl.memopt.nn.BlockTrees} paths.
  */
-public final class Fp32Block extends AbstractBlock implements BlockDecorator {
+public final class Fp32Block extends AbstractBlock implements PrecisionIsland {
 
     private static final byte VERSION = 1;
 
@@ -34,6 +34,18 @@ public final class Fp32Block extends AbstractBlock implements BlockDecorator {
         if (block.isInitialized()) {
             inputShapes = block.getInputShapes();
         }
+    }
+
+    /** {@inheritDoc} */
+    @Override
+    public DataType innerType() {
+        return DataType.FLOAT32;
+    }
+
+    /** {@inheritDoc} */
+    @Override
+    public DataType outerType() {
+        return outer;
     }
 
     /** {@inheritDoc} */

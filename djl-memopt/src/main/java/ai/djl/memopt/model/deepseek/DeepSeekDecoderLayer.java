@@ -28,6 +28,8 @@ public final class DeepSeekDecoderLayer extends AbstractBlock {
     private Block mlp;
     private Block inputLayernorm;
     private Block postAttentionLayernorm;
+    /** The scripted forward's module for this layer's current layout (see {@link ScriptedLayer}). */
+    volatile ScriptedLayer.Compiled script;
 
     public DeepSeekDecoderLayer(DeepSeekConfig config, int index, RotaryEmbedding rotary) {
         super(VERSION);
@@ -40,6 +42,11 @@ public final class DeepSeekDecoderLayer extends AbstractBlock {
         inputLayernorm = addChildBlock("input_layernorm", new RmsNorm(config.hiddenSize(), config.rmsNormEps()));
         postAttentionLayernorm =
                 addChildBlock("post_attention_layernorm", new RmsNorm(config.hiddenSize(), config.rmsNormEps()));
+    }
+
+    /** The model config. */
+    public DeepSeekConfig config() {
+        return config;
     }
 
     /** Layer index in the model. */
@@ -82,6 +89,11 @@ public final class DeepSeekDecoderLayer extends AbstractBlock {
     @Override
     protected NDList forwardInternal(
             ParameterStore ps, NDList inputs, boolean training, PairList<String, Object> params) {
+        // one TorchScript call instead of a JNI round trip per operation, where enabled and the layer is plain
+        NDList scripted = ScriptedLayer.forward(this, ps, inputs, training);
+        if (scripted != null) {
+            return scripted;
+        }
         return Scoped.run(() -> {
             NDArray x = inputs.get(0);
             NDArray normed = inputLayernorm.forward(ps, new NDList(x), training).head();

@@ -1,5 +1,6 @@
 package ai.djl.memopt.model.deepseek;
 
+import ai.djl.Device;
 import ai.djl.memopt.nn.FusedAttention;
 import ai.djl.memopt.nn.Scalars;
 import ai.djl.memopt.nn.TypeCasts;
@@ -172,8 +173,8 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
             return FusedAttention.causal(query, key, value, softmaxScale); // no (B, H, T, S) scores at all
         }
         long heads = query.getShape().get(1);
-        long perHead = query.getShape().get(0) * query.getShape().get(2) * key.getShape().get(2); // B * T * S
-        long group = Math.max(1, Math.min(heads, scoreElementsPerGroup(query) / Math.max(1, perHead)));
+        long group = headGroup(heads, query.getShape().get(0), query.getShape().get(2), key.getShape().get(2),
+                query.getDevice());
         if (group >= heads) {
             return attendHeads(query, key, value, mask);
         }
@@ -192,8 +193,17 @@ public final class MultiHeadLatentAttention extends AbstractBlock {
         }).head();
     }
 
-    private static long scoreElementsPerGroup(NDArray query) {
-        if (!query.getDevice().isGpu()) {
+    /**
+     * Heads per group of the eager attention of {@code heads} heads, batch {@code b}, {@code t} queries and {@code s}
+     * keys on {@code device} (all heads when the group would hold them all); the scripted layer groups the same way.
+     */
+    static long headGroup(long heads, long b, long t, long s, Device device) {
+        long perHead = b * t * s;
+        return Math.max(1, Math.min(heads, scoreElementsPerGroup(device) / Math.max(1, perHead)));
+    }
+
+    private static long scoreElementsPerGroup(Device device) {
+        if (!device.isGpu()) {
             return SCORE_ELEMENTS_PER_GROUP;
         }
         String budget = System.getProperty(GPU_GROUP_PROPERTY);
