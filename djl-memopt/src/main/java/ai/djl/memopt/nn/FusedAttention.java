@@ -6,7 +6,6 @@ import ai.djl.ndarray.NDList;
 import ai.djl.pytorch.engine.PtSymbolBlock;
 import ai.djl.pytorch.jni.IValueUtils;
 import com.google.common.base.Preconditions;
-import java.util.Locale;
 
 /**
  * Causal scaled dot-product attention through PyTorch's fused kernel ({@code torch.scaled_dot_product_attention}),
@@ -46,19 +45,7 @@ public final class FusedAttention {
      * @throws IllegalArgumentException if {@value #KERNEL_PROPERTY} is set to something else than fused or eager
      */
     public static boolean enabled(Device device) {
-        String kernel = System.getProperty(KERNEL_PROPERTY);
-        if (kernel == null || kernel.isBlank()) {
-            return device.isGpu();
-        }
-        switch (kernel.trim().toLowerCase(Locale.ROOT)) {
-            case "fused":
-                return true;
-            case "eager":
-                return false;
-            default:
-                throw new IllegalArgumentException(
-                        "system property " + KERNEL_PROPERTY + " is '" + kernel + "'; expected fused or eager");
-        }
+        return DeviceDefaultSwitch.enabled(KERNEL_PROPERTY, "fused", "eager", device);
     }
 
     /**

@@ -1,6 +1,7 @@
 package ai.djl.memopt.model.deepseek;
 
 import ai.djl.Device;
+import ai.djl.memopt.nn.DeviceDefaultSwitch;
 import ai.djl.memopt.nn.FusedAttention;
 import ai.djl.memopt.nn.HostReads;
 import ai.djl.memopt.nn.PrecisionIsland;
@@ -17,7 +18,6 @@ import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.ParameterStore;
 import java.util.ArrayList;
 import java.util.List;
-import java.util.Locale;
 
 /**
  * A {@link DeepSeekDecoderLayer}'s full-sequence forward (training and prefill) as one TorchScript call: libtorch
@@ -63,19 +63,7 @@ public final class ScriptedLayer {
      * @throws IllegalArgumentException if {@value #PROPERTY} is neither on nor off
      */
     public static boolean enabled(Device device) {
-        String value = System.getProperty(PROPERTY);
-        if (value == null || value.isBlank()) {
-            return device.isGpu();
-        }
-        switch (value.trim().toLowerCase(Locale.ROOT)) {
-            case "on":
-                return true;
-            case "off":
-                return false;
-            default:
-                throw new IllegalArgumentException(
-                        "system property " + PROPERTY + " is '" + value + "'; expected on or off");
-        }
+        return DeviceDefaultSwitch.enabled(PROPERTY, "on", "off", device);
     }
 
     /** How many layer forwards ran as one TorchScript call in this process so far. */
