@@ -18,6 +18,7 @@ import ai.djl.pytorch.jni.JniUtils;
 import ai.djl.training.ParameterStore;
 import java.util.ArrayList;
 import java.util.List;
+import java.util.concurrent.atomic.LongAdder;
 
 /**
  * A {@link DeepSeekDecoderLayer}'s full-sequence forward (training and prefill) as one TorchScript call: libtorch
@@ -53,7 +54,7 @@ public final class ScriptedLayer {
 
     private static final String GRAPH_OPTIMIZER = "ai.djl.pytorch.graph_optimizer";
     /** Scripted forwards run so far (tests and probes tell the two paths apart with it). */
-    private static final java.util.concurrent.atomic.LongAdder CALLS = new java.util.concurrent.atomic.LongAdder();
+    private static final LongAdder CALLS = new LongAdder();
 
     private ScriptedLayer() {}
 
@@ -114,27 +115,25 @@ public final class ScriptedLayer {
         boolean fused = mask == null && FusedAttention.enabled(device);
         long group = MultiHeadLatentAttention.headGroup(layer.config().numAttentionHeads(), b, t, t, device);
         DataType moeInput = p.layout.postNorm() == ScriptedLayerSource.PLAIN ? x.getDataType()
-                : p.layout.postNorm() == 5 ? DataType.FLOAT16 : DataType.FLOAT32;
+                : p.layout.postNorm() == ScriptedLayerSource.FP16 ? DataType.FLOAT16 : DataType.FLOAT32;
         long bucket = moeInput == DataType.FLOAT16 && !device.isGpu() ? 32 : 1; // as DeepSeekMoE.dispatch pads
         if (p.moe != null) {
             HostReads.recordNative(1); // the sorted dispatch reads its expert counts once, inside the script
         }
         CALLS.increment();
+        // the graph optimiser: as -Dai.djl.pytorch.graph_optimizer says when set (as DJL's own TorchScript blocks do);
+        // else off for this call only, so that the Java path's operators run exactly (with it on, an FP16 gradient
+        // moved by 0.7%), and libtorch's default, on, back for a decode step that may run next on this thread (72.4
+        // against 57.9 tok/s without it on an H100)
         String optimizer = System.getProperty(GRAPH_OPTIMIZER);
-        if (optimizer != null) {
-            JniUtils.setGraphExecutorOptimize(Boolean.parseBoolean(optimizer)); // as DJL's own TorchScript blocks do
-            return new NDList(TrainingCalls.run(p.module, (PtNDArray) x, (PtNDArray) inputs.get(1),
-                    (PtNDArray) inputs.get(2), (PtNDArray) mask, w, experts, fused, group, bucket));
-        }
-        // off for this call only: the Java path's operators exactly (with it on, an FP16 gradient moved by 0.7%), and
-        // libtorch's default, on, back for the decode step that may run next on this thread (72.4 against 57.9 tok/s
-        // without it on an H100)
-        JniUtils.setGraphExecutorOptimize(false);
+        JniUtils.setGraphExecutorOptimize(optimizer != null && Boolean.parseBoolean(optimizer));
         try {
             return new NDList(TrainingCalls.run(p.module, (PtNDArray) x, (PtNDArray) inputs.get(1),
                     (PtNDArray) inputs.get(2), (PtNDArray) mask, w, experts, fused, group, bucket));
         } finally {
-            JniUtils.setGraphExecutorOptimize(true);
+            if (optimizer == null) {
+                JniUtils.setGraphExecutorOptimize(true);
+            }
         }
     }
 
@@ -236,7 +235,6 @@ public final class ScriptedLayer {
             layer.script = compiled;
         }
         return new Plan(layout, compiled.module(), w, experts, moe);
-
     }
 
     /** The checks of {@link #plan}: collects the parameters in order, or the first reason the layer is not plain. */
@@ -280,7 +278,7 @@ public final class ScriptedLayer {
                 why = name + " is an island from " + p.outerType() + " to " + p.innerType() + " (FP32 islands only)";
                 return ScriptedLayerSource.PLAIN;
             }
-            return p.outerType() == DataType.FLOAT16 ? 5 : 6;
+            return p.outerType() == DataType.FLOAT16 ? ScriptedLayerSource.FP16 : ScriptedLayerSource.FP32;
         }
 
         int norm(Block b, String name) {

@@ -20,6 +20,9 @@ final class ScriptedLayerSource {
 
     /** No FP32 island: the block runs in the type of its input. */
     static final int PLAIN = -1;
+    /** TorchScript's dtype codes, for an island's outer type. */
+    static final int FP16 = 5;
+    static final int FP32 = 6;
 
     private final DeepSeekConfig config;
     private final Layout shape;
