@@ -163,7 +163,8 @@ public final class CheckpointingGradientCollector implements GradientCollector {
      * backward (what lies between the target and the last segment, such as the final norm and the LM head, has its
      * gradient then), and after each outermost segment's backward, nested segments included: the gradients of
      * parameters that only its blocks use are final at that moment (a fused optimizer update applies and frees them
-     * there), unless the listener asks for the segment to be retried. Null removes it.
+     * there), unless the listener asks for the segment to be retried; and after each nested segment's backward
+     * ({@link SegmentListener#nestedSegmentDone}). Null removes it.
      */
     public void setSegmentListener(SegmentListener listener) {
         this.segmentListener = listener;
@@ -345,10 +346,17 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                 retainedBackwards.incrementAndGet();
             }
             for (int attempt = 0; ; attempt++) {
+                if (st.visiting == 0) {
+                    st.attempt = attempt;
+                }
                 if (any) {
                     recomputeAndBackward(st, s, grads, keep);
                 }
                 if (listener == null) {
+                    if (st.visiting > 0 && segmentListener != null) {
+                        segmentListener.nestedSegmentDone(new SegmentListener.Event(s.name, s.blocks, st.attempt,
+                                s.inputHasGraph, List.of()));
+                    }
                     return;
                 }
                 SegmentListener.Verdict v = tell(listener, s.name, s.blocks, attempt, s.inputHasGraph, reached);
@@ -394,15 +402,30 @@ public final class CheckpointingGradientCollector implements GradientCollector {
         }
         // checkpointed blocks inside this one record their own segments while it is recomputed (nested
         // checkpointing): they are visited after its backward, while its recomputed graph still exists
-        Deque<Segment> enclosing = st.segments;
-        Map<NDArray, NDArray> enclosingLeaves = st.leaves;
         Deque<Segment> nested = new ArrayDeque<>();
-        st.segments = nested;
-        st.leaves = new IdentityHashMap<>();
-        st.recomputing++;
         st.visiting++;
         recomputed.incrementAndGet();
         int level = st.visiting; // 1: the outermost checkpointed blocks, 2: blocks nested in them, ...
+        // the recomputation's handles are closed before the nested segments are visited: those keep their own
+        // (unregistered) handles and the retained graph, and a listener told of a nested segment creates arrays that
+        // must outlive this scope (a fused update's new parameter handles and optimizer state)
+        try {
+            recomputeAndVjp(st, s, grads, retain, nested, level);
+            visit(st, nested, retain);
+        } finally {
+            st.visiting--;
+            nested.forEach(Segment::close);
+        }
+    }
+
+    /** The recomputation of {@code s} and the backward of {@code grads} through it, in a scope closing its arrays. */
+    private void recomputeAndVjp(ThreadState st, Segment s, List<NDArray> grads, boolean retain,
+            Deque<Segment> nested, int level) {
+        Deque<Segment> enclosing = st.segments;
+        Map<NDArray, NDArray> enclosingLeaves = st.leaves;
+        st.segments = nested;
+        st.leaves = new IdentityHashMap<>();
+        st.recomputing++;
         try (NDScope scope = new NDScope()) {
             NDList y;
             try (PhaseTimer.Phase p = PhaseTimer.phase("recompute L" + level)) {
@@ -438,11 +461,7 @@ public final class CheckpointingGradientCollector implements GradientCollector {
                     AutogradGraph.vjp(y.get(i), grads.get(i), keep);
                 }
             }
-            visit(st, nested, retain);
             scope.suppressNotUsedWarning();
-        } finally {
-            st.visiting--;
-            nested.forEach(Segment::close);
         }
     }
 }

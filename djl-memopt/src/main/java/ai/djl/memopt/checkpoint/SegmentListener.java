@@ -29,6 +29,16 @@ public interface SegmentListener {
     Verdict segmentDone(Event event);
 
     /**
+     * Called after the backward of each segment nested in an outermost one (at any depth; one whose outputs received
+     * no gradient was not back-propagated), in every attempt of the outermost segment: the gradients of the
+     * parameters that only its blocks use are complete for that attempt. No retry can be asked here, and
+     * {@link Event#leafGradients} is empty; {@link Event#attempt} is the outermost segment's. The outermost segment's
+     * {@link #segmentDone} still follows, and a retry it asks for back-propagates this segment again.
+     */
+    default void nestedSegmentDone(Event event) {
+    }
+
+    /**
      * Whether {@link #segmentDone} may ask for a retry. The collector then keeps what a retry needs: the graph behind a
      * segment's computed input until the segment is done (freed when it is, rather than while it is back-propagated),
      * and a copy of any gradient that a guarded leaf already held before the segment's backward.

@@ -183,6 +183,7 @@ final class SegmentRecorder {
         SpanRun spanRun;
         int recomputing; // depth of segment recomputations in progress
         int visiting; // depth of segment backward visits in progress (nesting level of the current one)
+        int attempt; // of the outermost segment being back-propagated (nested segments are told it)
         Map<NDArray, Boolean> computed = new IdentityHashMap<>(); // arrays the caller said carry a graph
     }
 

@@ -47,6 +47,8 @@ final class ChunkedLossHead {
     boolean gpuForms;
     /** Told when gradients complete during a checkpointed backward ({@link FusedUpdate}); null for none. */
     SegmentListener segmentListener;
+    /** Whether the row-wise embedding gradient creates its buffer after the backward ({@link EmbeddingRows#gather}). */
+    boolean embeddingBufferOnDemand;
     /** Micro-batches whose embedding gradient went row by row, and head chunks differentiated by hand (for tests). */
     long rowwiseEmbeddings;
     long manualChunks;
@@ -95,9 +97,10 @@ final class ChunkedLossHead {
             GradientCollector gc) {
         try (NDManager m = lm.manager().newSubManager()) {
             NDArray ids = micro.toNDArray(m); // (b, T)
-            ParameterStore ps = new ParameterStore(m, false);
+            ParameterStore ps = new LiveParameterStore(m);
             EmbeddingRows embedding = rowwise
-                    ? EmbeddingRows.gather(lm.model(), micro.ids(), micro.rows(), micro.seq(), m)
+                    ? EmbeddingRows.gather(lm.model(), micro.ids(), micro.rows(), micro.seq(),
+                            embeddingBufferOnDemand, m)
                     : null;
             rowwiseEmbeddings += embedding != null ? 1 : 0;
             if (gc instanceof CheckpointingGradientCollector) {

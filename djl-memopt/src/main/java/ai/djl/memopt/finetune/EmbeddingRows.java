@@ -37,13 +37,16 @@ final class EmbeddingRows {
 
     /**
      * Gathers the embeddings of {@code ids} for a training forward, or returns null when the row-wise path does not
-     * apply (the embedding is decorated or frozen, or its gradient buffer does not exist yet: the first backward then
-     * hands autograd's dense gradient over as the buffer without a copy).
+     * apply (the embedding is decorated or frozen, or its gradient buffer does not exist yet and {@code bufferOnDemand}
+     * is false: the first backward then hands autograd's dense gradient over as the buffer without a copy).
      *
      * @param ids the token ids, row-major {@code (b, t)}
+     * @param bufferOnDemand whether to go row by row without a gradient buffer, {@link #accumulate} creating it (the
+     *     fused update, which frees the buffer every step: a table-sized buffer made at the start of the step would
+     *     live through the whole backward, beside every layer's recomputation)
      * @param m the step's manager (owns everything created here)
      */
-    static EmbeddingRows gather(DeepSeekModel model, long[] ids, int b, int t, NDManager m) {
+    static EmbeddingRows gather(DeepSeekModel model, long[] ids, int b, int t, boolean bufferOnDemand, NDManager m) {
         if (model.embedTokens() != model.tokenEmbedding()) {
             return null;
         }
@@ -53,10 +56,12 @@ final class EmbeddingRows {
             return null;
         }
         PtNDArray grad = JniUtils.getGradient((PtNDArray) table);
-        if (grad == null) {
+        if (grad == null && !bufferOnDemand) {
             return null;
         }
-        grad.close();
+        if (grad != null) {
+            grad.close();
+        }
         long[] sorted = ids.clone();
         Arrays.sort(sorted);
         int u = 0;
@@ -96,17 +101,29 @@ final class EmbeddingRows {
         return rows;
     }
 
-    /** Adds the gradient that reached the gathered rows into the table's gradient buffer (call after the backward). */
+    /**
+     * Adds the gradient that reached the gathered rows into the table's gradient buffer (call after the backward); a
+     * table without a buffer gets one, zero but for those rows.
+     */
     void accumulate() {
         PtNDArray rowGrad = JniUtils.getGradient((PtNDArray) rows);
         if (rowGrad == null) {
             return; // nothing reached the embeddings
         }
         boolean gradMode = JniUtils.isGradMode();
-        JniUtils.setGradMode(false);
         try (NDManager tmp = table.getManager().newSubManager()) {
             rowGrad.attach(tmp);
             PtNDArray grad = JniUtils.getGradient((PtNDArray) table);
+            if (grad == null) {
+                // autograd's backward of a gather at distinct rows writes them into a new zero buffer: 0 + g is g, the
+                // values the add below would give
+                JniUtils.setGradMode(true);
+                NDArray gathered = table.get(new NDIndex("{}", unique)); // (U, H), with a graph to the table
+                gathered.attach(tmp);
+                JniUtils.backward((PtNDArray) gathered, rowGrad, false, false);
+                return;
+            }
+            JniUtils.setGradMode(false);
             grad.attach(tmp);
             NDArray current = grad.get(new NDIndex("{}", unique)); // (U, H) copy
             current.attach(tmp);

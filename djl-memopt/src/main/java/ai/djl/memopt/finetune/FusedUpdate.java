@@ -67,23 +67,19 @@ final class FusedUpdate implements SegmentListener {
         SCALED
     }
 
-    private static final String[] HEAD = {"lm_head.weight", "model.norm.weight"};
+    private static final List<String> HEAD = FusedGroups.HEAD;
     /** Given zero gradient buffers at the start of every step (see {@link #run}). */
-    private static final List<String> CREATED = List.of("model.embed_tokens.weight", "lm_head.weight");
+    private static final List<String> CREATED = FusedGroups.CREATED;
 
-    private final Map<String, Parameter> trainable = new java.util.LinkedHashMap<>();
-    private final Map<Parameter, String> names = new IdentityHashMap<>();
-    private final Set<Parameter> shared = java.util.Collections.newSetFromMap(new IdentityHashMap<>());
-    /** Trainable, outside every checkpointed block, not in the head nor given a buffer: layers left plain. */
-    private final List<String> loose = new ArrayList<>();
-    private final Map<Block, List<String>> byBlock = new IdentityHashMap<>();
+    private final FusedGroups groups;
     private final ParameterUpdate update;
     private final Set<String> done = new HashSet<>();
     private final GradientBuffers buffers = new GradientBuffers();
+    /** Nested groups updated in the layer in progress whose FP16 working weights wait for it to finish. */
+    private final List<String> deferred = new ArrayList<>();
     private Pass pass;
     private float divisor;
-    private NDManager flags;
-    private NDArray bad; // 0-dimensional boolean: a non-finite gradient seen in this pass
+    private PassFlags flags;
     private long stepNumber;
     private boolean skipping; // one FP16 pass: the head overflowed, the rest of the backward only frees gradients
     private final List<String> updatedGroups = new ArrayList<>(); // for the message of a non-finite segment
@@ -97,59 +93,40 @@ final class FusedUpdate implements SegmentListener {
     boolean skipped;
     /** Groups updated during the backward in the last pass (for tests: the fusion really happened). */
     long fusedGroups;
+    /** Groups of nested segments (a layer's halves, its experts) updated inside their layer's backward, besides those. */
+    long nestedGroups;
     /** Forward and backward passes of the last step (1, or 2 for the two-pass FP16 form). */
     int passes;
     /** Segment backwards retried at a lower scale in the last step. */
     int retries;
     /** Whether the embedding's gradient goes through autograd (not row by row), so a segment's check includes it. */
     boolean embeddingByAutograd;
+    /** Off: the embedding's buffer is made at the start of the step as before (a test seam: the two give one result). */
+    boolean embeddingOnDemand = true;
     /** Called first at every listener call (a test seam: forcing an overflow in the middle of the backward). */
     Consumer<List<Block>> beforeGroup;
+    /** {@link #beforeGroup} for the calls after nested segments, with the outermost segment's attempt. */
+    java.util.function.BiConsumer<List<Block>, Integer> beforeNested;
 
     FusedUpdate(DeepSeekForCausalLM lm, Map<String, Parameter> parameters, ParameterUpdate update) {
         this.update = update;
-        Map<Parameter, Integer> uses = new IdentityHashMap<>();
-        for (Parameter p : BlockTrees.parameters(lm).values()) {
-            uses.merge(p, 1, Integer::sum);
-        }
-        if (lm.lmHead() == null) { // tied: the head reads the embedding table, which appears once in the tree
-            uses.merge(lm.model().tokenEmbedding().weight(), 1, Integer::sum);
-        }
-        Set<Parameter> checkpointed = java.util.Collections.newSetFromMap(new IdentityHashMap<>());
-        for (Block b : BlockTrees.walk(lm).values()) {
-            if (isCheckpointed(b)) {
-                checkpointed.addAll(BlockTrees.parameters(b).values());
-            }
-        }
-        for (Map.Entry<String, Parameter> e : parameters.entrySet()) {
-            Parameter p = e.getValue();
-            if (p.requiresGradient()) {
-                trainable.put(e.getKey(), p);
-                names.put(p, e.getKey());
-                if (uses.getOrDefault(p, 1) > 1) {
-                    shared.add(p); // tied: its gradient is complete only after the whole backward
-                } else if (!checkpointed.contains(p) && !CREATED.contains(e.getKey())
-                        && !List.of(HEAD).contains(e.getKey())) {
-                    loose.add(e.getKey());
-                }
-            }
-        }
+        this.groups = new FusedGroups(lm, parameters);
     }
 
-    private static boolean isCheckpointed(Block b) {
-        for (Block d = b; ; d = ((BlockDecorator) d).delegate()) {
-            if (d instanceof CheckpointBlock) {
-                return true;
-            }
-            if (!(d instanceof BlockDecorator)) {
-                return false;
-            }
-        }
+    /**
+     * Whether the row-wise embedding gradient creates the table's gradient buffer only after the backward
+     * ({@link EmbeddingRows#accumulate}) instead of it being made at the start of the step: a table-sized buffer
+     * (65 MB for bench-small's in FP16) that would otherwise exist beside every layer's recomputation and backward.
+     * Not for an embedding tied to the head, whose chunks write into the buffer before the layers' backward.
+     */
+    boolean embeddingBufferOnDemand() {
+        Parameter embedding = groups.get(CREATED.get(0));
+        return embeddingOnDemand && !embeddingByAutograd && embedding != null && !groups.isShared(embedding);
     }
 
     /** Whether FP16 steps take two passes (a tied parameter; see the class documentation). */
     boolean twoPass() {
-        return !shared.isEmpty();
+        return groups.anyShared();
     }
 
     /**
@@ -213,8 +190,8 @@ final class FusedUpdate implements SegmentListener {
             NDManager losses, DynamicLossScaler scaler) {
         skipping = false;
         updatedGroups.clear();
-        for (String name : loose) { // a gradient there now would be taken for one this backward reached
-            if (GradientBuffers.exists(trainable.get(name))) {
+        for (String name : groups.loose()) { // a gradient there now would be taken for one this backward reached
+            if (GradientBuffers.exists(groups.get(name))) {
                 drop(name);
             }
         }
@@ -228,7 +205,7 @@ final class FusedUpdate implements SegmentListener {
             }
             boolean clean;
             try (PhaseTimer.Phase p = PhaseTimer.phase("overflow check")) {
-                clean = finiteNow(rest, List.of(loss));
+                clean = flags.finiteNow(rest, List.of(loss));
             }
             if (!clean) {
                 rest.forEach(this::drop);
@@ -244,9 +221,9 @@ final class FusedUpdate implements SegmentListener {
             }
             return loss;
         } finally {
+            copyDeferred(); // done at each layer's end already, unless the step ended by an exception
             flags.close();
             flags = null;
-            bad = null;
             pass = null;
         }
     }
@@ -257,13 +234,14 @@ final class FusedUpdate implements SegmentListener {
         divisor = gradDivisor;
         done.clear();
         fusedGroups = 0;
+        nestedGroups = 0;
         passes++;
-        flags = losses.newSubManager();
-        bad = null;
-        // the embedding and head get their (zero) buffers back for the step: the row-wise embedding gradient and the
-        // hand-differentiated head chunks write into them; autograd would build the head's weight gradient as an FP16
-        // product, which on the CPU has no fast kernel (80 times slower on bench-small)
-        update.createGradients(CREATED);
+        flags = new PassFlags(losses, groups);
+        // the head gets its (zero) buffer back for the step: the hand-differentiated head chunks write into it; autograd
+        // would build the head's weight gradient as an FP16 product, which on the CPU has no fast kernel (80 times
+        // slower on bench-small); so does the embedding when it is tied to the head, while an embedding of its own
+        // gets its buffer after the backward from the row-wise gradient (see embeddingBufferOnDemand)
+        update.createGradients(embeddingBufferOnDemand() ? List.of(HEAD.get(0)) : CREATED);
         NDArray loss = forwardBackward.apply(gradDivisor, losses);
         if (p != Pass.SCALED) {
             apply(rest());
@@ -274,7 +252,7 @@ final class FusedUpdate implements SegmentListener {
     /** The trainable parameters not updated yet. */
     private List<String> rest() {
         List<String> rest = new ArrayList<>();
-        for (String name : trainable.keySet()) {
+        for (String name : groups.names()) {
             if (!done.contains(name)) {
                 rest.add(name);
             }
@@ -284,15 +262,10 @@ final class FusedUpdate implements SegmentListener {
 
     /** Whether the loss and every gradient of the pass were finite (one host read); ends the pass. */
     private boolean finishedClean(NDArray loss) {
-        try (NDManager f = flags) {
-            NDArray lossBad = loss.isInfinite().logicalOr(loss.isNaN());
-            lossBad.attach(f);
-            NDArray any = bad == null ? lossBad : bad.logicalOr(lossBad);
-            any.attach(f);
-            return !any.getBoolean();
+        try {
+            return flags.finishedClean(loss);
         } finally {
             flags = null;
-            bad = null;
             pass = null;
         }
     }
@@ -312,14 +285,17 @@ final class FusedUpdate implements SegmentListener {
         List<String> ready = new ArrayList<>();
         if (e.isHead()) {
             for (String name : HEAD) {
-                Parameter p = trainable.get(name);
-                if (p != null && !shared.contains(p) && !done.contains(name)) {
+                Parameter p = groups.get(name);
+                if (p != null && !groups.isShared(p) && !done.contains(name)) {
                     ready.add(name);
                 }
             }
         } else {
+            if (e.attempt() > 0) {
+                dropStale(e.blocks());
+            }
             for (Block b : e.blocks()) {
-                for (String name : byBlock.computeIfAbsent(b, this::exclusiveNames)) {
+                for (String name : groups.exclusive(b)) {
                     if (!done.contains(name)) {
                         ready.add(name);
                     }
@@ -338,8 +314,8 @@ final class FusedUpdate implements SegmentListener {
 
     /** {@link #segmentDone} in the one-pass FP16 step: check now, then update, or drop and ask for a retry. */
     private Verdict scaled(Event e, List<String> ready) {
-        for (String name : loose) { // plain layers this backward reached: complete now
-            if (!done.contains(name) && GradientBuffers.exists(trainable.get(name))) {
+        for (String name : groups.loose()) { // plain layers this backward reached: complete now
+            if (!done.contains(name) && GradientBuffers.exists(groups.get(name))) {
                 ready.add(name);
             }
         }
@@ -350,21 +326,22 @@ final class FusedUpdate implements SegmentListener {
         List<String> checked = new ArrayList<>(ready);
         if (e.inputHasGraph() && embeddingByAutograd) {
             for (String name : CREATED) {
-                if (trainable.containsKey(name) && !done.contains(name)) {
+                if (groups.names().contains(name) && !done.contains(name)) {
                     checked.add(name);
                 }
             }
         }
         boolean clean;
         try (PhaseTimer.Phase p = PhaseTimer.phase("overflow check")) {
-            clean = finiteNow(checked, e.leafGradients());
+            clean = flags.finiteNow(checked, e.leafGradients());
         }
         if (clean) {
             if (!ready.isEmpty()) {
                 fusedGroups++;
                 updateAndRelease(ready);
-                updatedGroups.add(e.isHead() ? "the head" : label(e, ready));
+                updatedGroups.add(e.isHead() ? "the head" : FusedGroups.label(e, ready));
             }
+            copyDeferred();
             return Verdict.CONTINUE;
         }
         if (e.isHead()) {
@@ -375,7 +352,8 @@ final class FusedUpdate implements SegmentListener {
         DynamicLossScaler scaler = update.scaler();
         float lower = divisor * scaler.getBackoffFactor();
         if (lower < scaler.getMinScale()) {
-            throw new NonFiniteLossException(stepNumber, "the FP16 gradients of " + label(e, ready) + " are not finite"
+            copyDeferred();
+            throw new NonFiniteLossException(stepNumber, "the FP16 gradients of " + FusedGroups.label(e, ready) + " are not finite"
                     + " even at the minimum loss scale " + scaler.getMinScale() + " (retried " + e.attempt()
                     + " times from " + divisor * (float) Math.pow(1 / scaler.getBackoffFactor(), e.attempt()) + "): a"
                     + " NaN or infinity in its weights, activations or data, not an overflow of the scale; the layers"
@@ -385,9 +363,9 @@ final class FusedUpdate implements SegmentListener {
         // zeroed in place, not released: the step's parameter store hands the retry the same arrays; the embedding's
         // buffer held zeros before any segment reached it
         List<String> reached = new ArrayList<>(ready);
-        CREATED.stream().filter(n -> trainable.containsKey(n) && !done.contains(n)).forEach(reached::add);
+        CREATED.stream().filter(n -> groups.names().contains(n) && !done.contains(n)).forEach(reached::add);
         for (String name : reached) {
-            Parameter p = trainable.get(name);
+            Parameter p = groups.get(name);
             if (GradientBuffers.exists(p)) {
                 JniUtils.zeroGrad((PtNDArray) p.getArray());
             }
@@ -397,31 +375,83 @@ final class FusedUpdate implements SegmentListener {
         return Verdict.retry(scaler.getBackoffFactor());
     }
 
+    /**
+     * A nested segment (the attention or MLP half of a layer, a routed expert) is done: the parameters only its blocks
+     * use are updated and released at once, so that the layer's gradients never all exist together. In the one-pass
+     * FP16 step they are checked first (one host read); not finite, they are left for the layer's own check, which
+     * retries the layer. A retried layer is recomputed with the weights of its forward: the FP32 masters and moments
+     * are updated here, the FP16 working weights only when the layer is done ({@link #copyDeferred}), and weights
+     * without a master (FP32 islands) wait for the layer. Its nested segments are back-propagated again: their
+     * parameters are done by then, and the new gradients are dropped at the layer's call ({@link #dropStale}).
+     */
+    @Override
+    public void nestedSegmentDone(Event e) {
+        if (pass == null) {
+            return;
+        }
+        if (beforeNested != null) {
+            beforeNested.accept(e.blocks(), e.attempt());
+        }
+        List<String> ready = new ArrayList<>();
+        for (Block b : e.blocks()) {
+            for (String name : groups.exclusive(b)) {
+                if (!done.contains(name) && GradientBuffers.exists(groups.get(name))) {
+                    ready.add(name);
+                }
+            }
+        }
+        if (ready.isEmpty()) {
+            return;
+        }
+        if (pass != Pass.SCALED) {
+            nestedGroups++;
+            apply(ready);
+            return;
+        }
+        if (skipping) {
+            ready.forEach(this::drop);
+            return;
+        }
+        // a weight without a master (an FP32 island: norms, the router) is updated in place, which a retried layer's
+        // recomputation would see: those wait for the layer (they are small)
+        ready.removeIf(name -> !update.masters().containsKey(name));
+        if (ready.isEmpty()) {
+            return;
+        }
+        boolean clean;
+        try (PhaseTimer.Phase p = PhaseTimer.phase("overflow check")) {
+            clean = flags.finiteNow(ready, List.of());
+        }
+        if (clean) {
+            nestedGroups++;
+            updateAndRelease(ready, false); // the layer may be recomputed yet, with the weights of its forward
+        }
+    }
+
+    /** Writes the masters of the nested groups updated in the layer just finished into their working weights. */
+    private void copyDeferred() {
+        if (!deferred.isEmpty()) {
+            try (PhaseTimer.Phase p = PhaseTimer.phase("optimizer")) {
+                update.copyMastersToWorking(deferred);
+            }
+            deferred.clear();
+        }
+    }
+
+    /** Drops the gradients that a retried segment's backward made again for parameters of {@code blocks} already done. */
+    private void dropStale(List<Block> blocks) {
+        for (Block b : blocks) {
+            for (String name : groups.exclusive(b)) {
+                if (done.contains(name) && GradientBuffers.exists(groups.get(name))) {
+                    drop(name);
+                }
+            }
+        }
+    }
+
     @Override
     public boolean mayRetry() {
         return pass == Pass.SCALED && !skipping;
-    }
-
-    /** A group's name for messages: the common prefix of its parameters' names, or the segment's name. */
-    private static String label(Event e, List<String> group) {
-        String prefix = group.isEmpty() ? "" : group.get(0);
-        for (String name : group) {
-            prefix = com.google.common.base.Strings.commonPrefix(prefix, name);
-        }
-        int dot = prefix.lastIndexOf('.');
-        String block = "checkpointed block '" + e.name() + "'";
-        return dot > 0 ? prefix.substring(0, dot) + " (" + block + ")" : block;
-    }
-
-    private List<String> exclusiveNames(Block block) {
-        List<String> out = new ArrayList<>();
-        for (Parameter p : BlockTrees.parameters(block).values()) {
-            String name = names.get(p);
-            if (name != null && !shared.contains(p) && !out.contains(name)) {
-                out.add(name);
-            }
-        }
-        return out;
     }
 
     /** Checks a finished group's gradients into the pass's flag, updates them in an update pass, releases them. */
@@ -431,7 +461,7 @@ final class FusedUpdate implements SegmentListener {
         }
         if (pass != Pass.SCALED) { // checked before in the one-pass form
             try (PhaseTimer.Phase p = PhaseTimer.phase("overflow check")) {
-                check(group);
+                flags.check(group);
             }
         }
         if (pass == Pass.CHECK) {
@@ -443,8 +473,17 @@ final class FusedUpdate implements SegmentListener {
     }
 
     private void updateAndRelease(List<String> group) {
+        updateAndRelease(group, true);
+    }
+
+    /** Unless {@code writeWorking}, the FP16 working weights are left to {@link #copyDeferred}. */
+    private void updateAndRelease(List<String> group, boolean writeWorking) {
         try (PhaseTimer.Phase p = PhaseTimer.phase("optimizer")) {
-            update.updateParameters(group, divisor); // 8-bit moments: the group's buckets, planned once per group
+            // 8-bit moments: the group's buckets, planned once per group
+            update.updateParameters(group, divisor, writeWorking);
+        }
+        if (!writeWorking) {
+            deferred.addAll(group);
         }
         for (String name : group) {
             drop(name);
@@ -454,44 +493,6 @@ final class FusedUpdate implements SegmentListener {
 
     /** Frees a parameter's gradient (not marking it done). */
     private void drop(String name) {
-        buffers.release(trainable.get(name));
+        buffers.release(groups.get(name));
     }
-
-    /** Whether every gradient of {@code group} and every array of {@code more} is finite: one host read. */
-    private boolean finiteNow(List<String> group, List<NDArray> more) {
-        try (NDManager t = flags.newSubManager()) {
-            NDArray groupBad = nonFinite(group, more, t);
-            return groupBad == null || !groupBad.getBoolean();
-        }
-    }
-
-    /** ORs "some gradient of the group is not finite" into the pass's flag, on the device (no read). */
-    private void check(List<String> group) {
-        try (NDManager t = flags.newSubManager()) {
-            NDArray groupBad = nonFinite(group, List.of(), t);
-            if (groupBad == null) {
-                return;
-            }
-            NDArray next = bad == null ? groupBad : bad.logicalOr(groupBad);
-            next.attach(flags);
-            if (bad != null) {
-                bad.close();
-            }
-            bad = next;
-        }
-    }
-
-    /** {@link GradientBuffers#nonFinite} of the gradients of {@code group} and the arrays {@code more}. */
-    private NDArray nonFinite(List<String> group, List<NDArray> more, NDManager t) {
-        List<NDArray> arrays = new ArrayList<>(more);
-        for (String name : group) {
-            NDArray g = JniUtils.getGradient((PtNDArray) trainable.get(name).getArray());
-            if (g != null) {
-                g.attach(t);
-                arrays.add(g);
-            }
-        }
-        return GradientBuffers.nonFinite(arrays, t);
-    }
-
 }

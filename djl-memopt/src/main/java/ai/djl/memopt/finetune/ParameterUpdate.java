@@ -149,6 +149,11 @@ final class ParameterUpdate {
      * into the working weight). A parameter without a gradient buffer is left alone.
      */
     void updateParameter(String name, float gradDivisor) {
+        updateParameter(name, gradDivisor, true);
+    }
+
+    /** {@link #updateParameter(String, float)}, leaving an FP16 working weight as it is unless {@code writeWorking}. */
+    private void updateParameter(String name, float gradDivisor, boolean writeWorking) {
         Parameter p = parameters.get(name);
         NDArray w = p.getArray();
         NDArray master = masters.get(name);
@@ -165,9 +170,11 @@ final class ParameterUpdate {
             }
             if (offloaded && master != null) {
                 optimizer.update(p.getId(), master, g, gradDivisor, null);
-                MixedPrecisionBlock.copyInto(master, w); // one converting transfer back
+                if (writeWorking) {
+                    MixedPrecisionBlock.copyInto(master, w); // one converting transfer back
+                }
             } else {
-                optimizer.update(p.getId(), target, g, gradDivisor, master != null ? w : null);
+                optimizer.update(p.getId(), target, g, gradDivisor, master != null && writeWorking ? w : null);
             }
         }
     }
@@ -178,21 +185,40 @@ final class ParameterUpdate {
      * {@link StatefulOptimizer#updateAll} (flat buckets planned once for this list; the same bits).
      */
     void updateParameters(List<String> names, float gradDivisor) {
+        updateParameters(names, gradDivisor, true);
+    }
+
+    /**
+     * {@link #updateParameters(List, float)}; unless {@code writeWorking}, FP16 working weights keep their values
+     * (the masters and moments are updated) until {@link #copyMastersToWorking}: the fused update's nested groups,
+     * whose layer may still be recomputed with the weights of its forward (a retry at a lower loss scale).
+     */
+    void updateParameters(List<String> names, float gradDivisor, boolean writeWorking) {
         // AdamW's flat buckets are planned for one id list (the whole model's): a group would re-plan them each time
         if (offloaded || !gpuForms || optimizer.eightBit() == null) {
             for (String name : names) {
-                updateParameter(name, gradDivisor);
+                updateParameter(name, gradDivisor, writeWorking);
             }
             return;
         }
-        updateTogether(names, gradDivisor, true);
+        updateTogether(names, gradDivisor, true, writeWorking);
+    }
+
+    /** Copies the FP32 masters of {@code names} into their FP16 working weights (see {@link #updateParameters}). */
+    void copyMastersToWorking(Iterable<String> names) {
+        for (String name : names) {
+            NDArray master = masters.get(name);
+            if (master != null) {
+                MixedPrecisionBlock.copyInto(master, parameters.get(name).getArray());
+            }
+        }
     }
 
     /**
      * The parameters {@code names} through one {@link StatefulOptimizer#updateAll} call (flat buckets when
      * {@code bucketed}), FP16 working weights receiving their masters; those without a gradient are left alone.
      */
-    private void updateTogether(Iterable<String> names, float gradDivisor, boolean bucketed) {
+    private void updateTogether(Iterable<String> names, float gradDivisor, boolean bucketed, boolean writeWorking) {
         try (NDManager t = optimizer.manager.newSubManager()) {
             List<String> ids = new ArrayList<>();
             List<NDArray> weights = new ArrayList<>();
@@ -209,7 +235,7 @@ final class ParameterUpdate {
                 ids.add(p.getId());
                 weights.add(master != null ? master : p.getArray());
                 grads.add(g);
-                copies.add(master != null ? p.getArray() : null);
+                copies.add(master != null && writeWorking ? p.getArray() : null);
             }
             optimizer.updateAll(ids, weights, grads, gradDivisor, copies, bucketed);
         }
@@ -326,7 +352,7 @@ final class ParameterUpdate {
                 trainable.add(e.getKey());
             }
         }
-        updateTogether(trainable, gradDivisor, gpuForms);
+        updateTogether(trainable, gradDivisor, gpuForms, true);
         zeroGradients();
     }
 

@@ -62,6 +62,7 @@ final class StepLoop {
             boolean skipped = false;
             if (fused != null) { // one micro-batch (checked by the builder), updated during its backward
                 fused.embeddingByAutograd = !tuner.rowwiseGradients;
+                lossHead.embeddingBufferOnDemand = fused.embeddingBufferOnDemand();
                 sum = fused.step(step + 1, scale, (factor, m) -> forwardBackward(batch, factor, m), losses);
                 skipped = fused.skipped;
             }

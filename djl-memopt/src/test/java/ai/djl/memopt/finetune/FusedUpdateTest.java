@@ -48,9 +48,15 @@ class FusedUpdateTest {
     /** Weights (FP32 values) and optimizer moments after {@code steps} steps, fused or not. */
     private static Map<String, float[]> train(FineTuner.Precision p, boolean fused, boolean offload, int steps)
             throws Exception {
+        return train(p, "all", fused, offload, steps);
+    }
+
+    private static Map<String, float[]> train(FineTuner.Precision p, String checkpointing, boolean fused,
+            boolean offload, int steps) throws Exception {
         TokenDataset data = FineTunerTest.data(4);
         try (DeepSeekForCausalLM lm = model();
-                FineTuner tuner = builder(lm, p).optFusedUpdate(fused).optOffloadOptimizer(offload).build()) {
+                FineTuner tuner = builder(lm, p, checkpointing).optFusedUpdate(fused).optOffloadOptimizer(offload)
+                        .build()) {
             tuner.rowwiseGradients = false; // the same (autograd) embedding and head paths in both: see docs
             for (int i = 0; i < steps; i++) {
                 StepResult r = tuner.step(data.trainBatch(tuner.dataPosition(), 2));
@@ -59,6 +65,11 @@ class FusedUpdateTest {
                     assertTrue(tuner.fused().fusedGroups >= 3, "layers and head updated during the backward: "
                             + tuner.fused().fusedGroups);
                     assertEquals(0, tuner.stateBytes().gradients(), "every gradient released after the step");
+                    // the halves and the 4 experts of the 2 MoE layers, the halves of the dense one (fewer experts
+                    // when some got no token)
+                    assertTrue(checkpointing.equals("all") ? tuner.fused().nestedGroups == 0
+                            : tuner.fused().nestedGroups >= 6, checkpointing + ": nested groups updated inside the"
+                            + " layers' backward: " + tuner.fused().nestedGroups);
                 }
             }
             StateBytes b = tuner.stateBytes();
@@ -84,22 +95,26 @@ class FusedUpdateTest {
         return out;
     }
 
-    @Test
-    void fusedEqualsUnfusedExactlyInFp32() throws Exception {
-        Map<String, float[]> plain = train(FineTuner.Precision.FP32, false, false, 3);
-        Map<String, float[]> fused = train(FineTuner.Precision.FP32, true, false, 3);
+    /** Every layer checkpointed, and nested (halves and experts updated inside the layer's backward). */
+    @org.junit.jupiter.params.ParameterizedTest
+    @org.junit.jupiter.params.provider.ValueSource(strings = {"all", "nested+experts"})
+    void fusedEqualsUnfusedExactlyInFp32(String checkpointing) throws Exception {
+        Map<String, float[]> plain = train(FineTuner.Precision.FP32, checkpointing, false, false, 3);
+        Map<String, float[]> fused = train(FineTuner.Precision.FP32, checkpointing, true, false, 3);
         assertEquals(plain.keySet(), fused.keySet());
         for (String k : plain.keySet()) {
-            assertArrayEquals(plain.get(k), fused.get(k), k);
+            assertArrayEquals(plain.get(k), fused.get(k), checkpointing + " " + k);
         }
     }
 
-    @Test
-    void fusedMatchesUnfusedInFp16() throws Exception {
-        Map<String, float[]> plain = train(FineTuner.Precision.FP16, false, false, 3);
-        Map<String, float[]> fused = train(FineTuner.Precision.FP16, true, false, 3);
+    @org.junit.jupiter.params.ParameterizedTest
+    @org.junit.jupiter.params.provider.ValueSource(strings = {"all", "nested+experts"})
+    void fusedMatchesUnfusedInFp16(String checkpointing) throws Exception {
+        Map<String, float[]> plain = train(FineTuner.Precision.FP16, checkpointing, false, false, 3);
+        Map<String, float[]> fused = train(FineTuner.Precision.FP16, checkpointing, true, false, 3);
         double d = FineTunerTest.maxDiff(plain, fused);
-        System.out.printf("FP16 fused vs unfused: max difference of weights and moments %.3g%n", d);
+        System.out.printf("FP16 fused vs unfused (%s): max difference of weights and moments %.3g%n", checkpointing,
+                d);
         assertTrue(d < 1e-3, "FP16 fused vs unfused " + d); // the suite's FP16 tolerance (FineTunerTest)
     }
 
@@ -111,6 +126,47 @@ class FusedUpdateTest {
                 Map<String, float[]> host = train(p, fused, true, 3);
                 for (String k : device.keySet()) {
                     assertArrayEquals(device.get(k), host.get(k), p + " fused=" + fused + " " + k);
+                }
+            }
+        }
+    }
+
+    /**
+     * With the row-wise embedding gradient, the fused step makes the table's gradient buffer only after the backward:
+     * no buffer exists while the layers are back-propagated, and the weights and moments are those of the step that
+     * makes the buffer at its start, bit for bit, in FP32 and FP16.
+     */
+    @Test
+    void theEmbeddingBufferIsMadeAfterTheLayersBackward() throws Exception {
+        for (FineTuner.Precision p : FineTuner.Precision.values()) {
+            Map<String, float[]> atStart = null;
+            for (boolean onDemand : new boolean[] {false, true}) {
+                TokenDataset data = FineTunerTest.data(4);
+                try (DeepSeekForCausalLM lm = model();
+                        FineTuner tuner = builder(lm, p).optFusedUpdate(true).build()) {
+                    Parameter table = lm.model().tokenEmbedding().weight();
+                    tuner.fused().embeddingOnDemand = onDemand;
+                    List<Boolean> bufferDuringLayers = new ArrayList<>();
+                    tuner.fused().beforeGroup = blocks -> {
+                        if (!blocks.isEmpty()) {
+                            bufferDuringLayers.add(GradientBuffers.exists(table));
+                        }
+                    };
+                    for (int i = 0; i < 3; i++) {
+                        assertTrue(!tuner.step(data.trainBatch(tuner.dataPosition(), 2)).skipped());
+                    }
+                    assertEquals(3, tuner.rowwiseEmbeddings, p + ": the row-wise embedding gradient every step");
+                    assertEquals(9, bufferDuringLayers.size(), bufferDuringLayers.toString());
+                    assertEquals(List.of(!onDemand), bufferDuringLayers.stream().distinct().toList(),
+                            p + " on demand " + onDemand + ": a buffer during the layers' backward");
+                    Map<String, float[]> now = snapshot(tuner);
+                    if (atStart == null) {
+                        atStart = now;
+                    } else {
+                        for (String k : atStart.keySet()) {
+                            assertArrayEquals(atStart.get(k), now.get(k), p + " " + k);
+                        }
+                    }
                 }
             }
         }
@@ -198,11 +254,13 @@ class FusedUpdateTest {
      */
     @Test
     void overflowInAMiddleLayerIsRetriedAtHalfTheScale() throws Exception {
-        for (String[] c : new String[][] {{"all", "1"}, {"all", "0"}, {"every:2", "2"}, {"every:2", "0"}}) {
+        for (String[] c : new String[][] {{"all", "1"}, {"all", "0"}, {"every:2", "2"}, {"every:2", "0"},
+                {"nested+experts", "1"}, {"nested+experts", "1", "expert"}}) {
             String spec = c[0];
             int layer = Integer.parseInt(c[1]);
-            List<String> visits = spec.equals("all") ? List.of("head", "layer 2", "layer 1", "layer 0")
-                    : List.of("head", "layer 2", "layer 0");
+            boolean inExpert = c.length > 2; // the overflow in an expert's gradients, seen at its nested call
+            List<String> visits = spec.startsWith("every") ? List.of("head", "layer 2", "layer 0")
+                    : List.of("head", "layer 2", "layer 1", "layer 0");
             TokenDataset data = FineTunerTest.data(4);
             Map<String, float[]> plainBefore;
             Map<String, float[]> plainAfter;
@@ -229,12 +287,50 @@ class FusedUpdateTest {
                 int[] poisoned = {0};
                 tuner.fused().beforeGroup = blocks -> {
                     order.add(label(lm, blocks));
-                    if (isLayer(lm, blocks, layer) && poisoned[0]++ == 0) {
+                    if (!inExpert && isLayer(lm, blocks, layer) && poisoned[0]++ == 0) {
+                        // with nested segments only the layer's norms still hold gradients here
                         poison(BlockTrees.parameters(BlockTrees.get(lm, "model.layers." + layer)).values());
+                    }
+                };
+                List<Integer> expertAttempts = new ArrayList<>();
+                Block expert = inExpert ? BlockTrees.get(lm, "model.layers." + layer + ".mlp.experts.0") : null;
+                // the retry recomputes the layer with the FP16 weights of its forward, also those of the nested
+                // groups updated in the first attempt
+                Map<String, float[]> workingBefore = working(tuner);
+                String prefix = "model.layers." + layer + ".";
+                List<String> changedAtRetry = new ArrayList<>();
+                int[] comparedAtRetry = {0};
+                tuner.fused().beforeNested = (blocks, attempt) -> {
+                    if (attempt > 0 && comparedAtRetry[0]++ == 0) {
+                        working(tuner).forEach((k, v) -> {
+                            if (k.startsWith(prefix) && !java.util.Arrays.equals(v, workingBefore.get(k))) {
+                                changedAtRetry.add(k);
+                            }
+                        });
+                    }
+                    if (inExpert && BlockTrees.parameters(blocks.get(0)).values().stream() // the expert's own call
+                            .allMatch(p -> BlockTrees.parameters(expert).containsValue(p))) {
+                        expertAttempts.add(attempt);
+                        if (poisoned[0]++ == 0) {
+                            poison(BlockTrees.parameters(expert).values());
+                        }
                     }
                 };
                 StepResult r = tuner.step(data.trainBatch(tuner.dataPosition(), 2));
                 tuner.fused().beforeGroup = null;
+                tuner.fused().beforeNested = null;
+                if (inExpert) {
+                    assertEquals(List.of(0, 1), expertAttempts, "the expert back-propagated in both attempts");
+                }
+                if (spec.startsWith("nested")) {
+                    assertTrue(comparedAtRetry[0] > 0, "nested segments visited in the retry");
+                    assertEquals(List.of(), changedAtRetry, "working weights changed before the retry");
+                    long changedAfter = working(tuner).entrySet().stream().filter(w -> w.getKey().startsWith(prefix)
+                            && !java.util.Arrays.equals(w.getValue(), workingBefore.get(w.getKey()))).count();
+                    assertTrue(changedAfter > 10, "the layer's working weights updated after it: " + changedAfter);
+                }
+                assertEquals(spec.startsWith("nested"), tuner.fused().nestedGroups > 0,
+                        spec + ": nested groups updated inside the layers");
                 assertTrue(!r.skipped() && Double.isFinite(r.loss()), r.toString());
                 List<String> expected = new ArrayList<>(visits);
                 expected.add(expected.indexOf("layer " + layer), "layer " + layer);

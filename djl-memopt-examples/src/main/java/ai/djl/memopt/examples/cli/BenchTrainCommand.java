@@ -115,7 +115,7 @@ public final class BenchTrainCommand implements Callable<Integer> {
 
     @Option(names = "--fused-update",
             description = "Update each checkpointed layer as soon as its backward is done and free its gradients"
-                    + " (FP16: a check pass first).")
+                    + " (FP16: a layer whose gradients overflow is back-propagated again at a lower scale first).")
     boolean fusedUpdate;
 
     @Option(names = "--offload-optimizer",

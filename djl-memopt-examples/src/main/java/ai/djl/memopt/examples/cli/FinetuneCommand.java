@@ -127,8 +127,9 @@ public final class FinetuneCommand implements Callable<Integer> {
 
     @Option(names = "--fused-update",
             description = "Update each checkpointed layer's weights as soon as its backward is done and free their"
-                    + " gradients, so the full set of gradients never exists at once (needs --grad-accum 1; FP16 steps"
-                    + " run a check pass first, so an overflow never leaves a partial update).")
+                    + " gradients, so the full set of gradients never exists at once (needs --grad-accum 1; in FP16 a"
+                    + " layer whose gradients overflow is back-propagated again at a lower scale before its update,"
+                    + " so an overflow never leaves a partial update).")
     boolean fusedUpdate;
 
     @Option(names = "--offload-optimizer",
