@@ -92,6 +92,21 @@ final class DecoderStage {
         return scripted != null;
     }
 
+    /** What the stage's TorchScript call does besides the layers, or null on the Java path. */
+    ScriptedStepSource.Ends scriptEnds() {
+        return scripted == null ? null : scripted.ends();
+    }
+
+    /** Why a session of {@code batch} sequences runs this stage on the Java path, or null if it takes the script. */
+    String sessionJavaReason(int batch) {
+        return scripted == null ? "the stage is not scripted" : policy.javaReason(device, batch);
+    }
+
+    /** Sets which sessions take the script (tests: a policy that treats the CPU as a GPU). */
+    void setPolicy(ScriptBatchPolicy policy) {
+        this.policy = policy;
+    }
+
     int layerCount() {
         return layers.length;
     }
@@ -150,7 +165,7 @@ final class DecoderStage {
                     }
                 }
                 // the policy decides per session: on a GPU, the script for small batches only
-                javaReason = scripted == null ? null : policy.javaReason(device, batch);
+                javaReason = scripted == null ? null : sessionJavaReason(batch);
                 script = scripted == null || javaReason != null ? null : scripted.bind(
                         manager.create(rotary.inverseFrequencies()), paddingBias, latent, ropeKey, wUk, wUvT);
             } catch (RuntimeException e) {

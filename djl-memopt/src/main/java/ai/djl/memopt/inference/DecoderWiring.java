@@ -1,16 +1,47 @@
 package ai.djl.memopt.inference;
 
 import ai.djl.Device;
+import ai.djl.memopt.model.deepseek.DeepSeekDecoderLayer;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
+import ai.djl.memopt.model.deepseek.DeepSeekModel;
 import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
 import ai.djl.memopt.nn.BlockTrees;
+import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
 import ai.djl.nn.Parameter;
+import com.google.common.base.Preconditions;
 import java.util.Map;
 
 /** How {@link MlaCachedDecoder} finds a model's blocks and checks that they sit on the devices its plan gives them. */
 final class DecoderWiring {
 
     private DecoderWiring() {}
+
+    /**
+     * The decoder stages of {@code plan} over the model's layers, each checked to be a {@link DeepSeekDecoderLayer}
+     * with its weights on the stage's device.
+     */
+    static DecoderStage[] stages(DeepSeekForCausalLM model, StagePlan plan, DataType dtype, ExpertDispatch experts) {
+        DeepSeekModel decoder = model.model();
+        DecoderStage[] stages = new DecoderStage[plan.stages().size()];
+        for (int s = 0; s < stages.length; s++) {
+            StagePlan.Stage stage = plan.stages().get(s);
+            DeepSeekDecoderLayer[] layers = new DeepSeekDecoderLayer[stage.layers()];
+            MultiHeadLatentAttention[] attention = new MultiHeadLatentAttention[stage.layers()];
+            for (int i = stage.firstLayer(); i < stage.endLayer(); i++) {
+                Block layer = decoder.layers().get(i);
+                Preconditions.checkArgument(
+                        layer instanceof DeepSeekDecoderLayer,
+                        "model.layers.%s is a %s, expected a DeepSeekDecoderLayer", i, layer.getClass().getName());
+                layers[i - stage.firstLayer()] = (DeepSeekDecoderLayer) layer;
+                attention[i - stage.firstLayer()] = findAttention(((DeepSeekDecoderLayer) layer).selfAttn(), i);
+                checkDevice(layer, "model.layers." + i + ".", stage.device(), "layer " + i + " on stage " + s);
+            }
+            stages[s] = new DecoderStage(model.config(), stage.device(), stage.firstLayer(), layers, attention,
+                    decoder.rotaryEmb(), dtype, experts);
+        }
+        return stages;
+    }
 
     /** The device of a block's first initialised parameter, or {@code otherwise}. */
     static Device deviceOf(Block block, Device otherwise) {

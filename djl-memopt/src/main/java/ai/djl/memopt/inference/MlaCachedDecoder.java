@@ -2,16 +2,10 @@ package ai.djl.memopt.inference;
 
 import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
-import ai.djl.memopt.model.deepseek.DeepSeekDecoderLayer;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekMoE;
 import ai.djl.memopt.model.deepseek.DeepSeekModel;
-import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
-import ai.djl.memopt.model.deepseek.RotaryEmbedding;
-import ai.djl.memopt.nn.BlockDecorator;
-import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.LinearWeightSource;
-import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -19,13 +13,10 @@ import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
-import ai.djl.nn.Block;
-import ai.djl.nn.Parameter;
 import ai.djl.training.ParameterStore;
 import com.google.common.base.Preconditions;
 import java.util.ArrayList;
 import java.util.List;
-import java.util.Map;
 
 /**
  * DeepSeek decoding with the compressed MLA cache: per token and layer only the normalised latent ({@code kv_lora_rank}
@@ -132,23 +123,7 @@ public final class MlaCachedDecoder implements LanguageModel {
         Preconditions.checkArgument(plan.numLayers() == n, "the stage plan covers %s layers, the model has %s",
                 plan.numLayers(), n);
         this.dtype = model.dataType();
-        this.stages = new DecoderStage[plan.stages().size()];
-        for (int s = 0; s < stages.length; s++) {
-            StagePlan.Stage stage = plan.stages().get(s);
-            DeepSeekDecoderLayer[] layers = new DeepSeekDecoderLayer[stage.layers()];
-            MultiHeadLatentAttention[] attention = new MultiHeadLatentAttention[stage.layers()];
-            for (int i = stage.firstLayer(); i < stage.endLayer(); i++) {
-                Block layer = decoder.layers().get(i);
-                Preconditions.checkArgument(
-                        layer instanceof DeepSeekDecoderLayer,
-                        "model.layers.%s is a %s, expected a DeepSeekDecoderLayer", i, layer.getClass().getName());
-                layers[i - stage.firstLayer()] = (DeepSeekDecoderLayer) layer;
-                attention[i - stage.firstLayer()] = DecoderWiring.findAttention(((DeepSeekDecoderLayer) layer).selfAttn(), i);
-                DecoderWiring.checkDevice(layer, "model.layers." + i + ".", stage.device(), "layer " + i + " on stage " + s);
-            }
-            stages[s] = new DecoderStage(config, stage.device(), stage.firstLayer(), layers, attention,
-                    decoder.rotaryEmb(), dtype, experts);
-        }
+        this.stages = DecoderWiring.stages(model, plan, dtype, experts);
         DecoderWiring.checkDevice(decoder.embedTokens(), "model.embed_tokens.", plan.stages().get(0).device(), "the first stage");
         this.headDevice = DecoderWiring.deviceOf(decoder.norm(), plan.stages().get(stages.length - 1).device());
         if (model.lmHead() != null) {
@@ -194,6 +169,42 @@ public final class MlaCachedDecoder implements LanguageModel {
     /** Why the layers take the Java path (the first layer or weight that does not qualify), or null when scripted. */
     public String javaPathReason() {
         return javaPathReason;
+    }
+
+    /**
+     * How a session of {@code batch} sequences runs its layers ({@link Session#decodePath()}): {@link DecodePath#JAVA}
+     * when the decoder takes the Java path, or when {@link DecodePath#AUTO}'s batch policy sends a batch this size to
+     * it on a GPU stage; else {@link DecodePath#TORCHSCRIPT}.
+     */
+    public DecodePath decodePath(int batch) {
+        return javaPathReason(batch) == null ? DecodePath.TORCHSCRIPT : DecodePath.JAVA;
+    }
+
+    /** Why a session of {@code batch} sequences takes the Java path, or null when it takes the TorchScript step. */
+    public String javaPathReason(int batch) {
+        if (javaPathReason != null) {
+            return javaPathReason;
+        }
+        for (DecoderStage s : stages) {
+            String why = s.sessionJavaReason(batch);
+            if (why != null) {
+                return why;
+            }
+        }
+        return null;
+    }
+
+    /** Stage {@code s} (tests). */
+    DecoderStage stage(int s) {
+        return stages[s];
+    }
+
+    /** Replaces the batch policy of every stage (tests: one that treats the CPU as a GPU). */
+    void setScriptBatchPolicy(ScriptBatchPolicy policy) {
+        Preconditions.checkState(decodePath == DecodePath.TORCHSCRIPT, "the decoder takes the Java path");
+        for (DecoderStage s : stages) {
+            s.setPolicy(policy);
+        }
     }
 
     /**
@@ -451,22 +462,17 @@ public final class MlaCachedDecoder implements LanguageModel {
          * else {@link DecodePath#JAVA} (the decoder's path, or {@link DecodePath#AUTO}'s batch policy on a GPU).
          */
         public DecodePath decodePath() {
-            for (DecoderStage.Cache c : caches) {
-                if (!c.isScripted()) {
-                    return DecodePath.JAVA;
-                }
-            }
-            return DecodePath.TORCHSCRIPT;
+            return javaPathReason() == null ? DecodePath.TORCHSCRIPT : DecodePath.JAVA;
         }
 
         /** Why this session takes the Java path (the decoder's reason or the batch policy's), or null. */
         public String javaPathReason() {
             for (DecoderStage.Cache c : caches) {
-                if (c.javaReason() != null) {
-                    return c.javaReason();
+                if (!c.isScripted()) {
+                    return c.javaReason() != null ? c.javaReason() : MlaCachedDecoder.this.javaPathReason;
                 }
             }
-            return javaPathReason;
+            return null;
         }
 
         /** What crossed between stages so far. */

@@ -2,6 +2,7 @@ package ai.djl.memopt.inference;
 
 import ai.djl.Device;
 import com.google.common.base.Preconditions;
+import java.util.function.Predicate;
 
 /**
  * Which sessions of a decoder whose layers qualify for the TorchScript step take it. {@link DecodePath#TORCHSCRIPT}
@@ -18,15 +19,18 @@ final class ScriptBatchPolicy {
 
     private final boolean everyBatch;
     private final int maxBatch;
+    private final Predicate<Device> limited;
 
     /**
      * @param everyBatch the TorchScript step was asked for explicitly: every session takes it
-     * @param maxBatch the largest batch that takes the step on a GPU under {@code AUTO} (0: none)
+     * @param maxBatch the largest batch that takes the step on a limited device under {@code AUTO} (0: none)
+     * @param limited the devices the limit applies to ({@link Device#isGpu()}; tests pass others)
      */
-    ScriptBatchPolicy(boolean everyBatch, int maxBatch) {
+    ScriptBatchPolicy(boolean everyBatch, int maxBatch, Predicate<Device> limited) {
         Preconditions.checkArgument(maxBatch >= 0, "maxBatch must be >= 0, got %s", maxBatch);
         this.everyBatch = everyBatch;
         this.maxBatch = maxBatch;
+        this.limited = Preconditions.checkNotNull(limited, "limited");
     }
 
     /**
@@ -36,7 +40,7 @@ final class ScriptBatchPolicy {
      * @throws IllegalArgumentException if the property is not an integer >= 0
      */
     static ScriptBatchPolicy of(DecodePath wanted) {
-        return new ScriptBatchPolicy(wanted == DecodePath.TORCHSCRIPT, maxBatchProperty());
+        return new ScriptBatchPolicy(wanted == DecodePath.TORCHSCRIPT, maxBatchProperty(), Device::isGpu);
     }
 
     /** {@link DecodePath#SCRIPT_MAX_BATCH_PROPERTY}, or its default when unset or blank. */
@@ -64,7 +68,7 @@ final class ScriptBatchPolicy {
 
     /** Why a session of {@code batch} sequences on {@code device} takes the Java path, or null if it takes the step. */
     String javaReason(Device device, int batch) {
-        if (everyBatch || !device.isGpu() || batch <= maxBatch) {
+        if (everyBatch || !limited.test(device) || batch <= maxBatch) {
             return null;
         }
         return "batch " + batch + " on " + device + " is above " + DecodePath.SCRIPT_MAX_BATCH_PROPERTY + " = "
