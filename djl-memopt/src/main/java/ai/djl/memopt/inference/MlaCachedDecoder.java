@@ -107,7 +107,8 @@ public final class MlaCachedDecoder implements LanguageModel {
     /**
      * A decoder over the stages of {@code plan} whose layers run as {@code path} says ({@link DecodePath#AUTO}: the
      * TorchScript step where every layer of every stage qualifies, unless the system property
-     * {@value DecodePath#PROPERTY} forces a path).
+     * {@value DecodePath#PROPERTY} forces a path; on a GPU, per session, only for batches up to
+     * {@value DecodePath#SCRIPT_MAX_BATCH_PROPERTY}).
      *
      * @throws IllegalArgumentException as the other constructors, or if {@link DecodePath#TORCHSCRIPT} is asked for a
      *     model with a layer that does not qualify (naming it)
@@ -197,14 +198,6 @@ public final class MlaCachedDecoder implements LanguageModel {
     /** Stage {@code s} (tests). */
     DecoderStage stage(int s) {
         return stages[s];
-    }
-
-    /** Replaces the batch policy of every stage (tests: one that treats the CPU as a GPU). */
-    void setScriptBatchPolicy(ScriptBatchPolicy policy) {
-        Preconditions.checkState(decodePath == DecodePath.TORCHSCRIPT, "the decoder takes the Java path");
-        for (DecoderStage s : stages) {
-            s.setPolicy(policy);
-        }
     }
 
     /**

@@ -1,8 +1,8 @@
 package ai.djl.memopt.inference;
 
 import ai.djl.Device;
-import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.inference.ScriptedStepSource.Ends;
+import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekDecoderLayer;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekMlp;
@@ -55,18 +55,20 @@ final class ScriptedStage {
     private final DeepSeekDecoderLayer[] layers;
     private final MultiHeadLatentAttention[] attention;
     private final Device device;
+    private final DeepSeekModel decoder;
+    private final Block lmHead;
     private final Ends ends;
-    private final NDArray[] endWeights; // the embedding table, then the final norm's and the head's, as ends says
     private final PtSymbolBlock module;
 
-    private ScriptedStage(DeepSeekConfig config, DeepSeekDecoderLayer[] layers, MultiHeadLatentAttention[] attention,
-            Device device, Ends ends, NDArray[] endWeights) {
-        this.config = config;
+    private ScriptedStage(DeepSeekForCausalLM model, DeepSeekDecoderLayer[] layers,
+            MultiHeadLatentAttention[] attention, Device device, Ends ends) {
+        this.config = model.config();
         this.layers = layers;
         this.attention = attention;
         this.device = device;
+        this.decoder = model.model();
+        this.lmHead = model.lmHead();
         this.ends = ends;
-        this.endWeights = endWeights;
         List<Boolean> moe = new ArrayList<>();
         for (DeepSeekDecoderLayer layer : layers) {
             moe.add(layer.mlp() instanceof DeepSeekMoE);
@@ -98,16 +100,7 @@ final class ScriptedStage {
         boolean head = last && c.norm(decoder.norm(), "model.norm") == null && (tied
                 ? c.array(decoder.tokenEmbedding().weight(), "model.embed_tokens.weight", false) == null
                 : c.linear(model.lmHead(), "lm_head") == null);
-        List<NDArray> weights = new ArrayList<>();
-        if (embed) {
-            weights.add(((TokenEmbedding) table).weight().getArray());
-        }
-        if (head) {
-            weights.add(((RmsNorm) decoder.norm()).weight().getArray());
-            weights.add(tied ? decoder.tokenEmbedding().weight().getArray() : linearWeight(model.lmHead()));
-        }
-        return new ScriptedStage(config, layers.clone(), attention.clone(), device, new Ends(embed, head, tied),
-                weights.toArray(new NDArray[0]));
+        return new ScriptedStage(model, layers.clone(), attention.clone(), device, new Ends(embed, head, tied));
     }
 
     /** What the call does besides the layers: whether it looks up the token ids and computes the logits. */
@@ -312,8 +305,15 @@ final class ScriptedStage {
      */
     Bound bind(NDArray invFreq, NDArray paddingBias, NDArray[] latent, NDArray[] ropeKey, NDArray[] wUk,
             NDArray[] wUvT) {
+        // read now, as the layers' weights: a session uses the arrays the blocks hold when it starts
         List<NDArray> fixed = new ArrayList<>(List.of(invFreq, paddingBias));
-        fixed.addAll(List.of(endWeights));
+        if (ends.embed()) {
+            fixed.add(((TokenEmbedding) decoder.embedTokens()).weight().getArray());
+        }
+        if (ends.head()) {
+            fixed.add(normWeight(decoder.norm()));
+            fixed.add(ends.tied() ? decoder.tokenEmbedding().weight().getArray() : linearWeight(lmHead));
+        }
         return new Bound(fixed.toArray(new NDArray[0]), weights(), latent, ropeKey, wUk, wUvT);
     }
 

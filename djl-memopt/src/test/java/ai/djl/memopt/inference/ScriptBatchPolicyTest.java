@@ -68,7 +68,7 @@ class ScriptBatchPolicyTest {
                 NDManager m = NDManager.newBaseManager()) {
             MlaCachedDecoder auto = new MlaCachedDecoder(a.model(), Device.cpu(), ExpertDispatch.SORTED, DecodePath.AUTO);
             // the CPU treated as a GPU: batch 1 scripted, batch 3 on the Java path
-            auto.setScriptBatchPolicy(new ScriptBatchPolicy(false, 2, d -> true));
+            auto.stage(0).setPolicy(new ScriptBatchPolicy(false, 2, d -> true));
             assertEquals(DecodePath.TORCHSCRIPT, auto.decodePath(1));
             assertEquals(DecodePath.JAVA, auto.decodePath(3));
             assertTrue(auto.javaPathReason(3).contains("batch 3"), auto.javaPathReason(3));
