@@ -14,8 +14,13 @@ import java.util.Locale;
  *       (quantized, LoRA, precision, checkpointing).
  *   <li>{@link #AUTO} (default): the system property {@value #PROPERTY} ({@code torchscript}, {@code java} or
  *       {@code auto}) if set, else {@code TORCHSCRIPT} where every layer of every stage qualifies and {@code JAVA}
- *       otherwise.
+ *       otherwise; and then, per session, on a GPU only sessions of at most {@value #SCRIPT_MAX_BATCH_PROPERTY}
+ *       sequences (default {@value #DEFAULT_SCRIPT_MAX_BATCH}) take the TorchScript step, larger ones the Java path. On
+ *       the CPU every session takes it. {@code MlaCachedDecoder.Session#decodePath()} says which one a session runs.
  * </ul>
+ *
+ * <p>The batch threshold is an estimate from one H100 measurement (bench-small FP16: the script 1.83x the Java path at
+ * batch 1, 0.62x at batch 8; the log-linear interpolation crosses near batch 3), awaiting a sweep at 1, 2, 4 and 8.
  */
 public enum DecodePath {
     AUTO,
@@ -24,6 +29,16 @@ public enum DecodePath {
 
     /** System property that {@link #AUTO} follows when set: {@code torchscript}, {@code java} or {@code auto}. */
     public static final String PROPERTY = "ai.djl.memopt.decodePath";
+
+    /**
+     * System property: the largest batch whose sessions take the TorchScript step on a GPU under {@link #AUTO} (an
+     * integer >= 0; 0 sends every GPU session to the Java path). Ignored on the CPU and when {@link #TORCHSCRIPT} is
+     * asked for.
+     */
+    public static final String SCRIPT_MAX_BATCH_PROPERTY = "ai.djl.memopt.decode.scriptMaxBatch";
+
+    /** The default of {@link #SCRIPT_MAX_BATCH_PROPERTY}. */
+    public static final int DEFAULT_SCRIPT_MAX_BATCH = 3;
 
     /** {@code AUTO} resolved against the system property: still {@code AUTO} unless the property forces a path. */
     DecodePath withProperty() {

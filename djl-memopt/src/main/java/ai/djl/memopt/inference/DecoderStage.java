@@ -3,6 +3,7 @@ package ai.djl.memopt.inference;
 import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekDecoderLayer;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekMoE;
 import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
 import ai.djl.memopt.model.deepseek.RotaryEmbedding;
@@ -35,6 +36,7 @@ final class DecoderStage {
     private final DataType dtype;
     private final ExpertDispatch expertDispatch;
     private ScriptedStage scripted; // null: the Java path
+    private ScriptBatchPolicy policy; // which sessions take the script
 
     DecoderStage(DeepSeekConfig config, Device device, int firstLayer, DeepSeekDecoderLayer[] layers,
             MultiHeadLatentAttention[] attention, RotaryEmbedding rotary, DataType dtype, ExpertDispatch experts) {
@@ -72,15 +74,37 @@ final class DecoderStage {
         return ScriptedStage.unsupportedReason(config, layers, attention, dtype, device, firstLayer);
     }
 
-    /** Runs this stage's later sessions through the TorchScript step ({@link #scriptUnsupportedReason()} is null). */
-    void useScript() {
-        ScriptedStage s = ScriptedStage.create(config, layers, attention, dtype, device, firstLayer);
+    /**
+     * Runs this stage's later sessions through the TorchScript step where {@code policy} lets them
+     * ({@link #scriptUnsupportedReason()} is null).
+     *
+     * @param first the stage takes the token ids: the step embeds them if the embedding qualifies
+     * @param last the stage computes the logits: the step applies the final norm and head if they qualify
+     */
+    void useScript(DeepSeekForCausalLM model, boolean first, boolean last, ScriptBatchPolicy policy) {
+        ScriptedStage s = ScriptedStage.create(model, layers, attention, dtype, device, firstLayer, first, last);
         s.prepare();
         scripted = s;
+        this.policy = policy;
     }
 
     boolean isScripted() {
         return scripted != null;
+    }
+
+    /** What the stage's TorchScript call does besides the layers, or null on the Java path. */
+    ScriptedStepSource.Ends scriptEnds() {
+        return scripted == null ? null : scripted.ends();
+    }
+
+    /** Why a session of {@code batch} sequences runs this stage on the Java path, or null if it takes the script. */
+    String sessionJavaReason(int batch) {
+        return scripted == null ? "the stage is not scripted" : policy.javaReason(device, batch);
+    }
+
+    /** Sets which sessions take the script (tests: a policy that treats the CPU as a GPU). */
+    void setPolicy(ScriptBatchPolicy policy) {
+        this.policy = policy;
     }
 
     int layerCount() {
@@ -102,6 +126,7 @@ final class DecoderStage {
         private final NDArray[] wUvT; // per layer (1, H, r, v)
         private final NDArray paddingBias; // (B, 1, 1, maxLength) FP32: 0 for tokens, the lowest float for padding
         private final ScriptedStage.Bound script; // null: the Java path
+        private final String javaReason; // why a scripted stage's session takes the Java path, else null
 
         Cache(NDManager session, int batch, int maxLength) {
             this.manager = session.newSubManager(device);
@@ -139,23 +164,53 @@ final class DecoderStage {
                         wUvT[i].attach(manager);
                     }
                 }
-                script = scripted == null ? null : scripted.bind(latent, ropeKey, wUk, wUvT);
+                // the policy decides per session: on a GPU, the script for small batches only
+                javaReason = scripted == null ? null : sessionJavaReason(batch);
+                script = scripted == null || javaReason != null ? null : scripted.bind(
+                        manager.create(rotary.inverseFrequencies()), paddingBias, latent, ropeKey, wUk, wUvT);
             } catch (RuntimeException e) {
                 manager.close();
                 throw e;
             }
         }
 
+        /** Whether this session's step runs this stage as one TorchScript call ({@link #step}). */
+        boolean isScripted() {
+            return script != null;
+        }
+
+        /** Why this session runs a scriptable stage on the Java path (the batch policy), or null. */
+        String javaReason() {
+            return javaReason;
+        }
+
+        /** Whether {@link #step} takes token ids (it looks them up in the embedding table). */
+        boolean embedsTokens() {
+            return script != null && scripted.ends().embed();
+        }
+
+        /** Whether {@link #step} returns the logits (it applies the final norm and the head). */
+        boolean computesLogits() {
+            return script != null && scripted.ends().head();
+        }
+
         /**
-         * Runs this stage's layers over {@code hidden (B, T, hidden)}, writing their cache at positions
+         * The scripted step ({@link #isScripted()}): see {@link ScriptedStage.Bound#forward}.
+         *
+         * @param input token ids {@code (B, T)} if {@link #embedsTokens()}, else the hidden state
+         * @return the logits {@code (B, V)} FP32 if {@link #computesLogits()}, else the hidden state
+         */
+        NDArray step(NDManager out, NDArray input, NDArray positions, NDArray attentionMask) {
+            return script.forward(out, input, positions, attentionMask);
+        }
+
+        /**
+         * Runs this stage's layers over {@code hidden (B, T, hidden)} on the Java path, writing their cache at positions
          * {@code [length, total)}.
          *
          * @param mask the additive mask {@code (B, 1, T, S)} FP32 on this device ({@link #additiveMask})
          */
         NDArray forward(ParameterStore ps, NDArray hidden, NDList cosSin, NDArray mask, int length, int t, int total) {
-            if (script != null) {
-                return script.forward(ps.getManager(), hidden, cosSin, mask, length, total);
-            }
             for (int i = 0; i < layers.length; i++) {
                 DeepSeekDecoderLayer layer = layers[i];
                 NDArray normed = layer.inputLayernorm().forward(ps, new NDList(hidden), false).head();

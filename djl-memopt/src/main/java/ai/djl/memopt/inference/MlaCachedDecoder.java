@@ -2,16 +2,10 @@ package ai.djl.memopt.inference;
 
 import ai.djl.Device;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
-import ai.djl.memopt.model.deepseek.DeepSeekDecoderLayer;
 import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekMoE;
 import ai.djl.memopt.model.deepseek.DeepSeekModel;
-import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
-import ai.djl.memopt.model.deepseek.RotaryEmbedding;
-import ai.djl.memopt.nn.BlockDecorator;
-import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.LinearWeightSource;
-import ai.djl.memopt.nn.Scalars;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -19,13 +13,10 @@ import ai.djl.ndarray.NDScope;
 import ai.djl.ndarray.index.NDIndex;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.ndarray.types.Shape;
-import ai.djl.nn.Block;
-import ai.djl.nn.Parameter;
 import ai.djl.training.ParameterStore;
 import com.google.common.base.Preconditions;
 import java.util.ArrayList;
 import java.util.List;
-import java.util.Map;
 
 /**
  * DeepSeek decoding with the compressed MLA cache: per token and layer only the normalised latent ({@code kv_lora_rank}
@@ -86,6 +77,7 @@ public final class MlaCachedDecoder implements LanguageModel {
     private final DataType dtype;
     private final DecodePath decodePath;
     private final String javaPathReason;
+    private final int scriptMaxBatch;
 
     /** A decoder with {@link ExpertDispatch#AUTO}: gathered experts on a GPU, sorted on the CPU. */
     public MlaCachedDecoder(DeepSeekForCausalLM model, Device device) {
@@ -115,7 +107,8 @@ public final class MlaCachedDecoder implements LanguageModel {
     /**
      * A decoder over the stages of {@code plan} whose layers run as {@code path} says ({@link DecodePath#AUTO}: the
      * TorchScript step where every layer of every stage qualifies, unless the system property
-     * {@value DecodePath#PROPERTY} forces a path).
+     * {@value DecodePath#PROPERTY} forces a path; on a GPU, per session, only for batches up to
+     * {@value DecodePath#SCRIPT_MAX_BATCH_PROPERTY}).
      *
      * @throws IllegalArgumentException as the other constructors, or if {@link DecodePath#TORCHSCRIPT} is asked for a
      *     model with a layer that does not qualify (naming it)
@@ -131,27 +124,11 @@ public final class MlaCachedDecoder implements LanguageModel {
         Preconditions.checkArgument(plan.numLayers() == n, "the stage plan covers %s layers, the model has %s",
                 plan.numLayers(), n);
         this.dtype = model.dataType();
-        this.stages = new DecoderStage[plan.stages().size()];
-        for (int s = 0; s < stages.length; s++) {
-            StagePlan.Stage stage = plan.stages().get(s);
-            DeepSeekDecoderLayer[] layers = new DeepSeekDecoderLayer[stage.layers()];
-            MultiHeadLatentAttention[] attention = new MultiHeadLatentAttention[stage.layers()];
-            for (int i = stage.firstLayer(); i < stage.endLayer(); i++) {
-                Block layer = decoder.layers().get(i);
-                Preconditions.checkArgument(
-                        layer instanceof DeepSeekDecoderLayer,
-                        "model.layers.%s is a %s, expected a DeepSeekDecoderLayer", i, layer.getClass().getName());
-                layers[i - stage.firstLayer()] = (DeepSeekDecoderLayer) layer;
-                attention[i - stage.firstLayer()] = findAttention(((DeepSeekDecoderLayer) layer).selfAttn(), i);
-                checkDevice(layer, "model.layers." + i + ".", stage.device(), "layer " + i + " on stage " + s);
-            }
-            stages[s] = new DecoderStage(config, stage.device(), stage.firstLayer(), layers, attention,
-                    decoder.rotaryEmb(), dtype, experts);
-        }
-        checkDevice(decoder.embedTokens(), "model.embed_tokens.", plan.stages().get(0).device(), "the first stage");
-        this.headDevice = deviceOf(decoder.norm(), plan.stages().get(stages.length - 1).device());
+        this.stages = DecoderWiring.stages(model, plan, dtype, experts);
+        DecoderWiring.checkDevice(decoder.embedTokens(), "model.embed_tokens.", plan.stages().get(0).device(), "the first stage");
+        this.headDevice = DecoderWiring.deviceOf(decoder.norm(), plan.stages().get(stages.length - 1).device());
         if (model.lmHead() != null) {
-            checkDevice(model.lmHead(), "lm_head.", headDevice, "the final norm's device");
+            DecoderWiring.checkDevice(model.lmHead(), "lm_head.", headDevice, "the final norm's device");
         }
         DecodePath wanted = path.withProperty();
         String why = null;
@@ -166,9 +143,14 @@ public final class MlaCachedDecoder implements LanguageModel {
             throw new IllegalArgumentException("the TorchScript decode step cannot run this model: " + why);
         }
         if (why == null) {
-            for (DecoderStage stage : stages) {
-                stage.useScript();
+            ScriptBatchPolicy policy = ScriptBatchPolicy.of(wanted);
+            for (int s = 0; s < stages.length; s++) {
+                stages[s].useScript(model, s == 0,
+                        s == stages.length - 1 && stages[s].device().equals(headDevice), policy);
             }
+            this.scriptMaxBatch = policy.maxBatch();
+        } else {
+            this.scriptMaxBatch = 0;
         }
         this.decodePath = why == null ? DecodePath.TORCHSCRIPT : DecodePath.JAVA;
         this.javaPathReason = why;
@@ -190,39 +172,40 @@ public final class MlaCachedDecoder implements LanguageModel {
         return javaPathReason;
     }
 
-    /** The device of a block's first initialised parameter, or {@code otherwise}. */
-    private static Device deviceOf(Block block, Device otherwise) {
-        for (Parameter p : BlockTrees.parameters(block).values()) {
-            if (p.isInitialized()) {
-                return p.getArray().getDevice();
-            }
-        }
-        return otherwise;
+    /**
+     * How a session of {@code batch} sequences runs its layers ({@link Session#decodePath()}): {@link DecodePath#JAVA}
+     * when the decoder takes the Java path, or when {@link DecodePath#AUTO}'s batch policy sends a batch this size to
+     * it on a GPU stage; else {@link DecodePath#TORCHSCRIPT}.
+     */
+    public DecodePath decodePath(int batch) {
+        return javaPathReason(batch) == null ? DecodePath.TORCHSCRIPT : DecodePath.JAVA;
     }
 
-    private static void checkDevice(Block block, String prefix, Device expected, String where) {
-        for (Map.Entry<String, Parameter> e : BlockTrees.parameters(block).entrySet()) {
-            Parameter p = e.getValue();
-            if (p.isInitialized() && !p.getArray().getDevice().equals(expected)) {
-                throw new IllegalArgumentException(prefix + e.getKey() + " is on " + p.getArray().getDevice()
-                        + ", but the stage plan puts " + where + " on " + expected + ": load the model with the plan's"
-                        + " placement (StagePlan.newPlacement(), GenerationModel.open(dir, plan, dtype))");
+    /** Why a session of {@code batch} sequences takes the Java path, or null when it takes the TorchScript step. */
+    public String javaPathReason(int batch) {
+        if (javaPathReason != null) {
+            return javaPathReason;
+        }
+        for (DecoderStage s : stages) {
+            String why = s.sessionJavaReason(batch);
+            if (why != null) {
+                return why;
             }
         }
+        return null;
     }
 
-    /** The attention block itself, or the one inside a decorator that took its place. */
-    private static MultiHeadLatentAttention findAttention(Block selfAttn, int layer) {
-        if (selfAttn instanceof MultiHeadLatentAttention) {
-            return (MultiHeadLatentAttention) selfAttn;
-        }
-        for (Block b : BlockTrees.walk(selfAttn).values()) {
-            if (b instanceof MultiHeadLatentAttention) {
-                return (MultiHeadLatentAttention) b;
-            }
-        }
-        throw new IllegalArgumentException(
-                "model.layers." + layer + ".self_attn (" + selfAttn.getClass().getName() + ") holds no MultiHeadLatentAttention");
+    /** Stage {@code s} (tests). */
+    DecoderStage stage(int s) {
+        return stages[s];
+    }
+
+    /**
+     * The largest batch whose sessions take the TorchScript step on a GPU under {@link DecodePath#AUTO}
+     * ({@value DecodePath#SCRIPT_MAX_BATCH_PROPERTY}, read when the decoder was created); 0 on the Java path.
+     */
+    public int scriptMaxBatch() {
+        return scriptMaxBatch;
     }
 
     /**
@@ -405,23 +388,36 @@ public final class MlaCachedDecoder implements LanguageModel {
 
         private NDArray forwardStep(NDManager step, List<NDManager> created, NDArray inputIds, NDArray positionIds,
                 NDArray attentionMask, int t, int total) {
-            NDArray hidden = null;
+            NDArray x = inputIds; // the token ids until a stage embeds them, then the hidden state (B, T, hidden)
+            boolean isLogits = false;
             for (int s = 0; s < stages.length; s++) {
                 Device device = stages[s].device();
                 NDManager m = managerOn(step, created, device);
                 ParameterStore ps = new ParameterStore(m, false);
+                DecoderStage.Cache cache = caches[s];
                 NDArray positions = positionIds.toDevice(device, false); // the same array where it already is
-                NDList cosSin = decoder.rotaryEmb().cosSin(positions); // (B, T, .)
-                NDArray mask = caches[s].additiveMask(m, attentionMask.toDevice(device, false), length, t, total);
-                if (s == 0) {
-                    NDArray ids = inputIds.toDevice(device, false);
-                    hidden = decoder.embedTokens().forward(ps, new NDList(ids), false).head(); // (B, T, hidden)
+                NDArray mask01 = attentionMask.toDevice(device, false);
+                if (s > 0) {
+                    x = hop(x, m); // (B, T, hidden): the only activation that crosses
+                } else if (cache.embedsTokens()) {
+                    x = x.toDevice(device, false);
                 } else {
-                    hidden = hop(hidden, m); // (B, T, hidden): the only activation that crosses
+                    x = decoder.embedTokens().forward(ps, new NDList(x.toDevice(device, false)), false).head();
                 }
-                hidden = caches[s].forward(ps, hidden, cosSin, mask, length, t, total);
+                if (cache.isScripted()) {
+                    // one call: cos/sin, mask, the layers, and where it qualifies the embedding and the head
+                    x = cache.step(m, x, positions, mask01);
+                    isLogits = cache.computesLogits();
+                } else {
+                    NDList cosSin = decoder.rotaryEmb().cosSin(positions); // (B, T, .)
+                    NDArray mask = cache.additiveMask(m, mask01, length, t, total);
+                    x = cache.forward(ps, x, cosSin, mask, length, t, total);
+                }
             }
-            NDArray last = hidden.get(new NDIndex(":, -1:, :")); // (B, 1, hidden)
+            if (isLogits) {
+                return x; // (B, V)
+            }
+            NDArray last = x.get(new NDIndex(":, -1:, :")); // (B, 1, hidden)
             NDManager head = managerOn(step, created, headDevice);
             if (!last.getDevice().equals(headDevice)) {
                 last = hop(last, head);
@@ -452,6 +448,24 @@ public final class MlaCachedDecoder implements LanguageModel {
         @Override
         public int length() {
             return length;
+        }
+
+        /**
+         * How this session runs its layers: {@link DecodePath#TORCHSCRIPT} if every stage takes the TorchScript step,
+         * else {@link DecodePath#JAVA} (the decoder's path, or {@link DecodePath#AUTO}'s batch policy on a GPU).
+         */
+        public DecodePath decodePath() {
+            return javaPathReason() == null ? DecodePath.TORCHSCRIPT : DecodePath.JAVA;
+        }
+
+        /** Why this session takes the Java path (the decoder's reason or the batch policy's), or null. */
+        public String javaPathReason() {
+            for (DecoderStage.Cache c : caches) {
+                if (!c.isScripted()) {
+                    return c.javaReason() != null ? c.javaReason() : MlaCachedDecoder.this.javaPathReason;
+                }
+            }
+            return null;
         }
 
         /** What crossed between stages so far. */

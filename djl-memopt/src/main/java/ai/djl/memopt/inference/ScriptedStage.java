@@ -1,18 +1,21 @@
 package ai.djl.memopt.inference;
 
 import ai.djl.Device;
+import ai.djl.memopt.inference.ScriptedStepSource.Ends;
 import ai.djl.memopt.model.deepseek.DeepSeekConfig;
 import ai.djl.memopt.model.deepseek.DeepSeekDecoderLayer;
+import ai.djl.memopt.model.deepseek.DeepSeekForCausalLM;
 import ai.djl.memopt.model.deepseek.DeepSeekMlp;
 import ai.djl.memopt.model.deepseek.DeepSeekMoE;
+import ai.djl.memopt.model.deepseek.DeepSeekModel;
 import ai.djl.memopt.model.deepseek.MoeGate;
 import ai.djl.memopt.model.deepseek.MultiHeadLatentAttention;
 import ai.djl.memopt.model.deepseek.RmsNorm;
+import ai.djl.memopt.model.deepseek.TokenEmbedding;
 import ai.djl.memopt.nn.HostReads;
 import ai.djl.memopt.nn.TorchScriptArchive;
 import ai.djl.memopt.nn.TorchScriptModules;
 import ai.djl.ndarray.NDArray;
-import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
 import ai.djl.ndarray.types.DataType;
 import ai.djl.nn.Block;
@@ -24,6 +27,7 @@ import ai.djl.pytorch.engine.PtSymbolBlock;
 import ai.djl.pytorch.jni.IValue;
 import com.google.common.base.Preconditions;
 import java.util.ArrayList;
+import java.util.Arrays;
 import java.util.List;
 
 /**
@@ -37,9 +41,13 @@ import java.util.List;
  * {@code Linear} projections, MoE experts stacked by {@link DeepSeekMoE#plainExpertStacks()}, all weights of the
  * decoder's type (FP32 or FP16) on the stage's device. Quantized, LoRA or decorated layers keep the Java path.
  *
- * <p>The cache buffers, absorbed weights and padding mask are the session's ({@code DecoderStage.Cache}); the script
- * writes the cache in place. The weights are passed as tensor arguments (lists built once per session, sharing the
- * parameters' storage), the rotary cos/sin and the additive mask are computed in Java as for the Java path.
+ * <p>The cache buffers, absorbed weights and padding bias are the session's ({@code DecoderStage.Cache}); the script
+ * writes the cache and the padding bias in place. The weights are passed as tensor arguments (lists built once per
+ * session, sharing the parameters' storage). A step's call takes three arrays: the token ids (or the hidden state from
+ * the previous stage), the position ids and the 0/1 attention mask; it computes the rotary cos/sin and the additive
+ * mask itself, and where they qualify ({@link #create}) the first stage's call looks the ids up in the embedding table
+ * and the last stage's applies the final norm and the head to the last position, returning the logits. A batch-1
+ * decode step on one device is then one TorchScript call between the generator's inputs and its sampler.
  */
 final class ScriptedStage {
 
@@ -47,31 +55,57 @@ final class ScriptedStage {
     private final DeepSeekDecoderLayer[] layers;
     private final MultiHeadLatentAttention[] attention;
     private final Device device;
+    private final DeepSeekModel decoder;
+    private final Block lmHead;
+    private final Ends ends;
     private final PtSymbolBlock module;
 
-    private ScriptedStage(DeepSeekConfig config, DeepSeekDecoderLayer[] layers, MultiHeadLatentAttention[] attention,
-            Device device) {
-        this.config = config;
+    private ScriptedStage(DeepSeekForCausalLM model, DeepSeekDecoderLayer[] layers,
+            MultiHeadLatentAttention[] attention, Device device, Ends ends) {
+        this.config = model.config();
         this.layers = layers;
         this.attention = attention;
         this.device = device;
+        this.decoder = model.model();
+        this.lmHead = model.lmHead();
+        this.ends = ends;
         List<Boolean> moe = new ArrayList<>();
         for (DeepSeekDecoderLayer layer : layers) {
             moe.add(layer.mlp() instanceof DeepSeekMoE);
         }
-        this.module = TorchScriptModules.load(ScriptedStepSource.CLASS, ScriptedStepSource.classBody(config, moe));
+        this.module = TorchScriptModules.load(ScriptedStepSource.CLASS, ScriptedStepSource.classBody(config, moe, ends));
     }
 
     /**
      * The scripted step of a stage.
      *
+     * @param model the model the layers are of: its embedding, final norm and head join the call where {@code first}
+     *     or {@code last} says so and they qualify ({@link #ends}); otherwise they stay in Java
+     * @param first the stage takes the token ids (the first stage)
+     * @param last the stage computes the logits (the stage on the final norm's device)
      * @throws IllegalArgumentException if {@link #unsupportedReason} is not null
      */
-    static ScriptedStage create(DeepSeekConfig config, DeepSeekDecoderLayer[] layers,
-            MultiHeadLatentAttention[] attention, DataType dtype, Device device, int firstLayer) {
+    static ScriptedStage create(DeepSeekForCausalLM model, DeepSeekDecoderLayer[] layers,
+            MultiHeadLatentAttention[] attention, DataType dtype, Device device, int firstLayer, boolean first,
+            boolean last) {
+        DeepSeekConfig config = model.config();
         String why = unsupportedReason(config, layers, attention, dtype, device, firstLayer);
         Preconditions.checkArgument(why == null, "the TorchScript decode step cannot run this model: %s", why);
-        return new ScriptedStage(config, layers.clone(), attention.clone(), device);
+        Checker c = new Checker(config, dtype, device);
+        DeepSeekModel decoder = model.model();
+        Block table = decoder.embedTokens();
+        boolean embed = first && table.getClass() == TokenEmbedding.class
+                && c.array(((TokenEmbedding) table).weight(), "model.embed_tokens.weight", false) == null;
+        boolean tied = model.lmHead() == null;
+        boolean head = last && c.norm(decoder.norm(), "model.norm") == null && (tied
+                ? c.array(decoder.tokenEmbedding().weight(), "model.embed_tokens.weight", false) == null
+                : c.linear(model.lmHead(), "lm_head") == null);
+        return new ScriptedStage(model, layers.clone(), attention.clone(), device, new Ends(embed, head, tied));
+    }
+
+    /** What the call does besides the layers: whether it looks up the token ids and computes the logits. */
+    Ends ends() {
+        return ends;
     }
 
     /**
@@ -263,15 +297,29 @@ final class ScriptedStage {
     }
 
     /**
-     * The session's arguments that do not change between steps: the weights and the cache buffers, as TorchScript
-     * lists holding references to the same tensors (no copy).
+     * The session's arguments that do not change between steps: the rotary inverse frequencies, the padding bias, the
+     * weights and the cache buffers, as TorchScript lists holding references to the same tensors (no copy).
+     *
+     * @param invFreq the rotary inverse frequencies {@code (d/2)} FP32 on the stage's device
+     * @param paddingBias the session's {@code (B, 1, 1, maxLength)} FP32 padding bias, written by the calls
      */
-    Bound bind(NDArray[] latent, NDArray[] ropeKey, NDArray[] wUk, NDArray[] wUvT) {
-        return new Bound(weights(), latent, ropeKey, wUk, wUvT);
+    Bound bind(NDArray invFreq, NDArray paddingBias, NDArray[] latent, NDArray[] ropeKey, NDArray[] wUk,
+            NDArray[] wUvT) {
+        // read now, as the layers' weights: a session uses the arrays the blocks hold when it starts
+        List<NDArray> fixed = new ArrayList<>(List.of(invFreq, paddingBias));
+        if (ends.embed()) {
+            fixed.add(((TokenEmbedding) decoder.embedTokens()).weight().getArray());
+        }
+        if (ends.head()) {
+            fixed.add(normWeight(decoder.norm()));
+            fixed.add(ends.tied() ? decoder.tokenEmbedding().weight().getArray() : linearWeight(lmHead));
+        }
+        return new Bound(fixed.toArray(new NDArray[0]), weights(), latent, ropeKey, wUk, wUvT);
     }
 
     /** A session's fixed arguments; closing releases the lists (the tensors stay with their owners). */
     final class Bound implements AutoCloseable {
+        private final IValue fixed;
         private final IValue weights;
         private final IValue latent;
         private final IValue ropeKey;
@@ -279,8 +327,12 @@ final class ScriptedStage {
         private final IValue wUvT;
         private final DeepSeekMoE[] moes; // per layer, null for dense
         private final long[] chunk; // per MoE layer: assignments per gathered chunk
+        private long[] lastChunks; // the chunks of the last call, and their list (decode steps reuse it)
+        private IValue lastChunksList;
 
-        Bound(List<PtNDArray> weights, NDArray[] latent, NDArray[] ropeKey, NDArray[] wUk, NDArray[] wUvT) {
+        Bound(NDArray[] fixed, List<PtNDArray> weights, NDArray[] latent, NDArray[] ropeKey, NDArray[] wUk,
+                NDArray[] wUvT) {
+            this.fixed = list(fixed);
             this.weights = IValue.listFrom(weights.toArray(new PtNDArray[0]));
             this.latent = list(latent);
             this.ropeKey = list(ropeKey);
@@ -309,14 +361,18 @@ final class ScriptedStage {
         }
 
         /**
-         * Runs the stage's layers over {@code hidden (B, T, hidden)}, writing their cache at {@code [length, total)},
-         * as {@code DecoderStage.Cache.forward} does.
+         * One step of the stage, as {@code DecoderStage.Cache.forward} and the Java parts of the session around it
+         * (cos/sin, mask, and as {@link #ends()} says, the embedding lookup and the head), writing the stage's cache at
+         * {@code [length, total)}.
          *
          * @param out the manager of the result
-         * @return {@code (B, T, hidden)}
+         * @param input the token ids {@code (B, T)} if the call embeds them, else the hidden state {@code (B, T, hidden)}
+         * @param positions {@code (B, T)} INT64 position ids on the stage's device
+         * @param attentionMask {@code (B, total)} 0/1 on the stage's device
+         * @return the logits {@code (B, V)} FP32 if the call ends with the head, else the hidden state
          */
-        NDArray forward(NDManager out, NDArray hidden, NDList cosSin, NDArray mask, int length, int total) {
-            long assignments = hidden.getShape().get(0) * hidden.getShape().get(1) * config.numExpertsPerTok();
+        NDArray forward(NDManager out, NDArray input, NDArray positions, NDArray attentionMask) {
+            long assignments = positions.getShape().size() * config.numExpertsPerTok();
             long[] chunks = new long[layers.length];
             int sorted = 0;
             for (int i = 0; i < layers.length; i++) {
@@ -328,27 +384,27 @@ final class ScriptedStage {
                 sorted += moe != null && !gathered ? 1 : 0;
             }
             HostReads.recordNative(sorted); // the sorted dispatch reads its expert counts once per MoE layer
-            IValue[] args = new IValue[12];
+            if (!Arrays.equals(chunks, lastChunks)) {
+                if (lastChunksList != null) {
+                    lastChunksList.close();
+                }
+                lastChunksList = IValue.listFrom(chunks);
+                lastChunks = chunks;
+            }
+            // three arguments per step; the rest are the session's
+            IValue[] step = new IValue[3];
             try {
-                args[0] = IValue.from((PtNDArray) hidden);
-                args[1] = IValue.from((PtNDArray) cosSin.get(0));
-                args[2] = IValue.from((PtNDArray) cosSin.get(1));
-                args[3] = IValue.from((PtNDArray) mask);
-                args[4] = weights;
-                args[5] = latent;
-                args[6] = ropeKey;
-                args[7] = wUk;
-                args[8] = wUvT;
-                args[9] = IValue.listFrom(chunks);
-                args[10] = IValue.from((long) length);
-                args[11] = IValue.from((long) total);
+                step[0] = IValue.from((PtNDArray) input);
+                step[1] = IValue.from((PtNDArray) positions);
+                step[2] = IValue.from((PtNDArray) attentionMask);
+                IValue[] args = {step[0], step[1], step[2], fixed, weights, latent, ropeKey, wUk, wUvT, lastChunksList};
                 try (IValue result = module.forward(args)) {
                     return result.toTensor((PtNDManager) out);
                 }
             } finally {
-                for (int i : new int[] {0, 1, 2, 3, 9, 10, 11}) {
-                    if (args[i] != null) {
-                        args[i].close();
+                for (IValue v : step) {
+                    if (v != null) {
+                        v.close();
                     }
                 }
             }
@@ -356,6 +412,10 @@ final class ScriptedStage {
 
         @Override
         public void close() {
+            if (lastChunksList != null) {
+                lastChunksList.close();
+            }
+            fixed.close();
             weights.close();
             latent.close();
             ropeKey.close();

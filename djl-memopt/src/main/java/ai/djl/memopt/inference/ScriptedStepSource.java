@@ -9,7 +9,12 @@ import java.util.List;
  * order and types, as the Java path ({@code DecoderStage.Cache.forward/attend}, {@code GatheredExperts}, and through
  * {@link ScriptEmitter}, shared with the training layer script, {@code RmsNorm}, {@code RotaryEmbedding},
  * {@code MoeGate}, the sorted dispatch, {@code DeepSeekMoE.combine}), with the config's sizes and constants written into
- * the code. Dtypes are TorchScript's integers: 6 is FP32.
+ * the code. Dtypes are TorchScript's integers: 4 is INT64, 6 FP32.
+ *
+ * <p>{@code forward(x, positions, attention_mask, fixed, w, latent, rope_key, wuk, wuvt, chunks)}: {@code x} is the
+ * token ids {@code (B, T)} or the hidden state (see {@link Ends}); the step's lengths come from the shapes
+ * ({@code total} = the mask's columns, {@code length = total - T}); the rotary cos/sin ({@code RotaryEmbedding.cosSin})
+ * and the additive mask ({@code DecoderStage.Cache.additiveMask}) are computed from the position ids and the 0/1 mask.
  *
  * <p>The weights come as one flat {@code List[Tensor]}, per layer in this order (offsets written into the code): input
  * norm; {@code q_a_proj, q_a_layernorm, q_b_proj} or {@code q_proj}; {@code kv_a_proj_with_mqa, kv_a_layernorm,
@@ -47,18 +52,46 @@ final class ScriptedStepSource {
      * The class body for a stage whose layers are MoE ({@code true}) or dense ({@code false}) in order.
      *
      * @param moe per layer of the stage
+     * @param ends what the call does besides the layers
      */
-    static String classBody(DeepSeekConfig config, List<Boolean> moe) {
+    static String classBody(DeepSeekConfig config, List<Boolean> moe, Ends ends) {
         ScriptedStepSource s = new ScriptedStepSource(config);
-        s.forward(moe);
+        s.forward(moe, ends);
         s.emit.rms();
         s.emit.rope();
+        s.emit.cosSin();
+        s.mask();
         s.attention();
         s.emit.mlp();
         if (moe.contains(true)) {
             s.moe();
         }
         return s.out.toString();
+    }
+
+    /**
+     * What a stage's call does around its layers. The step's rotary cos/sin and additive mask are always computed
+     * inside, from the position ids and the 0/1 attention mask.
+     *
+     * @param embed the call takes token ids {@code (B, T)} and looks them up in the embedding table (the first stage),
+     *     else it takes the hidden state {@code (B, T, hidden)}
+     * @param head the call ends with the final norm and the head on the last position and returns FP32 logits
+     *     {@code (B, V)}, else the hidden state {@code (B, T, hidden)}
+     * @param tied the head is the embedding table ({@code tie_word_embeddings}) instead of {@code lm_head}
+     */
+    record Ends(boolean embed, boolean head, boolean tied) {
+
+        /** Layers only: hidden state in and out. */
+        static final Ends NONE = new Ends(false, false, false);
+
+        /**
+         * The session's fixed tensors the call takes before the weights, in order: the inverse frequencies, the padding
+         * bias, then the embedding table (with {@code embed}), then the final norm's weight and the head's (with
+         * {@code head}; the embedding table when tied).
+         */
+        int fixedSlots() {
+            return 2 + (embed ? 1 : 0) + (head ? 2 : 0);
+        }
     }
 
     private void line(String format, Object... args) {
@@ -73,11 +106,19 @@ final class ScriptedStepSource {
         return ScriptEmitter.f32(value);
     }
 
-    private void forward(List<Boolean> moe) {
-        line("  def forward(%s, hidden: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, w: List[Tensor],"
-                + " latent: List[Tensor], rope_key: List[Tensor], wuk: List[Tensor], wuvt: List[Tensor],"
-                + " chunks: List[int], length: int, total: int) -> Tensor:", self());
-        line("    h = hidden");
+    private void forward(List<Boolean> moe, Ends ends) {
+        // the fixed list: inv_freq, padding, [embedding table], [final norm, head]
+        line("  def forward(%s, x: Tensor, positions: Tensor, attention_mask: Tensor, fixed: List[Tensor],"
+                + " w: List[Tensor], latent: List[Tensor], rope_key: List[Tensor], wuk: List[Tensor],"
+                + " wuvt: List[Tensor], chunks: List[int]) -> Tensor:", self());
+        line("    b = positions.size(0)");
+        line("    t = positions.size(1)");
+        line("    total = attention_mask.size(1)");
+        line("    length = total - t");
+        line("    cos, sin = self.cos_sin(positions, fixed[0])");
+        line("    mask = self.mask(attention_mask, fixed[1], b, t, length, total)");
+        // the embedding lookup: DJL's advanced indexing of the table by the ids, the same gather
+        line(ends.embed() ? "    h = fixed[2][x]" : "    h = x");
         int o = 0;
         int att = attentionSlots(config);
         for (int i = 0; i < moe.size(); i++) {
@@ -91,7 +132,41 @@ final class ScriptedStepSource {
             }
             o += att + mlpSlots(config, moe.get(i));
         }
-        line("    return h");
+        if (!ends.head()) {
+            line("    return h");
+            return;
+        }
+        int n = ends.embed() ? 3 : 2;
+        // only the last position's logits, as the Java path: norm, then lm_head (or the tied table), in FP32
+        line("    normed = self.rms(h[:, -1:, :], fixed[%d])", n);
+        if (ends.tied()) {
+            line("    logits = torch.matmul(normed, torch.t(fixed[%d]))", n + 1);
+        } else {
+            line("    logits = torch.linear(normed, fixed[%d])", n + 1);
+        }
+        line("    return torch.reshape(logits.to(6), [b, %d])", config.vocabSize());
+    }
+
+    /**
+     * {@code mask(attention_mask (B, total) 0/1, padding (B, 1, 1, maxLength) FP32, ...) -> (B, 1, T, S)}:
+     * {@code DecoderStage.Cache.additiveMask}, writing the new columns' padding bias in place.
+     */
+    private void mask() {
+        String lowest = Double.toString(-Float.MAX_VALUE);
+        line("  def mask(%s, attention_mask: Tensor, padding: Tensor, b: int, t: int, length: int, total: int)"
+                + " -> Tensor:", self());
+        line("    fresh = torch.eq(attention_mask[:, length:], 0).to(6)");
+        line("    padding[:, :, :, length:total] = torch.reshape(torch.mul(fresh, %s), [b, 1, 1, t])", lowest);
+        line("    past = padding[:, :, :, :total]");
+        line("    if t == 1:");
+        line("      return past");
+        line("    d = padding.device");
+        line("    q = torch.reshape(torch.arange(length, total, dtype=4, device=d), [t, 1])");
+        line("    k = torch.reshape(torch.arange(0, total, dtype=4, device=d), [1, total])");
+        line("    causal = torch.where(torch.ge(q, k), torch.zeros([t, total], dtype=6, device=d),"
+                + " torch.full([t, total], %s, dtype=6, device=d))", lowest);
+        // min, as adding would overflow to -inf
+        line("    return torch.minimum(torch.reshape(causal, [1, 1, t, total]), past)");
     }
 
     private void attention() {

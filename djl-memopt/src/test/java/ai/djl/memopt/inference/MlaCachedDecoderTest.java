@@ -467,7 +467,8 @@ class MlaCachedDecoderTest {
     void decodePathSourcesReadTheHostOnlyThroughHostReads() throws IOException {
         Path main = Path.of("src/main/java/ai/djl/memopt");
         List<String> files = List.of(
-                "inference/MlaCachedDecoder.java", "inference/Generator.java", "inference/LogitsSampler.java",
+                "inference/MlaCachedDecoder.java", "inference/DecoderStage.java", "inference/DecoderWiring.java",
+                "inference/Generator.java", "inference/LogitsSampler.java",
                 "model/deepseek/DeepSeekForCausalLM.java", "model/deepseek/DeepSeekModel.java",
                 "model/deepseek/DeepSeekDecoderLayer.java", "model/deepseek/MultiHeadLatentAttention.java",
                 "model/deepseek/RotaryEmbedding.java", "model/deepseek/RmsNorm.java",

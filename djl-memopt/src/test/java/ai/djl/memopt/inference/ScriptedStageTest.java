@@ -71,6 +71,64 @@ class ScriptedStageTest {
         }
     }
 
+    @ParameterizedTest
+    @ValueSource(strings = {"tiny-deepseek-v3", "tiny-deepseek-v2"})
+    void foldedStepEqualsTheJavaPathOnEverySplit(String name) throws IOException {
+        // the first stage's call embeds the ids, the last one's ends with the norm and head, any between does neither
+        Path dir = fixture(name);
+        long[][] prompts = {{451, 340, 497, 361}, {-1, -1, 200, 7}};
+        long[][] next = {{7, 300, 12, 99, 5, 8}, {41, 3, 250, 18, 77, 6}};
+        try (TestModel a = TestModel.load(dir, DataType.FLOAT32);
+                TestModel b = TestModel.load(dir, DataType.FLOAT32)) {
+            MlaCachedDecoder java = new MlaCachedDecoder(b.model(), Device.cpu(), ExpertDispatch.SORTED, DecodePath.JAVA);
+            int layers = a.config().numHiddenLayers();
+            for (String split : List.of(Integer.toString(layers), "1," + (layers - 1), "1,1," + (layers - 2))) {
+                int n = split.split(",").length;
+                StagePlan plan = StagePlan.parse(LayerSplitTest.cpus(n), split, layers);
+                MlaCachedDecoder scripted = new MlaCachedDecoder(a.model(), plan, ExpertDispatch.SORTED, DecodePath.AUTO);
+                for (int s = 0; s < n; s++) {
+                    assertEquals(new ScriptedStepSource.Ends(s == 0, s == n - 1, false), scripted.stage(s).scriptEnds(),
+                            split + ", stage " + s);
+                }
+                List<Float> diffs = stepDifferences(scripted, java, prompts, next);
+                for (float d : diffs) {
+                    assertEquals(0f, d, name + " split " + split + " folded vs Java: " + diffs);
+                }
+            }
+        }
+    }
+
+    @Test
+    void tiedHeadFoldsAndADecoratedHeadStaysInJava() throws IOException {
+        long[][] prompts = {{451, 340, 497}, {-1, 5, 17}};
+        long[][] next = {{7, 300, 12, 99}, {41, 3, 250, 18}};
+        DeepSeekConfig tied = DeepSeekConfig.fromJson(fixture("tiny-deepseek-v3").resolve("config.json")).toBuilder()
+                .numHiddenLayers(2).tieWordEmbeddings(true).build();
+        try (NDManager weights = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM model = DeepSeekForCausalLM.random(tied, 11, weights, DataType.FLOAT32);
+            MlaCachedDecoder scripted = new MlaCachedDecoder(model, Device.cpu(), ExpertDispatch.SORTED, DecodePath.AUTO);
+            assertEquals(new ScriptedStepSource.Ends(true, true, true), scripted.stage(0).scriptEnds());
+            MlaCachedDecoder java = new MlaCachedDecoder(model, Device.cpu(), ExpertDispatch.SORTED, DecodePath.JAVA);
+            for (float d : stepDifferences(scripted, java, prompts, next)) {
+                assertEquals(0f, d, "tied head, folded vs Java");
+            }
+        }
+        Path dir = fixture("tiny-deepseek-v3");
+        try (TestModel a = TestModel.load(dir, DataType.FLOAT32);
+                TestModel b = TestModel.load(dir, DataType.FLOAT32)) {
+            for (TestModel m : List.of(a, b)) {
+                BlockTrees.replace(m.model(), "lm_head", x -> new RoundedLinear((Linear) x));
+            }
+            MlaCachedDecoder scripted = new MlaCachedDecoder(a.model(), Device.cpu(), ExpertDispatch.SORTED, DecodePath.AUTO);
+            assertEquals(DecodePath.TORCHSCRIPT, scripted.decodePath(), "the layers still qualify");
+            assertEquals(new ScriptedStepSource.Ends(true, false, false), scripted.stage(0).scriptEnds());
+            MlaCachedDecoder java = new MlaCachedDecoder(b.model(), Device.cpu(), ExpertDispatch.SORTED, DecodePath.JAVA);
+            for (float d : stepDifferences(scripted, java, prompts, next)) {
+                assertEquals(0f, d, "decorated lm_head in Java after the scripted layers");
+            }
+        }
+    }
+
     @Test
     void fp16ScriptedStepEqualsTheFp16JavaPath() throws IOException {
         Path dir = fixture("tiny-deepseek-v3");

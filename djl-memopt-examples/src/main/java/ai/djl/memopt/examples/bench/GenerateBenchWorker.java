@@ -74,7 +74,8 @@ public final class GenerateBenchWorker {
                 NDManager manager = NDManager.newBaseManager(device)) {
             MlaCachedDecoder decoder = new MlaCachedDecoder(lm, device);
             SplittableRandom random = new SplittableRandom(seed);
-            decode(decoder, manager, config, random, 1, WARMUP_PROMPT, WARMUP_NEW, WARMUP_PROMPT, null);
+            // warmed up at the measured batch: the TorchScript step's graph executor specialises on the shapes it saw
+            decode(decoder, manager, config, random, batch, WARMUP_PROMPT, WARMUP_NEW, WARMUP_PROMPT, null);
             for (int i = 0; i < 3; i++) {
                 System.gc();
             }
@@ -100,11 +101,13 @@ public final class GenerateBenchWorker {
             o.addProperty("device", device.isGpu() ? "gpu" + device.getDeviceId() : "cpu");
             o.addProperty("dtype", dtype == DataType.FLOAT16 ? "float16" : "float32");
             o.addProperty("expert_dispatch", decoder.expertDispatch().name().toLowerCase(java.util.Locale.ROOT));
-            // which path ran the layers: torchscript (one scripted call per stage and step) or java
-            o.addProperty("decode_path", decoder.decodePath().name().toLowerCase(java.util.Locale.ROOT));
-            if (decoder.javaPathReason() != null) {
-                o.addProperty("decode_path_reason", decoder.javaPathReason());
+            // which path this batch's session ran: torchscript (one scripted call per stage and step) or java (the
+            // decoder's path, or DecodePath.AUTO's batch policy on a GPU)
+            o.addProperty("decode_path", decoder.decodePath(batch).name().toLowerCase(java.util.Locale.ROOT));
+            if (decoder.javaPathReason(batch) != null) {
+                o.addProperty("decode_path_reason", decoder.javaPathReason(batch));
             }
+            o.addProperty("script_max_batch", decoder.scriptMaxBatch());
             o.addProperty("prefill_chunk", Math.min(chunk, prompt));
             o.addProperty("prefill_seconds", seconds[0]);
             o.addProperty("prefill_tokens_per_second", batch * (double) prompt / seconds[0]);

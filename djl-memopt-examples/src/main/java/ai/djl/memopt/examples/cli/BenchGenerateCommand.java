@@ -88,7 +88,8 @@ public final class BenchGenerateCommand implements Callable<Integer> {
 
     @Option(names = "--decode-path", defaultValue = "auto", paramLabel = "auto|torchscript|java",
             description = "How decode steps run the layers (default auto: one generated TorchScript call per step where"
-                    + " every layer is plain, else the Java path). The result's decode_path says which ran.")
+                    + " every layer is plain, else the Java path; on a GPU only for batches up to"
+                    + " -Dai.djl.memopt.decode.scriptMaxBatch, default 3). Each batch's decode_path says which ran.")
     String decodePath;
 
     @Option(names = "--seed", defaultValue = "42", paramLabel = "S", description = "Weights and prompt seed.")

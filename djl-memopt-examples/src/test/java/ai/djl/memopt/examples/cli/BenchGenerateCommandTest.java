@@ -40,6 +40,7 @@ class BenchGenerateCommandTest {
         assertEquals("cpu", o.get("device").getAsString());
         assertEquals("gathered", o.get("expert_dispatch").getAsString(), "the worker JVM followed --expert-dispatch");
         assertEquals("torchscript", o.get("decode_path").getAsString(), "bench-tiny's layers are plain: scripted");
+        assertEquals(ai.djl.memopt.inference.DecodePath.DEFAULT_SCRIPT_MAX_BATCH, o.get("script_max_batch").getAsInt());
         assertEquals(null, System.getProperty(ai.djl.memopt.inference.DecodePath.PROPERTY));
         assertEquals(4, o.get("prefill_chunk").getAsInt());
         // FP32: (kv_lora_rank + qk_rope_head_dim) x layers x 4 bytes, and the per-head cache for comparison

@@ -92,6 +92,24 @@ public final class ScriptEmitter {
         line("    return torch.add(torch.mul(xr, c.to(x.dtype)), torch.mul(rotated, s.to(x.dtype)))");
     }
 
+    /**
+     * {@code cos_sin(positions (B, T) integer, inv_freq (d/2) FP32) -> (cos, sin)}: {@link RotaryEmbedding#cosSin},
+     * whose {@link RotaryEmbedding#inverseFrequencies()} the caller passes.
+     */
+    public void cosSin() {
+        line("  def cos_sin(%s, positions: Tensor, inv_freq: Tensor) -> Tuple[Tensor, Tensor]:", self());
+        line("    freqs = torch.mul(torch.unsqueeze(positions.to(6), -1), inv_freq)");
+        line(config.isV3() ? "    emb = torch.cat([freqs, freqs], -1)" : "    emb = freqs");
+        line("    cos = torch.cos(emb)");
+        line("    sin = torch.sin(emb)");
+        float scaling = (float) config.ropeAttentionScaling();
+        if (scaling != 1.0f) {
+            line("    cos = torch.mul(cos, %s)", f32(scaling));
+            line("    sin = torch.mul(sin, %s)", f32(scaling));
+        }
+        line("    return cos, sin");
+    }
+
     /** {@code mlp(x, gate, up, down)}: {@link DeepSeekMlp}'s SwiGLU. */
     public void mlp() {
         line("  def mlp(%s, x: Tensor, g: Tensor, u: Tensor, d: Tensor) -> Tensor:", self());
