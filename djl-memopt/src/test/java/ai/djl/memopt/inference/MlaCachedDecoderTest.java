@@ -493,6 +493,55 @@ class MlaCachedDecoderTest {
         assertTrue(Files.readString(main.resolve("model/deepseek/DeepSeekMoE.java")).contains("HostReads.longs("));
     }
 
+    /**
+     * A Java-path prefill closes each layer's temporaries when the layer is done: the arrays alive after each layer are
+     * as many as after the first (they piled up over the layers until the step ended: at batch 8, prompt 512 of
+     * bench-small on the CPU a 10.7 GB peak, against 2.8 GB with this), and the logits equal the script's.
+     */
+    @Test
+    void javaPathPrefillClosesEachLayersTemporaries() throws IOException {
+        DeepSeekConfig config =
+                DeepSeekConfig.fromJson(fixture("tiny-deepseek-v3").resolve("config.json")).toBuilder()
+                        .numHiddenLayers(4)
+                        .build();
+        try (NDManager weights = NDManager.newBaseManager();
+                NDManager m = NDManager.newBaseManager()) {
+            DeepSeekForCausalLM model = DeepSeekForCausalLM.random(config, 7, weights, DataType.FLOAT32);
+            MlaCachedDecoder java = new MlaCachedDecoder(model, Device.cpu(), ExpertDispatch.SORTED, DecodePath.JAVA);
+            List<Integer> alive = new ArrayList<>();
+            java.stage(0).afterLayer = i -> alive.add(m.getManagedArrays().size() + weights.getManagedArrays().size());
+            long[] prompt = new long[40];
+            for (int i = 0; i < prompt.length; i++) {
+                prompt[i] = (i * 37 + 11) % config.vocabSize();
+            }
+            float[] viaJava;
+            try (MlaCachedDecoder.Session s = java.newSession(m, 2, 48);
+                    NDManager step = m.newSubManager()) {
+                NDArray ids = step.create(new long[][] {prompt, prompt});
+                NDArray positions = step.arange(0, prompt.length, 1, DataType.INT64).expandDims(0).repeat(0, 2);
+                NDArray mask = step.ones(new Shape(2, prompt.length), DataType.INT64);
+                viaJava = s.next(ids, positions, mask).toFloatArray();
+            }
+            assertEquals(4, alive.size());
+            for (int i = 1; i < alive.size(); i++) {
+                assertEquals(alive.get(0), alive.get(i), "arrays alive after layer " + i + ": " + alive);
+            }
+            MlaCachedDecoder script = new MlaCachedDecoder(model, Device.cpu(), ExpertDispatch.SORTED,
+                    DecodePath.TORCHSCRIPT);
+            try (MlaCachedDecoder.Session s = script.newSession(m, 2, 48);
+                    NDManager step = m.newSubManager()) {
+                NDArray ids = step.create(new long[][] {prompt, prompt});
+                NDArray positions = step.arange(0, prompt.length, 1, DataType.INT64).expandDims(0).repeat(0, 2);
+                NDArray mask = step.ones(new Shape(2, prompt.length), DataType.INT64);
+                float[] viaScript = s.next(ids, positions, mask).toFloatArray();
+                assertEquals(viaScript.length, viaJava.length);
+                for (int i = 0; i < viaJava.length; i++) {
+                    assertEquals(viaScript[i], viaJava[i], 1e-4, "logit " + i);
+                }
+            }
+        }
+    }
+
     @Test
     void moeDecodeStepsLeaveNothingBehind() throws IOException {
         // the fixture's shapes with two layers (the second is MoE), random weights; 250 gathered decode steps
