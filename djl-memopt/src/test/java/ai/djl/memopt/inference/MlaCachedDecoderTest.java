@@ -500,10 +500,7 @@ class MlaCachedDecoderTest {
      */
     @Test
     void javaPathPrefillClosesEachLayersTemporaries() throws IOException {
-        DeepSeekConfig config =
-                DeepSeekConfig.fromJson(fixture("tiny-deepseek-v3").resolve("config.json")).toBuilder()
-                        .numHiddenLayers(4)
-                        .build();
+        DeepSeekConfig config = v3WithLayers(4);
         try (NDManager weights = NDManager.newBaseManager();
                 NDManager m = NDManager.newBaseManager()) {
             DeepSeekForCausalLM model = DeepSeekForCausalLM.random(config, 7, weights, DataType.FLOAT32);
@@ -514,41 +511,42 @@ class MlaCachedDecoderTest {
             for (int i = 0; i < prompt.length; i++) {
                 prompt[i] = (i * 37 + 11) % config.vocabSize();
             }
-            float[] viaJava;
-            try (MlaCachedDecoder.Session s = java.newSession(m, 2, 48);
-                    NDManager step = m.newSubManager()) {
-                NDArray ids = step.create(new long[][] {prompt, prompt});
-                NDArray positions = step.arange(0, prompt.length, 1, DataType.INT64).expandDims(0).repeat(0, 2);
-                NDArray mask = step.ones(new Shape(2, prompt.length), DataType.INT64);
-                viaJava = s.next(ids, positions, mask).toFloatArray();
-            }
+            float[] viaJava = prefillLogits(java, m, prompt);
             assertEquals(4, alive.size());
             for (int i = 1; i < alive.size(); i++) {
                 assertEquals(alive.get(0), alive.get(i), "arrays alive after layer " + i + ": " + alive);
             }
-            MlaCachedDecoder script = new MlaCachedDecoder(model, Device.cpu(), ExpertDispatch.SORTED,
-                    DecodePath.TORCHSCRIPT);
-            try (MlaCachedDecoder.Session s = script.newSession(m, 2, 48);
-                    NDManager step = m.newSubManager()) {
-                NDArray ids = step.create(new long[][] {prompt, prompt});
-                NDArray positions = step.arange(0, prompt.length, 1, DataType.INT64).expandDims(0).repeat(0, 2);
-                NDArray mask = step.ones(new Shape(2, prompt.length), DataType.INT64);
-                float[] viaScript = s.next(ids, positions, mask).toFloatArray();
-                assertEquals(viaScript.length, viaJava.length);
-                for (int i = 0; i < viaJava.length; i++) {
-                    assertEquals(viaScript[i], viaJava[i], 1e-4, "logit " + i);
-                }
+            float[] viaScript = prefillLogits(new MlaCachedDecoder(model, Device.cpu(), ExpertDispatch.SORTED,
+                    DecodePath.TORCHSCRIPT), m, prompt);
+            assertEquals(viaScript.length, viaJava.length);
+            for (int i = 0; i < viaJava.length; i++) {
+                assertEquals(viaScript[i], viaJava[i], 1e-4, "logit " + i);
             }
+        }
+    }
+
+    /** The V3 fixture's config with {@code layers} layers (random weights are built from it). */
+    private static DeepSeekConfig v3WithLayers(int layers) throws IOException {
+        return DeepSeekConfig.fromJson(fixture("tiny-deepseek-v3").resolve("config.json")).toBuilder()
+                .numHiddenLayers(layers)
+                .build();
+    }
+
+    /** The logits of a prefill of {@code prompt} twice (batch 2) in a new session of {@code d}. */
+    private static float[] prefillLogits(MlaCachedDecoder d, NDManager m, long[] prompt) {
+        try (MlaCachedDecoder.Session s = d.newSession(m, 2, prompt.length + 8);
+                NDManager step = m.newSubManager()) {
+            NDArray ids = step.create(new long[][] {prompt, prompt});
+            NDArray positions = step.arange(0, prompt.length, 1, DataType.INT64).expandDims(0).repeat(0, 2);
+            NDArray mask = step.ones(new Shape(2, prompt.length), DataType.INT64);
+            return s.next(ids, positions, mask).toFloatArray();
         }
     }
 
     @Test
     void moeDecodeStepsLeaveNothingBehind() throws IOException {
         // the fixture's shapes with two layers (the second is MoE), random weights; 250 gathered decode steps
-        DeepSeekConfig config =
-                DeepSeekConfig.fromJson(fixture("tiny-deepseek-v3").resolve("config.json")).toBuilder()
-                        .numHiddenLayers(2)
-                        .build();
+        DeepSeekConfig config = v3WithLayers(2);
         try (NDManager weights = NDManager.newBaseManager();
                 NDManager m = NDManager.newBaseManager()) {
             DeepSeekForCausalLM model = DeepSeekForCausalLM.random(config, 7, weights, DataType.FLOAT32);
