@@ -225,10 +225,13 @@ final class DecoderStage {
                 try (NDScope scope = new NDScope()) {
                     scope.suppressNotUsedWarning();
                     NDArray normed = layer.inputLayernorm().forward(ps, new NDList(hidden), false).head();
-                    NDArray attn = attend(i, ps, normed, cosSin, mask, length, t, total); // (B, T, hidden)
+                    int index = i;
+                    // (B, T, hidden); the attention's and the MLP's temporaries each closed when it returns
+                    NDArray attn = scoped(() -> attend(index, ps, normed, cosSin, mask, length, t, total));
                     NDArray h = hidden.add(attn);
                     NDArray normed2 = layer.postAttentionLayernorm().forward(ps, new NDList(h), false).head();
-                    next = h.add(layer.mlp().forward(ps, new NDList(normed2), false).head()); // (B, T, hidden)
+                    NDArray mlp = scoped(() -> layers[index].mlp().forward(ps, new NDList(normed2), false).head());
+                    next = h.add(mlp); // (B, T, hidden)
                     NDScope.unregister(next);
                 }
                 if (hidden != input) {
@@ -243,6 +246,21 @@ final class DecoderStage {
                 NDScope.register(hidden); // the step's scope owns the result, as it owned every array before
             }
             return hidden;
+        }
+
+        /**
+         * {@code f}'s result, its temporaries closed when it returns (the attention's scores are gone before the MLP
+         * runs); the result belongs to the enclosing scope.
+         */
+        private NDArray scoped(java.util.function.Supplier<NDArray> f) {
+            NDArray result;
+            try (NDScope scope = new NDScope()) {
+                scope.suppressNotUsedWarning();
+                result = f.get();
+                NDScope.unregister(result);
+            }
+            NDScope.register(result);
+            return result;
         }
 
         private NDArray attend(int i, ParameterStore ps, NDArray x, NDList cosSin, NDArray mask, int length, int t,
