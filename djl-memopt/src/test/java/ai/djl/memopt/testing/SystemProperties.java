@@ -8,7 +8,15 @@ public final class SystemProperties {
     private SystemProperties() {}
 
     public static <T> T with(String key, String value, Callable<T> body) throws Exception {
-        String before = System.setProperty(key, value);
+        return run(key, System.setProperty(key, value), body);
+    }
+
+    /** Runs {@code body} with {@code key} unset, restoring its previous value afterwards. */
+    public static <T> T without(String key, Callable<T> body) throws Exception {
+        return run(key, System.clearProperty(key), body);
+    }
+
+    private static <T> T run(String key, String before, Callable<T> body) throws Exception {
         try {
             return body.call();
         } finally {

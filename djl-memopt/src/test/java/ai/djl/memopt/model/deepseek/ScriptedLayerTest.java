@@ -18,6 +18,7 @@ import ai.djl.memopt.nn.BlockTrees;
 import ai.djl.memopt.nn.FusedAttention;
 import ai.djl.memopt.precision.MixedPrecisionBlock;
 import ai.djl.memopt.safetensors.SafetensorsFile;
+import ai.djl.memopt.testing.SystemProperties;
 import ai.djl.ndarray.NDArray;
 import ai.djl.ndarray.NDList;
 import ai.djl.ndarray.NDManager;
@@ -62,8 +63,7 @@ class ScriptedLayerTest {
     private static Step step(Block model, NDManager manager, NDList inputs, String script, boolean checkpointing)
             throws Exception {
         NDArray ids = inputs.head();
-        String before = System.setProperty(ScriptedLayer.PROPERTY, script);
-        try {
+        return SystemProperties.with(ScriptedLayer.PROPERTY, script, () -> {
             Map<String, Parameter> params = BlockTrees.parameters(model);
             for (Parameter p : params.values()) {
                 if (p.requiresGradient()) {
@@ -93,17 +93,7 @@ class ScriptedLayerTest {
                 }
             }
             return new Step(logits, loss, grads, ScriptedLayer.calls() - calls);
-        } finally {
-            restore(ScriptedLayer.PROPERTY, before);
-        }
-    }
-
-    private static void restore(String property, String before) {
-        if (before == null) {
-            System.clearProperty(property);
-        } else {
-            System.setProperty(property, before);
-        }
+        });
     }
 
     /** Largest {@code |a - b| / max(|b|_max, tiny)} over the arrays: relative to the largest reference value. */
@@ -149,7 +139,11 @@ class ScriptedLayerTest {
     @ParameterizedTest
     @ValueSource(strings = {"eager", "fused"})
     void v3FixtureMatchesTheJavaPathAndTransformers(String kernel) throws Exception {
-        String before = System.setProperty(FusedAttention.KERNEL_PROPERTY, kernel);
+        SystemProperties.with(FusedAttention.KERNEL_PROPERTY, kernel,
+                () -> v3MatchesTheJavaPathAndTransformers(kernel));
+    }
+
+    private static Void v3MatchesTheJavaPathAndTransformers(String kernel) throws Exception {
         try (NDManager m = NDManager.newBaseManager();
                 SafetensorsFile reference = SafetensorsFile.open(Fixtures.V3.resolve("reference.safetensors"))) {
             DeepSeekForCausalLM lm = DeepSeekLoader.load(Fixtures.V3, m, DataType.FLOAT32);
@@ -174,9 +168,8 @@ class ScriptedLayerTest {
                 }
             }
             assertTrue(checked >= 30, "expected the fixture's gradients, found " + checked);
-        } finally {
-            restore(FusedAttention.KERNEL_PROPERTY, before);
         }
+        return null;
     }
 
     @Test
@@ -201,7 +194,6 @@ class ScriptedLayerTest {
     @Test
     void gradientsHoldWithTheGraphOptimizerOn() throws Exception {
         AtomicReference<Throwable> failure = new AtomicReference<>();
-        String before = System.setProperty("ai.djl.pytorch.graph_optimizer", "true");
         // a fresh thread: the optimizer setting is thread-local and taken at a thread's first scripted call
         Thread t = new Thread(() -> {
             try (NDManager m = NDManager.newBaseManager();
@@ -216,9 +208,11 @@ class ScriptedLayerTest {
                 failure.set(e);
             }
         });
-        t.start();
-        t.join();
-        restore("ai.djl.pytorch.graph_optimizer", before);
+        SystemProperties.with("ai.djl.pytorch.graph_optimizer", "true", () -> {
+            t.start();
+            t.join();
+            return null;
+        });
         if (failure.get() != null) {
             throw new AssertionError(failure.get());
         }
@@ -334,23 +328,19 @@ class ScriptedLayerTest {
     }
 
     @Test
-    void badPropertyValueIsRefused() {
-        String before = System.setProperty(ScriptedLayer.PROPERTY, "sometimes");
-        try {
+    void badPropertyValueIsRefused() throws Exception {
+        SystemProperties.with(ScriptedLayer.PROPERTY, "sometimes", () -> {
             IllegalArgumentException e =
                     assertThrows(IllegalArgumentException.class, () -> ScriptedLayer.enabled(Device.cpu()));
             assertTrue(e.getMessage().contains(ScriptedLayer.PROPERTY) && e.getMessage().contains("sometimes"),
                     e.getMessage());
-        } finally {
-            restore(ScriptedLayer.PROPERTY, before);
-        }
-        System.clearProperty(ScriptedLayer.PROPERTY);
-        try {
+            return null;
+        });
+        SystemProperties.without(ScriptedLayer.PROPERTY, () -> {
             assertTrue(!ScriptedLayer.enabled(Device.cpu()), "unset: the Java path on the CPU");
             assertTrue(ScriptedLayer.enabled(Device.gpu()), "unset: the script on a GPU");
-        } finally {
-            restore(ScriptedLayer.PROPERTY, before);
-        }
+            return null;
+        });
     }
 
     private static NDArray tokens(NDManager m, int b, int t, int vocab) {
