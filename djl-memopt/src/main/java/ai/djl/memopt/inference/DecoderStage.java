@@ -230,7 +230,7 @@ final class DecoderStage {
                     NDArray attn = scoped(() -> attend(index, ps, normed, cosSin, mask, length, t, total));
                     NDArray h = hidden.add(attn);
                     NDArray normed2 = layer.postAttentionLayernorm().forward(ps, new NDList(h), false).head();
-                    NDArray mlp = scoped(() -> layers[index].mlp().forward(ps, new NDList(normed2), false).head());
+                    NDArray mlp = scoped(() -> layer.mlp().forward(ps, new NDList(normed2), false).head());
                     next = h.add(mlp); // (B, T, hidden)
                     NDScope.unregister(next);
                 }
